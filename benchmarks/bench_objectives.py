@@ -1,0 +1,91 @@
+"""Full training-step cost of the objectives on CPU; prints a markdown table.
+
+    python benchmarks/bench_objectives.py [--small] [--steps N]
+
+One step = forward, loss, backward, Adam step (TopK decoder rows kept at unit norm). Variants:
+plain TopK; TopK + AuxK with half the latents dead; Matryoshka-TopK with 10 sampled prefixes in
+the sparse form (its last prefix reconstruction is the ordinary one, so no separate decode).
+Issue 3 targets: Matryoshka ≤ 1.3× and AuxK ≤ 1.25× the plain TopK step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from saekit.losses import auxk_loss, matryoshka_loss, reconstruction_loss, sample_prefixes
+from saekit.sae import SAE, SAEConfig
+
+
+def make_step(sae: SAE, variant: str, n_prefixes: int) -> Callable[[torch.Tensor], None]:
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    d_sae = sae.cfg.d_sae
+    dead_mask = torch.zeros(d_sae, dtype=torch.bool)
+    dead_mask[::2] = True  # half the latents dead
+    gen = torch.Generator().manual_seed(0)
+
+    def step(x: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        if variant == "matryoshka":
+            x_n = x / sae.scale
+            code = sae.activation(sae.pre_acts(x_n))
+            prefixes = sample_prefixes(d_sae, n_prefixes, min_prefix=16, generator=gen)
+            loss = matryoshka_loss(x_n, code, sae.W_dec, sae.b_dec, prefixes)
+        else:
+            out = sae(x)
+            loss = reconstruction_loss(out.x_n, out.x_hat_n)
+            if variant == "auxk":
+                residual = out.x_n - out.x_hat_n
+                loss = loss + auxk_loss(out.pre, residual, sae.W_dec, dead_mask)
+        loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+
+    return step
+
+
+def time_variant(variant: str, d: int, d_sae: int, k: int, n_tokens: int, steps: int) -> float:
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d, d_sae, "topk", k=k))
+    data = torch.randn(n_tokens, d) * 3 + 1
+    sae.init_from_data(data)
+    step = make_step(sae, variant, n_prefixes=10)
+    step(data)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(data)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="d=256, M=4096, 2048 tokens")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    d, d_sae, n_tokens = (256, 4096, 2048) if args.small else (512, 8192, 4096)
+    k = 32
+    print(
+        f"d={d}, M={d_sae}, k={k}, batch={n_tokens} tokens, {args.threads} threads, "
+        f"{args.steps} steps, torch {torch.__version__}\n"
+    )
+    rows = [
+        ("TopK", "topk"),
+        ("TopK + AuxK (half dead, k_aux=d/2)", "auxk"),
+        ("Matryoshka-TopK (10 prefixes, sparse)", "matryoshka"),
+    ]
+    times = {v: time_variant(v, d, d_sae, k, n_tokens, args.steps) for _, v in rows}
+    print("| step | ms/step | tokens/s | × TopK |")
+    print("|---|---:|---:|---:|")
+    for label, v in rows:
+        t = times[v]
+        print(f"| {label} | {t * 1e3:.0f} | {n_tokens / t:,.0f} | {t / times['topk']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Synthetic activations built from known sparse features in superposition (the built-in data).
+
+x = Σ_i c_i f_i + μ + noise, with F unit directions f_i in R^d (F > d: superposition), feature i
+active with probability p_i (Zipf-like), magnitudes c_i > 0 when active, a nonzero mean μ and
+Gaussian noise. Three kinds:
+
+- ``independent``: features fire independently.
+- ``hierarchical``: the first ``n_parents`` features are parents; each has ``children_per_parent``
+  mutually exclusive children, and a child fires only with its parent (exactly one child per
+  active parent). This is the setting in which feature absorption shows up.
+- ``correlated``: activity comes from a Gaussian copula with a low-rank correlation structure.
+
+Batches are a pure function of (seed, batch index), so a resumed run sees exactly the same data.
+Everything is vectorised; nothing loops over examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SyntheticConfig:
+    """The ground-truth generator's settings."""
+
+    d: int = 64
+    """Activation width."""
+    n_features: int = 256
+    """Number of true features F (more than d: superposition)."""
+    mean_l0: float = 6.0
+    """Expected number of active true features per token (the true L0)."""
+    zipf_exponent: float = 0.6
+    """Feature i fires with probability ∝ (i + 1)^-exponent (capped at 1)."""
+    magnitude_mean: float = 1.0
+    """Mean magnitude of an active feature."""
+    magnitude_std: float = 0.25
+    """Standard deviation of magnitudes (uniform distribution, clipped at 5% of the mean)."""
+    noise_std: float = 0.02
+    """Standard deviation of isotropic Gaussian noise per dimension."""
+    mean_norm: float = 2.0
+    """Norm of the data's mean offset μ (nonzero by default: b_dec has something to learn)."""
+    kind: str = "independent"
+    """independent, hierarchical or correlated."""
+    n_parents: int = 16
+    """hierarchical: number of parent features."""
+    children_per_parent: int = 4
+    """hierarchical: mutually exclusive children per parent."""
+    parent_probability: float = 0.1
+    """hierarchical: firing probability of each parent."""
+    correlation_rank: int = 8
+    """correlated: rank of the shared factors of the copula."""
+    correlation_strength: float = 0.5
+    """correlated: share of each feature's latent variance from the shared factors, in [0, 1)."""
+    seed: int = 0
+    """Seed of the directions, frequencies and every batch."""
+
+    def __post_init__(self) -> None:
+        if self.d <= 0 or self.n_features <= 0:
+            raise ValueError("SyntheticConfig.d and n_features must be positive")
+        if self.kind not in ("independent", "hierarchical", "correlated"):
+            raise ValueError(
+                f"SyntheticConfig.kind must be independent, hierarchical or correlated, "
+                f"got {self.kind!r}"
+            )
+        if self.mean_l0 <= 0 or self.mean_l0 > self.n_features:
+            raise ValueError("SyntheticConfig.mean_l0 must be in (0, n_features]")
+        if self.kind == "hierarchical":
+            n_tree = self.n_parents * (1 + self.children_per_parent)
+            if n_tree > self.n_features:
+                raise ValueError(
+                    f"SyntheticConfig: {self.n_parents} parents with {self.children_per_parent} "
+                    f"children need {n_tree} features, more than n_features = {self.n_features}"
+                )
+        if not 0 <= self.correlation_strength < 1:
+            raise ValueError("SyntheticConfig.correlation_strength must be in [0, 1)")
+
+
+class SyntheticBatch(NamedTuple):
+    x: Tensor
+    """[N, d] activations."""
+    coefficients: Tensor
+    """[N, F] true feature coefficients (0 where inactive)."""
+
+
+def zipf_probabilities(n: int, exponent: float, total: float) -> Tensor:
+    """Probabilities ∝ (i+1)^-exponent, capped at 1, summing to ``total`` (float64)."""
+    weights = torch.arange(1, n + 1, dtype=torch.float64).pow(-exponent)
+    probs = weights * (total / weights.sum())
+    for _ in range(100):  # redistribute the mass lost to the cap at 1
+        capped = probs.clamp(max=1.0)
+        missing = total - capped.sum()
+        free = capped < 1.0
+        if missing <= 1e-12 or not free.any():
+            return capped
+        probs = torch.where(free, capped * (1 + missing / capped[free].sum()), capped)
+    return probs.clamp(max=1.0)
+
+
+class SyntheticData:
+    """A ground-truth generator: ``batch(i, n)`` is the i-th batch of n tokens."""
+
+    def __init__(self, cfg: SyntheticConfig):
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        F, d = cfg.n_features, cfg.d
+        directions = torch.randn(F, d, generator=g, dtype=torch.float64)
+        self.directions = (directions / directions.norm(dim=-1, keepdim=True)).float()
+        """[F, d] unit true directions."""
+        mean = torch.randn(d, generator=g, dtype=torch.float64)
+        self.mean = (mean / mean.norm() * cfg.mean_norm).float()
+        """[d] the data's mean offset."""
+        self.parent_of = torch.full((F,), -1, dtype=torch.long)
+        """[F] index of each feature's parent, -1 for none."""
+        if cfg.kind == "hierarchical":
+            P, C = cfg.n_parents, cfg.children_per_parent
+            n_free = F - P * (1 + C)
+            free_total = max(cfg.mean_l0 - 2 * P * cfg.parent_probability, 1e-3)
+            probs = torch.cat(
+                [
+                    torch.full((P,), cfg.parent_probability, dtype=torch.float64),
+                    torch.full((P * C,), cfg.parent_probability / C, dtype=torch.float64),
+                    zipf_probabilities(n_free, cfg.zipf_exponent, free_total)
+                    if n_free
+                    else torch.zeros(0, dtype=torch.float64),
+                ]
+            )
+            self.parent_of[P : P + P * C] = torch.arange(P).repeat_interleave(C)
+        else:
+            probs = zipf_probabilities(F, cfg.zipf_exponent, cfg.mean_l0)
+        self.probabilities = probs.float()
+        """[F] marginal firing probability of each feature."""
+        if cfg.kind == "correlated":
+            factors = torch.randn(F, cfg.correlation_rank, generator=g, dtype=torch.float64)
+            factors /= factors.norm(dim=-1, keepdim=True)
+            self.factors = (factors * math.sqrt(cfg.correlation_strength)).float()
+
+    @property
+    def true_l0(self) -> float:
+        """Expected number of active true features per token."""
+        return float(self.probabilities.sum())
+
+    def _active(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """[n, F] activity and, for active entries, a uniform v in [0, 1) independent of it.
+
+        One uniform draw per entry serves both (u < p fires; then u / p is uniform), which
+        halves the cost of a batch.
+        """
+        cfg, F = self.cfg, self.cfg.n_features
+        p = self.probabilities
+        if cfg.kind == "correlated":
+            shared = torch.randn(n, cfg.correlation_rank, generator=g) @ self.factors.T
+            own = torch.randn(n, F, generator=g) * math.sqrt(1 - cfg.correlation_strength)
+            u = 1 - torch.special.ndtr(shared + own)  # uniform; fires when u < p
+            return u < p, u / p
+        u = torch.rand(n, F, generator=g)
+        active = u < p
+        v = u / p
+        if cfg.kind == "hierarchical":
+            P, C = cfg.n_parents, cfg.children_per_parent
+            children = slice(P, P + P * C)
+            child = torch.randint(C, (n, P), generator=g)
+            one_hot = torch.nn.functional.one_hot(child, C).bool()  # [n, P, C]
+            active[:, children] = (one_hot & active[:, :P].unsqueeze(-1)).reshape(n, P * C)
+            v[:, children] = u[:, children]  # children's activity does not depend on u
+        return active, v
+
+    def batch(self, index: int, n: int) -> SyntheticBatch:
+        """The ``index``-th batch of ``n`` tokens: deterministic in (seed, index, n).
+
+        Magnitudes are uniform with the configured mean and standard deviation (clipped at 5%
+        of the mean).
+        """
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index + 1)
+        active, v = self._active(n, g)
+        half_width = cfg.magnitude_std * math.sqrt(3.0)  # uniform on mean ± √3·std
+        magnitudes = (cfg.magnitude_mean + half_width * (2 * v - 1)).clamp_min(
+            0.05 * cfg.magnitude_mean
+        )
+        coefficients = torch.where(active, magnitudes, torch.zeros(()))
+        noise = cfg.noise_std * torch.randn(n, cfg.d, generator=g)
+        x = torch.addmm(self.mean + noise, coefficients, self.directions)
+        return SyntheticBatch(x, coefficients)
+
+    def stream(self, batch_size: int, start: int = 0) -> Iterator[Tensor]:
+        """Endless activation batches from batch index ``start`` on."""
+        index = start
+        while True:
+            yield self.batch(index, batch_size).x
+            index += 1

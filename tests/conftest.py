@@ -1,0 +1,61 @@
+"""Shared fixtures. Everything is built offline from configs with random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_VOCAB = 300
+TINY_BOS = 1  # also EOS, as in GPT-2
+TINY_PAD = 0
+
+
+def make_tiny_gpt2(seed: int = 0, n_layer: int = 3, initializer_range: float = 0.02):
+    """A 3-layer GPT-2 (d=64) with random weights, in eval mode. The default init gives
+    near-uniform next-token distributions; a larger ``initializer_range`` gives peaked ones."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=64,
+        n_head=4,
+        vocab_size=TINY_VOCAB,
+        n_positions=64,
+        bos_token_id=TINY_BOS,
+        eos_token_id=TINY_BOS,
+        pad_token_id=TINY_PAD,
+        initializer_range=initializer_range,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """Shared tiny GPT-2; tests must not change its weights."""
+    return make_tiny_gpt2()
+
+
+@pytest.fixture
+def token_ids():
+    """[4, 16] random ids in [2, 250): tests place BOS, PAD and ids >= 250 themselves."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(2, 250, (4, 16), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A whitespace word-level fast tokenizer over a small vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<unk>"] + [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<bos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )

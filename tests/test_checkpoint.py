@@ -1,0 +1,304 @@
+"""Specification tests of SAE checkpoints (DESIGN.md, sections Forward and Checkpoints).
+
+A save folds the scale s into the weights (W_enc/s, s·W_dec, s·b_dec) and a load gives the same
+latents and reconstructions from raw activations; a checkpoint whose files disagree is refused
+with a `CheckpointError` that names the problem; a failed save leaves the previous one loadable.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import pathlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save_file as write_safetensors
+
+import saekit.sae
+from saekit.activations import SparseCode
+from saekit.sae import SAE, CheckpointError, SAEConfig
+
+D_IN, D_SAE, K = 8, 16, 3
+VARIANTS = {
+    "relu": {"activation": "relu"},
+    "topk": {"activation": "topk", "k": K},
+    "batchtopk": {"activation": "batchtopk", "k": K},
+    "jumprelu": {"activation": "jumprelu"},
+    "prolu-ste": {"activation": "prolu", "prolu_variant": "ste"},
+    "prolu-relu": {"activation": "prolu", "prolu_variant": "relu"},
+}
+
+
+def make_data(*lead: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (5 * torch.randn(*lead, D_IN, generator=g, dtype=torch.float64) + 3).to(dtype)
+
+
+def make_sae(variant: str = "topk", dtype: str = "float32", seed: int = 0) -> SAE:
+    """Traps: s ≠ 1, b_dec ≠ 0, b_enc ≠ 0, W_enc untied from W_dec, live thresholds and bias."""
+    fields = VARIANTS[variant]
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, dtype=dtype, hook="blocks.3", **fields))
+    sae.init_from_data(make_data(64, seed=seed + 100))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(D_SAE, D_IN) / math.sqrt(D_IN))
+        sae.W_dec.copy_(torch.randn(D_SAE, D_IN) / math.sqrt(D_IN))
+        sae.b_enc.copy_(0.3 * torch.randn(D_SAE))
+        sae.b_dec.add_(0.5 * torch.randn(D_IN))
+        act = sae.activation
+        if fields["activation"] == "jumprelu":
+            act.log_threshold.copy_(torch.empty(D_SAE).uniform_(0.05, 0.6).log())
+        if fields["activation"] == "prolu":
+            act.bias.copy_(torch.empty(D_SAE).uniform_(-0.5, 0.5))
+        if fields["activation"] == "batchtopk":
+            act.update_threshold(torch.tensor(0.37))  # a nonzero threshold that must survive
+    assert abs(float(sae.scale) - 1.0) > 1.0
+    return sae
+
+
+def dense(latents: torch.Tensor | SparseCode) -> torch.Tensor:
+    return latents.to_dense() if isinstance(latents, SparseCode) else latents
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    err = (actual.double() - expected.double()).norm()
+    assert err <= tol * expected.double().norm(), f"relative error {err / expected.norm():.2e}"
+
+
+def state(sae: SAE) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+# ------------------------------------------------------------------------------ round trip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_load_round_trip_gives_the_same_outputs(variant, tmp_path):
+    sae = make_sae(variant)
+    x = make_data(2, 3, seed=1)
+    before_save = state(sae)
+    sae.save(tmp_path)
+    assert_same_state(state(sae), before_save)  # saving leaves this SAE as it was (s unfolded)
+
+    loaded = SAE.load(tmp_path)
+    assert not loaded.training and not loaded.activation.training  # load returns eval mode
+    assert loaded.cfg.to_dict() == sae.cfg.to_dict()
+    assert float(loaded.scale) == 1.0  # s folded into the weights
+
+    sae.eval()
+    out, out_loaded = sae(x), loaded(x)
+    assert_rel(out_loaded.pre, out.pre)
+    assert_rel(dense(out_loaded.latents), dense(out.latents))
+    assert_rel(out_loaded.x_hat, out.x_hat)
+    assert_rel(loaded.encode(x), sae.encode(x))
+    assert (sae.encode(x) != 0).any() and (sae.encode(x) == 0).any()
+
+    # exactly the folded weights: W_enc/s, s·W_dec, s·b_dec; b_enc and σ's state unchanged
+    folded = copy.deepcopy(sae)
+    folded.fold_scale_()
+    assert_same_state(state(loaded), state(folded))
+    for name, value in sae.activation.state_dict().items():
+        assert torch.equal(loaded.activation.state_dict()[name], value), name
+
+
+def test_batchtopk_threshold_survives_and_is_applied_after_load(tmp_path):
+    sae = make_sae("batchtopk")
+    assert float(sae.activation.threshold) == pytest.approx(0.37)
+    sae.save(tmp_path)
+    loaded = SAE.load(tmp_path)
+    assert float(loaded.activation.threshold) == float(sae.activation.threshold)
+    assert bool(loaded.activation.threshold_initialized)
+    x = make_data(5, seed=2)
+    out = loaded(x)
+    theta = float(loaded.activation.threshold)
+    expected = [[p if p > theta else 0.0 for p in row] for row in out.pre.double().tolist()]
+    torch.testing.assert_close(
+        dense(out.latents).double(), torch.tensor(expected, dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_second_round_trip_is_bit_identical(variant, tmp_path):
+    make_sae(variant).save(tmp_path / "a")
+    first = SAE.load(tmp_path / "a")
+    first.save(tmp_path / "b")
+    second = SAE.load(tmp_path / "b")
+    assert_same_state(state(second), state(first))
+    x = make_data(2, 3, seed=3)
+    assert torch.equal(second(x).x_hat, first(x).x_hat)
+    assert torch.equal(second.encode(x), first.encode(x))
+
+
+def test_float64_sae_round_trips_in_float64(tmp_path):
+    sae = make_sae("relu", dtype="float64")
+    sae.save(tmp_path)
+    loaded = SAE.load(tmp_path)
+    assert loaded.W_enc.dtype == torch.float64
+    x = make_data(2, 3, seed=4, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x).x_hat, sae.eval()(x).x_hat, rtol=1e-12, atol=1e-12)
+
+
+def test_cfg_json_records_format_config_and_sha256(tmp_path):
+    sae = make_sae("topk")
+    sae.save(tmp_path)
+    meta = json.loads((tmp_path / "cfg.json").read_text())
+    assert meta["format"] == saekit.sae.CHECKPOINT_FORMAT
+    assert meta["config"] == sae.cfg.to_dict()
+    assert meta["config"]["hook"] == "blocks.3"
+    assert meta["scale_folded"] is True
+    assert meta["sha256"] == hashlib.sha256((tmp_path / "sae.safetensors").read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "cfg.json").read_text())
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    (path / "cfg.json").write_text(json.dumps(meta))
+
+
+def rewrite_weights(path: Path, edit) -> None:
+    """Rewrite sae.safetensors with ``edit(tensors)`` and a matching sha256, so only the
+    tensor check can catch the change."""
+    tensors = load_file(str(path / "sae.safetensors"))
+    edit(tensors)
+    write_safetensors(tensors, str(path / "sae.safetensors"), metadata={"format": "saekit.sae/1"})
+    meta = read_meta(path)
+    meta["sha256"] = hashlib.sha256((path / "sae.safetensors").read_bytes()).hexdigest()
+    write_meta(path, meta)
+
+
+def edit_config(**changes):
+    def edit(path: Path) -> None:
+        meta = read_meta(path)
+        meta["config"].update(changes)
+        write_meta(path, meta)
+
+    return edit
+
+
+def flip_last_byte(path: Path) -> None:
+    raw = bytearray((path / "sae.safetensors").read_bytes())
+    raw[-1] ^= 0x01  # inside the tensor data, after the header
+    (path / "sae.safetensors").write_bytes(bytes(raw))
+
+
+def set_meta(key, value):
+    def edit(path: Path) -> None:
+        meta = read_meta(path)
+        meta[key] = value
+        write_meta(path, meta)
+
+    return edit
+
+
+CORRUPTIONS = {
+    "edited d_sae": (edit_config(d_sae=D_SAE + 4), r"'W_enc' has shape \(16, 8\).*\(20, 8\)"),
+    "edited d_in": (edit_config(d_in=D_IN + 1), r"'W_dec' has shape"),
+    "edited dtype": (edit_config(dtype="float64"), r"dtype"),
+    "unknown activation in config": (edit_config(activation="gelu"), r"bad config.*gelu"),
+    "missing tensor": (
+        lambda p: rewrite_weights(p, lambda t: t.pop("b_dec")),
+        r"missing tensor 'b_dec'",
+    ),
+    "unexpected tensor": (
+        lambda p: rewrite_weights(p, lambda t: t.update(extra=torch.zeros(3))),
+        r"unexpected tensor 'extra'",
+    ),
+    "flipped byte": (flip_last_byte, r"sha256"),
+    "missing weights file": (
+        lambda p: (p / "sae.safetensors").unlink(),
+        r"missing sae\.safetensors",
+    ),
+    "missing cfg.json": (lambda p: (p / "cfg.json").unlink(), r"missing cfg\.json"),
+    "invalid JSON": (lambda p: (p / "cfg.json").write_text('{"format": "saekit.sae/1",'), r"JSON"),
+    "wrong format string": (set_meta("format", "sparsify/1"), r"format 'sparsify/1'"),
+    "no format string": (set_meta("format", None), r"format"),
+    "cfg.json not an object": (lambda p: (p / "cfg.json").write_text("[1, 2]"), r"cfg\.json"),
+}
+
+
+@pytest.mark.parametrize("corrupt, message", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_mismatched_checkpoint_is_refused_naming_the_problem(corrupt, message, tmp_path):
+    make_sae("topk").save(tmp_path)
+    SAE.load(tmp_path)  # loads before the edit
+    corrupt(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        SAE.load(tmp_path)
+
+
+def test_shape_mismatch_names_every_mis_shaped_tensor(tmp_path):
+    make_sae("topk").save(tmp_path)
+    edit_config(d_sae=D_SAE + 4)(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        SAE.load(tmp_path)
+    for name in ("W_enc", "W_dec", "b_enc"):
+        assert f"'{name}'" in str(info.value)
+    assert "'b_dec'" not in str(info.value)  # its shape depends on d_in only
+
+
+def test_missing_directory_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="missing"):
+        SAE.load(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------ failed saves
+
+
+def _fail_writing_weights(monkeypatch):
+    def broken_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(saekit.sae, "save_file", broken_save_file)
+
+
+def _fail_writing_config(monkeypatch):
+    def broken_write(self, text, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", broken_write)
+
+
+@pytest.mark.parametrize(
+    "break_save", [_fail_writing_weights, _fail_writing_config], ids=["weights", "config"]
+)
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(break_save, tmp_path, monkeypatch):
+    old = make_sae("topk", seed=0)
+    old.save(tmp_path)
+    new = make_sae("topk", seed=1)
+    break_save(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(tmp_path)
+    monkeypatch.undo()
+
+    loaded = SAE.load(tmp_path)
+    x = make_data(2, 3, seed=5)
+    assert_rel(loaded(x).x_hat, old.eval()(x).x_hat)
+    assert not torch.allclose(loaded(x).x_hat, new.eval()(x).x_hat)
+
+
+def test_a_save_with_unserialisable_metadata_leaves_the_previous_checkpoint_loadable(tmp_path):
+    old = make_sae("relu", seed=0)
+    old.save(tmp_path)
+    new = make_sae("relu", seed=1)
+    new.cfg.metadata["source"] = object()  # json.dumps fails partway through the save
+    with pytest.raises(TypeError):
+        new.save(tmp_path)
+    loaded = SAE.load(tmp_path)
+    x = make_data(2, 3, seed=6)
+    assert_rel(loaded(x).x_hat, old.eval()(x).x_hat)
