@@ -107,9 +107,11 @@ def _saekit_step(args, variant: str, activation: str, auxk: bool):
 
     fast = variant.startswith("fast")
     # fast-cand: BatchTopK's candidate selection (4k per token + N/16 full rows);
-    # fast-cols: AuxK gathers only M/2 columns (= the number of dead latents here) first.
+    # fast-cols: AuxK gathers only M/2 columns (= the number of dead latents here) first;
+    # fast-dense(-cols): AuxK's decode and backward as GEMMs over those columns.
     per_token = 4 * args.k if variant == "fast-cand" else None
-    aux_cols = args.M // 2 if variant == "fast-cols" else args.aux_cols
+    aux_cols = args.M // 2 if variant.endswith("cols") else args.aux_cols
+    aux_dense = "dense" in variant
 
     def step():
         if fast:
@@ -120,7 +122,9 @@ def _saekit_step(args, variant: str, activation: str, auxk: bool):
         if auxk:
             residual = out.x_n - out.x_hat_n
             if fast:
-                loss = loss + auxk_loss_fast(out.enc, residual, sae.W_dec, dead, n_cols=aux_cols)
+                loss = loss + auxk_loss_fast(
+                    out.enc, residual, sae.W_dec, dead, n_cols=aux_cols, dense=aux_dense
+                )
             else:
                 loss = loss + auxk_loss(out.pre, residual, sae.W_dec, dead)
         loss.backward()
@@ -232,6 +236,8 @@ CONFIGS = [
     ("saekit", "reference", "topk", "auxk"),
     ("saekit", "fast", "topk", "auxk"),
     ("saekit", "fast-cols", "topk", "auxk"),
+    ("saekit", "fast-dense", "topk", "auxk"),
+    ("saekit", "fast-dense-cols", "topk", "auxk"),
     ("sparsify", "-", "topk", "auxk"),
     ("saelens", "-", "topk", "auxk"),
     ("saekit", "roofline", "batchtopk", "noaux"),

@@ -140,9 +140,10 @@ def test_fast_forward_matches_sae_forward_on_3d_input_with_nonzero_biases(activa
         torch.testing.assert_close(g, expected[name], msg=name)
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("n_dead", [0, 5, 37])
 @pytest.mark.parametrize("n_cols", [None, 40, 20])
-def test_fast_auxk_equals_losses_auxk_in_value_and_gradients(n_dead, n_cols):
+def test_fast_auxk_equals_losses_auxk_in_value_and_gradients(n_dead, n_cols, dense):
     if n_cols is not None and n_cols < n_dead:
         pytest.skip("with fewer gathered columns than dead latents the selection is a subset")
     sae = make_sae("topk", d=16, d_sae=37, k=3)
@@ -159,7 +160,9 @@ def test_fast_auxk_equals_losses_auxk_in_value_and_gradients(n_dead, n_cols):
 
     fast = K.fast_forward(sae, x)
     residual = fast.x_n - fast.x_hat_n
-    loss = K.auxk_loss_fast(fast.enc, residual, sae.W_dec, dead, k_aux=6, n_cols=n_cols)
+    loss = K.auxk_loss_fast(
+        fast.enc, residual, sae.W_dec, dead, k_aux=6, n_cols=n_cols, dense=dense
+    )
     torch.testing.assert_close(loss, loss_ref)
     if n_dead == 0:
         assert loss.item() == 0.0
@@ -201,8 +204,10 @@ def host_sync_raises(monkeypatch):
     monkeypatch.setattr(torch, "nonzero", refuse)
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_fast_training_step_never_syncs_with_the_host(activation, host_sync_raises):
+@pytest.mark.parametrize(
+    "activation,dense_auxk", [("topk", False), ("topk", True), ("batchtopk", False)]
+)
+def test_fast_training_step_never_syncs_with_the_host(activation, dense_auxk, host_sync_raises):
     sae = make_sae(activation, d=16, d_sae=40, k=4, dtype="float32")
     # fused Adam reads its step count on the device; the default CPU Adam calls .item() on it.
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
@@ -211,7 +216,10 @@ def test_fast_training_step_never_syncs_with_the_host(activation, host_sync_rais
     for _ in range(2):
         out = K.fast_forward(sae, x)
         loss = reconstruction_loss(out.x_n, out.x_hat_n)
-        loss = loss + K.auxk_loss_fast(out.enc, out.x_n - out.x_hat_n, sae.W_dec, dead, n_cols=24)
+        residual = out.x_n - out.x_hat_n
+        loss = loss + K.auxk_loss_fast(
+            out.enc, residual, sae.W_dec, dead, n_cols=24, dense=dense_auxk
+        )
         loss.backward()
         sae.remove_parallel_grad_()
         opt.step()

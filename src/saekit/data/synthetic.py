@@ -77,6 +77,18 @@ class SyntheticConfig:
                     f"SyntheticConfig: {self.n_parents} parents with {self.children_per_parent} "
                     f"children need {n_tree} features, more than n_features = {self.n_features}"
                 )
+            tree_l0 = 2 * self.n_parents * self.parent_probability  # a parent and one child
+            free_l0 = self.mean_l0 - tree_l0
+            if (
+                free_l0 < -1e-9
+                or (n_tree == self.n_features and free_l0 > 1e-9)
+                or (n_tree < self.n_features and free_l0 <= 1e-9)
+            ):
+                raise ValueError(
+                    f"SyntheticConfig.mean_l0 = {self.mean_l0} cannot be met: the parent/child "
+                    f"tree contributes {tree_l0:g} and {self.n_features - n_tree} free features "
+                    "must supply the rest (a positive amount, if there are any)"
+                )
         if not 0 <= self.correlation_strength < 1:
             raise ValueError("SyntheticConfig.correlation_strength must be in [0, 1)")
 
@@ -102,6 +114,20 @@ def zipf_probabilities(n: int, exponent: float, total: float) -> Tensor:
     return probs.clamp(max=1.0)
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """A 32-bit generator seed for batch ``index`` (torch's CPU generator keeps 32 bits).
+
+    A per-seed offset from splitmix64 plus the index: distinct batches of one seed never share
+    a generator seed, and two seeds' runs overlap only if their offsets fall within a run's
+    length of each other (chance about n_batches / 2^32).
+    """
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return (z + index) & 0xFFFFFFFF
+
+
 class SyntheticData:
     """A ground-truth generator: ``batch(i, n)`` is the i-th batch of n tokens."""
 
@@ -120,7 +146,7 @@ class SyntheticData:
         if cfg.kind == "hierarchical":
             P, C = cfg.n_parents, cfg.children_per_parent
             n_free = F - P * (1 + C)
-            free_total = max(cfg.mean_l0 - 2 * P * cfg.parent_probability, 1e-3)
+            free_total = cfg.mean_l0 - 2 * P * cfg.parent_probability
             probs = torch.cat(
                 [
                     torch.full((P,), cfg.parent_probability, dtype=torch.float64),
@@ -177,7 +203,7 @@ class SyntheticData:
         of the mean).
         """
         cfg = self.cfg
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index + 1)
+        g = torch.Generator().manual_seed(batch_seed(cfg.seed, index))
         active, v = self._active(n, g)
         half_width = cfg.magnitude_std * math.sqrt(3.0)  # uniform on mean ± √3·std
         magnitudes = (cfg.magnitude_mean + half_width * (2 * v - 1)).clamp_min(

@@ -75,6 +75,7 @@ class MetricAccumulator:
         self.fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.l0_hist = torch.zeros(max_l0_bin + 1, dtype=torch.int64, device=device)
         self.l0_tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.l0_sum = torch.zeros((), dtype=torch.int64, device=device)
         self.dense_threshold = dense_threshold
 
     @torch.no_grad()
@@ -94,6 +95,7 @@ class MetricAccumulator:
             per_token.clamp(max=self.l0_hist.numel() - 1), minlength=self.l0_hist.numel()
         )
         self.l0_tokens += per_token.numel()
+        self.l0_sum += per_token.sum()  # exact: the histogram's last bin is clipped
 
     def add(self, x: Tensor, x_hat: Tensor, latents: Tensor | SparseCode) -> None:
         self.add_reconstruction(x, x_hat)
@@ -109,8 +111,7 @@ class MetricAccumulator:
     def result(self) -> EvalResult:
         n_tok = int(self.l0_tokens) or int(self.n)
         hist = self.l0_hist.cpu()
-        bins = torch.arange(hist.numel(), dtype=torch.float64)
-        l0 = float((hist.double() * bins).sum() / max(n_tok, 1))
+        l0 = int(self.l0_sum) / max(n_tok, 1)
         density = (self.fired.double() / max(n_tok, 1)).cpu()
         fvu = float(self.fvu())
         last = int(torch.nonzero(hist).max()) + 1 if hist.any() else 1

@@ -7,9 +7,9 @@ After the one dense encoder matmul, everything in a TopK step is O(nnz·d) (nnz 
   once by the dense matmul WITHOUT autograd; the gradient ``g_e`` reaches W_enc, b_enc and the
   input through sparse products only, never through a dense [N, M] gradient.
 
-No [N, M] gradient and no [nnz, d] buffer is built. The three sparse products are all
-"weighted bags of rows", which ``F.embedding_bag`` computes in one pass (FBGEMM on CPU), and a
-row-pair dot product, which aten's embedding-bag weight backward computes:
+No [N, M] gradient and no [nnz, d] buffer is built. Every sparse product is one of two
+primitives: a "weighted bag of rows", which ``F.embedding_bag`` computes in one pass (FBGEMM on
+CPU), or a row-pair dot product, which aten's embedding-bag per-sample-weight gradient computes:
 
     bag sum  out[b] = Σ_{e in bag b} w_e · W[row_e]      decode, dx_c (bags = tokens),
                                                            dW_dec, dW_enc (bags = latents)
@@ -20,6 +20,10 @@ once per code (an argsort of nnz ints) and shares it between the decode and the 
 backward. Nothing here syncs with the host (no ``.item()``, no boolean indexing), so a step can
 be captured in a CUDA graph. Measured on CPU against CSR @ dense (``torch.sparse_csr_tensor``)
 and index_add: benchmarks/README.md.
+
+Also here: the fused selections (TopK, BatchTopK with an optional candidate path, AuxK with an
+optional dense-over-gathered-columns path) and :func:`fast_forward`, ``SAE.forward`` on this
+path; benchmarks/sae_fastpath.patch wires it into sae.py.
 """
 
 from __future__ import annotations
@@ -494,6 +498,71 @@ def auxk_select(
     return latent_Nk, keep_Nk
 
 
+class _AuxKDenseFn(torch.autograd.Function):
+    """ê = z_aux W_dec restricted to C gathered columns, as dense [N, C] GEMMs.
+
+    z_NC holds the kept AuxK values (pre at the selected dead entries, > 0) and zeros. Backward:
+    g_z = (g W_dec[C]ᵀ)·1[z > 0] is the gradient of pre at the kept entries; dW_dec[C] = z_NCᵀ g;
+    dW_enc[C] = g_zᵀ x_c; db_enc[C] = Σ_n g_z; db_dec = −db_enc·W_enc. Four N·C·d GEMMs: on CPU
+    cheaper than four sparse passes over N·k_aux entries once C ≤ M (GEMMs run ~20× more MACs
+    per second than row gathers).
+    """
+
+    @staticmethod
+    def forward(ctx, z_NC, cols_C, x_n_ND, b_dec_D, W_enc_MD, b_enc_M, W_dec_MD):
+        W_dec_CD = W_dec_MD.detach().index_select(0, cols_C)
+        ctx.save_for_backward(z_NC, cols_C, x_n_ND, b_dec_D, W_enc_MD, W_dec_CD)
+        ctx.d_sae = W_dec_MD.shape[0]
+        return z_NC @ W_dec_CD
+
+    @staticmethod
+    def backward(ctx, grad_ND: Tensor):
+        z_NC, cols_C, x_n_ND, b_dec_D, W_enc_MD, W_dec_CD = ctx.saved_tensors
+        need_x, need_b_dec, need_W_enc, need_b_enc, need_W_dec = ctx.needs_input_grad[2:7]
+        M, d = ctx.d_sae, W_enc_MD.shape[1]
+        grad_ND = grad_ND.to(W_dec_CD.dtype)
+        grad_x = grad_b_dec = grad_W_enc = grad_b_enc = grad_W_dec = None
+        if need_W_dec:
+            grad_W_dec = grad_ND.new_zeros(M, d).index_copy_(0, cols_C, z_NC.T @ grad_ND)
+        if need_x or need_b_dec or need_W_enc or need_b_enc:
+            g_pre_NC = (grad_ND @ W_dec_CD.T).mul_(z_NC > 0)  # [N, C]
+            db_enc_M = grad_ND.new_zeros(M).index_copy_(0, cols_C, g_pre_NC.sum(0))
+            grad_b_enc = db_enc_M if need_b_enc else None
+            if need_b_dec:
+                grad_b_dec = -(db_enc_M @ W_enc_MD)
+            if need_W_enc:
+                x_c_ND = (x_n_ND - b_dec_D).detach()
+                grad_W_enc = grad_ND.new_zeros(M, d).index_copy_(0, cols_C, g_pre_NC.T @ x_c_ND)
+            if need_x:
+                grad_x = g_pre_NC @ W_enc_MD.detach().index_select(0, cols_C)
+        return None, None, grad_x, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec
+
+
+def _auxk_decode_dense(
+    enc: DenseEncoding, W_dec_MD: Tensor, dead_mask_M: Tensor, k_aux: int, n_cols: int | None
+) -> Tensor:
+    """ê of AuxK through :class:`_AuxKDenseFn`; same selection as :func:`auxk_select`."""
+    pre_NM = enc.pre_NM
+    n_tokens, d_sae = pre_NM.shape
+    dead_M = dead_mask_M.to(device=pre_NM.device, dtype=torch.bool)
+    with torch.no_grad():
+        if n_cols is None or n_cols >= d_sae:
+            cols_C = torch.arange(d_sae, device=pre_NM.device)
+            cand_NC = pre_NM.masked_fill(~dead_M, -math.inf)
+        else:
+            n_cols = max(n_cols, k_aux)
+            cols_C = torch.topk(dead_M.to(pre_NM.dtype), n_cols, sorted=False).indices.sort().values
+            cand_NC = pre_NM.index_select(1, cols_C)
+            cand_NC.masked_fill_(~dead_M[cols_C], -math.inf)
+        top = cand_NC.topk(k_aux, dim=-1, sorted=False)
+        # kept = dead and positive; the rest (ReLU'd or −∞) become exact zeros.
+        z_NC = torch.zeros_like(cand_NC).scatter_(1, top.indices, top.values.clamp_min(0))
+        del cand_NC, top
+    return _AuxKDenseFn.apply(
+        z_NC, cols_C, enc.x_n_ND, enc.b_dec_D, enc.W_enc_MD, enc.b_enc_M, W_dec_MD
+    )
+
+
 def auxk_loss_fast(
     enc: DenseEncoding,
     residual_ND: Tensor,
@@ -505,19 +574,28 @@ def auxk_loss_fast(
     normalizer: str = "residual",
     n_cols: int | None = None,
     backend: str = "torch",
+    dense: bool = False,
 ) -> Tensor:
     """DESIGN.md's AuxK from a dense encoding: same value as ``losses.auxk_loss`` (with
-    ``preacts_at``), built from :func:`auxk_select`, :func:`preacts_at` and :func:`sparse_decode`
-    so neither direction builds an [N, M] gradient or an [N·k_aux, d] buffer."""
+    ``preacts_at``).
+
+    Sparse (default): :func:`auxk_select`, :func:`preacts_at` and :func:`sparse_decode`, four
+    passes over the N·k_aux entries and no [N, M] gradient. ``dense=True``: GEMMs over the
+    gathered columns (:class:`_AuxKDenseFn`), faster on CPU when n_cols (≥ n_dead) is well
+    below M or k_aux is large (k_aux = d/2 = 256 at d = 512); the GPU path is the sparse one.
+    """
     n_tokens, d_sae = enc.pre_NM.shape
     d = residual_ND.shape[-1]
     k_aux = min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae)
     e_ND = residual_ND.detach().reshape(-1, d)
-    latent_Nk, keep_Nk = auxk_select(enc.pre_NM, dead_mask_M, k_aux, n_cols)
-    layout = CodeLayout.fixed_k(latent_Nk, d_sae, backend)
-    pre_E = preacts_at(enc, layout.token, layout.latent, layout)
-    z_E = torch.where(keep_Nk.reshape(-1), pre_E, torch.zeros_like(pre_E))
-    e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
+    if dense:
+        e_hat_ND = _auxk_decode_dense(enc, W_dec_MD, dead_mask_M, k_aux, n_cols)
+    else:
+        latent_Nk, keep_Nk = auxk_select(enc.pre_NM, dead_mask_M, k_aux, n_cols)
+        layout = CodeLayout.fixed_k(latent_Nk, d_sae, backend)
+        pre_E = preacts_at(enc, layout.token, layout.latent, layout)
+        z_E = torch.where(keep_Nk.reshape(-1), pre_E, torch.zeros_like(pre_E))
+        e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
     mse = (e_hat_ND - e_ND).pow(2).sum(-1).mean()
     if normalizer == "residual":
         variance = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from saekit.data.hf import HookPoint
 from saekit.data.synthetic import SyntheticConfig
 from saekit.sae import SAEConfig
 
@@ -53,10 +54,14 @@ class SAETrainConfig:
     """c of the tanh penalty."""
     target_l0: float | None = None
     """If set, a controller moves λ toward this L0."""
+    controller_rate: float = 0.01
+    """Controller step: λ changes by at most a factor exp(rate) per step."""
     revival: str = "auxk"
     """Dead-latent revival: auxk (residual), preact (pre-activation loss) or none."""
     revival_coefficient: float = 1 / 32
     """α of the revival loss."""
+    auxk_k: int | None = None
+    """AuxK's k_aux (default min(d_in // 2, d_sae); the BatchTopK note used 512)."""
     auxk_normalizer: str = "residual"
     """AuxK normaliser V: residual (variance of the residual) or none."""
     dead_tokens: int = 200_000
@@ -123,13 +128,75 @@ class DataConfig:
     """Where activations come from."""
 
     source: str = "synthetic"
-    """synthetic (built-in ground truth) or cache (a directory written by `saekit cache`)."""
+    """synthetic (built-in ground truth), cache (a directory written by `saekit cache`) or hf
+    (a transformers model run on text while training)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Settings of the synthetic generator."""
     cache_dir: str | None = None
     """cache: the activation cache directory."""
     shuffle_buffer_tokens: int = 262_144
-    """cache: tokens held in the shuffle buffer."""
+    """cache, hf: tokens held in the token-level shuffle buffer (cache: 0 reads in file order)."""
+    model: str | None = None
+    """hf: the model, a hub id or a local directory (loaded with AutoModelForCausalLM)."""
+    hook: str | None = None
+    """hf: hook point, e.g. transformer.h.8:input (residual stream before block 8)."""
+    dataset: str | None = None
+    """hf: documents from a Hugging Face dataset, a hub id or a local path (or use text_file)."""
+    dataset_split: str = "train"
+    """hf: split of the dataset."""
+    dataset_config: str | None = None
+    """hf: configuration name of the dataset."""
+    text_file: str | None = None
+    """hf: documents from a local file: .jsonl (one per line) or text (blank-line separated)."""
+    text_field: str = "text"
+    """hf: field holding the text in dataset records and .jsonl lines."""
+    streaming: bool = True
+    """hf: stream the dataset instead of downloading it whole."""
+    context_length: int = 128
+    """hf: tokens per context (BOS first, documents packed with EOS between them)."""
+    model_batch_size: int = 32
+    """hf: contexts per model forward."""
+    model_dtype: str = "float32"
+    """hf: dtype of the model weights: float32, bfloat16 or float16 (activations are float32)."""
+    local_files_only: bool = False
+    """hf: never download; load the model and tokenizer from the local cache or directory."""
+    keep_bos: bool = False
+    """hf: train on BOS positions too (by default they are dropped, as are padding positions)."""
+    prefetch: int = 2
+    """hf: model batches harvested ahead in a background thread (0: no thread)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending ``data.`` field."""
+        sources = ("synthetic", "cache", "hf")
+        if self.source not in sources:
+            raise ValueError(f"data.source must be one of {sources}, got {self.source!r}")
+        if self.shuffle_buffer_tokens < 0:
+            raise ValueError("data.shuffle_buffer_tokens must be >= 0")
+        if self.source == "cache":
+            if not self.cache_dir:
+                raise ValueError("data.cache_dir is required when data.source is 'cache'")
+            if not Path(self.cache_dir).is_dir():
+                raise ValueError(f"data.cache_dir: no such directory {self.cache_dir!r}")
+        if self.source == "hf":
+            for name in ("model", "hook"):
+                if not getattr(self, name):
+                    raise ValueError(f"data.{name} is required when data.source is 'hf'")
+            if (self.dataset is None) == (self.text_file is None):
+                raise ValueError("data: set exactly one of data.dataset and data.text_file")
+            if self.text_file is not None and not Path(self.text_file).is_file():
+                raise ValueError(f"data.text_file: no such file {self.text_file!r}")
+            if self.context_length < 2:
+                raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
+            if self.model_batch_size < 1:
+                raise ValueError("data.model_batch_size must be positive")
+            if self.model_dtype not in ("float32", "bfloat16", "float16"):
+                raise ValueError(
+                    f"data.model_dtype must be float32, bfloat16 or float16, got"
+                    f" {self.model_dtype!r}"
+                )
+            if self.prefetch < 0:
+                raise ValueError("data.prefetch must be >= 0")
+            HookPoint.parse(self.hook)
 
 
 @dataclass
@@ -158,22 +225,22 @@ class RunConfig:
     """Show a progress bar."""
     seed: int = 0
     """Seed of the data stream."""
+    parallel: str = "data"
+    """Several processes (torchrun, --nproc): data (every process trains every SAE on its share of
+    each batch, gradients averaged) or sweep (the SAEs spread over the processes, each seeing the
+    whole batch). Ignored by a single process."""
 
     def validate(self) -> None:
         if not self.saes:
             raise ValueError("saes: a run needs at least one SAE")
+        if self.parallel not in ("data", "sweep"):
+            raise ValueError(f"parallel must be data or sweep, got {self.parallel!r}")
         for field_name in ("batch_size", "steps", "eval_tokens"):
             if getattr(self, field_name) <= 0:
                 raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
         if self.log_every <= 0 or self.checkpoint_every < 0:
             raise ValueError("log_every must be positive and checkpoint_every >= 0")
-        if self.data.source not in ("synthetic", "cache"):
-            raise ValueError(f"data.source must be synthetic or cache, got {self.data.source!r}")
-        if self.data.source == "cache":
-            if not self.data.cache_dir:
-                raise ValueError("data.cache_dir is required when data.source is 'cache'")
-            if not Path(self.data.cache_dir).is_dir():
-                raise ValueError(f"data.cache_dir: no such directory {self.data.cache_dir!r}")
+        self.data.validate()
         names = [s.name for s in self.saes]
         if len(set(names)) != len(names):
             raise ValueError(f"saes: names must be unique, got {names}")
@@ -234,6 +301,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected float, got {value!r}") from None
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, str, bool, float):
@@ -304,32 +376,49 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def build_run_config(data: dict[str, Any]) -> RunConfig:
-    """A validated RunConfig; SAE d_in set from the data when 0 and names defaulted."""
+    """A validated RunConfig; SAE d_in set from the data when 0 and names defaulted.
+
+    Model sources also fill each SAE's ``hook`` and ``model_name`` (when unset) so saved SAEs
+    are self-describing: from the manifest for a cache, from ``data.model``/``data.hook`` for hf.
+    For hf, d_in defaults to the model's hidden size (its config's hidden_size / n_embd /
+    d_model, read without loading weights): right for residual-stream and block-output hooks;
+    set d_in for other hooks (the source checks the real width before training).
+    """
     raw = copy.deepcopy(data)
-    d = None
     data_cfg = raw.get("data", {})
-    if data_cfg.get("source", "synthetic") == "synthetic":
-        d = data_cfg.get("synthetic", {}).get("d", SyntheticConfig.d)
-    for s in raw.get("saes", []):
+    stream_cfg = from_dict(DataConfig, data_cfg, "data")
+    stream_cfg.validate()
+    origin: dict[str, str] = {}  # SAEConfig fields saying where the activations come from
+    d_data: int | None = None  # the activations' width, when known without loading a model
+    if stream_cfg.source == "synthetic":
+        d_data = stream_cfg.synthetic.d
+    elif stream_cfg.source == "cache":
+        from saekit.data.cache import ActivationCache
+
+        cache = ActivationCache(stream_cfg.cache_dir)
+        origin = {"model_name": cache.model, "hook": cache.hook}
+        d_data = cache.d
+    else:
+        origin = {"model_name": stream_cfg.model, "hook": str(HookPoint.parse(stream_cfg.hook))}
+    for i, s in enumerate(raw.get("saes", [])):
         sae = s.setdefault("sae", {})
         if not sae.get("d_in"):
-            if d is None:
-                d = _cache_width(data_cfg.get("cache_dir"))
-            sae["d_in"] = d
+            if d_data is None:
+                from saekit.train.sources import model_hidden_size
+
+                d_data = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
+            sae["d_in"] = d_data
+        elif stream_cfg.source == "cache" and sae["d_in"] != d_data:
+            raise ValueError(
+                f"saes.{i}.sae.d_in = {sae['d_in']} but the activation cache"
+                f" {stream_cfg.cache_dir} has width {d_data}"
+            )
+        for key, value in origin.items():
+            if sae.get(key) is None:
+                sae[key] = value
     cfg = from_dict(RunConfig, raw)
     for s in cfg.saes:
         if not s.name:
             s.name = s.default_name()
     cfg.validate()
     return cfg
-
-
-def _cache_width(cache_dir: str | None) -> int:
-    import json
-
-    if not cache_dir:
-        raise ValueError("data.cache_dir is required when data.source is 'cache'")
-    manifest = Path(cache_dir) / "manifest.json"
-    if not manifest.is_file():
-        raise ValueError(f"data.cache_dir: no manifest.json in {cache_dir!r}")
-    return int(json.loads(manifest.read_text())["d"])

@@ -71,6 +71,7 @@ def training_loss(
             (out.x_n - out.x_hat_n).detach(),
             sae.W_dec,
             dead_mask,
+            k_aux=cfg.auxk_k,
             alpha=cfg.revival_coefficient,
             normalizer=cfg.auxk_normalizer,
         )

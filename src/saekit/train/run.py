@@ -26,15 +26,16 @@ from saekit.eval.metrics import MetricAccumulator
 from saekit.sae import atomic_write_text
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.config import RunConfig, build_run_config, to_dict
+from saekit.train.distributed import launched, run_distributed
 from saekit.train.trainer import ActivationSource, Member, SyntheticSource, Trainer
 
 
 def make_source(cfg: RunConfig) -> ActivationSource:
     if cfg.data.source == "synthetic":
         return SyntheticSource(SyntheticData(cfg.data.synthetic), cfg.batch_size)
-    from saekit.train.sources import CacheSource
+    from saekit.train.sources import make_lm_source
 
-    return CacheSource(cfg.data.cache_dir, cfg.batch_size, cfg.data.shuffle_buffer_tokens, cfg.seed)
+    return make_lm_source(cfg)
 
 
 @torch.no_grad()
@@ -89,6 +90,8 @@ def save_outputs(trainer: Trainer, reports: list[dict[str, Any]]) -> None:
 
 
 def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[dict[str, Any]]]:
+    if launched():  # a worker of a multi-process torchrun launch (reports on rank 0 only)
+        return run_distributed(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)

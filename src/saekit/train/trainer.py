@@ -26,6 +26,7 @@ from saekit.activations import BatchTopK, SparseCode
 from saekit.eval.metrics import latent_counts
 from saekit.sae import SAE
 from saekit.train.config import RunConfig, SAETrainConfig
+from saekit.train.distributed import LocalComm
 from saekit.train.objective import training_loss
 
 TOPK_FAMILY = ("topk", "batchtopk")
@@ -59,17 +60,21 @@ class Member:
             [p for p in self.sae.parameters() if p.requires_grad],
             lr=cfg.learning_rate,
             betas=cfg.adam_betas,
+            fused=True,  # reads its step count on the device: the default Adam calls .item()
         )
         M = cfg.sae.d_sae
         self.tokens_since_fired = torch.zeros(M, dtype=torch.int64, device=self.device)
         self.prefix_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.controller = (
-            losses.LambdaController(cfg.penalty_coefficient, cfg.target_l0)
+            losses.LambdaController(
+                cfg.penalty_coefficient, cfg.target_l0, rate=cfg.controller_rate
+            )
             if cfg.target_l0 is not None and cfg.penalty is not None
             else None
         )
         self.penalty_coefficient = torch.tensor(cfg.penalty_coefficient, device=self.device)
         self.initialised = False
+        self.comm = LocalComm()  # the Trainer's comm: combines counters across ranks
 
     @property
     def topk_family(self) -> bool:
@@ -126,12 +131,13 @@ class Member:
 
         with torch.no_grad():
             per_token, per_latent = latent_counts(out.latents)
-            self.update_counters(per_latent > 0, x.shape[0])
+            self.update_counters(*self.comm.combine_fired(per_latent > 0, x.shape[0]))
             if isinstance(sae.activation, BatchTopK) and isinstance(out.latents, SparseCode):
-                sae.activation.update_threshold(BatchTopK.batch_min_positive(out.latents))
+                batch_min = self.comm.combine_batch_min(BatchTopK.batch_min_positive(out.latents))
+                sae.activation.update_threshold(batch_min)
             l0 = per_token.double().mean()
             if self.controller is not None:
-                self.controller.step(l0)
+                self.controller.step(self.comm.average(l0))
             err = (out.x_n - out.x_hat_n).double().pow(2).sum()
             var = (out.x_n.double() - out.x_n.double().mean(0)).pow(2).sum()
             parts.update(
@@ -199,11 +205,14 @@ class LogRecord:
 class Trainer:
     """Trains every SAE of a ``RunConfig`` on one stream of batches."""
 
-    def __init__(self, cfg: RunConfig, source: ActivationSource):
+    def __init__(self, cfg: RunConfig, source: ActivationSource, comm: LocalComm | None = None):
         cfg.validate()
         self.cfg = cfg
         self.source = source
         self.members = [Member(s, cfg.steps, cfg.device) for s in cfg.saes]
+        self.comm = comm if comm is not None else LocalComm()  # see train/distributed.py
+        for member in self.members:
+            member.comm = self.comm
         self.step = 0
         self.out_dir = Path(cfg.out_dir)
         self._stop_signal: int | None = None
@@ -216,6 +225,7 @@ class Trainer:
         for member in self.members:
             if not member.initialised:
                 member.init_from_data(sample)
+        self.comm.sync_initial_state(self)
 
     def fit(self, progress: bool | None = None) -> None:
         """Train until ``cfg.steps``; checkpoint every ``checkpoint_every`` and on a signal."""
@@ -243,11 +253,12 @@ class Trainer:
                     n_in_interval = 0
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                stop = self.comm.agree_stop(self._stop_signal, self.step)
+                if stop is not None:
                     self.save_checkpoint()
                     bar.close()
                     raise TrainingInterrupted(
-                        f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint "
+                        f"stopped by signal {stop} at step {self.step}; checkpoint "
                         f"in {self.checkpoint_dir}; resume with: saekit train --resume "
                         f"{self.out_dir}"
                     )
@@ -257,7 +268,8 @@ class Trainer:
     def _log(self, sums: list[dict[str, Tensor]], n: int, bar) -> None:
         """One host transfer for all metrics of all members since the last log."""
         keys = [sorted(acc) for acc in sums]
-        flat = torch.stack([sums[i][k] for i, ks in enumerate(keys) for k in ks]).cpu().tolist()
+        flat = torch.stack([sums[i][k] for i, ks in enumerate(keys) for k in ks])
+        flat = self.comm.reduce_metrics(flat).cpu().tolist()
         pos = 0
         tokens = self.step * self.cfg.batch_size
         for member, ks in zip(self.members, keys, strict=True):
@@ -269,6 +281,8 @@ class Trainer:
                     f"SAE {member.cfg.name}: loss is {values['loss']} at step {self.step} "
                     "(NaN or inf activations, or a learning rate too high)"
                 )
+            if not self.comm.writes_logs:
+                continue
             record = LogRecord(self.step, tokens, values)
             path = self.out_dir / member.cfg.name / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,14 +304,10 @@ class Trainer:
         return self.out_dir / "checkpoint"
 
     def save_checkpoint(self) -> Path:
-        from saekit.train.checkpoint import write_training_checkpoint
-
-        return write_training_checkpoint(self)
+        return self.comm.save_checkpoint(self)
 
     def load_checkpoint(self) -> None:
-        from saekit.train.checkpoint import read_training_checkpoint
-
-        read_training_checkpoint(self)
+        self.comm.load_checkpoint(self)
 
     @contextlib.contextmanager
     def _signal_handlers(self):

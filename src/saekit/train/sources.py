@@ -1,0 +1,448 @@
+"""Activation sources of real models for the trainer: a disk cache or a model run online.
+
+Both implement :class:`~saekit.train.trainer.ActivationSource`: ``batches(start)`` is an endless,
+deterministic stream of ``[batch_size, d]`` float32 batches (batch ``i`` depends only on the data,
+the seed, rank and world size), ``sample_for_init()`` the first ~16k training tokens (dataset scale
+and b_dec), ``eval_batches`` a held-out part that training never sees.
+
+- :class:`CacheSource` reads a directory written by ``saekit cache``. Held out: the **last shard**,
+  when the cache has at least 2 shards; with a single shard a warning is issued and evaluation
+  reuses training data.
+- :class:`HFSource` runs a ``transformers`` model on text (a hub dataset, a local dataset path or
+  a text/JSONL file). Held out: the **leading documents** (in dataset order, before shuffling)
+  holding at least ``eval_tokens + context_length`` tokens; ``saekit eval`` on the same dataset
+  reads these same documents first. If the whole dataset is shorter than that, a warning is
+  issued and evaluation reuses training data.
+
+Epochs: when the data runs out the stream starts over with the epoch number mixed into the
+seed (``seed * 1_000_003 + epoch``, as :meth:`ActivationCache.iter_batches` does), so every epoch
+has a new order. Each epoch's incomplete last batch is dropped so every step sees exactly
+``batch_size`` tokens. Resume (``batches(start)``) skips batches: whole epochs arithmetically for
+the cache, by regenerating them for the online source (model forwards, no SAE steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from saekit.data.buffer import ShuffleBuffer
+from saekit.data.cache import ActivationCache
+from saekit.data.hf import Harvester, HookPoint, TokenFilter, load_model, load_tokenizer
+from saekit.data.text import load_hf_documents, read_documents, token_batches, tokenize_documents
+from saekit.train.trainer import ActivationSource
+
+if TYPE_CHECKING:
+    from saekit.train.config import DataConfig, RunConfig
+
+INIT_TOKENS = 16_384
+"""Tokens of ``sample_for_init`` (scale and b_dec estimates)."""
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch (the mixing of :meth:`ActivationCache.iter_batches`)."""
+    return seed * 1_000_003 + epoch
+
+
+def _full_batches(batches: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
+    return (b for b in batches if len(b) == batch_size)
+
+
+def _first_tokens(batches: Iterator[Tensor], n_tokens: int) -> Tensor:
+    """Concatenate batches until ``n_tokens`` rows (fewer if the stream ends); closes it."""
+    parts, n = [], 0
+    try:
+        for batch in batches:
+            parts.append(batch[: n_tokens - n])
+            n += len(parts[-1])
+            if n >= n_tokens:
+                break
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if not parts:
+        raise ValueError("the activation source yielded no tokens")
+    return torch.cat(parts)
+
+
+def _rebatch_up_to(chunks: Iterator[Tensor], batch_size: int, n_tokens: int) -> Iterator[Tensor]:
+    """At most ``n_tokens`` rows of ``chunks`` re-cut into batches of ``batch_size``."""
+    pending: list[Tensor] = []
+    n_pending = n_total = 0
+    for chunk in chunks:
+        chunk = chunk[: n_tokens - n_total]
+        pending.append(chunk)
+        n_pending += len(chunk)
+        n_total += len(chunk)
+        while n_pending >= batch_size:
+            flat = torch.cat(pending)
+            yield flat[:batch_size]
+            pending, n_pending = [flat[batch_size:]], n_pending - batch_size
+        if n_total >= n_tokens:
+            break
+    if n_pending:
+        yield torch.cat(pending)
+
+
+# ---------------------------------------------------------------------- cache
+
+
+class CacheSource(ActivationSource):
+    """Training batches from an activation cache (``saekit cache``), shuffled, cycled by epoch.
+
+    Training reads every shard but the last (held out for ``eval_batches``) when the cache has
+    at least 2 shards, else all of them. Token order within an epoch: shards in a seeded order
+    through a :class:`ShuffleBuffer` of ``shuffle_buffer_tokens`` (0: file order).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        batch_size: int,
+        shuffle_buffer_tokens: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        init_tokens: int = INIT_TOKENS,
+    ) -> None:
+        self.cache = ActivationCache(cache_dir)
+        if not self.cache.complete:
+            raise ValueError(
+                f"activation cache {cache_dir} is incomplete ({self.cache.n_tokens} tokens): its"
+                " `saekit cache` run was interrupted; run it again with the same arguments"
+            )
+        self.batch_size = batch_size
+        self.shuffle_buffer_tokens = shuffle_buffer_tokens
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.init_tokens = init_tokens
+        self.d = self.cache.d
+        self.held_out = len(self.cache.shards) >= 2
+        self.train_cache = self._training_view() if self.held_out else self.cache
+        if self.train_cache.shards and world_size > len(self.train_cache.shards):
+            raise ValueError(
+                f"activation cache {cache_dir} has {len(self.train_cache.shards)} training"
+                f" shard(s), fewer than world_size = {world_size}; write smaller shards"
+            )
+        per_rank = [
+            sum(
+                self.train_cache.shards[i].n_tokens
+                for i in self.train_cache.rank_shards(r, world_size)
+            )
+            for r in range(world_size)
+        ]
+        self.batches_per_epoch = min(per_rank) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"activation cache {cache_dir} has {min(per_rank)} training tokens per rank,"
+                f" fewer than one batch of batch_size = {batch_size}"
+            )
+
+    def _training_view(self) -> ActivationCache:
+        """The cache without its last shard (a shallow copy; the files are shared)."""
+        view = copy.copy(self.cache)
+        view.shards = self.cache.shards[:-1]
+        view.n_tokens = sum(s.n_tokens for s in view.shards)
+        return view
+
+    def _epoch(self, epoch: int) -> Iterator[Tensor]:
+        batches = self.train_cache.iter_batches(
+            self.batch_size,
+            self.shuffle_buffer_tokens,
+            self.seed,
+            self.rank,
+            self.world_size,
+            epoch=epoch,
+            dtype=torch.float32,
+        )
+        return _full_batches(batches, self.batch_size)
+
+    def batches(self, start: int = 0) -> Iterator[Tensor]:
+        epoch, skip = divmod(start, self.batches_per_epoch)
+        for e in itertools.count(epoch):
+            yield from itertools.islice(self._epoch(e), skip if e == epoch else 0, None)
+
+    def sample_for_init(self) -> Tensor:
+        return _first_tokens(self._epoch(0), self.init_tokens)
+
+    def eval_batches(
+        self, n_tokens: int, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        for x in held_out_batches(self.cache, n_tokens, batch_size):
+            yield x, None
+
+
+def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> Iterator[Tensor]:
+    """Float32 batches of the cache's held-out part: its last shard when it has at least 2
+    (the one :class:`CacheSource` never trains on), else, with a warning, its only shard."""
+    last = len(cache.shards) - 1
+    if last < 1:
+        warnings.warn(
+            f"activation cache {cache.directory} has a single shard: nothing is held out, so"
+            " evaluation reuses training data (a smaller --shard-tokens gives more shards)",
+            stacklevel=2,
+        )
+    indices = [last] if last >= 1 else range(len(cache.shards))
+    chunks = (cache.load_shard(i).float() for i in indices)
+    return _rebatch_up_to(chunks, batch_size, n_tokens)
+
+
+# ---------------------------------------------------------------------- online
+
+
+def load_lm(
+    name: str, dtype: str = "float32", device: str = "cpu", local_files_only: bool = False
+) -> tuple[nn.Module, Any]:
+    """Model (AutoModelForCausalLM, eval mode) and tokenizer; load failures as one ValueError."""
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"model dtype must be one of {sorted(MODEL_DTYPES)}, got {dtype!r}")
+    try:
+        tokenizer = load_tokenizer(name, local_files_only=local_files_only)
+        model = load_model(
+            name, dtype=MODEL_DTYPES[dtype], device=device, local_files_only=local_files_only
+        )
+    except OSError as exc:
+        raise ValueError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
+    return model, tokenizer
+
+
+def model_hidden_size(name: str, local_files_only: bool = False) -> int:
+    """The model's hidden size from its config (``hidden_size``, ``n_embd`` or ``d_model``),
+    without loading weights: the width of residual-stream and block-output hooks."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=local_files_only)
+    except OSError as exc:
+        raise ValueError(f"cannot load the config of model {name!r}: {_first_line(exc)}") from exc
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        width = getattr(config, attr, None)
+        if isinstance(width, int):
+            return width
+    raise ValueError(
+        f"model {name!r}: no hidden_size in its config; set saes.N.sae.d_in explicitly"
+    )
+
+
+def activation_width(model: nn.Module, hook: str) -> int:
+    """Width of the activations at ``hook``, from one forward pass on two tokens."""
+    probe = Harvester(model, hook, token_filter=TokenFilter(exclude_bos=False))
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    return int(probe(ids, torch.ones_like(ids))[str(HookPoint.parse(hook))].shape[-1])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def documents(
+    *,
+    dataset: str | None = None,
+    text_file: str | None = None,
+    split: str = "train",
+    config_name: str | None = None,
+    field: str = "text",
+    streaming: bool = True,
+) -> Iterator[str]:
+    """Documents in dataset order from a hub/local dataset or a text/JSONL file."""
+    if (dataset is None) == (text_file is None):
+        raise ValueError("give exactly one of a dataset and a text file")
+    if text_file is not None:
+        if not Path(text_file).is_file():
+            raise ValueError(f"text file not found: {text_file}")
+        return _checked(read_documents(text_file, field=field), text_file, field)
+    docs = load_hf_documents(
+        dataset, split=split, field=field, config_name=config_name, streaming=streaming
+    )
+    return _checked(docs, dataset, field)
+
+
+def _checked(docs: Iterator[str], name: str, field: str) -> Iterator[str]:
+    """``docs`` with load errors (raised lazily, e.g. by ``load_dataset`` on the first
+    document) turned into one-line ValueErrors naming the data."""
+    try:
+        yield from docs
+    except KeyError as exc:
+        raise ValueError(f"{name}: a record has no field {field!r} (--text-field)") from exc
+    except (OSError, ConnectionError) as exc:
+        raise ValueError(f"cannot load dataset {name!r}: {_first_line(exc)}") from exc
+
+
+class HFSource(ActivationSource):
+    """Activations of a ``transformers`` model at one hook point, harvested while training.
+
+    Per epoch: the training documents (all but the held-out leading ones) are shuffled (seeded
+    with the epoch), split between ranks, tokenised and packed into contexts of
+    ``context_length`` (BOS first, EOS between documents), run through the model
+    ``model_batch_size`` contexts at a time (in a background thread when ``prefetch > 0``, so
+    the forward overlaps SAE steps), filtered (padding, BOS unless ``keep_bos``) and mixed at
+    token level in a :class:`ShuffleBuffer` before being cut into batches of ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        batch_size: int,
+        seed: int,
+        eval_tokens: int,
+        device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        init_tokens: int = INIT_TOKENS,
+    ) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.eval_tokens = eval_tokens
+        self.rank = rank
+        self.world_size = world_size
+        self.init_tokens = init_tokens
+        self.model, self.tokenizer = load_lm(
+            data.model, data.model_dtype, device, data.local_files_only
+        )
+        self.hook = str(HookPoint.parse(data.hook))
+        token_filter = TokenFilter.from_tokenizer(self.tokenizer, exclude_bos=not data.keep_bos)
+        self.harvester = Harvester(
+            self.model, self.hook, token_filter=token_filter, dtype=torch.float32
+        )
+        self.d = activation_width(self.model, self.hook)
+        self._n_eval_docs: int | None = None
+
+    def _documents(self) -> Iterator[str]:
+        data = self.data
+        return documents(
+            dataset=data.dataset,
+            text_file=data.text_file,
+            split=data.dataset_split,
+            config_name=data.dataset_config,
+            field=data.text_field,
+            streaming=data.streaming,
+        )
+
+    @property
+    def n_eval_docs(self) -> int:
+        """Leading documents held out for evaluation (0 when the dataset is too short)."""
+        if self._n_eval_docs is None:
+            target = self.eval_tokens + self.data.context_length
+            seen = 0
+            count = 0
+            for ids in tokenize_documents(self._documents(), self.tokenizer):
+                count += 1
+                seen += len(ids)
+                if seen >= target:
+                    break
+            if seen < target:
+                warnings.warn(
+                    f"the dataset has only {seen} tokens, fewer than eval_tokens +"
+                    f" context_length = {target}: nothing is held out, evaluation reuses"
+                    " training data",
+                    stacklevel=2,
+                )
+                count = 0
+            self._n_eval_docs = count
+        return self._n_eval_docs
+
+    def _contexts(self, docs: Iterator[str], seed: int | None, rank: int, world: int):
+        return token_batches(
+            docs,
+            self.tokenizer,
+            context_length=self.data.context_length,
+            batch_size=self.data.model_batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+        )
+
+    def _activations(self, contexts) -> Iterator[Tensor]:
+        for out in self.harvester.stream(contexts, prefetch=self.data.prefetch):
+            yield out[self.hook].cpu()
+
+    def _epoch(self, epoch: int) -> Iterator[Tensor]:
+        docs = itertools.islice(self._documents(), self.n_eval_docs, None)
+        s = epoch_seed(self.seed, epoch)
+        contexts = self._contexts(docs, s, self.rank, self.world_size)
+        capacity = max(self.data.shuffle_buffer_tokens, self.batch_size)
+        buffer = ShuffleBuffer(capacity, self.batch_size, seed=s)
+        return _full_batches(buffer.iterate(self._activations(contexts)), self.batch_size)
+
+    def batches(self, start: int = 0) -> Iterator[Tensor]:
+        def endless() -> Iterator[Tensor]:
+            for epoch in itertools.count():
+                n = 0
+                for batch in self._epoch(epoch):
+                    n += 1
+                    yield batch
+                if n == 0:
+                    raise ValueError(
+                        f"the training documents of {self.data.dataset or self.data.text_file}"
+                        f" (after {self.n_eval_docs} held out for evaluation) give fewer than"
+                        f" batch_size = {self.batch_size} tokens"
+                    )
+
+        return itertools.islice(endless(), start, None)
+
+    def sample_for_init(self) -> Tensor:
+        return _first_tokens(self.batches(0), self.init_tokens)
+
+    def eval_batches(
+        self, n_tokens: int, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        docs = self._documents()
+        if self.n_eval_docs:
+            docs = itertools.islice(docs, self.n_eval_docs)
+        contexts = self._contexts(docs, None, 0, 1)
+        for x in _rebatch_up_to(self._activations(contexts), batch_size, n_tokens):
+            yield x, None
+
+
+# ---------------------------------------------------------------------- factory
+
+
+def make_lm_source(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> CacheSource | HFSource:
+    """The source of ``cfg.data`` (cache or hf); checks every SAE's d_in against its width."""
+    data = cfg.data
+    source: CacheSource | HFSource
+    if data.source == "cache":
+        source = CacheSource(
+            data.cache_dir,
+            cfg.batch_size,
+            data.shuffle_buffer_tokens,
+            cfg.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        where = f"the activation cache {data.cache_dir}"
+    elif data.source == "hf":
+        source = HFSource(
+            data,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.eval_tokens,
+            device=cfg.device,
+            rank=rank,
+            world_size=world_size,
+        )
+        where = f"hook {data.hook} of model {data.model}"
+    else:
+        raise ValueError(f"data.source {data.source!r} is not a model source (cache or hf)")
+    for i, s in enumerate(cfg.saes):
+        if s.sae.d_in != source.d:
+            raise ValueError(
+                f"saes.{i}.sae.d_in = {s.sae.d_in} but the activations at {where} have width"
+                f" {source.d}; set saes.{i}.sae.d_in={source.d}"
+            )
+    return source

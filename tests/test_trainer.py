@@ -1,0 +1,318 @@
+"""The trainer: exact resume, sweeps equal solo runs, state survives checkpoints, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from saekit.cli import main as cli_main
+from saekit.data.synthetic import SyntheticData
+from saekit.train.checkpoint import read_checkpoint_meta
+from saekit.train.config import apply_overrides, build_run_config, load_config_file
+from saekit.train.trainer import (
+    Member,
+    SyntheticSource,
+    Trainer,
+    TrainingInterrupted,
+    lr_factor,
+)
+
+SYNTH = {"d": 16, "n_features": 48, "mean_l0": 3.0, "seed": 3}
+
+
+def sae_entry(activation: str, **extra) -> dict:
+    sae = {"d_sae": 64, "activation": activation}
+    if activation in ("topk", "batchtopk"):
+        sae["k"] = 3
+    entry = {"sae": sae, "lr": 3e-3, "warmup_steps": 3, "dead_tokens": 256, **extra}
+    if "name" not in entry:
+        entry["name"] = activation + ("-" + extra["penalty"] if "penalty" in extra else "")
+    return entry
+
+
+THREE = [
+    sae_entry("topk"),
+    sae_entry("batchtopk"),
+    sae_entry("relu", penalty="l1", penalty_coefficient=0.01, target_l0=4.0, revival="none"),
+]
+
+
+def run_config(tmp_path, saes, steps=12, **extra):
+    data = {
+        "data": {"source": "synthetic", "synthetic": SYNTH},
+        "saes": saes,
+        "batch_size": 128,
+        "steps": steps,
+        "log_every": 4,
+        "checkpoint_every": 0,
+        "eval_tokens": 512,
+        "progress": False,
+        "out_dir": str(tmp_path),
+        **extra,
+    }
+    return build_run_config(data)
+
+
+def make_trainer(cfg):
+    return Trainer(cfg, SyntheticSource(SyntheticData(cfg.data.synthetic), cfg.batch_size))
+
+
+def params(member: Member) -> dict[str, torch.Tensor]:
+    state = {k: v.clone() for k, v in member.sae.state_dict().items()}
+    for i, s in member.optimizer.state_dict()["state"].items():
+        for key, value in s.items():
+            state[f"opt.{i}.{key}"] = torch.as_tensor(value).clone()
+    state["tokens_since_fired"] = member.tokens_since_fired.clone()
+    return state
+
+
+def losses_logged(run_dir, name):
+    lines = (run_dir / name / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r["l0"]) for r in map(json.loads, lines)]
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def interrupt_at(trainer: Trainer, step: int):
+    def callback(member, record):
+        if record.step == step and member is trainer.members[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.log_callbacks.append(callback)
+
+
+def test_a_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = make_trainer(run_config(tmp_path / "full", THREE))
+    full.fit()
+
+    cfg = run_config(tmp_path / "cut", THREE)
+    first = make_trainer(cfg)
+    interrupt_at(first, 8)  # SIGINT: checkpoint at step 8, then stop
+    with pytest.raises(TrainingInterrupted, match="resume with"):
+        first.fit()
+    assert read_checkpoint_meta(tmp_path / "cut")["step"] == 8
+
+    resumed = make_trainer(cfg)
+    resumed.load_checkpoint()
+    assert resumed.step == 8
+    resumed.fit()
+    for a, b in zip(full.members, resumed.members, strict=True):
+        assert_same_state(params(a), params(b))
+        assert losses_logged(tmp_path / "full", a.cfg.name) == losses_logged(
+            tmp_path / "cut", b.cfg.name
+        )
+
+
+def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
+    full = make_trainer(run_config(tmp_path / "full", THREE[:1], log_every=1))
+    full.fit()
+
+    cfg = run_config(tmp_path / "crash", THREE[:1], checkpoint_every=4, log_every=1)
+    crashing = make_trainer(cfg)
+
+    def crash(member, record):
+        if record.step == 7:
+            raise RuntimeError("power cut")
+
+    crashing.log_callbacks.append(crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        crashing.fit()
+    # Steps 5-7 are lost; the checkpoint of step 4 is intact.
+    assert read_checkpoint_meta(tmp_path / "crash")["step"] == 4
+
+    resumed = make_trainer(cfg)
+    resumed.load_checkpoint()
+    assert resumed.step == 4
+    resumed.fit()
+    assert_same_state(params(resumed.members[0]), params(full.members[0]))
+
+
+def test_thresholds_counters_and_controller_survive_a_checkpoint(tmp_path):
+    cfg = run_config(tmp_path, THREE, steps=10)
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    batchtopk = trainer.members[1].sae.activation
+    assert bool(batchtopk.threshold_initialized) and float(batchtopk.threshold) > 0
+    assert trainer.members[0].tokens_since_fired.max() > 0  # some latent has not fired lately
+
+    again = make_trainer(cfg)
+    again.load_checkpoint()
+    for a, b in zip(trainer.members, again.members, strict=True):
+        assert_same_state(params(a), params(b))
+    assert torch.equal(again.members[1].sae.activation.threshold, batchtopk.threshold)
+    lam_a = trainer.members[2].controller.lam
+    lam_b = again.members[2].controller.lam
+    assert float(lam_a) != 0.01 and torch.equal(lam_a, lam_b)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def test_each_sae_of_a_sweep_trains_as_if_alone(tmp_path):
+    sweep = make_trainer(run_config(tmp_path / "sweep", THREE))
+    sweep.fit()
+    for i, entry in enumerate(THREE):
+        alone = make_trainer(run_config(tmp_path / f"alone{i}", [entry]))
+        alone.fit()
+        assert_same_state(params(sweep.members[i]), params(alone.members[0]))
+
+
+# ----------------------------------------------------------------------------- step details
+
+
+def test_dead_mask_is_taken_before_the_batch_is_counted(tmp_path):
+    cfg = run_config(tmp_path, [sae_entry("topk", dead_tokens=128)], steps=1)
+    member = make_trainer(cfg).members[0]
+    member.tokens_since_fired[:5] = 128  # dead now; they may fire in this batch
+    seen = {}
+    import saekit.train.trainer as trainer_module
+
+    original = trainer_module.training_loss
+
+    def spy(cfg, sae, out, dead_mask, *args, **kwargs):
+        seen["dead"] = dead_mask.clone()
+        return original(cfg, sae, out, dead_mask, *args, **kwargs)
+
+    trainer_module.training_loss = spy
+    try:
+        x = SyntheticData(cfg.data.synthetic).batch(0, 128).x
+        member.init_from_data(x)
+        member.train_step(x, 0)
+    finally:
+        trainer_module.training_loss = original
+    assert seen["dead"][:5].all() and not seen["dead"][5:].any()
+
+
+def test_counters_reset_on_firing_and_grow_by_the_batch_otherwise(tmp_path):
+    cfg = run_config(tmp_path, [sae_entry("topk")], steps=1)
+    member = make_trainer(cfg).members[0]
+    member.tokens_since_fired = torch.tensor([0, 5, 100] + [7] * 61)
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[1] = True
+    member.update_counters(fired, 128)
+    expected = torch.tensor([128, 0, 228] + [135] * 61)
+    assert torch.equal(member.tokens_since_fired, expected)
+
+
+def test_topk_decoder_rows_stay_unit_norm_and_penalty_decoders_are_free(tmp_path):
+    cfg = run_config(tmp_path, THREE, steps=6)
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    norms_topk = trainer.members[0].sae.W_dec.norm(dim=-1)
+    torch.testing.assert_close(norms_topk, torch.ones_like(norms_topk))
+    norms_relu = trainer.members[2].sae.W_dec.norm(dim=-1)
+    assert (norms_relu - 1).abs().max() > 1e-4
+
+
+def test_learning_rate_schedule_warms_up_and_decays_linearly():
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm, 0.8) == pytest.approx(0.1)
+    assert lr_factor(9, total, warm, 0.8) == pytest.approx(1.0)
+    assert lr_factor(50, total, warm, 0.8) == pytest.approx(1.0)
+    assert lr_factor(90, total, warm, 0.8) == pytest.approx(0.5)
+    assert lr_factor(99, total, warm, 0.8) == pytest.approx(0.05)
+
+
+def test_default_learning_rate_scales_with_width(tmp_path):
+    entry = sae_entry("topk")
+    entry.pop("lr")
+    entry["sae"]["d_sae"] = 2**16
+    cfg = run_config(tmp_path, [entry])
+    assert cfg.saes[0].learning_rate == pytest.approx(2e-4 / 2)
+
+
+def test_a_run_writes_a_loadable_sae_metrics_and_the_resolved_config(tmp_path):
+    code = cli_main(
+        [
+            "train",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "6",
+            "--no-progress",
+            "--set",
+            "batch_size=256",
+            "--set",
+            "eval_tokens=512",
+            "--set",
+            "data.synthetic.n_features=64",
+            "--set",
+            "saes.0.sae.d_sae=128",
+        ]
+    )
+    assert code == 0
+    from saekit.sae import SAE
+
+    name = json.loads((tmp_path / "summary.json").read_text())[0]["name"]
+    sae = SAE.load(tmp_path / name)
+    assert sae.cfg.d_sae == 128 and float(sae.scale) == 1.0
+    report = json.loads((tmp_path / name / "eval.json").read_text())
+    for key in ("fvu", "l0", "dead_fraction", "mean_max_cos", "recovered_share", "mcc"):
+        assert key in report
+    assert report["l0"] == pytest.approx(6.0)  # TopK k = 6 on every token
+    resolved = load_config_file(tmp_path / "config.yaml")
+    assert resolved["steps"] == 6 and resolved["saes"][0]["sae"]["d_sae"] == 128
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("saes.0.sae.k=5000", "k = 5000 exceeds d_sae"),
+        ("saes.0.sae.activation=gated", "activation.*'gated'"),
+        ("saes.0.lr=-0.1", "lr must be positive"),
+        ("saes.0.penalty=l7", "penalty.*'l7'"),
+        ("steps=0", "steps must be positive"),
+        ("saes.0.bogus=1", r"unknown field\(s\) \['bogus'\]"),
+        ("batch_size=many", "batch_size: expected int"),
+    ],
+)
+def test_configuration_errors_name_the_offending_field(override, message, capsys):
+    code = cli_main(["train", "--no-progress", "--set", override])
+    assert code == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    assert cli_main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_overrides_parse_values_and_extend_lists():
+    data = apply_overrides({"saes": [{"sae": {"k": 1}}]}, ["saes.0.sae.k=8", "saes.1.lr=1e-3"])
+    assert data["saes"][0]["sae"]["k"] == 8
+    assert data["saes"][1]["lr"] == "1e-3"  # YAML 1.1; the float field accepts it
+    entry = sae_entry("topk")
+    entry["lr"] = "1e-3"
+    assert build_run_config({"saes": [entry]}).saes[0].lr == pytest.approx(1e-3)
+
+
+def test_nan_activations_stop_the_run_with_a_clear_error(tmp_path):
+    cfg = run_config(tmp_path, [sae_entry("topk")], steps=4)
+    trainer = make_trainer(cfg)
+    source = trainer.source
+    clean = source.batches
+
+    def poisoned(start=0):
+        for i, x in enumerate(clean(start)):
+            if i == 2:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            yield x
+
+    source.batches = poisoned
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        trainer.fit()
