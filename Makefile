@@ -29,7 +29,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 bench: $(STAMP)
-	$(VENV)/bin/saekit bench
+	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_objectives.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -47,17 +47,25 @@ def token_offsets(code: SparseCode) -> Tensor:
 def weighted_row_sum(weights_E: Tensor, rows_E: Tensor, offsets_B: Tensor, W_MD: Tensor) -> Tensor:
     """out[b] = Σ_{e in bag b} w_e · W[row_e]; bag b is entries [offsets[b], offsets[b+1]).
 
-    A sparse decode without bias. ``F.embedding_bag`` never materialises the [nnz, d] rows, in
-    the forward or the backward (gradients reach both ``weights_E`` and ``W_MD``).
+    A sparse decode without bias (saekit.kernels.sparse_decode): no [nnz, d] rows in either
+    direction, and W_MD's gradient as bags by latent instead of embedding_bag's own dense weight
+    backward (several times slower on CPU); bf16 weights under autocast are fine.
     """
-    return torch.nn.functional.embedding_bag(
-        rows_E, W_MD, offsets_B, mode="sum", per_sample_weights=weights_E
-    )
+    # Imported here: saekit.kernels imports this module.
+    from saekit.kernels.sparse import CodeLayout
+    from saekit.kernels.sparse import sparse_decode as decode
+
+    entries_E = torch.arange(rows_E.numel(), device=rows_E.device)
+    token_E = torch.searchsorted(offsets_B, entries_E, right=True) - 1  # bag of each entry
+    layout = CodeLayout(token_E, rows_E, offsets_B.numel(), W_MD.shape[0], offsets_B)
+    return decode(weights_E, rows_E, token_E, W_MD, offsets_B.numel(), layout)
 
 
 def sparse_decode(code: SparseCode, W_MD: Tensor) -> Tensor:
     """[N, d] = Σ_entries value · W[latent], summed per token, without bias."""
-    return weighted_row_sum(code.values, code.latent, token_offsets(code), W_MD)
+    from saekit.kernels.sparse import sparse_decode as decode  # kernels imports this module
+
+    return decode(code.values, code.latent, code.token, W_MD, code.n_tokens)
 
 
 def as_dense(latents: Tensor | SparseCode) -> Tensor:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from saekit._version import __version__
 from saekit.activations import ACTIVATIONS, Activation, SparseCode, as_dense, sparse_decode
+from saekit.kernels import sparse as kernels
 
 CHECKPOINT_FORMAT = "saekit.sae/1"
 WEIGHTS_FILE = "sae.safetensors"
@@ -60,6 +62,11 @@ class SAEConfig:
     """Model the activations came from (informational)."""
     dtype: str = "float32"
     """Parameter dtype."""
+    kernel: str = "torch"
+    """TopK family training path: "torch" (sparse fast path of saekit.kernels: one dense
+    encoder matmul without autograd, everything after it O(N·k·d)), "triton" (the same with the
+    Triton kernels, CUDA only) or "reference" (dense autograd through the encoder, as in
+    DESIGN.md). Same numbers either way; other activations ignore it."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form extra information carried in cfg.json."""
 
@@ -95,6 +102,10 @@ class SAEConfig:
         if self.prolu_variant not in ("ste", "relu"):
             raise ValueError(
                 f"SAEConfig.prolu_variant must be 'ste' or 'relu', got {self.prolu_variant!r}"
+            )
+        if self.kernel not in ("torch", "triton", "reference"):
+            raise ValueError(
+                f"SAEConfig.kernel must be 'torch', 'triton' or 'reference', got {self.kernel!r}"
             )
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"SAEConfig.dtype: unknown torch dtype {self.dtype!r}")
@@ -136,6 +147,10 @@ class ForwardOutput(NamedTuple):
     """[N, d] normalised input x / s."""
     x_hat_n: Tensor
     """[N, d] normalised reconstruction."""
+    preacts_at: Callable[[Tensor, Tensor], Tensor] | None = None
+    """Fast path only: ``preacts_at(token, latent)`` -> differentiable pre-activations at those
+    coordinates with a sparse backward (pass it to ``losses.auxk_loss``). ``pre`` stays
+    differentiable too, but through the dense [N, M] backward."""
 
 
 def check_activations(x: Tensor, d_in: int) -> None:
@@ -225,10 +240,24 @@ class SAE(nn.Module):
             return sparse_decode(latents, self.W_dec) + self.b_dec
         return torch.addmm(self.b_dec, latents, self.W_dec)
 
+    def uses_fast_path(self) -> bool:
+        """TopK, or BatchTopK in training, with a non-reference kernel and autograd on."""
+        kind = self.cfg.activation
+        return (
+            self.cfg.kernel != "reference"
+            and torch.is_grad_enabled()
+            and (kind == "topk" or (kind == "batchtopk" and self.activation.training))
+        )
+
     def forward(self, x: Tensor) -> ForwardOutput:
         lead, d = x.shape[:-1], self.cfg.d_in
         if x.shape[-1:] != (d,):
             check_activations(x, d)
+        if self.uses_fast_path():
+            fast = kernels.fast_forward(self, x, backend=self.cfg.kernel)
+            return ForwardOutput(
+                fast.x_hat, fast.latents, fast.pre, fast.x_n, fast.x_hat_n, fast.preacts_at
+            )
         x_n = x.reshape(-1, d).to(self.W_enc.dtype) / self.scale
         pre = self.pre_acts(x_n)
         latents = self.activation(pre)

@@ -74,6 +74,7 @@ def training_loss(
             k_aux=cfg.auxk_k,
             alpha=cfg.revival_coefficient,
             normalizer=cfg.auxk_normalizer,
+            preacts_at=out.preacts_at,
         )
         parts["revival"] = aux.detach()
         total = total + aux
