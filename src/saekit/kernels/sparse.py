@@ -22,8 +22,8 @@ be captured in a CUDA graph. Measured on CPU against CSR @ dense (``torch.sparse
 and index_add: benchmarks/README.md.
 
 Also here: the fused selections (TopK, BatchTopK with an optional candidate path, AuxK with an
-optional dense-over-gathered-columns path) and :func:`fast_forward`, the path ``SAE.forward`` takes for the TopK family in training
-(``SAEConfig.kernel``).
+optional dense-over-gathered-columns path) and :func:`fast_forward`, the path ``SAE.forward``
+takes for the TopK family in training (``SAEConfig.kernel``).
 """
 
 from __future__ import annotations
