@@ -377,6 +377,25 @@ def _format_eval(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+BENCHMARKS = {
+    "step": "bench_step.py",
+    "objectives": "bench_objectives.py",
+    "harvest": "bench_harvest.py",
+    "distributed": "bench_distributed.py",
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark script of the checkout's benchmarks/ (they print markdown tables)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    script = root / BENCHMARKS[args.which]
+    if not script.is_file():
+        raise ValueError(f"benchmark {script} not found: run saekit bench from a source checkout")
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -388,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sweep", help="compare architectures at matched L0 on one stream")
     _add_run_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("bench", help="run a benchmark (prints a markdown table)")
+    p.add_argument("which", nargs="?", default="step", choices=sorted(BENCHMARKS))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "cache",
