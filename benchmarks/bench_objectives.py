@@ -4,7 +4,7 @@
 
 One step = forward, loss, backward, Adam step (TopK decoder rows kept at unit norm). Variants:
 plain TopK; TopK + AuxK with half the latents dead; Matryoshka-TopK with 10 sampled prefixes in
-the sparse form (its last prefix reconstruction is the ordinary one, so no separate decode).
+the sparse form. Each step is what the trainer runs: SAE.forward, the loss, backward, fused Adam.
 Issue 3 targets: Matryoshka ≤ 1.3× and AuxK ≤ 1.25× the plain TopK step.
 """
 
@@ -21,7 +21,7 @@ from saekit.sae import SAE, SAEConfig
 
 
 def make_step(sae: SAE, variant: str, n_prefixes: int) -> Callable[[torch.Tensor], None]:
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer
     d_sae = sae.cfg.d_sae
     dead_mask = torch.zeros(d_sae, dtype=torch.bool)
     dead_mask[::2] = True  # half the latents dead
@@ -29,17 +29,17 @@ def make_step(sae: SAE, variant: str, n_prefixes: int) -> Callable[[torch.Tensor
 
     def step(x: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
+        out = sae(x)  # the training path (saekit.kernels for TopK), as train/objective.py uses it
         if variant == "matryoshka":
-            x_n = x / sae.scale
-            code = sae.activation(sae.pre_acts(x_n))
             prefixes = sample_prefixes(d_sae, n_prefixes, min_prefix=16, generator=gen)
-            loss = matryoshka_loss(x_n, code, sae.W_dec, sae.b_dec, prefixes)
+            loss = matryoshka_loss(out.x_n, out.latents, sae.W_dec, sae.b_dec, prefixes)
         else:
-            out = sae(x)
             loss = reconstruction_loss(out.x_n, out.x_hat_n)
             if variant == "auxk":
                 residual = out.x_n - out.x_hat_n
-                loss = loss + auxk_loss(out.pre, residual, sae.W_dec, dead_mask)
+                loss = loss + auxk_loss(
+                    out.pre, residual, sae.W_dec, dead_mask, preacts_at=out.preacts_at
+                )
         loss.backward()
         sae.remove_parallel_grad_()
         opt.step()

@@ -317,12 +317,11 @@ def _check_prefixes(prefixes: Sequence[int] | Tensor, d_sae: int) -> list[int]:
     return ends
 
 
-def matryoshka_reconstructions(
-    latents: Tensor | SparseCode, W_dec_MD: Tensor, b_dec_D: Tensor, prefixes: Sequence[int]
+def matryoshka_block_deltas(
+    latents: Tensor | SparseCode, W_dec_MD: Tensor, prefixes: Sequence[int]
 ) -> Tensor:
-    """x̂_{p_j} for every prefix from one pass: [P, N, d]; the last is the ordinary x̂_n.
+    """δ_j = Σ_{p_{j−1} ≤ i < p_j} z_i W_dec,i for every block: [P, N, d].
 
-    Block deltas δ_j = Σ_{p_{j−1} ≤ i < p_j} z_i W_dec,i, then x̂_{p_j} = b_dec + cumsum(δ)_j.
     Dense latents: one matmul per block slice. SparseCode: bucket entries by block, one sort by
     (block, token), one bagged row sum into [P·N, d]; never a [P, N, M] or dense [N, M] tensor.
     """
@@ -338,16 +337,55 @@ def matryoshka_reconstructions(
         bag_E, order = bag_E.sort()
         n_bags = n_prefixes * n_tokens
         offsets_B = torch.searchsorted(bag_E, torch.arange(n_bags, device=device))
-        delta_PND = weighted_row_sum(
+        return weighted_row_sum(
             latents.values[order], latents.latent[order], offsets_B, W_dec_MD
         ).view(n_prefixes, n_tokens, -1)
-    else:
-        z_NM = latents.reshape(-1, latents.shape[-1])
-        starts = [0] + ends[:-1]
-        delta_PND = torch.stack(
-            [z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in zip(starts, ends, strict=True)]
-        )
-    return delta_PND.cumsum(0) + b_dec_D  # [P, N, d]
+    z_NM = latents.reshape(-1, latents.shape[-1])
+    starts = [0] + ends[:-1]
+    return torch.stack([z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in zip(starts, ends, strict=True)])
+
+
+def matryoshka_reconstructions(
+    latents: Tensor | SparseCode, W_dec_MD: Tensor, b_dec_D: Tensor, prefixes: Sequence[int]
+) -> Tensor:
+    """x̂_{p_j} = b_dec + cumsum(δ)_j for every prefix from one pass: [P, N, d]; the last is the
+    ordinary x̂_n."""
+    return matryoshka_block_deltas(latents, W_dec_MD, prefixes).cumsum(0) + b_dec_D
+
+
+class _PrefixMSE(torch.autograd.Function):
+    """mse_j = mean_n ‖r_n − Σ_{j' ≤ j} δ_{j',n}‖² for every j, r = x_n − b_dec: [P].
+
+    The same numbers as cumsum + squared error, but with running sums over [N, d] buffers in
+    both directions instead of a cumsum over [P, N, d] (whose backward flips it twice).
+    Backward, with e_j = r − Σ_{j' ≤ j} δ_j' and G_j = Σ_{j' ≥ j} g_j' e_j':
+    ∂/∂δ_j = −(2/N)·G_j and ∂/∂r = (2/N)·G_0; e_j = e_{j+1} + δ_{j+1} walks back from e_{P−1}.
+    """
+
+    @staticmethod
+    def forward(ctx, delta_PND: Tensor, r_ND: Tensor) -> Tensor:
+        n_tokens = r_ND.shape[0]
+        err_ND = r_ND.clone()
+        mse = []
+        for delta_ND in delta_PND:
+            err_ND -= delta_ND
+            mse.append(err_ND.pow(2).sum() / n_tokens)
+        ctx.save_for_backward(delta_PND, err_ND)  # err_ND is e_{P−1}
+        return torch.stack(mse)
+
+    @staticmethod
+    def backward(ctx, grad_P: Tensor):
+        delta_PND, last_err_ND = ctx.saved_tensors
+        n_prefixes, n_tokens = delta_PND.shape[:2]
+        err_ND = last_err_ND.clone()
+        acc_ND = torch.zeros_like(err_ND)
+        grad_delta_PND = torch.empty_like(delta_PND)
+        for j in range(n_prefixes - 1, -1, -1):
+            if j < n_prefixes - 1:
+                err_ND += delta_PND[j + 1]
+            acc_ND.add_(err_ND, alpha=grad_P[j])  # G_j; grad_P stays a tensor: no host sync
+            torch.mul(acc_ND, -2.0 / n_tokens, out=grad_delta_PND[j])
+        return grad_delta_PND, acc_ND * (2.0 / n_tokens)
 
 
 def _block_penalties(
@@ -394,15 +432,14 @@ def matryoshka_loss(
 ) -> Tensor:
     """L = (1/P) Σ_j [mean_n ‖x_n − x̂_{p_j}‖² + λ·S_{p_j}], S_p the penalty over latents i < p.
 
-    All prefix reconstructions come from one pass (:func:`matryoshka_reconstructions`); the
-    penalty sums are block sums and a cumsum too. ``penalty`` is a kind in :data:`PENALTIES`
-    (or None); the penalty weights a_i = |z_i|·‖W_dec,i‖.
+    All prefix errors come from one pass: block deltas (:func:`matryoshka_block_deltas`) and
+    running sums (:class:`_PrefixMSE`); the penalty sums are block sums and a cumsum too.
+    ``penalty`` is a kind in :data:`PENALTIES` (or None); the penalty weights a_i = |z_i|·‖W_dec,i‖.
     """
     d = W_dec_MD.shape[-1]
     ends = _check_prefixes(prefixes, W_dec_MD.shape[0])
-    x_hat_PND = matryoshka_reconstructions(latents, W_dec_MD, b_dec_D, ends)
-    err_PND = x_n.reshape(1, -1, d) - x_hat_PND
-    mse_P = err_PND.pow(2).sum(-1).mean(-1)
+    delta_PND = matryoshka_block_deltas(latents, W_dec_MD, ends)
+    mse_P = _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D)
     loss = mse_P.mean()
     if penalty is not None:
         dec_norms_M = W_dec_MD.norm(dim=-1)
