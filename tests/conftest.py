@@ -59,3 +59,18 @@ def tiny_tokenizer():
         pad_token="<pad>",
         unk_token="<unk>",
     )
+
+
+SYNC_METHODS = ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero")
+
+
+@pytest.fixture
+def host_sync_raises(monkeypatch):
+    """Every way a tensor's value reaches the host raises (on a GPU each would be a sync)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the training step")
+
+    for name in SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)

@@ -191,19 +191,6 @@ def test_bf16_encoder_matmul_keeps_fp32_weights_and_close_values():
     torch.testing.assert_close(fast.pre, ref.pre.detach(), rtol=0.05, atol=0.05)
 
 
-SYNC_METHODS = ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero")
-
-
-@pytest.fixture
-def host_sync_raises(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("host sync in the training step")
-
-    for name in SYNC_METHODS:
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    monkeypatch.setattr(torch, "nonzero", refuse)
-
-
 @pytest.mark.parametrize(
     "activation,dense_auxk", [("topk", False), ("topk", True), ("batchtopk", False)]
 )

@@ -171,6 +171,40 @@ def test_each_sae_of_a_sweep_trains_as_if_alone(tmp_path):
 # ----------------------------------------------------------------------------- step details
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        sae_entry("topk"),  # AuxK
+        sae_entry("topk", revival="preact", name="topk-preact"),
+        sae_entry("batchtopk"),  # AuxK, threshold EMA
+        sae_entry("batchtopk", matryoshka="fixed", matryoshka_groups=[16, 16, 32], name="mat"),
+        sae_entry(
+            "jumprelu", penalty="l0", penalty_coefficient=0.1, target_l0=3.0, revival="preact"
+        ),
+        THREE[2],  # ReLU + L1 with the λ controller
+    ],
+    ids=[
+        "topk-auxk",
+        "topk-preact",
+        "batchtopk-auxk",
+        "matryoshka-fixed",
+        "jumprelu-l0",
+        "relu-l1",
+    ],
+)
+def test_a_training_step_never_syncs_with_the_host(entry, tmp_path, request):
+    cfg = run_config(tmp_path, [entry], steps=4)
+    member = make_trainer(cfg).members[0]
+    data = SyntheticData(cfg.data.synthetic)
+    member.init_from_data(data.batch(10**6, 512).x)
+    member.tokens_since_fired[::2] = 10**6  # half the latents dead: revival losses active
+    batches = [data.batch(i, 128).x for i in range(3)]
+    request.getfixturevalue("host_sync_raises")
+    for step, x in enumerate(batches):
+        parts = member.train_step(x, step)
+    assert {"loss", "l0", "fvu", "dead_fraction"} <= parts.keys()
+
+
 def test_dead_mask_is_taken_before_the_batch_is_counted(tmp_path):
     cfg = run_config(tmp_path, [sae_entry("topk", dead_tokens=128)], steps=1)
     member = make_trainer(cfg).members[0]
