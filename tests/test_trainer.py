@@ -350,3 +350,38 @@ def test_nan_activations_stop_the_run_with_a_clear_error(tmp_path):
     source.batches = poisoned
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         trainer.fit()
+
+
+def test_wandb_logging_sends_every_sae_metric_when_asked(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from saekit.train.run import run_training
+
+    calls = []
+    fake = types.ModuleType("wandb")
+
+    class Run:
+        def log(self, data, step=None):
+            calls.append((step, data))
+
+    fake.init = lambda **kwargs: calls.append(("init", kwargs["project"])) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = run_config(tmp_path, THREE[:2], steps=8, wandb_project="saekit-test")
+    run_training(cfg)
+    assert calls[0] == ("init", "saekit-test")
+    steps = sorted({step for step, data in calls[1:]})
+    assert steps == [4, 8]
+    logged = set().union(*(data for _, data in calls[1:]))
+    assert {"topk/loss", "batchtopk/l0", "topk/fvu", "tokens"} <= logged
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_thresholds(tmp_path):
+    entry = sae_entry("batchtopk", autocast_bf16=True)
+    trainer = make_trainer(run_config(tmp_path, [entry], steps=6))
+    trainer.fit()
+    sae = trainer.members[0].sae
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    assert sae.activation.threshold.dtype == torch.float32
+    assert float(sae.activation.threshold) > 0
+    assert all(torch.isfinite(p).all() for p in sae.parameters())

@@ -223,6 +223,9 @@ class RunConfig:
     """torch.set_num_threads (0: leave the default)."""
     progress: bool = True
     """Show a progress bar."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases under this project (off by default; needs `pip install
+    wandb`; set WANDB_MODE=offline to log without a network)."""
     seed: int = 0
     """Seed of the data stream."""
     parallel: str = "data"

@@ -101,10 +101,31 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[di
     trainer = Trainer(cfg, source)
     if resume:
         trainer.load_checkpoint()
+    if cfg.wandb_project:
+        trainer.log_callbacks.append(wandb_logger(cfg))
     trainer.fit()
     reports = [evaluate_member(m, source, cfg.eval_tokens, cfg.batch_size) for m in trainer.members]
     save_outputs(trainer, reports)
     return trainer, reports
+
+
+def wandb_logger(cfg: RunConfig):
+    """A log callback sending each SAE's metrics to Weights & Biases (one run per saekit run)."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ValueError(
+            "wandb_project is set but wandb is not installed: pip install wandb"
+        ) from exc
+    run = wandb.init(
+        project=cfg.wandb_project, name=Path(cfg.out_dir).name, config=to_dict(cfg), dir=cfg.out_dir
+    )
+
+    def log(member, record) -> None:
+        values = {f"{member.cfg.name}/{k}": v for k, v in record.values.items()}
+        run.log({"tokens": record.tokens, **values}, step=record.step)
+
+    return log
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
