@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from saekit.activations import BatchTopK, SparseCode, step, weighted_row_sum
+from saekit.kernels.sparse import auxk_select
 
 PENALTIES = ("l1", "log", "tanh", "sqrt")
 """Sparsity penalty kinds f(a) on a_i = |z_i|·‖W_dec,i‖ (the L0 penalty is :func:`l0_penalty`)."""
@@ -196,12 +197,9 @@ def auxk_loss(
     k_aux = min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae)
 
     dead_M = dead_mask_M.to(device=pre_NM.device, dtype=torch.bool)
-    with torch.no_grad():
-        # Ranking ReLU(pre) and pre agree on the positive entries, the only ones that count.
-        cand_NM = pre_NM.detach().masked_fill(~dead_M, -math.inf)
-        top = cand_NM.topk(k_aux, dim=-1, sorted=False)
-        keep_Nk = top.values > 0  # dead and positive
-    latent_Nk = top.indices
+    # Ranking ReLU(pre) and pre agree on the positive entries, the only ones that count;
+    # keep_Nk marks the entries that are dead and positive.
+    latent_Nk, keep_Nk = auxk_select(pre_NM, dead_M, k_aux)
     if preacts_at is None:
         pre_Nk = pre_NM.gather(1, latent_Nk)
     else:

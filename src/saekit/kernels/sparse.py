@@ -479,23 +479,33 @@ def auxk_select(
     masked, always exact. The caller picks n_cols from a dead count it already reads on the host
     (e.g. its logging interval), rounded up to a bucket so shapes rarely change.
     """
-    n_tokens, d_sae = pre_NM.shape
-    k_aux = min(k_aux, d_sae)
-    dead_M = dead_mask_M.to(device=pre_NM.device, dtype=torch.bool)
+    k_aux = min(k_aux, pre_NM.shape[1])
     with torch.no_grad():
-        if n_cols is None or n_cols >= d_sae:
-            cand_NM = pre_NM.masked_fill(~dead_M, -math.inf)
-            top = cand_NM.topk(k_aux, dim=-1, sorted=False)
-            latent_Nk = top.indices
-        else:
-            n_cols = max(n_cols, k_aux)
-            cols_C = torch.topk(dead_M.to(pre_NM.dtype), n_cols, sorted=False).indices.sort().values
-            cand_NC = pre_NM.index_select(1, cols_C)
-            cand_NC.masked_fill_(~dead_M[cols_C], -math.inf)
-            top = cand_NC.topk(k_aux, dim=-1, sorted=False)
-            latent_Nk = cols_C[top.indices]
+        cols_C, cand_NC = dead_candidates(pre_NM, dead_mask_M, k_aux, n_cols)
+        top = cand_NC.topk(k_aux, dim=-1, sorted=False)
+        latent_Nk = top.indices if cols_C is None else cols_C[top.indices]
         keep_Nk = top.values > 0
     return latent_Nk, keep_Nk
+
+
+def dead_candidates(
+    pre_NM: Tensor, dead_mask_M: Tensor, k_aux: int, n_cols: int | None = None
+) -> tuple[Tensor | None, Tensor]:
+    """(cols_C, cand_NC): AuxK's candidate pre-activations, −∞ where the latent is not dead.
+
+    ``n_cols`` None (or ≥ M): all M columns, ``cols_C`` None. Otherwise a fixed-shape gather of
+    n_cols columns, dead ones first (``topk`` of the dead mask), sorted. No host sync.
+    """
+    d_sae = pre_NM.shape[1]
+    dead_M = dead_mask_M.to(device=pre_NM.device, dtype=torch.bool)
+    pre_NM = pre_NM.detach()
+    if n_cols is None or n_cols >= d_sae:
+        return None, pre_NM.masked_fill(~dead_M, -math.inf)
+    n_cols = max(n_cols, k_aux)
+    cols_C = torch.topk(dead_M.to(pre_NM.dtype), n_cols, sorted=False).indices.sort().values
+    cand_NC = pre_NM.index_select(1, cols_C)
+    cand_NC.masked_fill_(~dead_M[cols_C], -math.inf)
+    return cols_C, cand_NC
 
 
 class _AuxKDenseFn(torch.autograd.Function):
@@ -544,16 +554,10 @@ def _auxk_decode_dense(
     """ê of AuxK through :class:`_AuxKDenseFn`; same selection as :func:`auxk_select`."""
     pre_NM = enc.pre_NM
     n_tokens, d_sae = pre_NM.shape
-    dead_M = dead_mask_M.to(device=pre_NM.device, dtype=torch.bool)
     with torch.no_grad():
-        if n_cols is None or n_cols >= d_sae:
+        cols_C, cand_NC = dead_candidates(pre_NM, dead_mask_M, k_aux, n_cols)
+        if cols_C is None:
             cols_C = torch.arange(d_sae, device=pre_NM.device)
-            cand_NC = pre_NM.masked_fill(~dead_M, -math.inf)
-        else:
-            n_cols = max(n_cols, k_aux)
-            cols_C = torch.topk(dead_M.to(pre_NM.dtype), n_cols, sorted=False).indices.sort().values
-            cand_NC = pre_NM.index_select(1, cols_C)
-            cand_NC.masked_fill_(~dead_M[cols_C], -math.inf)
         top = cand_NC.topk(k_aux, dim=-1, sorted=False)
         # kept = dead and positive; the rest (ReLU'd or −∞) become exact zeros.
         z_NC = torch.zeros_like(cand_NC).scatter_(1, top.indices, top.values.clamp_min(0))

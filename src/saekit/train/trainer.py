@@ -138,11 +138,12 @@ class Member:
             l0 = per_token.double().mean()
             if self.controller is not None:
                 self.controller.step(self.comm.average(l0))
-            err = (out.x_n - out.x_hat_n).double().pow(2).sum()
-            var = (out.x_n.double() - out.x_n.double().mean(0)).pow(2).sum()
+            # The batch's FVU, for the log only (float32: no [N, d] float64 copies per step).
+            err = (out.x_n - out.x_hat_n).pow(2).sum()
+            var = (out.x_n - out.x_n.mean(0)).pow(2).sum()
             parts.update(
                 l0=l0,
-                fvu=err / var,
+                fvu=(err / var).double(),
                 dead_fraction=dead.double().mean(),
                 lam=self.lambda_value().double(),
             )
