@@ -160,7 +160,7 @@ def _run_routes_hf() -> bool:
 @pytest.mark.skipif(
     not _run_routes_hf(),
     reason="saekit.train.run.make_source does not route data.source 'hf' to "
-    "saekit.train.sources.make_lm_source yet",
+    "saekit.data.lm_source.make_lm_source yet",
 )
 def test_online_training_from_the_cli_then_eval(lm, tmp_path, capsys):
     out = tmp_path / "run"

@@ -10,10 +10,10 @@ import torch
 from conftest import make_tiny_gpt2
 
 from saekit.data.cache import write_cache
+from saekit.data.lm_source import CacheSource, make_lm_source
 from saekit.sae import SAE
 from saekit.train.config import build_run_config
 from saekit.train.run import save_outputs
-from saekit.train.sources import CacheSource, make_lm_source
 from saekit.train.trainer import Trainer
 
 D = 8

@@ -211,7 +211,7 @@ def test_dead_mask_is_taken_before_the_batch_is_counted(tmp_path):
     member = make_trainer(cfg).members[0]
     member.tokens_since_fired[:5] = 128  # dead now; they may fire in this batch
     seen = {}
-    import saekit.train.trainer as trainer_module
+    import saekit.train.member as trainer_module
 
     original = trainer_module.training_loss
 

@@ -176,7 +176,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _documents(args: argparse.Namespace):
-    from saekit.train.sources import documents
+    from saekit.data.lm_source import documents
 
     if not (args.dataset or args.text_file):
         raise ValueError("give the documents: --dataset ID|PATH or --text-file PATH")
@@ -213,8 +213,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
 
     from saekit.data.hf import Harvester, HookPoint, TokenFilter
+    from saekit.data.lm_source import load_lm
     from saekit.data.text import token_batches
-    from saekit.train.sources import load_lm
 
     for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
         if not value:
@@ -299,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return out.x_hat
 
     if args.cache:
-        from saekit.train.sources import held_out_batches
+        from saekit.data.lm_source import held_out_batches
 
         cache = ActivationCache(args.cache)
         if cache.d != d_in:
@@ -314,9 +314,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report.update(cache=str(args.cache), model=cache.model)
     else:
         from saekit.data.hf import HookPoint, TokenFilter
+        from saekit.data.lm_source import activation_width, load_lm
         from saekit.data.text import token_batches
         from saekit.eval.splice import splice_eval
-        from saekit.train.sources import activation_width, load_lm
 
         hook = str(HookPoint.parse(hook))
         docs = _documents(args)

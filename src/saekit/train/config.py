@@ -407,7 +407,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         sae = s.setdefault("sae", {})
         if not sae.get("d_in"):
             if d_data is None:
-                from saekit.train.sources import model_hidden_size
+                from saekit.data.lm_source import model_hidden_size
 
                 d_data = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
             sae["d_in"] = d_data

@@ -617,7 +617,7 @@ def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, Any]:
         if cfg.data.source == "synthetic":
             source = make_source(cfg)  # each rank generates the same batches: cheaper than sending
         else:
-            from saekit.train.sources import make_lm_source
+            from saekit.data.lm_source import make_lm_source
 
             source = BroadcastSource(make_lm_source(rank_cfg) if ctx.is_main else None, comm)
         rank_cfg = dataclasses.replace(rank_cfg, saes=[cfg.saes[i] for i in comm.mine])
@@ -633,7 +633,7 @@ def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, Any]:
         eval_source = make_source(local)
         source = ShardedSource(eval_source, ctx.rank, world)
     else:  # model sources split their stream by (rank, world_size) themselves
-        from saekit.train.sources import make_lm_source
+        from saekit.data.lm_source import make_lm_source
 
         source = eval_source = make_lm_source(local, ctx.rank, world)
     comm = DataParallelComm(ctx, cfg)

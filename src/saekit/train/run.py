@@ -33,7 +33,7 @@ from saekit.train.trainer import ActivationSource, Member, SyntheticSource, Trai
 def make_source(cfg: RunConfig) -> ActivationSource:
     if cfg.data.source == "synthetic":
         return SyntheticSource(SyntheticData(cfg.data.synthetic), cfg.batch_size)
-    from saekit.train.sources import make_lm_source
+    from saekit.data.lm_source import make_lm_source
 
     return make_lm_source(cfg)
 

@@ -14,183 +14,30 @@ import json
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from saekit import losses
-from saekit.activations import BatchTopK, SparseCode
-from saekit.eval.metrics import latent_counts
-from saekit.sae import SAE
-from saekit.train.config import RunConfig, SAETrainConfig
+from saekit.data.source import ActivationSource, SyntheticSource
+from saekit.train.config import RunConfig
 from saekit.train.distributed import LocalComm
-from saekit.train.objective import training_loss
+from saekit.train.member import Member, lr_factor
 
-TOPK_FAMILY = ("topk", "batchtopk")
+__all__ = [
+    "ActivationSource",
+    "Member",
+    "SyntheticSource",
+    "Trainer",
+    "TrainingInterrupted",
+    "lr_factor",
+]
 
 
 class TrainingInterrupted(RuntimeError):
     """Raised after a SIGINT/SIGTERM once the checkpoint is written."""
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_start: float) -> float:
-    """Linear warm-up from 0, constant, then linear decay to 0 over the last (1 − decay_start)."""
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    decay_from = decay_start * total_steps
-    if step < decay_from or total_steps <= decay_from:
-        return warm
-    return warm * max(0.0, (total_steps - step) / (total_steps - decay_from))
-
-
-class Member:
-    """One SAE of a run with its optimizer, counters, controller and prefix generator."""
-
-    def __init__(self, cfg: SAETrainConfig, total_steps: int, device: torch.device | str):
-        self.cfg = cfg
-        self.total_steps = total_steps
-        gen = torch.Generator().manual_seed(cfg.seed)
-        self.sae = SAE(cfg.sae, device="cpu")
-        self.sae.reset_parameters(generator=gen)
-        self.sae.to(device)
-        self.device = torch.device(device)
-        self.optimizer = torch.optim.Adam(
-            [p for p in self.sae.parameters() if p.requires_grad],
-            lr=cfg.learning_rate,
-            betas=cfg.adam_betas,
-            fused=True,  # reads its step count on the device: the default Adam calls .item()
-        )
-        M = cfg.sae.d_sae
-        self.tokens_since_fired = torch.zeros(M, dtype=torch.int64, device=self.device)
-        self.prefix_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.controller = (
-            losses.LambdaController(
-                cfg.penalty_coefficient, cfg.target_l0, rate=cfg.controller_rate
-            )
-            if cfg.target_l0 is not None and cfg.penalty is not None
-            else None
-        )
-        self.penalty_coefficient = torch.tensor(cfg.penalty_coefficient, device=self.device)
-        self.initialised = False
-        self.comm = LocalComm()  # the Trainer's comm: combines counters across ranks
-
-    @property
-    def topk_family(self) -> bool:
-        return self.cfg.sae.activation in TOPK_FAMILY
-
-    def init_from_data(self, x: Tensor, scale: float | None = None) -> None:
-        self.sae.init_from_data(x, scale=scale, method=self.cfg.b_dec_init)
-        self.initialised = True
-
-    def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.cfg.dead_tokens
-
-    def prefixes(self) -> list[int] | None:
-        cfg = self.cfg
-        if cfg.matryoshka == "random":
-            return losses.sample_prefixes(
-                cfg.sae.d_sae,
-                cfg.matryoshka_n_prefixes,
-                min_prefix=cfg.matryoshka_min_prefix,
-                generator=self.prefix_generator,
-            )
-        if cfg.matryoshka == "fixed":
-            return losses.fixed_prefixes(cfg.matryoshka_groups)
-        return None
-
-    def lambda_value(self) -> Tensor:
-        return self.controller.lam if self.controller is not None else self.penalty_coefficient
-
-    def train_step(
-        self, x: Tensor, step: int, after_backward: Callable[[Member], None] | None = None
-    ) -> dict[str, Tensor]:
-        """One optimisation step on batch ``x`` [N, d]; returns detached metric tensors."""
-        cfg, sae = self.cfg, self.sae
-        sae.train()
-        factor = lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * factor
-        dead = self.dead_mask()  # before this batch is counted
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
-        with autocast:
-            out = sae(x)
-            loss, parts = training_loss(cfg, sae, out, dead, self.lambda_value(), self.prefixes())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(self)
-        if self.topk_family:
-            sae.remove_parallel_grad_()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        if self.topk_family:
-            sae.normalize_decoder_()
-
-        with torch.no_grad():
-            per_token, per_latent = latent_counts(out.latents)
-            self.update_counters(*self.comm.combine_fired(per_latent > 0, x.shape[0]))
-            if isinstance(sae.activation, BatchTopK) and isinstance(out.latents, SparseCode):
-                batch_min = self.comm.combine_batch_min(BatchTopK.batch_min_positive(out.latents))
-                sae.activation.update_threshold(batch_min)
-            l0 = per_token.double().mean()
-            if self.controller is not None:
-                self.controller.step(self.comm.average(l0))
-            # The batch's FVU, for the log only (float32: no [N, d] float64 copies per step).
-            err = (out.x_n - out.x_hat_n).pow(2).sum()
-            var = (out.x_n - out.x_n.mean(0)).pow(2).sum()
-            parts.update(
-                l0=l0,
-                fvu=(err / var).double(),
-                dead_fraction=dead.double().mean(),
-                lam=self.lambda_value().double(),
-            )
-        return parts
-
-    def update_counters(self, fired: Tensor, n_tokens: int) -> None:
-        """Reset counters of latents that fired; add the batch's tokens to the others."""
-        self.tokens_since_fired = torch.where(
-            fired, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + n_tokens
-        )
-
-    # ------------------------------------------------------------------ state
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """Everything resumable that is a tensor (the SAE unfolded, optimizer moments...)."""
-        state = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for idx, pstate in opt["state"].items():
-            for key, value in pstate.items():
-                state[f"opt.{idx}.{key}"] = torch.as_tensor(value)
-        state["tokens_since_fired"] = self.tokens_since_fired
-        state["prefix_generator"] = self.prefix_generator.get_state()
-        if self.controller is not None:
-            for key, value in self.controller.state_dict().items():
-                state[f"controller.{key}"] = torch.as_tensor(value)
-        return state
-
-    def state_meta(self) -> dict:
-        opt = self.optimizer.state_dict()
-        return {"param_groups": opt["param_groups"], "initialised": self.initialised}
-
-    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        sae_state = {k[4:]: v for k, v in tensors.items() if k.startswith("sae.")}
-        self.sae.load_state_dict(sae_state)
-        opt_state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("opt."):
-                _, idx, name = key.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = value.to(self.device)
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
-        self.prefix_generator.set_state(tensors["prefix_generator"])
-        if self.controller is not None:
-            self.controller.load_state_dict(
-                {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("controller.")}
-            )
-        self.initialised = meta["initialised"]
 
 
 # ---------------------------------------------------------------------- the run
@@ -325,51 +172,6 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-
-# ---------------------------------------------------------------------- sources
-
-
-class ActivationSource:
-    """A deterministic, restartable stream of batches [batch_size, d]."""
-
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
-        raise NotImplementedError
-
-    def sample_for_init(self) -> Tensor:
-        """Tokens for the scale and b_dec estimates."""
-        raise NotImplementedError
-
-    def eval_batches(
-        self, n_tokens: int, batch_size: int
-    ) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Held-out (x, true coefficients or None) batches covering ``n_tokens``."""
-        raise NotImplementedError
-
-
-class SyntheticSource(ActivationSource):
-    """Batches of the built-in generator: batch i is a pure function of (seed, i)."""
-
-    INIT_INDEX = 10**9  # batches for initialisation and evaluation never overlap training ones
-    EVAL_INDEX = 2 * 10**9
-
-    def __init__(self, data, batch_size: int, init_tokens: int = 16_384):
-        self.data = data
-        self.batch_size = batch_size
-        self.init_tokens = init_tokens
-
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
-        return self.data.stream(self.batch_size, start=start)
-
-    def sample_for_init(self) -> Tensor:
-        return self.data.batch(self.INIT_INDEX, self.init_tokens).x
-
-    def eval_batches(
-        self, n_tokens: int, batch_size: int
-    ) -> Iterator[tuple[Tensor, Tensor | None]]:
-        for i in range(math.ceil(n_tokens / batch_size)):
-            batch = self.data.batch(self.EVAL_INDEX + i, min(batch_size, n_tokens - i * batch_size))
-            yield batch.x, batch.coefficients
 
 
 def _progress_bar(total: int, initial: int, show: bool):

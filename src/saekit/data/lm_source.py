@@ -1,6 +1,6 @@
 """Activation sources of real models for the trainer: a disk cache or a model run online.
 
-Both implement :class:`~saekit.train.trainer.ActivationSource`: ``batches(start)`` is an endless,
+Both implement :class:`~saekit.data.source.ActivationSource`: ``batches(start)`` is an endless,
 deterministic stream of ``[batch_size, d]`` float32 batches (batch ``i`` depends only on the data,
 the seed, rank and world size), ``sample_for_init()`` the first ~16k training tokens (dataset scale
 and b_dec), ``eval_batches`` a held-out part that training never sees.
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.cache import ActivationCache
 from saekit.data.hf import Harvester, HookPoint, TokenFilter, load_model, load_tokenizer
+from saekit.data.source import ActivationSource
 from saekit.data.text import load_hf_documents, read_documents, token_batches, tokenize_documents
-from saekit.train.trainer import ActivationSource
 
 if TYPE_CHECKING:
     from saekit.train.config import DataConfig, RunConfig
