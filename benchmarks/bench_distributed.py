@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def run_config(args, out_dir: str, n_saes: int, parallel: str):
     from saekit.train.config import build_run_config
 
-    sae = {"sae": {"d_sae": args.M, "activation": "topk", "k": args.k}, "lr": 2e-3}
+    sae = {"sae": {"d_sae": args.M, "activation": {"kind": "topk", "k": args.k}}, "lr": 2e-3}
     return build_run_config(
         {
             "data": {"source": "synthetic", "synthetic": {"d": args.d, "n_features": 8 * args.d}},

@@ -16,30 +16,29 @@ from collections.abc import Callable
 
 import torch
 
-from saekit.losses import auxk_loss, matryoshka_loss, reconstruction_loss, sample_prefixes
+from saekit.matryoshka import sample_prefixes
+from saekit.objective import AuxK, AuxKRevival, Reconstruction, TermInputs
 from saekit.sae import SAE, SAEConfig
 
 
 def make_step(sae: SAE, variant: str, n_prefixes: int) -> Callable[[torch.Tensor], None]:
+    """The trainer's step with the library's objective terms (saekit.objective)."""
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer
     d_sae = sae.cfg.d_sae
     dead_mask = torch.zeros(d_sae, dtype=torch.bool)
     dead_mask[::2] = True  # half the latents dead
     gen = torch.Generator().manual_seed(0)
+    terms = [Reconstruction()] + ([AuxK(AuxKRevival())] if variant == "auxk" else [])
+    lam = torch.zeros(())
 
     def step(x: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        out = sae(x)  # the training path (saekit.kernels for TopK), as train/objective.py uses it
+        out = sae(x)
+        prefixes = None
         if variant == "matryoshka":
             prefixes = sample_prefixes(d_sae, n_prefixes, min_prefix=16, generator=gen)
-            loss = matryoshka_loss(out.x_n, out.latents, sae.W_dec, sae.b_dec, prefixes)
-        else:
-            loss = reconstruction_loss(out.x_n, out.x_hat_n)
-            if variant == "auxk":
-                residual = out.x_n - out.x_hat_n
-                loss = loss + auxk_loss(
-                    out.pre, residual, sae.W_dec, dead_mask, preacts_at=out.preacts_at
-                )
+        inputs = TermInputs(sae, out, dead_mask, lam, prefixes)
+        loss = sum(term(inputs) for term in terms)
         loss.backward()
         sae.remove_parallel_grad_()
         opt.step()
@@ -50,7 +49,7 @@ def make_step(sae: SAE, variant: str, n_prefixes: int) -> Callable[[torch.Tensor
 
 def time_variant(variant: str, d: int, d_sae: int, k: int, n_tokens: int, steps: int) -> float:
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d, d_sae, "topk", k=k))
+    sae = SAE(SAEConfig(d, d_sae, {"kind": "topk", "k": k}))
     data = torch.randn(n_tokens, d) * 3 + 1
     sae.init_from_data(data)
     step = make_step(sae, variant, n_prefixes=10)

@@ -7,8 +7,12 @@ A step is: forward, reconstruction loss (+ AuxK with half the latents dead), bac
 the decoder-parallel gradient, Adam, decoder renormalisation. Rows:
 
 - roofline: the forward encoder matmul plus the top-k selection, nothing else;
-- saekit-reference: ``SAE.forward`` as sae.py has it today (dense autograd through the encoder);
-- saekit-fast: ``saekit.kernels.sparse.fast_forward`` + ``auxk_loss_fast`` (no patch needed);
+- saekit reference: the activation's ``kernel: reference`` path (dense autograd through the
+  encoder, dense [N, M] latents), with the library's objective terms;
+- saekit fast: the default ``kernel: torch`` path (one encoder matmul without autograd, sparse
+  decode and sparse encoder backward), with the library's objective terms;
+- saekit fast-cand / fast-dense / fast-dense-cols: the variants in benchmarks/kernel_variants.py
+  (BatchTopK candidate selection; AuxK as GEMMs over all / the dead columns);
 - sparsify / SAELens: their training steps, run by ``.benchenv/bin/python`` when that venv exists
   (see benchmarks/README.md for how to create it).
 
@@ -90,50 +94,74 @@ def _time_steps(step, roofline, args) -> tuple[list[float], list[float]]:
 
 
 def _saekit_step(args, variant: str, activation: str, auxk: bool):
-    from saekit.kernels.sparse import auxk_loss_fast, fast_forward
-    from saekit.losses import auxk_loss, reconstruction_loss
+    import kernel_variants
+
+    from saekit.activations.batchtopk import batch_min_positive
+    from saekit.encoding import SparseCode
+    from saekit.kernels import CodeLayout, SparsePreacts
+    from saekit.objective import AuxK, AuxKRevival, Reconstruction, TermInputs
     from saekit.sae import SAE, SAEConfig
 
+    if variant == "roofline":
+        return _roofline_step(args, activation)
     x, dead = _make_data(args)
-    sae = SAE(SAEConfig(d_in=args.d, d_sae=args.M, activation=activation, k=args.k))
+    kernel = "reference" if variant == "reference" else "torch"
+    act_cfg = {"kind": activation, "k": args.k, "kernel": kernel}
+    sae = SAE(SAEConfig(d_in=args.d, d_sae=args.M, activation=act_cfg))
     sae.init_from_data(x)
     sae.train()
     # fused Adam: one kernel, and it reads its step count without .item() (no host sync).
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    autocast = torch.bfloat16 if args.bf16 else None
+    terms = [Reconstruction()] + ([AuxK(AuxKRevival())] if auxk else [])
+    lam = torch.zeros(())
+    aux_cols = args.M // 2 if variant.endswith("cols") else None
 
-    if variant == "roofline":
-        return _roofline_step(args, activation)
-
-    fast = variant.startswith("fast")
-    # fast-cand: BatchTopK's candidate selection (4k per token + N/16 full rows);
-    # fast-cols: AuxK gathers only M/2 columns (= the number of dead latents here) first;
-    # fast-dense(-cols): AuxK's decode and backward as GEMMs over those columns.
-    per_token = 4 * args.k if variant == "fast-cand" else None
-    aux_cols = args.M // 2 if variant.endswith("cols") else args.aux_cols
-    aux_dense = "dense" in variant
+    def candidate_forward():
+        """BatchTopK through the candidate selection (4k per token + N/16 full rows)."""
+        x_n = sae.normalise(x)
+        pre = SparsePreacts(x_n, sae.W_enc, sae.b_enc, sae.b_dec)
+        n, m = pre.detached.shape
+        values, flat, _ = kernel_variants.batchtopk_select_candidates(
+            pre.detached, args.k, 4 * args.k
+        )
+        token = torch.div(flat, m, rounding_mode="floor")
+        layout = CodeLayout(token, flat - token * m, n, m)
+        code = SparseCode(
+            torch.relu(pre.attach(values, layout)), layout.latent, token, n, m, layout
+        )
+        return x_n, code, sae.decode_n(code)
 
     def step():
-        if fast:
-            out = fast_forward(sae, x, autocast, batchtopk_per_token=per_token)
-        else:
-            out = sae(x)
-        loss = reconstruction_loss(out.x_n, out.x_hat_n)
-        if auxk:
-            residual = out.x_n - out.x_hat_n
-            if fast:
-                loss = loss + auxk_loss_fast(
-                    out.enc, residual, sae.W_dec, dead, n_cols=aux_cols, dense=aux_dense
-                )
-            else:
-                loss = loss + auxk_loss(out.pre, residual, sae.W_dec, dead)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            latents, loss = forward_loss()
         loss.backward()
         sae.remove_parallel_grad_()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.normalize_decoder_()
         if activation == "batchtopk":
-            sae.activation.update_threshold(sae.activation.batch_min_positive(out.latents))
+            sae.activation.update_threshold(batch_min_positive(latents))
+
+    def forward_loss():
+        if variant == "fast-cand":
+            x_n, latents, x_hat_n = candidate_forward()
+            loss = ((x_n - x_hat_n) ** 2).sum(-1).mean()
+        else:
+            out = sae(x)
+            latents = out.latents
+            if variant.startswith("fast-dense"):
+                loss = Reconstruction()(TermInputs(sae, out, dead, lam, None))
+                loss = loss + kernel_variants.auxk_loss_dense_columns(
+                    out.encoding.preacts,
+                    out.x_n - out.x_hat_n,
+                    sae.W_dec,
+                    dead,
+                    n_cols=aux_cols,
+                )
+            else:
+                inputs = TermInputs(sae, out, dead, lam, None)
+                loss = sum(term(inputs) for term in terms)
+        return latents, loss
 
     return step
 
@@ -235,7 +263,6 @@ CONFIGS = [
     ("saelens", "-", "topk", "noaux"),
     ("saekit", "reference", "topk", "auxk"),
     ("saekit", "fast", "topk", "auxk"),
-    ("saekit", "fast-cols", "topk", "auxk"),
     ("saekit", "fast-dense", "topk", "auxk"),
     ("saekit", "fast-dense-cols", "topk", "auxk"),
     ("sparsify", "-", "topk", "auxk"),
@@ -267,10 +294,8 @@ def _run_worker(args, config: tuple[str, ...]) -> dict | str:
     ]
     if args.bf16:
         flags.append("--bf16")
-    if args.aux_cols:
-        flags.append(f"--aux-cols={args.aux_cols}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(ROOT / "src") if library == "saekit" else ""
+    env["PYTHONPATH"] = f"{ROOT / 'src'}:{ROOT / 'benchmarks'}" if library == "saekit" else ""
     cmd = [python, __file__, "--worker", ":".join(config), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -288,13 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true", help="fast path: bf16 encoder matmul")
-    parser.add_argument(
-        "--aux-cols",
-        type=int,
-        default=None,
-        help="fast AuxK: gather this many (dead-first) columns before top-k_aux",
-    )
+    parser.add_argument("--bf16", action="store_true", help="saekit: bf16 autocast forward")
     parser.add_argument("--small", action="store_true", help="d=128 M=2048 k=16 batch 1024")
     parser.add_argument("--only", default="", help="comma-separated libraries to run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     only = set(filter(None, args.only.split(",")))
     print(
         f"d={args.d} M={args.M} k={args.k} batch={args.batch} tokens, {args.threads} threads, "
-        f"fp32{' (fast path: bf16 encoder matmul)' if args.bf16 else ''}, torch "
+        f"fp32{' (saekit: bf16 autocast forward)' if args.bf16 else ''}, torch "
         f"{torch.__version__}, median of {args.steps} steps\n"
     )
     print(

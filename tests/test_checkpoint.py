@@ -20,17 +20,25 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as write_safetensors
 
 import saekit.sae
-from saekit.activations import SparseCode
+from saekit.activations import (
+    BatchTopKConfig,
+    JumpReLUConfig,
+    ProLUConfig,
+    ReLUConfig,
+    TopKConfig,
+)
+from saekit.encoding import SparseCode
 from saekit.sae import SAE, CheckpointError, SAEConfig
 
 D_IN, D_SAE, K = 8, 16, 3
 VARIANTS = {
-    "relu": {"activation": "relu"},
-    "topk": {"activation": "topk", "k": K},
-    "batchtopk": {"activation": "batchtopk", "k": K},
-    "jumprelu": {"activation": "jumprelu"},
-    "prolu-ste": {"activation": "prolu", "prolu_variant": "ste"},
-    "prolu-relu": {"activation": "prolu", "prolu_variant": "relu"},
+    "relu": "relu",
+    "topk": {"kind": "topk", "k": K},
+    "topk-reference": {"kind": "topk", "k": K, "kernel": "reference"},
+    "batchtopk": {"kind": "batchtopk", "k": K, "threshold_beta": 0.9},
+    "jumprelu": {"kind": "jumprelu", "init_threshold": 0.02, "bandwidth": 0.005},
+    "prolu-ste": {"kind": "prolu", "variant": "ste"},
+    "prolu-relu": {"kind": "prolu", "variant": "relu"},
 }
 
 
@@ -39,11 +47,13 @@ def make_data(*lead: int, seed: int, dtype: torch.dtype = torch.float32) -> torc
     return (5 * torch.randn(*lead, D_IN, generator=g, dtype=torch.float64) + 3).to(dtype)
 
 
-def make_sae(variant: str = "topk", dtype: str = "float32", seed: int = 0) -> SAE:
+def make_sae(variant: str = "topk", dtype: str = "float32", seed: int = 0, activation=None) -> SAE:
     """Traps: s ≠ 1, b_dec ≠ 0, b_enc ≠ 0, W_enc untied from W_dec, live thresholds and bias."""
-    fields = VARIANTS[variant]
+    activation = VARIANTS[variant] if activation is None else activation
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, dtype=dtype, hook="blocks.3", **fields))
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, activation=activation, dtype=dtype, hook="blocks.3")
+    sae = SAE(cfg)
+    kind = cfg.activation.kind
     sae.init_from_data(make_data(64, seed=seed + 100))
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(D_SAE, D_IN) / math.sqrt(D_IN))
@@ -51,11 +61,11 @@ def make_sae(variant: str = "topk", dtype: str = "float32", seed: int = 0) -> SA
         sae.b_enc.copy_(0.3 * torch.randn(D_SAE))
         sae.b_dec.add_(0.5 * torch.randn(D_IN))
         act = sae.activation
-        if fields["activation"] == "jumprelu":
+        if kind == "jumprelu":
             act.log_threshold.copy_(torch.empty(D_SAE).uniform_(0.05, 0.6).log())
-        if fields["activation"] == "prolu":
+        if kind == "prolu":
             act.bias.copy_(torch.empty(D_SAE).uniform_(-0.5, 0.5))
-        if fields["activation"] == "batchtopk":
+        if kind == "batchtopk":
             act.update_threshold(torch.tensor(0.37))  # a nonzero threshold that must survive
     assert abs(float(sae.scale) - 1.0) > 1.0
     return sae
@@ -160,6 +170,171 @@ def test_cfg_json_records_format_config_and_sha256(tmp_path):
     assert meta["sha256"] == hashlib.sha256((tmp_path / "sae.safetensors").read_bytes()).hexdigest()
 
 
+def test_cfg_json_nests_the_activation_config_with_every_field(tmp_path):
+    make_sae("batchtopk").save(tmp_path)
+    config = read_meta(tmp_path)["config"]
+    assert config["activation"] == {
+        "kind": "batchtopk",
+        "k": K,
+        "threshold_beta": 0.9,
+        "kernel": "torch",
+    }
+    for old_field in ("k", "threshold_beta", "kernel", "prolu_variant", "jumprelu_bandwidth"):
+        assert old_field not in config
+
+
+# ------------------------------------------------------------------------------ format saekit.sae/1
+
+# The flat config a saekit.sae/1 checkpoint holds: every activation field at the top level,
+# whatever the activation (as SAEConfig.to_dict wrote it before the activation configs).
+V1_DEFAULTS = {
+    "d_in": D_IN,
+    "d_sae": D_SAE,
+    "activation": "topk",
+    "k": None,
+    "threshold_beta": 0.999,
+    "jumprelu_init_threshold": 0.001,
+    "jumprelu_bandwidth": 0.001,
+    "prolu_variant": "ste",
+    "hook": "blocks.3",
+    "model_name": None,
+    "dtype": "float32",
+    "kernel": "torch",
+    "metadata": {},
+}
+
+# name -> (flat fields of the old config, the activation config it means)
+V1_CASES = {
+    "relu": ({"activation": "relu", "k": K}, ReLUConfig()),  # old files carried unused fields
+    "topk": ({"activation": "topk", "k": K, "kernel": "reference"}, TopKConfig(K, "reference")),
+    "batchtopk": (
+        {"activation": "batchtopk", "k": K, "threshold_beta": 0.95},
+        BatchTopKConfig(k=K, threshold_beta=0.95, kernel="torch"),
+    ),
+    "jumprelu": (
+        {"activation": "jumprelu", "jumprelu_init_threshold": 0.02, "jumprelu_bandwidth": 0.005},
+        JumpReLUConfig(init_threshold=0.02, bandwidth=0.005),
+    ),
+    "prolu": ({"activation": "prolu", "prolu_variant": "relu"}, ProLUConfig(variant="relu")),
+    "prolu-float64": (
+        {"activation": "prolu", "prolu_variant": "ste", "dtype": "float64"},
+        ProLUConfig(variant="ste"),
+    ),
+}
+
+
+def write_v1_checkpoint(path: Path, sae: SAE, flat_config: dict) -> None:
+    """cfg.json and sae.safetensors as saekit.sae/1 wrote them, built here by hand: the scale
+    folded (W_enc/s, s·W_dec, s·b_dec, scale = 1), the same tensor names."""
+    s = sae.scale.detach().clone()
+    tensors = {
+        "W_enc": sae.W_enc.detach() / s.to(sae.W_enc.dtype),
+        "b_enc": sae.b_enc.detach().clone(),
+        "W_dec": sae.W_dec.detach() * s.to(sae.W_dec.dtype),
+        "b_dec": sae.b_dec.detach() * s.to(sae.b_dec.dtype),
+        "scale": torch.ones_like(s),
+    }
+    for name, value in sae.activation.state_dict().items():
+        tensors[f"activation.{name}"] = value.detach().clone()
+    path.mkdir(parents=True)
+    write_safetensors(tensors, str(path / "sae.safetensors"), metadata={"format": "saekit.sae/1"})
+    meta = {
+        "format": "saekit.sae/1",
+        "saekit_version": "0.1.0",
+        "config": flat_config,
+        "scale_folded": True,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
+        "sha256": hashlib.sha256((path / "sae.safetensors").read_bytes()).hexdigest(),
+    }
+    write_meta(path, meta)
+
+
+@pytest.mark.parametrize("case", V1_CASES)
+def test_a_checkpoint_in_format_1_loads_with_equal_outputs(case, tmp_path):
+    fields, activation = V1_CASES[case]
+    flat = {**V1_DEFAULTS, **fields}
+    sae = make_sae(dtype=flat["dtype"], activation=activation).eval()
+    write_v1_checkpoint(tmp_path / "v1", sae, flat)
+
+    loaded = SAE.load(tmp_path / "v1")
+    assert loaded.cfg.activation == activation
+    assert loaded.cfg.hook == "blocks.3" and loaded.cfg.dtype == flat["dtype"]
+    assert float(loaded.scale) == 1.0
+    x = make_data(2, 3, seed=7, dtype=getattr(torch, flat["dtype"]))
+    out, out_loaded = sae(x), loaded(x)
+    assert_rel(out_loaded.pre, out.pre)
+    assert_rel(dense(out_loaded.latents), dense(out.latents))
+    assert_rel(out_loaded.x_hat, out.x_hat)
+    assert_rel(loaded.encode(x), sae.encode(x))
+    assert (sae.encode(x) != 0).any() and (sae.encode(x) == 0).any()
+    for name, value in sae.activation.state_dict().items():
+        assert torch.equal(loaded.activation.state_dict()[name], value), name
+
+    # saved again, it is written in today's format and loads to the same SAE
+    loaded.save(tmp_path / "v2")
+    assert read_meta(tmp_path / "v2")["format"] == saekit.sae.CHECKPOINT_FORMAT
+    again = SAE.load(tmp_path / "v2")
+    assert again.cfg == loaded.cfg
+    assert_same_state(state(again), state(loaded))
+
+
+def test_a_format_1_checkpoint_with_a_bad_flat_config_is_refused(tmp_path):
+    sae = make_sae("topk")
+    write_v1_checkpoint(tmp_path / "v1", sae, {**V1_DEFAULTS, "k": D_SAE + 1})
+    with pytest.raises(CheckpointError, match=r"bad config.*exceeds d_sae"):
+        SAE.load(tmp_path / "v1")
+
+
+# ------------------------------------------------------------------------------ the directory
+
+
+def test_save_leaves_no_temporary_files_and_keeps_other_files(tmp_path):
+    dest = tmp_path / "run" / "sae"
+    make_sae("topk", seed=0).save(dest)
+    others = {"metrics.jsonl": '{"step": 1}\n{"step": 2}\n', "eval.json": '{"fvu": 0.1}'}
+    for name, text in others.items():
+        (dest / name).write_text(text)
+
+    new = make_sae("jumprelu", seed=1)
+    new.save(dest)  # another save over it, as a run does at its end
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["sae"]  # no temp, no old
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["cfg.json", "sae.safetensors", *others]
+    )
+    for name, text in others.items():
+        assert (dest / name).read_text() == text
+    loaded = SAE.load(dest)
+    assert loaded.cfg == new.cfg
+    x = make_data(2, 3, seed=8)
+    assert_rel(loaded(x).x_hat, new.eval()(x).x_hat)
+
+
+def test_save_refuses_a_directory_with_subdirectories_and_loses_nothing(tmp_path):
+    """Saving swaps the whole directory, so one that holds more than files (a run directory,
+    plots/) is refused with a message naming what is there, and nothing in it is touched."""
+    dest = tmp_path / "sae"
+    first = make_sae("topk")
+    first.save(dest)
+    (dest / "plots").mkdir()
+    (dest / "plots" / "l0.txt").write_text("kept")
+    before = (dest / "sae.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds directories \['plots'\]"):
+        make_sae("topk", seed=1).save(dest)
+    assert (dest / "plots" / "l0.txt").read_text() == "kept"
+    assert (dest / "sae.safetensors").read_bytes() == before
+
+
+def test_save_onto_a_regular_file_is_refused(tmp_path):
+    dest = tmp_path / "not-a-dir"
+    dest.write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        make_sae("topk").save(dest)
+    assert dest.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-dir"]
+
+
 # ------------------------------------------------------------------------------ refusals
 
 
@@ -176,7 +351,8 @@ def rewrite_weights(path: Path, edit) -> None:
     tensor check can catch the change."""
     tensors = load_file(str(path / "sae.safetensors"))
     edit(tensors)
-    write_safetensors(tensors, str(path / "sae.safetensors"), metadata={"format": "saekit.sae/1"})
+    metadata = {"format": saekit.sae.CHECKPOINT_FORMAT}
+    write_safetensors(tensors, str(path / "sae.safetensors"), metadata=metadata)
     meta = read_meta(path)
     meta["sha256"] = hashlib.sha256((path / "sae.safetensors").read_bytes()).hexdigest()
     write_meta(path, meta)
@@ -210,7 +386,23 @@ CORRUPTIONS = {
     "edited d_sae": (edit_config(d_sae=D_SAE + 4), r"'W_enc' has shape \(16, 8\).*\(20, 8\)"),
     "edited d_in": (edit_config(d_in=D_IN + 1), r"'W_dec' has shape"),
     "edited dtype": (edit_config(dtype="float64"), r"dtype"),
-    "unknown activation in config": (edit_config(activation="gelu"), r"bad config.*gelu"),
+    "unknown activation in config": (
+        edit_config(activation={"kind": "gelu", "k": K}),
+        r"bad config.*activation\.kind: unknown activation 'gelu'",
+    ),
+    "field that does not apply to the kind": (
+        edit_config(activation={"kind": "relu", "k": K}),
+        r"bad config.*\['k'\] do\(es\) not apply to activation 'relu'",
+    ),
+    "k > d_sae": (
+        edit_config(activation={"kind": "topk", "k": D_SAE + 1}),
+        r"bad config.*activation\.k = 17 exceeds d_sae = 16",
+    ),
+    "activation without kind": (
+        edit_config(activation={"k": K}),
+        r"bad config.*mapping with 'kind'",
+    ),
+    "old flat field in the new format": (edit_config(k=K), r"bad config.*unknown field.*'k'"),
     "missing tensor": (
         lambda p: rewrite_weights(p, lambda t: t.pop("b_dec")),
         r"missing tensor 'b_dec'",
@@ -278,27 +470,38 @@ def _fail_writing_config(monkeypatch):
     "break_save", [_fail_writing_weights, _fail_writing_config], ids=["weights", "config"]
 )
 def test_a_failed_save_leaves_the_previous_checkpoint_loadable(break_save, tmp_path, monkeypatch):
+    dest = tmp_path / "sae"
     old = make_sae("topk", seed=0)
-    old.save(tmp_path)
+    old.save(dest)
+    (dest / "metrics.jsonl").write_text('{"step": 1}\n')
     new = make_sae("topk", seed=1)
     break_save(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
-        new.save(tmp_path)
+        new.save(dest)
     monkeypatch.undo()
 
-    loaded = SAE.load(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]  # no temporary directory left
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "cfg.json",
+        "metrics.jsonl",
+        "sae.safetensors",
+    ]
+    assert (dest / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    loaded = SAE.load(dest)
     x = make_data(2, 3, seed=5)
     assert_rel(loaded(x).x_hat, old.eval()(x).x_hat)
     assert not torch.allclose(loaded(x).x_hat, new.eval()(x).x_hat)
 
 
 def test_a_save_with_unserialisable_metadata_leaves_the_previous_checkpoint_loadable(tmp_path):
+    dest = tmp_path / "sae"
     old = make_sae("relu", seed=0)
-    old.save(tmp_path)
+    old.save(dest)
     new = make_sae("relu", seed=1)
     new.cfg.metadata["source"] = object()  # json.dumps fails partway through the save
     with pytest.raises(TypeError):
-        new.save(tmp_path)
-    loaded = SAE.load(tmp_path)
+        new.save(dest)
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]
+    loaded = SAE.load(dest)
     x = make_data(2, 3, seed=6)
     assert_rel(loaded(x).x_hat, old.eval()(x).x_hat)

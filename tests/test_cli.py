@@ -17,7 +17,14 @@ from saekit.cli import main
 from saekit.sae import SAE, SAEConfig
 
 HOOK = "transformer.h.1:input"
-TINY_SAE = ["--set", "saes.0.sae.d_sae=64", "--set", "saes.0.sae.k=4", "--set", "saes.0.lr=0.001"]
+TINY_SAE = [
+    "--set",
+    "saes.0.sae.d_sae=64",
+    "--set",
+    "saes.0.sae.activation.k=4",
+    "--set",
+    "saes.0.lr=0.001",
+]
 SMALL_RUN = ["--steps", "8", "--batch-size", "128", "--no-progress", "--set", "eval_tokens=256"]
 
 
@@ -116,7 +123,9 @@ def test_eval_with_the_model_prints_ce_and_kl_and_writes_json(
 
 
 def test_eval_refuses_an_sae_whose_width_differs_from_the_model(lm, tmp_path, capsys):
-    SAE(SAEConfig(d_in=48, d_sae=16, activation="topk", k=2, hook=HOOK)).save(tmp_path / "sae")
+    SAE(SAEConfig(d_in=48, d_sae=16, activation={"kind": "topk", "k": 2}, hook=HOOK)).save(
+        tmp_path / "sae"
+    )
     assert main(["eval", "--sae", str(tmp_path / "sae"), *lm_args(lm)]) == 2
     line = error_line(capsys)
     assert "d_in = 48" in line and "width 64" in line
@@ -146,7 +155,7 @@ def test_train_with_a_missing_config_file_names_it(capsys):
 
 
 def test_train_with_k_above_d_sae_names_both(capsys):
-    assert main(["train", "--set", "saes.0.sae.k=100000", "--no-progress"]) == 2
+    assert main(["train", "--set", "saes.0.sae.activation.k=100000", "--no-progress"]) == 2
     line = error_line(capsys)
     assert "k = 100000" in line and "d_sae = 1024" in line
 

@@ -34,16 +34,16 @@ SYNTHETIC = {"d": 16, "n_features": 48, "mean_l0": 3.0}
 # one batch without firing, so the dead counters and AuxK both matter within 4 steps; and a
 # BatchTopK SAE (its θ must agree across ranks).
 TOPK = {
-    "sae": {"d_sae": 64, "activation": "topk", "k": 3},
+    "sae": {"d_sae": 64, "activation": {"kind": "topk", "k": 3}},
     "lr": 1e-2,
     "warmup_steps": 1,
     "decay_start": 1.0,  # no decay: a 2-step run resumed to 4 steps equals a 4-step run
     "dead_tokens": BATCH,
-    "auxk_normalizer": "none",
+    "revival": {"kind": "auxk", "normalizer": "none"},
     "seed": 1,
 }
 BATCHTOPK = {
-    "sae": {"d_sae": 64, "activation": "batchtopk", "k": 3},
+    "sae": {"d_sae": 64, "activation": {"kind": "batchtopk", "k": 3}},
     "lr": 1e-2,
     "warmup_steps": 1,
     "decay_start": 1.0,
@@ -52,9 +52,7 @@ BATCHTOPK = {
 RELU_L1 = {
     "sae": {"d_sae": 32, "activation": "relu"},
     "lr": 1e-2,
-    "penalty": "l1",
-    "penalty_coefficient": 0.05,
-    "target_l0": 4.0,  # the λ controller
+    "penalty": {"kind": "l1", "coefficient": 0.05, "target_l0": 4.0},  # the λ controller
     "seed": 3,
 }
 

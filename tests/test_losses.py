@@ -1,7 +1,11 @@
-"""Specifications of the objectives in saekit.losses (Matryoshka: test_matryoshka.py).
+"""Specifications of the loss formulas in saekit.losses and saekit.revival (Matryoshka:
+test_matryoshka.py; how the terms combine: test_objective.py).
 
 Every loss is checked against a float64 reference written plainly here, on a real SAE whose
 dataset scale s ≠ 1 and b_dec ≠ 0 (fitted to data x·7 + 3) and on 3-D input [B, T, d].
+Losses that read pre-activations are checked through every kind of
+:class:`~saekit.encoding.Preacts`: the fast path's sparse backward
+(:class:`~saekit.kernels.SparsePreacts`), its dense backward, and plain autograd.
 """
 
 from __future__ import annotations
@@ -13,29 +17,30 @@ import math
 import pytest
 import torch
 
+from saekit.encoding import Preacts, as_dense
+from saekit.kernels import SparsePreacts
 from saekit.losses import (
     PENALTIES,
     LambdaController,
-    auxk_loss,
-    dead_preact_loss,
-    kept_threshold,
     l0_penalty,
-    l0_target_penalty,
     reconstruction_loss,
     sparsity_penalty,
 )
+from saekit.revival import auxk_loss, dead_preact_loss
 from saekit.sae import SAE, SAEConfig
 
 D, M, K = 12, 40, 4
 B, T = 3, 5  # 15 tokens
 
 
-def make_sae(activation: str = "topk", seed: int = 0, **cfg) -> tuple[SAE, torch.Tensor]:
-    """An SAE fitted to x·7 + 3 (s ≠ 1, b_dec ≠ 0) and a raw 3-D batch [B, T, d] from it."""
+def make_sae(activation: str = "topk", seed: int = 0, **fields) -> tuple[SAE, torch.Tensor]:
+    """An SAE fitted to x·7 + 3 (s ≠ 1, b_dec ≠ 0) and a raw 3-D batch [B, T, d] from it.
+
+    ``fields`` are the activation config's (``k`` defaults to K for the TopK family)."""
     g = torch.Generator().manual_seed(seed)
     if activation in ("topk", "batchtopk"):
-        cfg.setdefault("k", K)
-    sae = SAE(SAEConfig(D, M, activation, **cfg))
+        fields.setdefault("k", K)
+    sae = SAE(SAEConfig(D, M, {"kind": activation, **fields}))
     sae.reset_parameters(generator=g)
     x = torch.randn(B, T, D, generator=g) * 7 + 3
     sae.init_from_data(torch.randn(64, D, generator=g) * 7 + 3)
@@ -50,6 +55,12 @@ def float64_twin(sae: SAE) -> SAE:
     twin = SAE(SAEConfig(**{**sae.cfg.to_dict(), "dtype": "float64"}))
     twin.load_state_dict(sae.state_dict())
     return twin
+
+
+def plain_pre(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """pre = (x/s − b_dec) W_encᵀ + b_enc [N, M], written out (differentiable)."""
+    x_n = x.reshape(-1, D).to(sae.W_enc.dtype) / sae.scale
+    return (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc
 
 
 def all_grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -138,10 +149,10 @@ def test_sparsity_penalty_sparse_code_equals_dense_form_value_and_gradient(kind)
 
 def test_l0_penalty_counts_active_latents_and_its_log_threshold_gradient_is_straight_through():
     eps = 0.5  # wide kernel so that many pre-activations fall inside it
-    sae, x = make_sae("jumprelu", jumprelu_init_threshold=0.3, jumprelu_bandwidth=eps)
+    sae, x = make_sae("jumprelu", init_threshold=0.3, bandwidth=eps)
     out = sae(x)
     theta = sae.activation.threshold
-    l0 = l0_penalty(out.pre, theta, eps)
+    l0 = l0_penalty(sae.activation.l0_step(out.pre))  # a differentiable pre: the trap
     l0.backward()
 
     pre, th = out.pre.detach().double(), theta.detach().double()
@@ -159,9 +170,15 @@ def test_l0_penalty_counts_active_latents_and_its_log_threshold_gradient_is_stra
     assert sae.W_enc.grad is None or sae.W_enc.grad.abs().max() == 0  # no gradient to pre
 
 
-def test_l0_target_penalty_is_squared_relative_error():
-    assert l0_target_penalty(torch.tensor(30.0), 20).item() == pytest.approx(0.25)
-    assert l0_target_penalty(torch.tensor(20.0), 20).item() == 0.0
+def test_l0_penalty_weights_each_latent_and_flattens_leading_dimensions():
+    sae, x = make_sae("jumprelu", init_threshold=0.3, bandwidth=0.5)
+    pre = sae(x).pre.detach()
+    steps = sae.activation.l0_step(pre)
+    w = torch.linspace(0.0, 1.0, M)
+    on = (pre.double() > sae.activation.threshold.detach().double()).double()
+    ref = sum(w[i].item() * on[n, i].item() for n in range(B * T) for i in range(M)) / (B * T)
+    assert l0_penalty(steps, w).item() == pytest.approx(ref)
+    assert l0_penalty(steps.reshape(B, T, M)).item() == pytest.approx(on.sum(-1).mean().item())
 
 
 def test_lambda_controller_raises_lambda_above_target_lowers_it_below_and_round_trips():
@@ -209,19 +226,41 @@ def auxk_reference(
     return alpha * min(n_dead / k_aux, 1.0) * mse
 
 
-def auxk_case(dead, normalizer="residual", **kwargs):
-    """(loss, grads) in float32 via auxk_loss and (loss, grads) via the float64 reference."""
-    sae, x = make_sae("topk")
+PREACTS = ("sparse", "dense_backward", "autograd")
+"""The Preacts AuxK reads: the TopK fast path's own (sparse backward through ``at``), the same
+wrapped as a plain Preacts of its ``dense()`` (the dense custom backward), and the reference
+kernel's (dense autograd through the encoder)."""
+
+
+def topk_preacts(preacts: str) -> tuple[SAE, torch.Tensor, object, Preacts]:
+    """(sae, x, out, preacts) for one of :data:`PREACTS`."""
+    sae, x = make_sae("topk", kernel="reference" if preacts == "autograd" else "torch")
     out = sae(x)
-    loss = auxk_loss(
-        out.pre, out.x_n - out.x_hat_n, sae.W_dec, dead, normalizer=normalizer, **kwargs
-    )
+    p = out.encoding.preacts
+    if preacts == "sparse":
+        assert isinstance(p, SparsePreacts)
+    elif preacts == "dense_backward":
+        p = Preacts(out.pre)
+    else:
+        assert type(p) is Preacts
+    return sae, x, out, p
+
+
+def auxk_case(dead, preacts="sparse", normalizer="residual", **kwargs):
+    """(loss, grads) in float32 via auxk_loss and (loss, grads) via the float64 reference."""
+    sae, x, out, p = topk_preacts(preacts)
+    loss = auxk_loss(p, out.x_n - out.x_hat_n, sae.W_dec, dead, normalizer=normalizer, **kwargs)
     loss.backward()
     twin = float64_twin(sae)
     o64 = twin(x.double())
     k_aux = kwargs.get("k_aux") or min(D // 2, M)
     ref = auxk_reference(
-        o64.pre, (o64.x_n - o64.x_hat_n).detach(), twin.W_dec, dead, k_aux, normalizer=normalizer
+        plain_pre(twin, x),
+        (o64.x_n - o64.x_hat_n).detach(),
+        twin.W_dec,
+        dead,
+        k_aux,
+        normalizer=normalizer,
     )
     if ref.requires_grad:
         ref.backward()
@@ -231,14 +270,13 @@ def auxk_case(dead, normalizer="residual", **kwargs):
         all_grads(*(getattr(sae, p) for p in params)),
         ref,
         all_grads(*(getattr(twin, p) for p in params)),
-        sae,
-        out,
     )
 
 
-def test_auxk_all_dead_matches_float64_reference_value_and_gradients():
+@pytest.mark.parametrize("preacts", PREACTS)
+def test_auxk_all_dead_matches_float64_reference_value_and_gradients(preacts):
     dead = torch.ones(M, dtype=torch.bool)
-    loss, grads, ref, ref_grads, _, _ = auxk_case(dead)
+    loss, grads, ref, ref_grads = auxk_case(dead, preacts)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert loss.item() > 0
     for name, g, g_ref in zip(("W_enc", "b_enc", "W_dec"), grads[:3], ref_grads[:3], strict=True):
@@ -246,23 +284,25 @@ def test_auxk_all_dead_matches_float64_reference_value_and_gradients():
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-7)
 
 
-def test_auxk_with_no_dead_latent_is_exactly_zero():
-    sae, x = make_sae("topk")
-    out = sae(x)
+@pytest.mark.parametrize("preacts", PREACTS)
+def test_auxk_with_no_dead_latent_is_exactly_zero(preacts):
+    sae, _, out, p = topk_preacts(preacts)
     dead = torch.zeros(M, dtype=torch.bool)
     with no_host_sync():
-        loss = auxk_loss(out.pre, out.x_n - out.x_hat_n, sae.W_dec, dead)
+        loss = auxk_loss(p, out.x_n - out.x_hat_n, sae.W_dec, dead)
         loss.backward()
     assert loss.shape == ()
     assert loss.item() == 0.0
-    assert sae.W_enc.grad.abs().max() == 0 and sae.W_dec.grad.abs().max() == 0
+    g_enc, g_dec = all_grads(sae.W_enc, sae.W_dec)
+    assert g_enc.abs().max() == 0 and g_dec.abs().max() == 0
 
 
-def test_auxk_with_fewer_dead_than_k_aux_scales_by_n_dead_over_k_aux_and_pads_with_zeros():
+@pytest.mark.parametrize("preacts", PREACTS)
+def test_auxk_with_fewer_dead_than_k_aux_scales_by_n_dead_over_k_aux_and_pads_with_zeros(preacts):
     # k_aux = d // 2 = 6; 3 dead latents: scale 1/2, at most 3 (positive) entries per token.
     dead = torch.zeros(M, dtype=torch.bool)
     dead[[1, 7, 30]] = True
-    loss, grads, ref, ref_grads, _, _ = auxk_case(dead)
+    loss, grads, ref, ref_grads = auxk_case(dead, preacts)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for g, g_ref in zip(grads[:3], ref_grads[:3], strict=True):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-7)
@@ -272,10 +312,11 @@ def test_auxk_with_fewer_dead_than_k_aux_scales_by_n_dead_over_k_aux_and_pads_wi
     assert grads[0][dead].abs().max() > 0
 
 
-def test_auxk_with_explicit_k_aux_and_unnormalised_mse():
+@pytest.mark.parametrize("preacts", PREACTS)
+def test_auxk_with_explicit_k_aux_and_unnormalised_mse(preacts):
     dead = torch.zeros(M, dtype=torch.bool)
     dead[::3] = True  # 14 dead, k_aux = 4: scale 1
-    loss, grads, ref, ref_grads, _, _ = auxk_case(dead, normalizer="none", k_aux=4)
+    loss, grads, ref, ref_grads = auxk_case(dead, preacts, normalizer="none", k_aux=4)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for g, g_ref in zip(grads[:3], ref_grads[:3], strict=True):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-7)
@@ -286,10 +327,10 @@ def test_auxk_does_not_add_b_dec_to_the_aux_reconstruction():
     dead = torch.ones(M, dtype=torch.bool)
     sae, x = make_sae("topk")
     out = sae(x)
-    loss = auxk_loss(out.pre, out.x_n - out.x_hat_n, sae.W_dec, dead)
+    loss = auxk_loss(out.encoding.preacts, out.x_n - out.x_hat_n, sae.W_dec, dead)
     twin = float64_twin(sae)
     o64 = twin(x.double())
-    args = (o64.pre, (o64.x_n - o64.x_hat_n).detach(), twin.W_dec, dead, D // 2)
+    args = (plain_pre(twin, x), (o64.x_n - o64.x_hat_n).detach(), twin.W_dec, dead, D // 2)
     right = auxk_reference(*args)
     wrong = auxk_reference(*args, add_b_dec=twin.b_dec)
     assert loss.item() == pytest.approx(right.item(), rel=1e-5)
@@ -297,9 +338,11 @@ def test_auxk_does_not_add_b_dec_to_the_aux_reconstruction():
     assert abs(loss.item() - wrong.item()) > 0.03 * loss.item()
 
 
-def test_auxk_gradient_does_not_reach_b_dec_except_through_the_encoder_input():
+@pytest.mark.parametrize("preacts", PREACTS)
+def test_auxk_gradient_does_not_reach_b_dec_except_through_the_encoder_input(preacts):
     dead = torch.ones(M, dtype=torch.bool)
-    _, grads, _, ref_grads, _, _ = auxk_case(dead)
+    _, grads, _, ref_grads = auxk_case(dead, preacts)
+    assert ref_grads[3].abs().max() > 0  # the encoder input x_n − b_dec does carry one
     torch.testing.assert_close(grads[3].double(), ref_grads[3], rtol=1e-4, atol=1e-7)
 
 
@@ -313,40 +356,52 @@ def test_auxk_is_scale_invariant_with_residual_normaliser_and_scales_by_s2_witho
     out, out_f = sae(x), folded(x)
     torch.testing.assert_close(out_f.pre, out.pre, rtol=1e-4, atol=1e-4)
     for normalizer, factor in (("residual", 1.0), ("none", s**2)):
-        loss = auxk_loss(out.pre, out.x_n - out.x_hat_n, sae.W_dec, dead, normalizer=normalizer)
+        loss = auxk_loss(
+            out.encoding.preacts, out.x_n - out.x_hat_n, sae.W_dec, dead, normalizer=normalizer
+        )
         loss_f = auxk_loss(
-            out_f.pre, out_f.x_n - out_f.x_hat_n, folded.W_dec, dead, normalizer=normalizer
+            out_f.encoding.preacts,
+            out_f.x_n - out_f.x_hat_n,
+            folded.W_dec,
+            dead,
+            normalizer=normalizer,
         )
         assert loss_f.item() == pytest.approx(factor * loss.item(), rel=1e-4)
 
 
-def test_auxk_preacts_at_callable_gives_the_same_value_and_gradients():
+def test_auxk_on_the_fast_path_uses_the_sparse_backward_and_equals_the_dense_one(monkeypatch):
+    """Same SAE, same step: SparsePreacts.at (sparse encoder backward, never the dense [N, M]
+    gradient) and a plain Preacts of the differentiable dense pre give the same value and
+    gradients."""
     dead = torch.zeros(M, dtype=torch.bool)
     dead[::2] = True
     sae, x = make_sae("topk")
     out = sae(x)
     residual = (out.x_n - out.x_hat_n).detach()
-    default = auxk_loss(out.pre, residual, sae.W_dec, dead)
-    g_default = torch.autograd.grad(default, [sae.W_enc, sae.b_enc, sae.W_dec])
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    dense = auxk_loss(Preacts(out.pre), residual, sae.W_dec, dead)
+    g_dense = torch.autograd.grad(dense, params)
 
-    def preacts_at(token, latent):  # only the selected entries, from the parameters
-        x_c = (out.x_n - sae.b_dec)[token]  # [N, k, d]
-        return (x_c * sae.W_enc[latent]).sum(-1) + sae.b_enc[latent]
+    def refuse(self):
+        raise AssertionError("AuxK on the fast path differentiated the dense pre-activations")
 
-    fast = auxk_loss(out.pre.detach(), residual, sae.W_dec, dead, preacts_at=preacts_at)
-    g_fast = torch.autograd.grad(fast, [sae.W_enc, sae.b_enc, sae.W_dec])
-    assert fast.item() == pytest.approx(default.item(), rel=1e-5)
-    for a, b in zip(g_fast, g_default, strict=True):
+    with monkeypatch.context() as patch:
+        patch.setattr(SparsePreacts, "dense", refuse)
+        fast = auxk_loss(out.encoding.preacts, residual, sae.W_dec, dead)
+        g_fast = torch.autograd.grad(fast, params)
+    assert fast.item() == pytest.approx(dense.item(), rel=1e-5)
+    for a, b in zip(g_fast, g_dense, strict=True):
+        assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_auxk_runs_without_host_sync():
-    sae, x = make_sae("topk")
-    out = sae(x)
+@pytest.mark.parametrize("preacts", PREACTS)
+def test_auxk_runs_without_host_sync(preacts):
+    sae, _, out, p = topk_preacts(preacts)
     dead = torch.zeros(M, dtype=torch.bool)
     dead[5:9] = True
     with no_host_sync():
-        loss = auxk_loss(out.pre, out.x_n - out.x_hat_n, sae.W_dec, dead)
+        loss = auxk_loss(p, out.x_n - out.x_hat_n, sae.W_dec, dead)
         loss.backward()
     assert loss.shape == ()
 
@@ -354,24 +409,48 @@ def test_auxk_runs_without_host_sync():
 # ------------------------------------------------------------------------- pre-activation revival
 
 
-def test_kept_threshold_is_the_per_token_min_for_topk_and_batch_min_positive_for_batchtopk():
-    sae, x = make_sae("topk")
-    code = sae(x).latents
+@pytest.mark.parametrize("kernel", ["torch", "reference"])
+def test_firing_threshold_is_per_token_for_topk_batch_min_for_batchtopk_per_latent_for_jumprelu(
+    kernel,
+):
+    sae, x = make_sae("topk", kernel=kernel)
+    out = sae(x)
     with no_host_sync():
-        theta = kept_threshold(code, per_token=True)
-    dense = code.to_dense().detach()
+        theta = sae.activation.firing_threshold(out.encoding)
+    dense = as_dense(out.latents).detach()
     ref = torch.stack([dense[n][dense[n] > 0].min() for n in range(B * T)]).unsqueeze(1)
     assert theta.shape == (B * T, 1) and not theta.requires_grad
     # Every TopK token keeps K positive values here, so the smallest kept is the smallest positive.
-    assert (code.values.detach().reshape(B * T, K) > 0).all()
+    assert ((dense > 0).sum(-1) == K).all()
     torch.testing.assert_close(theta, ref)
 
-    sae_b, _ = make_sae("batchtopk")
-    code_b = sae_b(x).latents
+    sae_b, _ = make_sae("batchtopk", kernel=kernel)
+    out_b = sae_b(x)
     with no_host_sync():
-        theta_b = kept_threshold(code_b, per_token=False)
-    values = code_b.values.detach()
-    assert theta_b.shape == () and theta_b == values[values > 0].min()
+        theta_b = sae_b.activation.firing_threshold(out_b.encoding)
+    values = as_dense(out_b.latents).detach()
+    assert theta_b.shape == () and not theta_b.requires_grad
+    assert theta_b == values[values > 0].min()
+
+    sae_j, _ = make_sae("jumprelu", init_threshold=0.2)
+    with torch.no_grad():
+        sae_j.activation.log_threshold.add_(torch.linspace(-1, 1, M))
+    with no_host_sync():
+        theta_j = sae_j.activation.firing_threshold(sae_j(x).encoding)
+    assert theta_j.shape == (M,) and not theta_j.requires_grad
+    assert torch.equal(theta_j, sae_j.activation.threshold.detach())
+
+
+@pytest.mark.parametrize("kernel", ["torch", "reference"])
+def test_firing_threshold_is_zero_where_nothing_kept_is_positive(kernel):
+    for activation, shape in (("topk", (B * T, 1)), ("batchtopk", ())):
+        sae, x = make_sae(activation, kernel=kernel)
+        with torch.no_grad():
+            sae.b_enc.sub_(1e3)  # every pre-activation negative: nothing fires
+        enc = sae(x).encoding
+        assert (as_dense(enc.latents) == 0).all()
+        theta = sae.activation.firing_threshold(enc)
+        assert theta.shape == shape and (theta == 0).all()
 
 
 def dead_preact_reference(pre, dead, theta_of, norms):
@@ -383,34 +462,42 @@ def dead_preact_reference(pre, dead, theta_of, norms):
     return total / pre.shape[0]
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
-def test_dead_preact_loss_pushes_dead_preacts_toward_the_threshold_through_the_encoder_only(
-    activation,
-):
-    sae, x = make_sae(activation)
+@pytest.mark.parametrize("case", ["topk", "topk-reference", "batchtopk", "jumprelu"])
+def test_dead_preact_loss_pushes_dead_preacts_toward_the_threshold_through_the_encoder_only(case):
+    activation, _, kernel = case.partition("-")
+    sae, x = make_sae(activation, **({"kernel": kernel} if kernel else {}))
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, M).unsqueeze(1))
     out = sae(x)
     dead = torch.zeros(M, dtype=torch.bool)
     dead[::2] = True
+    firing = sae.activation.firing_threshold(out.encoding)
     if activation == "topk":
-        theta = kept_threshold(out.latents, per_token=True)
+        theta = firing
         theta_of = lambda n, i: theta[n, 0]  # noqa: E731
     elif activation == "batchtopk":
-        theta = kept_threshold(out.latents, per_token=False)
+        theta = firing
         theta_of = lambda n, i: theta  # noqa: E731
     else:
-        theta = sae.activation.threshold
+        theta = sae.activation.threshold  # not detached: the loss must detach θ itself
+        assert torch.equal(firing, theta.detach())
         theta_of = lambda n, i: theta.detach()[i]  # noqa: E731
-    norms = sae.W_dec.norm(dim=-1)
-    loss = dead_preact_loss(out.pre, dead, theta, norms)
+    norms = sae.W_dec.norm(dim=-1)  # not detached either
+    loss = dead_preact_loss(out.encoding.preacts, dead, theta, norms)
     loss.backward()
-    ref = dead_preact_reference(out.pre.detach().double(), dead, theta_of, norms.detach())
+    pre = out.pre.detach().double()
+    ref = dead_preact_reference(pre, dead, theta_of, norms.detach())
     assert ref > 0
     assert loss.item() == pytest.approx(ref, rel=1e-5)
     assert sae.W_dec.grad is None or sae.W_dec.grad.abs().max() == 0
     if activation == "jumprelu":
         assert sae.activation.log_threshold.grad is None
-    # The step lowers the loss by raising dead pre-activations: b_enc moves up on dead latents.
-    assert (sae.b_enc.grad[dead] <= 0).all() and sae.b_enc.grad[dead].min() < 0
-    assert (sae.b_enc.grad[~dead] == 0).all()
+    # ∂L/∂b_enc,i = −(1/N)·Σ_n 1[pre_ni < θ]·‖W_dec,i‖ on dead latents, 0 on the others: the
+    # step lowers the loss by raising dead pre-activations.
+    ref_grad = torch.zeros(M, dtype=torch.float64)
+    for i in range(M):
+        if dead[i]:
+            below = sum(float(pre[n, i] < theta_of(n, i).item()) for n in range(B * T))
+            ref_grad[i] = -below * norms[i].item() / (B * T)
+    assert ref_grad.min() < 0
+    torch.testing.assert_close(sae.b_enc.grad.double(), ref_grad, rtol=1e-5, atol=1e-7)

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from saekit.activations import SparseCode
+from saekit.encoding import SparseCode
 from saekit.eval.ground_truth import absorption_counts, cosine_matrix, recovery
-from saekit.eval.metrics import MetricAccumulator, fvu, latent_counts
+from saekit.eval.metrics import MetricAccumulator, batch_fvu, latent_counts
 
 # --- plain references ----------------------------------------------------------------------
 
@@ -167,7 +167,8 @@ def test_fvu_accepts_3d_input_as_tokens():
     x = 2.0 + torch.randn(3, 5, 4, generator=g)  # [batch, seq, d]
     x_hat = x + 0.3 * torch.randn(3, 5, 4, generator=g)
     expected = reference_fvu(rows_of(x), rows_of(x_hat))
-    assert float(fvu(x, x_hat)) == pytest.approx(expected, rel=1e-9)
+    assert float(batch_fvu(x.double(), x_hat.double())) == pytest.approx(expected, rel=1e-12)
+    assert float(batch_fvu(x, x_hat)) == pytest.approx(expected, rel=1e-6)
     acc = MetricAccumulator(4, 2)
     acc.add_reconstruction(x[:2], x_hat[:2])  # 3-D batch
     acc.add_reconstruction(x[2], x_hat[2])  # 2-D batch
@@ -175,20 +176,32 @@ def test_fvu_accepts_3d_input_as_tokens():
     assert acc.result().n_tokens == 15
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_fvu_is_computed_in_the_inputs_dtype(dtype):
+    """The training log's FVU: no float64 copies of [N, d] per step."""
+    x = torch.randn(10, 3, dtype=dtype)
+    assert batch_fvu(x, 0.5 * x).dtype == dtype
+
+
 def test_fvu_of_one_set_with_a_large_mean():
+    """Two passes (x − x̄ first) even in float32: the one-pass Σx² − N·x̄² cancels badly here."""
     g = torch.Generator().manual_seed(2)
     x = 100.0 + torch.randn(64, 8, generator=g)
     x_hat = x + 0.1 * torch.randn(64, 8, generator=g)
     expected = reference_fvu(rows_of(x), rows_of(x_hat))
-    assert float(fvu(x, x_hat)) == pytest.approx(expected, rel=1e-6)
-    assert float(fvu(x, x)) == 0.0
+    assert float(batch_fvu(x.double(), x_hat.double())) == pytest.approx(expected, rel=1e-12)
+    assert float(batch_fvu(x, x_hat)) == pytest.approx(expected, rel=1e-5)
+    one_pass_variance = x.pow(2).sum() - x.shape[0] * x.mean(0).pow(2).sum()
+    one_pass = float((x - x_hat).pow(2).sum() / one_pass_variance)
+    assert one_pass != pytest.approx(expected, rel=1e-4)  # the trap is real in float32
+    assert float(batch_fvu(x, x)) == 0.0
 
 
 def test_fvu_of_predicting_the_mean_is_one():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(50, 5, generator=g, dtype=torch.float64) + 7.0
     x_hat = x.mean(0, keepdim=True).expand_as(x)
-    assert float(fvu(x, x_hat)) == pytest.approx(1.0, rel=1e-12)
+    assert float(batch_fvu(x, x_hat)) == pytest.approx(1.0, rel=1e-12)
 
 
 def test_eval_result_explained_variance_and_mse():

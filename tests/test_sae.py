@@ -8,26 +8,39 @@ W_dec, 2-D and 3-D inputs.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from saekit.activations import SparseCode
+from saekit.activations import (
+    BatchTopKConfig,
+    JumpReLUConfig,
+    ProLUConfig,
+    ReLUConfig,
+    TopKConfig,
+)
+from saekit.encoding import SparseCode
 from saekit.sae import SAE, SAEConfig
 
 D_IN, D_SAE, K = 8, 16, 3
 
-# variant -> (SAEConfig fields, training mode)
+# variant -> (activation config, training mode). The TopK family runs on both training paths:
+# kernel "torch" (sparse fast path) and "reference" (dense autograd).
 VARIANTS = {
-    "relu": ({"activation": "relu"}, True),
-    "topk": ({"activation": "topk", "k": K}, True),
-    "batchtopk-train": ({"activation": "batchtopk", "k": K}, True),
-    "batchtopk-eval": ({"activation": "batchtopk", "k": K}, False),
-    "jumprelu": ({"activation": "jumprelu"}, True),
-    "prolu-ste": ({"activation": "prolu", "prolu_variant": "ste"}, True),
-    "prolu-relu": ({"activation": "prolu", "prolu_variant": "relu"}, True),
+    "relu": ("relu", True),
+    "topk": ({"kind": "topk", "k": K}, True),
+    "topk-reference": ({"kind": "topk", "k": K, "kernel": "reference"}, True),
+    "topk-eval": ({"kind": "topk", "k": K}, False),
+    "batchtopk-train": ({"kind": "batchtopk", "k": K}, True),
+    "batchtopk-train-reference": ({"kind": "batchtopk", "k": K, "kernel": "reference"}, True),
+    "batchtopk-eval": ({"kind": "batchtopk", "k": K}, False),
+    "jumprelu": ({"kind": "jumprelu"}, True),
+    "prolu-ste": ({"kind": "prolu", "variant": "ste"}, True),
+    "prolu-relu": ({"kind": "prolu", "variant": "relu"}, True),
 }
+SPARSE_VARIANTS = {"topk", "topk-eval", "batchtopk-train"}
 LEADS = {"2d": (6,), "3d": (2, 3)}
 
 
@@ -39,9 +52,10 @@ def make_data(*lead: int, seed: int) -> torch.Tensor:
 
 def make_sae(variant: str, dtype: str = "float64", seed: int = 0) -> SAE:
     """An SAE with every trap set: s ≠ 1, b_dec ≠ 0, b_enc ≠ 0, W_enc ≠ W_dec, live thresholds."""
-    fields, training = VARIANTS[variant]
+    activation, training = VARIANTS[variant]
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, dtype=dtype, **fields))
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, dtype=dtype, activation=activation))
+    kind = sae.cfg.activation.kind
     sae.init_from_data(make_data(64, seed=seed + 100))
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(D_SAE, D_IN) / math.sqrt(D_IN))
@@ -49,11 +63,11 @@ def make_sae(variant: str, dtype: str = "float64", seed: int = 0) -> SAE:
         sae.b_enc.copy_(0.3 * torch.randn(D_SAE))
         sae.b_dec.add_(0.5 * torch.randn(D_IN))
         act = sae.activation
-        if fields["activation"] == "jumprelu":
+        if kind == "jumprelu":
             act.log_threshold.copy_(torch.empty(D_SAE).uniform_(0.05, 0.6).log())
-        if fields["activation"] == "prolu":
+        if kind == "prolu":
             act.bias.copy_(torch.empty(D_SAE).uniform_(-0.5, 0.5))
-        if fields["activation"] == "batchtopk":
+        if kind == "batchtopk":
             act.threshold.fill_(0.3)
             act.threshold_initialized.fill_(True)
     sae.train(training)
@@ -64,17 +78,17 @@ def make_sae(variant: str, dtype: str = "float64", seed: int = 0) -> SAE:
 
 def reference_activation(sae: SAE, pre: list[list[float]]) -> list[list[float]]:
     """σ(pre) by the DESIGN.md formulas, one latent at a time."""
-    cfg, act = sae.cfg, sae.activation
+    cfg, act = sae.cfg.activation, sae.activation
     n_tokens, M = len(pre), len(pre[0])
-    if cfg.activation == "relu":
+    if cfg.kind == "relu":
         return [[max(p, 0.0) for p in row] for row in pre]
-    if cfg.activation == "topk":
+    if cfg.kind == "topk":
         z = []
         for row in pre:
             kept = sorted(range(M), key=lambda i: row[i], reverse=True)[: cfg.k]
             z.append([max(row[i], 0.0) if i in kept else 0.0 for i in range(M)])
         return z
-    if cfg.activation == "batchtopk" and sae.training:
+    if cfg.kind == "batchtopk" and sae.training:
         flat = sorted(
             ((n, i) for n in range(n_tokens) for i in range(M)),
             key=lambda ni: pre[ni[0]][ni[1]],
@@ -85,18 +99,18 @@ def reference_activation(sae: SAE, pre: list[list[float]]) -> list[list[float]]:
             [max(pre[n][i], 0.0) if (n, i) in kept else 0.0 for i in range(M)]
             for n in range(n_tokens)
         ]
-    if cfg.activation == "batchtopk":
+    if cfg.kind == "batchtopk":
         theta = float(act.threshold)
         return [[p if p > theta else 0.0 for p in row] for row in pre]
-    if cfg.activation == "jumprelu":
+    if cfg.kind == "jumprelu":
         theta = [math.exp(t) for t in act.log_threshold.tolist()]
         return [[row[i] if row[i] > theta[i] else 0.0 for i in range(M)] for row in pre]
-    if cfg.activation == "prolu":
+    if cfg.kind == "prolu":
         b = act.bias.tolist()
         return [
             [row[i] if row[i] + b[i] > 0 and row[i] > 0 else 0.0 for i in range(M)] for row in pre
         ]
-    raise AssertionError(cfg.activation)
+    raise AssertionError(cfg.kind)
 
 
 def reference_forward(sae: SAE, x: torch.Tensor) -> dict[str, list[list[float]]]:
@@ -105,7 +119,7 @@ def reference_forward(sae: SAE, x: torch.Tensor) -> dict[str, list[list[float]]]
     s = float(sae.scale)
     W_enc, W_dec = sae.W_enc.tolist(), sae.W_dec.tolist()
     b_enc, b_dec = sae.b_enc.tolist(), sae.b_dec.tolist()
-    use_b_enc = sae.cfg.activation != "prolu"
+    use_b_enc = sae.cfg.activation.kind != "prolu"
     x_n = [[v / s for v in row] for row in x.reshape(-1, d).tolist()]
     pre = [
         [
@@ -156,6 +170,10 @@ def test_forward_matches_float64_reference(variant, lead):
     assert out.pre.shape == (N, D_SAE)
     close64(out.x_n, t64(ref["x_n"]))
     close64(out.pre, t64(ref["pre"]))
+    close64(sae.pre_acts(out.x_n), t64(ref["pre"]))
+    # the sparse fast path (kernel "torch") gives a SparseCode; the reference path dense latents
+    assert isinstance(out.latents, SparseCode) == (variant in SPARSE_VARIANTS)
+    assert out.encoding.latents is out.latents
     close64(dense(out.latents), t64(ref["z"]))
     close64(out.x_hat_n, t64(ref["x_hat_n"]))
     close64(out.x_hat, t64(ref["x_hat"]).reshape(x.shape))
@@ -228,21 +246,50 @@ def test_prolu_ignores_b_enc_and_trains_its_own_bias():
     assert sae.b_enc.abs().min() > 0  # set, yet it must not enter pre
     out = sae(make_data(6, seed=6))
     (out.x_hat**2).sum().backward()
-    assert sae.b_enc.grad is None
+    assert sae.b_enc.grad is None and not sae.b_enc.requires_grad
     assert sae.activation.bias.grad is not None and sae.activation.bias.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["relu", "topk"])
-def test_forward_gradcheck_in_x_and_W_dec(variant):
-    """Smooth where σ is: ReLU away from 0, TopK away from ties (margins asserted first)."""
+def kink_margin(sae: SAE, pre: torch.Tensor) -> float:
+    """Distance of the pre-activations to the nearest point where σ is not smooth."""
+    cfg, act = sae.cfg.activation, sae.activation
+    if cfg.kind == "jumprelu":
+        return float((pre - act.threshold.detach()).abs().min())
+    if cfg.kind == "prolu":
+        return float(torch.minimum(pre.abs(), (pre + act.bias.detach()).abs()).min())
+    margin = float(pre.abs().min())  # the ReLU kink
+    if cfg.kind == "topk":  # a tie between the k-th and (k+1)-th largest of a token
+        top = pre.sort(dim=-1, descending=True).values
+        margin = min(margin, float((top[:, cfg.k - 1] - top[:, cfg.k]).min()))
+    if cfg.kind == "batchtopk":  # a tie at the batch's k·N-th largest
+        top = pre.reshape(-1).sort(descending=True).values
+        n_kept = cfg.k * pre.shape[0]
+        margin = min(margin, float(top[n_kept - 1] - top[n_kept]))
+    return margin
+
+
+GRADCHECK_VARIANTS = [
+    "relu",
+    "topk",
+    "topk-reference",
+    "batchtopk-train",
+    "batchtopk-train-reference",
+    "jumprelu",
+    "prolu-relu",  # the "ste" variant's gradient is deliberately not the true one
+]
+
+
+@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS)
+def test_forward_gradcheck_in_x_and_every_shared_parameter(variant):
+    """Smooth where σ is (margins to every kink asserted first): the gradients of x̂ with respect
+    to x, W_enc, b_enc, W_dec and b_dec are the true ones, on the sparse fast path as well."""
     sae = make_sae(variant)
     x = make_data(2, 3, seed=7).requires_grad_(True)
     pre = sae(x).pre.detach()
-    assert pre.abs().min() > 1e-4
-    top = pre.sort(dim=-1, descending=True).values
-    assert (top[:, K - 1] - top[:, K]).min() > 1e-4
-    # gradcheck perturbs its inputs in place, so passing the parameter itself perturbs the SAE
-    assert torch.autograd.gradcheck(lambda x_, W_: sae(x_).x_hat, (x, sae.W_dec))
+    assert kink_margin(sae, pre) > 1e-4
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    # gradcheck perturbs its inputs in place, so passing the parameters perturbs the SAE
+    assert torch.autograd.gradcheck(lambda x_, *_: sae(x_).x_hat, (x, *params))
 
 
 def test_decode_gradcheck_in_z_and_W_dec():
@@ -279,23 +326,105 @@ def test_decode_rejects_wrong_d_sae():
         make_sae("relu").decode(torch.zeros(2, D_SAE + 1, dtype=torch.float64))
 
 
+BAD_ACTIVATIONS = {
+    "topk k > d_sae": ({"kind": "topk", "k": D_SAE + 1}, r"activation\.k = 17 exceeds d_sae = 16"),
+    "batchtopk k > d_sae": ({"kind": "batchtopk", "k": D_SAE + 1}, r"activation\.k = 17 exceeds"),
+    "config object k > d_sae": (TopKConfig(k=D_SAE + 1), r"activation\.k = 17 exceeds"),
+    "k = 0": ({"kind": "topk", "k": 0}, r"activation: k must be a positive integer"),
+    "k < 0": ({"kind": "topk", "k": -2}, r"activation: k must be a positive integer"),
+    "batchtopk k = 0": ({"kind": "batchtopk", "k": 0}, r"k must be a positive integer"),
+    "k a bool": ({"kind": "topk", "k": True}, r"activation\.k: expected int"),
+    "k a fraction": ({"kind": "topk", "k": 2.5}, r"activation\.k: expected int"),
+    "topk without k": ({"kind": "topk"}, r"activation: .*'k'"),
+    "topk shorthand without k": ("topk", r"activation: .*'k'"),
+    "batchtopk without k": ({"kind": "batchtopk"}, r"activation: .*'k'"),
+    "unknown kind": ("gelu", r"activation\.kind: unknown activation 'gelu'; choose one of"),
+    "unknown kind in a mapping": ({"kind": "gelu", "k": 3}, r"activation\.kind: unknown .*'gelu'"),
+    "no kind": ({"k": 3}, r"activation: expected a activation kind or a mapping with 'kind'"),
+    "field not of relu": ({"kind": "relu", "k": 3}, r"activation: \['k'\] .*not apply to .*'relu'"),
+    "field not of topk": (
+        {"kind": "topk", "k": 3, "threshold_beta": 0.9},
+        r"\['threshold_beta'\] .*not apply to activation 'topk'",
+    ),
+    "field not of jumprelu": (
+        {"kind": "jumprelu", "variant": "ste"},
+        r"\['variant'\] .*not apply to activation 'jumprelu'",
+    ),
+    "old prolu field name": (
+        {"kind": "prolu", "prolu_variant": "relu"},
+        r"\['prolu_variant'\] .*not apply to activation 'prolu'",
+    ),
+    "prolu variant": ({"kind": "prolu", "variant": "sigmoid"}, r"variant must be one of"),
+    "threshold_beta = 1": ({"kind": "batchtopk", "k": 3, "threshold_beta": 1.0}, "threshold_beta"),
+    "threshold_beta nan": (
+        {"kind": "batchtopk", "k": 3, "threshold_beta": math.nan},
+        "threshold_beta",
+    ),
+    "kernel": ({"kind": "topk", "k": 3, "kernel": "cuda"}, r"kernel must be one of"),
+    "bandwidth 0": ({"kind": "jumprelu", "bandwidth": 0.0}, r"bandwidth must be a finite number"),
+    "init_threshold < 0": ({"kind": "jumprelu", "init_threshold": -1.0}, r"init_threshold must"),
+    "init_threshold inf": ({"kind": "jumprelu", "init_threshold": math.inf}, r"init_threshold"),
+}
+
+
+@pytest.mark.parametrize("activation, message", BAD_ACTIVATIONS.values(), ids=BAD_ACTIVATIONS)
+def test_bad_activation_config_is_refused_naming_the_field(activation, message):
+    with pytest.raises(ValueError, match=message):
+        SAEConfig(d_in=D_IN, d_sae=D_SAE, activation=activation)
+
+
+@pytest.mark.parametrize("field", ["k", "threshold_beta", "kernel", "prolu_variant"])
+def test_old_flat_activation_fields_are_refused_by_from_dict_naming_them(field):
+    data = {"d_in": D_IN, "d_sae": D_SAE, "activation": {"kind": "topk", "k": K}, field: 3}
+    with pytest.raises(ValueError, match=rf"unknown field\(s\) \['{field}'\]"):
+        SAEConfig.from_dict(data)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"activation": "topk", "k": D_SAE + 1}, "exceeds d_sae"),
-        ({"activation": "batchtopk", "k": D_SAE + 1}, "exceeds d_sae"),
-        ({"activation": "topk", "k": 0}, "positive integer"),
-        ({"activation": "topk", "k": -2}, "positive integer"),
-        ({"activation": "batchtopk", "k": 0}, "positive integer"),
-        ({"activation": "topk"}, "k is required"),
-        ({"activation": "batchtopk"}, "k is required"),
-        ({"activation": "gelu"}, "unknown activation 'gelu'"),
-        ({"activation": "prolu", "prolu_variant": "sigmoid"}, "prolu_variant"),
+        ({"d_in": 0}, "d_in must be a positive integer"),
+        ({"d_sae": -1}, "d_sae must be a positive integer"),
+        ({"dtype": "float17"}, "dtype"),
     ],
 )
-def test_bad_config_is_refused_with_a_clear_message(fields, message):
+def test_bad_sizes_and_dtype_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
-        SAEConfig(d_in=D_IN, d_sae=D_SAE, **fields)
+        SAEConfig(**{"d_in": D_IN, "d_sae": D_SAE, "activation": "relu", **fields})
+
+
+ACTIVATION_FORMS = {
+    # the same configuration written three ways: a kind name, a mapping, a config object
+    "relu": ["relu", {"kind": "relu"}, ReLUConfig()],
+    "topk": [{"kind": "topk", "k": K}, TopKConfig(k=K), TopKConfig(K, "torch")],
+    "batchtopk": [
+        {"kind": "batchtopk", "k": K, "threshold_beta": 0.9, "kernel": "reference"},
+        BatchTopKConfig(k=K, threshold_beta=0.9, kernel="reference"),
+    ],
+    "jumprelu": [
+        {"kind": "jumprelu", "init_threshold": 0.02, "bandwidth": 0.005},
+        JumpReLUConfig(init_threshold=0.02, bandwidth=0.005),
+    ],
+    "prolu": [{"kind": "prolu", "variant": "relu"}, ProLUConfig(variant="relu")],
+}
+
+
+@pytest.mark.parametrize("kind", ACTIVATION_FORMS)
+def test_activation_config_forms_agree_and_round_trip_through_plain_data(kind):
+    cfgs = [
+        SAEConfig(d_in=D_IN, d_sae=D_SAE, activation=form, hook="h", metadata={"a": 1})
+        for form in ACTIVATION_FORMS[kind]
+    ]
+    for cfg in cfgs:
+        assert cfg == cfgs[0]
+        assert cfg.activation.kind == kind
+        data = cfg.to_dict()
+        assert data["activation"]["kind"] == kind
+        assert SAEConfig.from_dict(data) == cfg
+        assert SAEConfig.from_dict(json.loads(json.dumps(data))) == cfg
+        # every activation field is written out, defaults included
+        assert set(data["activation"]) == {"kind"} | set(vars(cfg.activation))
+    assert type(SAE(cfgs[0]).activation).config_class.kind == kind
 
 
 # ------------------------------------------------------------------------------ init_from_data
@@ -378,10 +507,11 @@ def test_normalize_decoder_gives_unit_rows_with_unchanged_directions():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu", "prolu"])
-def test_tied_init_has_W_enc_equal_W_dec_with_unit_rows_and_zero_biases(activation, dtype):
+@pytest.mark.parametrize("variant", ["relu", "topk", "batchtopk-train", "jumprelu", "prolu-ste"])
+def test_tied_init_has_W_enc_equal_W_dec_with_unit_rows_and_zero_biases(variant, dtype):
     torch.manual_seed(13)
-    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, activation=activation, k=K, dtype=dtype))
+    activation = VARIANTS[variant][0]
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, activation=activation, dtype=dtype))
     assert torch.equal(sae.W_enc, sae.W_dec)
     norms = sae.W_dec.double().norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-6, atol=1e-6)

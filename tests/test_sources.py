@@ -110,7 +110,7 @@ def test_cache_run_config_records_model_and_hook_and_checks_width(tmp_path):
     write_text_cache(tmp_path)
     raw = {
         "data": {"source": "cache", "cache_dir": str(tmp_path)},
-        "saes": [{"sae": {"d_sae": 16, "activation": "topk", "k": 2}}],
+        "saes": [{"sae": {"d_sae": 16, "activation": {"kind": "topk", "k": 2}}}],
     }
     cfg = build_run_config(raw)
     sae = cfg.saes[0].sae
@@ -136,7 +136,7 @@ def hf_config(lm_dir, text_file, tmp_path, **data):
             "shuffle_buffer_tokens": 256,
             **data,
         },
-        "saes": [{"sae": {"d_sae": 32, "activation": "topk", "k": 4}, "lr": 1e-3}],
+        "saes": [{"sae": {"d_sae": 32, "activation": {"kind": "topk", "k": 4}}, "lr": 1e-3}],
         "batch_size": 64,
         "steps": 6,
         "eval_tokens": 128,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -12,8 +13,11 @@ import torch
 
 from saekit.cli import main as cli_main
 from saekit.data.synthetic import SyntheticData
+from saekit.losses import sparsity_penalty
+from saekit.matryoshka import matryoshka_reconstruction_loss
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.config import apply_overrides, build_run_config, load_config_file
+from saekit.train.member import StepMetrics
 from saekit.train.trainer import (
     Member,
     SyntheticSource,
@@ -26,19 +30,19 @@ SYNTH = {"d": 16, "n_features": 48, "mean_l0": 3.0, "seed": 3}
 
 
 def sae_entry(activation: str, **extra) -> dict:
-    sae = {"d_sae": 64, "activation": activation}
-    if activation in ("topk", "batchtopk"):
-        sae["k"] = 3
+    kind = {"kind": activation, "k": 3} if activation in ("topk", "batchtopk") else activation
+    sae = {"d_sae": 64, "activation": kind}
     entry = {"sae": sae, "lr": 3e-3, "warmup_steps": 3, "dead_tokens": 256, **extra}
     if "name" not in entry:
-        entry["name"] = activation + ("-" + extra["penalty"] if "penalty" in extra else "")
+        entry["name"] = activation + ("-" + extra["penalty"]["kind"] if "penalty" in extra else "")
     return entry
 
 
+RELU_L1 = {"kind": "l1", "coefficient": 0.01, "target_l0": 4.0}  # with the λ controller
 THREE = [
     sae_entry("topk"),
     sae_entry("batchtopk"),
-    sae_entry("relu", penalty="l1", penalty_coefficient=0.01, target_l0=4.0, revival="none"),
+    sae_entry("relu", penalty=RELU_L1, revival="none"),
 ]
 
 
@@ -178,11 +182,14 @@ def test_each_sae_of_a_sweep_trains_as_if_alone(tmp_path):
         sae_entry("topk"),  # AuxK
         sae_entry("topk", revival="preact", name="topk-preact"),
         sae_entry("batchtopk"),  # AuxK, threshold EMA
-        sae_entry("batchtopk", matryoshka="fixed", matryoshka_groups=[16, 16, 32], name="mat"),
+        sae_entry("batchtopk", matryoshka={"kind": "fixed", "groups": [16, 16, 32]}, name="mat"),
         sae_entry(
-            "jumprelu", penalty="l0", penalty_coefficient=0.1, target_l0=3.0, revival="preact"
+            "jumprelu",
+            penalty={"kind": "l0", "coefficient": 0.1, "target_l0": 3.0},
+            revival="preact",
         ),
         THREE[2],  # ReLU + L1 with the λ controller
+        sae_entry("prolu", penalty={"kind": "tanh", "coefficient": 0.01}, revival="none"),
     ],
     ids=[
         "topk-auxk",
@@ -191,6 +198,7 @@ def test_each_sae_of_a_sweep_trains_as_if_alone(tmp_path):
         "matryoshka-fixed",
         "jumprelu-l0",
         "relu-l1",
+        "prolu-tanh",
     ],
 )
 def test_a_training_step_never_syncs_with_the_host(entry, tmp_path, request):
@@ -202,8 +210,18 @@ def test_a_training_step_never_syncs_with_the_host(entry, tmp_path, request):
     batches = [data.batch(i, 128).x for i in range(3)]
     request.getfixturevalue("host_sync_raises")
     for step, x in enumerate(batches):
-        parts = member.train_step(x, step)
-    assert {"loss", "l0", "fvu", "dead_fraction"} <= parts.keys()
+        metrics = member.train_step(x, step)
+    assert isinstance(metrics, StepMetrics)
+    assert {
+        "loss",
+        "reconstruction",
+        "l0",
+        "fvu",
+        "dead_fraction",
+        "lam",
+    } <= metrics.as_dict().keys()
+    assert (metrics.penalty is None) == (entry.get("penalty") is None)
+    assert (metrics.revival is None) == (entry.get("revival") == "none")
 
 
 def test_dead_mask_is_taken_before_the_batch_is_counted(tmp_path):
@@ -211,22 +229,73 @@ def test_dead_mask_is_taken_before_the_batch_is_counted(tmp_path):
     member = make_trainer(cfg).members[0]
     member.tokens_since_fired[:5] = 128  # dead now; they may fire in this batch
     seen = {}
-    import saekit.train.member as trainer_module
 
-    original = trainer_module.training_loss
+    class Spy:
+        """The member's objective, recording the dead mask its terms read."""
 
-    def spy(cfg, sae, out, dead_mask, *args, **kwargs):
-        seen["dead"] = dead_mask.clone()
-        return original(cfg, sae, out, dead_mask, *args, **kwargs)
+        def __init__(self, objective):
+            self.objective = objective
 
-    trainer_module.training_loss = spy
-    try:
-        x = SyntheticData(cfg.data.synthetic).batch(0, 128).x
-        member.init_from_data(x)
-        member.train_step(x, 0)
-    finally:
-        trainer_module.training_loss = original
+        def __call__(self, inputs):
+            seen["dead"] = inputs.dead_mask.clone()
+            return self.objective(inputs)
+
+    member.objective = Spy(member.objective)
+    x = SyntheticData(cfg.data.synthetic).batch(0, 128).x
+    member.init_from_data(x)
+    member.train_step(x, 0)
     assert seen["dead"][:5].all() and not seen["dead"][5:].any()
+
+
+def test_step_metrics_are_the_contributions_of_the_terms(tmp_path):
+    """penalty is λ·S with the λ the step used; Matryoshka's reconstruction is the mean over
+    prefixes; the loss is the sum of the terms."""
+    relu = sae_entry("relu", penalty={"kind": "l1", "coefficient": 0.5})
+    mat = sae_entry("topk", matryoshka={"kind": "fixed", "groups": [16, 48]}, name="mat")
+    cfg = run_config(tmp_path, [relu, mat], steps=1)
+    x = SyntheticData(cfg.data.synthetic).batch(0, 128).x
+    for member in make_trainer(cfg).members:
+        member.init_from_data(x)
+        sae = copy.deepcopy(member.sae).train()
+        out = sae(x)
+        metrics = member.train_step(x, 0)
+        assert isinstance(metrics, StepMetrics)
+        terms = [metrics.reconstruction, metrics.penalty, metrics.revival]
+        total = sum(t for t in terms if t is not None)
+        assert metrics.loss.item() == pytest.approx(total.item(), rel=1e-6)
+        if member.cfg.penalty is not None:
+            S = sparsity_penalty(out.latents, sae.W_dec.norm(dim=-1), "l1")
+            assert metrics.revival is None
+            assert metrics.penalty.item() == pytest.approx(0.5 * S.item(), rel=1e-5)
+            assert metrics.lam.item() == pytest.approx(0.5)
+        else:
+            rec = matryoshka_reconstruction_loss(
+                out.x_n, out.latents, sae.W_dec, sae.b_dec, [16, 64]
+            )
+            assert metrics.penalty is None and metrics.lam.item() == 0.0
+            assert metrics.reconstruction.item() == pytest.approx(rec.item(), rel=1e-5)
+            assert metrics.revival is not None  # AuxK, the TopK default
+
+
+def test_metrics_jsonl_holds_every_logged_term_and_the_loss_is_their_sum(tmp_path):
+    mat = sae_entry("batchtopk", matryoshka={"kind": "random", "n_prefixes": 4}, name="mat")
+    cfg = run_config(tmp_path, [*THREE, mat], steps=8)
+    make_trainer(cfg).fit()
+    common = {"step", "tokens", "lr", "loss", "reconstruction", "l0", "fvu", "dead_fraction", "lam"}
+    expected = {
+        "topk": common | {"revival"},
+        "batchtopk": common | {"revival"},
+        "relu-l1": common | {"penalty"},
+        "mat": common | {"revival"},
+    }
+    for name, keys in expected.items():
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert [r["step"] for r in records] == [4, 8]
+        for r in records:
+            assert set(r) == keys, name
+            parts = r["reconstruction"] + r.get("penalty", 0.0) + r.get("revival", 0.0)
+            assert r["loss"] == pytest.approx(parts, rel=1e-6)
 
 
 def test_counters_reset_on_firing_and_grow_by_the_batch_otherwise(tmp_path):
@@ -303,20 +372,72 @@ def test_a_run_writes_a_loadable_sae_metrics_and_the_resolved_config(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
+RELU = ["saes.0.sae.activation=relu", "saes.0.penalty.kind=l1", "saes.0.penalty.coefficient=0.1"]
+
+
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("saes.0.sae.k=5000", "k = 5000 exceeds d_sae"),
-        ("saes.0.sae.activation=gated", "activation.*'gated'"),
-        ("saes.0.lr=-0.1", "lr must be positive"),
-        ("saes.0.penalty=l7", "penalty.*'l7'"),
-        ("steps=0", "steps must be positive"),
-        ("saes.0.bogus=1", r"unknown field\(s\) \['bogus'\]"),
-        ("batch_size=many", "batch_size: expected int"),
+        (["saes.0.sae.activation.k=5000"], "saes.0.sae: activation.k = 5000 exceeds d_sae = 1024"),
+        (
+            ["saes.0.sae.activation=gated"],
+            r"saes.0.sae.activation.kind: unknown activation 'gated'",
+        ),
+        (["saes.0.sae.activation.kind=gated"], r"activation.kind: unknown activation 'gated'"),
+        (
+            ["saes.0.sae.activation.threshold_beta=0.9"],
+            r"saes.0.sae.activation: \['threshold_beta'\] do\(es\) not apply to activation 'topk'",
+        ),
+        (["saes.0.lr=-0.1"], "lr must be a finite number > 0"),
+        (["saes.0.penalty=l7"], "penalty.*'l7'"),
+        # Refused combinations name both fields.
+        (["saes.0.sae.activation=relu"], r"saes.0: sae.activation.kind 'relu' .* set penalty"),
+        (["saes.0.sae.activation=prolu"], r"sae.activation.kind 'prolu' .* set penalty"),
+        (
+            [*RELU, "saes.0.revival=auxk"],
+            r"saes.0: revival.kind 'auxk' does not apply to sae.activation.kind 'relu'",
+        ),
+        (
+            [*RELU, "saes.0.revival=preact"],
+            r"revival.kind 'preact' does not apply to sae.activation.kind 'relu'",
+        ),
+        (
+            [
+                "saes.0.sae.activation=jumprelu",
+                "saes.0.penalty.kind=l0",
+                "saes.0.penalty.coefficient=0.1",
+                "saes.0.revival=auxk",
+            ],
+            r"revival.kind 'auxk' does not apply to sae.activation.kind 'jumprelu'",
+        ),
+        (
+            ["saes.0.penalty.kind=l0", "saes.0.penalty.coefficient=0.1"],
+            r"penalty.kind 'l0' needs thresholds; sae.activation.kind 'topk'",
+        ),
+        (
+            ["saes.0.matryoshka.kind=fixed", "saes.0.matryoshka.groups=[512, 256]"],
+            r"matryoshka.groups sum to 768, not sae.d_sae = 1024",
+        ),
+        pytest.param(
+            ["saes.0.penalty=l7"],
+            r"saes.0.penalty.kind: unknown penalty 'l7'; choose one of",
+        ),
+        pytest.param(
+            ["saes.0.penalty=l1"],
+            r"saes.0.penalty.*coefficient must be a finite number > 0",
+        ),
+        pytest.param(
+            ["saes.0.revival.kind=auxk", "saes.0.revival.k_aux=0"],
+            r"saes.0.revival.*k_aux must be a positive integer",
+        ),
+        (["steps=0"], "steps must be positive"),
+        (["saes.0.bogus=1"], r"unknown field\(s\) \['bogus'\]"),
+        (["batch_size=many"], "batch_size: expected int"),
     ],
 )
-def test_configuration_errors_name_the_offending_field(override, message, capsys):
-    code = cli_main(["train", "--no-progress", "--set", override])
+def test_configuration_errors_name_the_offending_field(overrides, message, capsys, tmp_path):
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    code = cli_main(["train", "--no-progress", "--out", str(tmp_path), *sets])
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
 
@@ -327,9 +448,16 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
 
 
 def test_overrides_parse_values_and_extend_lists():
-    data = apply_overrides({"saes": [{"sae": {"k": 1}}]}, ["saes.0.sae.k=8", "saes.1.lr=1e-3"])
-    assert data["saes"][0]["sae"]["k"] == 8
+    data = {"saes": [{"sae": {"activation": {"kind": "topk", "k": 1}}}]}
+    data = apply_overrides(data, ["saes.0.sae.activation.k=8", "saes.1.lr=1e-3"])
+    assert data["saes"][0]["sae"]["activation"] == {"kind": "topk", "k": 8}
     assert data["saes"][1]["lr"] == "1e-3"  # YAML 1.1; the float field accepts it
+    # A kind given as a bare string becomes a mapping when one of its fields is set.
+    data = {"saes": [{"sae": {"activation": "topk"}, "penalty": "l1"}]}
+    overrides = ["saes.0.sae.activation.k=8", "saes.0.penalty.coefficient=0.1"]
+    data = apply_overrides(data, overrides)
+    assert data["saes"][0]["sae"]["activation"] == {"kind": "topk", "k": 8}
+    assert data["saes"][0]["penalty"] == {"kind": "l1", "coefficient": 0.1}
     entry = sae_entry("topk")
     entry["lr"] = "1e-3"
     assert build_run_config({"saes": [entry]}).saes[0].lr == pytest.approx(1e-3)

@@ -19,7 +19,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field by dotted path, e.g. saes.0.sae.k=16",
+        help="override a config field by dotted path, e.g. saes.0.sae.activation.k=16",
     )
     p.add_argument("--out", help="run directory (out_dir)")
     p.add_argument("--steps", type=int, help="training steps")

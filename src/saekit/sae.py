@@ -1,19 +1,18 @@
 """`SAEConfig` and `SAE`: parameters, encode, decode, forward, scale folding, save and load.
 
-Layout (../shared/DESIGN.md): ``W_enc [M, d]``, ``b_enc [M]``, ``W_dec [M, d]``, ``b_dec [d]``; a
+Layout (docs/design.md): ``W_enc [M, d]``, ``b_enc [M]``, ``W_dec [M, d]``, ``b_dec [d]``; a
 latent's encoder and decoder vectors are rows. The SAE works in a normalised space
 ``x_n = x / s`` (``s`` the dataset scale, E‖x_n‖² = d); ``save`` folds ``s`` into the weights so a
-saved SAE takes raw activations.
+saved SAE takes raw activations. The activation module (``cfg.activation``) is the architecture:
+it encodes; the SAE holds the shared parameters and decodes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,16 +23,20 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from saekit._version import __version__
-from saekit.activations import ACTIVATIONS, Activation, SparseCode, as_dense, sparse_decode
-from saekit.kernels import sparse as kernels
-
-CHECKPOINT_FORMAT = "saekit.sae/1"
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "cfg.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or disagrees with its config."""
+from saekit.activations import ActivationConfig, make_activation
+from saekit.atomic import replace_directory, sha256_file
+from saekit.configs import from_dict, to_dict
+from saekit.encoding import Encoding, SparseCode, as_dense
+from saekit.kernels import sparse_decode
+from saekit.sae_format import (
+    CHECKPOINT_FORMAT,
+    CONFIG_FILE,
+    FORMATS_READ,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_state_matches,
+    upgrade_v1_config,
+)
 
 
 @dataclass
@@ -44,33 +47,20 @@ class SAEConfig:
     """d: width of the activations the SAE reads."""
     d_sae: int
     """M: number of latents."""
-    activation: str = "topk"
-    """Sparsifying nonlinearity: one of relu, topk, batchtopk, jumprelu, prolu."""
-    k: int | None = None
-    """Active latents per token (topk) or per token on average over a batch (batchtopk)."""
-    threshold_beta: float = 0.999
-    """batchtopk: EMA coefficient of the inference threshold θ."""
-    jumprelu_init_threshold: float = 0.001
-    """jumprelu: initial per-latent threshold θ (normalised space)."""
-    jumprelu_bandwidth: float = 0.001
-    """jumprelu: bandwidth ε of the straight-through rectangle kernel."""
-    prolu_variant: str = "ste"
-    """prolu: backward variant, "ste" or "relu"."""
+    activation: ActivationConfig
+    """The architecture: a kind and its fields, e.g. ``{kind: topk, k: 32}`` or ``relu``
+    (saekit.activations lists the kinds; each module documents its fields)."""
     hook: str | None = None
     """Hook point the activations came from (informational)."""
     model_name: str | None = None
     """Model the activations came from (informational)."""
     dtype: str = "float32"
     """Parameter dtype."""
-    kernel: str = "torch"
-    """TopK family training path: "torch" (sparse fast path of saekit.kernels: one dense
-    encoder matmul without autograd, everything after it O(N·k·d)), "triton" (the same with the
-    Triton kernels, CUDA only) or "reference" (dense autograd through the encoder, as in
-    DESIGN.md). Same numbers either way; other activations ignore it."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form extra information carried in cfg.json."""
 
     def __post_init__(self) -> None:
+        self.activation = ActivationConfig.parse(self.activation, "activation")
         self.validate()
 
     def validate(self) -> None:
@@ -78,60 +68,17 @@ class SAEConfig:
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"SAEConfig.activation: unknown activation {self.activation!r}; "
-                f"choose one of {sorted(ACTIVATIONS)}"
-            )
-        if self.activation in ("topk", "batchtopk"):
-            if self.k is None:
-                raise ValueError(f"SAEConfig.k is required for activation {self.activation!r}")
-            if not isinstance(self.k, int) or self.k <= 0:
-                raise ValueError(f"SAEConfig.k must be a positive integer, got {self.k!r}")
-            if self.k > self.d_sae:
-                raise ValueError(f"SAEConfig.k = {self.k} exceeds d_sae = {self.d_sae}")
-        if not 0.0 <= self.threshold_beta < 1.0:
-            raise ValueError(
-                f"SAEConfig.threshold_beta must be in [0, 1), got {self.threshold_beta}"
-            )
-        if self.jumprelu_init_threshold <= 0:
-            raise ValueError("SAEConfig.jumprelu_init_threshold must be positive")
-        if self.jumprelu_bandwidth <= 0:
-            raise ValueError("SAEConfig.jumprelu_bandwidth must be positive")
-        if self.prolu_variant not in ("ste", "relu"):
-            raise ValueError(
-                f"SAEConfig.prolu_variant must be 'ste' or 'relu', got {self.prolu_variant!r}"
-            )
-        if self.kernel not in ("torch", "triton", "reference"):
-            raise ValueError(
-                f"SAEConfig.kernel must be 'torch', 'triton' or 'reference', got {self.kernel!r}"
-            )
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.activation.check_d_sae(self.d_sae)
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"SAEConfig.dtype: unknown torch dtype {self.dtype!r}")
+            raise ValueError(f"dtype: unknown torch dtype {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"SAEConfig: unknown fields {unknown}")
-        return cls(**data)
-
-    def make_activation(self) -> Activation:
-        cls = ACTIVATIONS[self.activation]
-        if self.activation == "topk":
-            return cls(self.d_sae, self.k)
-        if self.activation == "batchtopk":
-            return cls(self.d_sae, self.k, self.threshold_beta)
-        if self.activation == "jumprelu":
-            return cls(self.d_sae, self.jumprelu_init_threshold, self.jumprelu_bandwidth)
-        if self.activation == "prolu":
-            return cls(self.d_sae, self.prolu_variant)
-        return cls(self.d_sae)
+        return from_dict(cls, data)
 
 
 class ForwardOutput(NamedTuple):
@@ -140,17 +87,19 @@ class ForwardOutput(NamedTuple):
     x_hat: Tensor
     """Reconstruction in the input's space and shape [..., d]."""
     latents: Tensor | SparseCode
-    """Latents: dense [N, M] or a SparseCode (TopK family in training)."""
-    pre: Tensor
-    """[N, M] pre-activations in the normalised space (encoder bias included unless ProLU)."""
+    """Latents: dense [N, M] or a SparseCode (TopK family on the fast path)."""
     x_n: Tensor
     """[N, d] normalised input x / s."""
     x_hat_n: Tensor
     """[N, d] normalised reconstruction."""
-    preacts_at: Callable[[Tensor, Tensor], Tensor] | None = None
-    """Fast path only: ``preacts_at(token, latent)`` -> differentiable pre-activations at those
-    coordinates with a sparse backward (pass it to ``losses.auxk_loss``). ``pre`` stays
-    differentiable too, but through the dense [N, M] backward."""
+    encoding: Encoding
+    """The activation's encoding: latents and the pre-activations losses read."""
+
+    @property
+    def pre(self) -> Tensor:
+        """[N, M] differentiable pre-activations (dense backward; AuxK uses
+        ``encoding.preacts.at`` instead)."""
+        return self.encoding.preacts.dense()
 
 
 def check_activations(x: Tensor, d_in: int) -> None:
@@ -167,7 +116,7 @@ def check_activations(x: Tensor, d_in: int) -> None:
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder: parameters, encode and decode; an activation module supplies σ."""
+    """A sparse autoencoder: parameters and decode; the activation module encodes."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__()
@@ -182,9 +131,9 @@ class SAE(nn.Module):
         # Scale and the activation's thresholds stay at least fp32 whatever the parameter dtype.
         aux_dtype = torch.promote_types(dtype, torch.float32)
         self.register_buffer("scale", torch.ones((), dtype=aux_dtype, device=device))
-        self.activation = cfg.make_activation().to(device=device, dtype=aux_dtype)
+        self.activation = make_activation(cfg.activation, M).to(device=device, dtype=aux_dtype)
         if not self.activation.uses_encoder_bias:
-            self.b_enc.requires_grad_(False)  # ProLU owns its bias; b_enc stays 0
+            self.b_enc.requires_grad_(False)  # the activation owns its bias; b_enc stays 0
         self.reset_parameters()
 
     # ---------------------------------------------------------------- initialisation
@@ -226,52 +175,45 @@ class SAE(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
+    def normalise(self, x: Tensor) -> Tensor:
+        """Raw activations [..., d] -> [N, d] in the normalised space x / s."""
+        if x.shape[-1:] != (self.cfg.d_in,):
+            check_activations(x, self.cfg.d_in)
+        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale
+
     def pre_acts(self, x_n: Tensor) -> Tensor:
-        """[N, d] normalised input -> [N, M] pre-activations."""
-        bias = self.b_enc if self.activation.uses_encoder_bias else None
-        x_c = x_n - self.b_dec
-        if bias is None:
-            return x_c @ self.W_enc.T
-        return torch.addmm(bias, x_c, self.W_enc.T)
+        """[N, d] normalised input -> [N, M] differentiable pre-activations."""
+        return self.activation.preacts(self, x_n).dense()
 
     def decode_n(self, latents: Tensor | SparseCode) -> Tensor:
         """Latents -> [N, d] reconstruction in the normalised space (b_dec included)."""
         if isinstance(latents, SparseCode):
-            return sparse_decode(latents, self.W_dec) + self.b_dec
+            return (
+                sparse_decode(
+                    latents.values,
+                    latents.latent,
+                    latents.token,
+                    self.W_dec,
+                    latents.n_tokens,
+                    latents.layout,
+                )
+                + self.b_dec
+            )
         return torch.addmm(self.b_dec, latents, self.W_dec)
-
-    def uses_fast_path(self) -> bool:
-        """TopK, or BatchTopK in training, with a non-reference kernel and autograd on."""
-        kind = self.cfg.activation
-        return (
-            self.cfg.kernel != "reference"
-            and torch.is_grad_enabled()
-            and (kind == "topk" or (kind == "batchtopk" and self.activation.training))
-        )
 
     def forward(self, x: Tensor) -> ForwardOutput:
         lead, d = x.shape[:-1], self.cfg.d_in
-        if x.shape[-1:] != (d,):
-            check_activations(x, d)
-        if self.uses_fast_path():
-            fast = kernels.fast_forward(self, x, backend=self.cfg.kernel)
-            return ForwardOutput(
-                fast.x_hat, fast.latents, fast.pre, fast.x_n, fast.x_hat_n, fast.preacts_at
-            )
-        x_n = x.reshape(-1, d).to(self.W_enc.dtype) / self.scale
-        pre = self.pre_acts(x_n)
-        latents = self.activation(pre)
-        x_hat_n = self.decode_n(latents)
+        x_n = self.normalise(x)
+        encoding = self.activation.encode(self, x_n)
+        x_hat_n = self.decode_n(encoding.latents)
         x_hat = (x_hat_n * self.scale).reshape(*lead, d)
-        return ForwardOutput(x_hat, latents, pre, x_n, x_hat_n)
+        return ForwardOutput(x_hat, encoding.latents, x_n, x_hat_n, encoding)
 
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations [..., d] -> dense latents [..., M]."""
         check_activations(x, self.cfg.d_in)
-        lead = x.shape[:-1]
-        x_n = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale
-        z = as_dense(self.activation(self.pre_acts(x_n)))
-        return z.reshape(*lead, self.cfg.d_sae)
+        z = as_dense(self.activation.encode(self, self.normalise(x)).latents)
+        return z.reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
         """Dense latents [..., M] -> reconstruction [..., d] in the input's space."""
@@ -301,7 +243,8 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def fold_scale_(self) -> None:
-        """Fold s into the weights exactly: W_enc/s, s·W_dec, s·b_dec; then s = 1."""
+        """Fold s into the weights exactly: W_enc/s, s·W_dec, s·b_dec; then s = 1. The
+        pre-activations are unchanged, so b_enc and every threshold stay as they are."""
         s = self.scale.to(self.W_enc.dtype)
         self.W_enc /= s
         self.W_dec *= s
@@ -322,20 +265,24 @@ class SAE(nn.Module):
         return copy
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``sae.safetensors`` and ``cfg.json`` into ``path``.
+        """Write ``sae.safetensors`` and ``cfg.json`` into the directory ``path``.
 
-        The scale is folded into the saved weights; this SAE is left unchanged. Both files are
-        written completely under temporary names (and fsynced) before either replaces the
-        previous checkpoint, so a save that fails leaves the previous one loadable.
+        The scale is folded into the saved weights; this SAE is left unchanged. The directory is
+        rebuilt beside the old one and swapped in (:func:`saekit.atomic.replace_directory`), so
+        the two files always agree (cfg.json holds the weights' sha256); other files already in
+        the directory (a run's metrics.jsonl, eval.json) are carried over.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        kept = _files_to_carry_over(path)
         tensors = self.tensors_for_save()
-        weights, cfg_file = path / WEIGHTS_FILE, path / CONFIG_FILE
-        tmp_weights = path / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        tmp_cfg = path / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        try:
-            save_file(tensors, str(tmp_weights), metadata={"format": CHECKPOINT_FORMAT})
+
+        def fill(tmp: Path) -> None:
+            for entry in kept:
+                try:  # a hard link costs nothing, however long the run's metrics.jsonl
+                    os.link(entry, tmp / entry.name)
+                except OSError:
+                    shutil.copy2(entry, tmp / entry.name)
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
             meta = {
                 "format": CHECKPOINT_FORMAT,
                 "saekit_version": __version__,
@@ -344,25 +291,19 @@ class SAE(nn.Module):
                 "tensors": {
                     k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()
                 },
-                "sha256": sha256_file(tmp_weights),
+                "sha256": sha256_file(tmp / WEIGHTS_FILE),
             }
-            tmp_cfg.write_text(json.dumps(meta, indent=2))
-            fsync_file(tmp_weights)
-            fsync_file(tmp_cfg)
-        except BaseException:
-            for tmp in (tmp_weights, tmp_cfg):
-                tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp_weights, weights)
-        os.replace(tmp_cfg, cfg_file)
-        fsync_dir(path)
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+        replace_directory(path, fill)
         return path
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
     ) -> SAE:
-        """Load a checkpoint written by :meth:`save`, in eval mode; refuse a mismatched one."""
+        """Load a checkpoint written by :meth:`save` (either format), in eval mode; refuse a
+        mismatched one with a one-line CheckpointError."""
         path = Path(path)
         cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
         for p in (cfg_path, weights):
@@ -370,15 +311,15 @@ class SAE(nn.Module):
                 raise CheckpointError(f"checkpoint {path}: missing {p.name}")
         try:
             meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(
                 f"checkpoint {path}: {CONFIG_FILE} is not valid JSON ({exc})"
             ) from exc
         if not isinstance(meta, dict):
             raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} does not hold a JSON object")
-        if meta.get("format") != CHECKPOINT_FORMAT:
+        if meta.get("format") not in FORMATS_READ:
             raise CheckpointError(
-                f"checkpoint {path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
+                f"checkpoint {path}: format {meta.get('format')!r}, expected one of {FORMATS_READ}"
             )
         if verify and meta.get("sha256") != sha256_file(weights):
             raise CheckpointError(
@@ -386,7 +327,10 @@ class SAE(nn.Module):
                 "(corrupt, truncated or from another save)"
             )
         try:
-            cfg = SAEConfig.from_dict(meta["config"])
+            data = meta["config"]
+            if meta["format"] == "saekit.sae/1":
+                data = upgrade_v1_config(data)
+            cfg = SAEConfig.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: bad config in {CONFIG_FILE}: {exc}") from exc
         sae = cls(cfg, device="cpu")
@@ -401,32 +345,28 @@ class SAE(nn.Module):
         return sae.to(device).eval()
 
 
-def check_state_matches(expected: dict[str, Tensor], found: dict[str, Tensor], where: str) -> None:
-    """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
-    problems = []
-    for name in sorted(set(expected) - set(found)):
-        problems.append(f"missing tensor {name!r}")
-    for name in sorted(set(found) - set(expected)):
-        problems.append(f"unexpected tensor {name!r}")
-    for name in sorted(set(expected) & set(found)):
-        if tuple(expected[name].shape) != tuple(found[name].shape):
-            problems.append(
-                f"tensor {name!r} has shape {tuple(found[name].shape)}, the config implies "
-                f"{tuple(expected[name].shape)}"
-            )
-        elif expected[name].dtype != found[name].dtype:
-            problems.append(
-                f"tensor {name!r} has dtype {found[name].dtype}, expected {expected[name].dtype}"
-            )
-    if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems))
-
-
 # -------------------------------------------------------------------- helpers
 
 
+def _files_to_carry_over(path: Path) -> list[Path]:
+    """The other files of an SAE directory (metrics.jsonl, eval.json); refuse a path that is
+    not a directory, or one with subdirectories (a run directory, not an SAE's)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"SAE.save: {path} exists and is not a directory")
+    if not path.is_dir():
+        return []
+    entries = sorted(path.iterdir())
+    subdirs = [e.name for e in entries if e.is_dir()]
+    if subdirs:
+        raise ValueError(
+            f"SAE.save: {path} holds directories {subdirs}; save an SAE into a directory of its "
+            "own (saving swaps the whole directory)"
+        )
+    return [e for e in entries if e.name not in (WEIGHTS_FILE, CONFIG_FILE)]
+
+
 def estimate_scale(x: Tensor) -> float:
-    """s = sqrt(E‖x‖² / d), so that E‖x / s‖² = d."""
+    """s = sqrt(E‖x‖² / d), so that E‖x / s‖² = d: the one home of the dataset scale."""
     x = x.reshape(-1, x.shape[-1]).double()
     return float((x.pow(2).sum(-1).mean() / x.shape[-1]).sqrt())
 
@@ -441,36 +381,3 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
             return c_new
         c = c_new
     return c
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        dir_fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(dest: Path, text: str) -> None:
-    """Write text to a temp name, fsync, rename over ``dest``."""
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    fsync_file(tmp)
-    os.replace(tmp, dest)
-    fsync_dir(dest.parent)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from saekit.activations import SparseCode
+from saekit.encoding import SparseCode
 
 
 def latent_counts(latents: Tensor | SparseCode) -> tuple[Tensor, Tensor]:
@@ -28,11 +28,13 @@ def latent_counts(latents: Tensor | SparseCode) -> tuple[Tensor, Tensor]:
     return nonzero.sum(-1), nonzero.sum(0)
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained of one set: Σ‖x − x̂‖² / Σ‖x − x̄‖² (float64)."""
-    acc = MetricAccumulator(x.shape[-1], 1)
-    acc.add_reconstruction(x, x_hat)
-    return acc.fvu()
+def batch_fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained of one batch, Σ‖x − x̂‖² / Σ‖x − x̄‖², in the inputs'
+    dtype (the training log's: no float64 copies of [N, d] per step). The evaluation sums the
+    same ratio over a whole set in float64 (:class:`MetricAccumulator`)."""
+    x = x.reshape(-1, x.shape[-1])
+    x_hat = x_hat.reshape(-1, x_hat.shape[-1])
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
 @dataclass

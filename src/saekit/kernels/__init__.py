@@ -1,52 +1,32 @@
 """Fast paths for the TopK family; a plain-torch reference beside every one.
 
-``sparse``: torch fast paths (CPU and GPU): sparse decode, sparse encoder backward, fused TopK /
-BatchTopK / AuxK selection, and :func:`~saekit.kernels.sparse.fast_forward`.
-``triton_kernels``: optional GPU kernels, used only when triton and CUDA are present.
+``primitives``: the bag sum and row dot every sparse product is made of. ``layout``: the index
+structures of a code. ``sparse``: sparse decode, the encoder's sparse backward
+(:class:`~saekit.kernels.sparse.SparsePreacts`) and the fixed-shape selections.
+``triton_kernels``: optional GPU kernels for the two primitives, used only with triton and CUDA.
+Nothing here knows about activations: they call these functions from their own ``encode``.
 """
 
+from saekit.kernels.layout import BACKENDS, CodeLayout
+from saekit.kernels.primitives import bag_sum, row_dot
 from saekit.kernels.sparse import (
-    CodeLayout,
-    DenseEncoding,
-    FastForward,
-    attach_preacts,
-    auxk_loss_fast,
+    SparsePreacts,
     auxk_select,
-    bag_sum,
-    batchtopk_fast,
     batchtopk_select,
-    decode_code,
-    differentiable_pre,
-    encode_dense,
-    fast_forward,
-    preacts_at,
-    row_dot,
     sparse_decode,
     sparse_decode_reference,
-    sparse_preacts,
-    sparse_preacts_reference,
-    topk_fast,
+    topk_select,
 )
 
 __all__ = [
+    "BACKENDS",
     "CodeLayout",
-    "DenseEncoding",
-    "FastForward",
-    "attach_preacts",
-    "auxk_loss_fast",
+    "SparsePreacts",
     "auxk_select",
     "bag_sum",
-    "batchtopk_fast",
     "batchtopk_select",
-    "decode_code",
-    "differentiable_pre",
-    "encode_dense",
-    "fast_forward",
-    "preacts_at",
     "row_dot",
     "sparse_decode",
     "sparse_decode_reference",
-    "sparse_preacts",
-    "sparse_preacts_reference",
-    "topk_fast",
+    "topk_select",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saekit.kernels.sparse import CodeLayout
+from saekit.kernels.layout import CodeLayout
 
 try:  # pragma: no cover - exercised only where triton and a GPU exist
     import triton

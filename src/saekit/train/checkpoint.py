@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saekit._version import __version__
-from saekit.sae import CheckpointError, fsync_dir, fsync_file, sha256_file
-from saekit.train.config import to_dict
+from saekit.atomic import fsync_dir, fsync_file, sha256_file
+from saekit.configs import to_dict
+from saekit.sae import CheckpointError
 
 if TYPE_CHECKING:
     from saekit.train.trainer import Trainer

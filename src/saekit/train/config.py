@@ -1,29 +1,37 @@
 """Run configuration: documented dataclasses, loadable from YAML or TOML, overridable by key.
 
 A run is one activation stream (``DataConfig``) feeding one or more SAEs (``SAETrainConfig``).
-Overrides use dotted paths: ``steps=2000``, ``saes.0.sae.k=16``, ``data.synthetic.d=128``.
+Overrides use dotted paths: ``steps=2000``, ``saes.0.sae.activation.k=16``,
+``data.synthetic.d=128``.
 Every error names the offending field.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from saekit.activations import ACTIVATIONS
+from saekit.configs import check_finite, from_dict, to_dict
 from saekit.data.hf import HookPoint
 from saekit.data.synthetic import SyntheticConfig
+from saekit.objective import (
+    FixedPrefixes,
+    MatryoshkaConfig,
+    Objective,
+    PenaltyConfig,
+    RandomPrefixes,
+    RevivalConfig,
+    build_objective,
+)
 from saekit.sae import SAEConfig
 
-PENALTIES = ("l1", "log", "tanh", "sqrt", "l0")
-REVIVALS = ("auxk", "preact", "none")
+__all__ = ["DataConfig", "RunConfig", "SAETrainConfig", "build_run_config", "from_dict", "to_dict"]
 
 
 @dataclass
@@ -44,36 +52,18 @@ class SAETrainConfig:
     """Fraction of the run after which the learning rate decays linearly to 0."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables)."""
-    penalty: str | None = None
-    """Sparsity penalty: l1, log, tanh, sqrt, l0 (on |z|·‖W_dec,i‖), or None."""
-    penalty_coefficient: float = 0.0
-    """λ, the penalty's coefficient (the controller's starting value when target_l0 is set)."""
-    penalty_eps: float = 0.1
-    """ε of the log and sqrt penalties."""
-    penalty_tanh_c: float = 1.0
-    """c of the tanh penalty."""
-    target_l0: float | None = None
-    """If set, a controller moves λ toward this L0."""
-    controller_rate: float = 0.01
-    """Controller step: λ changes by at most a factor exp(rate) per step."""
-    revival: str = "auxk"
-    """Dead-latent revival: auxk (residual), preact (pre-activation loss) or none."""
-    revival_coefficient: float = 1 / 32
-    """α of the revival loss."""
-    auxk_k: int | None = None
-    """AuxK's k_aux (default min(d_in // 2, d_sae); the BatchTopK note used 512)."""
-    auxk_normalizer: str = "residual"
-    """AuxK normaliser V: residual (variance of the residual) or none."""
+    penalty: PenaltyConfig | None = None
+    """Sparsity penalty, e.g. ``{kind: l1, coefficient: 0.1, target_l0: 12}``; kinds l1, log,
+    sqrt, tanh (on |z|·‖W_dec,i‖) and l0 (JumpReLU thresholds). saekit.objective documents
+    each kind's fields."""
+    revival: RevivalConfig | None = None
+    """Dead-latent revival: ``{kind: auxk, coefficient: 0.03125}``, ``preact`` or ``none``.
+    Unset: auxk where the activation takes it (TopK family), none otherwise."""
+    matryoshka: MatryoshkaConfig | None = None
+    """Matryoshka prefixes: ``{kind: random, n_prefixes: 10, min_prefix: 1}`` or
+    ``{kind: fixed, groups: [...]}``; unset for a plain SAE."""
     dead_tokens: int = 200_000
     """A latent is dead after this many tokens without firing (real LMs: ~10M)."""
-    matryoshka: str | None = None
-    """Matryoshka prefixes: random (truncated Pareto each step) or fixed (groups), or None."""
-    matryoshka_n_prefixes: int = 10
-    """random: number of prefixes P (including the full width)."""
-    matryoshka_min_prefix: int = 1
-    """random: smallest prefix length m."""
-    matryoshka_groups: list[int] = field(default_factory=list)
-    """fixed: group sizes summing to d_sae."""
     b_dec_init: str = "mean"
     """b_dec initialisation from data: mean or geometric_median."""
     autocast_bf16: bool = False
@@ -83,42 +73,45 @@ class SAETrainConfig:
 
     def validate(self) -> None:
         self.sae.validate()
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.penalty is not None and self.penalty not in PENALTIES:
-            raise ValueError(f"penalty: unknown penalty {self.penalty!r}; choose from {PENALTIES}")
-        if self.penalty_coefficient < 0:
-            raise ValueError("penalty_coefficient must be non-negative")
-        if self.target_l0 is not None and self.target_l0 <= 0:
-            raise ValueError("target_l0 must be positive")
-        if self.penalty == "l0" and self.sae.activation != "jumprelu":
-            raise ValueError("penalty 'l0' needs activation 'jumprelu' (its thresholds)")
-        if self.revival not in REVIVALS:
-            raise ValueError(f"revival: unknown {self.revival!r}; choose from {REVIVALS}")
-        if self.auxk_normalizer not in ("residual", "none"):
-            raise ValueError("auxk_normalizer must be 'residual' or 'none'")
-        if self.matryoshka not in (None, "random", "fixed"):
-            raise ValueError(f"matryoshka must be random, fixed or None, got {self.matryoshka!r}")
-        if self.matryoshka == "fixed" and sum(self.matryoshka_groups) != self.sae.d_sae:
-            raise ValueError(
-                f"matryoshka_groups sum to {sum(self.matryoshka_groups)}, not d_sae = "
-                f"{self.sae.d_sae}"
-            )
+        if self.lr is not None:
+            check_finite("lr", self.lr, 0.0, strict=True)
+        check_finite("grad_clip", self.grad_clip, 0.0)
         if self.warmup_steps < 0 or not 0 <= self.decay_start <= 1:
             raise ValueError("warmup_steps must be >= 0 and decay_start in [0, 1]")
         if self.dead_tokens <= 0:
             raise ValueError("dead_tokens must be positive")
+        if self.b_dec_init not in ("mean", "geometric_median"):
+            raise ValueError(
+                f"b_dec_init must be mean or geometric_median, got {self.b_dec_init!r}"
+            )
+        d_sae = self.sae.d_sae
+        if isinstance(self.matryoshka, FixedPrefixes) and sum(self.matryoshka.groups) != d_sae:
+            raise ValueError(
+                f"matryoshka.groups sum to {sum(self.matryoshka.groups)}, not sae.d_sae = {d_sae}"
+            )
+        if isinstance(self.matryoshka, RandomPrefixes):
+            m, n = self.matryoshka.min_prefix, self.matryoshka.n_prefixes
+            if m >= d_sae or n - 1 > d_sae - m:
+                raise ValueError(
+                    f"matryoshka: cannot draw n_prefixes - 1 = {n - 1} distinct prefixes of at "
+                    f"least min_prefix = {m} below sae.d_sae = {d_sae}"
+                )
+        self.objective()
+
+    def objective(self) -> Objective:
+        """This SAE's loss terms (raises ValueError for a combination that does not fit)."""
+        return build_objective(ACTIVATIONS[self.sae.activation.kind], self.penalty, self.revival)
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.sae.d_sae / 2**14)
 
     def default_name(self) -> str:
-        parts = [("matryoshka-" if self.matryoshka else "") + self.sae.activation]
-        if self.sae.k is not None and self.sae.activation in ("topk", "batchtopk"):
-            parts.append(f"k{self.sae.k}")
-        if self.penalty:
-            parts.append(self.penalty)
+        parts = self.sae.activation.name_parts()
+        if self.matryoshka is not None:
+            parts[0] = "matryoshka-" + parts[0]
+        if self.penalty is not None:
+            parts.append(self.penalty.kind)
         parts.append(f"M{self.sae.d_sae}")
         return "-".join(parts)
 
@@ -254,89 +247,6 @@ class RunConfig:
                 raise ValueError(f"saes.{i}: {exc}") from exc
 
 
-# ----------------------------------------------------------------------------- (de)serialise
-
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, where)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise ValueError(f"{where}: {value!r} does not fit {tp}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_convert(item, v, f"{where}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where}: expected float, got {value!r}") from None
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp in (int, str, bool, float):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise TypeError(f"{where}: unsupported type {tp}")
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every field's type; errors name it."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where or cls.__name__}: unknown field(s) {unknown}")
-    kwargs = {}
-    for name, value in data.items():
-        path = f"{where}.{name}" if where else name
-        kwargs[name] = _convert(hints[name], value, path)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"{where or cls.__name__}: {exc}") from exc
-    except ValueError as exc:
-        raise ValueError(f"{where or cls.__name__}: {exc}") from exc
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or TOML (.toml) file as a mapping."""
     path = Path(path)
@@ -369,6 +279,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     node.append({})
                 node = node[idx]
             else:
+                if isinstance(node.get(part), str):  # a kind's shorthand: expand to set a field
+                    node[part] = {"kind": node[part]}
                 node = node.setdefault(part, {})
         last = parts[-1]
         if isinstance(node, list):

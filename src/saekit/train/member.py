@@ -9,19 +9,40 @@ and the λ controller. Nothing in a step syncs with the host.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from saekit import losses
-from saekit.activations import BatchTopK, SparseCode
-from saekit.eval.metrics import latent_counts
+from saekit import losses, matryoshka
+from saekit.eval.metrics import batch_fvu, latent_counts
+from saekit.objective import FixedPrefixes, RandomPrefixes, TermInputs
 from saekit.sae import SAE
 from saekit.train.config import SAETrainConfig
 from saekit.train.distributed import LocalComm
-from saekit.train.objective import training_loss
 
-TOPK_FAMILY = ("topk", "batchtopk")
+
+class StepMetrics(NamedTuple):
+    """One step's detached metrics of one SAE (0-d tensors; None where a term is absent)."""
+
+    loss: Tensor
+    reconstruction: Tensor
+    """The reconstruction term (Matryoshka: the mean over prefixes)."""
+    penalty: Tensor | None
+    """The penalty's contribution λ·S."""
+    revival: Tensor | None
+    """The revival term's contribution."""
+    l0: Tensor
+    """Mean active latents per token (z ≠ 0)."""
+    fvu: Tensor
+    """The batch's fraction of variance unexplained (eval.metrics.batch_fvu)."""
+    dead_fraction: Tensor
+    """Share of latents dead at the start of the step."""
+    lam: Tensor
+    """λ of the penalty (0 without one)."""
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self._asdict().items() if v is not None}
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_start: float) -> float:
@@ -53,20 +74,19 @@ class Member:
         M = cfg.sae.d_sae
         self.tokens_since_fired = torch.zeros(M, dtype=torch.int64, device=self.device)
         self.prefix_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.objective = cfg.objective()
+        penalty = cfg.penalty
         self.controller = (
             losses.LambdaController(
-                cfg.penalty_coefficient, cfg.target_l0, rate=cfg.controller_rate
+                penalty.coefficient, penalty.target_l0, rate=penalty.controller_rate
             )
-            if cfg.target_l0 is not None and cfg.penalty is not None
+            if penalty is not None and penalty.target_l0 is not None
             else None
         )
-        self.penalty_coefficient = torch.tensor(cfg.penalty_coefficient, device=self.device)
+        lam = penalty.coefficient if penalty is not None else 0.0
+        self.penalty_coefficient = torch.tensor(lam, device=self.device)
         self.initialised = False
         self.comm = LocalComm()  # the Trainer's comm: combines counters across ranks
-
-    @property
-    def topk_family(self) -> bool:
-        return self.cfg.sae.activation in TOPK_FAMILY
 
     def init_from_data(self, x: Tensor, scale: float | None = None) -> None:
         self.sae.init_from_data(x, scale=scale, method=self.cfg.b_dec_init)
@@ -76,16 +96,16 @@ class Member:
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
     def prefixes(self) -> list[int] | None:
-        cfg = self.cfg
-        if cfg.matryoshka == "random":
-            return losses.sample_prefixes(
-                cfg.sae.d_sae,
-                cfg.matryoshka_n_prefixes,
-                min_prefix=cfg.matryoshka_min_prefix,
+        spec = self.cfg.matryoshka
+        if isinstance(spec, RandomPrefixes):
+            return matryoshka.sample_prefixes(
+                self.cfg.sae.d_sae,
+                spec.n_prefixes,
+                min_prefix=spec.min_prefix,
                 generator=self.prefix_generator,
             )
-        if cfg.matryoshka == "fixed":
-            return losses.fixed_prefixes(cfg.matryoshka_groups)
+        if isinstance(spec, FixedPrefixes):
+            return matryoshka.fixed_prefixes(spec.groups)
         return None
 
     def lambda_value(self) -> Tensor:
@@ -93,49 +113,51 @@ class Member:
 
     def train_step(
         self, x: Tensor, step: int, after_backward: Callable[[Member], None] | None = None
-    ) -> dict[str, Tensor]:
-        """One optimisation step on batch ``x`` [N, d]; returns detached metric tensors."""
+    ) -> StepMetrics:
+        """One optimisation step on batch ``x`` [N, d]; returns detached metrics."""
         cfg, sae = self.cfg, self.sae
         sae.train()
         factor = lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * factor
         dead = self.dead_mask()  # before this batch is counted
+        unit_norm = sae.activation.unit_norm_decoder
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
         with autocast:
             out = sae(x)
-            loss, parts = training_loss(cfg, sae, out, dead, self.lambda_value(), self.prefixes())
+            lam = self.lambda_value()  # the λ this step's penalty uses (logged as such)
+            inputs = TermInputs(sae, out, dead, lam, self.prefixes())
+            loss, terms = self.objective(inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
             after_backward(self)
-        if self.topk_family:
+        if unit_norm:
             sae.remove_parallel_grad_()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        if self.topk_family:
+        if unit_norm:
             sae.normalize_decoder_()
 
         with torch.no_grad():
             per_token, per_latent = latent_counts(out.latents)
             self.update_counters(*self.comm.combine_fired(per_latent > 0, x.shape[0]))
-            if isinstance(sae.activation, BatchTopK) and isinstance(out.latents, SparseCode):
-                batch_min = self.comm.combine_batch_min(BatchTopK.batch_min_positive(out.latents))
-                sae.activation.update_threshold(batch_min)
+            sae.activation.after_step(out.encoding, self.comm)
             l0 = per_token.double().mean()
             if self.controller is not None:
                 self.controller.step(self.comm.average(l0))
-            # The batch's FVU, for the log only (float32: no [N, d] float64 copies per step).
-            err = (out.x_n - out.x_hat_n).pow(2).sum()
-            var = (out.x_n - out.x_n.mean(0)).pow(2).sum()
-            parts.update(
+            penalty, revival = terms.get("penalty"), terms.get("revival")
+            return StepMetrics(
+                loss=loss.detach().double(),
+                reconstruction=terms["reconstruction"].detach().double(),
+                penalty=None if penalty is None else penalty.detach().double(),
+                revival=None if revival is None else revival.detach().double(),
                 l0=l0,
-                fvu=(err / var).double(),
+                fvu=batch_fvu(out.x_n, out.x_hat_n).double(),
                 dead_fraction=dead.double().mean(),
-                lam=self.lambda_value().double(),
+                lam=lam.double(),
             )
-        return parts
 
     def update_counters(self, fired: Tensor, n_tokens: int) -> None:
         """Reset counters of latents that fired; add the batch's tokens to the others."""

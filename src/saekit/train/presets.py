@@ -26,7 +26,7 @@ def train_config() -> dict[str, Any]:
     """One TopK SAE with k = the true L0."""
     return {
         "data": {"source": "synthetic", "synthetic": synthetic_data()},
-        "saes": [{"sae": {"d_sae": D_SAE, "activation": "topk", "k": TRUE_L0}, "lr": LR}],
+        "saes": [{"sae": {"d_sae": D_SAE, "activation": {"kind": "topk", "k": TRUE_L0}}, "lr": LR}],
         "batch_size": BATCH,
         "steps": 700,
         "out_dir": "runs/train",
@@ -43,43 +43,42 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
     """
     batchtopk = {
         # θ's EMA must forget the early, larger thresholds within a 1500-step run.
-        "sae": {"d_sae": D_SAE, "activation": "batchtopk", "k": k, "threshold_beta": 0.99},
+        "sae": {
+            "d_sae": D_SAE,
+            "activation": {"kind": "batchtopk", "k": k, "threshold_beta": 0.99},
+        },
         "lr": LR,
-        "revival_coefficient": 1.0,
+        "revival": {"kind": "auxk", "coefficient": 1.0},
         "dead_tokens": 50_000,
     }
     saes = [
-        {"sae": {"d_sae": D_SAE, "activation": "topk", "k": k}, "lr": LR},
+        {"sae": {"d_sae": D_SAE, "activation": {"kind": "topk", "k": k}}, "lr": LR},
         batchtopk,
         {
             "sae": {
                 "d_sae": D_SAE,
-                "activation": "jumprelu",
-                "jumprelu_init_threshold": 0.5,
-                "jumprelu_bandwidth": 0.1,
+                "activation": {"kind": "jumprelu", "init_threshold": 0.5, "bandwidth": 0.1},
             },
             "lr": LR,
-            "penalty": "l0",
-            "penalty_coefficient": 0.3,
-            "target_l0": float(k),
-            "controller_rate": 0.02,
+            "penalty": {
+                "kind": "l0",
+                "coefficient": 0.3,
+                "target_l0": float(k),
+                "controller_rate": 0.02,
+            },
             "revival": "none",
         },
         {
             "sae": {"d_sae": D_SAE, "activation": "relu"},
             "lr": LR,
-            "penalty": "l1",
-            "penalty_coefficient": 0.1,
-            "target_l0": float(k),
-            "controller_rate": 0.05,
-            "revival": "none",
+            "penalty": {
+                "kind": "l1",
+                "coefficient": 0.1,
+                "target_l0": float(k),
+                "controller_rate": 0.05,
+            },
         },
-        {
-            **batchtopk,
-            "matryoshka": "random",
-            "matryoshka_n_prefixes": 10,
-            "matryoshka_min_prefix": 16,
-        },
+        {**batchtopk, "matryoshka": {"kind": "random", "n_prefixes": 10, "min_prefix": 16}},
     ]
     return {
         "data": {"source": "synthetic", "synthetic": synthetic_data()},

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 import yaml
 
-from saekit.activations import as_dense
+from saekit.activations import BatchTopK
+from saekit.atomic import atomic_write_text
 from saekit.data.synthetic import SyntheticData
+from saekit.encoding import as_dense
 from saekit.eval import ground_truth
 from saekit.eval.metrics import MetricAccumulator
-from saekit.sae import atomic_write_text
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.config import RunConfig, build_run_config, to_dict
 from saekit.train.distributed import launched, run_distributed
@@ -74,7 +75,7 @@ def evaluate_member(
         )
         if hierarchical:
             report["absorption"] = absorbed / pairs if pairs else float("nan")
-    if sae.cfg.activation == "batchtopk":
+    if isinstance(sae.activation, BatchTopK):
         report["threshold"] = float(sae.activation.threshold)
     report["l0_histogram"] = result.l0_histogram
     return report

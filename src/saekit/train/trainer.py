@@ -89,7 +89,7 @@ class Trainer:
             while self.step < cfg.steps:
                 x = next(batches).to(cfg.device, non_blocking=True)
                 for member, acc in zip(self.members, sums, strict=True):
-                    parts = member.train_step(x, self.step, self.after_backward)
+                    parts = member.train_step(x, self.step, self.after_backward).as_dict()
                     for key, value in parts.items():
                         acc[key] = acc[key] + value if key in acc else value.double()
                 self.step += 1

@@ -1,0 +1,42 @@
+"""The activations: each module owns one kind's config, encode, flags and hooks.
+
+Adding an activation = one module here (a config dataclass with ``kind`` and an
+:class:`~saekit.activations.base.Activation` subclass) plus one line in :data:`ACTIVATIONS`.
+"""
+
+from __future__ import annotations
+
+from saekit.activations.base import Activation, ActivationConfig, Combiner
+from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig
+from saekit.activations.jumprelu import JumpReLU, JumpReLUConfig
+from saekit.activations.prolu import ProLU, ProLUConfig
+from saekit.activations.relu import ReLU, ReLUConfig
+from saekit.activations.topk import TopK, TopKConfig
+
+ACTIVATIONS: dict[str, type[Activation]] = {
+    cls.config_class.kind: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, ProLU)
+}
+"""kind → activation class: the only registry."""
+
+
+def make_activation(cfg: ActivationConfig, d_sae: int) -> Activation:
+    return ACTIVATIONS[cfg.kind](cfg, d_sae)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "ActivationConfig",
+    "BatchTopK",
+    "BatchTopKConfig",
+    "Combiner",
+    "JumpReLU",
+    "JumpReLUConfig",
+    "ProLU",
+    "ProLUConfig",
+    "ReLU",
+    "ReLUConfig",
+    "TopK",
+    "TopKConfig",
+    "make_activation",
+]

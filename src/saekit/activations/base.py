@@ -1,0 +1,88 @@
+"""The interface every activation implements: its config, its encode, its flags and hooks.
+
+An activation *is* the architecture: it owns a config (a :class:`ActivationConfig` kind, saved
+inside the SAE's cfg.json), turns normalised inputs into an :class:`~saekit.encoding.Encoding`,
+says which training machinery applies to it (unit-norm decoder rows, revival signals, an L0
+penalty on its thresholds), and updates its own state after an optimizer step. Nothing else in
+saekit switches on an activation's name. Adding one = one file here plus one import line in
+``saekit/activations/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from saekit.configs import KindConfig
+from saekit.encoding import Encoding, Preacts, encoder_preacts
+
+if TYPE_CHECKING:
+    from saekit.sae import SAE
+
+
+class ActivationConfig(KindConfig):
+    """Base of the activation configs (one dataclass per kind, in that kind's module)."""
+
+    family = "activation"
+
+    def name_parts(self) -> list[str]:
+        """What distinguishes this configuration in a default SAE name (e.g. ["topk", "k32"])."""
+        return [self.kind]
+
+    def check_d_sae(self, d_sae: int) -> None:
+        """Raise ValueError naming the field when this config cannot work with d_sae latents."""
+
+
+class Combiner:
+    """How an activation's batch statistics combine across data-parallel ranks (one process:
+    the identity). The trainer passes its communication object, which has these methods."""
+
+    def combine_batch_min(self, value: Tensor) -> Tensor:
+        return value
+
+
+class Activation(nn.Module):
+    """Base: ``encode(sae, x_n) -> Encoding`` and the flags the objective and trainer read."""
+
+    config_class: ClassVar[type[ActivationConfig]]
+    unit_norm_decoder: ClassVar[bool] = False
+    """Decoder rows kept at unit norm (gradient parallel to each row removed before the step,
+    rows renormalised after). Penalty-trained activations leave the decoder free and weight
+    their penalty by ‖W_dec,i‖ instead (docs/design.md)."""
+    revival_signals: ClassVar[frozenset[str]] = frozenset()
+    """Revival terms that act on this activation's dead latents ("auxk", "preact")."""
+    needs_penalty: ClassVar[bool] = False
+    """Nothing but a sparsity penalty makes this activation sparse (ReLU, ProLU)."""
+    uses_encoder_bias: ClassVar[bool] = True
+    """False where the activation owns its bias (ProLU): b_enc stays 0 and gets no gradient."""
+
+    def __init__(self, cfg: ActivationConfig, d_sae: int):
+        super().__init__()
+        self.cfg = cfg
+        self.d_sae = d_sae
+
+    def preacts(self, sae: SAE, x_n_ND: Tensor) -> Preacts:
+        """The affine encoder with dense autograd (the reference path)."""
+        b_enc = sae.b_enc if self.uses_encoder_bias else None
+        return Preacts(encoder_preacts(x_n_ND, sae.W_enc, b_enc, sae.b_dec))
+
+    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+        raise NotImplementedError
+
+    def l0_step(self, pre_NM: Tensor) -> Tensor:
+        """H(pre − θ) [N, M] with a straight-through gradient to the thresholds, for the L0
+        penalty. Only activations with learned thresholds (JumpReLU) implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no thresholds for an L0 penalty")
+
+    def firing_threshold(self, enc: Encoding) -> Tensor:
+        """θ the pre-activation revival pushes dead latents toward: [N, 1], 0-d or [M]."""
+        raise NotImplementedError(f"{type(self).__name__} has no firing threshold")
+
+    @torch.no_grad()
+    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
+        """Update state that follows the training batches (BatchTopK's θ EMA); default none."""
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)

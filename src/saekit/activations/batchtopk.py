@@ -1,0 +1,109 @@
+"""BatchTopK (Bussmann et al. 2024): the k·N largest of ReLU(pre) over the whole batch in
+training; a global threshold θ at inference, ``z = pre·1[pre > θ]``.
+
+θ is an EMA of the smallest positive kept activation of each training batch: the first update
+sets θ = m, then θ ← βθ + (1−β)m (:meth:`BatchTopK.after_step`; under data parallelism m is the
+minimum over ranks). Saved with the SAE; exports as JumpReLU with every threshold = θ.
+Training paths as for TopK (``kernel``), selection :func:`saekit.kernels.batchtopk_select`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from saekit.activations.base import Activation, ActivationConfig, Combiner
+from saekit.activations.topk import check_k, fast_preacts
+from saekit.encoding import Encoding, SparseCode
+from saekit.kernels import CodeLayout, batchtopk_select
+
+if TYPE_CHECKING:
+    from saekit.sae import SAE
+
+
+@dataclass
+class BatchTopKConfig(ActivationConfig):
+    kind = "batchtopk"
+    k: int
+    """Active latents per token on average over a training batch."""
+    threshold_beta: float = 0.999
+    """EMA coefficient β of the inference threshold θ."""
+    kernel: str = "torch"
+    """torch, triton or reference, as for topk."""
+
+    def __post_init__(self) -> None:
+        check_k(self.k, self.kernel)
+        if not 0.0 <= self.threshold_beta < 1.0:  # also refuses nan
+            raise ValueError(f"threshold_beta must be in [0, 1), got {self.threshold_beta!r}")
+
+    def check_d_sae(self, d_sae: int) -> None:
+        if self.k > d_sae:
+            raise ValueError(f"activation.k = {self.k} exceeds d_sae = {d_sae}")
+
+    def name_parts(self) -> list[str]:
+        return [self.kind, f"k{self.k}"]
+
+
+def batch_min_positive(latents: Tensor | SparseCode) -> Tensor:
+    """m: the smallest positive latent of a batch (inf if none is), detached, 0-d."""
+    values = (latents.values if isinstance(latents, SparseCode) else latents).detach()
+    return torch.where(values > 0, values, torch.full_like(values, math.inf)).min()
+
+
+class BatchTopK(Activation):
+    config_class = BatchTopKConfig
+    unit_norm_decoder = True
+    revival_signals = frozenset({"auxk", "preact"})
+
+    def __init__(self, cfg: BatchTopKConfig, d_sae: int):
+        super().__init__(cfg, d_sae)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
+
+    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+        if not self.training:
+            pre = self.preacts(sae, x_n_ND)
+            pre_NM = pre.dense()
+            return Encoding(pre_NM * (pre_NM > self.threshold).to(pre_NM.dtype), pre)
+        k = self.cfg.k
+        if self.cfg.kernel == "reference":
+            pre = self.preacts(sae, x_n_ND)
+            values_E, flat_E = batchtopk_select(pre.dense(), k)
+            z_flat = torch.zeros_like(pre.dense()).reshape(-1)
+            z_NM = z_flat.scatter(0, flat_E, torch.relu(values_E)).view_as(pre.dense())
+            return Encoding(z_NM, pre)
+        pre = fast_preacts(sae, x_n_ND)
+        n_tokens, d_sae = pre.detached.shape
+        values_E, flat_E = batchtopk_select(pre.detached, k)
+        token_E = torch.div(flat_E, d_sae, rounding_mode="floor")
+        layout = CodeLayout(
+            token_E, flat_E - token_E * d_sae, n_tokens, d_sae, backend=self.cfg.kernel
+        )
+        values_E = torch.relu(pre.attach(values_E, layout))
+        return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
+
+    def firing_threshold(self, enc: Encoding) -> Tensor:
+        """The batch's smallest positive kept value, 0-d (0 if none is positive)."""
+        theta = batch_min_positive(enc.latents)
+        return torch.where(torch.isfinite(theta), theta, torch.zeros_like(theta))
+
+    @torch.no_grad()
+    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
+        if self.training:
+            self.update_threshold(combiner.combine_batch_min(batch_min_positive(enc.latents)))
+
+    @torch.no_grad()
+    def update_threshold(self, batch_min: Tensor) -> None:
+        """One EMA step toward ``batch_min`` (a 0-d tensor); skipped when it is inf. No sync."""
+        batch_min = batch_min.to(self.threshold.dtype)
+        beta = self.cfg.threshold_beta
+        ema = torch.where(
+            self.threshold_initialized, beta * self.threshold + (1 - beta) * batch_min, batch_min
+        )
+        finite = torch.isfinite(batch_min)
+        self.threshold.copy_(torch.where(finite, ema, self.threshold))
+        self.threshold_initialized.copy_(self.threshold_initialized | finite)

@@ -1,0 +1,29 @@
+"""ReLU: z = ReLU(pre). Sparse only through a penalty (docs/design.md, "Activations")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from saekit.activations.base import Activation, ActivationConfig
+from saekit.encoding import Encoding
+
+if TYPE_CHECKING:
+    from saekit.sae import SAE
+
+
+@dataclass
+class ReLUConfig(ActivationConfig):
+    kind = "relu"
+
+
+class ReLU(Activation):
+    config_class = ReLUConfig
+    needs_penalty = True
+
+    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+        pre = self.preacts(sae, x_n_ND)
+        return Encoding(torch.relu(pre.dense()), pre)

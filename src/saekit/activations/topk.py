@@ -1,0 +1,83 @@
+"""TopK (Gao et al. 2024): keep the k largest of ReLU(pre) per token.
+
+Two paths with the same selection (:func:`saekit.kernels.topk_select`):
+- ``kernel: torch`` (or ``triton``): one encoder matmul without autograd, then everything is
+  O(N·k·d) — a SparseCode, the sparse decode, the encoder's sparse backward.
+- ``kernel: reference``: dense autograd through the encoder and dense [N, M] latents, as the
+  formula reads; the fast path is tested against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from saekit.activations.base import Activation, ActivationConfig
+from saekit.encoding import Encoding, SparseCode
+from saekit.kernels import CodeLayout, SparsePreacts, topk_select
+
+if TYPE_CHECKING:
+    from saekit.sae import SAE
+
+KERNELS = ("torch", "triton", "reference")
+
+
+def check_k(k: int, kernel: str) -> None:
+    """Shared by the TopK family's configs."""
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+@dataclass
+class TopKConfig(ActivationConfig):
+    kind = "topk"
+    k: int
+    """Active latents per token."""
+    kernel: str = "torch"
+    """torch (sparse fast path), triton (the same with Triton kernels, CUDA only) or reference
+    (dense autograd). Same numbers up to float rounding."""
+
+    def __post_init__(self) -> None:
+        check_k(self.k, self.kernel)
+
+    def check_d_sae(self, d_sae: int) -> None:
+        if self.k > d_sae:
+            raise ValueError(f"activation.k = {self.k} exceeds d_sae = {d_sae}")
+
+    def name_parts(self) -> list[str]:
+        return [self.kind, f"k{self.k}"]
+
+
+def fast_preacts(sae: SAE, x_n_ND: Tensor) -> SparsePreacts:
+    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.b_dec)
+
+
+class TopK(Activation):
+    config_class = TopKConfig
+    unit_norm_decoder = True
+    revival_signals = frozenset({"auxk", "preact"})
+
+    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+        k = self.cfg.k
+        if self.cfg.kernel == "reference":
+            pre = self.preacts(sae, x_n_ND)
+            values_Nk, latent_Nk = topk_select(pre.dense(), k)
+            z_NM = torch.zeros_like(pre.dense()).scatter(1, latent_Nk, torch.relu(values_Nk))
+            return Encoding(z_NM, pre)
+        pre = fast_preacts(sae, x_n_ND)
+        n_tokens, d_sae = pre.detached.shape
+        values_Nk, latent_Nk = topk_select(pre.detached, k)
+        layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
+        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))
+        code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
+        return Encoding(code, pre)
+
+    def firing_threshold(self, enc: Encoding) -> Tensor:
+        """Each token's smallest kept value, ReLU'd: [N, 1] (0 where a kept entry is ≤ 0)."""
+        values_Nk, _ = topk_select(enc.preacts.detached, self.cfg.k)
+        return torch.relu(values_Nk.min(-1, keepdim=True).values)

@@ -1,0 +1,93 @@
+"""What an encoder produces: latents (dense or sparse) and the pre-activations losses need.
+
+Every activation's ``encode`` returns an :class:`Encoding`. Losses never reach into a kernel:
+they ask the encoding's :class:`Preacts` for what they need (a detached [N, M] matrix to select
+from, a differentiable one, or differentiable values at chosen (token, latent) pairs), and the
+activation decides how that is computed (dense autograd, or the sparse fast path of
+:mod:`saekit.kernels`).
+
+This module imports nothing from saekit: kernels, activations and losses all build on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def encoder_preacts(x_n_ND: Tensor, W_enc_MD: Tensor, b_enc_M: Tensor | None, b_dec_D: Tensor):
+    """pre = (x_n − b_dec) W_encᵀ + b_enc: the one home of the affine encoder ([N, M]).
+
+    ``b_enc_M`` None: no encoder bias (ProLU owns its bias). Differentiable where its inputs are;
+    the fast path calls it under ``torch.no_grad``.
+    """
+    x_c_ND = x_n_ND - b_dec_D
+    if b_enc_M is None:
+        return x_c_ND @ W_enc_MD.T
+    return torch.addmm(b_enc_M, x_c_ND, W_enc_MD.T)
+
+
+class SparseCode(NamedTuple):
+    """Latents in coordinate form, sorted by token. Entries may hold an exact 0 (a kept ReLU 0).
+
+    The shape is fixed by the activation (N·k entries for TopK and BatchTopK), so building it needs
+    no host sync.
+    """
+
+    values: Tensor
+    """[nnz] latent activations (differentiable)."""
+    latent: Tensor
+    """[nnz] int64 latent index in [0, d_sae)."""
+    token: Tensor
+    """[nnz] int64 token index in [0, n_tokens), non-decreasing."""
+    n_tokens: int
+    """N, the number of tokens the code describes."""
+    d_sae: int
+    """M, the number of latents."""
+    layout: Any = None
+    """Optional :class:`saekit.kernels.CodeLayout` of this code, built by the encoder and reused
+    by the decode (one argsort per code, not two)."""
+
+    def to_dense(self) -> Tensor:
+        """The dense latents [N, M]; differentiable with respect to ``values``."""
+        dense_NM = self.values.new_zeros(self.n_tokens, self.d_sae)
+        return dense_NM.index_put((self.token, self.latent), self.values, accumulate=True)
+
+
+def as_dense(latents: Tensor | SparseCode) -> Tensor:
+    """Dense [N, M] latents from either form."""
+    return latents.to_dense() if isinstance(latents, SparseCode) else latents
+
+
+class Preacts:
+    """Pre-activations [N, M] computed with dense autograd (the reference path).
+
+    ``detached``: for selections and thresholds. ``dense()``: differentiable [N, M].
+    ``at(token, latent)``: differentiable values at coordinates of any (equal) shape.
+    The fast path (:class:`saekit.kernels.SparsePreacts`) answers the same three questions
+    with sparse backward passes.
+    """
+
+    def __init__(self, pre_NM: Tensor):
+        self._pre_NM = pre_NM
+
+    @property
+    def detached(self) -> Tensor:
+        return self._pre_NM.detach()
+
+    def dense(self) -> Tensor:
+        return self._pre_NM
+
+    def at(self, token: Tensor, latent: Tensor) -> Tensor:
+        return self._pre_NM[token, latent]
+
+
+class Encoding(NamedTuple):
+    """What ``Activation.encode`` returns."""
+
+    latents: Tensor | SparseCode
+    """Dense [N, M] latents, or a SparseCode (TopK family)."""
+    preacts: Preacts
+    """The pre-activations the latents were selected from (normalised space)."""

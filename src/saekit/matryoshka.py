@@ -1,0 +1,157 @@
+"""Matryoshka SAEs (Bussmann et al. 2025; Nabeshima, "Efficient Matryoshka loss calculation",
+docs/references/matryoshka-efficient-loss.txt): every prefix of the latents must
+reconstruct on its own, all prefixes from one pass.
+
+Prefixes p_1 < … < p_P = M. Per block j, δ_j = Σ_{p_{j−1} ≤ i < p_j} z_i W_dec,i and
+x̂_{p_j} = b_dec + Σ_{j' ≤ j} δ_j'. Reconstruction L = (1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖².
+A penalty averaged over prefixes, (1/P) Σ_j S_{p_j}, equals the plain penalty with per-latent
+weights w_i = #{j : i < p_j} / P (:func:`prefix_weights`), so the penalties need no block code.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from saekit.encoding import SparseCode
+from saekit.kernels import CodeLayout, sparse_decode
+
+
+@functools.lru_cache(maxsize=64)
+def prefix_length_probs(d_sae: int, min_prefix: int = 1, alpha: float = 0.5) -> Tensor:
+    """P(l) ∝ ((l−m+1)/(M−m+1))^a − ((l−m)/(M−m+1))^a for m ≤ l < M (float64, [M − m]);
+    cached, so callers must not write into it."""
+    if not 1 <= min_prefix < d_sae:
+        raise ValueError(f"min_prefix must be in [1, d_sae), got {min_prefix} for d_sae={d_sae}")
+    span = d_sae - min_prefix + 1
+    steps = torch.arange(d_sae - min_prefix + 1, dtype=torch.float64) / span  # (l−m)/(M−m+1)
+    cdf = steps.pow(alpha)
+    probs = cdf[1:] - cdf[:-1]  # l = m … M−1
+    return probs / probs.sum()
+
+
+def sample_prefixes(
+    d_sae: int,
+    n_prefixes: int,
+    min_prefix: int = 1,
+    alpha: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """P − 1 distinct lengths from :func:`prefix_length_probs` (without replacement), plus M.
+
+    Sorted, ending with M. Drawn on the host (prefixes are Python ints: they slice tensors).
+    """
+    if n_prefixes < 1:
+        raise ValueError(f"n_prefixes must be at least 1, got {n_prefixes}")
+    if n_prefixes == 1:
+        return [d_sae]
+    probs = prefix_length_probs(d_sae, min_prefix, alpha)  # cached; sampling does not write
+    if n_prefixes - 1 > probs.numel():
+        raise ValueError(f"cannot draw {n_prefixes - 1} distinct prefixes from {probs.numel()}")
+    draws = torch.multinomial(probs, n_prefixes - 1, replacement=False, generator=generator)
+    return sorted((draws + min_prefix).tolist()) + [d_sae]
+
+
+def fixed_prefixes(group_sizes: Sequence[int]) -> list[int]:
+    """Prefix ends of consecutive latent groups: sizes [a, b, c] → [a, a+b, a+b+c]."""
+    if not group_sizes or any(int(g) <= 0 for g in group_sizes):
+        raise ValueError(f"group sizes must be positive, got {list(group_sizes)}")
+    ends, total = [], 0
+    for size in group_sizes:
+        total += int(size)
+        ends.append(total)
+    return ends
+
+
+def _check_prefixes(prefixes: Sequence[int] | Tensor, d_sae: int) -> list[int]:
+    ends = [int(p) for p in (prefixes.tolist() if isinstance(prefixes, Tensor) else prefixes)]
+    if not ends or ends[-1] != d_sae or any(b <= a for a, b in itertools.pairwise([0, *ends])):
+        raise ValueError(f"prefixes must increase strictly and end at d_sae={d_sae}, got {ends}")
+    return ends
+
+
+def prefix_weights(prefixes: Sequence[int], d_sae: int, like: Tensor) -> Tensor:
+    """w_i = #{j : i < p_j} / P, [M]: the weight of latent i in a prefix-averaged penalty."""
+    ends = _check_prefixes(prefixes, d_sae)
+    counts_M = torch.zeros(d_sae, dtype=like.dtype, device=like.device)
+    for end in ends:
+        counts_M[:end] += 1
+    return counts_M / len(ends)
+
+
+def block_deltas(latents: Tensor | SparseCode, W_dec_MD: Tensor, prefixes: Sequence[int]) -> Tensor:
+    """δ_j = Σ_{p_{j−1} ≤ i < p_j} z_i W_dec,i for every block: [P, N, d].
+
+    Dense latents: one matmul per block slice. SparseCode: bucket entries by block, one sort by
+    (block, token), one sparse decode into [P·N, d]; never a [P, N, M] or dense [N, M] tensor.
+    """
+    d_sae = W_dec_MD.shape[0]
+    ends = _check_prefixes(prefixes, d_sae)
+    n_prefixes = len(ends)
+    if isinstance(latents, SparseCode):
+        n_tokens = latents.n_tokens
+        device = latents.values.device
+        boundaries = torch.tensor(ends[:-1], dtype=latents.latent.dtype, device=device)
+        block_E = torch.bucketize(latents.latent, boundaries, right=True)  # p_{j−1} ≤ i < p_j
+        bag_E, order = (block_E * n_tokens + latents.token).sort()
+        latent_E = latents.latent[order]
+        n_bags = n_prefixes * n_tokens
+        layout = CodeLayout(bag_E, latent_E, n_bags, d_sae)
+        deltas = sparse_decode(latents.values[order], latent_E, bag_E, W_dec_MD, n_bags, layout)
+        return deltas.view(n_prefixes, n_tokens, -1)
+    z_NM = latents.reshape(-1, latents.shape[-1])
+    starts = [0] + ends[:-1]
+    return torch.stack([z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in zip(starts, ends, strict=True)])
+
+
+class _PrefixMSE(torch.autograd.Function):
+    """mse_j = mean_n ‖r_n − Σ_{j' ≤ j} δ_{j',n}‖² for every j, r = x_n − b_dec: [P].
+
+    The same numbers as cumsum + squared error, but with running sums over [N, d] buffers in
+    both directions instead of a cumsum over [P, N, d] (whose backward flips it twice).
+    Backward, with e_j = r − Σ_{j' ≤ j} δ_j' and G_j = Σ_{j' ≥ j} g_j' e_j':
+    ∂/∂δ_j = −(2/N)·G_j and ∂/∂r = (2/N)·G_0; e_j = e_{j+1} + δ_{j+1} walks back from e_{P−1}.
+    """
+
+    @staticmethod
+    def forward(ctx, delta_PND: Tensor, r_ND: Tensor) -> Tensor:
+        n_tokens = r_ND.shape[0]
+        err_ND = r_ND.clone()
+        mse = []
+        for delta_ND in delta_PND:
+            err_ND -= delta_ND
+            mse.append(err_ND.pow(2).sum() / n_tokens)
+        ctx.save_for_backward(delta_PND, err_ND)  # err_ND is e_{P−1}
+        return torch.stack(mse)
+
+    @staticmethod
+    def backward(ctx, grad_P: Tensor):
+        delta_PND, last_err_ND = ctx.saved_tensors
+        n_prefixes, n_tokens = delta_PND.shape[:2]
+        err_ND = last_err_ND.clone()
+        acc_ND = torch.zeros_like(err_ND)
+        grad_delta_PND = torch.empty_like(delta_PND)
+        for j in range(n_prefixes - 1, -1, -1):
+            if j < n_prefixes - 1:
+                err_ND += delta_PND[j + 1]
+            acc_ND.add_(err_ND, alpha=grad_P[j])  # G_j; grad_P stays a tensor: no host sync
+            torch.mul(acc_ND, -2.0 / n_tokens, out=grad_delta_PND[j])
+        return grad_delta_PND, acc_ND * (2.0 / n_tokens)
+
+
+def matryoshka_reconstruction_loss(
+    x_n: Tensor,
+    latents: Tensor | SparseCode,
+    W_dec_MD: Tensor,
+    b_dec_D: Tensor,
+    prefixes: Sequence[int],
+) -> Tensor:
+    """(1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖², every prefix from one pass (block deltas and the
+    running sums of :class:`_PrefixMSE`)."""
+    d = W_dec_MD.shape[-1]
+    delta_PND = block_deltas(latents, W_dec_MD, prefixes)
+    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()

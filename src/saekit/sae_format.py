@@ -1,0 +1,67 @@
+"""The on-disk format of an SAE directory: file names, format versions, what loading checks.
+
+``saekit.sae/2`` (written today): cfg.json holds ``{format, saekit_version, config, scale_folded,
+tensors, sha256}`` with the activation as ``{kind, fields}``. ``saekit.sae/1`` (the first
+release) had flat activation fields; :func:`upgrade_v1_config` reads it. The tensor names are
+the same in both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+CHECKPOINT_FORMAT = "saekit.sae/2"
+FORMATS_READ = ("saekit.sae/1", CHECKPOINT_FORMAT)
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or disagrees with its config."""
+
+
+def upgrade_v1_config(data: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json's config of format saekit.sae/1 (flat activation fields) in today's shape."""
+    data = dict(data)
+    kind = data.pop("activation", "topk")
+    k, kernel = data.pop("k", None), data.pop("kernel", "torch")
+    beta = data.pop("threshold_beta", 0.999)
+    init, bandwidth = (
+        data.pop("jumprelu_init_threshold", 0.001),
+        data.pop("jumprelu_bandwidth", 0.001),
+    )
+    variant = data.pop("prolu_variant", "ste")
+    activation: dict[str, Any] = {"kind": kind}
+    if kind in ("topk", "batchtopk"):
+        activation.update(k=k, kernel=kernel)
+    if kind == "batchtopk":
+        activation["threshold_beta"] = beta
+    if kind == "jumprelu":
+        activation.update(init_threshold=init, bandwidth=bandwidth)
+    if kind == "prolu":
+        activation["variant"] = variant
+    data["activation"] = activation
+    return data
+
+
+def check_state_matches(expected: dict[str, Tensor], found: dict[str, Tensor], where: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    problems = []
+    for name in sorted(set(expected) - set(found)):
+        problems.append(f"missing tensor {name!r}")
+    for name in sorted(set(found) - set(expected)):
+        problems.append(f"unexpected tensor {name!r}")
+    for name in sorted(set(expected) & set(found)):
+        if tuple(expected[name].shape) != tuple(found[name].shape):
+            problems.append(
+                f"tensor {name!r} has shape {tuple(found[name].shape)}, the config implies "
+                f"{tuple(expected[name].shape)}"
+            )
+        elif expected[name].dtype != found[name].dtype:
+            problems.append(
+                f"tensor {name!r} has dtype {found[name].dtype}, expected {expected[name].dtype}"
+            )
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
