@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saekit._version import __version__
-from saekit.sae import CheckpointError, fsync_dir, fsync_file, sha256_file
+from saekit.atomic import fsync_dir, fsync_file, sha256_file
+from saekit.sae import CheckpointError
 from saekit.train.config import to_dict
 
 if TYPE_CHECKING:

@@ -652,7 +652,7 @@ def _destroy_quietly() -> None:
 def _write_run_config(cfg: RunConfig) -> None:
     import yaml
 
-    from saekit.sae import atomic_write_text
+    from saekit.atomic import atomic_write_text
     from saekit.train.config import to_dict
 
     out = Path(cfg.out_dir)

@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from saekit.activations import as_dense
+from saekit.atomic import atomic_write_text
 from saekit.data.synthetic import SyntheticData
 from saekit.eval import ground_truth
 from saekit.eval.metrics import MetricAccumulator
-from saekit.sae import atomic_write_text
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.config import RunConfig, build_run_config, to_dict
 from saekit.train.distributed import launched, run_distributed
