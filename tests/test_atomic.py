@@ -19,13 +19,6 @@ from saekit.atomic import (
 )
 
 
-def dead_pid() -> int:
-    """The PID of a process that has exited and been reaped."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def fill_with(files: dict[str, str]):
     def fill(tmp):
         for name, text in files.items():
@@ -65,13 +58,12 @@ def test_a_fill_that_raises_leaves_the_old_directory_intact_and_no_temporary(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
-def test_a_crash_between_the_renames_is_recovered_to_the_complete_old_directory(tmp_path):
+def test_a_crash_between_the_renames_is_recovered_to_the_complete_old_directory(tmp_path, dead_pid):
     # The state after step 1 of the swap by a process that was then killed: dest renamed away,
     # the complete new directory not yet renamed in.
     dest = tmp_path / "checkpoint"
-    pid = dead_pid()
-    old = tmp_path / temporary_name("checkpoint", "old", pid)
-    new = tmp_path / temporary_name("checkpoint", "tmp", pid)
+    old = tmp_path / temporary_name("checkpoint", "old", dead_pid)
+    new = tmp_path / temporary_name("checkpoint", "tmp", dead_pid)
     old.mkdir()
     (old / "state.json").write_text("step 4")
     new.mkdir()
@@ -102,13 +94,13 @@ def test_a_swap_in_flight_in_a_live_process_is_left_alone(tmp_path):
             writer.kill()
 
 
-def test_remove_stale_temporaries_removes_dead_writers_and_all_for_the_owner(tmp_path):
+def test_remove_stale_temporaries_removes_dead_writers_and_all_for_the_owner(tmp_path, dead_pid):
     (tmp_path / "manifest.json").write_text("kept")
-    dead = tmp_path / temporary_name("manifest.json", "tmp", dead_pid())
+    dead = tmp_path / temporary_name("manifest.json", "tmp", dead_pid)
     dead.write_text("partial")
     parent_pid = tmp_path / temporary_name("shard_000001.safetensors", "tmp", os.getppid())
     parent_pid.write_text("a live process's")
-    other_name = tmp_path / temporary_name("other", "tmp", dead_pid())
+    other_name = tmp_path / temporary_name("other", "tmp", dead_pid)
     other_name.write_text("not asked about")
 
     remove_stale_temporaries(tmp_path, "manifest.json")

@@ -17,8 +17,8 @@ from saekit import losses
 from saekit.activations import BatchTopK, SparseCode
 from saekit.eval.metrics import latent_counts
 from saekit.sae import SAE
+from saekit.train.comm import LocalComm
 from saekit.train.config import SAETrainConfig
-from saekit.train.distributed import LocalComm
 from saekit.train.objective import training_loss
 
 TOPK_FAMILY = ("topk", "batchtopk")
