@@ -136,10 +136,10 @@ def recover_directory(dest: Path, *, any_writer: bool = False) -> bool:
     ]
     if not olds:
         return False
-    newest = max(olds, key=lambda p: p.stat().st_mtime)
     try:
+        newest = max(olds, key=lambda p: p.stat().st_mtime)
         os.replace(newest, dest)
-    except OSError:  # another reader recovered it first (or the writer finished its swap)
+    except OSError:  # another reader (another rank) recovered it first
         return False
     fsync_dir(dest.parent)
     return True
