@@ -62,7 +62,7 @@ def timed_fit(trainer, args) -> float:
 
 
 def single_process(args, n_saes: int, threads: int) -> dict:
-    from saekit.train.run import make_source
+    from saekit.data.from_config import make_source
     from saekit.train.trainer import Trainer
 
     torch.set_num_threads(threads)
@@ -75,7 +75,8 @@ def single_process(args, n_saes: int, threads: int) -> dict:
 def _worker(rank: int, port: int, args, n_saes: int, parallel: str, out: str) -> None:
     import torch.distributed as dist
 
-    from saekit.train.distributed import build_trainer, init_from_env
+    from saekit.train.launch import init_from_env
+    from saekit.train.run_distributed import build_trainer
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"

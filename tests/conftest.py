@@ -74,3 +74,14 @@ def host_sync_raises(monkeypatch):
     for name in SYNC_METHODS:
         monkeypatch.setattr(torch.Tensor, name, refuse)
     monkeypatch.setattr(torch, "nonzero", refuse)
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has exited and been reaped (a writer killed mid-write)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

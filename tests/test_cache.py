@@ -57,7 +57,7 @@ def test_manifest_records_hashes_and_settings(tmp_path):
         data = (tmp_path / shard["file"]).read_bytes()
         assert shard["sha256"] == hashlib.sha256(data).hexdigest()
         assert shard["bytes"] == len(data)
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_flipped_byte_is_reported_with_the_shard_name(tmp_path):
@@ -110,7 +110,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, interrupt_at):
     # into the manifest, and a stale temp file
     stray = tmp_path / "resumed" / f"shard_{len(partial['shards']):06d}.safetensors"
     stray.write_bytes(b"garbage")
-    (tmp_path / "resumed" / ".manifest.json.tmp").write_bytes(b"{")
+    (tmp_path / "resumed" / ".manifest.json.tmp-12345").write_bytes(b"{")
     consumed = []
     write(tmp_path / "resumed", (consumed.append(len(b)) or b for b in batches))
     assert sum(consumed) == 120  # the source is re-read from the start, the prefix skipped

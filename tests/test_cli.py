@@ -161,14 +161,14 @@ def test_train_with_k_above_d_sae_names_both(capsys):
 
 
 def _run_routes_hf() -> bool:
-    from saekit.train import run
+    from saekit.data import from_config
 
-    return "make_lm_source" in inspect.getsource(run.make_source)
+    return "make_lm_source" in inspect.getsource(from_config.make_source)
 
 
 @pytest.mark.skipif(
     not _run_routes_hf(),
-    reason="saekit.train.run.make_source does not route data.source 'hf' to "
+    reason="saekit.data.from_config.make_source does not route data.source 'hf' to "
     "saekit.data.lm_source.make_lm_source yet",
 )
 def test_online_training_from_the_cli_then_eval(lm, tmp_path, capsys):

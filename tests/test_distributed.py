@@ -20,10 +20,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from saekit.data.source import SyntheticSource
 from saekit.data.synthetic import SyntheticData
+from saekit.train.comm import sweep_indices
 from saekit.train.config import build_run_config
-from saekit.train.distributed import launch_command, sweep_indices
-from saekit.train.trainer import SyntheticSource, Trainer
+from saekit.train.launch import launch_command
+from saekit.train.trainer import Trainer
 
 WORLD = 2
 BATCH = 64  # global tokens per step: 32 per rank
@@ -146,8 +148,9 @@ class FakeModelSource:
 
 def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
     """Data parallel (2 steps, then resumed to 4), then a sweep, in one process group."""
-    from saekit.train.distributed import init_from_env, run_distributed
+    from saekit.train.launch import init_from_env
     from saekit.train.run import resume_config
+    from saekit.train.run_distributed import run_distributed
 
     join_group_env(rank, port, timeout_s=30)
     init_from_env("cpu")  # one group for the three runs (run_distributed reuses it)
@@ -164,7 +167,8 @@ def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
         cache_cfg = cache_run_config(Path(out_dir), parallel)
         run_distributed(cache_cfg)
 
-    from saekit.train.distributed import BroadcastSource, SweepComm
+    from saekit.data.dist_source import BroadcastSource
+    from saekit.train.comm import SweepComm
 
     comm = SweepComm(init_from_env("cpu"), sweep)
     source = BroadcastSource(FakeModelSource() if rank == 0 else None, comm)
@@ -195,8 +199,9 @@ def cache_run_config(out_dir: Path, parallel: str, cache_dir: Path | None = None
 
 def stop_on_a_signal_to_rank_1(rank: int, out_dir: Path) -> None:
     """SIGTERM reaches rank 1 only, in step 1: both ranks stop at the next log step (2)."""
-    from saekit.train.distributed import run_distributed
-    from saekit.train.trainer import Member, TrainingInterrupted
+    from saekit.train.member import Member
+    from saekit.train.run_distributed import run_distributed
+    from saekit.train.trainer import TrainingInterrupted
 
     train_step = Member.train_step
 
@@ -231,8 +236,9 @@ def parallel_runs(tmp_path_factory) -> Path:
 
 def _failing_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
     """Rank 1 dies (os._exit) or hangs at the start of its 4th step; rank 0 must fail cleanly."""
-    from saekit.train.distributed import DistributedFailure, run_distributed
-    from saekit.train.trainer import Member
+    from saekit.train.launch import DistributedFailure
+    from saekit.train.member import Member
+    from saekit.train.run_distributed import run_distributed
 
     join_group_env(rank, port, timeout_s=TIMEOUT_S)
     train_step = Member.train_step
@@ -388,7 +394,7 @@ def test_sweep_broadcast_source_gives_every_rank_rank_0s_batches(parallel_runs):
 def test_sweep_on_a_model_source_equals_one_process_and_data_parallel_runs(parallel_runs, tmp_path):
     """On an activation cache: the sweep (batches broadcast by rank 0) equals one process
     exactly; data parallel (the cache split by rank) trains and reports."""
-    from saekit.train.run import make_source
+    from saekit.data.from_config import make_source
 
     cfg = cache_run_config(parallel_runs, "sweep")
     gathered = Trainer(cfg, make_source(cfg))

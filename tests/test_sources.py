@@ -13,7 +13,7 @@ from saekit.data.cache import write_cache
 from saekit.data.lm_source import CacheSource, make_lm_source
 from saekit.sae import SAE
 from saekit.train.config import build_run_config
-from saekit.train.run import save_outputs
+from saekit.train.outputs import save_outputs
 from saekit.train.trainer import Trainer
 
 D = 8
@@ -194,10 +194,10 @@ def test_online_training_writes_a_self_describing_sae(lm_dir, tmp_path):
     source = make_lm_source(cfg)
     trainer = Trainer(cfg, source)
     trainer.fit()
-    from saekit.train.run import evaluate_member
+    from saekit.train.outputs import evaluate_member
 
     reports = [evaluate_member(m, source, cfg.eval_tokens, cfg.batch_size) for m in trainer.members]
-    save_outputs(trainer, reports)
+    save_outputs(trainer.out_dir, {m.cfg.name: m.sae for m in trainer.members}, reports)
     assert reports[0]["n_tokens"] == 128 and reports[0]["l0"] == pytest.approx(4.0)
     sae = SAE.load(tmp_path / "run" / cfg.saes[0].name)
     assert (sae.cfg.hook, sae.cfg.model_name) == (HOOK, str(lm_dir))

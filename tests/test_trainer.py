@@ -12,19 +12,14 @@ import pytest
 import torch
 
 from saekit.cli import main as cli_main
+from saekit.data.source import SyntheticSource
 from saekit.data.synthetic import SyntheticData
 from saekit.losses import sparsity_penalty
 from saekit.matryoshka import matryoshka_reconstruction_loss
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.config import apply_overrides, build_run_config, load_config_file
-from saekit.train.member import StepMetrics
-from saekit.train.trainer import (
-    Member,
-    SyntheticSource,
-    Trainer,
-    TrainingInterrupted,
-    lr_factor,
-)
+from saekit.train.member import Member, StepMetrics, lr_factor
+from saekit.train.trainer import Trainer, TrainingInterrupted
 
 SYNTH = {"d": 16, "n_features": 48, "mean_l0": 3.0, "seed": 3}
 

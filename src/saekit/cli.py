@@ -128,8 +128,9 @@ def _run_config_dict(args: argparse.Namespace, default: dict[str, Any]) -> dict[
 
 
 def _train(args: argparse.Namespace, default: dict[str, Any]) -> int:
-    from saekit.train.distributed import DistributedFailure, is_main_process, launch, launched
-    from saekit.train.run import format_table, resume_config, run_training
+    from saekit.train.launch import DistributedFailure, is_main_process, launch, launched
+    from saekit.train.outputs import format_table
+    from saekit.train.run import resume_config, run_training
     from saekit.train.trainer import TrainingInterrupted
 
     if args.resume:

@@ -121,10 +121,11 @@ class LambdaController:
         rate: float = 0.01,
         min_lam: float = 1e-8,
         max_lam: float = 1e4,
+        dtype: torch.dtype = torch.float32,
     ):
         if lam <= 0 or target_l0 <= 0 or rate <= 0:
             raise ValueError("LambdaController: lam, target_l0 and rate must be positive")
-        self.lam = torch.tensor(float(lam), dtype=torch.float32)
+        self.lam = torch.tensor(float(lam), dtype=dtype)
         self.target_l0 = float(target_l0)
         self.rate = float(rate)
         self.min_lam = float(min_lam)
@@ -133,7 +134,7 @@ class LambdaController:
     @torch.no_grad()
     def step(self, l0: Tensor) -> Tensor:
         """One update from this batch's L0 (a 0-d tensor); returns the new λ."""
-        l0 = l0.detach().float()
+        l0 = l0.detach().to(self.lam.dtype)
         log_ratio = torch.log(l0 / self.target_l0).clamp(-1.0, 1.0)  # log 0 = −inf → −1
         lam = self.lam.to(l0.device) * torch.exp(self.rate * log_ratio)
         self.lam = lam.clamp(self.min_lam, self.max_lam)
@@ -149,7 +150,7 @@ class LambdaController:
         }
 
     def load_state_dict(self, state: dict[str, Tensor | float]) -> None:
-        self.lam = torch.as_tensor(state["lam"], dtype=torch.float32).clone()
+        self.lam = torch.as_tensor(state["lam"], dtype=self.lam.dtype).clone()
         self.target_l0 = float(state["target_l0"])
         self.rate = float(state["rate"])
         self.min_lam = float(state["min_lam"])

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from saekit._version import __version__
 from saekit.activations import ActivationConfig, make_activation
-from saekit.atomic import replace_directory, sha256_file
+from saekit.atomic import recover_directory, replace_directory, sha256_file
 from saekit.configs import from_dict, to_dict
 from saekit.encoding import Encoding, SparseCode, as_dense
 from saekit.kernels import sparse_decode
@@ -273,6 +273,7 @@ class SAE(nn.Module):
         the directory (a run's metrics.jsonl, eval.json) are carried over.
         """
         path = Path(path)
+        recover_directory(path)  # a save killed mid-swap left the old directory aside
         kept = _files_to_carry_over(path)
         tensors = self.tensors_for_save()
 
@@ -305,6 +306,7 @@ class SAE(nn.Module):
         """Load a checkpoint written by :meth:`save` (either format), in eval mode; refuse a
         mismatched one with a one-line CheckpointError."""
         path = Path(path)
+        recover_directory(path)
         cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
         for p in (cfg_path, weights):
             if not p.is_file():

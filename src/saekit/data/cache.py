@@ -6,7 +6,7 @@ Layout of a cache directory::
     shard_000000.safetensors   one tensor "activations" [n_tokens, d]
     shard_000001.safetensors   ...
 
-Every file is written atomically (temp name, fsync, ``os.replace``) and the manifest is
+Every file is written atomically (:mod:`saekit.atomic`) and the manifest is
 rewritten after each shard, so the manifest only ever lists complete shards. An interrupted
 :func:`write_cache` resumes when called again with the same arguments: it skips the first
 ``total_tokens`` tokens of the source and continues with the next shard. For that to give the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from saekit.atomic import atomic_write_bytes, remove_stale_temporaries, sha256_file
 from saekit.data.buffer import ShuffleBuffer
 
 MANIFEST = "manifest.json"
@@ -59,25 +59,6 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return name
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # persist the rename itself
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def _shard_name(index: int) -> str:
     return f"shard_{index:06d}.safetensors"
 
@@ -104,8 +85,7 @@ def write_cache(
     torch_dtype = _DTYPES[name]
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    for stale in out.glob(".*.tmp"):
-        stale.unlink()
+    remove_stale_temporaries(out, owner=True)  # one writer per cache directory
     identity = {"model": model_name, "hook": hook, "dtype": name, "shard_tokens": shard_tokens}
     manifest = _read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
@@ -128,7 +108,7 @@ def write_cache(
             "metadata": dict(metadata or {}),
             "shards": [],
         }
-        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     already = manifest["total_tokens"]
     accepted = already  # tokens written or pending
 
@@ -137,7 +117,7 @@ def write_cache(
             manifest["d"] = acts_ND.shape[1]
         data = save_safetensors({TENSOR_KEY: acts_ND.contiguous()})
         file = _shard_name(len(manifest["shards"]))
-        _atomic_write(out / file, data)
+        atomic_write_bytes(out / file, data)
         manifest["shards"].append(
             {
                 "file": file,
@@ -147,7 +127,7 @@ def write_cache(
             }
         )
         manifest["total_tokens"] += len(acts_ND)
-        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     pending: list[Tensor] = []
     n_pending = 0
@@ -190,7 +170,7 @@ def write_cache(
     if manifest["d"] is None:
         raise ValueError("write_cache got no activations")
     manifest["complete"] = True
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -309,11 +289,7 @@ class ActivationCache:
                 raise CacheError(
                     f"{shard.file}: {kind}, {size} bytes but the manifest says {shard.bytes}"
                 )
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != shard.sha256:
+            if sha256_file(path) != shard.sha256:
                 raise CacheError(f"{shard.file}: sha256 mismatch (corrupt shard)")
             self._check_header(shard)
 

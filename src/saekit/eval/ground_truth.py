@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -36,9 +36,6 @@ class RecoveryResult:
     """Mean |cos| of a one-to-one (Hungarian) matching of features to latents."""
     threshold: float
 
-    def summary(self) -> dict[str, float]:
-        return asdict(self)
-
 
 def recovery(true_FD: Tensor, W_dec_MD: Tensor, threshold: float = 0.9) -> RecoveryResult:
     abs_cos = cosine_matrix(true_FD, W_dec_MD).abs()
@@ -52,11 +49,6 @@ def recovery(true_FD: Tensor, W_dec_MD: Tensor, threshold: float = 0.9) -> Recov
         mcc=mcc,
         threshold=threshold,
     )
-
-
-def per_feature_max_cos(true_FD: Tensor, W_dec_MD: Tensor) -> Tensor:
-    """[F] max |cos| of each true direction with any decoder row."""
-    return cosine_matrix(true_FD, W_dec_MD).abs().max(dim=1).values
 
 
 @torch.no_grad()

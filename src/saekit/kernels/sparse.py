@@ -132,7 +132,7 @@ class _DensePreFn(torch.autograd.Function):
     """The detached pre, made differentiable the dense way (a safety net, not the fast path).
 
     Costs nothing unless a loss differentiates through the whole [N, M] pre (e.g. the "preact"
-    revival loss, or AuxK without ``preacts_at``); then it is the reference's dense backward,
+    revival loss); then it is the reference's dense backward,
     so such a loss stays correct instead of silently losing its encoder gradient.
     """
 

@@ -1,85 +1,92 @@
-"""Resumable training checkpoints: safetensors for tensors, JSON for the rest, written atomically.
+"""Resumable training checkpoints: plain data in, plain data out; nothing is ever unpickled.
 
-Layout: ``<run>/checkpoint/{state.safetensors, state.json}``. A new checkpoint is written into a
-temporary directory, fsynced, then swapped in (the previous one is kept as ``checkpoint.old``
-until the swap is done), so an interruption at any point leaves a loadable checkpoint.
-Nothing is ever unpickled.
+Layout: ``<run>/checkpoint/{state.safetensors, state.json}``. The tensors of every SAE (prefixed
+``m<i>.``) and the torch RNG state go to safetensors; step, config and each SAE's name and
+non-tensor state go to JSON, with the sha256 of the tensor file. The directory is replaced with
+:func:`saekit.atomic.replace_directory`, so an interruption at any point leaves a loadable
+checkpoint; readers apply its recovery rule first.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, NamedTuple
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from saekit._version import __version__
-from saekit.atomic import fsync_dir, fsync_file, sha256_file
-from saekit.configs import to_dict
+from saekit.atomic import recover_directory, replace_directory, sha256_file
 from saekit.sae import CheckpointError
 
-if TYPE_CHECKING:
-    from saekit.train.trainer import Trainer
-
+CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
 FORMAT = "saekit.train-checkpoint/1"
 
 
-def write_training_checkpoint(trainer: Trainer) -> Path:
-    final = trainer.checkpoint_dir
-    tmp = final.parent / f".checkpoint.tmp-{os.getpid()}"
-    old = final.parent / "checkpoint.old"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors: dict[str, torch.Tensor] = {"torch_rng": torch.get_rng_state()}
-    members_meta = []
-    for i, member in enumerate(trainer.members):
-        for key, value in member.state_tensors().items():
+@dataclass
+class MemberState:
+    """One SAE's resumable state, as ``Member.state_tensors()`` and ``state_meta()`` give it."""
+
+    name: str
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    """JSON-serialisable."""
+
+
+class TrainingCheckpoint(NamedTuple):
+    step: int
+    """Steps done; also the data position (the next batch index to read)."""
+    config: dict[str, Any]
+    """The run's config as ``train.config.to_dict`` gives it."""
+    members: list[MemberState]
+    torch_rng: Tensor
+    """``torch.get_rng_state()`` of the writer."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def write_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    config: dict[str, Any],
+    members: list[MemberState],
+    torch_rng: Tensor,
+) -> Path:
+    """Replace ``<run_dir>/checkpoint`` atomically; returns its path."""
+    tensors: dict[str, Tensor] = {"torch_rng": torch_rng}
+    for i, member in enumerate(members):
+        for key, value in member.tensors.items():
             tensors[f"m{i}.{key}"] = value.detach().contiguous().cpu()
-        members_meta.append({"name": member.cfg.name, **member.state_meta()})
-    save_file(tensors, str(tmp / STATE_TENSORS))
-    fsync_file(tmp / STATE_TENSORS)
-    meta = {
-        "format": FORMAT,
-        "saekit_version": __version__,
-        "step": trainer.step,
-        "data_position": trainer.step,
-        "config": to_dict(trainer.cfg),
-        "members": members_meta,
-        "sha256": sha256_file(tmp / STATE_TENSORS),
-    }
-    (tmp / STATE_META).write_text(json.dumps(meta, indent=2))
-    fsync_file(tmp / STATE_META)
-    fsync_dir(tmp)
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        meta = {
+            "format": FORMAT,
+            "saekit_version": __version__,
+            "step": step,
+            "data_position": step,
+            "config": config,
+            "members": [{"name": m.name, **m.meta} for m in members],
+            "sha256": sha256_file(tmp / STATE_TENSORS),
+        }
+        (tmp / STATE_META).write_text(json.dumps(meta, indent=2))
+
+    return replace_directory(checkpoint_dir(run_dir), fill)
 
 
-def checkpoint_location(run_dir: Path) -> Path:
-    """The checkpoint to resume from (``checkpoint.old`` if a swap was interrupted)."""
-    for name in ("checkpoint", "checkpoint.old"):
-        path = run_dir / name
-        if (path / STATE_META).is_file():
-            return path
-    raise CheckpointError(f"no training checkpoint in {run_dir}")
-
-
-def read_checkpoint_meta(run_dir: Path) -> dict:
-    path = checkpoint_location(run_dir)
+def read_checkpoint_meta(run_dir: Path) -> dict[str, Any]:
+    """The JSON half of the checkpoint (step, config, members' non-tensor state)."""
+    path = checkpoint_dir(run_dir)
+    recover_directory(path)
+    if not (path / STATE_META).is_file():
+        raise CheckpointError(f"no training checkpoint in {run_dir}")
     try:
         meta = json.loads((path / STATE_META).read_text())
     except json.JSONDecodeError as exc:
@@ -89,23 +96,26 @@ def read_checkpoint_meta(run_dir: Path) -> dict:
     return meta
 
 
-def read_training_checkpoint(trainer: Trainer) -> None:
-    path = checkpoint_location(trainer.out_dir)
-    meta = read_checkpoint_meta(trainer.out_dir)
+def read_training_checkpoint(
+    run_dir: Path, expected_names: list[str] | None = None
+) -> TrainingCheckpoint:
+    """Read and verify the checkpoint; with ``expected_names``, check it holds exactly those
+    SAEs in that order."""
+    meta = read_checkpoint_meta(run_dir)
+    path = checkpoint_dir(run_dir)
     if meta["sha256"] != sha256_file(path / STATE_TENSORS):
         raise CheckpointError(f"{path / STATE_TENSORS}: sha256 mismatch (corrupt or truncated)")
     names = [m["name"] for m in meta["members"]]
-    expected = [m.cfg.name for m in trainer.members]
-    if names != expected:
-        raise CheckpointError(f"{path}: checkpoint holds SAEs {names}, the run has {expected}")
+    if expected_names is not None and names != list(expected_names):
+        raise CheckpointError(
+            f"{path}: checkpoint holds SAEs {names}, the run has {list(expected_names)}"
+        )
     with safe_open(str(path / STATE_TENSORS), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    torch.set_rng_state(tensors["torch_rng"])
-    for i, member in enumerate(trainer.members):
+    members = []
+    for i, member_meta in enumerate(meta["members"]):
         prefix = f"m{i}."
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            member.load_state(own, meta["members"][i])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: SAE {member.cfg.name}: {exc}") from exc
-    trainer.step = int(meta["step"])
+        rest = {k: v for k, v in member_meta.items() if k != "name"}
+        members.append(MemberState(member_meta["name"], own, rest))
+    return TrainingCheckpoint(int(meta["step"]), meta["config"], members, tensors["torch_rng"])

@@ -71,6 +71,19 @@ class SAETrainConfig:
     seed: int = 0
     """Seed of the SAE's initialisation and its random prefixes."""
 
+    def __post_init__(self) -> None:
+        # Built from Python with plain data ({"kind": ...} or a kind name), as SAEConfig allows.
+        if isinstance(self.sae, dict):
+            self.sae = from_dict(SAEConfig, self.sae, "sae")
+        for name, family in (
+            ("penalty", PenaltyConfig),
+            ("revival", RevivalConfig),
+            ("matryoshka", MatryoshkaConfig),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, family.parse(value, name))
+
     def validate(self) -> None:
         self.sae.validate()
         if self.lr is not None:

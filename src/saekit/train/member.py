@@ -18,8 +18,8 @@ from saekit import losses, matryoshka
 from saekit.eval.metrics import batch_fvu, latent_counts
 from saekit.objective import FixedPrefixes, RandomPrefixes, TermInputs
 from saekit.sae import SAE
+from saekit.train.comm import LocalComm
 from saekit.train.config import SAETrainConfig
-from saekit.train.distributed import LocalComm
 
 
 class StepMetrics(NamedTuple):
@@ -76,15 +76,20 @@ class Member:
         self.prefix_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.objective = cfg.objective()
         penalty = cfg.penalty
+        # λ at least fp32, and float64 for a float64 SAE (0.3 must not become 0.30000001).
+        lam_dtype = torch.promote_types(getattr(torch, cfg.sae.dtype), torch.float32)
         self.controller = (
             losses.LambdaController(
-                penalty.coefficient, penalty.target_l0, rate=penalty.controller_rate
+                penalty.coefficient,
+                penalty.target_l0,
+                rate=penalty.controller_rate,
+                dtype=lam_dtype,
             )
             if penalty is not None and penalty.target_l0 is not None
             else None
         )
         lam = penalty.coefficient if penalty is not None else 0.0
-        self.penalty_coefficient = torch.tensor(lam, device=self.device)
+        self.penalty_coefficient = torch.tensor(lam, dtype=lam_dtype, device=self.device)
         self.initialised = False
         self.comm = LocalComm()  # the Trainer's comm: combines counters across ranks
 

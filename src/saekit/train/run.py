@@ -1,93 +1,23 @@
 """A whole run: build the stream, train every SAE, evaluate on held-out data, save, summarise.
 
-Run directory layout::
-
-    <out_dir>/config.yaml            the full resolved config
-    <out_dir>/checkpoint/            resumable training state
-    <out_dir>/<sae name>/sae.safetensors, cfg.json   the trained SAE (scale folded)
-    <out_dir>/<sae name>/metrics.jsonl               training log
-    <out_dir>/<sae name>/eval.json                   final evaluation
-    <out_dir>/summary.json                           one row per SAE
+The run directory's layout is documented in :mod:`saekit.train.outputs`. Under torchrun each
+worker runs :func:`saekit.train.run_distributed.run_distributed` instead.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from saekit.activations import BatchTopK
-from saekit.atomic import atomic_write_text
-from saekit.data.synthetic import SyntheticData
-from saekit.encoding import as_dense
-from saekit.eval import ground_truth
-from saekit.eval.metrics import MetricAccumulator
+from saekit.data.from_config import make_source
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.config import RunConfig, build_run_config, to_dict
-from saekit.train.distributed import launched, run_distributed
-from saekit.train.trainer import ActivationSource, Member, SyntheticSource, Trainer
-
-
-def make_source(cfg: RunConfig) -> ActivationSource:
-    if cfg.data.source == "synthetic":
-        return SyntheticSource(SyntheticData(cfg.data.synthetic), cfg.batch_size)
-    from saekit.data.lm_source import make_lm_source
-
-    return make_lm_source(cfg)
-
-
-@torch.no_grad()
-def evaluate_member(
-    member: Member, source: ActivationSource, n_tokens: int, batch_size: int
-) -> dict[str, Any]:
-    """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery."""
-    sae = member.sae.eval()
-    device = next(sae.parameters()).device
-    acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=device)
-    synthetic = source.data if isinstance(source, SyntheticSource) else None
-    absorbed = pairs = 0
-    hierarchical = synthetic is not None and synthetic.cfg.kind == "hierarchical"
-    for x, coefficients in source.eval_batches(n_tokens, batch_size):
-        x = x.to(device)
-        out = sae(x)
-        acc.add(x, out.x_hat, out.latents)
-        if hierarchical:
-            a, t = ground_truth.absorption_counts(
-                synthetic.directions,
-                synthetic.parent_of,
-                coefficients,
-                as_dense(out.latents),
-                sae.W_dec,
-            )
-            absorbed, pairs = absorbed + a, pairs + t
-    result = acc.result()
-    report: dict[str, Any] = {"name": member.cfg.name, **result.summary()}
-    if synthetic is not None:
-        rec = ground_truth.recovery(synthetic.directions, sae.W_dec)
-        report.update(
-            true_l0=synthetic.true_l0,
-            mean_max_cos=rec.mean_max_cos,
-            recovered_share=rec.recovered_share,
-            mcc=rec.mcc,
-        )
-        if hierarchical:
-            report["absorption"] = absorbed / pairs if pairs else float("nan")
-    if isinstance(sae.activation, BatchTopK):
-        report["threshold"] = float(sae.activation.threshold)
-    report["l0_histogram"] = result.l0_histogram
-    return report
-
-
-def save_outputs(trainer: Trainer, reports: list[dict[str, Any]]) -> None:
-    out = trainer.out_dir
-    for member, report in zip(trainer.members, reports, strict=True):
-        member.sae.save(out / member.cfg.name)
-        atomic_write_text(out / member.cfg.name / "eval.json", json.dumps(report, indent=2))
-    summary = [{k: v for k, v in r.items() if k != "l0_histogram"} for r in reports]
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+from saekit.train.launch import launched
+from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
+from saekit.train.run_distributed import run_distributed
+from saekit.train.trainer import Trainer
 
 
 def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[dict[str, Any]]]:
@@ -95,9 +25,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[di
         return run_distributed(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_run_config(cfg)
     source = make_source(cfg)
     trainer = Trainer(cfg, source)
     if resume:
@@ -106,7 +34,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[di
         trainer.log_callbacks.append(wandb_logger(cfg))
     trainer.fit()
     reports = [evaluate_member(m, source, cfg.eval_tokens, cfg.batch_size) for m in trainer.members]
-    save_outputs(trainer, reports)
+    save_outputs(trainer.out_dir, {m.cfg.name: m.sae for m in trainer.members}, reports)
     return trainer, reports
 
 
@@ -136,24 +64,3 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     data.update(overrides or {})
     data["out_dir"] = str(run_dir)
     return build_run_config(data)
-
-
-COLUMNS = [
-    ("name", "SAE", "{}"),
-    ("l0", "L0", "{:.2f}"),
-    ("fvu", "FVU", "{:.4f}"),
-    ("dead_fraction", "dead", "{:.1%}"),
-    ("mean_max_cos", "mean max|cos|", "{:.3f}"),
-    ("recovered_share", "recovered>0.9", "{:.1%}"),
-    ("mcc", "MCC", "{:.3f}"),
-    ("absorption", "absorption", "{:.1%}"),
-]
-
-
-def format_table(reports: list[dict[str, Any]]) -> str:
-    """A markdown table of the reports (columns present in any report)."""
-    cols = [c for c in COLUMNS if any(c[0] in r for r in reports)]
-    rows = [[c[1] for c in cols], ["---"] * len(cols)]
-    for r in reports:
-        rows.append([c[2].format(r[c[0]]) if c[0] in r else "" for c in cols])
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)

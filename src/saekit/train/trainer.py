@@ -21,19 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saekit.data.source import ActivationSource, SyntheticSource
-from saekit.train.config import RunConfig
-from saekit.train.distributed import LocalComm
-from saekit.train.member import Member, lr_factor
-
-__all__ = [
-    "ActivationSource",
-    "Member",
-    "SyntheticSource",
-    "Trainer",
-    "TrainingInterrupted",
-    "lr_factor",
-]
+from saekit.data.source import ActivationSource
+from saekit.sae import CheckpointError
+from saekit.train.checkpoint import MemberState, checkpoint_dir
+from saekit.train.comm import LocalComm
+from saekit.train.config import RunConfig, to_dict
+from saekit.train.member import Member
 
 
 class TrainingInterrupted(RuntimeError):
@@ -58,7 +51,7 @@ class Trainer:
         self.cfg = cfg
         self.source = source
         self.members = [Member(s, cfg.steps, cfg.device) for s in cfg.saes]
-        self.comm = comm if comm is not None else LocalComm()  # see train/distributed.py
+        self.comm = comm if comm is not None else LocalComm()  # see train/comm.py
         for member in self.members:
             member.comm = self.comm
         self.step = 0
@@ -73,7 +66,7 @@ class Trainer:
         for member in self.members:
             if not member.initialised:
                 member.init_from_data(sample)
-        self.comm.sync_initial_state(self)
+        self.comm.sync_initial_state(self.members)
 
     def fit(self, progress: bool | None = None) -> None:
         """Train until ``cfg.steps``; checkpoint every ``checkpoint_every`` and on a signal."""
@@ -149,13 +142,23 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoint"
+        return checkpoint_dir(self.out_dir)
 
     def save_checkpoint(self) -> Path:
-        return self.comm.save_checkpoint(self)
+        states = [MemberState(m.cfg.name, m.state_tensors(), m.state_meta()) for m in self.members]
+        return self.comm.save_checkpoint(self.out_dir, self.step, to_dict(self.cfg), states)
 
     def load_checkpoint(self) -> None:
-        self.comm.load_checkpoint(self)
+        """Continue from ``<out_dir>/checkpoint``: every member's state, the step, the RNG."""
+        step, states = self.comm.load_checkpoint(self.out_dir, [m.cfg.name for m in self.members])
+        for member, state in zip(self.members, states, strict=True):
+            try:
+                member.load_state(state.tensors, state.meta)
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{self.checkpoint_dir}: SAE {member.cfg.name}: {exc}"
+                ) from exc
+        self.step = step
 
     @contextlib.contextmanager
     def _signal_handlers(self):

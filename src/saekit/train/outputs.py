@@ -1,0 +1,110 @@
+"""What a run writes besides checkpoints, and the evaluation behind its reports.
+
+Run directory layout::
+
+    <out_dir>/config.yaml            the full resolved config
+    <out_dir>/checkpoint/            resumable training state (saekit.train.checkpoint)
+    <out_dir>/<sae name>/sae.safetensors, cfg.json   the trained SAE (scale folded)
+    <out_dir>/<sae name>/metrics.jsonl               training log (the trainer appends)
+    <out_dir>/<sae name>/eval.json                   final evaluation
+    <out_dir>/summary.json                           one row per SAE
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from saekit.activations import BatchTopK
+from saekit.atomic import atomic_write_text
+from saekit.data.source import ActivationSource, SyntheticSource
+from saekit.encoding import as_dense
+from saekit.eval import ground_truth
+from saekit.eval.metrics import MetricAccumulator
+from saekit.sae import SAE
+from saekit.train.config import RunConfig, to_dict
+from saekit.train.member import Member
+
+
+def write_run_config(cfg: RunConfig) -> None:
+    """``<out_dir>/config.yaml``, creating ``out_dir``."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@torch.no_grad()
+def evaluate_member(
+    member: Member, source: ActivationSource, n_tokens: int, batch_size: int
+) -> dict[str, Any]:
+    """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery."""
+    sae = member.sae.eval()
+    device = next(sae.parameters()).device
+    acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=device)
+    synthetic = source.data if isinstance(source, SyntheticSource) else None
+    absorbed = pairs = 0
+    hierarchical = synthetic is not None and synthetic.cfg.kind == "hierarchical"
+    for x, coefficients in source.eval_batches(n_tokens, batch_size):
+        x = x.to(device)
+        out = sae(x)
+        acc.add(x, out.x_hat, out.latents)
+        if hierarchical:
+            a, t = ground_truth.absorption_counts(
+                synthetic.directions,
+                synthetic.parent_of,
+                coefficients,
+                as_dense(out.latents),
+                sae.W_dec,
+            )
+            absorbed, pairs = absorbed + a, pairs + t
+    result = acc.result()
+    report: dict[str, Any] = {"name": member.cfg.name, **result.summary()}
+    if synthetic is not None:
+        rec = ground_truth.recovery(synthetic.directions, sae.W_dec)
+        report.update(
+            true_l0=synthetic.true_l0,
+            mean_max_cos=rec.mean_max_cos,
+            recovered_share=rec.recovered_share,
+            mcc=rec.mcc,
+        )
+        if hierarchical:
+            report["absorption"] = absorbed / pairs if pairs else float("nan")
+    if isinstance(sae.activation, BatchTopK):
+        report["threshold"] = float(sae.activation.threshold)
+    report["l0_histogram"] = result.l0_histogram
+    return report
+
+
+def save_outputs(out_dir: Path, saes: dict[str, SAE], reports: list[dict[str, Any]]) -> None:
+    """Each SAE (by name, in the order of ``reports``) with its eval.json, and summary.json."""
+    out = Path(out_dir)
+    for (name, sae), report in zip(saes.items(), reports, strict=True):
+        sae.save(out / name)
+        atomic_write_text(out / name / "eval.json", json.dumps(report, indent=2))
+    summary = [{k: v for k, v in r.items() if k != "l0_histogram"} for r in reports]
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+
+
+COLUMNS = [
+    ("name", "SAE", "{}"),
+    ("l0", "L0", "{:.2f}"),
+    ("fvu", "FVU", "{:.4f}"),
+    ("dead_fraction", "dead", "{:.1%}"),
+    ("mean_max_cos", "mean max|cos|", "{:.3f}"),
+    ("recovered_share", "recovered>0.9", "{:.1%}"),
+    ("mcc", "MCC", "{:.3f}"),
+    ("absorption", "absorption", "{:.1%}"),
+]
+
+
+def format_table(reports: list[dict[str, Any]]) -> str:
+    """A markdown table of the reports (columns present in any report)."""
+    cols = [c for c in COLUMNS if any(c[0] in r for r in reports)]
+    rows = [[c[1] for c in cols], ["---"] * len(cols)]
+    for r in reports:
+        rows.append([c[2].format(r[c[0]]) if c[0] in r else "" for c in cols])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)

@@ -1,0 +1,129 @@
+"""A run on every rank of a torchrun launch: build each rank's trainer, train, evaluate, save.
+
+How data and sweep parallelism divide the work is documented in :mod:`saekit.train.comm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saekit.data.dist_source import BroadcastSource, ShardedSource
+from saekit.data.from_config import make_source
+from saekit.data.lm_source import make_lm_source
+from saekit.data.source import ActivationSource
+from saekit.sae import SAE
+from saekit.train.comm import DataParallelComm, SweepComm
+from saekit.train.config import RunConfig
+from saekit.train.launch import DistContext, destroy_group_quietly, init_from_env
+from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
+from saekit.train.trainer import Trainer
+
+
+def run_distributed(
+    cfg: RunConfig, resume: bool = False, timeout_s: float | None = None
+) -> tuple[Trainer, list[dict[str, Any]]]:
+    """``run_training`` on every rank of a torchrun launch; the reports on rank 0 ([] elsewhere).
+
+    The process group is created from the environment (or reused); ``cfg.parallel`` picks data or
+    sweep parallelism.
+    """
+    ctx = init_from_env(cfg.device, timeout_s)
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        trainer, eval_source = build_trainer(ctx, cfg)
+        if ctx.is_main:
+            write_run_config(cfg)
+        if resume:
+            trainer.load_checkpoint()
+        trainer.fit()
+        if cfg.parallel == "sweep":
+            reports = _finish_sweep(trainer, eval_source, cfg)
+        else:
+            reports = _finish_data(trainer, eval_source, cfg)
+        return trainer, reports
+    finally:
+        if ctx.owns_group:
+            destroy_group_quietly()
+
+
+def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, ActivationSource]:
+    """This rank's trainer (its comm, source and members) and the source to evaluate on."""
+    world = ctx.world_size
+    rank_cfg = dataclasses.replace(
+        cfg, device=str(ctx.device), progress=cfg.progress and ctx.is_main
+    )
+    if cfg.parallel == "sweep":
+        if len(cfg.saes) < world:
+            raise ValueError(
+                f"parallel: sweep spreads the SAEs over the processes: {len(cfg.saes)} SAE(s) "
+                f"for {world} processes leaves some idle; use parallel: data or fewer processes"
+            )
+        comm = SweepComm(ctx, cfg)
+        source: ActivationSource
+        if cfg.data.source == "synthetic":
+            source = make_source(cfg)  # each rank generates the same batches: cheaper than sending
+        else:
+            source = BroadcastSource(make_lm_source(rank_cfg) if ctx.is_main else None, comm)
+        rank_cfg = dataclasses.replace(rank_cfg, saes=[cfg.saes[i] for i in comm.mine])
+        return Trainer(rank_cfg, source, comm), source
+
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be divisible by the number of processes {world} "
+            "(parallel: data splits each step's batch evenly)"
+        )
+    local = dataclasses.replace(rank_cfg, batch_size=cfg.batch_size // world)
+    if cfg.data.source == "synthetic":
+        eval_source = make_source(local)
+        source = ShardedSource(eval_source, ctx.rank, world)  # type: ignore[arg-type]
+    else:  # model sources split their stream by (rank, world_size) themselves
+        source = eval_source = make_lm_source(local, ctx.rank, world)
+    comm = DataParallelComm(ctx, cfg)
+    trainer = Trainer(rank_cfg, source, comm)
+    trainer.after_backward = comm.reduce_grads
+    return trainer, eval_source
+
+
+def _finish_data(
+    trainer: Trainer, eval_source: ActivationSource, cfg: RunConfig
+) -> list[dict[str, Any]]:
+    """Rank 0 evaluates and saves (its SAEs are every rank's); the others wait."""
+    reports: list[dict[str, Any]] = []
+    if trainer.comm.is_main:
+        reports = [
+            evaluate_member(m, eval_source, cfg.eval_tokens, cfg.batch_size)
+            for m in trainer.members
+        ]
+        save_outputs(trainer.out_dir, {m.cfg.name: m.sae for m in trainer.members}, reports)
+    trainer.comm.barrier("barrier(after final evaluation)")
+    return reports
+
+
+def _finish_sweep(
+    trainer: Trainer, eval_source: ActivationSource, cfg: RunConfig
+) -> list[dict[str, Any]]:
+    """Each rank evaluates its SAEs; weights and reports gathered to rank 0, which saves them."""
+    comm = trainer.comm
+    own = list(zip(comm.mine, trainer.members, strict=True))
+    gathered = comm.gather_indexed(
+        {i: member.sae.state_dict() for i, member in own},
+        {i: evaluate_member(m, eval_source, cfg.eval_tokens, cfg.batch_size) for i, m in own},
+        "final SAEs and reports",
+    )
+    reports: list[dict[str, Any]] = []
+    if gathered is not None:
+        tensors, by_index = gathered
+        saes: dict[str, SAE] = {}
+        for i, sae_cfg in enumerate(cfg.saes):
+            sae = SAE(sae_cfg.sae, device="cpu")
+            sae.load_state_dict(tensors[i])
+            saes[sae_cfg.name] = sae
+        reports = [by_index[i] for i in range(len(cfg.saes))]
+        save_outputs(Path(cfg.out_dir), saes, reports)
+    comm.barrier("barrier(after final save)")
+    return reports

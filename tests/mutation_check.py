@@ -1,0 +1,449 @@
+#!/usr/bin/env python
+"""Mutation check: does the test suite notice deliberate faults in the SAE core?
+
+Each fault is an exact text substitution in src/saekit (old text → new text) that must match
+exactly once; if an anchor is missing or ambiguous the code moved and the fault must be updated
+(that row reports ANCHOR and the script exits non-zero). For every fault: copy src/ to a temp
+dir, apply the substitution, run pytest (``-x``) on the repo's tests with ``PYTHONPATH=<tmp>/src``
+(it comes before the editable install's .pth entry, and saekit is a regular package, so the copy
+wins; the script checks ``saekit.__file__`` in a subprocess), the fault's most relevant test
+files first. A fault is "killed" when the suite fails, "SURVIVED" when it passes.
+
+A baseline run (no fault) comes first; if it fails the faults are not run.
+
+    .venv/bin/python tests/mutation_check.py                       # everything
+    .venv/bin/python tests/mutation_check.py --faults lambda-ignored auxk-dropped
+    .venv/bin/python tests/mutation_check.py --tests tests/test_objective.py
+    .venv/bin/python tests/mutation_check.py --list
+
+Exit status: 0 when the baseline passes and every fault is killed; 1 when a fault survives or
+the baseline fails; 2 when an anchor is missing or ambiguous (or a usage error).
+Not collected by pytest (no ``test_`` prefix); nothing imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+TESTS = REPO / "tests"
+SLOW_LAST = ("test_end_to_end.py",)  # run last: only a fault that passes everything else pays
+
+
+@dataclass
+class Fault:
+    name: str
+    file: str
+    """Path under src/saekit."""
+    old: str
+    new: str
+    first: tuple[str, ...] = ("test_objective.py",)
+    """Test files (under tests/) to run before the rest."""
+    also: tuple[tuple[str, str, str], ...] = field(default_factory=tuple)
+    """Further (file, old, new) substitutions, when one fault needs two edits."""
+
+    def substitutions(self) -> list[tuple[str, str, str]]:
+        return [(self.file, self.old, self.new), *self.also]
+
+
+FAULTS = [
+    # ----------------------------------------------------------------- required
+    Fault(
+        "auxk-dropped",
+        "objective.py",
+        "        terms.append(AuxK(revival_cfg))",
+        "        pass  # FAULT: AuxK dropped from the loss",
+        ("test_objective.py", "test_trainer.py"),
+    ),
+    Fault(
+        "auxk-bdec-in-ehat",
+        "revival.py",
+        "    mse = (e_hat_ND - e_ND).pow(2).sum(-1).mean()",
+        '    mse = (e_hat_ND + getattr(preacts, "b_dec_D", 0.0) - e_ND).pow(2).sum(-1).mean()',
+        ("test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "lambda-ignored",
+        "objective.py",
+        "        return inputs.lam * value",
+        "        return value",
+        ("test_objective.py", "test_trainer.py"),
+    ),
+    Fault(
+        "l0-penalty-dropped",
+        "objective.py",
+        "            return inputs.lam * losses.l0_penalty(steps_NM, weights)",
+        "            return 0.0 * inputs.lam * losses.l0_penalty(steps_NM, weights)",
+        ("test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "parallel-grad-kept",
+        "train/member.py",
+        "            sae.remove_parallel_grad_()",
+        "            pass  # FAULT: decoder-parallel gradient kept",
+        ("test_objective.py", "test_trainer.py"),
+    ),
+    Fault(
+        "renorm-skipped",
+        "train/member.py",
+        "            sae.normalize_decoder_()",
+        "            pass  # FAULT: decoder rows not renormalised",
+        ("test_objective.py", "test_trainer.py"),
+    ),
+    Fault(
+        "dead-mask-after-count",
+        "train/member.py",
+        "            out = sae(x)\n",
+        "            out = sae(x)\n"
+        "            fired_M = latent_counts(out.latents)[1] > 0  # FAULT: mask after counting\n"
+        "            dead = ~fired_M & (self.tokens_since_fired + x.shape[0] >= cfg.dead_tokens)\n",
+        ("test_objective.py", "test_trainer.py"),
+    ),
+    Fault(
+        "theta-ema-frozen",
+        "activations/batchtopk.py",
+        "beta * self.threshold + (1 - beta) * batch_min, batch_min",
+        "self.threshold, batch_min",
+        ("test_objective.py", "test_activations.py"),
+    ),
+    Fault(
+        "matryoshka-last-prefix-dropped",
+        "matryoshka.py",
+        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
+        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
+        ("test_objective.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "scale-not-folded-on-save",
+        "sae.py",
+        "        copy.fold_scale_()\n",
+        "",
+        ("test_objective.py", "test_sae.py", "test_checkpoint.py"),
+    ),
+    Fault(
+        "jumprelu-theta-chain-rule-dropped",
+        "activations/jumprelu.py",
+        "        return self.log_threshold.exp()",
+        # the value θ, but the θ-gradient reaches log_threshold without the factor θ
+        "        return self.log_threshold"
+        " + (self.log_threshold.exp() - self.log_threshold).detach()",
+        ("test_objective.py", "test_activations.py"),
+    ),
+    Fault(
+        "batchtopk-k-per-token",
+        "kernels/sparse.py",
+        "    top = pre_NM.reshape(-1).topk(k * n_tokens, sorted=False)\n"
+        "    flat_E, order = top.indices.sort()\n"
+        "    return top.values[order], flat_E",
+        "    top = pre_NM.topk(k, dim=-1)  # FAULT: k per token, not k·N over the batch\n"
+        "    rows = torch.arange(n_tokens, device=pre_NM.device)[:, None] * pre_NM.shape[1]\n"
+        "    flat_E, order = (top.indices + rows).reshape(-1).sort()\n"
+        "    return top.values.reshape(-1)[order], flat_E",
+        ("test_objective.py", "test_activations.py", "test_kernels.py"),
+    ),
+    # ----------------------------------------------------------------- more that matter
+    Fault(
+        "auxk-normaliser-dropped",
+        "revival.py",
+        "        mse = mse / variance.clamp_min(torch.finfo(variance.dtype).tiny)",
+        "        mse = mse",
+        ("test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "auxk-dead-share-dropped",
+        "revival.py",
+        "    return alpha * (n_dead / k_aux).clamp(max=1.0) * mse",
+        "    return alpha * mse",
+        ("test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "auxk-selects-live-latents",
+        "kernels/sparse.py",
+        "        candidates_NM = pre_NM.detach().masked_fill(~dead_M, -math.inf)",
+        "        candidates_NM = pre_NM.detach()",
+        ("test_objective.py", "test_kernels.py", "test_losses.py"),
+    ),
+    Fault(
+        "penalty-not-decoder-weighted",
+        "objective.py",
+        "            sae.W_dec.norm(dim=-1),\n",
+        "            sae.W_dec.norm(dim=-1).detach() * 0 + 1,\n",
+        ("test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "penalty-f0-constant-dropped",
+        "losses.py",
+        "            return terms_E.sum() / n_tokens + absent * f0 / n_tokens",
+        "            return terms_E.sum() / n_tokens",
+        ("test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "matryoshka-penalty-not-prefix-averaged",
+        "objective.py",
+        "    return matryoshka.prefix_weights(inputs.prefixes, inputs.sae.cfg.d_sae,"
+        " inputs.sae.W_dec)",
+        "    return None",
+        ("test_objective.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "dead-counters-not-reset",
+        "train/member.py",
+        "            fired, torch.zeros_like(self.tokens_since_fired),"
+        " self.tokens_since_fired + n_tokens",
+        "            fired, self.tokens_since_fired, self.tokens_since_fired + n_tokens",
+        ("test_objective.py", "test_trainer.py"),
+    ),
+    Fault(
+        "preact-threshold-not-detached",
+        "revival.py",
+        "    gap_NM = torch.relu(theta.detach() - pre_NM)",
+        "    gap_NM = torch.relu(theta - pre_NM)",
+        ("test_objective.py", "test_losses.py"),
+        # TopK's θ is detached at its source too; undo both so the fault is not equivalent
+        also=(
+            (
+                "activations/topk.py",
+                "        values_Nk, _ = topk_select(enc.preacts.detached, self.cfg.k)",
+                "        values_Nk, _ = topk_select(enc.preacts.dense(), self.cfg.k)",
+            ),
+        ),
+    ),
+    Fault(
+        "topk-firing-threshold-is-the-largest",
+        "activations/topk.py",
+        "        return torch.relu(values_Nk.min(-1, keepdim=True).values)",
+        "        return torch.relu(values_Nk.max(-1, keepdim=True).values)",
+        ("test_objective.py", "test_activations.py"),
+    ),
+    Fault(
+        "sparse-encoder-bdec-grad-sign",
+        "kernels/sparse.py",
+        "                grad_b_dec = -(db_enc_M @ W_enc_MD)",
+        "                grad_b_dec = db_enc_M @ W_enc_MD",
+        ("test_objective.py", "test_kernels.py"),
+    ),
+    Fault(
+        "sparse-decode-dW-unpermuted",
+        "kernels/sparse.py",
+        "                values_E[order], token_by_latent, latent_offsets, grad_ND, layout.backend",
+        "                values_E, token_by_latent, latent_offsets, grad_ND, layout.backend",
+        ("test_objective.py", "test_kernels.py"),
+    ),
+    Fault(
+        "prolu-ste-backward-as-relu",
+        "activations/prolu.py",
+        "            grad_m, grad_b_NM = g_gate * (1 + m), g_gate * m",
+        "            grad_m, grad_b_NM = g_gate, g_gate",
+        ("test_objective.py", "test_activations.py"),
+    ),
+    Fault(
+        "input-not-divided-by-scale",
+        "sae.py",
+        "        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale",
+        "        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)",
+        ("test_objective.py", "test_sae.py"),
+    ),
+    Fault(
+        "reconstruction-mean-over-d",
+        "losses.py",
+        "    return err_ND.pow(2).sum(-1).mean()",
+        "    return err_ND.pow(2).mean()",
+        ("test_objective.py", "test_losses.py"),
+    ),
+]
+
+
+# ------------------------------------------------------------------------------ machinery
+
+
+def anchor_problems(fault: Fault, root: Path) -> list[str]:
+    problems = []
+    for file, old, _ in fault.substitutions():
+        path = root / "saekit" / file
+        if not path.is_file():
+            problems.append(f"{file}: no such file")
+            continue
+        count = path.read_text().count(old)
+        if count != 1:
+            what = "missing" if count == 0 else f"ambiguous ({count} matches)"
+            problems.append(f"{file}: anchor {what}: {old.splitlines()[0].strip()!r}")
+    return problems
+
+
+def copy_src(dest: Path, fault: Fault | None) -> Path:
+    src = dest / "src"
+    shutil.copytree(SRC, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    if fault is not None:
+        for file, old, new in fault.substitutions():
+            path = src / "saekit" / file
+            text = path.read_text()
+            assert text.count(old) == 1, (fault.name, file)
+            path.write_text(text.replace(old, new))
+    return src
+
+
+def env_for(src: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_import(src: Path) -> None:
+    """The temp copy, not the editable install, must be what ``import saekit`` finds."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import saekit; print(saekit.__file__)"],
+        env=env_for(src),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    found = Path(out.stdout.strip() or "?").resolve()
+    expected = (src / "saekit" / "__init__.py").resolve()
+    if found != expected:
+        sys.exit(
+            f"mutation_check: saekit imports from {found}, not the copy {expected}\n{out.stderr}"
+        )
+
+
+def ordered_tests(first: tuple[str, ...], only: list[str] | None) -> list[str]:
+    """The fault's ``first`` files, then the rest (``--tests`` paths, or every test file with
+    the slow end-to-end one last)."""
+    if only:
+        head = [p for name in first for p in only if Path(p).name == name]
+        return head + [p for p in only if p not in head]
+    every = sorted(p.name for p in TESTS.glob("test_*.py"))
+    head = [f for f in first if f in every]
+    slow = [f for f in every if f in SLOW_LAST and f not in head]
+    rest = [f for f in every if f not in head and f not in slow]
+    return [str(Path("tests") / f) for f in head + rest + slow]
+
+
+FAILED_LINE = re.compile(r"^(FAILED|ERROR) (\S+)")
+
+
+def run_pytest(
+    src: Path, tests: list[str], stop_first: bool, timeout: float
+) -> tuple[bool, float, list[str], str]:
+    """(suite passed, seconds, failing test ids, output)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *tests]
+    if stop_first:
+        cmd.insert(4, "-x")
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, env=env_for(src), cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        return False, time.monotonic() - start, [f"(timeout after {timeout:.0f} s)"], out
+    seconds = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    failing = [m.group(2) for line in output.splitlines() if (m := FAILED_LINE.match(line))]
+    if proc.returncode == 5:  # nothing collected
+        return False, seconds, ["(no tests collected)"], output
+    if proc.returncode != 0 and not failing:
+        failing = [f"(pytest exit {proc.returncode})"]
+    return proc.returncode == 0, seconds, failing, output
+
+
+def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
+    header = ("fault", "file", "result", "seconds", "first failing test")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--faults", nargs="+", metavar="NAME", help="run only these faults")
+    p.add_argument("--tests", nargs="+", metavar="PATH", help="test paths instead of tests/")
+    p.add_argument("--list", action="store_true", help="list the faults and exit")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
+    p.add_argument("--keep", action="store_true", help="keep the temp directories")
+    args = p.parse_args(argv)
+
+    if args.list:
+        for f in FAULTS:
+            print(f"{f.name:40s} {', '.join(s[0] for s in f.substitutions())}")
+        return 0
+    names = [f.name for f in FAULTS]
+    assert len(set(names)) == len(names), "duplicate fault names"
+    chosen = FAULTS
+    if args.faults:
+        unknown = sorted(set(args.faults) - set(names))
+        if unknown:
+            print(f"mutation_check: unknown fault(s) {unknown}; --list shows them", file=sys.stderr)
+            return 2
+        chosen = [f for f in FAULTS if f.name in args.faults]
+
+    bad_anchors = {f.name: anchor_problems(f, SRC) for f in chosen}
+    for name, problems in bad_anchors.items():
+        for problem in problems:
+            print(f"mutation_check: {name}: {problem}", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="saekit-mutation-"))
+    try:
+        # baseline: the unmodified copy must pass, or the results mean nothing
+        base_src = copy_src(work / "baseline", None)
+        check_import(base_src)
+        tests = ordered_tests((), args.tests)
+        print(f"baseline: pytest {' '.join(tests)}", flush=True)
+        ok, seconds, failing, output = run_pytest(base_src, tests, False, args.timeout)
+        rows = [("(baseline)", "-", "pass" if ok else "FAIL", f"{seconds:.0f}", "")]
+        if not ok:
+            print(output[-4000:])
+            print(
+                f"\nmutation_check: the baseline fails ({len(failing)} failing); fix these first:"
+            )
+            for t in failing:
+                print(f"  {t}")
+            print_table(rows)
+            return 2 if any(bad_anchors.values()) else 1
+
+        exit_code = 0
+        for fault in chosen:
+            files = ", ".join(s[0] for s in fault.substitutions())
+            problems = bad_anchors[fault.name]
+            if problems:
+                rows.append((fault.name, files, "ANCHOR", "-", "; ".join(problems)))
+                print(f"{fault.name}: ANCHOR {'; '.join(problems)}", file=sys.stderr, flush=True)
+                exit_code = 2
+                continue
+            src = copy_src(work / fault.name, fault)
+            check_import(src)
+            passed, seconds, failing, _ = run_pytest(
+                src, ordered_tests(fault.first, args.tests), True, args.timeout
+            )
+            result = "SURVIVED" if passed else "killed"
+            if passed:
+                exit_code = max(exit_code, 1)
+            rows.append(
+                (fault.name, files, result, f"{seconds:.0f}", failing[0] if failing else "")
+            )
+            print(f"{fault.name}: {result} ({seconds:.0f} s)", flush=True)
+            if not args.keep:
+                shutil.rmtree(work / fault.name, ignore_errors=True)
+        print()
+        print_table(rows)
+        survived = [r[0] for r in rows if r[2] == "SURVIVED"]
+        if survived:
+            print(f"\nSURVIVED: {', '.join(survived)}")
+        return exit_code
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
