@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saekit-installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-slow mutation lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,15 @@ demo: $(STAMP)
 	$(VENV)/bin/saekit train
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# End-to-end checks (the demo's recovery); CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Every named deliberate fault must fail the suite (tests/mutation_check.py); CI runs it.
+mutation: $(STAMP)
+	$(PY) tests/mutation_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
