@@ -243,16 +243,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
     metadata = {k: getattr(args, k) for k in settings}
     metadata["model_dtype"] = args.model_dtype or "float32"
     acts = _counted(harvester.stream(contexts, prefetch=2), hook, args.max_tokens, args.progress)
-    write_cache(
-        args.out,
-        acts,
-        hook,
-        args.model,
-        args.dtype,
-        shard_tokens=args.shard_tokens,
-        max_tokens=args.max_tokens,
-        metadata=metadata,
-    )
+    try:
+        write_cache(
+            args.out,
+            acts,
+            hook,
+            args.model,
+            args.dtype,
+            shard_tokens=args.shard_tokens,
+            max_tokens=args.max_tokens,
+            metadata=metadata,
+        )
+    finally:
+        acts.close()  # closes the bar now, not at garbage collection (after "verified")
     cache = ActivationCache(args.out)
     cache.verify()
     _print_cache(cache)
@@ -260,12 +263,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _counted(outputs: Any, hook: str, total: int | None, show: bool) -> Any:
-    """Pass harvester outputs through, counting tokens on a progress bar."""
+    """Pass harvester outputs through, counting tokens on a progress bar; with ``total``
+    (--max-tokens) it counts only the tokens the cache keeps, so it stops at the total."""
     from tqdm.auto import tqdm
 
     with tqdm(total=total, disable=not show, unit="tok", unit_scale=True) as bar:
         for out in outputs:
-            bar.update(len(out[hook]))
+            n = len(out[hook])
+            bar.update(n if total is None else min(n, total - bar.n))
             yield out
 
 
@@ -361,7 +366,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _format_eval(r: dict[str, Any]) -> str:
     lines = [
         f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']})",
-        f"tokens       {r['n_tokens']:,}",
+        f"tokens       {r['n_tokens']:,}" + _predicted(r),
         f"FVU          {r['fvu']:.4f}   explained variance {r['explained_variance']:.4f}",
         f"L0           {r['l0']:.2f}",
         f"dead         {r['dead_fraction']:.1%} of latents never fired on these tokens",
@@ -375,6 +380,14 @@ def _format_eval(r: dict[str, Any]) -> str:
             f"KL score {r['kl_score']:.4f}",
         ]
     return "\n".join(lines)
+
+
+def _predicted(r: dict[str, Any]) -> str:
+    """CE/KL average over the spliced tokens that predict a real next token: fewer than the
+    spliced ones (the last position of each context predicts nothing)."""
+    if "n_predicted_tokens" not in r:
+        return ""
+    return f" spliced; CE/KL over the {r['n_predicted_tokens']:,} of them that predict a token"
 
 
 BENCHMARKS = {

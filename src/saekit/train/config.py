@@ -165,6 +165,11 @@ class DataConfig:
     prefetch: int = 2
     """hf: model batches harvested ahead in a background thread (0: no thread)."""
 
+    def unused_fields(self) -> tuple[str, ...]:
+        """Fields ``to_dict`` leaves out: the generator's settings when the data is not synthetic
+        (a cache or model run's config.yaml would otherwise carry a ``synthetic:`` section)."""
+        return () if self.source == "synthetic" else ("synthetic",)
+
     def validate(self) -> None:
         """Raise ValueError naming the offending ``data.`` field."""
         sources = ("synthetic", "cache", "hf")
@@ -259,7 +264,12 @@ class RunConfig:
 
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        unused = obj.unused_fields() if hasattr(obj, "unused_fields") else ()
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.name not in unused
+        }
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
