@@ -3,7 +3,8 @@
 Both implement :class:`~saekit.data.source.ActivationSource`: ``batches(start)`` is an endless,
 deterministic stream of ``[batch_size, d]`` float32 batches (batch ``i`` depends only on the data,
 the seed, rank and world size), ``sample_for_init()`` the first ~16k training tokens (dataset scale
-and b_dec), ``eval_batches`` a held-out part that training never sees.
+and b_dec; taken from the stream the next ``batches(0)`` continues, so nothing is read twice),
+``eval_batches`` a held-out part that training never sees.
 
 - :class:`CacheSource` reads a directory written by ``saekit cache``. Held out: the **last shard**,
   when the cache has at least 2 shards; with a single shard a warning is issued and evaluation
@@ -57,22 +58,37 @@ def _full_batches(batches: Iterator[Tensor], batch_size: int) -> Iterator[Tensor
     return (b for b in batches if len(b) == batch_size)
 
 
-def _first_tokens(batches: Iterator[Tensor], n_tokens: int) -> Tensor:
-    """Concatenate batches until ``n_tokens`` rows (fewer if the stream ends); closes it."""
-    parts, n = [], 0
-    try:
-        for batch in batches:
-            parts.append(batch[: n_tokens - n])
-            n += len(parts[-1])
-            if n >= n_tokens:
+class _StreamSource(ActivationSource):
+    """``sample_for_init`` takes the first training batches from the very stream that the next
+    ``batches(0)`` continues, so the data is read once: the trainer asks for the sample, then
+    for ``batches(0)``, and a fresh stream would fill its shuffle buffer (for a model source:
+    run the model on up to ``shuffle_buffer_tokens`` tokens) a second time before step 0."""
+
+    init_tokens: int
+    _started: Iterator[Tensor] | None = None
+
+    def _stream(self, start: int) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def batches(self, start: int = 0) -> Iterator[Tensor]:
+        if start == 0 and self._started is not None:
+            stream, self._started = self._started, None
+            return stream
+        return self._stream(start)
+
+    def sample_for_init(self) -> Tensor:
+        """The first ``init_tokens`` training tokens (fewer if the data is shorter)."""
+        stream = self._stream(0)
+        taken, n = [], 0
+        for batch in stream:
+            taken.append(batch)
+            n += len(batch)
+            if n >= self.init_tokens:
                 break
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    if not parts:
-        raise ValueError("the activation source yielded no tokens")
-    return torch.cat(parts)
+        if not taken:
+            raise ValueError("the activation source yielded no tokens")
+        self._started = itertools.chain(taken, stream)
+        return torch.cat(taken)[: self.init_tokens]
 
 
 def _rebatch_up_to(chunks: Iterator[Tensor], batch_size: int, n_tokens: int) -> Iterator[Tensor]:
@@ -97,7 +113,7 @@ def _rebatch_up_to(chunks: Iterator[Tensor], batch_size: int, n_tokens: int) -> 
 # ---------------------------------------------------------------------- cache
 
 
-class CacheSource(ActivationSource):
+class CacheSource(_StreamSource):
     """Training batches from an activation cache (``saekit cache``), shuffled, cycled by epoch.
 
     Training reads every shard but the last (held out for ``eval_batches``) when the cache has
@@ -168,13 +184,10 @@ class CacheSource(ActivationSource):
         )
         return _full_batches(batches, self.batch_size)
 
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
+    def _stream(self, start: int) -> Iterator[Tensor]:
         epoch, skip = divmod(start, self.batches_per_epoch)
         for e in itertools.count(epoch):
             yield from itertools.islice(self._epoch(e), skip if e == epoch else 0, None)
-
-    def sample_for_init(self) -> Tensor:
-        return _first_tokens(self._epoch(0), self.init_tokens)
 
     def eval_batches(
         self, n_tokens: int, batch_size: int
@@ -282,7 +295,7 @@ def _checked(docs: Iterator[str], name: str, field: str) -> Iterator[str]:
         raise ValueError(f"cannot load dataset {name!r}: {_first_line(exc)}") from exc
 
 
-class HFSource(ActivationSource):
+class HFSource(_StreamSource):
     """Activations of a ``transformers`` model at one hook point, harvested while training.
 
     Per epoch: the training documents (all but the held-out leading ones) are shuffled (seeded
@@ -379,7 +392,7 @@ class HFSource(ActivationSource):
         buffer = ShuffleBuffer(capacity, self.batch_size, seed=s)
         return _full_batches(buffer.iterate(self._activations(contexts)), self.batch_size)
 
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
+    def _stream(self, start: int) -> Iterator[Tensor]:
         def endless() -> Iterator[Tensor]:
             for epoch in itertools.count():
                 n = 0
@@ -394,9 +407,6 @@ class HFSource(ActivationSource):
                     )
 
         return itertools.islice(endless(), start, None)
-
-    def sample_for_init(self) -> Tensor:
-        return _first_tokens(self.batches(0), self.init_tokens)
 
     def eval_batches(
         self, n_tokens: int, batch_size: int
