@@ -29,24 +29,29 @@ import itertools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.cache import ActivationCache
-from saekit.data.hf import Harvester, HookPoint, TokenFilter, load_model, load_tokenizer
+from saekit.data.hf import Harvester, HookPoint, TokenFilter
+from saekit.data.models import activation_width, check_hook, first_line, forward_kwargs, load_lm
 from saekit.data.source import ActivationSource
-from saekit.data.text import load_hf_documents, read_documents, token_batches, tokenize_documents
+from saekit.data.text import (
+    load_hf_documents,
+    packing_token_ids,
+    read_documents,
+    token_batches,
+    tokenize_documents,
+)
 
 if TYPE_CHECKING:
     from saekit.train.config import DataConfig, RunConfig
 
 INIT_TOKENS = 16_384
 """Tokens of ``sample_for_init`` (scale and b_dec estimates)."""
-
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -214,54 +219,6 @@ def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> 
 # ---------------------------------------------------------------------- online
 
 
-def load_lm(
-    name: str, dtype: str = "float32", device: str = "cpu", local_files_only: bool = False
-) -> tuple[nn.Module, Any]:
-    """Model (AutoModelForCausalLM, eval mode) and tokenizer; load failures as one ValueError."""
-    if dtype not in MODEL_DTYPES:
-        raise ValueError(f"model dtype must be one of {sorted(MODEL_DTYPES)}, got {dtype!r}")
-    try:
-        tokenizer = load_tokenizer(name, local_files_only=local_files_only)
-        model = load_model(
-            name, dtype=MODEL_DTYPES[dtype], device=device, local_files_only=local_files_only
-        )
-    except OSError as exc:
-        raise ValueError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
-    return model, tokenizer
-
-
-def model_hidden_size(name: str, local_files_only: bool = False) -> int:
-    """The model's hidden size from its config (``hidden_size``, ``n_embd`` or ``d_model``),
-    without loading weights: the width of residual-stream and block-output hooks."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(name, local_files_only=local_files_only)
-    except OSError as exc:
-        raise ValueError(f"cannot load the config of model {name!r}: {_first_line(exc)}") from exc
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        width = getattr(config, attr, None)
-        if isinstance(width, int):
-            return width
-    raise ValueError(
-        f"model {name!r}: no hidden_size in its config; set saes.N.sae.d_in explicitly"
-    )
-
-
-def activation_width(model: nn.Module, hook: str) -> int:
-    """Width of the activations at ``hook``, from one forward pass on two tokens."""
-    probe = Harvester(model, hook, token_filter=TokenFilter(exclude_bos=False))
-    ids = torch.zeros(1, 2, dtype=torch.long)
-    return int(probe(ids, torch.ones_like(ids))[str(HookPoint.parse(hook))].shape[-1])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def documents(
     *,
     dataset: str | None = None,
@@ -292,7 +249,7 @@ def _checked(docs: Iterator[str], name: str, field: str) -> Iterator[str]:
     except KeyError as exc:
         raise ValueError(f"{name}: a record has no field {field!r} (--text-field)") from exc
     except (OSError, ConnectionError) as exc:
-        raise ValueError(f"cannot load dataset {name!r}: {_first_line(exc)}") from exc
+        raise ValueError(f"cannot load dataset {name!r}: {first_line(exc)}") from exc
 
 
 class HFSource(_StreamSource):
@@ -324,15 +281,23 @@ class HFSource(_StreamSource):
         self.rank = rank
         self.world_size = world_size
         self.init_tokens = init_tokens
-        self.model, self.tokenizer = load_lm(
-            data.model, data.model_dtype, device, data.local_files_only
+        check_hook(data.model, data.hook, data.model_class, data.local_files_only)
+        self.model, self.tokenizer, kind = load_lm(
+            data.model, data.model_dtype, device, data.local_files_only, data.model_class
         )
         self.hook = str(HookPoint.parse(data.hook))
-        token_filter = TokenFilter.from_tokenizer(self.tokenizer, exclude_bos=not data.keep_bos)
-        self.harvester = Harvester(
-            self.model, self.hook, token_filter=token_filter, dtype=torch.float32
+        self.bos_id, _ = packing_token_ids(self.tokenizer, data.bos_token, data.eos_token)
+        token_filter = TokenFilter.from_tokenizer(
+            self.tokenizer, bos_token_id=self.bos_id, exclude_bos=not data.keep_bos
         )
-        self.d = activation_width(self.model, self.hook)
+        self.harvester = Harvester(
+            self.model,
+            self.hook,
+            token_filter=token_filter,
+            dtype=torch.float32,
+            forward_kwargs=forward_kwargs(kind),
+        )
+        self.d = activation_width(self.model, self.hook, kind)
         self._n_eval_docs: int | None = None
 
     def _documents(self) -> Iterator[str]:
@@ -375,6 +340,8 @@ class HFSource(_StreamSource):
             self.tokenizer,
             context_length=self.data.context_length,
             batch_size=self.data.model_batch_size,
+            bos_token=self.data.bos_token,
+            eos_token=self.data.eos_token,
             seed=seed,
             rank=rank,
             world_size=world,

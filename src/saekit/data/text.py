@@ -154,14 +154,54 @@ def batch_contexts(contexts: Iterable[Sequence[int]], batch_size: int) -> Iterat
         yield torch.tensor(chunk, dtype=torch.long)
 
 
+AUTO = "auto"
+NONE = "none"
+
+
+def packing_token_ids(
+    tokenizer: Any, bos_token: str = AUTO, eos_token: str = AUTO
+) -> tuple[int | None, int | None]:
+    """The ids packing puts first in each context (BOS) and after each document (separator).
+
+    ``auto``: BOS is the tokenizer's BOS, else its EOS (GPT-2 has one token for both), else its
+    CLS; the separator is its EOS, else its BOS, else its SEP. So a BERT-style tokenizer, which
+    has neither BOS nor EOS, packs ``[CLS] doc [SEP] doc [SEP] ...`` as in BERT pre-training
+    (Devlin et al. 2019, section 3.1). ``none``: no such token; contexts are then plain cuts of
+    the concatenated documents. Any other value names a token of the vocabulary.
+    """
+
+    def pick(value: str, flag: str, fallbacks: tuple[str, ...]) -> int | None:
+        if value == NONE:
+            return None
+        if value == AUTO:
+            for attr in fallbacks:
+                token_id = getattr(tokenizer, f"{attr}_token_id", None)
+                if token_id is not None:
+                    return int(token_id)
+            raise ValueError(
+                f"the tokenizer has no {'/'.join(a.upper() for a in fallbacks)} token to"
+                f" {'start contexts' if flag == '--bos-token' else 'separate documents'}: name"
+                f" one with {flag} TOKEN, or pack without it: {flag} none"
+            )
+        token_id = tokenizer.convert_tokens_to_ids(value)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if token_id is None or (token_id == unk and value != getattr(tokenizer, "unk_token", None)):
+            raise ValueError(f"{flag} {value!r} is not a token of the tokenizer's vocabulary")
+        return int(token_id)
+
+    bos = pick(bos_token, "--bos-token", ("bos", "eos", "cls"))
+    eos = pick(eos_token, "--eos-token", ("eos", "bos", "sep"))
+    return bos, eos
+
+
 def token_batches(
     docs: Iterable[str],
     tokenizer: Any,
     *,
     context_length: int,
     batch_size: int,
-    add_bos: bool = True,
-    add_separator: bool = True,
+    bos_token: str = AUTO,
+    eos_token: str = AUTO,
     seed: int | None = None,
     shuffle_buffer: int = 10_000,
     rank: int = 0,
@@ -169,20 +209,14 @@ def token_batches(
 ) -> Iterator[Tensor]:
     """Documents -> shuffled (if ``seed``), rank-sharded, tokenised, packed ``[B, T]`` batches.
 
-    The separator is the tokenizer's EOS (falling back to BOS); BOS falls back to EOS (GPT-2
-    has only one such token). Deterministic for fixed documents, seed, rank and world size.
+    BOS and separator: :func:`packing_token_ids`. Deterministic for fixed documents, seed, rank
+    and world size.
     """
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    if (add_bos and bos is None) or (add_separator and eos is None):
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token")
+    bos, eos = packing_token_ids(tokenizer, bos_token, eos_token)
     if seed is not None:
         docs = shuffle_documents(docs, seed, shuffle_buffer)
     docs = shard_documents(docs, rank, world_size)
     contexts = pack_tokens(
-        tokenize_documents(docs, tokenizer),
-        context_length,
-        separator_id=eos if add_separator else None,
-        bos_id=bos if add_bos else None,
+        tokenize_documents(docs, tokenizer), context_length, separator_id=eos, bos_id=bos
     )
     return batch_contexts(contexts, batch_size)

@@ -137,7 +137,10 @@ class DataConfig:
     shuffle_buffer_tokens: int = 262_144
     """cache, hf: tokens held in the token-level shuffle buffer (cache: 0 reads in file order)."""
     model: str | None = None
-    """hf: the model, a hub id or a local directory (loaded with AutoModelForCausalLM)."""
+    """hf: the model, a hub id or a local directory."""
+    model_class: str = "auto"
+    """hf: how to load the model: causal-lm, masked-lm, encoder (the bare model, AutoModel) or
+    auto (from its config; saekit/data/models.py)."""
     hook: str | None = None
     """hf: hook point, e.g. transformer.h.8:input (residual stream before block 8)."""
     dataset: str | None = None
@@ -160,6 +163,10 @@ class DataConfig:
     """hf: dtype of the model weights: float32, bfloat16 or float16 (activations are float32)."""
     local_files_only: bool = False
     """hf: never download; load the model and tokenizer from the local cache or directory."""
+    bos_token: str = "auto"
+    """hf: token starting each context: auto (BOS, else EOS, else CLS), none, or a token."""
+    eos_token: str = "auto"
+    """hf: token after each document: auto (EOS, else BOS, else SEP), none, or a token."""
     keep_bos: bool = False
     """hf: train on BOS positions too (by default they are dropped, as are padding positions)."""
     prefetch: int = 2
@@ -201,6 +208,12 @@ class DataConfig:
                 )
             if self.prefetch < 0:
                 raise ValueError("data.prefetch must be >= 0")
+            from saekit.data.models import MODEL_CLASSES
+
+            if self.model_class not in MODEL_CLASSES:
+                raise ValueError(
+                    f"data.model_class must be one of {MODEL_CLASSES}, got {self.model_class!r}"
+                )
             HookPoint.parse(self.hook)
 
 
@@ -417,7 +430,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         sae = s.setdefault("sae", {})
         if not sae.get("d_in"):
             if d_data is None:
-                from saekit.data.lm_source import model_hidden_size
+                from saekit.data.models import model_hidden_size
 
                 d_data = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
             sae["d_in"] = d_data
