@@ -58,7 +58,12 @@ def _add_text_args(g: Any, dataset_config_flags: tuple[str, ...]) -> None:
     text.add_argument(
         "--text-file", metavar="PATH", help="local .txt (blank-line separated) or .jsonl"
     )
-    g.add_argument("--split", "--dataset-split", dest="split", help="dataset split (train)")
+    g.add_argument(
+        "--split",
+        "--dataset-split",
+        dest="split",
+        help="dataset split (train); eval: heldout = the documents the SAE's training held out",
+    )
     g.add_argument(*dataset_config_flags, dest="dataset_config", help="dataset configuration name")
     g.add_argument("--text-field", help="field holding the text (text)")
     g.add_argument("--no-streaming", action="store_true", help="download the dataset whole")
@@ -203,101 +208,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _train(args, default)
 
 
-def _print_cache(cache: Any) -> None:
-    print(
-        f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
-        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}; verified"
-    )
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     """Harvest activations into a cache directory, then verify it; or only verify one."""
-    from saekit.data.cache import ActivationCache, write_cache
+    from saekit.data.cache import ActivationCache
 
     verify_dir = args.verify
     if args.action:
         if args.action[0] != "verify" or len(args.action) != 2:
             raise ValueError(f"unexpected arguments {args.action}; did you mean: cache verify DIR")
         verify_dir = args.action[1]
-    if verify_dir:
-        cache = ActivationCache(verify_dir)
-        cache.verify()
-        _print_cache(cache)
-        return 0
+    if not verify_dir:
+        from saekit.data.harvest import cache_command
 
-    from saekit.data.hf import Harvester, HookPoint, TokenFilter
-    from saekit.data.models import check_hook, forward_kwargs, load_lm
-    from saekit.data.text import packing_token_ids, token_batches
-    from saekit.eval.command import text_documents
-
-    for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
-        if not value:
-            raise ValueError(f"saekit cache needs {flag}")
-    hook = str(HookPoint.parse(args.hook))
-    check_hook(args.model, hook, args.model_class, args.local_files_only)
-    docs = text_documents(args)
-    model, tokenizer, kind = load_lm(
-        args.model,
-        args.model_dtype or "float32",
-        args.device,
-        args.local_files_only,
-        args.model_class,
-    )
-    bos, _ = packing_token_ids(tokenizer, args.bos_token, args.eos_token)
-    token_filter = TokenFilter.from_tokenizer(
-        tokenizer,
-        bos_token_id=bos,
-        exclude_padding=not args.keep_padding,
-        exclude_bos=not args.keep_bos,
-        exclude_special=args.exclude_special,
-    )
-    harvester = Harvester(
-        model, hook, token_filter=token_filter, device="cpu", forward_kwargs=forward_kwargs(kind)
-    )
-    contexts = token_batches(
-        docs,
-        tokenizer,
-        context_length=args.context_length,
-        batch_size=args.batch_size,
-        bos_token=args.bos_token,
-        eos_token=args.eos_token,
-        seed=args.seed,
-    )
-    settings = ("dataset", "text_file", "split", "dataset_config", "text_field", "seed")
-    settings += ("context_length", "batch_size", "keep_bos", "keep_padding", "exclude_special")
-    settings += ("bos_token", "eos_token")
-    metadata = {k: getattr(args, k) for k in settings}
-    metadata.update(model_dtype=args.model_dtype or "float32", model_class=kind)
-    acts = _counted(harvester.stream(contexts, prefetch=2), hook, args.max_tokens, args.progress)
-    try:
-        write_cache(
-            args.out,
-            acts,
-            hook,
-            args.model,
-            args.dtype,
-            shard_tokens=args.shard_tokens,
-            max_tokens=args.max_tokens,
-            metadata=metadata,
-        )
-    finally:
-        acts.close()  # closes the bar now, not at garbage collection (after "verified")
-    cache = ActivationCache(args.out)
+        cache_command(args)
+        verify_dir = args.out
+    cache = ActivationCache(verify_dir)
     cache.verify()
-    _print_cache(cache)
+    print(
+        f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
+        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}; verified"
+    )
     return 0
-
-
-def _counted(outputs: Any, hook: str, total: int | None, show: bool) -> Any:
-    """Pass harvester outputs through, counting tokens on a progress bar; with ``total``
-    (--max-tokens) it counts only the tokens the cache keeps, so it stops at the total."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, disable=not show, unit="tok", unit_scale=True) as bar:
-        for out in outputs:
-            n = len(out[hook])
-            bar.update(n if total is None else min(n, total - bar.n))
-            yield out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -402,14 +333,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "eval",
         help="evaluate a saved SAE: FVU, L0, dead latents; CE/KL spliced into the model",
-        description="With --model and documents: reconstruction metrics at the hook and the "
-        "model's CE and KL with the SAE spliced in (and zero-ablated). With --cache: "
-        "reconstruction metrics on the cache's held-out last shard.",
+        description="With --model: reconstruction metrics at the hook and (causal LMs) the "
+        "model's CE and KL with the SAE spliced in (and zero-ablated), on the documents the "
+        "SAE's training held out (--split heldout), those a cache held out (--cache DIR) or "
+        "--dataset/--text-file documents in order (a warning counts any the SAE trained on). "
+        "With --cache alone: reconstruction metrics on the cache's held-out last shard.",
     )
     p.add_argument("--sae", required=True, metavar="DIR", help="SAE directory (cfg.json)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
-    src.add_argument("--cache", metavar="DIR", help="activation cache (reconstruction only)")
+    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="activation cache: alone, reconstruction on its held-out shard; with --model, the"
+        " documents it held out",
+    )
     _add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
     p.add_argument("--context-length", type=int, help="tokens per context (128)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per batch")

@@ -2,9 +2,16 @@
 
 Layout of a cache directory::
 
-    manifest.json              model, hook, d, dtype, total_tokens, shard_tokens, shards[...]
+    manifest.json              model, hook, d, dtype, total_tokens, shard_tokens, shards[...],
+                               held_out
     shard_000000.safetensors   one tensor "activations" [n_tokens, d]
     shard_000001.safetensors   ...
+
+Held out: the last shard when the cache has at least 2 (:func:`held_out_shard`); training
+(``saekit train --cache``) never reads it. When the activations come with document indices
+(``saekit cache`` passes them), each shard entry records the documents of its tokens
+(``documents``: index ranges, saekit.data.documents) and ``held_out`` the documents whose every
+token is in the held-out shard, which ``saekit eval --cache C --model M`` evaluates.
 
 Every file is written atomically (temp name, fsync, ``os.replace``) and the manifest is
 rewritten after each shard, so the manifest only ever lists complete shards. An interrupted
@@ -32,6 +39,8 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from saekit.data.buffer import ShuffleBuffer
+from saekit.data.documents import Ranges, subtract, to_ranges, union
+from saekit.data.text import DOCUMENT_IDS
 
 MANIFEST = "manifest.json"
 FORMAT = "saekit-activation-cache"
@@ -82,6 +91,24 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:06d}.safetensors"
 
 
+_UNKNOWN = -2
+"""Document index of a token that came without one (such shards record no documents)."""
+
+
+def held_out_shard(n_shards: int) -> int | None:
+    """The shard training never reads: the last one, when there are at least 2."""
+    return n_shards - 1 if n_shards >= 2 else None
+
+
+def _held_out_record(shards: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The held-out shard and the documents wholly inside it (None: nothing recorded)."""
+    held = held_out_shard(len(shards))
+    if held is None or any("documents" not in s for s in shards):
+        return None
+    training = union(*(s["documents"] for i, s in enumerate(shards) if i != held))
+    return {"shard": held, "documents": subtract(shards[held]["documents"], training)}
+
+
 def write_cache(
     out_dir: str | Path,
     activation_batches: Iterable[Tensor | Mapping[str, Tensor]],
@@ -97,6 +124,8 @@ def write_cache(
     ``out_dir`` as shards of ``shard_tokens`` tokens (the last may be smaller). Returns the
     final manifest. Resumes an interrupted run (see the module docstring); a finished cache
     with the same arguments is returned as is. Raises ``ValueError`` on NaN/inf activations.
+    Dicts that also hold ``DOCUMENT_IDS`` ([n] document indices) have their documents recorded
+    per shard.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,52 +161,59 @@ def write_cache(
     already = manifest["total_tokens"]
     accepted = already  # tokens written or pending
 
-    def write_shard(acts_ND: Tensor) -> None:
+    def write_shard(acts_ND: Tensor, doc_ids_N: Tensor) -> None:
         if manifest["d"] is None:
             manifest["d"] = acts_ND.shape[1]
         data = save_safetensors({TENSOR_KEY: acts_ND.contiguous()})
         file = _shard_name(len(manifest["shards"]))
         _atomic_write(out / file, data)
-        manifest["shards"].append(
-            {
-                "file": file,
-                "n_tokens": len(acts_ND),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
+        entry = {
+            "file": file,
+            "n_tokens": len(acts_ND),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        if not (doc_ids_N == _UNKNOWN).any():
+            entry["documents"] = to_ranges(doc_ids_N.unique().tolist())
+        manifest["shards"].append(entry)
         manifest["total_tokens"] += len(acts_ND)
         _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     pending: list[Tensor] = []
+    pending_docs: list[Tensor] = []  # document index of each pending token (_UNKNOWN: none)
     n_pending = 0
     to_skip = already
     for batch_index, batch in enumerate(activation_batches):
+        docs = batch.get(DOCUMENT_IDS) if isinstance(batch, Mapping) else None
         if isinstance(batch, Mapping):
             batch = batch[hook]
         if batch.ndim != 2:
             batch = batch.reshape(-1, batch.shape[-1])
+        docs = torch.full((len(batch),), _UNKNOWN) if docs is None else docs.cpu()
         d = manifest["d"] if manifest["d"] is not None else batch.shape[1]
         if batch.shape[1] != d:
             raise ValueError(f"batch {batch_index} has d={batch.shape[1]}, the cache has d={d}")
         if to_skip >= len(batch):
             to_skip -= len(batch)
             continue
-        batch, to_skip = batch[to_skip:], 0
+        batch, docs, to_skip = batch[to_skip:], docs[to_skip:], 0
         if max_tokens is not None:
-            batch = batch[: max(max_tokens - accepted, 0)]
+            keep = max(max_tokens - accepted, 0)
+            batch, docs = batch[:keep], docs[:keep]
         stored = batch.detach().to("cpu", torch_dtype)
         _check_finite(stored, batch, batch_index, hook, name)
         if manifest["d"] is None:
             manifest["d"] = d
         pending.append(stored)
+        pending_docs.append(docs)
         n_pending += len(stored)
         accepted += len(stored)
         while n_pending >= shard_tokens:
-            flat = torch.cat(pending)
-            write_shard(flat[:shard_tokens])
-            rest = flat[shard_tokens:]
-            pending, n_pending = ([rest] if len(rest) else []), len(rest)
+            flat, flat_docs = torch.cat(pending), torch.cat(pending_docs)
+            write_shard(flat[:shard_tokens], flat_docs[:shard_tokens])
+            rest, rest_docs = flat[shard_tokens:], flat_docs[shard_tokens:]
+            pending, pending_docs = ([rest], [rest_docs]) if len(rest) else ([], [])
+            n_pending = len(rest)
         if max_tokens is not None and accepted >= max_tokens:
             break
     if to_skip:
@@ -186,9 +222,12 @@ def write_cache(
             f" {out}: it is not the source this cache was started with"
         )
     if n_pending:
-        write_shard(torch.cat(pending))
+        write_shard(torch.cat(pending), torch.cat(pending_docs))
     if manifest["d"] is None:
         raise ValueError("write_cache got no activations")
+    held_out = _held_out_record(manifest["shards"])
+    if held_out is not None:
+        manifest["held_out"] = held_out
     manifest["complete"] = True
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
@@ -249,6 +288,8 @@ class ShardInfo:
     n_tokens: int
     bytes: int
     sha256: str
+    documents: Ranges | None = None
+    """Indices of the documents with tokens in this shard (None: not recorded)."""
 
 
 class ActivationCache:
@@ -274,6 +315,11 @@ class ActivationCache:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    @property
+    def held_out_shard(self) -> int | None:
+        """The shard training never reads (documents: saekit.data.documents.cache_documents)."""
+        return held_out_shard(len(self.shards))
 
     def _check_header(self, shard: ShardInfo) -> None:
         path = self.directory / shard.file

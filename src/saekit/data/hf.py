@@ -271,7 +271,7 @@ class Harvester:
             for batch in batches:
                 yield self(*unpack_batch(batch))
             return
-        yield from _prefetched((self(*unpack_batch(b)) for b in batches), prefetch)
+        yield from prefetched((self(*unpack_batch(b)) for b in batches), prefetch)
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -287,7 +287,7 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 _DONE = object()
 
 
-def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+def prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
     """Produce ``items`` in a worker thread, at most ``depth`` ahead of the consumer."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()

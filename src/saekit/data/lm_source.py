@@ -36,16 +36,11 @@ from torch import Tensor
 
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.cache import ActivationCache
+from saekit.data.documents import documents, leading_document_count
 from saekit.data.hf import Harvester, HookPoint, TokenFilter
-from saekit.data.models import activation_width, check_hook, first_line, forward_kwargs, load_lm
+from saekit.data.models import activation_width, check_hook, forward_kwargs, load_lm
 from saekit.data.source import ActivationSource
-from saekit.data.text import (
-    load_hf_documents,
-    packing_token_ids,
-    read_documents,
-    token_batches,
-    tokenize_documents,
-)
+from saekit.data.text import packing_token_ids, token_batches
 
 if TYPE_CHECKING:
     from saekit.train.config import DataConfig, RunConfig
@@ -149,7 +144,7 @@ class CacheSource(_StreamSource):
         self.world_size = world_size
         self.init_tokens = init_tokens
         self.d = self.cache.d
-        self.held_out = len(self.cache.shards) >= 2
+        self.held_out = self.cache.held_out_shard is not None
         self.train_cache = self._training_view() if self.held_out else self.cache
         if self.train_cache.shards and world_size > len(self.train_cache.shards):
             raise ValueError(
@@ -171,9 +166,9 @@ class CacheSource(_StreamSource):
             )
 
     def _training_view(self) -> ActivationCache:
-        """The cache without its last shard (a shallow copy; the files are shared)."""
+        """The cache without its held-out shard (a shallow copy; the files are shared)."""
         view = copy.copy(self.cache)
-        view.shards = self.cache.shards[:-1]
+        view.shards = [s for i, s in enumerate(self.cache.shards) if i != self.cache.held_out_shard]
         view.n_tokens = sum(s.n_tokens for s in view.shards)
         return view
 
@@ -202,54 +197,21 @@ class CacheSource(_StreamSource):
 
 
 def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> Iterator[Tensor]:
-    """Float32 batches of the cache's held-out part: its last shard when it has at least 2
-    (the one :class:`CacheSource` never trains on), else, with a warning, its only shard."""
-    last = len(cache.shards) - 1
-    if last < 1:
+    """Float32 batches of the cache's held-out shard (the last when it has at least 2, the one
+    :class:`CacheSource` never trains on), else, with a warning, of its only shard."""
+    held = cache.held_out_shard
+    if held is None:
         warnings.warn(
             f"activation cache {cache.directory} has a single shard: nothing is held out, so"
             " evaluation reuses training data (a smaller --shard-tokens gives more shards)",
             stacklevel=2,
         )
-    indices = [last] if last >= 1 else range(len(cache.shards))
+    indices = [held] if held is not None else range(len(cache.shards))
     chunks = (cache.load_shard(i).float() for i in indices)
     return _rebatch_up_to(chunks, batch_size, n_tokens)
 
 
 # ---------------------------------------------------------------------- online
-
-
-def documents(
-    *,
-    dataset: str | None = None,
-    text_file: str | None = None,
-    split: str = "train",
-    config_name: str | None = None,
-    field: str = "text",
-    streaming: bool = True,
-) -> Iterator[str]:
-    """Documents in dataset order from a hub/local dataset or a text/JSONL file."""
-    if (dataset is None) == (text_file is None):
-        raise ValueError("give exactly one of a dataset and a text file")
-    if text_file is not None:
-        if not Path(text_file).is_file():
-            raise ValueError(f"text file not found: {text_file}")
-        return _checked(read_documents(text_file, field=field), text_file, field)
-    docs = load_hf_documents(
-        dataset, split=split, field=field, config_name=config_name, streaming=streaming
-    )
-    return _checked(docs, dataset, field)
-
-
-def _checked(docs: Iterator[str], name: str, field: str) -> Iterator[str]:
-    """``docs`` with load errors (raised lazily, e.g. by ``load_dataset`` on the first
-    document) turned into one-line ValueErrors naming the data."""
-    try:
-        yield from docs
-    except KeyError as exc:
-        raise ValueError(f"{name}: a record has no field {field!r} (--text-field)") from exc
-    except (OSError, ConnectionError) as exc:
-        raise ValueError(f"cannot load dataset {name!r}: {first_line(exc)}") from exc
 
 
 class HFSource(_StreamSource):
@@ -316,13 +278,7 @@ class HFSource(_StreamSource):
         """Leading documents held out for evaluation (0 when the dataset is too short)."""
         if self._n_eval_docs is None:
             target = self.eval_tokens + self.data.context_length
-            seen = 0
-            count = 0
-            for ids in tokenize_documents(self._documents(), self.tokenizer):
-                count += 1
-                seen += len(ids)
-                if seen >= target:
-                    break
+            count, seen = leading_document_count(self._documents(), self.tokenizer, target)
             if seen < target:
                 warnings.warn(
                     f"the dataset has only {seen} tokens, fewer than eval_tokens +"

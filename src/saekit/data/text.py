@@ -19,6 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+AUTO = "auto"
+NONE = "none"
+DOCUMENT_IDS = "document_ids"
+"""Key of the per-position document indices in the batches of ``token_batches(with_documents=...)``
+and the harvests of :func:`saekit.data.harvest.harvest`."""
+NO_DOCUMENT = -1
+"""Document index of a position that belongs to no document (BOS)."""
+
 
 def read_text_file(path: str | Path, *, doc_separator: str | None = "\n\n") -> Iterator[str]:
     """Documents of a plain text file: split on ``doc_separator`` (None: the whole file)."""
@@ -131,20 +139,40 @@ def pack_tokens(
     ``context_length`` tokens, each starting with ``bos_id`` when given. The incomplete tail is
     dropped.
     """
+    indexed = enumerate(token_lists)
+    for ids, _ in pack_documents(indexed, context_length, separator_id=separator_id, bos_id=bos_id):
+        yield ids
+
+
+def pack_documents(
+    indexed_token_lists: Iterable[tuple[int, Sequence[int]]],
+    context_length: int,
+    *,
+    separator_id: int | None = None,
+    bos_id: int | None = None,
+) -> Iterator[tuple[list[int], list[int]]]:
+    """:func:`pack_tokens` of ``(document index, ids)`` pairs: each context with the index of
+    the document of every position (a separator belongs to the document it ends; BOS is
+    :data:`NO_DOCUMENT`)."""
     body = context_length - (bos_id is not None)
     if body < 1:
         raise ValueError(f"context_length {context_length} leaves no room for tokens")
     head = [] if bos_id is None else [bos_id]
+    head_docs = [NO_DOCUMENT] * len(head)
     pending: list[int] = []
-    for ids in token_lists:
+    pending_docs: list[int] = []
+    for index, ids in indexed_token_lists:
         pending.extend(ids)
         if separator_id is not None:
             pending.append(separator_id)
+        pending_docs.extend([index] * (len(pending) - len(pending_docs)))
         start = 0
         while len(pending) - start >= body:
-            yield head + pending[start : start + body]
-            start += body
+            end = start + body
+            yield head + pending[start:end], head_docs + pending_docs[start:end]
+            start = end
         del pending[:start]
+        del pending_docs[:start]
 
 
 def batch_contexts(contexts: Iterable[Sequence[int]], batch_size: int) -> Iterator[Tensor]:
@@ -152,10 +180,6 @@ def batch_contexts(contexts: Iterable[Sequence[int]], batch_size: int) -> Iterat
     contexts = iter(contexts)
     while chunk := list(itertools.islice(contexts, batch_size)):
         yield torch.tensor(chunk, dtype=torch.long)
-
-
-AUTO = "auto"
-NONE = "none"
 
 
 def packing_token_ids(
@@ -206,17 +230,45 @@ def token_batches(
     shuffle_buffer: int = 10_000,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[Tensor]:
+    indices: Iterable[int] | None = None,
+    with_documents: bool = False,
+) -> Iterator[Any]:
     """Documents -> shuffled (if ``seed``), rank-sharded, tokenised, packed ``[B, T]`` batches.
 
     BOS and separator: :func:`packing_token_ids`. Deterministic for fixed documents, seed, rank
-    and world size.
+    and world size. ``with_documents``: each batch is ``{"input_ids": [B, T], DOCUMENT_IDS:
+    [B, T]}``, the second holding each position's document index (``indices``, default 0, 1,
+    2, ... in the order of ``docs``; :data:`NO_DOCUMENT` for BOS).
     """
     bos, eos = packing_token_ids(tokenizer, bos_token, eos_token)
+    numbers = itertools.count() if indices is None else indices
+    indexed: Iterable[tuple[int, str]] = zip(numbers, docs, strict=False)
     if seed is not None:
-        docs = shuffle_documents(docs, seed, shuffle_buffer)
-    docs = shard_documents(docs, rank, world_size)
-    contexts = pack_tokens(
-        tokenize_documents(docs, tokenizer), context_length, separator_id=eos, bos_id=bos
+        indexed = shuffle_documents(indexed, seed, shuffle_buffer)
+    indexed = shard_documents(indexed, rank, world_size)
+    contexts = pack_documents(
+        _tokenized(indexed, tokenizer), context_length, separator_id=eos, bos_id=bos
     )
-    return batch_contexts(contexts, batch_size)
+    if not with_documents:
+        return batch_contexts((ids for ids, _ in contexts), batch_size)
+    return _with_documents(contexts, batch_size)
+
+
+def _tokenized(
+    indexed: Iterable[tuple[int, str]], tokenizer: Any
+) -> Iterator[tuple[int, list[int]]]:
+    indexed = iter(indexed)
+    while chunk := list(itertools.islice(indexed, 64)):
+        numbers, texts = zip(*chunk, strict=True)
+        yield from zip(numbers, tokenize_documents(texts, tokenizer, chunk_docs=64), strict=True)
+
+
+def _with_documents(
+    contexts: Iterator[tuple[list[int], list[int]]], batch_size: int
+) -> Iterator[dict[str, Tensor]]:
+    while chunk := list(itertools.islice(contexts, batch_size)):
+        ids, doc_ids = zip(*chunk, strict=True)
+        yield {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            DOCUMENT_IDS: torch.tensor(doc_ids, dtype=torch.long),
+        }

@@ -405,7 +405,8 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     """A validated RunConfig; SAE d_in set from the data when 0 and names defaulted.
 
     Model sources also fill each SAE's ``hook`` and ``model_name`` (when unset) so saved SAEs
-    are self-describing: from the manifest for a cache, from ``data.model``/``data.hook`` for hf.
+    are self-describing: from the manifest for a cache, from ``data.model``/``data.hook`` for hf;
+    and ``metadata.training_data``, the documents it trains on (saekit.data.documents).
     For hf, d_in defaults to the model's hidden size (its config's hidden_size / n_embd /
     d_model, read without loading weights): right for residual-stream and block-output hooks;
     set d_in for other hooks (the source checks the real width before training).
@@ -426,8 +427,13 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         d_data = cache.d
     else:
         origin = {"model_name": stream_cfg.model, "hook": str(HookPoint.parse(stream_cfg.hook))}
+    from saekit.data.documents import training_record
+
+    record = training_record(stream_cfg, raw.get("eval_tokens", RunConfig.eval_tokens))
     for i, s in enumerate(raw.get("saes", [])):
         sae = s.setdefault("sae", {})
+        if record is not None:  # kept on resume: the run's data cannot change
+            sae.setdefault("metadata", {}).setdefault("training_data", record)
         if not sae.get("d_in"):
             if d_data is None:
                 from saekit.data.models import model_hidden_size
