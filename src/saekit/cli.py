@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -371,10 +374,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for --nproc
     try:
-        return args.func(args)
+        with _warnings_as_lines():
+            return args.func(args)
     except ValueError as exc:  # configuration and input errors: one clear line, no traceback
         print(f"saekit: error: {exc}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """saekit's own warnings (warnings.warn in the library) as one line each, every time:
+    ``saekit: warning: ...``, not a file name, line number and source line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module=r"saekit\.")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if f"{os.sep}saekit{os.sep}" in filename:
+                print(f"saekit: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from saekit.data.documents import Ranges
+from saekit.eval.calibrate import l0_target, off_target
 from saekit.eval.metrics import MetricAccumulator
 from saekit.sae import SAE
 
@@ -80,6 +81,9 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     result = acc.result()
     report.update(result.summary())
     report.update(d_in=d_in, d_sae=d_sae, l0_histogram=result.l0_histogram)
+    message = off_target(str(args.sae), report["l0"], l0_target(sae.cfg))
+    if message is not None:
+        print(f"saekit: warning: {message}", file=sys.stderr)
     return report
 
 

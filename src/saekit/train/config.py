@@ -434,6 +434,8 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         sae = s.setdefault("sae", {})
         if record is not None:  # kept on resume: the run's data cannot change
             sae.setdefault("metadata", {}).setdefault("training_data", record)
+        if s.get("target_l0") is not None:  # for `saekit eval`'s L0-off-target warning
+            sae.setdefault("metadata", {})["target_l0"] = s["target_l0"]
         if not sae.get("d_in"):
             if d_data is None:
                 from saekit.data.models import model_hidden_size

@@ -13,6 +13,7 @@ Run directory layout::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import yaml
 from saekit.activations import as_dense
 from saekit.data.synthetic import SyntheticData
 from saekit.eval import ground_truth
+from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, threshold_set
 from saekit.eval.metrics import MetricAccumulator
 from saekit.sae import atomic_write_text
 from saekit.train.checkpoint import read_checkpoint_meta
@@ -42,8 +44,39 @@ def make_source(cfg: RunConfig) -> ActivationSource:
 def evaluate_member(
     member: Member, source: ActivationSource, n_tokens: int, batch_size: int
 ) -> dict[str, Any]:
-    """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery."""
+    """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery.
+
+    A BatchTopK SAE is evaluated with its inference threshold calibrated on the held-out
+    batches (saekit.eval.calibrate; reported as ``threshold``, which :func:`save_outputs` saves,
+    beside the EMA θ and the L0 it gave); any SAE whose inference L0 is more than 10% off its
+    target gets a warning.
+    """
     sae = member.sae.eval()
+    calibration = None
+    if sae.cfg.activation == "batchtopk":
+        held_out = (x for x, _ in source.eval_batches(n_tokens, batch_size))
+        calibration = calibrate_batchtopk(sae, held_out, n_tokens, apply=False)
+    with threshold_set(sae, None if calibration is None else calibration.threshold):
+        report = _evaluate(member, source, n_tokens, batch_size)
+    if calibration is not None:
+        report.update(
+            threshold=calibration.threshold,
+            threshold_ema=calibration.threshold_ema,
+            l0_ema=calibration.l0_ema,
+        )
+    target = l0_target(sae.cfg, member.cfg.target_l0)
+    if target is not None:
+        report["l0_target"] = target
+        message = off_target(member.cfg.name, report["l0"], target)
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
+    return report
+
+
+def _evaluate(
+    member: Member, source: ActivationSource, n_tokens: int, batch_size: int
+) -> dict[str, Any]:
+    sae = member.sae
     device = next(sae.parameters()).device
     acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=device)
     synthetic = source.data if isinstance(source, SyntheticSource) else None
@@ -74,8 +107,6 @@ def evaluate_member(
         )
         if hierarchical:
             report["absorption"] = absorbed / pairs if pairs else float("nan")
-    if sae.cfg.activation == "batchtopk":
-        report["threshold"] = float(sae.activation.threshold)
     report["l0_histogram"] = result.l0_histogram
     return report
 
@@ -83,7 +114,9 @@ def evaluate_member(
 def save_outputs(trainer: Trainer, reports: list[dict[str, Any]]) -> None:
     out = trainer.out_dir
     for member, report in zip(trainer.members, reports, strict=True):
-        member.sae.save(out / member.cfg.name)
+        calibrated = report["threshold"] if "threshold_ema" in report else None
+        with threshold_set(member.sae, calibrated):
+            member.sae.save(out / member.cfg.name)  # BatchTopK: with the calibrated θ
         atomic_write_text(out / member.cfg.name / "eval.json", json.dumps(report, indent=2))
     summary = [{k: v for k, v in r.items() if k != "l0_histogram"} for r in reports]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -140,6 +173,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
 COLUMNS = [
     ("name", "SAE", "{}"),
     ("l0", "L0", "{:.2f}"),
+    ("l0_ema", "L0 at EMA θ", "{:.2f}"),
     ("fvu", "FVU", "{:.4f}"),
     ("dead_fraction", "dead", "{:.1%}"),
     ("mean_max_cos", "mean max|cos|", "{:.3f}"),
