@@ -50,6 +50,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_text_args(g, dataset_config_flags=("--dataset-config",))
     g.add_argument("--context-length", type=int, help="tokens per context (default 128)")
     g.add_argument("--model-batch-size", type=int, help="contexts per model forward (default 32)")
+    _add_outlier_arg(g)
     _add_model_args(g, train=True)
 
 
@@ -70,6 +71,15 @@ def _add_text_args(g: Any, dataset_config_flags: tuple[str, ...]) -> None:
     g.add_argument(*dataset_config_flags, dest="dataset_config", help="dataset configuration name")
     g.add_argument("--text-field", help="field holding the text (text)")
     g.add_argument("--no-streaming", action="store_true", help="download the dataset whole")
+
+
+def _add_outlier_arg(g: Any) -> None:
+    g.add_argument(
+        "--outlier-norm",
+        type=float,
+        metavar="FACTOR",
+        help="drop tokens whose activation norm exceeds FACTOR x the median (default: keep all)",
+    )
 
 
 def _add_model_class_arg(g: Any, default: str | None = "auto") -> None:
@@ -126,6 +136,7 @@ def _data_flags(args: argparse.Namespace) -> dict[str, Any]:
         "bos_token": args.bos_token,
         "eos_token": args.eos_token,
         "cache_dir": args.cache,
+        "outlier_norm": args.outlier_norm,
     }
     flags = {k: v for k, v in fields.items() if v is not None}
     for name in ("local_files_only", "keep_bos"):
@@ -328,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="shuffle the documents with this seed")
     p.add_argument("--keep-padding", action="store_true", help="keep padding positions")
     p.add_argument("--exclude-special", action="store_true", help="drop every special token")
+    _add_outlier_arg(p)
     _add_model_args(p)
     p.add_argument("--out", metavar="DIR", help="cache directory")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -37,6 +37,7 @@ from torch import Tensor
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.cache import ActivationCache
 from saekit.data.documents import documents, leading_document_count
+from saekit.data.harvest import HarvestStats, harvest
 from saekit.data.hf import Harvester, HookPoint, TokenFilter
 from saekit.data.models import activation_width, check_hook, forward_kwargs, load_lm
 from saekit.data.source import ActivationSource
@@ -261,6 +262,8 @@ class HFSource(_StreamSource):
         )
         self.d = activation_width(self.model, self.hook, kind)
         self._n_eval_docs: int | None = None
+        self.harvest_stats = HarvestStats()
+        """Training tokens harvested and outliers dropped (``data.outlier_norm``) so far."""
 
     def _documents(self) -> Iterator[str]:
         data = self.data
@@ -303,8 +306,15 @@ class HFSource(_StreamSource):
             world_size=world,
         )
 
-    def _activations(self, contexts) -> Iterator[Tensor]:
-        for out in self.harvester.stream(contexts, prefetch=self.data.prefetch):
+    def _activations(self, contexts, stats: HarvestStats | None = None) -> Iterator[Tensor]:
+        outputs = harvest(
+            self.harvester,
+            contexts,
+            prefetch=self.data.prefetch,
+            outlier_norm=self.data.outlier_norm,
+            stats=stats,
+        )
+        for out in outputs:
             yield out[self.hook].cpu()
 
     def _epoch(self, epoch: int) -> Iterator[Tensor]:
@@ -313,7 +323,8 @@ class HFSource(_StreamSource):
         contexts = self._contexts(docs, s, self.rank, self.world_size)
         capacity = max(self.data.shuffle_buffer_tokens, self.batch_size)
         buffer = ShuffleBuffer(capacity, self.batch_size, seed=s)
-        return _full_batches(buffer.iterate(self._activations(contexts)), self.batch_size)
+        activations = self._activations(contexts, self.harvest_stats)
+        return _full_batches(buffer.iterate(activations), self.batch_size)
 
     def _stream(self, start: int) -> Iterator[Tensor]:
         def endless() -> Iterator[Tensor]:

@@ -171,6 +171,9 @@ class DataConfig:
     """hf: train on BOS positions too (by default they are dropped, as are padding positions)."""
     prefetch: int = 2
     """hf: model batches harvested ahead in a background thread (0: no thread)."""
+    outlier_norm: float | None = None
+    """hf: drop tokens whose activation norm exceeds this multiple of the median norm of their
+    model batch (massive-activation tokens; saekit/data/harvest.py); None: keep them all."""
 
     def unused_fields(self) -> tuple[str, ...]:
         """Fields ``to_dict`` leaves out: the generator's settings when the data is not synthetic
@@ -208,6 +211,11 @@ class DataConfig:
                 )
             if self.prefetch < 0:
                 raise ValueError("data.prefetch must be >= 0")
+            if self.outlier_norm is not None and not self.outlier_norm > 1:
+                raise ValueError(
+                    f"data.outlier_norm must be > 1 (a multiple of the median), got"
+                    f" {self.outlier_norm}"
+                )
             from saekit.data.models import MODEL_CLASSES
 
             if self.model_class not in MODEL_CLASSES:

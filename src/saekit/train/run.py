@@ -64,6 +64,9 @@ def evaluate_member(
             threshold_ema=calibration.threshold_ema,
             l0_ema=calibration.l0_ema,
         )
+    stats = getattr(source, "harvest_stats", None)  # a model run online
+    if stats is not None and source.data.outlier_norm is not None:
+        report.update(stats.summary())
     target = l0_target(sae.cfg, member.cfg.target_l0)
     if target is not None:
         report["l0_target"] = target
