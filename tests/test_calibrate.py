@@ -56,7 +56,7 @@ def test_theta_stays_at_zero_when_too_few_pre_activations_are_positive():
     assert result.threshold == 0.0 and result.l0 == 0.0
 
 
-def short_batchtopk_run(tmp_path, steps=60):
+def short_batchtopk_run(tmp_path, steps=30):
     """The built-in benchmark (`saekit train` defaults) with a BatchTopK SAE, short."""
     data = presets.train_config()
     data = apply_overrides(data, ["saes.0.sae.activation=batchtopk", f"steps={steps}"])
