@@ -1,4 +1,4 @@
-"""`saekit train | sweep | cache | eval | report | export | bench`."""
+"""`saekit train | sweep | cache | eval | hooks | bench`."""
 
 from __future__ import annotations
 
