@@ -85,3 +85,59 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def make_tiny_llama(seed: int = 0, n_layer: int = 2):
+    """A 2-layer Llama (d=64, grouped-query attention) with random weights, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        num_hidden_layers=n_layer,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=TINY_BOS,
+        eos_token_id=TINY_BOS,
+        pad_token_id=TINY_PAD,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_bert(seed: int = 0, n_layer: int = 2, head: bool = True):
+    """A 2-layer BERT (d=64) with random weights: with its masked-LM head or the bare encoder."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        num_hidden_layers=n_layer,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=TINY_PAD,
+    )
+    return (BertForMaskedLM if head else BertModel)(config).eval()
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    """A BERT-style word-level tokenizer: [CLS] and [SEP], no BOS or EOS token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+    )

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from saekit.data.cache import ActivationCache, CacheError, write_cache
+from saekit.data.cache import ActivationCache, CacheError
+from saekit.data.cache_write import write_cache
 from saekit.data.hf import Harvester, TokenFilter
 
 HOOK = "transformer.h.1"

@@ -71,6 +71,13 @@ def test_cache_writes_verified_shards_and_verify_rereads_them(cache_dir, capsys)
     assert "2,000 tokens in 4 shard(s), d = 64" in capsys.readouterr().out
 
 
+def test_cache_progress_bar_stops_at_max_tokens(lm, tmp_path, capsys):
+    argv = ["cache", *lm_args(lm), "--batch-size", "8", "--out", str(tmp_path / "c")]
+    assert main([*argv, "--max-tokens", "1000"]) == 0  # batches of 8 × 15 = 120 tokens
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "1.00k/1.00k" in bar
+
+
 def test_cache_verify_names_a_corrupt_shard(cache_dir, tmp_path, capsys):
     copy = shutil.copytree(cache_dir, tmp_path / "copy")
     shard = copy / "shard_000001.safetensors"
@@ -90,6 +97,8 @@ def test_train_on_a_cache_writes_a_loadable_self_describing_sae(cache_dir, lm, t
     assert (sae.cfg.d_in, sae.cfg.hook, sae.cfg.model_name) == (64, HOOK, str(lm[0]))
     report = json.loads((out / "topk-k4-M64" / "eval.json").read_text())
     assert report["n_tokens"] == 256  # from the held-out last shard
+    resolved = (out / "config.yaml").read_text()
+    assert "cache_dir:" in resolved and "synthetic" not in resolved
 
     assert main(["eval", "--sae", str(out / "topk-k4-M64"), "--cache", str(cache_dir)]) == 0
     printed = capsys.readouterr().out
@@ -120,6 +129,11 @@ def test_eval_with_the_model_prints_ce_and_kl_and_writes_json(
         assert isinstance(report[key], float)
     assert report["hook"] == HOOK  # read from the SAE's cfg.json
     assert report["n_tokens"] > 0 and report["l0"] == pytest.approx(4.0)
+    # the last position of each of the 3 × 4 contexts is spliced but predicts nothing (unless
+    # it is a separator, never spliced): the printout says which count CE averages over
+    n, n_predicted = report["n_tokens"], report["n_predicted_tokens"]
+    assert n - 3 * 4 <= n_predicted < n
+    assert f"{n} spliced; CE/KL over the {n_predicted} of them" in printed
 
 
 def test_eval_refuses_an_sae_whose_width_differs_from_the_model(lm, tmp_path, capsys):

@@ -224,7 +224,7 @@ def stop_on_a_signal_to_rank_1(rank: int, out_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory) -> Path:
     """One spawn of 2 workers for the data-parallel and the sweep-parallel checks."""
-    from saekit.data.cache import write_cache
+    from saekit.data.cache_write import write_cache
 
     out = tmp_path_factory.mktemp("parallel")
     g = torch.Generator().manual_seed(0)

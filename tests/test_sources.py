@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny_gpt2
 
-from saekit.data.cache import write_cache
+from saekit.data.cache_write import write_cache
 from saekit.data.lm_source import CacheSource, make_lm_source
 from saekit.sae import SAE
 from saekit.train.config import build_run_config
@@ -221,3 +221,33 @@ def test_hf_data_fields_are_checked_with_their_names(lm_dir, tmp_path):
         hf_config(lm_dir, text, tmp_path, dataset="some/dataset")
     with pytest.raises(ValueError, match="data.model_dtype"):
         hf_config(lm_dir, text, tmp_path, model_dtype="int8")
+
+
+def test_init_sample_comes_from_the_training_stream_without_a_second_read(
+    lm_dir, tmp_path, monkeypatch
+):
+    # A corpus smaller than the shuffle buffer: filling the buffer runs the model on the
+    # whole epoch. The sample and then the first batch must cost one such fill, not two.
+    from saekit.data.hf import Harvester
+
+    text = write_documents(tmp_path / "docs.txt", n_docs=60)
+    cfg = hf_config(lm_dir, text, tmp_path, prefetch=0, shuffle_buffer_tokens=4096)
+    fresh = take(make_lm_source(cfg).batches(), 3)
+    forwards = []
+    harvest = Harvester.__call__
+    monkeypatch.setattr(
+        Harvester,
+        "__call__",
+        lambda self, ids, mask=None: forwards.append(1) or harvest(self, ids, mask),
+    )
+    source = make_lm_source(cfg)
+    source.init_tokens = 4 * 64
+    n_probe = len(forwards)  # the width probe at construction
+    sample = source.sample_for_init()
+    after_sample = len(forwards) - n_probe
+    stream = take(source.batches(), 3)
+    assert after_sample > 1 and len(forwards) - n_probe == after_sample  # no forward after it
+    assert torch.equal(sample[: 3 * 64], torch.cat(fresh))
+    for got, expected in zip(stream, fresh, strict=True):
+        assert torch.equal(got, expected)
+    assert len(take(source.batches(), 1)) == 1  # a later batches(0) is a fresh stream

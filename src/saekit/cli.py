@@ -1,9 +1,12 @@
-"""`saekit train | sweep | cache | eval | report | export | bench`."""
+"""`saekit train | sweep | cache | eval | hooks | bench`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_text_args(g, dataset_config_flags=("--dataset-config",))
     g.add_argument("--context-length", type=int, help="tokens per context (default 128)")
     g.add_argument("--model-batch-size", type=int, help="contexts per model forward (default 32)")
-    _add_model_args(g, device=False)
+    _add_outlier_arg(g)
+    _add_model_args(g, train=True)
 
 
 def _add_text_args(g: Any, dataset_config_flags: tuple[str, ...]) -> None:
@@ -58,21 +62,60 @@ def _add_text_args(g: Any, dataset_config_flags: tuple[str, ...]) -> None:
     text.add_argument(
         "--text-file", metavar="PATH", help="local .txt (blank-line separated) or .jsonl"
     )
-    g.add_argument("--split", "--dataset-split", dest="split", help="dataset split (train)")
+    g.add_argument(
+        "--split",
+        "--dataset-split",
+        dest="split",
+        help="dataset split (train); eval: heldout = the documents the SAE's training held out",
+    )
     g.add_argument(*dataset_config_flags, dest="dataset_config", help="dataset configuration name")
     g.add_argument("--text-field", help="field holding the text (text)")
     g.add_argument("--no-streaming", action="store_true", help="download the dataset whole")
 
 
-def _add_model_args(g: Any, device: bool = True) -> None:
-    if device:
+def _add_outlier_arg(g: Any) -> None:
+    g.add_argument(
+        "--outlier-norm",
+        type=float,
+        metavar="FACTOR",
+        help="drop tokens whose activation norm exceeds FACTOR x the median (default: keep all)",
+    )
+
+
+def _add_model_class_arg(g: Any, default: str | None = "auto") -> None:
+    g.add_argument(
+        "--model-class",
+        default=default,
+        choices=["auto", "causal-lm", "masked-lm", "encoder"],
+        help="load the model as a causal LM, a masked LM or the bare encoder (AutoModel);"
+        " default auto: from its config",
+    )
+
+
+def _add_model_args(g: Any, train: bool = False) -> None:
+    """Model options; for train they default to None (unset: the config decides)."""
+    auto = None if train else "auto"
+    if not train:
         g.add_argument("--device", default="cpu", help="torch device of the model and SAE")
     g.add_argument(
         "--model-dtype", choices=["float32", "bfloat16", "float16"], help="model weights dtype"
     )
+    _add_model_class_arg(g, auto)
     g.add_argument("--local-files-only", action="store_true", help="never download")
     g.add_argument(
         "--keep-bos", action="store_true", help="keep BOS positions (dropped by default)"
+    )
+    g.add_argument(
+        "--bos-token",
+        default=auto,
+        metavar="TOKEN|none",
+        help="token starting each context (default: the tokenizer's BOS, else EOS, else CLS)",
+    )
+    g.add_argument(
+        "--eos-token",
+        default=auto,
+        metavar="TOKEN|none",
+        help="token after each document (default: the tokenizer's EOS, else BOS, else SEP)",
     )
 
 
@@ -89,7 +132,11 @@ def _data_flags(args: argparse.Namespace) -> dict[str, Any]:
         "context_length": args.context_length,
         "model_batch_size": args.model_batch_size,
         "model_dtype": args.model_dtype,
+        "model_class": args.model_class,
+        "bos_token": args.bos_token,
+        "eos_token": args.eos_token,
         "cache_dir": args.cache,
+        "outlier_norm": args.outlier_norm,
     }
     flags = {k: v for k, v in fields.items() if v is not None}
     for name in ("local_files_only", "keep_bos"):
@@ -176,206 +223,61 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _train(args, default)
 
 
-def _documents(args: argparse.Namespace):
-    from saekit.data.lm_source import documents
-
-    if not (args.dataset or args.text_file):
-        raise ValueError("give the documents: --dataset ID|PATH or --text-file PATH")
-    return documents(
-        dataset=args.dataset,
-        text_file=args.text_file,
-        split=args.split or "train",
-        config_name=args.dataset_config,
-        field=args.text_field or "text",
-        streaming=not args.no_streaming,
-    )
-
-
-def _print_cache(cache: Any) -> None:
-    print(
-        f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
-        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}; verified"
-    )
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     """Harvest activations into a cache directory, then verify it; or only verify one."""
-    from saekit.data.cache import ActivationCache, write_cache
+    from saekit.data.cache import ActivationCache
 
     verify_dir = args.verify
     if args.action:
         if args.action[0] != "verify" or len(args.action) != 2:
             raise ValueError(f"unexpected arguments {args.action}; did you mean: cache verify DIR")
         verify_dir = args.action[1]
-    if verify_dir:
-        cache = ActivationCache(verify_dir)
-        cache.verify()
-        _print_cache(cache)
-        return 0
+    if not verify_dir:
+        from saekit.commands.cache import cache_command
 
-    from saekit.data.hf import Harvester, HookPoint, TokenFilter
-    from saekit.data.lm_source import load_lm
-    from saekit.data.text import token_batches
-
-    for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
-        if not value:
-            raise ValueError(f"saekit cache needs {flag}")
-    docs = _documents(args)
-    hook = str(HookPoint.parse(args.hook))
-    model, tokenizer = load_lm(
-        args.model, args.model_dtype or "float32", args.device, args.local_files_only
-    )
-    token_filter = TokenFilter.from_tokenizer(
-        tokenizer,
-        exclude_padding=not args.keep_padding,
-        exclude_bos=not args.keep_bos,
-        exclude_special=args.exclude_special,
-    )
-    harvester = Harvester(model, hook, token_filter=token_filter, device="cpu")
-    contexts = token_batches(
-        docs,
-        tokenizer,
-        context_length=args.context_length,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
-    settings = ("dataset", "text_file", "split", "dataset_config", "text_field", "seed")
-    settings += ("context_length", "batch_size", "keep_bos", "keep_padding", "exclude_special")
-    metadata = {k: getattr(args, k) for k in settings}
-    metadata["model_dtype"] = args.model_dtype or "float32"
-    acts = _counted(harvester.stream(contexts, prefetch=2), hook, args.max_tokens, args.progress)
-    write_cache(
-        args.out,
-        acts,
-        hook,
-        args.model,
-        args.dtype,
-        shard_tokens=args.shard_tokens,
-        max_tokens=args.max_tokens,
-        metadata=metadata,
-    )
-    cache = ActivationCache(args.out)
+        cache_command(args)
+        verify_dir = args.out
+    cache = ActivationCache(verify_dir)
     cache.verify()
-    _print_cache(cache)
+    print(
+        f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
+        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}; verified"
+    )
     return 0
-
-
-def _counted(outputs: Any, hook: str, total: int | None, show: bool) -> Any:
-    """Pass harvester outputs through, counting tokens on a progress bar."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, disable=not show, unit="tok", unit_scale=True) as bar:
-        for out in outputs:
-            bar.update(len(out[hook]))
-            yield out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Reconstruction metrics of a saved SAE, and CE/KL with it spliced into the model."""
     import json
 
-    import torch
+    from saekit.commands.eval import evaluate_saved, format_eval
 
-    from saekit.data.cache import ActivationCache
-    from saekit.eval.metrics import MetricAccumulator
-    from saekit.sae import SAE
-
-    sae = SAE.load(args.sae, device=args.device)
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    hook = args.hook or sae.cfg.hook
-    if not hook:
-        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
-    if bool(args.model) == bool(args.cache):
-        raise ValueError(
-            "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
-            " (reconstruction only)"
-        )
-    acc = MetricAccumulator(d_in, d_sae, device=args.device)
-    report: dict[str, Any] = {"sae": str(args.sae), "hook": hook}
-
-    @torch.no_grad()
-    def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        out = sae(x.to(sae.W_dec.dtype))
-        acc.add(x, out.x_hat, out.latents)
-        return out.x_hat
-
-    if args.cache:
-        from saekit.data.lm_source import held_out_batches
-
-        cache = ActivationCache(args.cache)
-        if cache.d != d_in:
-            raise ValueError(f"SAE d_in = {d_in} but the cache {args.cache} has width {cache.d}")
-        if cache.hook != hook:
-            print(
-                f"saekit: warning: the cache holds hook {cache.hook}, not {hook}", file=sys.stderr
-            )
-        n_tokens = args.n_batches * args.batch_size * args.context_length
-        for x in held_out_batches(cache, n_tokens, args.batch_size * args.context_length):
-            reconstruct(x.to(args.device))
-        report.update(cache=str(args.cache), model=cache.model)
-    else:
-        from saekit.data.hf import HookPoint, TokenFilter
-        from saekit.data.lm_source import activation_width, load_lm
-        from saekit.data.text import token_batches
-        from saekit.eval.splice import splice_eval
-
-        hook = str(HookPoint.parse(hook))
-        docs = _documents(args)
-        model, tokenizer = load_lm(
-            args.model, args.model_dtype or "float32", args.device, args.local_files_only
-        )
-        width = activation_width(model, hook)
-        if width != d_in:
-            raise ValueError(
-                f"SAE d_in = {d_in} but model {args.model} has width {width} at hook {hook}"
-            )
-        contexts = token_batches(
-            docs,
-            tokenizer,
-            context_length=args.context_length,
-            batch_size=args.batch_size,
-        )
-        token_filter = TokenFilter.from_tokenizer(tokenizer, exclude_bos=not args.keep_bos)
-        splice = splice_eval(
-            model,
-            hook,
-            reconstruct,
-            contexts,
-            token_filter=token_filter,
-            max_batches=args.n_batches,
-        )
-        report.update(model=args.model, hook=hook, dataset=args.dataset or args.text_file)
-        report.update({k: v for k, v in splice.to_dict().items() if k not in ("fvu", "n_tokens")})
-        report["n_predicted_tokens"] = splice.n_tokens
-    if int(acc.n) == 0:
-        raise ValueError("no tokens were evaluated")
-    result = acc.result()
-    report.update(result.summary())
-    report.update(d_in=d_in, d_sae=d_sae, l0_histogram=result.l0_histogram)
-    print(_format_eval(report))
+    report = evaluate_saved(args)
+    print(format_eval(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"saekit: wrote {args.json}", file=sys.stderr)
     return 0
 
 
-def _format_eval(r: dict[str, Any]) -> str:
-    lines = [
-        f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']})",
-        f"tokens       {r['n_tokens']:,}",
-        f"FVU          {r['fvu']:.4f}   explained variance {r['explained_variance']:.4f}",
-        f"L0           {r['l0']:.2f}",
-        f"dead         {r['dead_fraction']:.1%} of latents never fired on these tokens",
-        f"dense        {r['dense_fraction']:.1%} of latents fired on > 10% of tokens",
-    ]
-    if "ce_clean" in r:
-        lines += [
-            f"CE clean     {r['ce_clean']:.4f}   with SAE {r['ce_sae']:.4f}   "
-            f"zero-ablated {r['ce_zero']:.4f}   CE score {r['ce_score']:.4f}",
-            f"KL with SAE  {r['kl_sae']:.4f}   zero-ablated {r['kl_zero']:.4f}   "
-            f"KL score {r['kl_score']:.4f}",
-        ]
-    return "\n".join(lines)
+def cmd_hooks(args: argparse.Namespace) -> int:
+    """List a model's hook points and their shapes, built from its config (no weights)."""
+    from saekit.data.hooks import format_hook_table, probe_hook_shapes
+    from saekit.data.models import meta_model
+
+    model, kind = meta_model(args.model, args.model_class, args.local_files_only)
+    rows, error = probe_hook_shapes(model)
+    print(
+        f"{args.model}: {type(model).__name__} ({kind}), built from its config on the meta"
+        " device, no weights loaded. Hook NAME reads what the module returns, NAME:input what"
+        f" enters it; B = batch, T = tokens."
+    )
+    print(format_hook_table(rows, args.grep))
+    if error:
+        print(
+            f"saekit: the probe's forward pass stopped ({error}): '-' = not seen", file=sys.stderr
+        )
+    return 0
 
 
 BENCHMARKS = {
@@ -438,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="shuffle the documents with this seed")
     p.add_argument("--keep-padding", action="store_true", help="keep padding positions")
     p.add_argument("--exclude-special", action="store_true", help="drop every special token")
+    _add_outlier_arg(p)
     _add_model_args(p)
     p.add_argument("--out", metavar="DIR", help="cache directory")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -446,29 +349,67 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "eval",
         help="evaluate a saved SAE: FVU, L0, dead latents; CE/KL spliced into the model",
-        description="With --model and documents: reconstruction metrics at the hook and the "
-        "model's CE and KL with the SAE spliced in (and zero-ablated). With --cache: "
-        "reconstruction metrics on the cache's held-out last shard.",
+        description="With --model: reconstruction metrics at the hook and (causal LMs) the "
+        "model's CE and KL with the SAE spliced in (and zero-ablated), on the documents the "
+        "SAE's training held out (--split heldout), those a cache held out (--cache DIR) or "
+        "--dataset/--text-file documents in order (a warning counts any the SAE trained on). "
+        "With --cache alone: reconstruction metrics on the cache's held-out last shard.",
     )
     p.add_argument("--sae", required=True, metavar="DIR", help="SAE directory (cfg.json)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
-    src.add_argument("--cache", metavar="DIR", help="activation cache (reconstruction only)")
+    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="activation cache: alone, reconstruction on its held-out shard; with --model, the"
+        " documents it held out",
+    )
     _add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
-    p.add_argument("--context-length", type=int, default=128, help="tokens per context")
+    p.add_argument("--context-length", type=int, help="tokens per context (128)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per batch")
     p.add_argument("--n-batches", type=int, default=16, help="batches to evaluate")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser(
+        "hooks",
+        help="list a model's hook points and their shapes (from its config, no weights)",
+        description="Build the model from its config on the meta device (nothing but config.json"
+        " is read) and list every module with the shapes of what enters it (NAME:input) and what"
+        " it returns (NAME).",
+    )
+    p.add_argument("model", metavar="MODEL", help="model hub id or local directory")
+    p.add_argument("--grep", metavar="PATTERN", help="only names matching this regular expression")
+    _add_model_class_arg(p)
+    p.add_argument("--local-files-only", action="store_true", help="never download")
+    p.set_defaults(func=cmd_hooks)
+
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for --nproc
     try:
-        return args.func(args)
+        with _warnings_as_lines():
+            return args.func(args)
     except ValueError as exc:  # configuration and input errors: one clear line, no traceback
         print(f"saekit: error: {exc}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """saekit's own warnings (warnings.warn in the library) as one line each, every time:
+    ``saekit: warning: ...``, not a file name, line number and source line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module=r"saekit\.")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if f"{os.sep}saekit{os.sep}" in filename:
+                print(f"saekit: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":

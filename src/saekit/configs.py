@@ -77,7 +77,14 @@ def check_finite(where: str, value: float, low: float | None = None, strict: boo
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain data (a KindConfig gains its ``kind``)."""
     if dataclasses.is_dataclass(obj):
-        fields = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # A config may name fields that mean nothing in its current setting (DataConfig's
+        # synthetic: section of a model run), so that written configs hold only what is used.
+        unused = obj.unused_fields() if hasattr(obj, "unused_fields") else ()
+        fields = {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.name not in unused
+        }
         return {"kind": obj.kind, **fields} if isinstance(obj, KindConfig) else fields
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]

@@ -2,36 +2,43 @@
 
 Layout of a cache directory::
 
-    manifest.json              model, hook, d, dtype, total_tokens, shard_tokens, shards[...]
+    manifest.json              model, hook, d, dtype, total_tokens, shard_tokens, shards[...],
+                               held_out
     shard_000000.safetensors   one tensor "activations" [n_tokens, d]
     shard_000001.safetensors   ...
 
+Held out: the last shard when the cache has at least 2 (:func:`held_out_shard`); training
+(``saekit train --cache``) never reads it. When the activations come with document indices
+(``saekit cache`` passes them), each shard entry records the documents of its tokens
+(``documents``: index ranges, saekit.data.documents) and ``held_out`` the documents whose every
+token is in the held-out shard, which ``saekit eval --cache C --model M`` evaluates.
+
 Every file is written atomically (:mod:`saekit.atomic`) and the manifest is
 rewritten after each shard, so the manifest only ever lists complete shards. An interrupted
-:func:`write_cache` resumes when called again with the same arguments: it skips the first
-``total_tokens`` tokens of the source and continues with the next shard. For that to give the
-same cache as an uninterrupted run the source must yield the same token sequence again: same
-documents in the same order (same seed, rank and world size), same model, dtype and token
-filter, same batching. Only safetensors and JSON are ever read back, nothing is unpickled.
+:func:`saekit.data.cache_write.write_cache` resumes when called again with the same
+arguments: it skips the first ``total_tokens`` tokens of the source and continues with the
+next shard. For that to give the same cache as an uninterrupted run the source must yield the
+same token sequence again: same documents in the same order (same seed, rank and world size),
+same model, dtype and token filter, same batching. Only safetensors and JSON are ever read
+back, nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from saekit.atomic import atomic_write_bytes, remove_stale_temporaries, sha256_file
+from saekit.atomic import sha256_file
 from saekit.data.buffer import ShuffleBuffer
+from saekit.data.ranges import Ranges
 
 MANIFEST = "manifest.json"
 FORMAT = "saekit-activation-cache"
@@ -63,133 +70,9 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:06d}.safetensors"
 
 
-def write_cache(
-    out_dir: str | Path,
-    activation_batches: Iterable[Tensor | Mapping[str, Tensor]],
-    hook: str,
-    model_name: str,
-    dtype: torch.dtype | str = torch.float32,
-    *,
-    shard_tokens: int = 1 << 18,
-    max_tokens: int | None = None,
-    metadata: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``[n, d]`` activation batches (or :class:`Harvester` dicts, read at ``hook``) to
-    ``out_dir`` as shards of ``shard_tokens`` tokens (the last may be smaller). Returns the
-    final manifest. Resumes an interrupted run (see the module docstring); a finished cache
-    with the same arguments is returned as is. Raises ``ValueError`` on NaN/inf activations.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = dtype_name(dtype)
-    torch_dtype = _DTYPES[name]
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    remove_stale_temporaries(out, owner=True)  # one writer per cache directory
-    identity = {"model": model_name, "hook": hook, "dtype": name, "shard_tokens": shard_tokens}
-    manifest = _read_manifest(out) if (out / MANIFEST).exists() else None
-    if manifest is not None:
-        differing = {k: (manifest.get(k), v) for k, v in identity.items() if manifest.get(k) != v}
-        if differing:
-            raise CacheError(
-                f"{out / MANIFEST} was written with different settings {differing}"
-                " (manifest, requested); use a new directory"
-            )
-        if manifest["complete"]:
-            return manifest
-    else:
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            **identity,
-            "d": None,
-            "total_tokens": 0,
-            "complete": False,
-            "metadata": dict(metadata or {}),
-            "shards": [],
-        }
-        atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    already = manifest["total_tokens"]
-    accepted = already  # tokens written or pending
-
-    def write_shard(acts_ND: Tensor) -> None:
-        if manifest["d"] is None:
-            manifest["d"] = acts_ND.shape[1]
-        data = save_safetensors({TENSOR_KEY: acts_ND.contiguous()})
-        file = _shard_name(len(manifest["shards"]))
-        atomic_write_bytes(out / file, data)
-        manifest["shards"].append(
-            {
-                "file": file,
-                "n_tokens": len(acts_ND),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-        manifest["total_tokens"] += len(acts_ND)
-        atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-
-    pending: list[Tensor] = []
-    n_pending = 0
-    to_skip = already
-    for batch_index, batch in enumerate(activation_batches):
-        if isinstance(batch, Mapping):
-            batch = batch[hook]
-        if batch.ndim != 2:
-            batch = batch.reshape(-1, batch.shape[-1])
-        d = manifest["d"] if manifest["d"] is not None else batch.shape[1]
-        if batch.shape[1] != d:
-            raise ValueError(f"batch {batch_index} has d={batch.shape[1]}, the cache has d={d}")
-        if to_skip >= len(batch):
-            to_skip -= len(batch)
-            continue
-        batch, to_skip = batch[to_skip:], 0
-        if max_tokens is not None:
-            batch = batch[: max(max_tokens - accepted, 0)]
-        stored = batch.detach().to("cpu", torch_dtype)
-        _check_finite(stored, batch, batch_index, hook, name)
-        if manifest["d"] is None:
-            manifest["d"] = d
-        pending.append(stored)
-        n_pending += len(stored)
-        accepted += len(stored)
-        while n_pending >= shard_tokens:
-            flat = torch.cat(pending)
-            write_shard(flat[:shard_tokens])
-            rest = flat[shard_tokens:]
-            pending, n_pending = ([rest] if len(rest) else []), len(rest)
-        if max_tokens is not None and accepted >= max_tokens:
-            break
-    if to_skip:
-        raise CacheError(
-            f"the source ended {to_skip} tokens before the {already} tokens already cached in"
-            f" {out}: it is not the source this cache was started with"
-        )
-    if n_pending:
-        write_shard(torch.cat(pending))
-    if manifest["d"] is None:
-        raise ValueError("write_cache got no activations")
-    manifest["complete"] = True
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    return manifest
-
-
-def _check_finite(
-    stored: Tensor, original: Tensor, batch_index: int, hook: str, dtype: str
-) -> None:
-    if torch.isfinite(stored).all():
-        return
-    n_nan = int(torch.isnan(original).sum())
-    n_inf = int(torch.isinf(original).sum())
-    if n_nan or n_inf:
-        raise ValueError(
-            f"batch {batch_index} of hook {hook!r} has {n_nan} NaN and {n_inf} inf activations;"
-            " refusing to cache non-finite values"
-        )
-    raise ValueError(
-        f"batch {batch_index} of hook {hook!r} overflows {dtype} (max |x| ="
-        f" {float(original.abs().max()):.4g}); cache as float32 or bfloat16"
-    )
+def held_out_shard(n_shards: int) -> int | None:
+    """The shard training never reads: the last one, when there are at least 2."""
+    return n_shards - 1 if n_shards >= 2 else None
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -229,6 +112,8 @@ class ShardInfo:
     n_tokens: int
     bytes: int
     sha256: str
+    documents: Ranges | None = None
+    """Indices of the documents with tokens in this shard (None: not recorded)."""
 
 
 class ActivationCache:
@@ -254,6 +139,11 @@ class ActivationCache:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    @property
+    def held_out_shard(self) -> int | None:
+        """The shard training never reads (documents: saekit.data.documents.cache_documents)."""
+        return held_out_shard(len(self.shards))
 
     def _check_header(self, shard: ShardInfo) -> None:
         path = self.directory / shard.file

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from saekit.data.hook_names import family_hint
+
 #: Key under which :class:`Harvester` returns the kept token ids when ``return_tokens=True``.
 TOKEN_IDS = "token_ids"
 
@@ -56,16 +58,16 @@ class HookPoint:
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)`` with an error that lists close matches."""
+    """``model.get_submodule(name)`` with an error that suggests the right name."""
     try:
         return model.get_submodule(name)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-        hint = f"; close matches: {', '.join(close)}" if close else ""
+        hint = family_hint(model, name) + (f"; close matches: {', '.join(close)}" if close else "")
         raise ValueError(
             f"unknown module {name!r} in {type(model).__name__}{hint}"
-            f" (the model has {len(names)} named modules)"
+            f" (all {len(names)} hook points: saekit hooks MODEL)"
         ) from None
 
 
@@ -80,7 +82,7 @@ def first_tensor(value: Any) -> Tensor:
     raise TypeError(f"expected a tensor or a tuple starting with one, got {type(value).__name__}")
 
 
-def _hook_input(args: tuple, kwargs: dict) -> Tensor:
+def hook_input(args: tuple, kwargs: dict) -> Tensor:
     if args:
         return first_tensor(args[0])
     if "hidden_states" in kwargs:
@@ -104,14 +106,16 @@ class TokenFilter:
     special_token_ids: frozenset[int] = field(default_factory=frozenset)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, **options: bool) -> TokenFilter:
-        """Take the BOS and special ids from a transformers tokenizer."""
+    def from_tokenizer(
+        cls, tokenizer: Any, bos_token_id: int | None = None, **options: bool
+    ) -> TokenFilter:
+        """Take the BOS and special ids from a transformers tokenizer. ``bos_token_id``: the id
+        packing puts first in each context when it is not the tokenizer's BOS (BERT's [CLS],
+        see :func:`saekit.data.text.packing_token_ids`)."""
         special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
-        return cls(
-            bos_token_id=getattr(tokenizer, "bos_token_id", None),
-            special_token_ids=special,
-            **options,
-        )
+        if bos_token_id is None:
+            bos_token_id = getattr(tokenizer, "bos_token_id", None)
+        return cls(bos_token_id=bos_token_id, special_token_ids=special, **options)
 
     def mask(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Boolean keep-mask with the shape of ``input_ids``."""
@@ -164,7 +168,7 @@ def capture(model: nn.Module, hooks: Sequence[HookPoint], *, stop_after_last: bo
             else:
 
                 def in_hook(_m, args, kwargs, point=point):
-                    store(point, _hook_input(args, kwargs))
+                    store(point, hook_input(args, kwargs))
 
                 handles.append(module.register_forward_pre_hook(in_hook, with_kwargs=True))
         yield captured
@@ -267,7 +271,7 @@ class Harvester:
             for batch in batches:
                 yield self(*unpack_batch(batch))
             return
-        yield from _prefetched((self(*unpack_batch(b)) for b in batches), prefetch)
+        yield from prefetched((self(*unpack_batch(b)) for b in batches), prefetch)
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -283,7 +287,7 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 _DONE = object()
 
 
-def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+def prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
     """Produce ``items`` in a worker thread, at most ``depth`` ahead of the consumer."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -317,10 +321,27 @@ def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
                 worker.join(timeout=0.01)
 
 
+#: transformers Auto classes by model kind (``--model-class``; saekit.data.models picks one).
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "encoder": "AutoModel",
+}
+
+
+def auto_class(kind: str) -> Any:
+    """The transformers Auto class of a model kind (a key of :data:`AUTO_CLASSES`)."""
+    import transformers
+
+    if kind not in AUTO_CLASSES:
+        raise ValueError(f"model class must be one of {sorted(AUTO_CLASSES)}, got {kind!r}")
+    return getattr(transformers, AUTO_CLASSES[kind])
+
+
 def load_model(
     name_or_path: str,
     *,
-    causal_lm: bool = True,
+    kind: str = "causal-lm",
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     local_files_only: bool = False,
@@ -329,12 +350,10 @@ def load_model(
 ) -> nn.Module:
     """Load a transformers model (local directory or hub id) in eval mode.
 
-    ``causal_lm`` picks ``AutoModelForCausalLM`` (needed for CE/KL evaluation) over ``AutoModel``.
+    ``kind``: causal-lm (``AutoModelForCausalLM``, needed for CE/KL evaluation), masked-lm or
+    encoder (``AutoModel``, the bare model without a head).
     """
-    import transformers
-
-    auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
-    model = auto.from_pretrained(
+    model = auto_class(kind).from_pretrained(
         name_or_path,
         dtype=dtype,
         local_files_only=local_files_only,

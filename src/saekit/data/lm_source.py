@@ -3,7 +3,8 @@
 Both implement :class:`~saekit.data.source.ActivationSource`: ``batches(start)`` is an endless,
 deterministic stream of ``[batch_size, d]`` float32 batches (batch ``i`` depends only on the data,
 the seed, rank and world size), ``sample_for_init()`` the first ~16k training tokens (dataset scale
-and b_dec), ``eval_batches`` a held-out part that training never sees.
+and b_dec; taken from the stream the next ``batches(0)`` continues, so nothing is read twice),
+``eval_batches`` a held-out part that training never sees.
 
 - :class:`CacheSource` reads a directory written by ``saekit cache``. Held out: the **last shard**,
   when the cache has at least 2 shards; with a single shard a warning is issued and evaluation
@@ -28,24 +29,24 @@ import itertools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.cache import ActivationCache
-from saekit.data.hf import Harvester, HookPoint, TokenFilter, load_model, load_tokenizer
+from saekit.data.documents import documents, leading_document_count
+from saekit.data.harvest import HarvestStats, harvest
+from saekit.data.models import activation_width, load_for_harvest
 from saekit.data.source import ActivationSource
-from saekit.data.text import load_hf_documents, read_documents, token_batches, tokenize_documents
+from saekit.data.text import token_batches
 
 if TYPE_CHECKING:
     from saekit.train.config import DataConfig, RunConfig
 
 INIT_TOKENS = 16_384
 """Tokens of ``sample_for_init`` (scale and b_dec estimates)."""
-
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -57,22 +58,37 @@ def _full_batches(batches: Iterator[Tensor], batch_size: int) -> Iterator[Tensor
     return (b for b in batches if len(b) == batch_size)
 
 
-def _first_tokens(batches: Iterator[Tensor], n_tokens: int) -> Tensor:
-    """Concatenate batches until ``n_tokens`` rows (fewer if the stream ends); closes it."""
-    parts, n = [], 0
-    try:
-        for batch in batches:
-            parts.append(batch[: n_tokens - n])
-            n += len(parts[-1])
-            if n >= n_tokens:
+class _StreamSource(ActivationSource):
+    """``sample_for_init`` takes the first training batches from the very stream that the next
+    ``batches(0)`` continues, so the data is read once: the trainer asks for the sample, then
+    for ``batches(0)``, and a fresh stream would fill its shuffle buffer (for a model source:
+    run the model on up to ``shuffle_buffer_tokens`` tokens) a second time before step 0."""
+
+    init_tokens: int
+    _started: Iterator[Tensor] | None = None
+
+    def _stream(self, start: int) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def batches(self, start: int = 0) -> Iterator[Tensor]:
+        if start == 0 and self._started is not None:
+            stream, self._started = self._started, None
+            return stream
+        return self._stream(start)
+
+    def sample_for_init(self) -> Tensor:
+        """The first ``init_tokens`` training tokens (fewer if the data is shorter)."""
+        stream = self._stream(0)
+        taken, n = [], 0
+        for batch in stream:
+            taken.append(batch)
+            n += len(batch)
+            if n >= self.init_tokens:
                 break
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    if not parts:
-        raise ValueError("the activation source yielded no tokens")
-    return torch.cat(parts)
+        if not taken:
+            raise ValueError("the activation source yielded no tokens")
+        self._started = itertools.chain(taken, stream)
+        return torch.cat(taken)[: self.init_tokens]
 
 
 def _rebatch_up_to(chunks: Iterator[Tensor], batch_size: int, n_tokens: int) -> Iterator[Tensor]:
@@ -97,7 +113,7 @@ def _rebatch_up_to(chunks: Iterator[Tensor], batch_size: int, n_tokens: int) -> 
 # ---------------------------------------------------------------------- cache
 
 
-class CacheSource(ActivationSource):
+class CacheSource(_StreamSource):
     """Training batches from an activation cache (``saekit cache``), shuffled, cycled by epoch.
 
     Training reads every shard but the last (held out for ``eval_batches``) when the cache has
@@ -128,7 +144,7 @@ class CacheSource(ActivationSource):
         self.world_size = world_size
         self.init_tokens = init_tokens
         self.d = self.cache.d
-        self.held_out = len(self.cache.shards) >= 2
+        self.held_out = self.cache.held_out_shard is not None
         self.train_cache = self._training_view() if self.held_out else self.cache
         if self.train_cache.shards and world_size > len(self.train_cache.shards):
             raise ValueError(
@@ -150,9 +166,9 @@ class CacheSource(ActivationSource):
             )
 
     def _training_view(self) -> ActivationCache:
-        """The cache without its last shard (a shallow copy; the files are shared)."""
+        """The cache without its held-out shard (a shallow copy; the files are shared)."""
         view = copy.copy(self.cache)
-        view.shards = self.cache.shards[:-1]
+        view.shards = [s for i, s in enumerate(self.cache.shards) if i != self.cache.held_out_shard]
         view.n_tokens = sum(s.n_tokens for s in view.shards)
         return view
 
@@ -168,13 +184,10 @@ class CacheSource(ActivationSource):
         )
         return _full_batches(batches, self.batch_size)
 
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
+    def _stream(self, start: int) -> Iterator[Tensor]:
         epoch, skip = divmod(start, self.batches_per_epoch)
         for e in itertools.count(epoch):
             yield from itertools.islice(self._epoch(e), skip if e == epoch else 0, None)
-
-    def sample_for_init(self) -> Tensor:
-        return _first_tokens(self._epoch(0), self.init_tokens)
 
     def eval_batches(
         self, n_tokens: int, batch_size: int
@@ -184,16 +197,16 @@ class CacheSource(ActivationSource):
 
 
 def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> Iterator[Tensor]:
-    """Float32 batches of the cache's held-out part: its last shard when it has at least 2
-    (the one :class:`CacheSource` never trains on), else, with a warning, its only shard."""
-    last = len(cache.shards) - 1
-    if last < 1:
+    """Float32 batches of the cache's held-out shard (the last when it has at least 2, the one
+    :class:`CacheSource` never trains on), else, with a warning, of its only shard."""
+    held = cache.held_out_shard
+    if held is None:
         warnings.warn(
             f"activation cache {cache.directory} has a single shard: nothing is held out, so"
             " evaluation reuses training data (a smaller --shard-tokens gives more shards)",
             stacklevel=2,
         )
-    indices = [last] if last >= 1 else range(len(cache.shards))
+    indices = [held] if held is not None else range(len(cache.shards))
     chunks = (cache.load_shard(i).float() for i in indices)
     return _rebatch_up_to(chunks, batch_size, n_tokens)
 
@@ -201,88 +214,7 @@ def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> 
 # ---------------------------------------------------------------------- online
 
 
-def load_lm(
-    name: str, dtype: str = "float32", device: str = "cpu", local_files_only: bool = False
-) -> tuple[nn.Module, Any]:
-    """Model (AutoModelForCausalLM, eval mode) and tokenizer; load failures as one ValueError."""
-    if dtype not in MODEL_DTYPES:
-        raise ValueError(f"model dtype must be one of {sorted(MODEL_DTYPES)}, got {dtype!r}")
-    try:
-        tokenizer = load_tokenizer(name, local_files_only=local_files_only)
-        model = load_model(
-            name, dtype=MODEL_DTYPES[dtype], device=device, local_files_only=local_files_only
-        )
-    except OSError as exc:
-        raise ValueError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
-    return model, tokenizer
-
-
-def model_hidden_size(name: str, local_files_only: bool = False) -> int:
-    """The model's hidden size from its config (``hidden_size``, ``n_embd`` or ``d_model``),
-    without loading weights: the width of residual-stream and block-output hooks."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(name, local_files_only=local_files_only)
-    except OSError as exc:
-        raise ValueError(f"cannot load the config of model {name!r}: {_first_line(exc)}") from exc
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        width = getattr(config, attr, None)
-        if isinstance(width, int):
-            return width
-    raise ValueError(
-        f"model {name!r}: no hidden_size in its config; set saes.N.sae.d_in explicitly"
-    )
-
-
-def activation_width(model: nn.Module, hook: str) -> int:
-    """Width of the activations at ``hook``, from one forward pass on two tokens."""
-    probe = Harvester(model, hook, token_filter=TokenFilter(exclude_bos=False))
-    ids = torch.zeros(1, 2, dtype=torch.long)
-    return int(probe(ids, torch.ones_like(ids))[str(HookPoint.parse(hook))].shape[-1])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def documents(
-    *,
-    dataset: str | None = None,
-    text_file: str | None = None,
-    split: str = "train",
-    config_name: str | None = None,
-    field: str = "text",
-    streaming: bool = True,
-) -> Iterator[str]:
-    """Documents in dataset order from a hub/local dataset or a text/JSONL file."""
-    if (dataset is None) == (text_file is None):
-        raise ValueError("give exactly one of a dataset and a text file")
-    if text_file is not None:
-        if not Path(text_file).is_file():
-            raise ValueError(f"text file not found: {text_file}")
-        return _checked(read_documents(text_file, field=field), text_file, field)
-    docs = load_hf_documents(
-        dataset, split=split, field=field, config_name=config_name, streaming=streaming
-    )
-    return _checked(docs, dataset, field)
-
-
-def _checked(docs: Iterator[str], name: str, field: str) -> Iterator[str]:
-    """``docs`` with load errors (raised lazily, e.g. by ``load_dataset`` on the first
-    document) turned into one-line ValueErrors naming the data."""
-    try:
-        yield from docs
-    except KeyError as exc:
-        raise ValueError(f"{name}: a record has no field {field!r} (--text-field)") from exc
-    except (OSError, ConnectionError) as exc:
-        raise ValueError(f"cannot load dataset {name!r}: {_first_line(exc)}") from exc
-
-
-class HFSource(ActivationSource):
+class HFSource(_StreamSource):
     """Activations of a ``transformers`` model at one hook point, harvested while training.
 
     Per epoch: the training documents (all but the held-out leading ones) are shuffled (seeded
@@ -311,16 +243,24 @@ class HFSource(ActivationSource):
         self.rank = rank
         self.world_size = world_size
         self.init_tokens = init_tokens
-        self.model, self.tokenizer = load_lm(
-            data.model, data.model_dtype, device, data.local_files_only
+        setup = load_for_harvest(
+            data.model,
+            data.hook,
+            dtype=data.model_dtype,
+            device=device,
+            local_files_only=data.local_files_only,
+            model_class=data.model_class,
+            bos_token=data.bos_token,
+            eos_token=data.eos_token,
+            exclude_bos=not data.keep_bos,
         )
-        self.hook = str(HookPoint.parse(data.hook))
-        token_filter = TokenFilter.from_tokenizer(self.tokenizer, exclude_bos=not data.keep_bos)
-        self.harvester = Harvester(
-            self.model, self.hook, token_filter=token_filter, dtype=torch.float32
-        )
-        self.d = activation_width(self.model, self.hook)
+        self.model, self.tokenizer, kind = setup.model, setup.tokenizer, setup.kind
+        self.hook, self.bos_id = setup.hook, setup.bos_id
+        self.harvester = setup.harvester(dtype=torch.float32)
+        self.d = activation_width(self.model, self.hook, kind)
         self._n_eval_docs: int | None = None
+        self.harvest_stats = HarvestStats()
+        """Training tokens harvested and outliers dropped (``data.outlier_norm``) so far."""
 
     def _documents(self) -> Iterator[str]:
         data = self.data
@@ -338,13 +278,7 @@ class HFSource(ActivationSource):
         """Leading documents held out for evaluation (0 when the dataset is too short)."""
         if self._n_eval_docs is None:
             target = self.eval_tokens + self.data.context_length
-            seen = 0
-            count = 0
-            for ids in tokenize_documents(self._documents(), self.tokenizer):
-                count += 1
-                seen += len(ids)
-                if seen >= target:
-                    break
+            count, seen = leading_document_count(self._documents(), self.tokenizer, target)
             if seen < target:
                 warnings.warn(
                     f"the dataset has only {seen} tokens, fewer than eval_tokens +"
@@ -362,13 +296,22 @@ class HFSource(ActivationSource):
             self.tokenizer,
             context_length=self.data.context_length,
             batch_size=self.data.model_batch_size,
+            bos_token=self.data.bos_token,
+            eos_token=self.data.eos_token,
             seed=seed,
             rank=rank,
             world_size=world,
         )
 
-    def _activations(self, contexts) -> Iterator[Tensor]:
-        for out in self.harvester.stream(contexts, prefetch=self.data.prefetch):
+    def _activations(self, contexts, stats: HarvestStats | None = None) -> Iterator[Tensor]:
+        outputs = harvest(
+            self.harvester,
+            contexts,
+            prefetch=self.data.prefetch,
+            outlier_norm=self.data.outlier_norm,
+            stats=stats,
+        )
+        for out in outputs:
             yield out[self.hook].cpu()
 
     def _epoch(self, epoch: int) -> Iterator[Tensor]:
@@ -377,9 +320,10 @@ class HFSource(ActivationSource):
         contexts = self._contexts(docs, s, self.rank, self.world_size)
         capacity = max(self.data.shuffle_buffer_tokens, self.batch_size)
         buffer = ShuffleBuffer(capacity, self.batch_size, seed=s)
-        return _full_batches(buffer.iterate(self._activations(contexts)), self.batch_size)
+        activations = self._activations(contexts, self.harvest_stats)
+        return _full_batches(buffer.iterate(activations), self.batch_size)
 
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
+    def _stream(self, start: int) -> Iterator[Tensor]:
         def endless() -> Iterator[Tensor]:
             for epoch in itertools.count():
                 n = 0
@@ -394,9 +338,6 @@ class HFSource(ActivationSource):
                     )
 
         return itertools.islice(endless(), start, None)
-
-    def sample_for_init(self) -> Tensor:
-        return _first_tokens(self.batches(0), self.init_tokens)
 
     def eval_batches(
         self, n_tokens: int, batch_size: int

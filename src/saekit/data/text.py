@@ -19,6 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+AUTO = "auto"
+NONE = "none"
+DOCUMENT_IDS = "document_ids"
+"""Key of the per-position document indices in the batches of ``token_batches(with_documents=...)``
+and the harvests of :func:`saekit.data.harvest.harvest`."""
+NO_DOCUMENT = -1
+"""Document index of a position that belongs to no document (BOS)."""
+
 
 def read_text_file(path: str | Path, *, doc_separator: str | None = "\n\n") -> Iterator[str]:
     """Documents of a plain text file: split on ``doc_separator`` (None: the whole file)."""
@@ -131,20 +139,40 @@ def pack_tokens(
     ``context_length`` tokens, each starting with ``bos_id`` when given. The incomplete tail is
     dropped.
     """
+    indexed = enumerate(token_lists)
+    for ids, _ in pack_documents(indexed, context_length, separator_id=separator_id, bos_id=bos_id):
+        yield ids
+
+
+def pack_documents(
+    indexed_token_lists: Iterable[tuple[int, Sequence[int]]],
+    context_length: int,
+    *,
+    separator_id: int | None = None,
+    bos_id: int | None = None,
+) -> Iterator[tuple[list[int], list[int]]]:
+    """:func:`pack_tokens` of ``(document index, ids)`` pairs: each context with the index of
+    the document of every position (a separator belongs to the document it ends; BOS is
+    :data:`NO_DOCUMENT`)."""
     body = context_length - (bos_id is not None)
     if body < 1:
         raise ValueError(f"context_length {context_length} leaves no room for tokens")
     head = [] if bos_id is None else [bos_id]
+    head_docs = [NO_DOCUMENT] * len(head)
     pending: list[int] = []
-    for ids in token_lists:
+    pending_docs: list[int] = []
+    for index, ids in indexed_token_lists:
         pending.extend(ids)
         if separator_id is not None:
             pending.append(separator_id)
+        pending_docs.extend([index] * (len(pending) - len(pending_docs)))
         start = 0
         while len(pending) - start >= body:
-            yield head + pending[start : start + body]
-            start += body
+            end = start + body
+            yield head + pending[start:end], head_docs + pending_docs[start:end]
+            start = end
         del pending[:start]
+        del pending_docs[:start]
 
 
 def batch_contexts(contexts: Iterable[Sequence[int]], batch_size: int) -> Iterator[Tensor]:
@@ -154,35 +182,93 @@ def batch_contexts(contexts: Iterable[Sequence[int]], batch_size: int) -> Iterat
         yield torch.tensor(chunk, dtype=torch.long)
 
 
+def packing_token_ids(
+    tokenizer: Any, bos_token: str = AUTO, eos_token: str = AUTO
+) -> tuple[int | None, int | None]:
+    """The ids packing puts first in each context (BOS) and after each document (separator).
+
+    ``auto``: BOS is the tokenizer's BOS, else its EOS (GPT-2 has one token for both), else its
+    CLS; the separator is its EOS, else its BOS, else its SEP. So a BERT-style tokenizer, which
+    has neither BOS nor EOS, packs ``[CLS] doc [SEP] doc [SEP] ...`` as in BERT pre-training
+    (Devlin et al. 2019, section 3.1). ``none``: no such token; contexts are then plain cuts of
+    the concatenated documents. Any other value names a token of the vocabulary.
+    """
+
+    def pick(value: str, flag: str, fallbacks: tuple[str, ...]) -> int | None:
+        if value == NONE:
+            return None
+        if value == AUTO:
+            for attr in fallbacks:
+                token_id = getattr(tokenizer, f"{attr}_token_id", None)
+                if token_id is not None:
+                    return int(token_id)
+            raise ValueError(
+                f"the tokenizer has no {'/'.join(a.upper() for a in fallbacks)} token to"
+                f" {'start contexts' if flag == '--bos-token' else 'separate documents'}: name"
+                f" one with {flag} TOKEN, or pack without it: {flag} none"
+            )
+        token_id = tokenizer.convert_tokens_to_ids(value)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if token_id is None or (token_id == unk and value != getattr(tokenizer, "unk_token", None)):
+            raise ValueError(f"{flag} {value!r} is not a token of the tokenizer's vocabulary")
+        return int(token_id)
+
+    bos = pick(bos_token, "--bos-token", ("bos", "eos", "cls"))
+    eos = pick(eos_token, "--eos-token", ("eos", "bos", "sep"))
+    return bos, eos
+
+
 def token_batches(
     docs: Iterable[str],
     tokenizer: Any,
     *,
     context_length: int,
     batch_size: int,
-    add_bos: bool = True,
-    add_separator: bool = True,
+    bos_token: str = AUTO,
+    eos_token: str = AUTO,
     seed: int | None = None,
     shuffle_buffer: int = 10_000,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[Tensor]:
+    indices: Iterable[int] | None = None,
+    with_documents: bool = False,
+) -> Iterator[Any]:
     """Documents -> shuffled (if ``seed``), rank-sharded, tokenised, packed ``[B, T]`` batches.
 
-    The separator is the tokenizer's EOS (falling back to BOS); BOS falls back to EOS (GPT-2
-    has only one such token). Deterministic for fixed documents, seed, rank and world size.
+    BOS and separator: :func:`packing_token_ids`. Deterministic for fixed documents, seed, rank
+    and world size. ``with_documents``: each batch is ``{"input_ids": [B, T], DOCUMENT_IDS:
+    [B, T]}``, the second holding each position's document index (``indices``, default 0, 1,
+    2, ... in the order of ``docs``; :data:`NO_DOCUMENT` for BOS).
     """
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    if (add_bos and bos is None) or (add_separator and eos is None):
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token")
+    bos, eos = packing_token_ids(tokenizer, bos_token, eos_token)
+    numbers = itertools.count() if indices is None else indices
+    indexed: Iterable[tuple[int, str]] = zip(numbers, docs, strict=False)
     if seed is not None:
-        docs = shuffle_documents(docs, seed, shuffle_buffer)
-    docs = shard_documents(docs, rank, world_size)
-    contexts = pack_tokens(
-        tokenize_documents(docs, tokenizer),
-        context_length,
-        separator_id=eos if add_separator else None,
-        bos_id=bos if add_bos else None,
+        indexed = shuffle_documents(indexed, seed, shuffle_buffer)
+    indexed = shard_documents(indexed, rank, world_size)
+    contexts = pack_documents(
+        _tokenized(indexed, tokenizer), context_length, separator_id=eos, bos_id=bos
     )
-    return batch_contexts(contexts, batch_size)
+    if not with_documents:
+        return batch_contexts((ids for ids, _ in contexts), batch_size)
+    return _with_documents(contexts, batch_size)
+
+
+def _tokenized(
+    indexed: Iterable[tuple[int, str]], tokenizer: Any
+) -> Iterator[tuple[int, list[int]]]:
+    indexed = iter(indexed)
+    while chunk := list(itertools.islice(indexed, 64)):
+        numbers, texts = zip(*chunk, strict=True)
+        yield from zip(numbers, tokenize_documents(texts, tokenizer, chunk_docs=64), strict=True)
+
+
+def _with_documents(
+    contexts: Iterator[tuple[list[int], list[int]]], batch_size: int
+) -> Iterator[dict[str, Tensor]]:
+    while chunk := list(itertools.islice(contexts, batch_size)):
+        ids, doc_ids = zip(*chunk, strict=True)
+        yield {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            DOCUMENT_IDS: torch.tensor(doc_ids, dtype=torch.long),
+        }

@@ -143,7 +143,10 @@ class DataConfig:
     shuffle_buffer_tokens: int = 262_144
     """cache, hf: tokens held in the token-level shuffle buffer (cache: 0 reads in file order)."""
     model: str | None = None
-    """hf: the model, a hub id or a local directory (loaded with AutoModelForCausalLM)."""
+    """hf: the model, a hub id or a local directory."""
+    model_class: str = "auto"
+    """hf: how to load the model: causal-lm, masked-lm, encoder (the bare model, AutoModel) or
+    auto (from its config; saekit/data/models.py)."""
     hook: str | None = None
     """hf: hook point, e.g. transformer.h.8:input (residual stream before block 8)."""
     dataset: str | None = None
@@ -166,10 +169,22 @@ class DataConfig:
     """hf: dtype of the model weights: float32, bfloat16 or float16 (activations are float32)."""
     local_files_only: bool = False
     """hf: never download; load the model and tokenizer from the local cache or directory."""
+    bos_token: str = "auto"
+    """hf: token starting each context: auto (BOS, else EOS, else CLS), none, or a token."""
+    eos_token: str = "auto"
+    """hf: token after each document: auto (EOS, else BOS, else SEP), none, or a token."""
     keep_bos: bool = False
     """hf: train on BOS positions too (by default they are dropped, as are padding positions)."""
     prefetch: int = 2
     """hf: model batches harvested ahead in a background thread (0: no thread)."""
+    outlier_norm: float | None = None
+    """hf: drop tokens whose activation norm exceeds this multiple of the median norm of their
+    model batch (massive-activation tokens; saekit/data/harvest.py); None: keep them all."""
+
+    def unused_fields(self) -> tuple[str, ...]:
+        """Fields ``to_dict`` leaves out: the generator's settings when the data is not synthetic
+        (a cache or model run's config.yaml would otherwise carry a ``synthetic:`` section)."""
+        return () if self.source == "synthetic" else ("synthetic",)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending ``data.`` field."""
@@ -202,6 +217,17 @@ class DataConfig:
                 )
             if self.prefetch < 0:
                 raise ValueError("data.prefetch must be >= 0")
+            if self.outlier_norm is not None and not self.outlier_norm > 1:
+                raise ValueError(
+                    f"data.outlier_norm must be > 1 (a multiple of the median), got"
+                    f" {self.outlier_norm}"
+                )
+            from saekit.data.models import MODEL_CLASSES
+
+            if self.model_class not in MODEL_CLASSES:
+                raise ValueError(
+                    f"data.model_class must be one of {MODEL_CLASSES}, got {self.model_class!r}"
+                )
             HookPoint.parse(self.hook)
 
 
@@ -307,7 +333,8 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     """A validated RunConfig; SAE d_in set from the data when 0 and names defaulted.
 
     Model sources also fill each SAE's ``hook`` and ``model_name`` (when unset) so saved SAEs
-    are self-describing: from the manifest for a cache, from ``data.model``/``data.hook`` for hf.
+    are self-describing: from the manifest for a cache, from ``data.model``/``data.hook`` for hf;
+    and ``metadata.training_data``, the documents it trains on (saekit.data.documents).
     For hf, d_in defaults to the model's hidden size (its config's hidden_size / n_embd /
     d_model, read without loading weights): right for residual-stream and block-output hooks;
     set d_in for other hooks (the source checks the real width before training).
@@ -328,11 +355,20 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         d_data = cache.d
     else:
         origin = {"model_name": stream_cfg.model, "hook": str(HookPoint.parse(stream_cfg.hook))}
+    from saekit.data.documents import training_record
+
+    record = training_record(stream_cfg, raw.get("eval_tokens", RunConfig.eval_tokens))
     for i, s in enumerate(raw.get("saes", [])):
         sae = s.setdefault("sae", {})
+        if record is not None:  # kept on resume: the run's data cannot change
+            sae.setdefault("metadata", {}).setdefault("training_data", record)
+        penalty = s.get("penalty")
+        if isinstance(penalty, dict) and penalty.get("target_l0") is not None:
+            # for `saekit eval`'s L0-off-target warning
+            sae.setdefault("metadata", {})["target_l0"] = penalty["target_l0"]
         if not sae.get("d_in"):
             if d_data is None:
-                from saekit.data.lm_source import model_hidden_size
+                from saekit.data.models import model_hidden_size
 
                 d_data = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
             sae["d_in"] = d_data

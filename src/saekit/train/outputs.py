@@ -13,6 +13,7 @@ Run directory layout::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from saekit.atomic import atomic_write_text
 from saekit.data.source import ActivationSource, SyntheticSource
 from saekit.encoding import as_dense
 from saekit.eval import ground_truth
+from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, threshold_set
 from saekit.eval.metrics import MetricAccumulator
 from saekit.sae import SAE
 from saekit.train.config import RunConfig, to_dict
@@ -41,8 +43,43 @@ def write_run_config(cfg: RunConfig) -> None:
 def evaluate_member(
     member: Member, source: ActivationSource, n_tokens: int, batch_size: int
 ) -> dict[str, Any]:
-    """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery."""
+    """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery.
+
+    A BatchTopK SAE is evaluated with its inference threshold calibrated on the held-out
+    batches (saekit.eval.calibrate; reported as ``threshold``, which :func:`save_outputs` saves,
+    beside the EMA θ and the L0 it gave); any SAE whose inference L0 is more than 10% off its
+    target gets a warning.
+    """
     sae = member.sae.eval()
+    calibration = None
+    if isinstance(sae.activation, BatchTopK):
+        held_out = (x for x, _ in source.eval_batches(n_tokens, batch_size))
+        calibration = calibrate_batchtopk(sae, held_out, n_tokens, apply=False)
+    with threshold_set(sae, None if calibration is None else calibration.threshold):
+        report = _evaluate(member, source, n_tokens, batch_size)
+    if calibration is not None:
+        report.update(
+            threshold=calibration.threshold,
+            threshold_ema=calibration.threshold_ema,
+            l0_ema=calibration.l0_ema,
+        )
+    stats = getattr(source, "harvest_stats", None)  # a model run online
+    if stats is not None and source.data.outlier_norm is not None:
+        report.update(stats.summary())
+    penalty = member.cfg.penalty
+    target = l0_target(sae.cfg, None if penalty is None else penalty.target_l0)
+    if target is not None:
+        report["l0_target"] = target
+        message = off_target(member.cfg.name, report["l0"], target)
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
+    return report
+
+
+def _evaluate(
+    member: Member, source: ActivationSource, n_tokens: int, batch_size: int
+) -> dict[str, Any]:
+    sae = member.sae
     device = next(sae.parameters()).device
     acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=device)
     synthetic = source.data if isinstance(source, SyntheticSource) else None
@@ -73,8 +110,6 @@ def evaluate_member(
         )
         if hierarchical:
             report["absorption"] = absorbed / pairs if pairs else float("nan")
-    if isinstance(sae.activation, BatchTopK):
-        report["threshold"] = float(sae.activation.threshold)
     report["l0_histogram"] = result.l0_histogram
     return report
 
@@ -83,7 +118,9 @@ def save_outputs(out_dir: Path, saes: dict[str, SAE], reports: list[dict[str, An
     """Each SAE (by name, in the order of ``reports``) with its eval.json, and summary.json."""
     out = Path(out_dir)
     for (name, sae), report in zip(saes.items(), reports, strict=True):
-        sae.save(out / name)
+        calibrated = report["threshold"] if "threshold_ema" in report else None
+        with threshold_set(sae, calibrated):
+            sae.save(out / name)  # BatchTopK: with the calibrated θ
         atomic_write_text(out / name / "eval.json", json.dumps(report, indent=2))
     summary = [{k: v for k, v in r.items() if k != "l0_histogram"} for r in reports]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -92,6 +129,7 @@ def save_outputs(out_dir: Path, saes: dict[str, SAE], reports: list[dict[str, An
 COLUMNS = [
     ("name", "SAE", "{}"),
     ("l0", "L0", "{:.2f}"),
+    ("l0_ema", "L0 at EMA θ", "{:.2f}"),
     ("fvu", "FVU", "{:.4f}"),
     ("dead_fraction", "dead", "{:.1%}"),
     ("mean_max_cos", "mean max|cos|", "{:.3f}"),

@@ -1,0 +1,100 @@
+"""``saekit cache``: harvest a model's activations into an activation cache directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from saekit.data.harvest import HarvestStats, harvest
+
+
+def cache_command(args: argparse.Namespace) -> None:
+    """``saekit cache``: harvest ``args.hook`` of ``args.model`` on the documents into a cache
+    at ``args.out``, recording each shard's documents (saekit.data.cache)."""
+    from saekit.commands.eval import text_documents
+    from saekit.data.cache_write import write_cache
+    from saekit.data.documents import text_source
+    from saekit.data.models import check_hook, load_for_harvest
+    from saekit.data.text import token_batches
+
+    for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
+        if not value:
+            raise ValueError(f"saekit cache needs {flag}")
+    # The hook name first (meta device, no weights), then the text, then the weights: each
+    # mistake is reported before the slow step after it.
+    check_hook(args.model, args.hook, args.model_class, args.local_files_only)
+    docs = text_documents(args)
+    setup = load_for_harvest(
+        args.model,
+        args.hook,
+        dtype=args.model_dtype or "float32",
+        device=args.device,
+        local_files_only=args.local_files_only,
+        model_class=args.model_class,
+        bos_token=args.bos_token,
+        eos_token=args.eos_token,
+        exclude_padding=not args.keep_padding,
+        exclude_bos=not args.keep_bos,
+        exclude_special=args.exclude_special,
+    )
+    hook, tokenizer, kind = setup.hook, setup.tokenizer, setup.kind
+    harvester = setup.harvester(device="cpu")
+    contexts = token_batches(
+        docs,
+        tokenizer,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        bos_token=args.bos_token,
+        eos_token=args.eos_token,
+        seed=args.seed,
+        with_documents=True,
+    )
+    settings = ("dataset", "text_file", "split", "dataset_config", "text_field", "seed")
+    settings += ("context_length", "batch_size", "keep_bos", "keep_padding", "exclude_special")
+    settings += ("bos_token", "eos_token")
+    metadata = {k: getattr(args, k) for k in settings}
+    metadata.update(model_dtype=args.model_dtype or "float32", model_class=kind)
+    metadata["text"] = text_source(
+        args.dataset,
+        args.text_file,
+        args.split or "train",
+        args.dataset_config,
+        args.text_field or "text",
+    )
+    metadata["outlier_norm"] = args.outlier_norm
+    stats = HarvestStats()
+    outputs = harvest(harvester, contexts, prefetch=2, outlier_norm=args.outlier_norm, stats=stats)
+    acts = _counted(outputs, hook, args.max_tokens, args.progress)
+    try:
+        write_cache(
+            args.out,
+            acts,
+            hook,
+            args.model,
+            args.dtype,
+            shard_tokens=args.shard_tokens,
+            max_tokens=args.max_tokens,
+            metadata=metadata,
+        )
+    finally:
+        acts.close()  # closes the bar now, not at garbage collection (after "verified")
+    if args.outlier_norm is not None:
+        print(
+            f"saekit: dropped {stats.outliers:,} outlier tokens (norm > {args.outlier_norm:g} x"
+            f" the median) of {stats.tokens + stats.outliers:,} harvested",
+            file=sys.stderr,
+        )
+
+
+def _counted(outputs: Iterable[Any], hook: str, total: int | None, show: bool) -> Any:
+    """Pass harvester outputs through, counting tokens on a progress bar; with ``total``
+    (--max-tokens) it counts only the tokens the cache keeps, so it stops at the total."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, disable=not show, unit="tok", unit_scale=True) as bar:
+        for out in outputs:
+            n = len(out[hook])
+            bar.update(n if total is None else min(n, total - bar.n))
+            yield out

@@ -1,0 +1,286 @@
+"""``saekit eval``: a saved SAE's reconstruction metrics and, with a causal LM, the model's CE and
+KL with the SAE spliced in (:mod:`saekit.eval.splice`).
+
+Data:
+
+- ``--cache C`` alone: the cache's held-out shard (reconstruction only);
+- ``--model M --cache C``: the documents the cache held out (its manifest's ``held_out``), read
+  from the text the cache was made from;
+- ``--model M --split heldout``: the documents the SAE's own training held out (its cfg.json's
+  ``metadata.training_data``);
+- ``--model M --dataset/--text-file``: those documents in dataset order.
+
+Whatever the documents, the ones the SAE trained on are counted and a warning printed when any
+were evaluated: a score on training text overstates the SAE (issue 18: CE score 1.0017 on
+training text against 0.9907 held out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.data.documents import Ranges
+from saekit.eval.calibrate import l0_target, off_target
+from saekit.eval.metrics import MetricAccumulator
+from saekit.sae import SAE
+
+HELD_OUT = "heldout"
+"""``--split heldout``: the documents the SAE's training held out."""
+
+
+def text_documents(args: argparse.Namespace) -> Iterator[str]:
+    """The documents named by --dataset / --text-file and their options, in dataset order."""
+    from saekit.data.documents import documents
+
+    if not (args.dataset or args.text_file):
+        raise ValueError("give the documents: --dataset ID|PATH or --text-file PATH")
+    return documents(
+        dataset=args.dataset,
+        text_file=args.text_file,
+        split=args.split or "train",
+        config_name=args.dataset_config,
+        field=args.text_field or "text",
+        streaming=not args.no_streaming,
+    )
+
+
+def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
+    """The report of ``saekit eval`` (printed by :func:`format_eval`)."""
+    sae = SAE.load(args.sae, device=args.device)
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    hook = args.hook or sae.cfg.hook
+    if not hook:
+        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
+    if not (args.model or args.cache):
+        raise ValueError(
+            "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
+            " (reconstruction only)"
+        )
+    acc = MetricAccumulator(d_in, d_sae, device=args.device)
+    report: dict[str, Any] = {"sae": str(args.sae), "hook": hook}
+
+    @torch.no_grad()
+    def reconstruct(x: Tensor) -> Tensor:
+        out = sae(x.to(sae.W_dec.dtype))
+        acc.add(x, out.x_hat, out.latents)
+        return out.x_hat
+
+    if args.model:
+        _on_model(args, sae, hook, reconstruct, report)
+    else:
+        _on_cache(args, sae, hook, reconstruct, report)
+    if int(acc.n) == 0:
+        raise ValueError("no tokens were evaluated")
+    result = acc.result()
+    report.update(result.summary())
+    report.update(d_in=d_in, d_sae=d_sae, l0_histogram=result.l0_histogram)
+    message = off_target(str(args.sae), report["l0"], l0_target(sae.cfg))
+    if message is not None:
+        print(f"saekit: warning: {message}", file=sys.stderr)
+    return report
+
+
+def _on_cache(
+    args: argparse.Namespace,
+    sae: SAE,
+    hook: str,
+    reconstruct: Callable[[Tensor], Tensor],
+    report: dict[str, Any],
+) -> None:
+    from saekit.data.cache import ActivationCache
+    from saekit.data.lm_source import held_out_batches
+
+    cache = ActivationCache(args.cache)
+    if cache.d != sae.cfg.d_in:
+        raise ValueError(
+            f"SAE d_in = {sae.cfg.d_in} but the cache {args.cache} has width {cache.d}"
+        )
+    if cache.hook != hook:
+        print(f"saekit: warning: the cache holds hook {cache.hook}, not {hook}", file=sys.stderr)
+    context_length = args.context_length or 128
+    n_tokens = args.n_batches * args.batch_size * context_length
+    for x in held_out_batches(cache, n_tokens, args.batch_size * context_length):
+        reconstruct(x.to(args.device))
+    report.update(cache=str(args.cache), model=cache.model)
+
+
+def _on_model(
+    args: argparse.Namespace,
+    sae: SAE,
+    hook: str,
+    reconstruct: Callable[[Tensor], Tensor],
+    report: dict[str, Any],
+) -> None:
+    from saekit.data.documents import to_ranges
+    from saekit.data.hf import unpack_batch
+    from saekit.data.models import activation_width, load_for_harvest
+    from saekit.eval.splice import splice_eval
+
+    setup = load_for_harvest(
+        args.model,
+        hook,
+        dtype=args.model_dtype or "float32",
+        device=args.device,
+        local_files_only=args.local_files_only,
+        model_class=args.model_class,
+        bos_token=args.bos_token,
+        eos_token=args.eos_token,
+        exclude_bos=not args.keep_bos,
+    )
+    model, tokenizer, kind, hook = setup.model, setup.tokenizer, setup.kind, setup.hook
+    token_filter = setup.token_filter
+    width = activation_width(model, hook, kind)
+    if width != sae.cfg.d_in:
+        raise ValueError(
+            f"SAE d_in = {sae.cfg.d_in} but model {args.model} has width {width} at hook {hook}"
+        )
+    text, indices, origin = _documents(args, sae, tokenizer)
+    evaluated: set[int] = set()
+    contexts = _contexts(args, tokenizer, text, indices, token_filter, evaluated)
+    report.update(model=args.model, model_class=kind, hook=hook, text=text, documents_from=origin)
+    if kind == "causal-lm":
+        splice = splice_eval(model, hook, reconstruct, contexts, token_filter=token_filter)
+        report.update({k: v for k, v in splice.to_dict().items() if k not in ("fvu", "n_tokens")})
+        report["n_predicted_tokens"] = splice.n_tokens
+    else:
+        print(
+            f"saekit: note: CE/KL are next-token losses of a causal LM; {args.model} loads as"
+            f" {kind}: reconstruction metrics only",
+            file=sys.stderr,
+        )
+        harvester = setup.harvester()
+        for batch in contexts:
+            reconstruct(harvester(*unpack_batch(batch))[hook].to(args.device))
+    report.update(documents=len(evaluated), document_ranges=to_ranges(evaluated))
+    _check_overlap(sae, tokenizer, report)
+
+
+def _documents(
+    args: argparse.Namespace, sae: SAE, tokenizer: Any
+) -> tuple[dict[str, Any], Ranges | None, str]:
+    """(text source, document indices or None for all, where they come from) to evaluate."""
+    from saekit.data.cache import ActivationCache
+    from saekit.data.documents import cache_documents, held_out_documents, text_source
+
+    if args.cache:
+        text, _, held = cache_documents(ActivationCache(args.cache))
+        if held is None or text is None:
+            raise ValueError(
+                f"the activation cache {args.cache} records no held-out documents (a single"
+                " shard, or written without document indices): give --dataset or --text-file"
+            )
+        return text, held, f"held out by the activation cache {args.cache}"
+    if args.split == HELD_OUT:
+        record = sae.cfg.metadata.get("training_data")
+        if record is None or record.get("text") is None:
+            raise ValueError(
+                f"--split {HELD_OUT}: {args.sae}/cfg.json records no training documents"
+                " (synthetic data, or a cache without document indices)"
+            )
+        return record["text"], held_out_documents(record, tokenizer), "held out by its training"
+    if not (args.dataset or args.text_file):
+        raise ValueError(
+            "give the documents: --dataset ID|PATH or --text-file PATH, or the held-out ones:"
+            f" --cache DIR or --split {HELD_OUT}"
+        )
+    split = args.split or "train"
+    field = args.text_field or "text"
+    text = text_source(args.dataset, args.text_file, split, args.dataset_config, field)
+    return text, None, "--dataset" if args.dataset else "--text-file"
+
+
+def _contexts(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    text: dict[str, Any],
+    indices: Ranges | None,
+    token_filter: Any,
+    evaluated: set[int],
+) -> Iterator[dict[str, Tensor]]:
+    """--n-batches batches of the documents, packed in dataset order; adds the index of every
+    document with an evaluated token to ``evaluated``."""
+    from saekit.data.documents import open_text, select
+    from saekit.data.text import DOCUMENT_IDS, token_batches
+
+    docs = open_text(text, streaming=not args.no_streaming)
+    pairs = enumerate(docs) if indices is None else select(docs, indices)
+    numbered, texts = itertools.tee(pairs)
+    batches = token_batches(
+        (doc for _, doc in texts),
+        tokenizer,
+        context_length=args.context_length or 128,
+        batch_size=args.batch_size,
+        bos_token=args.bos_token,
+        eos_token=args.eos_token,
+        indices=(i for i, _ in numbered),
+        with_documents=True,
+    )
+    for batch in itertools.islice(batches, args.n_batches):
+        keep_BT = token_filter.mask(batch["input_ids"])
+        evaluated.update(batch[DOCUMENT_IDS][keep_BT].tolist())
+        yield batch
+
+
+def _check_overlap(sae: SAE, tokenizer: Any, report: dict[str, Any]) -> None:
+    """Count the evaluated documents the SAE trained on (its cfg.json's record), and warn."""
+    from saekit.data.documents import count, intersect, training_documents
+
+    record = sae.cfg.metadata.get("training_data")
+    if record is None or record.get("text") != report["text"]:
+        return  # other text, or nothing recorded: nothing to compare
+    training = training_documents(record, tokenizer)
+    if training is None:
+        return
+    seen = count(intersect(report["document_ranges"], training))
+    report["training_documents_evaluated"] = seen
+    if seen:
+        where = record.get("cache_dir") or "its training run"
+        print(
+            f"saekit: warning: {seen} of the {report['documents']} evaluated documents are"
+            f" training documents of this SAE (trained on {where}): these scores are not held"
+            f" out; evaluate the held-out documents with --split {HELD_OUT}",
+            file=sys.stderr,
+        )
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    lines = [
+        f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']})",
+        *_documents_line(r),
+        f"tokens       {r['n_tokens']:,}" + _predicted(r),
+        f"FVU          {r['fvu']:.4f}   explained variance {r['explained_variance']:.4f}",
+        f"L0           {r['l0']:.2f}",
+        f"dead         {r['dead_fraction']:.1%} of latents never fired on these tokens",
+        f"dense        {r['dense_fraction']:.1%} of latents fired on > 10% of tokens",
+    ]
+    if "ce_clean" in r:
+        lines += [
+            f"CE clean     {r['ce_clean']:.4f}   with SAE {r['ce_sae']:.4f}   "
+            f"zero-ablated {r['ce_zero']:.4f}   CE score {r['ce_score']:.4f}",
+            f"KL with SAE  {r['kl_sae']:.4f}   zero-ablated {r['kl_zero']:.4f}   "
+            f"KL score {r['kl_score']:.4f}",
+        ]
+    return "\n".join(lines)
+
+
+def _predicted(r: dict[str, Any]) -> str:
+    """CE/KL average over the spliced tokens that predict a real next token: fewer than the
+    spliced ones (the last position of each context predicts nothing)."""
+    if "n_predicted_tokens" not in r:
+        return ""
+    return f" spliced; CE/KL over the {r['n_predicted_tokens']:,} of them that predict a token"
+
+
+def _documents_line(r: dict[str, Any]) -> list[str]:
+    if "documents" not in r:
+        return []
+    trained = r.get("training_documents_evaluated")
+    note = "" if trained is None else f", {trained} of them training documents of the SAE"
+    return [f"documents    {r['documents']:,} ({r['documents_from']}){note}"]
