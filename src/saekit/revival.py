@@ -30,8 +30,8 @@ def auxk_loss(
     """AuxK (Gao et al. 2024, appendix A.2/B.1): dead latents learn to explain the residual.
 
     e = stopgrad(residual) (pass x_n − x̂_n); candidates = ReLU(pre) on dead latents, −∞
-    elsewhere; z_aux = top-k_aux of the candidates, k_aux = min(d // 2, M) by default, a FIXED
-    shape: an entry that is not dead or not positive contributes 0, so nothing syncs.
+    elsewhere; z_aux = top-k_aux of the candidates, k_aux = max(1, min(d // 2, M)) by default,
+    a FIXED shape: an entry that is not dead or not positive contributes 0, so nothing syncs.
     ê = z_aux W_dec with NO b_dec (e already accounts for it; adding it double-counts, see
     sparsify PR #134, docs/references/auxk-bdec-double-count-fix.txt).
     L_aux = α · min(n_dead / k_aux, 1) · mean_n ‖ê − e‖² / V with V = mean_n ‖e − ē‖²
@@ -44,7 +44,7 @@ def auxk_loss(
     d = residual_ND.shape[-1]
     e_ND = residual_ND.detach().reshape(-1, d)
     n_tokens, d_sae = preacts.detached.shape
-    k_aux = min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae)
+    k_aux = max(1, min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae))
     latent_Nk, keep_Nk = auxk_select(preacts.detached, dead_mask_M, k_aux)
     layout = CodeLayout.fixed_k(latent_Nk, d_sae)
     pre_E = preacts.at(layout.token, layout.latent)

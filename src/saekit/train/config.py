@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from saekit.activations import ACTIVATIONS
 from saekit.configs import check_finite, from_dict, to_dict
@@ -30,8 +29,18 @@ from saekit.objective import (
     build_objective,
 )
 from saekit.sae import SAEConfig
+from saekit.train.config_files import apply_overrides, load_config_file
 
-__all__ = ["DataConfig", "RunConfig", "SAETrainConfig", "build_run_config", "from_dict", "to_dict"]
+__all__ = [
+    "DataConfig",
+    "RunConfig",
+    "SAETrainConfig",
+    "apply_overrides",
+    "build_run_config",
+    "from_dict",
+    "load_config_file",
+    "to_dict",
+]
 
 
 @dataclass
@@ -89,10 +98,18 @@ class SAETrainConfig:
         if self.lr is not None:
             check_finite("lr", self.lr, 0.0, strict=True)
         check_finite("grad_clip", self.grad_clip, 0.0)
-        if self.warmup_steps < 0 or not 0 <= self.decay_start <= 1:
-            raise ValueError("warmup_steps must be >= 0 and decay_start in [0, 1]")
+        for i, beta in enumerate(self.adam_betas):
+            if not 0 <= beta < 1:
+                raise ValueError(f"adam_betas.{i} must be in [0, 1), got {beta!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.decay_start <= 1:
+            raise ValueError(f"decay_start must be in [0, 1], got {self.decay_start}")
         if self.dead_tokens <= 0:
-            raise ValueError("dead_tokens must be positive")
+            raise ValueError(f"dead_tokens must be a positive integer, got {self.dead_tokens}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_name(self.name)
         if self.b_dec_init not in ("mean", "geometric_median"):
             raise ValueError(
                 f"b_dec_init must be mean or geometric_median, got {self.b_dec_init!r}"
@@ -127,6 +144,19 @@ class SAETrainConfig:
             parts.append(self.penalty.kind)
         parts.append(f"M{self.sae.d_sae}")
         return "-".join(parts)
+
+
+RESERVED_NAMES = ("checkpoint",)
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=,@-]*$")
+
+
+def check_name(name: str) -> None:
+    """An SAE's name is a directory name inside the run directory, never a path."""
+    if not _NAME.match(name) or name in RESERVED_NAMES or len(name) > 200:
+        raise ValueError(
+            f"name must be a plain directory name (letters, digits, _ . + = , @ -, not starting "
+            f"with . or -, at most 200 characters, not {RESERVED_NAMES}), got {name!r}"
+        )
 
 
 @dataclass
@@ -244,11 +274,27 @@ class RunConfig:
             raise ValueError("saes: a run needs at least one SAE")
         if self.parallel not in ("data", "sweep"):
             raise ValueError(f"parallel must be data or sweep, got {self.parallel!r}")
-        for field_name in ("batch_size", "steps", "eval_tokens"):
+        if self.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be >= 2 (FVU and AuxK divide by the batch's variance), got "
+                f"{self.batch_size}"
+            )
+        for field_name in ("steps", "eval_tokens"):
             if getattr(self, field_name) <= 0:
                 raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
-        if self.log_every <= 0 or self.checkpoint_every < 0:
-            raise ValueError("log_every must be positive and checkpoint_every >= 0")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every must be positive, got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"checkpoint_every must be >= 0 (0: only at the end and on a signal), got "
+                f"{self.checkpoint_every}"
+            )
+        for field_name in ("threads", "seed"):
+            if getattr(self, field_name) < 0:
+                raise ValueError(f"{field_name} must be >= 0, got {getattr(self, field_name)}")
+        if not self.out_dir:
+            raise ValueError("out_dir must not be empty")
+        check_device(self.device)
         self.data.validate()
         names = [s.name for s in self.saes]
         if len(set(names)) != len(names):
@@ -260,47 +306,20 @@ class RunConfig:
                 raise ValueError(f"saes.{i}: {exc}") from exc
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML (.yaml/.yml) or TOML (.toml) file as a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+def check_device(device: str) -> None:
+    """A torch device string this machine has."""
+    import torch
 
-        return tomllib.loads(text)
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a mapping at the top level")
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
-        node: Any = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                idx = int(part)
-                while len(node) <= idx:
-                    node.append({})
-                node = node[idx]
-            else:
-                if isinstance(node.get(part), str):  # a kind's shorthand: expand to set a field
-                    node[part] = {"kind": node[part]}
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return data
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"device: not a torch device: {device!r} (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device: unsupported device type {dev.type!r} (cpu or cuda)")
 
 
 def build_run_config(data: dict[str, Any]) -> RunConfig:
@@ -312,8 +331,21 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     d_model, read without loading weights): right for residual-stream and block-output hooks;
     set d_in for other hooks (the source checks the real width before training).
     """
+    if not isinstance(data, dict):
+        raise ValueError(f"a run config is a mapping of fields, got {data!r}")
     raw = copy.deepcopy(data)
     data_cfg = raw.get("data", {})
+    if not isinstance(data_cfg, dict):
+        raise ValueError(f"data: expected a mapping, got {data_cfg!r}")
+    saes = raw.get("saes", [])
+    if not isinstance(saes, list):
+        raise ValueError(f"saes: expected a list of SAE configs, got {saes!r}")
+    for i, s in enumerate(saes):
+        if not isinstance(s, dict) or not isinstance(s.get("sae", {}), dict):
+            key, value = (
+                (f"saes.{i}", s) if not isinstance(s, dict) else (f"saes.{i}.sae", s["sae"])
+            )
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
     stream_cfg = from_dict(DataConfig, data_cfg, "data")
     stream_cfg.validate()
     origin: dict[str, str] = {}  # SAEConfig fields saying where the activations come from
@@ -328,7 +360,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         d_data = cache.d
     else:
         origin = {"model_name": stream_cfg.model, "hook": str(HookPoint.parse(stream_cfg.hook))}
-    for i, s in enumerate(raw.get("saes", [])):
+    for i, s in enumerate(saes):
         sae = s.setdefault("sae", {})
         if not sae.get("d_in"):
             if d_data is None:
