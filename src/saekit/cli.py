@@ -1,14 +1,17 @@
-"""`saekit train | sweep | cache | eval | report | export | bench`."""
+"""`saekit train | sweep | cache | eval | bench`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
 from saekit.train import presets
-from saekit.train.config import apply_overrides, build_run_config, load_config_file
+from saekit.train.config_files import apply_overrides, load_config_file
+
+# Nothing here imports torch at module level: `saekit --help` answers without it.
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +36,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR from its checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="resume the run in RUN_DIR from its checkpoint (keeps its config; --steps may "
+        "extend it)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run already in --out (its config, checkpoint, SAEs and metrics)",
     )
     p.add_argument(
         "--nproc", type=int, default=1, help="processes on this machine (torchrun; see parallel)"
@@ -128,16 +139,19 @@ def _run_config_dict(args: argparse.Namespace, default: dict[str, Any]) -> dict[
 
 
 def _train(args: argparse.Namespace, default: dict[str, Any]) -> int:
+    from saekit.train.config import build_run_config
     from saekit.train.launch import DistributedFailure, is_main_process, launch, launched
     from saekit.train.outputs import format_table
-    from saekit.train.run import resume_config, run_training
+    from saekit.train.run import prepare_out_dir, resume_config, run_training
     from saekit.train.trainer import TrainingInterrupted
 
     if args.resume:
-        extra = apply_overrides({}, [f"steps={args.steps}"] if args.steps else [])
-        cfg = resume_config(args.resume, extra)
+        _warn_resume_ignores(args)
+        cfg = resume_config(args.resume, args.steps)
     else:
         cfg = build_run_config(_run_config_dict(args, default))
+        if not launched():  # torchrun workers: the launching process checked and cleared it
+            prepare_out_dir(cfg, force=args.force)
     if args.nproc > 1 and not launched():  # validated here, run by torchrun workers
         return launch(args.nproc, args.argv)
     print(
@@ -146,9 +160,23 @@ def _train(args: argparse.Namespace, default: dict[str, Any]) -> int:
         file=sys.stderr,
     )
     try:
-        _, reports = run_training(cfg, resume=bool(args.resume))
+        with _signals_interrupt():
+            _, reports = run_training(cfg, resume=bool(args.resume))
     except TrainingInterrupted as exc:
         print(f"saekit: {exc}", file=sys.stderr)
+        return 130
+    except (KeyboardInterrupt, _Interrupted) as exc:  # outside the loop: start-up or final eval
+        saved = [s.name for s in cfg.saes if (Path(cfg.out_dir) / s.name / "cfg.json").exists()]
+        print(
+            f"saekit: stopped by {exc or 'signal 2'} outside the training loop (start-up or "
+            f"final evaluation); "
+            + (
+                f"SAEs saved in {cfg.out_dir}: {', '.join(saved)}"
+                if saved
+                else f"resume with: saekit train --resume {cfg.out_dir}"
+            ),
+            file=sys.stderr,
+        )
         return 130
     except DistributedFailure as exc:
         print(f"saekit: error: {exc}", file=sys.stderr)
@@ -163,6 +191,52 @@ def _train(args: argparse.Namespace, default: dict[str, Any]) -> int:
         paths = sweep_plots(Path(cfg.out_dir))
         print("plots: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
+
+
+class _Interrupted(Exception):
+    """SIGTERM outside the training loop (the trainer handles it inside)."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM raises :class:`_Interrupted` (SIGINT raises KeyboardInterrupt already), so a
+    stop during start-up or the final evaluation ends with a message, not silently."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Interrupted(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _warn_resume_ignores(args: argparse.Namespace) -> None:
+    """--resume keeps the run's saved config: say which given options it does not apply."""
+    ignored = [f"--config {args.config}"] if args.config else []
+    ignored += [f"--set {o}" for o in args.overrides]
+    if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        ignored.append(f"--out {args.out}")
+    flags = {k: v for k, v in _data_flags(args).items() if k != "source"}
+    for name in ("batch_size", "device", "threads", "data"):
+        if getattr(args, name) is not None:
+            flags[name] = getattr(args, name)
+    ignored += [f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
+    if args.force:
+        ignored.append("--force")
+    if ignored:
+        print(
+            f"saekit: --resume keeps the config saved in {args.resume}; ignoring "
+            + ", ".join(ignored),
+            file=sys.stderr,
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -467,8 +541,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as exc:  # configuration and input errors: one clear line, no traceback
-        print(f"saekit: error: {exc}", file=sys.stderr)
+        print(f"saekit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a loss went NaN/inf mid-run (checkpoint kept)
+        print(f"saekit: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # read-only directory, full disk, missing file
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"saekit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("saekit: error: out of memory (try a smaller batch_size or d_sae)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":
