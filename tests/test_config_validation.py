@@ -89,3 +89,17 @@ def test_cli_prints_one_line_for_bad_config(tmp_path, capsys):
         assert main(["train", "--set", override, "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("saekit: error:") and "\n" not in err, err
+
+
+def test_run_seed_changes_the_synthetic_batches_not_the_true_features():
+    import torch
+
+    from saekit.data.from_config import make_source
+
+    def source(seed):
+        return make_source(build_run_config(apply_overrides(presets.train_config(), [seed])))
+
+    a, b, c = source("seed=0"), source("seed=1"), source("seed=0")
+    assert torch.equal(a.data.directions, b.data.directions)
+    assert not torch.equal(next(a.batches()), next(b.batches()))
+    assert torch.equal(next(a.batches()), next(c.batches()))

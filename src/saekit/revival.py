@@ -61,7 +61,14 @@ def auxk_loss(
 def dead_preact_loss(
     preacts: Preacts, dead_mask_M: Tensor, theta: Tensor, dec_norms_M: Tensor
 ) -> Tensor:
-    """L = mean_n Σ_{i dead} ReLU(θ − pre_ni) · ‖W_dec,i‖: revival without a residual target.
+    """L = mean_n Σ_{i dead} ReLU(θ − pre_ni) · ‖W_dec,i‖ / max(n_dead, 1): revival without a
+    residual target, normalised per dead latent.
+
+    The normalisation keeps L at the scale of one latent's threshold gap (≈ θ, O(1) in the
+    normalised space where E‖x_n‖² = d) however many latents are dead: unnormalised, hundreds of
+    dead latents gave a term ~1000 against a reconstruction of ~50, whose gradient took the
+    whole clipped norm and the SAE diverged. Each dead latent's encoder row has its own Adam
+    moments, so the 1/n_dead factor does not slow its revival.
 
     AuxK asks dead latents to fit the live latents' residual, so a revived latent may become an
     error-correction term for an undertrained live one (SAELens question #666). This loss only
@@ -75,4 +82,5 @@ def dead_preact_loss(
     pre_NM = preacts.dense()
     weight_M = dead_mask_M.to(pre_NM.dtype) * dec_norms_M.detach()
     gap_NM = torch.relu(theta.detach() - pre_NM)
-    return (gap_NM * weight_M).sum(-1).mean()
+    n_dead = dead_mask_M.to(pre_NM.dtype).sum().clamp_min(1.0)
+    return (gap_NM * weight_M).sum(-1).mean() / n_dead

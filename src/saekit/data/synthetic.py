@@ -160,8 +160,12 @@ def batch_seed(seed: int, index: int) -> int:
 class SyntheticData:
     """A ground-truth generator: ``batch(i, n)`` is the i-th batch of n tokens."""
 
-    def __init__(self, cfg: SyntheticConfig):
+    def __init__(self, cfg: SyntheticConfig, stream_seed: int = 0):
+        """``cfg.seed`` fixes the ground truth (directions, frequencies, mean) and, with
+        ``stream_seed`` (a run's ``seed``; 0 leaves the batches as ``cfg.seed`` alone gives
+        them), the batches drawn from it."""
         self.cfg = cfg
+        self.stream_seed = stream_seed
         g = torch.Generator().manual_seed(cfg.seed)
         F, d = cfg.n_features, cfg.d
         directions = torch.randn(F, d, generator=g, dtype=torch.float64)
@@ -232,7 +236,7 @@ class SyntheticData:
         of the mean).
         """
         cfg = self.cfg
-        g = torch.Generator().manual_seed(batch_seed(cfg.seed, index))
+        g = torch.Generator().manual_seed(batch_seed(cfg.seed ^ (self.stream_seed << 32), index))
         active, v = self._active(n, g)
         half_width = cfg.magnitude_std * math.sqrt(3.0)  # uniform on mean ± √3·std
         magnitudes = (cfg.magnitude_mean + half_width * (2 * v - 1)).clamp_min(

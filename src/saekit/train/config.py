@@ -263,7 +263,8 @@ class RunConfig:
     """Also log to Weights & Biases under this project (off by default; needs `pip install
     wandb`; set WANDB_MODE=offline to log without a network)."""
     seed: int = 0
-    """Seed of the data stream."""
+    """Seed of the data stream: the batches drawn from synthetic data (data.synthetic.seed fixes
+    its true features), the document order and shuffle buffer of model and cache sources."""
     parallel: str = "data"
     """Several processes (torchrun, --nproc): data (every process trains every SAE on its share of
     each batch, gradients averaged) or sweep (the SAEs spread over the processes, each seeing the
