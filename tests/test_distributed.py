@@ -156,7 +156,7 @@ def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
     init_from_env("cpu")  # one group for the three runs (run_distributed reuses it)
     data_dir = Path(out_dir) / "data"
     run_distributed(run_config(data_dir, [TOPK, BATCHTOPK], steps=2))
-    trainer, _ = run_distributed(resume_config(data_dir, {"steps": 4}), resume=True)
+    trainer, _ = run_distributed(resume_config(data_dir, 4), resume=True)
     save_file(member_states(trainer), str(data_dir / f"rank{rank}.safetensors"))
     sweep = run_config(
         Path(out_dir) / "sweep", [TOPK, BATCHTOPK, RELU_L1], steps=4, parallel="sweep"

@@ -459,7 +459,7 @@ def dead_preact_reference(pre, dead, theta_of, norms):
         for i in range(pre.shape[1]):
             if dead[i]:
                 total += max(theta_of(n, i).item() - pre[n, i].item(), 0.0) * norms[i].item()
-    return total / pre.shape[0]
+    return total / pre.shape[0] / max(sum(bool(v) for v in dead), 1)  # per dead latent
 
 
 @pytest.mark.parametrize("case", ["topk", "topk-reference", "batchtopk", "jumprelu"])
@@ -492,12 +492,12 @@ def test_dead_preact_loss_pushes_dead_preacts_toward_the_threshold_through_the_e
     assert sae.W_dec.grad is None or sae.W_dec.grad.abs().max() == 0
     if activation == "jumprelu":
         assert sae.activation.log_threshold.grad is None
-    # ∂L/∂b_enc,i = −(1/N)·Σ_n 1[pre_ni < θ]·‖W_dec,i‖ on dead latents, 0 on the others: the
-    # step lowers the loss by raising dead pre-activations.
+    # ∂L/∂b_enc,i = −(1/(N·n_dead))·Σ_n 1[pre_ni < θ]·‖W_dec,i‖ on dead latents, 0 on the
+    # others: the step lowers the loss by raising dead pre-activations.
     ref_grad = torch.zeros(M, dtype=torch.float64)
     for i in range(M):
         if dead[i]:
             below = sum(float(pre[n, i] < theta_of(n, i).item()) for n in range(B * T))
-            ref_grad[i] = -below * norms[i].item() / (B * T)
+            ref_grad[i] = -below * norms[i].item() / (B * T) / int(dead.sum())
     assert ref_grad.min() < 0
     torch.testing.assert_close(sae.b_enc.grad.double(), ref_grad, rtol=1e-5, atol=1e-7)

@@ -325,7 +325,8 @@ def hand_objective(act, recon, penalty, revival, P, scale, x, dead, lam=LAM, k=K
         else:  # per latent
             theta = P["activation.log_threshold"].detach().exp()
         gap = torch.relu(theta - pre)
-        parts["revival"] = PREACT_COEF * (gap * dead_f * norms.detach()).sum(-1).mean()
+        per_dead = 1 / torch.clamp(n_dead, min=1.0)  # normalised per dead latent
+        parts["revival"] = PREACT_COEF * (gap * dead_f * norms.detach()).sum(-1).mean() * per_dead
     return parts, z
 
 

@@ -4,12 +4,29 @@ The names a user needs most::
 
     from saekit import SAE, SAEConfig
     sae = SAE(SAEConfig(d_in=768, d_sae=24576, activation={"kind": "topk", "k": 32}))
+
+They are imported on first use (PEP 562), so ``saekit --help`` answers without importing torch.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from saekit._version import __version__
-from saekit.activations import ACTIVATIONS
-from saekit.encoding import SparseCode
-from saekit.sae import SAE, CheckpointError, ForwardOutput, SAEConfig
+
+if TYPE_CHECKING:
+    from saekit.activations import ACTIVATIONS
+    from saekit.encoding import SparseCode
+    from saekit.sae import SAE, CheckpointError, ForwardOutput, SAEConfig
+
+_LAZY = {
+    "ACTIVATIONS": "saekit.activations",
+    "SparseCode": "saekit.encoding",
+    "SAE": "saekit.sae",
+    "CheckpointError": "saekit.sae",
+    "ForwardOutput": "saekit.sae",
+    "SAEConfig": "saekit.sae",
+}
 
 __all__ = [
     "ACTIVATIONS",
@@ -20,3 +37,13 @@ __all__ = [
     "SparseCode",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saekit' has no attribute {name!r}")

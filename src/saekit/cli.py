@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from saekit.train import presets
-from saekit.train.config import apply_overrides, build_run_config, load_config_file
+
+# Nothing here imports torch at module level: `saekit --help` answers without it.
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR from its checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="resume the run in RUN_DIR from its checkpoint (keeps its config; --steps may "
+        "extend it)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run already in --out (its config, checkpoint, SAEs and metrics)",
     )
     p.add_argument(
         "--nproc", type=int, default=1, help="processes on this machine (torchrun; see parallel)"
@@ -119,108 +128,19 @@ def _add_model_args(g: Any, train: bool = False) -> None:
     )
 
 
-def _data_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """``data.`` fields set by train flags (typed values, no YAML parsing of paths)."""
-    fields = {
-        "model": args.model,
-        "hook": args.hook,
-        "dataset": args.dataset,
-        "text_file": args.text_file,
-        "dataset_split": args.split,
-        "dataset_config": args.dataset_config,
-        "text_field": args.text_field,
-        "context_length": args.context_length,
-        "model_batch_size": args.model_batch_size,
-        "model_dtype": args.model_dtype,
-        "model_class": args.model_class,
-        "bos_token": args.bos_token,
-        "eos_token": args.eos_token,
-        "cache_dir": args.cache,
-        "outlier_norm": args.outlier_norm,
-    }
-    flags = {k: v for k, v in fields.items() if v is not None}
-    for name in ("local_files_only", "keep_bos"):
-        if getattr(args, name):
-            flags[name] = True
-    if args.no_streaming:
-        flags["streaming"] = False
-    if args.model:
-        flags["source"] = "hf"
-    elif args.cache:
-        flags["source"] = "cache"
-    return flags
-
-
-def _run_config_dict(args: argparse.Namespace, default: dict[str, Any]) -> dict[str, Any]:
-    data = load_config_file(args.config) if args.config else default
-    flat = {
-        "out_dir": args.out,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "threads": args.threads,
-    }
-    overrides = [f"{k}={v}" for k, v in flat.items() if v is not None]
-    if args.data:
-        overrides.append(f"data.synthetic.kind={args.data}")
-    if args.no_progress:
-        overrides.append("progress=false")
-    flags = _data_flags(args)
-    if flags:
-        data_section = data.setdefault("data", {})
-        if flags.get("source") in ("hf", "cache"):
-            data_section.pop("synthetic", None)
-        data_section.update(flags)
-    return apply_overrides(data, overrides + args.overrides)
-
-
-def _train(args: argparse.Namespace, default: dict[str, Any]) -> int:
-    from saekit.train.launch import DistributedFailure, is_main_process, launch, launched
-    from saekit.train.outputs import format_table
-    from saekit.train.run import resume_config, run_training
-    from saekit.train.trainer import TrainingInterrupted
-
-    if args.resume:
-        extra = apply_overrides({}, [f"steps={args.steps}"] if args.steps else [])
-        cfg = resume_config(args.resume, extra)
-    else:
-        cfg = build_run_config(_run_config_dict(args, default))
-    if args.nproc > 1 and not launched():  # validated here, run by torchrun workers
-        return launch(args.nproc, args.argv)
-    print(
-        f"saekit: training {len(cfg.saes)} SAE(s) for {cfg.steps} steps of {cfg.batch_size} "
-        f"tokens -> {cfg.out_dir}",
-        file=sys.stderr,
-    )
-    try:
-        _, reports = run_training(cfg, resume=bool(args.resume))
-    except TrainingInterrupted as exc:
-        print(f"saekit: {exc}", file=sys.stderr)
-        return 130
-    except DistributedFailure as exc:
-        print(f"saekit: error: {exc}", file=sys.stderr)
-        return 1
-    if not is_main_process():
-        return 0
-    print(format_table(reports))
-    print(f"\nSAEs, metrics and eval.json in {cfg.out_dir}/<name>/", file=sys.stderr)
-    if getattr(args, "plots", True) and len(reports) > 1:
-        from saekit.report.plots import sweep_plots
-
-        paths = sweep_plots(Path(cfg.out_dir))
-        print("plots: " + ", ".join(str(p) for p in paths), file=sys.stderr)
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    return _train(args, presets.train_config())
+    from saekit.commands.train import train_command
+
+    return train_command(args, presets.train_config())
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     default = presets.sweep_config()
     if args.data == "hierarchical":
         default["out_dir"] = "runs/sweep-hierarchical"
-    return _train(args, default)
+    from saekit.commands.train import train_command
+
+    return train_command(args, default)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -390,8 +310,22 @@ def main(argv: list[str] | None = None) -> int:
         with _warnings_as_lines():
             return args.func(args)
     except ValueError as exc:  # configuration and input errors: one clear line, no traceback
-        print(f"saekit: error: {exc}", file=sys.stderr)
+        print(f"saekit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a loss went NaN/inf mid-run (checkpoint kept)
+        print(f"saekit: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # read-only directory, full disk, missing file
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"saekit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("saekit: error: out of memory (try a smaller batch_size or d_sae)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 @contextlib.contextmanager

@@ -133,11 +133,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), where)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         try:
-            return float(value)
-        except ValueError:
+            return _finite(float(value), where)
+        except OverflowError:
+            raise ValueError(f"{where}: expected a finite number, got {value!r}") from None
+        except ValueError as exc:
+            if str(exc).startswith(where):
+                raise
             raise ValueError(f"{where}: expected float, got {value!r}") from None
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
@@ -146,6 +150,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
         return value
     raise TypeError(f"{where}: unsupported type {tp}")
+
+
+def _finite(value: float, where: str) -> float:
+    """No config float means anything as NaN or ±inf: refused for every field, by name."""
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+    return value
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:

@@ -127,7 +127,9 @@ class PreactRevival(RevivalConfig):
 
     kind = "preact"
     signal = "preact"
-    coefficient: float = 1 / 32
+    coefficient: float = 1.0
+    """Its own weight (not AuxK's α): the loss is normalised per dead latent
+    (revival.dead_preact_loss), so 1 keeps it at the scale of a threshold gap."""
 
     def __post_init__(self) -> None:
         check_finite("coefficient", self.coefficient, 0.0, strict=True)

@@ -30,8 +30,8 @@ def auxk_loss(
     """AuxK (Gao et al. 2024, appendix A.2/B.1): dead latents learn to explain the residual.
 
     e = stopgrad(residual) (pass x_n − x̂_n); candidates = ReLU(pre) on dead latents, −∞
-    elsewhere; z_aux = top-k_aux of the candidates, k_aux = min(d // 2, M) by default, a FIXED
-    shape: an entry that is not dead or not positive contributes 0, so nothing syncs.
+    elsewhere; z_aux = top-k_aux of the candidates, k_aux = max(1, min(d // 2, M)) by default,
+    a FIXED shape: an entry that is not dead or not positive contributes 0, so nothing syncs.
     ê = z_aux W_dec with NO b_dec (e already accounts for it; adding it double-counts, see
     sparsify PR #134, docs/references/auxk-bdec-double-count-fix.txt).
     L_aux = α · min(n_dead / k_aux, 1) · mean_n ‖ê − e‖² / V with V = mean_n ‖e − ē‖²
@@ -44,7 +44,7 @@ def auxk_loss(
     d = residual_ND.shape[-1]
     e_ND = residual_ND.detach().reshape(-1, d)
     n_tokens, d_sae = preacts.detached.shape
-    k_aux = min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae)
+    k_aux = max(1, min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae))
     latent_Nk, keep_Nk = auxk_select(preacts.detached, dead_mask_M, k_aux)
     layout = CodeLayout.fixed_k(latent_Nk, d_sae)
     pre_E = preacts.at(layout.token, layout.latent)
@@ -61,7 +61,14 @@ def auxk_loss(
 def dead_preact_loss(
     preacts: Preacts, dead_mask_M: Tensor, theta: Tensor, dec_norms_M: Tensor
 ) -> Tensor:
-    """L = mean_n Σ_{i dead} ReLU(θ − pre_ni) · ‖W_dec,i‖: revival without a residual target.
+    """L = mean_n Σ_{i dead} ReLU(θ − pre_ni) · ‖W_dec,i‖ / max(n_dead, 1): revival without a
+    residual target, normalised per dead latent.
+
+    The normalisation keeps L at the scale of one latent's threshold gap (≈ θ, O(1) in the
+    normalised space where E‖x_n‖² = d) however many latents are dead: unnormalised, hundreds of
+    dead latents gave a term ~1000 against a reconstruction of ~50, whose gradient took the
+    whole clipped norm and the SAE diverged. Each dead latent's encoder row has its own Adam
+    moments, so the 1/n_dead factor does not slow its revival.
 
     AuxK asks dead latents to fit the live latents' residual, so a revived latent may become an
     error-correction term for an undertrained live one (SAELens question #666). This loss only
@@ -75,4 +82,5 @@ def dead_preact_loss(
     pre_NM = preacts.dense()
     weight_M = dead_mask_M.to(pre_NM.dtype) * dec_norms_M.detach()
     gap_NM = torch.relu(theta.detach() - pre_NM)
-    return (gap_NM * weight_M).sum(-1).mean()
+    n_dead = dead_mask_M.to(pre_NM.dtype).sum().clamp_min(1.0)
+    return (gap_NM * weight_M).sum(-1).mean() / n_dead

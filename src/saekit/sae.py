@@ -70,8 +70,11 @@ class SAEConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.activation.check_d_sae(self.d_sae)
-        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"dtype: unknown torch dtype {self.dtype!r}")
+        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be a floating torch dtype (float32, float64, bfloat16, float16), got"
+                f" {self.dtype!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -25,6 +25,7 @@ back, nothing is unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterable, Iterator
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
 from saekit.atomic import sha256_file
@@ -184,7 +185,8 @@ class ActivationCache:
             self._check_header(shard)
 
     def load_shard(self, index: int) -> Tensor:
-        """Shard ``index`` as a ``[n_tokens, d]`` tensor (header and size checked, not hashed)."""
+        """Shard ``index`` as a ``[n_tokens, d]`` tensor: size and header checked, and its
+        sha256 computed over the very bytes it is loaded from (:func:`read_verified_shard`)."""
         shard = self.shards[index]
         path = self.directory / shard.file
         if not path.exists():
@@ -194,11 +196,7 @@ class ActivationCache:
                 f"{shard.file}: {path.stat().st_size} bytes but the manifest says {shard.bytes}"
             )
         self._check_header(shard)
-        try:
-            with safe_open(path, framework="pt") as f:
-                return f.get_tensor(TENSOR_KEY)
-        except Exception as exc:
-            raise CacheError(f"{shard.file}: unreadable ({exc})") from exc
+        return read_verified_shard(path, shard.sha256, self.directory)
 
     def rank_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """Shard indices of ``rank``: ``rank, rank + world_size, ...``."""
@@ -249,6 +247,28 @@ class ActivationCache:
             if dtype is not None or device is not None:
                 batch = batch.to(device=device, dtype=dtype)
             yield batch
+
+
+def read_verified_shard(path: Path, sha256: str, directory: Path | None = None) -> Tensor:
+    """A shard's tensor, read once: the bytes are hashed as they are read and the tensor is
+    built from those same bytes, so a changed value is caught at the cost of one sha256 pass
+    (about 1-2 GB/s on one core; a 400 MB shard of 64 batches of 4096 x 768 bf16 costs ~0.3 s)
+    and no second read. Raises :class:`CacheError` naming the shard."""
+    h = hashlib.sha256()
+    data = bytearray()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+            data += block
+    if h.hexdigest() != sha256:
+        where = f" in {directory}" if directory is not None else ""
+        raise CacheError(
+            f"{path.name}{where}: sha256 mismatch, the shard is corrupt (run saekit cache verify)"
+        )
+    try:
+        return load_safetensors(bytes(data))[TENSOR_KEY]
+    except Exception as exc:
+        raise CacheError(f"{path.name}: unreadable ({exc})") from exc
 
 
 def _rebatch(chunks: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:

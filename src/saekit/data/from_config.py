@@ -15,5 +15,5 @@ if TYPE_CHECKING:
 def make_source(cfg: RunConfig) -> ActivationSource:
     """One process's source (multi-process runs: :mod:`saekit.train.run_distributed`)."""
     if cfg.data.source == "synthetic":
-        return SyntheticSource(SyntheticData(cfg.data.synthetic), cfg.batch_size)
+        return SyntheticSource(SyntheticData(cfg.data.synthetic, cfg.seed), cfg.batch_size)
     return make_lm_source(cfg)

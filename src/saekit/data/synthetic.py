@@ -61,15 +61,41 @@ class SyntheticConfig:
     """Seed of the directions, frequencies and every batch."""
 
     def __post_init__(self) -> None:
-        if self.d <= 0 or self.n_features <= 0:
-            raise ValueError("SyntheticConfig.d and n_features must be positive")
+        for name in ("d", "n_features", "n_parents", "children_per_parent", "correlation_rank"):
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"SyntheticConfig.{name} must be a positive integer, got {getattr(self, name)}"
+                )
+        for name, strict in (
+            ("zipf_exponent", False),
+            ("magnitude_mean", True),
+            ("magnitude_std", False),
+            ("noise_std", False),
+            ("mean_norm", False),
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (strict and value == 0):
+                raise ValueError(
+                    f"SyntheticConfig.{name} must be a finite number {'>' if strict else '>='} 0,"
+                    f" got {value!r}"
+                )
+        if not 0 < self.parent_probability <= 1:
+            raise ValueError(
+                f"SyntheticConfig.parent_probability must be in (0, 1], got"
+                f" {self.parent_probability!r}"
+            )
+        if self.seed < 0:
+            raise ValueError(f"SyntheticConfig.seed must be >= 0, got {self.seed}")
         if self.kind not in ("independent", "hierarchical", "correlated"):
             raise ValueError(
                 f"SyntheticConfig.kind must be independent, hierarchical or correlated, "
                 f"got {self.kind!r}"
             )
-        if self.mean_l0 <= 0 or self.mean_l0 > self.n_features:
-            raise ValueError("SyntheticConfig.mean_l0 must be in (0, n_features]")
+        if not 0 < self.mean_l0 <= self.n_features:
+            raise ValueError(
+                f"SyntheticConfig.mean_l0 must be in (0, n_features = {self.n_features}], got"
+                f" {self.mean_l0!r}"
+            )
         if self.kind == "hierarchical":
             n_tree = self.n_parents * (1 + self.children_per_parent)
             if n_tree > self.n_features:
@@ -90,7 +116,10 @@ class SyntheticConfig:
                     "must supply the rest (a positive amount, if there are any)"
                 )
         if not 0 <= self.correlation_strength < 1:
-            raise ValueError("SyntheticConfig.correlation_strength must be in [0, 1)")
+            raise ValueError(
+                f"SyntheticConfig.correlation_strength must be in [0, 1), got"
+                f" {self.correlation_strength!r}"
+            )
 
 
 class SyntheticBatch(NamedTuple):
@@ -131,8 +160,12 @@ def batch_seed(seed: int, index: int) -> int:
 class SyntheticData:
     """A ground-truth generator: ``batch(i, n)`` is the i-th batch of n tokens."""
 
-    def __init__(self, cfg: SyntheticConfig):
+    def __init__(self, cfg: SyntheticConfig, stream_seed: int = 0):
+        """``cfg.seed`` fixes the ground truth (directions, frequencies, mean) and, with
+        ``stream_seed`` (a run's ``seed``; 0 leaves the batches as ``cfg.seed`` alone gives
+        them), the batches drawn from it."""
         self.cfg = cfg
+        self.stream_seed = stream_seed
         g = torch.Generator().manual_seed(cfg.seed)
         F, d = cfg.n_features, cfg.d
         directions = torch.randn(F, d, generator=g, dtype=torch.float64)
@@ -203,7 +236,7 @@ class SyntheticData:
         of the mean).
         """
         cfg = self.cfg
-        g = torch.Generator().manual_seed(batch_seed(cfg.seed, index))
+        g = torch.Generator().manual_seed(batch_seed(cfg.seed ^ (self.stream_seed << 32), index))
         active, v = self._active(n, g)
         half_width = cfg.magnitude_std * math.sqrt(3.0)  # uniform on mean ± √3·std
         magnitudes = (cfg.magnitude_mean + half_width * (2 * v - 1)).clamp_min(

@@ -9,124 +9,26 @@ Every error names the offending field.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from saekit.activations import ACTIVATIONS
-from saekit.configs import check_finite, from_dict, to_dict
+from saekit.configs import from_dict, to_dict
 from saekit.data.hf import HookPoint
 from saekit.data.synthetic import SyntheticConfig
-from saekit.objective import (
-    FixedPrefixes,
-    MatryoshkaConfig,
-    Objective,
-    PenaltyConfig,
-    RandomPrefixes,
-    RevivalConfig,
-    build_objective,
-)
-from saekit.sae import SAEConfig
+from saekit.train.config_files import apply_overrides, load_config_file
+from saekit.train.member_config import SAETrainConfig
 
-__all__ = ["DataConfig", "RunConfig", "SAETrainConfig", "build_run_config", "from_dict", "to_dict"]
-
-
-@dataclass
-class SAETrainConfig:
-    """One SAE of a run: architecture, objective, optimizer and schedule."""
-
-    sae: SAEConfig
-    """The SAE's architecture (d_in is filled from the data if 0)."""
-    name: str = ""
-    """Directory name inside the run directory (default: derived from the architecture)."""
-    lr: float | None = None
-    """Adam learning rate; default 2e-4 / sqrt(d_sae / 2^14) (OpenAI's width scaling)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Adam (β1, β2)."""
-    warmup_steps: int = 50
-    """Linear learning-rate warm-up from 0 over this many steps."""
-    decay_start: float = 0.8
-    """Fraction of the run after which the learning rate decays linearly to 0."""
-    grad_clip: float = 1.0
-    """Max global gradient norm (0 disables)."""
-    penalty: PenaltyConfig | None = None
-    """Sparsity penalty, e.g. ``{kind: l1, coefficient: 0.1, target_l0: 12}``; kinds l1, log,
-    sqrt, tanh (on |z|·‖W_dec,i‖) and l0 (JumpReLU thresholds). saekit.objective documents
-    each kind's fields."""
-    revival: RevivalConfig | None = None
-    """Dead-latent revival: ``{kind: auxk, coefficient: 0.03125}``, ``preact`` or ``none``.
-    Unset: auxk where the activation takes it (TopK family), none otherwise."""
-    matryoshka: MatryoshkaConfig | None = None
-    """Matryoshka prefixes: ``{kind: random, n_prefixes: 10, min_prefix: 1}`` or
-    ``{kind: fixed, groups: [...]}``; unset for a plain SAE."""
-    dead_tokens: int = 200_000
-    """A latent is dead after this many tokens without firing (real LMs: ~10M)."""
-    b_dec_init: str = "mean"
-    """b_dec initialisation from data: mean or geometric_median."""
-    autocast_bf16: bool = False
-    """Run the forward in bf16 autocast with fp32 master weights and thresholds."""
-    seed: int = 0
-    """Seed of the SAE's initialisation and its random prefixes."""
-
-    def __post_init__(self) -> None:
-        # Built from Python with plain data ({"kind": ...} or a kind name), as SAEConfig allows.
-        if isinstance(self.sae, dict):
-            self.sae = from_dict(SAEConfig, self.sae, "sae")
-        for name, family in (
-            ("penalty", PenaltyConfig),
-            ("revival", RevivalConfig),
-            ("matryoshka", MatryoshkaConfig),
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, family.parse(value, name))
-
-    def validate(self) -> None:
-        self.sae.validate()
-        if self.lr is not None:
-            check_finite("lr", self.lr, 0.0, strict=True)
-        check_finite("grad_clip", self.grad_clip, 0.0)
-        if self.warmup_steps < 0 or not 0 <= self.decay_start <= 1:
-            raise ValueError("warmup_steps must be >= 0 and decay_start in [0, 1]")
-        if self.dead_tokens <= 0:
-            raise ValueError("dead_tokens must be positive")
-        if self.b_dec_init not in ("mean", "geometric_median"):
-            raise ValueError(
-                f"b_dec_init must be mean or geometric_median, got {self.b_dec_init!r}"
-            )
-        d_sae = self.sae.d_sae
-        if isinstance(self.matryoshka, FixedPrefixes) and sum(self.matryoshka.groups) != d_sae:
-            raise ValueError(
-                f"matryoshka.groups sum to {sum(self.matryoshka.groups)}, not sae.d_sae = {d_sae}"
-            )
-        if isinstance(self.matryoshka, RandomPrefixes):
-            m, n = self.matryoshka.min_prefix, self.matryoshka.n_prefixes
-            if m >= d_sae or n - 1 > d_sae - m:
-                raise ValueError(
-                    f"matryoshka: cannot draw n_prefixes - 1 = {n - 1} distinct prefixes of at "
-                    f"least min_prefix = {m} below sae.d_sae = {d_sae}"
-                )
-        self.objective()
-
-    def objective(self) -> Objective:
-        """This SAE's loss terms (raises ValueError for a combination that does not fit)."""
-        return build_objective(ACTIVATIONS[self.sae.activation.kind], self.penalty, self.revival)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.sae.d_sae / 2**14)
-
-    def default_name(self) -> str:
-        parts = self.sae.activation.name_parts()
-        if self.matryoshka is not None:
-            parts[0] = "matryoshka-" + parts[0]
-        if self.penalty is not None:
-            parts.append(self.penalty.kind)
-        parts.append(f"M{self.sae.d_sae}")
-        return "-".join(parts)
+__all__ = [
+    "DataConfig",
+    "RunConfig",
+    "SAETrainConfig",
+    "apply_overrides",
+    "build_run_config",
+    "from_dict",
+    "load_config_file",
+    "to_dict",
+]
 
 
 @dataclass
@@ -259,7 +161,8 @@ class RunConfig:
     """Also log to Weights & Biases under this project (off by default; needs `pip install
     wandb`; set WANDB_MODE=offline to log without a network)."""
     seed: int = 0
-    """Seed of the data stream."""
+    """Seed of the data stream: the batches drawn from synthetic data (data.synthetic.seed fixes
+    its true features), the document order and shuffle buffer of model and cache sources."""
     parallel: str = "data"
     """Several processes (torchrun, --nproc): data (every process trains every SAE on its share of
     each batch, gradients averaged) or sweep (the SAEs spread over the processes, each seeing the
@@ -270,11 +173,27 @@ class RunConfig:
             raise ValueError("saes: a run needs at least one SAE")
         if self.parallel not in ("data", "sweep"):
             raise ValueError(f"parallel must be data or sweep, got {self.parallel!r}")
-        for field_name in ("batch_size", "steps", "eval_tokens"):
+        if self.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be >= 2 (FVU and AuxK divide by the batch's variance), got "
+                f"{self.batch_size}"
+            )
+        for field_name in ("steps", "eval_tokens"):
             if getattr(self, field_name) <= 0:
                 raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
-        if self.log_every <= 0 or self.checkpoint_every < 0:
-            raise ValueError("log_every must be positive and checkpoint_every >= 0")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every must be positive, got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"checkpoint_every must be >= 0 (0: only at the end and on a signal), got "
+                f"{self.checkpoint_every}"
+            )
+        for field_name in ("threads", "seed"):
+            if getattr(self, field_name) < 0:
+                raise ValueError(f"{field_name} must be >= 0, got {getattr(self, field_name)}")
+        if not self.out_dir:
+            raise ValueError("out_dir must not be empty")
+        check_device(self.device)
         self.data.validate()
         names = [s.name for s in self.saes]
         if len(set(names)) != len(names):
@@ -286,47 +205,20 @@ class RunConfig:
                 raise ValueError(f"saes.{i}: {exc}") from exc
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML (.yaml/.yml) or TOML (.toml) file as a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+def check_device(device: str) -> None:
+    """A torch device string this machine has."""
+    import torch
 
-        return tomllib.loads(text)
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a mapping at the top level")
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
-        node: Any = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                idx = int(part)
-                while len(node) <= idx:
-                    node.append({})
-                node = node[idx]
-            else:
-                if isinstance(node.get(part), str):  # a kind's shorthand: expand to set a field
-                    node[part] = {"kind": node[part]}
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return data
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"device: not a torch device: {device!r} (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device: unsupported device type {dev.type!r} (cpu or cuda)")
 
 
 def build_run_config(data: dict[str, Any]) -> RunConfig:
@@ -339,8 +231,24 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     d_model, read without loading weights): right for residual-stream and block-output hooks;
     set d_in for other hooks (the source checks the real width before training).
     """
+    if not isinstance(data, dict):
+        raise ValueError(f"a run config is a mapping of fields, got {data!r}")
     raw = copy.deepcopy(data)
     data_cfg = raw.get("data", {})
+    if not isinstance(data_cfg, dict):
+        raise ValueError(f"data: expected a mapping, got {data_cfg!r}")
+    saes = raw.get("saes", [])
+    if not isinstance(saes, list):
+        raise ValueError(f"saes: expected a list of SAE configs, got {saes!r}")
+    for i, s in enumerate(saes):
+        if not isinstance(s, dict) or not isinstance(s.get("sae", {}), dict):
+            key, value = (
+                (f"saes.{i}", s) if not isinstance(s, dict) else (f"saes.{i}.sae", s["sae"])
+            )
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        metadata = s.get("sae", {}).get("metadata", {})
+        if not isinstance(metadata, dict):  # filled below, before the types are checked
+            raise ValueError(f"saes.{i}.sae.metadata: expected a mapping, got {metadata!r}")
     stream_cfg = from_dict(DataConfig, data_cfg, "data")
     stream_cfg.validate()
     origin: dict[str, str] = {}  # SAEConfig fields saying where the activations come from
@@ -358,7 +266,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     from saekit.data.documents import training_record
 
     record = training_record(stream_cfg, raw.get("eval_tokens", RunConfig.eval_tokens))
-    for i, s in enumerate(raw.get("saes", [])):
+    for i, s in enumerate(saes):
         sae = s.setdefault("sae", {})
         if record is not None:  # kept on resume: the run's data cannot change
             sae.setdefault("metadata", {}).setdefault("training_data", record)

@@ -114,13 +114,17 @@ def _evaluate(
     return report
 
 
-def save_outputs(out_dir: Path, saes: dict[str, SAE], reports: list[dict[str, Any]]) -> None:
-    """Each SAE (by name, in the order of ``reports``) with its eval.json, and summary.json."""
+def save_outputs(
+    out_dir: Path, saes: dict[str, SAE], reports: list[dict[str, Any]], *, saved: bool = False
+) -> None:
+    """Each SAE (by name, in the order of ``reports``) with its eval.json, and summary.json
+    (``saved``: the SAEs were already written, before the evaluation)."""
     out = Path(out_dir)
     for (name, sae), report in zip(saes.items(), reports, strict=True):
         calibrated = report["threshold"] if "threshold_ema" in report else None
-        with threshold_set(sae, calibrated):
-            sae.save(out / name)  # BatchTopK: with the calibrated θ
+        if calibrated is not None or not saved:  # BatchTopK: saved again with the calibrated θ
+            with threshold_set(sae, calibrated):
+                sae.save(out / name)
         atomic_write_text(out / name / "eval.json", json.dumps(report, indent=2))
     summary = [{k: v for k, v in r.items() if k != "l0_histogram"} for r in reports]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

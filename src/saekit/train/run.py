@@ -6,14 +6,19 @@ worker runs :func:`saekit.train.run_distributed.run_distributed` instead.
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from saekit.atomic import remove_stale_temporaries
 from saekit.data.from_config import make_source
-from saekit.train.checkpoint import read_checkpoint_meta
+from saekit.sae import CheckpointError
+from saekit.train.checkpoint import CHECKPOINT_DIR, read_checkpoint_meta
 from saekit.train.config import RunConfig, build_run_config, to_dict
+from saekit.train.config_files import load_config_file
 from saekit.train.launch import launched
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
 from saekit.train.run_distributed import run_distributed
@@ -28,13 +33,18 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[di
     write_run_config(cfg)
     source = make_source(cfg)
     trainer = Trainer(cfg, source)
-    if resume:
+    if resume and has_checkpoint(trainer.out_dir):
         trainer.load_checkpoint()
+    else:
+        trainer.trim_metrics()  # step 0: a killed earlier attempt's log starts over
     if cfg.wandb_project:
         trainer.log_callbacks.append(wandb_logger(cfg))
     trainer.fit()
+    saes = {m.cfg.name: m.sae for m in trainer.members}
+    for name, sae in saes.items():  # before the evaluation: a signal there loses no weights
+        sae.save(trainer.out_dir / name)
     reports = [evaluate_member(m, source, cfg.eval_tokens, cfg.batch_size) for m in trainer.members]
-    save_outputs(trainer.out_dir, {m.cfg.name: m.sae for m in trainer.members}, reports)
+    save_outputs(trainer.out_dir, saes, reports, saved=True)
     return trainer, reports
 
 
@@ -57,10 +67,99 @@ def wandb_logger(cfg: RunConfig):
     return log
 
 
-def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The config a checkpointed run was started with (``steps`` may be extended)."""
-    meta = read_checkpoint_meta(Path(run_dir))
+def resume_config(run_dir: str | Path, steps: int | None = None) -> RunConfig:
+    """The config a checkpointed run was started with; ``steps`` may extend it (never below
+    the checkpoint's step)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume {run_dir}: no such run directory")
+    remove_run_temporaries(run_dir)
+    try:
+        meta = read_checkpoint_meta(run_dir)
+    except CheckpointError:
+        if not (run_dir / "config.yaml").is_file():
+            raise
+        # Killed before its first checkpoint: nothing to resume, so start again from step 0.
+        print(
+            f"saekit: {run_dir} has no checkpoint yet (the run stopped before its first one); "
+            "starting it again from step 0 with its config.yaml",
+            file=sys.stderr,
+        )
+        data = load_config_file(run_dir / "config.yaml")
+        meta = {"config": data, "step": 0}
     data = meta["config"]
-    data.update(overrides or {})
+    if steps is not None:
+        if steps < int(meta["step"]):
+            raise ValueError(
+                f"--steps {steps} is below the checkpoint's step {meta['step']} in {run_dir}"
+            )
+        if steps != data.get("steps"):
+            print(
+                f"saekit: resuming with steps = {steps} instead of {data.get('steps')} (the "
+                "learning-rate schedule follows the new length)",
+                file=sys.stderr,
+            )
+        data["steps"] = steps
     data["out_dir"] = str(run_dir)
     return build_run_config(data)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    try:
+        read_checkpoint_meta(run_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
+RUN_FILES = ("config.yaml", "summary.json", CHECKPOINT_DIR)
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds (part of) a saekit run."""
+    out_dir = Path(out_dir)
+    if any((out_dir / f).exists() for f in RUN_FILES):
+        return True
+    return out_dir.is_dir() and any(
+        (d / "metrics.jsonl").exists() or (d / "cfg.json").exists()
+        for d in out_dir.iterdir()
+        if d.is_dir()
+    )
+
+
+def prepare_out_dir(cfg: RunConfig, force: bool = False) -> None:
+    """Before a new run writes anything: refuse an ``out_dir`` holding another run unless
+    ``force``, which removes that run's files (config, summary, checkpoint, SAE directories)."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a directory")
+    if not holds_run(out):
+        remove_run_temporaries(out)
+        return
+    if not force:
+        raise ValueError(
+            f"out_dir {out} already holds a run; continue it with --resume {out}, replace it "
+            "with --force, or choose another --out"
+        )
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for d in out.iterdir():
+        if d.is_dir() and ((d / "metrics.jsonl").exists() or (d / "cfg.json").exists()):
+            shutil.rmtree(d)
+    remove_run_temporaries(out)
+
+
+def remove_run_temporaries(run_dir: Path) -> None:
+    """Remove what a killed process left in a run directory (``.NAME.tmp-PID`` files and
+    directories, ``.NAME.old-PID`` after restoring it): the run's own files and each SAE's."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    remove_stale_temporaries(run_dir)
+    for d in run_dir.iterdir():
+        if d.is_dir() and not d.name.startswith("."):
+            remove_stale_temporaries(d)

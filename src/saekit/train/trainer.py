@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saekit.atomic import atomic_write_text
 from saekit.data.source import ActivationSource
 from saekit.sae import CheckpointError
 from saekit.train.checkpoint import MemberState, checkpoint_dir
@@ -55,6 +56,8 @@ class Trainer:
         for member in self.members:
             member.comm = self.comm
         self.step = 0
+        self._sums: list[dict[str, Tensor]] = [{} for _ in self.members]
+        self._n_in_interval = 0
         self.out_dir = Path(cfg.out_dir)
         self._stop_signal: int | None = None
         self.log_callbacks: list[Callable[[Member, LogRecord], None]] = []
@@ -75,8 +78,7 @@ class Trainer:
             self.initialise()
         show = cfg.progress if progress is None else progress
         bar = _progress_bar(cfg.steps, self.step, show)
-        sums: list[dict[str, Tensor]] = [{} for _ in self.members]
-        n_in_interval = 0
+        sums = self._sums  # the log interval's running sums (checkpointed: a resume logs the same)
         batches = self.source.batches(start=self.step)
         with self._signal_handlers():
             while self.step < cfg.steps:
@@ -86,12 +88,12 @@ class Trainer:
                     for key, value in parts.items():
                         acc[key] = acc[key] + value if key in acc else value.double()
                 self.step += 1
-                n_in_interval += 1
+                self._n_in_interval += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log(sums, n_in_interval, bar)
-                    sums = [{} for _ in self.members]
-                    n_in_interval = 0
+                    self._log(sums, self._n_in_interval, bar)
+                    sums = self._sums = [{} for _ in self.members]
+                    self._n_in_interval = 0
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 stop = self.comm.agree_stop(self._stop_signal, self.step)
@@ -145,7 +147,11 @@ class Trainer:
         return checkpoint_dir(self.out_dir)
 
     def save_checkpoint(self) -> Path:
-        states = [MemberState(m.cfg.name, m.state_tensors(), m.state_meta()) for m in self.members]
+        states = []
+        for member, sums in zip(self.members, self._sums, strict=True):
+            tensors = {**member.state_tensors(), **{f"log.{k}": v for k, v in sums.items()}}
+            meta = {**member.state_meta(), "log_steps": self._n_in_interval}
+            states.append(MemberState(member.cfg.name, tensors, meta))
         return self.comm.save_checkpoint(self.out_dir, self.step, to_dict(self.cfg), states)
 
     def load_checkpoint(self) -> None:
@@ -159,6 +165,31 @@ class Trainer:
                     f"{self.checkpoint_dir}: SAE {member.cfg.name}: {exc}"
                 ) from exc
         self.step = step
+        device = torch.device(self.cfg.device)
+        self._sums = [
+            {k[4:]: v.to(device) for k, v in state.tensors.items() if k.startswith("log.")}
+            for state in states
+        ]
+        self._n_in_interval = int(states[0].meta.get("log_steps", 0)) if states else 0
+        self.trim_metrics()
+
+    def trim_metrics(self) -> None:
+        """Drop ``metrics.jsonl`` records after the current step (written after the checkpoint by
+        a run that was then killed), so a resumed log equals the uninterrupted one."""
+        if not self.comm.writes_logs:
+            return
+        for member in self.members:
+            path = self.out_dir / member.cfg.name / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by the kill
+            atomic_write_text(path, "".join(kept))
 
     @contextlib.contextmanager
     def _signal_handlers(self):
