@@ -296,6 +296,10 @@ def test_data_parallel_equals_one_process_on_the_concatenated_batches(parallel_r
         torch.testing.assert_close(ranks[0][key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
     dead = ranks[0][f"{topk}.tokens_since_fired"]
     assert (dead >= BATCH).any() and (dead == 0).any()  # some latents dead, some alive
+    # NVIDIA recipe anchor (per-rank dead counters): the counters equal (above) those of one
+    # process fed 64-token batches, so they grow by the GLOBAL batch per step on every rank
+    # (a per-rank counter would grow by BATCH / WORLD = 32 and differ).
+    assert (dead % BATCH == 0).all() and int(dead.max()) <= 4 * BATCH
     theta = ranks[0][f"{cfg.saes[1].name}.sae.activation.threshold"]
     assert theta > 0
     # rank 0 wrote the outputs, with metrics averaged over ranks

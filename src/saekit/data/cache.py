@@ -204,6 +204,21 @@ class ActivationCache:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         return list(range(rank, len(self.shards), world_size))
 
+    def spread_sample(self, n_tokens: int, seed: int, max_shards: int = 8) -> Tensor:
+        """``n_tokens`` float32 rows, seeded, evenly from up to ``max_shards`` evenly spaced
+        shards: an SAE's initialisation sample. The start of a shuffled stream would come from
+        one shard (buffer <= shard) and bias scale and b_dec towards its part of the corpus."""
+        n, n_use = len(self.shards), min(len(self.shards), max_shards)
+        picks = sorted({round(i * (n - 1) / max(n_use - 1, 1)) for i in range(n_use)})
+        g = torch.Generator().manual_seed(seed)
+        base, extra = divmod(n_tokens, len(picks))
+        parts = []
+        for j, index in enumerate(picks):
+            x = self.load_shard(index)
+            rows = torch.randperm(len(x), generator=g)[: base + (j < extra)].sort().values
+            parts.append(x[rows].to(torch.float32))
+        return torch.cat(parts)
+
     def iter_batches(
         self,
         batch_size: int,

@@ -2,8 +2,9 @@
 
 Both implement :class:`~saekit.data.source.ActivationSource`: ``batches(start)`` is an endless,
 deterministic stream of ``[batch_size, d]`` float32 batches (batch ``i`` depends only on the data,
-the seed, rank and world size), ``sample_for_init()`` the first ~16k training tokens (dataset scale
-and b_dec; taken from the stream the next ``batches(0)`` continues, so nothing is read twice),
+the seed, rank and world size), ``sample_for_init()`` ~16k training tokens (dataset scale and
+b_dec: for the model source the first ones, taken from the stream the next ``batches(0)``
+continues, so nothing is read twice; for the cache, drawn across up to 8 training shards),
 ``eval_batches`` a held-out part that training never sees.
 
 - :class:`CacheSource` reads a directory written by ``saekit cache``. Held out: the **last shard**,
@@ -164,6 +165,10 @@ class CacheSource(_StreamSource):
                 f"activation cache {cache_dir} has {min(per_rank)} training tokens per rank,"
                 f" fewer than one batch of batch_size = {batch_size}"
             )
+
+    def sample_for_init(self) -> Tensor:
+        """Spread over the training shards, not the stream's start (see ``spread_sample``)."""
+        return self.train_cache.spread_sample(self.init_tokens, self.seed + 0x5EED)
 
     def _training_view(self) -> ActivationCache:
         """The cache without its held-out shard (a shallow copy; the files are shared)."""
