@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# End-to-end checks (the demo's recovery); CI runs them after `make test`.
+# End-to-end, kill -9 and torchrun-launch checks; CI runs them after `make test`.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 

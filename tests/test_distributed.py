@@ -335,6 +335,7 @@ def test_sweep_parallel_gives_each_sae_the_result_of_training_it_alone(parallel_
         assert (run_dir / s.name / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow  # waits out a process-group timeout; CI runs it (make test-slow)
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_a_dead_or_hung_rank_stops_the_other_with_an_error(tmp_path, mode):
     """Rank 1 dies (os._exit) or hangs in step 4; rank 0 exits non-zero with a clear error at once
@@ -359,6 +360,7 @@ def test_a_dead_or_hung_rank_stops_the_other_with_an_error(tmp_path, mode):
     assert resumed.step == 2  # the last periodic checkpoint
 
 
+@pytest.mark.slow  # a real torchrun launch, ~17 s; CI runs it (make test-slow)
 def test_nproc_flag_launches_torchrun_and_only_rank_0_reports(tmp_path):
     out = tmp_path / "cli"
     argv = ["train", "--nproc", "2", "--steps", "2", "--batch-size", "64", "--out", str(out)]
