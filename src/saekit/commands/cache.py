@@ -13,10 +13,10 @@ from saekit.data.harvest import HarvestStats, harvest
 def cache_command(args: argparse.Namespace) -> None:
     """``saekit cache``: harvest ``args.hook`` of ``args.model`` on the documents into a cache
     at ``args.out``, recording each shard's documents (saekit.data.cache)."""
-    from saekit.commands.eval import text_documents
+    from saekit.commands.eval import harvest_setup, text_documents
     from saekit.data.cache_write import write_cache
     from saekit.data.documents import text_source
-    from saekit.data.models import check_hook, load_for_harvest
+    from saekit.data.models import check_hook
     from saekit.data.text import token_batches
 
     for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
@@ -26,15 +26,9 @@ def cache_command(args: argparse.Namespace) -> None:
     # mistake is reported before the slow step after it.
     check_hook(args.model, args.hook, args.model_class, args.local_files_only)
     docs = text_documents(args)
-    setup = load_for_harvest(
-        args.model,
+    setup = harvest_setup(
+        args,
         args.hook,
-        dtype=args.model_dtype or "float32",
-        device=args.device,
-        local_files_only=args.local_files_only,
-        model_class=args.model_class,
-        bos_token=args.bos_token,
-        eos_token=args.eos_token,
         exclude_padding=not args.keep_padding,
         exclude_bos=not args.keep_bos,
         exclude_special=args.exclude_special,

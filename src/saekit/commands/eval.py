@@ -111,6 +111,23 @@ def _on_cache(
     report.update(cache=str(args.cache), model=cache.model)
 
 
+def harvest_setup(args: argparse.Namespace, hook: str, **filter_options: bool) -> Any:
+    """``data.models.load_for_harvest`` from the model flags ``cache`` and ``eval`` share."""
+    from saekit.data.models import load_for_harvest
+
+    return load_for_harvest(
+        args.model,
+        hook,
+        dtype=args.model_dtype or "float32",
+        device=args.device,
+        local_files_only=args.local_files_only,
+        model_class=args.model_class,
+        bos_token=args.bos_token,
+        eos_token=args.eos_token,
+        **filter_options,
+    )
+
+
 def _on_model(
     args: argparse.Namespace,
     sae: SAE,
@@ -120,20 +137,10 @@ def _on_model(
 ) -> None:
     from saekit.data.documents import to_ranges
     from saekit.data.hf import unpack_batch
-    from saekit.data.models import activation_width, load_for_harvest
+    from saekit.data.models import activation_width
     from saekit.eval.splice import splice_eval
 
-    setup = load_for_harvest(
-        args.model,
-        hook,
-        dtype=args.model_dtype or "float32",
-        device=args.device,
-        local_files_only=args.local_files_only,
-        model_class=args.model_class,
-        bos_token=args.bos_token,
-        eos_token=args.eos_token,
-        exclude_bos=not args.keep_bos,
-    )
+    setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
     model, tokenizer, kind, hook = setup.model, setup.tokenizer, setup.kind, setup.hook
     token_filter = setup.token_filter
     width = activation_width(model, hook, kind)
