@@ -33,6 +33,7 @@ def test_the_loss_is_a_mean_over_dead_latents():
     assert float(dead_preact_loss(Preacts(pre), none, theta, norms)) == 0
 
 
+@pytest.mark.slow  # two 160-step runs, ~10 s; CI runs it (make test-slow)
 @pytest.mark.parametrize("coefficient", [None, 1.0])
 def test_batchtopk_with_preact_revival_does_not_diverge(coefficient):
     torch.manual_seed(0)
