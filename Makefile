@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[hf,dev]"
 	touch $(STAMP)
 
+# --force: a second `make demo` replaces the previous demo run in runs/train (saekit refuses to
+# start over an existing run otherwise).
 demo: $(STAMP)
-	$(VENV)/bin/saekit train
+	$(VENV)/bin/saekit train --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
