@@ -39,6 +39,10 @@ class PenaltyConfig(KindConfig):
     controller_rate: float = 0.01
     """Controller step: λ changes by at most a factor exp(rate) per step."""
 
+    def shape_params(self) -> dict[str, float]:
+        """The fields of losses.penalty_terms this kind sets (eps, c); none by default."""
+        return {}
+
     def __post_init__(self) -> None:
         check_finite("coefficient", self.coefficient, 0.0, strict=True)
         if self.target_l0 is not None:
@@ -58,6 +62,9 @@ class LogPenalty(PenaltyConfig):
     kind = "log"
     eps: float = 0.1
 
+    def shape_params(self) -> dict[str, float]:
+        return {"eps": self.eps}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_finite("eps", self.eps, 0.0, strict=True)
@@ -76,6 +83,9 @@ class TanhPenalty(PenaltyConfig):
 
     kind = "tanh"
     c: float = 1.0
+
+    def shape_params(self) -> dict[str, float]:
+        return {"c": self.c}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -235,9 +245,8 @@ class Penalty(Term):
             inputs.out.latents,
             sae.W_dec.norm(dim=-1),
             cfg.kind,
-            eps=getattr(cfg, "eps", 0.1),
-            c=getattr(cfg, "c", 1.0),
             latent_weights_M=weights,
+            **cfg.shape_params(),
         )
         return inputs.lam * value
 
