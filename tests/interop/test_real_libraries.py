@@ -14,10 +14,10 @@ from harness import (
     D_SAE,
     K,
     assert_close,
+    make_input,
     random_sae,
     run_bridge,
     save_input,
-    make_input,
 )
 from safetensors.torch import load_file
 
@@ -57,7 +57,11 @@ MAKES = {  # case → (library, its job fields)
         {"dict_class": "BatchTopKSAE", "k": K, "threshold": 0.3},
     ),
 }
-IMPORT_FORMAT = {"saelens": "saelens", "sparsify": "sparsify", "dictionary_learning": "dictionary_learning"}
+IMPORT_FORMAT = {
+    "saelens": "saelens",
+    "sparsify": "sparsify",
+    "dictionary_learning": "dictionary_learning",
+}
 
 
 @pytest.fixture(scope="module")

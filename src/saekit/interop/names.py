@@ -65,7 +65,9 @@ def model_family(model_name: str | None) -> str | None:
 def hf_hook_name(tl_name: str | None, model_name: str | None) -> str | None:
     """The saekit hook of a TransformerLens name on a model of a known family, else None."""
     family = model_family(model_name)
-    found = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)", tl_name or "")
+    found = re.fullmatch(
+        r"blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)", tl_name or ""
+    )
     if family is None or found is None:
         return None
     blocks, n, what = BLOCKS[family], found.group(1), found.group(2)

@@ -187,4 +187,3 @@ def _info(cfg: dict[str, Any], path: Path, arch: str) -> dict[str, Any]:
     if cfg.get("reshape_activations", "none") != "none":
         info["reshape_activations"] = cfg["reshape_activations"]  # hook_z: heads flattened
     return info
-

@@ -79,9 +79,7 @@ def read(path: Path) -> Portable:
         raise InteropError(f"{where}: activation {cfg.get('activation')!r} (saekit reads topk)")
     tensors = read_safetensors(path / WEIGHTS, where)
     if set(tensors) != set(TENSORS):
-        raise InteropError(
-            f"{where}: expected tensors {list(TENSORS)}, found {sorted(tensors)}"
-        )
+        raise InteropError(f"{where}: expected tensors {list(TENSORS)}, found {sorted(tensors)}")
     d_in = cfg.get("d_in")
     W_enc = tensors["encoder.weight"]
     d_sae = W_enc.shape[0]

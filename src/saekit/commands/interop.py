@@ -1,0 +1,82 @@
+"""``saekit export`` and ``saekit import``: SAEs to and from SAELens, sparsify and
+dictionary_learning (saekit.interop). An imported SAE is a saekit SAE directory: ``saekit eval
+--sae DIR`` reads it like one it trained."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+TO = ("saelens", "sparsify")
+FROM = ("saelens", "sparsify", "dictionary_learning")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a saved SAE (or every SAE of a run) in SAELens or sparsify format",
+        description="A run directory writes one SAE per subdirectory of --out, named as in the "
+        "run. sparsify's layout adds a directory named after the hook point.",
+    )
+    p.add_argument("source", metavar="RUN_OR_SAE", help="a saved SAE or a run directory")
+    p.add_argument("--to", required=True, choices=TO, help="target format")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="read an SAE saved by SAELens, sparsify or dictionary_learning into a saekit SAE",
+    )
+    p.add_argument("source", metavar="DIR", nargs="?", help="the SAE's directory")
+    p.add_argument("--from", dest="from_", choices=FROM, default="saelens", help="its format")
+    p.add_argument("--out", required=True, help="saekit SAE directory to write")
+    p.add_argument(
+        "--release",
+        help="download from the Hugging Face Hub: a SAELens release name (needs sae-lens "
+        "installed for its directory) or a hub repo id",
+    )
+    p.add_argument("--sae-id", help="with --release: the SAE's id (its folder in the repo)")
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from saekit.interop import export_sae, saved_saes
+    from saekit.sae import SAE
+
+    saes = saved_saes(args.source)
+    single = len(saes) == 1 and (Path(args.source) / "cfg.json").is_file()
+    for name, directory in saes.items():
+        out = Path(args.out) if single else Path(args.out) / name
+        written = export_sae(SAE.load(directory), args.to, out, sae_dir=directory)
+        print(f"{directory} → {written} ({args.to})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from saekit.interop import import_sae
+
+    if (args.source is None) == (args.release is None):
+        raise ValueError("give the SAE's directory or --release NAME --sae-id ID (one of them)")
+    source = Path(args.source) if args.source else download_release(args.release, args.sae_id)
+    sae = import_sae(source, args.from_)
+    sae.save(args.out)
+    print(
+        f"{source} ({args.from_}) → {args.out}: {sae.cfg.activation.kind}, d_in = "
+        f"{sae.cfg.d_in}, d_sae = {sae.cfg.d_sae}, hook {sae.cfg.hook}"
+    )
+    return 0
+
+
+def download_release(release: str, sae_id: str | None) -> Path:
+    """The local folder of a SAELens release's SAE, downloaded with huggingface_hub."""
+    from huggingface_hub import snapshot_download
+
+    from saekit.interop.releases import resolve_release
+
+    if not sae_id:
+        raise ValueError("--release needs --sae-id")
+    repo_id, folder = resolve_release(release, sae_id)
+    pattern = f"{folder}/*" if folder else None
+    root = Path(snapshot_download(repo_id, allow_patterns=pattern))
+    return root / folder if folder else root
