@@ -260,6 +260,63 @@ FAULTS = [
         "    return err_ND.pow(2).mean()",
         ("test_objective.py", "test_losses.py"),
     ),
+    # ----------------------------------------------------------------- interop (issue 11)
+    Fault(
+        "interop-saelens-w_enc-not-transposed",
+        "interop/saelens.py",
+        '    tensors = {"W_enc": p.W_enc.T, "b_enc"',
+        '    tensors = {"W_enc": p.W_enc, "b_enc"',
+        ("test_interop.py",),
+    ),
+    Fault(
+        "interop-rescale-not-folded",
+        "interop/saelens.py",
+        '        if cfg.get("rescale_acts_by_decoder_norm", False):',
+        "        if False:",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "interop-saelens-b_dec-input-ignored",
+        "interop/saelens.py",
+        '    if not cfg.get("apply_b_dec_to_input", True):',
+        "    if False:",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "interop-batchtopk-theta-scaled",  # SAELens #763: θ off by the folded scale factor
+        "interop/portable.py",
+        "    theta = sae.activation.threshold.detach().cpu().clamp_min(0.0)",
+        "    theta = sae.activation.threshold.detach().cpu().clamp_min(0.0) * sae.scale.cpu()",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "interop-prolu-theta-sign",
+        "interop/portable.py",
+        "    theta = (-sae.activation.bias.detach().cpu()).clamp_min(0.0)",
+        "    theta = sae.activation.bias.detach().cpu().clamp_min(0.0)",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "interop-dl-jumprelu-b_dec-subtracted",
+        "interop/dictionary_learning.py",
+        "    b_enc = b_enc + W_enc.double().mv(b_dec.double()).to(b_enc.dtype)\n",
+        "",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "interop-dl-topk-as-threshold",
+        "interop/dictionary_learning.py",
+        "        _topk,\n",
+        "        _batchtopk,\n",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "interop-w_skip-accepted",
+        "interop/saelens.py",
+        "    if unexpected or missing:",
+        "    if missing:",
+        ("test_interop_cli.py",),
+    ),
 ]
 
 
