@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saekit-installed
 
-.PHONY: demo test test-slow mutation lint format bench clean
+.PHONY: demo test test-slow test-interop interop-env mutation lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,30 @@ demo: $(STAMP)
 	$(VENV)/bin/saekit train --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not interop"
 
 # End-to-end, kill -9 and torchrun-launch checks; CI runs them after `make test`.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The other SAE libraries (sae-lens, eai-sparsify, dictionary-learning) in their own venv, torch
+# pinned to the same CPU build; tests/interop load saekit's exports with them and import theirs.
+BENCHENV := .benchenv
+BENCHSTAMP := $(BENCHENV)/.interop-installed
+
+$(BENCHSTAMP): constraints.txt
+	test -x $(BENCHENV)/bin/python || $(PYTHON) -m venv $(BENCHENV)
+	$(BENCHENV)/bin/pip install -q -c constraints.txt torch==2.13.0
+	$(BENCHENV)/bin/pip install -q -c constraints.txt eai-sparsify sae-lens dictionary-learning
+	$(BENCHENV)/bin/pip uninstall -q -y torchvision
+	$(BENCHENV)/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(BENCHSTAMP)
+
+interop-env: $(BENCHSTAMP)
+
+# Round trips with the real libraries (~45 s, most of it importing sae_lens); CI runs them.
+test-interop: $(STAMP) $(BENCHSTAMP)
+	$(PY) -m pytest -q -m interop
 
 # Every named deliberate fault must fail the suite (tests/mutation_check.py); CI runs it.
 mutation: $(STAMP)
