@@ -1,4 +1,4 @@
-"""`saekit train | sweep | cache | eval | hooks | bench`."""
+"""`saekit train | sweep | cache | eval | hooks | bench | export | import`."""
 
 from __future__ import annotations
 
