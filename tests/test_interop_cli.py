@@ -29,7 +29,10 @@ def error_line(capsys) -> str:
 
 def test_export_then_import_from_the_command_line(tmp_path, capsys):
     sae = random_sae({"kind": "topk", "k": K})
+    text = {"dataset": "Elriggs/openwebtext-100k", "split": "train"}
+    sae.cfg.metadata["training_data"] = {"source": "hf", "text": text}
     sae.save(tmp_path / "run" / "topk")
+    (tmp_path / "run" / "config.yaml").write_text("data: {source: hf, context_length: 64}\n")
     (tmp_path / "run" / "topk" / "eval.json").write_text(
         json.dumps({"l0": 4.5, "dead_fraction": 0.25})
     )
@@ -39,6 +42,9 @@ def test_export_then_import_from_the_command_line(tmp_path, capsys):
     )
     cfg = json.loads((tmp_path / "sl" / "topk" / "cfg.json").read_text())
     assert cfg["metadata"]["saekit"]["l0"] == 4.5
+    assert cfg["metadata"]["context_size"] == 64
+    assert cfg["metadata"]["dataset_path"] == "Elriggs/openwebtext-100k"
+    assert cfg["metadata"]["model_name"] == "gpt2"
     assert cfg["metadata"]["saekit"]["dead_latents"] == D_SAE // 4
     assert cfg["metadata"]["saekit"]["training_architecture"]["kind"] == "topk"
     out = tmp_path / "imported"
