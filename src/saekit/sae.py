@@ -35,6 +35,7 @@ from saekit.sae_format import (
     WEIGHTS_FILE,
     CheckpointError,
     check_state_matches,
+    upgrade_tensors,
     upgrade_v1_config,
 )
 
@@ -345,6 +346,7 @@ class SAE(nn.Module):
                 found = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint {path}: cannot read {WEIGHTS_FILE}: {exc}") from exc
+        found = upgrade_tensors(data, found)
         check_state_matches(expected, found, where=f"checkpoint {path}")
         sae.load_state_dict(found)
         return sae.to(device).eval()

@@ -46,6 +46,24 @@ def upgrade_v1_config(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def upgrade_tensors(config: dict[str, Any], found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An older checkpoint's tensors under today's names. A JumpReLU saved before
+    ``threshold_param`` existed trained log θ and holds ``activation.log_threshold``; its config
+    (no ``threshold_param``) now means a direct θ, which is exp(log θ) computed as that code did
+    (same op, same float32), so the loaded SAE encodes bit for bit as the saved one did."""
+    activation = config.get("activation")
+    legacy = "activation.log_threshold"
+    if (
+        isinstance(activation, dict)
+        and activation.get("kind") == "jumprelu"
+        and "threshold_param" not in activation
+        and legacy in found
+    ):
+        found = dict(found)
+        found["activation.threshold"] = found.pop(legacy).exp()
+    return found
+
+
 def check_state_matches(expected: dict[str, Tensor], found: dict[str, Tensor], where: str) -> None:
     """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
     problems = []
