@@ -168,6 +168,34 @@ FAULTS = [
         ("test_jumprelu.py", "test_checkpoint.py"),
     ),
     Fault(
+        "whitening-fold-skips-the-encoder",
+        "normalisation.py",
+        "    W_enc_MD = W_enc.double() @ w.matrix.T",
+        "    W_enc_MD = W_enc.double()",
+        ("test_whitening.py",),
+    ),
+    Fault(
+        "whitening-fold-drops-the-mean",
+        "normalisation.py",
+        "    b_dec_D = b_dec.double() @ w.inverse + w.mean",
+        "    b_dec_D = b_dec.double() @ w.inverse",
+        ("test_whitening.py",),
+    ),
+    Fault(
+        "whitening-mean-not-subtracted",
+        "normalisation.py",
+        "    return (x_n - w.mean.to(x_n.dtype)) @ w.matrix.to(x_n.dtype)",
+        "    return x_n @ w.matrix.to(x_n.dtype)",
+        ("test_whitening.py",),
+    ),
+    Fault(
+        "whitening-eps-ignored",
+        "normalisation.py",
+        "    lam = eigenvalues.clamp_min(0) + cfg.eps",
+        "    lam = eigenvalues.clamp_min(1e-12)",
+        ("test_whitening.py",),
+    ),
+    Fault(
         "quadratic-l0-not-squared",
         "losses.py",
         "    return (2.0 / target_l0 * (l0_N - target_l0).pow(2)).mean()",
@@ -284,8 +312,8 @@ FAULTS = [
     Fault(
         "input-not-divided-by-scale",
         "sae.py",
-        "        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale",
-        "        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)",
+        "        x_n = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale",
+        "        x_n = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)",
         ("test_objective.py", "test_sae.py"),
     ),
     Fault(
