@@ -196,6 +196,13 @@ FAULTS = [
         ("test_whitening.py",),
     ),
     Fault(
+        "convert-keeps-the-ema-threshold",
+        "commands/convert.py",
+        "        cal = calibrate_batchtopk(sae, batches, args.max_tokens)",
+        "        cal = calibrate_batchtopk(sae, batches, args.max_tokens, apply=False)",
+        ("test_convert.py",),
+    ),
+    Fault(
         "quadratic-l0-not-squared",
         "losses.py",
         "    return (2.0 / target_l0 * (l0_N - target_l0).pow(2)).mean()",
