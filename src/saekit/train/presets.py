@@ -19,7 +19,7 @@ LR = 8e-3
 QUADRATIC_L0_LAMBDA = 1.0
 """λ of the quadratic-L0 JumpReLU (fixed: the formula holds L0 at its target). On this data,
 after 300 steps: L0 6.5, FVU 0.32 at λ = 1; L0 10.3 at λ = 0.1; passing the estimate to the
-pre-activations as well gave L0 7.1 and 38% dead latents at λ = 1 (issue 14 notes)."""
+pre-activations as well gave L0 7.1 and 38% dead latents at λ = 1 (issue 14)."""
 
 
 def synthetic_data(kind: str = "independent") -> dict[str, Any]:
