@@ -94,7 +94,8 @@ def test_jumprelu_forward_and_backward_match_the_float64_formula(to_input):
         for n in range(N)
     ]
     s = float(sae.scale)
-    xc = [[v / s - float(sae.b_dec[d]) for d, v in enumerate(row)] for row in x.reshape(-1, D)]
+    b_dec = sae.b_dec.detach().tolist()
+    xc = [[v / s - b_dec[d] for d, v in enumerate(row)] for row in x.reshape(-1, D).tolist()]
     dW = [[sum(dpre[n][i] * xc[n][d] for n in range(N)) for d in range(D)] for i in range(M)]
     db_enc = [sum(dpre[n][i] for n in range(N)) for i in range(M)]
     W = sae.W_enc.tolist()
@@ -135,7 +136,8 @@ def test_quadratic_l0_penalty_matches_the_float64_formula(to_input):
     dtheta = [sum(slope[n] * (-1 / EPS) * kern[n][i] for n in range(N)) for i in range(M)]
     dpre = [[-slope[n] * (-1 / EPS) * kern[n][i] for i in range(M)] for n in range(N)]
     s = float(sae.scale)
-    xc = [[v / s - float(sae.b_dec[d]) for d, v in enumerate(row)] for row in x.reshape(-1, D)]
+    b_dec = sae.b_dec.detach().tolist()
+    xc = [[v / s - b_dec[d] for d, v in enumerate(row)] for row in x.reshape(-1, D).tolist()]
     dW = [[sum(dpre[n][i] * xc[n][d] for n in range(N)) for d in range(D)] for i in range(M)]
 
     assert len(set(l0)) > 1 and min(abs(v - target) for v in l0) > 0  # L0_n spread around T
