@@ -353,10 +353,10 @@ FAULTS = [
         ("test_interop.py",),
     ),
     Fault(
-        "interop-batchtopk-theta-scaled",  # SAELens #763: θ off by the folded scale factor
+        "interop-theta-scaled-by-the-fold",  # SAELens #763: θ off by the folded scale factor
         "interop/portable.py",
-        "    theta = sae.activation.threshold.detach().cpu().clamp_min(0.0)",
-        "    theta = sae.activation.threshold.detach().cpu().clamp_min(0.0) * sae.scale.cpu()",
+        "    theta = sae.activation.theta().detach().cpu()\n",
+        "    theta = sae.activation.theta().detach().cpu() * sae.scale.cpu()\n",
         ("test_interop.py",),
     ),
     Fault(

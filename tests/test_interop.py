@@ -68,11 +68,17 @@ def ours(sae, x):
         {"kind": "jumprelu"},
         {"kind": "batchtopk", "k": K},  # θ must stay as it is under the scale fold (SAELens #763)
         {"kind": "prolu"},  # JumpReLU with b_enc = 0, θ_i = max(−b_i, 0)
+        {"kind": "jumprelu", "threshold_param": "log"},
+        {"kind": "topk", "k": K, "whitening": {"kind": "zca", "eps": 0.001}},
     ],
-    ids=lambda a: a["kind"],
+    ids=lambda a: (
+        "-".join(str(v) for k, v in a.items() if k != "whitening")
+        + ("-whitened" if "whitening" in a else "")
+    ),
 )
 def test_export_to_saelens_computes_what_saekit_does(tmp_path, activation):
-    sae = random_sae(activation)
+    activation = dict(activation)
+    sae = random_sae(activation, whitening=activation.pop("whitening", None))
     out = export_sae(sae, "saelens", tmp_path / "sl")
     cfg = json.loads((out / "cfg.json").read_text())
     t = load_file(str(out / "sae_weights.safetensors"))

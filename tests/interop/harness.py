@@ -65,12 +65,17 @@ def save_input(x: torch.Tensor, path: Path) -> str:
 
 
 @torch.no_grad()
-def random_sae(activation: dict, seed: int = 1, hook: str = "transformer.h.3:input") -> SAE:
+def random_sae(
+    activation: dict, seed: int = 1, hook: str = "transformer.h.3:input", whitening=None
+) -> SAE:
     """Random W_enc; W_dec rows of norms in [0.5, 1.5]; b_enc, b_dec ≠ 0; s = SCALE; random
-    thresholds (JumpReLU), θ (BatchTopK) and ProLU biases of both signs."""
+    thresholds (JumpReLU), θ (BatchTopK) and ProLU biases of both signs; ``whitening`` (a
+    config) estimated on other data than the tests encode."""
     g = torch.Generator().manual_seed(seed)
-    cfg = SAEConfig(D_IN, D_SAE, activation, hook=hook, model_name="gpt2")
+    cfg = SAEConfig(D_IN, D_SAE, activation, hook=hook, model_name="gpt2", whitening=whitening)
     sae = SAE(cfg)
+    if whitening is not None:
+        sae.init_from_data(make_input(seed + 1000) @ torch.randn(D_IN, D_IN, generator=g))
     sae.W_enc.copy_(torch.randn(D_SAE, D_IN, generator=g) / math.sqrt(D_IN))
     directions = torch.randn(D_SAE, D_IN, generator=g)
     norms = 0.5 + torch.rand(D_SAE, 1, generator=g)
@@ -81,7 +86,11 @@ def random_sae(activation: dict, seed: int = 1, hook: str = "transformer.h.3:inp
     sae.scale.fill_(SCALE)
     kind = activation["kind"]
     if kind == "jumprelu":
-        sae.activation.log_threshold.copy_((0.4 * torch.rand(D_SAE, generator=g) + 0.05).log())
+        theta = 0.4 * torch.rand(D_SAE, generator=g) + 0.05
+        if sae.activation.cfg.threshold_param == "log":
+            sae.activation.log_threshold.copy_(theta.log())
+        else:
+            sae.activation.threshold.copy_(theta)
     if kind == "batchtopk":
         sae.activation.threshold.fill_(0.35)
         sae.activation.threshold_initialized.fill_(True)

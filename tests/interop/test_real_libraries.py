@@ -32,7 +32,10 @@ EXPORTS = {  # case → (saekit activation, format)
     "batchtopk-saelens": ({"kind": "batchtopk", "k": K}, "saelens"),
     "prolu-saelens": ({"kind": "prolu"}, "saelens"),
     "topk-sparsify": ({"kind": "topk", "k": K}, "sparsify"),
+    "jumprelu-log-saelens": ({"kind": "jumprelu", "threshold_param": "log"}, "saelens"),
+    "topk-whitened-saelens": ({"kind": "topk", "k": K}, "saelens"),
 }
+WHITENED = {"topk-whitened-saelens": {"kind": "zca", "eps": 0.001}}
 MAKES = {  # case → (library, its job fields)
     "saelens-standard": ("saelens", {"arch": "standard"}),
     "saelens-standard-no-b_dec-input": (
@@ -71,7 +74,7 @@ def work(tmp_path_factory) -> Path:
     x_path = save_input(make_input(), work / "x.safetensors")
     jobs = []
     for i, (case, (activation, fmt)) in enumerate(EXPORTS.items()):
-        sae = random_sae(activation, seed=10 + i)
+        sae = random_sae(activation, seed=10 + i, whitening=WHITENED.get(case))
         written = export_sae(sae, fmt, work / "export" / case)
         torch.save(sae.state_dict(), work / f"{case}.state.pt")
         jobs.append({"op": "load", "lib": fmt, "dir": str(written), "x": x_path})
@@ -87,7 +90,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", list(EXPORTS))
 def test_export_loads_in_the_library_with_the_same_outputs(work, case):
     activation, _ = EXPORTS[case]
-    sae = random_sae(activation, seed=10 + list(EXPORTS).index(case))
+    sae = random_sae(activation, seed=10 + list(EXPORTS).index(case), whitening=WHITENED.get(case))
     sae.load_state_dict(torch.load(work / f"{case}.state.pt", weights_only=True))
     x = make_input()
     theirs = load_file(str(work / f"{case}.out.safetensors"))

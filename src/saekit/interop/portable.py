@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.eval.calibrate import to_jumprelu
 from saekit.sae import SAE, SAEConfig
 
 SERVED = ("relu", "topk", "jumprelu", "batchtopk")
@@ -59,10 +60,11 @@ class Portable:
 
 
 def _affine(sae: SAE) -> dict[str, Tensor]:
-    """W_enc, b_enc, W_dec, b_dec with the dataset scale folded (pre-activations unchanged, so
-    every threshold stays as it is: the fold SAELens once got wrong for BatchTopK, its #763)."""
-    t = sae.tensors_for_save()
-    return {name: t[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    """W_enc, b_enc, W_dec, b_dec with the whitening and the dataset scale folded
+    (``SAE.folded_copy``): the pre-activations do not change, so every threshold stays as it is
+    (the fold SAELens once got wrong for BatchTopK, its #763)."""
+    folded = sae.folded_copy()
+    return {n: getattr(folded, n).detach().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
 def _export_relu(sae: SAE) -> Portable:
@@ -74,14 +76,19 @@ def _export_topk(sae: SAE) -> Portable:
 
 
 def _export_jumprelu(sae: SAE) -> Portable:
-    theta = sae.activation.threshold.detach().cpu()
+    theta = sae.activation.theta().detach().cpu()
+    if (theta < 0).any():  # pre in (θ, 0] would give a negative latent; SAELens' would be 0
+        raise InteropError(
+            f"{int((theta < 0).sum())} JumpReLU thresholds are negative; SAELens' JumpReLU "
+            "applies a ReLU first, so it cannot compute this SAE"
+        )
     return Portable("jumprelu", **_affine(sae), threshold=theta)
 
 
 def _export_batchtopk(sae: SAE) -> Portable:
-    """BatchTopK's inference z = pre·H(pre − θ) is JumpReLU with every θ_i = θ."""
-    theta = sae.activation.threshold.detach().cpu().clamp_min(0.0)
-    return Portable("jumprelu", **_affine(sae), threshold=theta.expand(sae.cfg.d_sae).clone())
+    """BatchTopK's inference z = pre·H(pre − θ) is JumpReLU with every θ_i = θ
+    (:func:`saekit.eval.calibrate.to_jumprelu`, also ``saekit convert``)."""
+    return _export_jumprelu(to_jumprelu(sae))
 
 
 def _export_prolu(sae: SAE) -> Portable:
@@ -148,7 +155,7 @@ def to_sae(p: Portable) -> SAE:
     if p.architecture in ("jumprelu", "batchtopk"):
         theta = _checked_threshold(p)
         if p.architecture == "jumprelu":
-            sae.activation.log_threshold.copy_(theta.log())
+            sae.activation.threshold.copy_(theta)  # threshold_param: direct (the default)
         else:
             sae.activation.threshold.copy_(theta)
             sae.activation.threshold_initialized.fill_(True)
