@@ -64,20 +64,21 @@ class LatentCollector:
         self._generator = torch.Generator().manual_seed(cfg.seed)
 
     @torch.no_grad()
-    def update(self, z_BTM: Tensor, keep_BT: Tensor, ids_BT: Tensor) -> None:
+    def update(
+        self, z_BTM: Tensor, keep_BT: Tensor, ids_BT: Tensor, aux_BTM: Tensor | None = None
+    ) -> None:
         """``z_BTM``: the reported latents' activations on every position of B contexts of T
         tokens; ``keep_BT``: the positions that count (e.g. not BOS); those that do not are shown
-        unshaded and never selected. ``ids_BT``: the token ids (-1 where there are none)."""
+        unshaded and never selected. ``ids_BT``: the token ids (-1 where there are none);
+        ``aux_BTM``: carried along with each selected token (:attr:`Slots.aux`)."""
         B, T, M = z_BTM.shape
         z_BTM = torch.where(keep_BT.unsqueeze(-1), z_BTM.float(), 0.0)
         candidate_BTM = z_BTM > 0
-        self.top.update(
-            torch.where(candidate_BTM, z_BTM.double(), float("-inf")), z_BTM, ids_BT, self.offset
-        )
+        top_BTM = torch.where(candidate_BTM, z_BTM.double(), float("-inf"))
+        self.top.update(top_BTM, z_BTM, ids_BT, self.offset, aux_BTM)
         u_BTM = torch.rand(B, T, M, generator=self._generator, dtype=torch.float64)
-        self.sample.update(
-            torch.where(candidate_BTM, -u_BTM, float("-inf")), z_BTM, ids_BT, self.offset
-        )
+        sample_BTM = torch.where(candidate_BTM, -u_BTM, float("-inf"))
+        self.sample.update(sample_BTM, z_BTM, ids_BT, self.offset, aux_BTM)
         kept_NM = z_BTM[keep_BT]
         self.histogram.update(kept_NM)
         self.fired += (kept_NM > 0).sum(0)
@@ -101,25 +102,28 @@ class Collected:
 
 def collect_batches(
     sae: SAE,
-    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, ...]],
     latent_ids: Tensor,
     cfg: CollectConfig | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Collected:
-    """Stream ``(x_BTd, keep_BT, ids_BT)`` batches through the SAE: reconstruction metrics over
+    """Stream ``(x_BTd, keep_BT, ids_BT[, aux_BTM])`` batches (aux: see
+    :meth:`LatentCollector.update`) through the SAE: reconstruction metrics over
     the kept tokens (every latent) and the collector of ``latent_ids``. ``on_batch(n)`` is
     called with each batch's kept-token count (a progress bar)."""
-    acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae)
+    acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=sae.W_dec.device)
     collector = LatentCollector(latent_ids, cfg)
     with torch.no_grad():
-        for x_BTd, keep_BT, ids_BT in batches:
+        for x_BTd, keep_BT, ids_BT, *aux in batches:
             B, T, d = x_BTd.shape
-            x_Nd = x_BTd.reshape(B * T, d).to(sae.W_dec.dtype)
+            x_Nd = x_BTd.reshape(B * T, d).to(sae.W_dec.device, sae.W_dec.dtype)
+            keep_BT = keep_BT.to(x_Nd.device)
             out = sae(x_Nd)
             z_NM = as_dense(out.latents)
             keep_N = keep_BT.reshape(-1)
             acc.add(x_Nd[keep_N], out.x_hat[keep_N], z_NM[keep_N])
-            collector.update(z_NM[:, collector.latent_ids].view(B, T, -1), keep_BT, ids_BT)
+            z_BTM = z_NM[:, collector.latent_ids.to(z_NM.device)].view(B, T, -1).cpu()
+            collector.update(z_BTM, keep_BT.cpu(), ids_BT.cpu(), *aux)
             if on_batch is not None:
                 on_batch(int(keep_N.sum()))
     if int(acc.n) == 0:

@@ -63,6 +63,9 @@ class Slots:
     """[M, k, W] token ids of the window (-1 outside the context)."""
     acts: Tensor
     """[M, k, W] the latent's activation on each window token (0 outside)."""
+    aux: Tensor
+    """[M, k] a per-(token, latent) value carried along (synthetic data: the coefficient of
+    the latent's matched true feature on that token), 0 when none is given."""
     left: int
     """Window tokens before the selected one (it sits at index ``left``)."""
 
@@ -75,6 +78,7 @@ class Slots:
             value=torch.zeros(n_latents, k),
             tokens=torch.full((n_latents, k, W), -1, dtype=torch.int64),
             acts=torch.zeros(n_latents, k, W),
+            aux=torch.zeros(n_latents, k),
             left=left,
         )
 
@@ -87,13 +91,20 @@ class Slots:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.score, self.key, self.value, self.tokens, self.acts)
+        return (self.score, self.key, self.value, self.tokens, self.acts, self.aux)
 
     @torch.no_grad()
-    def update(self, score_BTM: Tensor, z_BTM: Tensor, ids_BT: Tensor, offset: int) -> None:
+    def update(
+        self,
+        score_BTM: Tensor,
+        z_BTM: Tensor,
+        ids_BT: Tensor,
+        offset: int,
+        aux_BTM: Tensor | None = None,
+    ) -> None:
         """Merge one batch of contexts: ``score_BTM`` (-inf where a token is no candidate),
-        activations ``z_BTM`` and token ids ``ids_BT``; the batch's first token has stream key
-        ``offset``."""
+        activations ``z_BTM``, token ids ``ids_BT`` and optional ``aux_BTM`` (see
+        :attr:`aux`); the batch's first token has stream key ``offset``."""
         B, T, M = z_BTM.shape
         k, W = self.score.shape[1], self.tokens.shape[2]
         score_MN = score_BTM.reshape(B * T, M).T.double()
@@ -107,6 +118,11 @@ class Slots:
         tokens_MkW = torch.where(inside_MkW, ids_BT[b_MkW, pos_MkW], -1)
         acts_MkW = torch.where(inside_MkW, z_BTM[b_MkW, pos_MkW, latent_MkW].float(), 0.0)
         value_Mk = z_BTM[b_Mk, t_Mk, torch.arange(M).unsqueeze(-1)].float()
+        aux_Mk = (
+            torch.zeros_like(value_Mk)
+            if aux_BTM is None
+            else aux_BTM[b_Mk, t_Mk, torch.arange(M).unsqueeze(-1)].float()
+        )
         key_Mk = torch.where(torch.isfinite(best_Mk), flat_Mk + offset, EMPTY_KEY)
         # Stable sort of [kept slots, batch]: every kept key precedes every batch key, and each
         # part is already ordered by (score desc, key asc), so ties keep the earlier token.
@@ -116,11 +132,11 @@ class Slots:
             torch.cat([old, new], dim=1).gather(1, _expand(order_Mk, old))
             for old, new in zip(
                 self._tensors(),
-                (best_Mk, key_Mk, value_Mk, tokens_MkW, acts_MkW),
+                (best_Mk, key_Mk, value_Mk, tokens_MkW, acts_MkW, aux_Mk),
                 strict=True,
             )
         )
-        self.score, self.key, self.value, self.tokens, self.acts = merged
+        self.score, self.key, self.value, self.tokens, self.acts, self.aux = merged
 
 
 def _expand(order_Mk: Tensor, like: Tensor) -> Tensor:
