@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from saekit.commands import report
+from saekit.commands import pipeline, report
 from saekit.commands.flags import add_model_args as _add_model_args
 from saekit.commands.flags import add_model_class_arg as _add_model_class_arg
 from saekit.commands.flags import add_outlier_arg as _add_outlier_arg
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_hooks)
 
     report.add_parser(sub)
+    pipeline.add_parser(sub)
 
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for --nproc
