@@ -58,7 +58,7 @@ def test_top_contexts_equal_brute_force_with_ties(k):
     for z, keep, ids in data:
         collector.update(z, keep, ids)
     expected = brute_force_top(data, k, left=3, right=2)
-    top = collector.top
+    top = collector.top.sorted()
     for m in range(M):
         n = len(expected[m])
         assert int(top.filled[m].sum()) == n
@@ -77,17 +77,22 @@ def test_all_equal_activations_keep_the_first_tokens_seen():
     collector = LatentCollector(torch.arange(M), CollectConfig(top_k=4, samples=2))
     for i in range(3):
         collector.update(z, keep, torch.zeros(B, T, dtype=torch.long) + i)
-    assert collector.top.key.tolist() == [[0, 1, 2, 3]] * M
+    assert collector.top.sorted().key.tolist() == [[0, 1, 2, 3]] * M
 
 
-def test_select_top_is_a_stable_sort_prefix():
+def test_select_top_is_each_latents_stable_sort_prefix():
     g = torch.Generator().manual_seed(3)
-    score = torch.randint(0, 3, (6, 40), generator=g).double()
-    score[0] = float("-inf")
-    vals, idx = select_top(score, 7)
-    ref = score.sort(dim=1, descending=True, stable=True)
-    assert torch.equal(vals, ref.values[:, :7])
-    assert torch.equal(idx[1:], ref.indices[1:, :7])
+    score = torch.randint(0, 3, (200,), generator=g).double()
+    latent = torch.randint(0, 6, (200,), generator=g)
+    latent[latent == 4] = 3  # latent 4: no candidate
+    vals, idx = select_top(score, latent, 6, 7)
+    for m in range(6):
+        mine = (latent == m).nonzero().flatten()
+        ref = score[mine].sort(descending=True, stable=True)
+        n = min(7, mine.numel())
+        assert vals[m, :n].tolist() == ref.values[:n].tolist()
+        assert idx[m, :n].tolist() == mine[ref.indices[:n]].tolist()
+        assert vals[m, n:].eq(float("-inf")).all()
 
 
 def test_uniform_sample_is_the_bottom_k_of_the_same_draws():
@@ -97,21 +102,22 @@ def test_uniform_sample_is_the_bottom_k_of_the_same_draws():
     cfg = CollectConfig(top_k=2, samples=6, seed=7)
     collector = LatentCollector(torch.arange(M), cfg)
     g = torch.Generator().manual_seed(7)
-    draws = []
-    for z, keep, ids in data:
+    entries = [[] for _ in range(M)]
+    for i, (z, keep, ids) in enumerate(data):
         collector.update(z, keep, ids)
-        draws.append(torch.rand(B, T, M, generator=g, dtype=torch.float64))
-    for m in range(M):
-        entries = [
-            (float(u[b, t, m]), i * B * T + b * T + t)
-            for i, ((z, keep, _), u) in enumerate(zip(data, draws, strict=True))
+        firing = [
+            (b, t, m)
             for b in range(B)
             for t in range(T)
+            for m in range(M)
             if keep[b, t] and z[b, t, m] > 0
-        ]
-        entries.sort()
-        expected = [key for _, key in entries[:6]]
-        assert collector.sample.key[m, : len(expected)].tolist() == expected
+        ]  # one draw per firing (token, latent) pair, in this order
+        u = torch.rand(len(firing), generator=g, dtype=torch.float64).tolist()
+        for (b, t, m), draw in zip(firing, u, strict=True):
+            entries[m].append((draw, i * B * T + b * T + t))
+    for m in range(M):
+        expected = [key for _, key in sorted(entries[m])[:6]]
+        assert collector.sample.sorted().key[m, : len(expected)].tolist() == expected
 
 
 def test_histogram_equals_binning_every_value_at_the_final_range():
@@ -122,7 +128,8 @@ def test_histogram_equals_binning_every_value_at_the_final_range():
         z = torch.rand(50, 3, generator=g, dtype=torch.float64) * scale
         z[z < 0.2 * scale] = 0.0
         z[:, 2] = 0.0  # a dead latent
-        hist.update(z)
+        latent = torch.arange(3).expand_as(z)
+        hist.update(z[z > 0], latent[z > 0])
         values.append(z)
     z = torch.cat(values)
     for m in range(3):

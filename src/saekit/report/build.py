@@ -44,9 +44,10 @@ def report_data(
     matched, missed = (None, []) if truth is None else truth_matches(truth, W_dec, ids)
     shown: set[int] = set()
     latents = []
+    top_slots, sample_slots = c.top.sorted(), c.sample.sorted()
     for m, latent in enumerate(ids.tolist()):
-        top = contexts(c.top, m)
-        centers = [ctx["tokens"][c.top.left] for ctx in top]
+        top = contexts(top_slots, m)
+        centers = [ctx["tokens"][top_slots.left] for ctx in top]
         entry: dict[str, Any] = {
             "id": latent,
             "fired": int(c.fired[m]),
@@ -54,7 +55,7 @@ def report_data(
             "max_act": top[0]["value"] if top else 0.0,
             "label": auto_label(centers, decode) if decode is not None else "",
             "top": top,
-            "quantiles": quantile_samples(c.sample, m),
+            "quantiles": quantile_samples(sample_slots, m),
             "histogram": {"hi": float(c.histogram.hi[m]), "counts": c.histogram.counts[m].tolist()},
             "neighbours": neighbours[m],
         }

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.encoding import as_dense
+from saekit.encoding import SparseCode
 from saekit.eval.metrics import EvalResult, MetricAccumulator
 from saekit.report.topk import ActivationHistogram, Slots
 from saekit.sae import SAE
@@ -72,17 +72,18 @@ class LatentCollector:
         unshaded and never selected. ``ids_BT``: the token ids (-1 where there are none);
         ``aux_BTM``: carried along with each selected token (:attr:`Slots.aux`)."""
         B, T, M = z_BTM.shape
-        z_BTM = torch.where(keep_BT.unsqueeze(-1), z_BTM.float(), 0.0)
-        candidate_BTM = z_BTM > 0
-        top_BTM = torch.where(candidate_BTM, z_BTM.double(), float("-inf"))
-        self.top.update(top_BTM, z_BTM, ids_BT, self.offset, aux_BTM)
-        u_BTM = torch.rand(B, T, M, generator=self._generator, dtype=torch.float64)
-        sample_BTM = torch.where(candidate_BTM, -u_BTM, float("-inf"))
-        self.sample.update(sample_BTM, z_BTM, ids_BT, self.offset, aux_BTM)
-        kept_NM = z_BTM[keep_BT]
-        self.histogram.update(kept_NM)
-        self.fired += (kept_NM > 0).sum(0)
-        self.n_tokens += int(kept_NM.shape[0])
+        z_BTM = z_BTM.float()
+        if not bool(keep_BT.all()):
+            z_BTM = torch.where(keep_BT.unsqueeze(-1), z_BTM, 0.0)
+        # candidates: the firing (position, latent) pairs, row-major: ascending key per latent
+        flat_n, latent_n = (z_BTM.view(B * T, M) > 0).nonzero(as_tuple=True)
+        value_n = z_BTM.view(B * T, M)[flat_n, latent_n]
+        self.top.update(value_n, flat_n, latent_n, z_BTM, ids_BT, self.offset, aux_BTM)
+        u_n = torch.rand(value_n.numel(), generator=self._generator, dtype=torch.float64)
+        self.sample.update(-u_n, flat_n, latent_n, z_BTM, ids_BT, self.offset, aux_BTM)
+        self.histogram.update(value_n, latent_n)
+        self.fired += torch.bincount(latent_n, minlength=M)
+        self.n_tokens += int(keep_BT.sum())
         self.offset += B * T
 
     def nbytes(self) -> int:
@@ -112,23 +113,45 @@ def collect_batches(
     the kept tokens (every latent) and the collector of ``latent_ids``. ``on_batch(n)`` is
     called with each batch's kept-token count (a progress bar)."""
     acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=sae.W_dec.device)
+    sae.eval()  # inference, as saekit eval: BatchTopK applies its threshold
     collector = LatentCollector(latent_ids, cfg)
     with torch.no_grad():
         for x_BTd, keep_BT, ids_BT, *aux in batches:
             B, T, d = x_BTd.shape
-            x_Nd = x_BTd.reshape(B * T, d).to(sae.W_dec.device, sae.W_dec.dtype)
-            keep_BT = keep_BT.to(x_Nd.device)
-            out = sae(x_Nd)
-            z_NM = as_dense(out.latents)
             keep_N = keep_BT.reshape(-1)
-            acc.add(x_Nd[keep_N], out.x_hat[keep_N], z_NM[keep_N])
-            z_BTM = z_NM[:, collector.latent_ids.to(z_NM.device)].view(B, T, -1).cpu()
-            collector.update(z_BTM, keep_BT.cpu(), ids_BT.cpu(), *aux)
+            every = bool(keep_N.all())
+            x_Nd = x_BTd.reshape(B * T, d).to(sae.W_dec.device, sae.W_dec.dtype)
+            if not every:  # the kept tokens only: the others are never selected nor shaded
+                x_Nd = x_Nd[keep_N.to(x_Nd.device)]
+            out = sae(x_Nd)
+            acc.add(x_Nd, out.x_hat, out.latents)
+            z_kM = latent_columns(out.latents, collector.latent_ids).cpu().float()
+            if every:
+                z_BTM = z_kM
+            else:
+                z_BTM = z_kM.new_zeros(B * T, z_kM.shape[1])
+                z_BTM[keep_N.cpu()] = z_kM
+            collector.update(z_BTM.view(B, T, -1), keep_BT.cpu(), ids_BT.cpu(), *aux)
             if on_batch is not None:
-                on_batch(int(keep_N.sum()))
+                on_batch(x_Nd.shape[0])
     if int(acc.n) == 0:
         raise ValueError("no tokens reached the report (empty text, or every token filtered)")
     return Collected(collector, acc.result())
+
+
+def latent_columns(latents: Tensor | SparseCode, latent_ids: Tensor) -> Tensor:
+    """[N, len(latent_ids)]: the reported latents' activations, without densifying all
+    d_sae columns of a sparse code."""
+    if not isinstance(latents, SparseCode):
+        return latents[:, latent_ids.to(latents.device)]
+    column_M = torch.full((latents.d_sae,), -1, dtype=torch.int64, device=latents.values.device)
+    column_M[latent_ids.to(column_M.device)] = torch.arange(len(latent_ids), device=column_M.device)
+    column_n = column_M[latents.latent]
+    reported = column_n >= 0
+    out = latents.values.new_zeros(latents.n_tokens, len(latent_ids))
+    # a code holds each (token, latent) once: a plain scatter, no accumulation
+    out[latents.token[reported], column_n[reported]] = latents.values[reported]
+    return out
 
 
 def lm_batches(setup: Any, contexts: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
