@@ -6,13 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import make_tiny_gpt2
 
 from saekit.cli import main
-from saekit.commands.pipeline import load_pipeline_config, saelens_exporter
+from saekit.commands.pipeline import PipelineConfig, load_pipeline_config, saelens_exporter
+from saekit.configs import from_dict
 
 HOOK = "transformer.h.1:input"
 
@@ -90,6 +93,13 @@ def test_saelens_export_is_interops_or_a_clear_error(lm, tmp_path):
             load_pipeline_config(path)
     else:
         assert callable(saelens_exporter()) and load_pipeline_config(path).export.saelens
+
+
+def test_the_readme_pipeline_example_is_a_valid_config():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "pipeline" in b]
+    cfg = from_dict(PipelineConfig, yaml.safe_load(block))
+    assert cfg.hook == "transformer.h.8:input" and len(cfg.train["saes"]) == 2
 
 
 @pytest.mark.slow

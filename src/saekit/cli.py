@@ -1,4 +1,4 @@
-"""`saekit train | sweep | cache | eval | hooks | bench`."""
+"""`saekit train | sweep | cache | eval | hooks | bench | report | pipeline`."""
 
 from __future__ import annotations
 

@@ -109,8 +109,10 @@ def index_page(data: dict[str, Any]) -> str:
 
 
 def token_text(token: int, vocab: dict[str, str]) -> str:
-    text = vocab.get(str(token), f"<{token}>")
-    return escape(text.replace("\n", "\u23ce").replace("\t", "\u21e5") or "\u2205")
+    """A token's text, newlines and tabs made visible; one that decodes to nothing (an id
+    past the tokenizer's vocabulary) as #id."""
+    text = vocab.get(str(token)) or f"#{token}"
+    return escape(text.replace("\n", "\u23ce").replace("\t", "\u21e5"))
 
 
 def context_html(ctx: dict[str, Any], scale: float, left: int, vocab: dict, synthetic: bool) -> str:
