@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import re
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_gpt2
+from conftest import save_tiny_lm
 
 from saekit.cli import main
 from saekit.commands.pipeline import PipelineConfig, load_pipeline_config, saelens_exporter
@@ -23,13 +22,7 @@ HOOK = "transformer.h.1:input"
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("pipeline")
-    make_tiny_gpt2().save_pretrained(root / "m")
-    tiny_tokenizer.save_pretrained(root / "m")
-    rng = random.Random(0)
-    docs = [
-        " ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(5, 40))) for _ in range(150)
-    ]
-    (root / "docs.txt").write_text("\n\n".join(docs))
+    save_tiny_lm(root, tiny_tokenizer)
     return root
 
 

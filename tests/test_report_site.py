@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -18,7 +17,7 @@ from urllib.parse import quote
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2
+from conftest import make_tiny_gpt2, save_tiny_lm
 
 from saekit.cli import main
 from saekit.data.hf import Harvester, TokenFilter
@@ -116,14 +115,7 @@ def render(page: Path, tmp: Path, fragment: str = "") -> Node:
 def report(tmp_path_factory, tiny_tokenizer):
     """(site dir, expected numbers from an independent pass, tmp dir)."""
     root = tmp_path_factory.mktemp("report")
-    model = make_tiny_gpt2()
-    model.save_pretrained(root / "m")
-    tiny_tokenizer.save_pretrained(root / "m")
-    rng = random.Random(0)
-    docs = [
-        " ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(5, 40))) for _ in range(80)
-    ]
-    (root / "docs.txt").write_text("\n\n".join(docs))
+    _, _, docs = save_tiny_lm(root, tiny_tokenizer, n_docs=80)
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=64, d_sae=48, activation={"kind": "topk", "k": 6}, hook=HOOK))
     with torch.no_grad():
@@ -139,7 +131,7 @@ def report(tmp_path_factory, tiny_tokenizer):
     assert code == 0
     # Independent pass: the harvester's own BOS filter, the SAE's dense encode, float64 sums.
     sae = SAE.load(root / "sae")
-    harvester = Harvester(model, HOOK, token_filter=TokenFilter(bos_token_id=1))
+    harvester = Harvester(make_tiny_gpt2(), HOOK, token_filter=TokenFilter(bos_token_id=1))
     batches = token_batches(
         docs, tiny_tokenizer, context_length=CONTEXT, batch_size=BATCH, bos_token="auto"
     )
