@@ -191,6 +191,10 @@ def test_latent_page_shades_the_top_token_most_and_shows_its_activation(report):
     assert len(selected) == 1 and float(selected[0].attrs["data-alpha"]) == max(alphas) == 1.0
     assert float(selected[0].attrs["data-act"]) == pytest.approx(values[0], rel=1e-6)
     assert sum(a == max(alphas) for a in alphas) == 1, "the top token is shaded most"
+    for ctx in top:  # every token shaded in proportion to the latent's max activation
+        for t in ctx.all("span", "tok"):
+            share = max(float(t.attrs["data-act"]), 0.0) / values[0]
+            assert float(t.attrs["data-alpha"]) == pytest.approx(share, abs=1e-4)
     assert value(dom.all("span", data_key="density")[0]) == pytest.approx(
         expected["density"][m], rel=1e-9
     )

@@ -144,6 +144,7 @@ BENCHMARKS = {
     "objectives": "bench_objectives.py",
     "harvest": "bench_harvest.py",
     "distributed": "bench_distributed.py",
+    "report": "bench_report.py",
 }
 
 
