@@ -20,7 +20,7 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-@pytest.mark.slow  # three SAEs of 4096 latents, ~5 s; CI runs it (make test-slow)
+@pytest.mark.slow  # five SAEs of 4096 latents, ~10 s; CI runs it (make test-slow)
 def test_the_run_yaml_example_trains(tmp_path, capsys):
     (block,) = [b for b in _blocks("yaml") if b.startswith("# run.yaml")]
     config = tmp_path / "run.yaml"
@@ -49,5 +49,5 @@ def test_the_help_answers_without_torch_in_well_under_a_second():
     assert time.perf_counter() - start < 1.0
     listed = re.search(r"\{([a-z,]+)\}", out).group(1).split(",")
     assert sorted(listed) == sorted(
-        ["train", "sweep", "bench", "cache", "eval", "hooks", "report", "pipeline"]
+        ["train", "sweep", "bench", "cache", "eval", "hooks", "convert", "report", "pipeline"]
     )

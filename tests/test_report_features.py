@@ -33,19 +33,30 @@ class Head(nn.Module):
         return self.out
 
 
-def test_logit_effects_are_the_scaled_decoder_row_times_the_unembedding():
+@pytest.mark.parametrize("whitening", [None, {"kind": "zca", "eps": 0.01}])
+def test_logit_effects_are_the_decoder_row_in_input_space_times_the_unembedding(whitening):
+    """Input-space direction of latent m: s·W_dec[m], or s·W_dec[m]·M⁻¹ when whitened."""
     torch.manual_seed(0)
     d, V = 6, 11
-    sae = SAE(SAEConfig(d_in=d, d_sae=5, activation={"kind": "topk", "k": 2}))
+    cfg = SAEConfig(d_in=d, d_sae=5, activation={"kind": "topk", "k": 2}, whitening=whitening)
+    sae = SAE(cfg)
     x = torch.randn(64, 1, d) * 7 + 3  # dataset scale != 1, nonzero mean
+    x[..., 0] *= 5  # anisotropic: whitening is not a multiple of the identity
     sae.init_from_data(x.view(-1, d))
     assert float(sae.scale) != 1.0
+    unwhiten = (
+        torch.eye(d, dtype=torch.float64) if whitening is None else sae.unwhiten_matrix.double()
+    )
     W_U = torch.randn(V, d)
     keep, ids = torch.ones(64, 1, dtype=torch.bool), torch.zeros(64, 1, dtype=torch.long)
     collected = collect_batches(sae, [(x, keep, ids)], torch.tensor([1, 3]))
     data = report_data(collected, sae, str, {}, W_U=unembedding(Head(W_U), d))
     for entry in data["latents"]:
-        row = [float(w) * float(sae.scale) for w in sae.W_dec[entry["id"]].tolist()]
+        w_dec = sae.W_dec[entry["id"]].double().tolist()
+        row = [
+            float(sae.scale) * sum(w_dec[i] * float(unwhiten[i, j]) for i in range(d))
+            for j in range(d)
+        ]
         effect = [sum(row[j] * float(W_U[v, j]) for j in range(d)) for v in range(V)]
         ranked = sorted(range(V), key=lambda v: -effect[v])
         promoted, suppressed = entry["logits"]["promoted"], entry["logits"]["suppressed"]

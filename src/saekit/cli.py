@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from saekit.commands import pipeline, report
+from saekit.commands import convert, pipeline, report
 from saekit.commands.flags import add_model_args as _add_model_args
 from saekit.commands.flags import add_model_class_arg as _add_model_class_arg
 from saekit.commands.flags import add_outlier_arg as _add_outlier_arg
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_class_arg(p)
     p.add_argument("--local-files-only", action="store_true", help="never download")
     p.set_defaults(func=cmd_hooks)
-
+    convert.add_parser(sub)
     report.add_parser(sub)
     pipeline.add_parser(sub)
 

@@ -25,6 +25,14 @@ DENSE_THRESHOLD = 0.1
 """A latent firing on more than this share of tokens is dense (as MetricAccumulator counts)."""
 
 
+@torch.no_grad()
+def decoder_directions(sae: SAE, ids: Tensor) -> Tensor:
+    """[len(ids), d]: each latent's decoder row in the input's space, the linear part of
+    :meth:`SAE.denormalise` (s·row, or s·row·M⁻¹ when the SAE whitens its input)."""
+    rows = sae.W_dec.detach()[ids.to(sae.W_dec.device)]
+    return (sae.denormalise(rows) - sae.denormalise(torch.zeros_like(rows[:1]))).float().cpu()
+
+
 def report_data(
     collected: Collected,
     sae: SAE,
@@ -39,7 +47,7 @@ def report_data(
     c, metrics = collected.collector, collected.metrics
     ids = c.latent_ids
     W_dec = sae.W_dec.detach().float()
-    logits = None if W_U is None else logit_effects(W_dec[ids] * sae.scale, W_U)
+    logits = None if W_U is None else logit_effects(decoder_directions(sae, ids), W_U)
     neighbours = decoder_neighbours(W_dec, ids)
     matched, missed = (None, []) if truth is None else truth_matches(truth, W_dec, ids)
     shown: set[int] = set()
