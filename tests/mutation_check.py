@@ -260,6 +260,34 @@ FAULTS = [
         "    return err_ND.pow(2).mean()",
         ("test_objective.py", "test_losses.py"),
     ),
+    Fault(
+        "transcoder-skip-folded-without-input-scale",
+        "sae.py",
+        "            self.W_skip *= s_y / s",
+        "            self.W_skip *= s_y",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-target-normalised-by-input-scale",
+        "sae.py",
+        "        return y.reshape(-1, width).to(self.W_dec.dtype) / self.output_scale",
+        "        return y.reshape(-1, width).to(self.W_dec.dtype) / self.scale",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-prefixes-without-skip-path",
+        "objective.py",
+        "        offset = sae.decoder_offset_n(out.x_n)",
+        "        offset = sae.b_dec",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-auxk-residual-of-input",
+        "objective.py",
+        "            (_target_n(out) - out.x_hat_n).detach(),",
+        "            (out.x_n[:, : out.x_hat_n.shape[-1]] - out.x_hat_n).detach(),",
+        ("test_transcoder.py",),
+    ),
 ]
 
 

@@ -8,6 +8,7 @@ the same in both.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -65,3 +66,20 @@ def check_state_matches(expected: dict[str, Tensor], found: dict[str, Tensor], w
             )
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def files_to_carry_over(path: Path) -> list[Path]:
+    """The other files of an SAE directory (metrics.jsonl, eval.json); refuse a path that is
+    not a directory, or one with subdirectories (a run directory, not an SAE's)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"SAE.save: {path} exists and is not a directory")
+    if not path.is_dir():
+        return []
+    entries = sorted(path.iterdir())
+    subdirs = [e.name for e in entries if e.is_dir()]
+    if subdirs:
+        raise ValueError(
+            f"SAE.save: {path} holds directories {subdirs}; save an SAE into a directory of its "
+            "own (saving swaps the whole directory)"
+        )
+    return [e for e in entries if e.name not in (WEIGHTS_FILE, CONFIG_FILE)]

@@ -125,11 +125,12 @@ class HarvestSetup(NamedTuple):
     """The id packing puts first in each context (:func:`saekit.data.text.packing_token_ids`)."""
     token_filter: TokenFilter
 
-    def harvester(self, **options: Any) -> Harvester:
-        """A Harvester at the hook with this set-up's filter and forward arguments."""
+    def harvester(self, *also: str, **options: Any) -> Harvester:
+        """A Harvester at the hook (and the hooks ``also``: one forward pass, stopped after the
+        last of them) with this set-up's filter and forward arguments."""
         return Harvester(
             self.model,
-            self.hook,
+            [self.hook, *also],
             token_filter=self.token_filter,
             forward_kwargs=forward_kwargs(self.kind),
             **options,
