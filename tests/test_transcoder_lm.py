@@ -194,6 +194,32 @@ def test_online_pairs_are_input_then_target_of_the_same_token(llama_dir, tmp_pat
     torch.testing.assert_close(batch[:, 64:], mlp_of_input, rtol=1e-5, atol=1e-6)
 
 
+def test_saekit_eval_scores_a_transcoder_on_its_target(llama_dir, tmp_path, capsys):
+    """A transcoder that predicts 0 everywhere: spliced, it is exactly the zero-ablation of the
+    MLP (CE and KL scores 0), and its FVU is the target's Σ‖y‖² / Σ‖y − ȳ‖² > 1."""
+    import json
+
+    from saekit.cli import main
+
+    tc = random_transcoder()
+    tc.cfg.hook, tc.cfg.target_hook = IN_HOOK, OUT_HOOK
+    with torch.no_grad():
+        tc.W_dec.zero_()
+        tc.b_dec.zero_()
+        tc.W_skip.zero_()
+    tc.save(tmp_path / "tc")
+    docs = write_documents(tmp_path / "docs.txt")
+    argv = ["eval", "--sae", str(tmp_path / "tc"), "--model", str(llama_dir), "--local-files-only"]
+    argv += ["--context-length", "16", "--text-file", str(docs), "--batch-size", "4"]
+    assert main([*argv, "--n-batches", "2", "--json", str(tmp_path / "eval.json")]) == 0
+    assert f"-> target {OUT_HOOK}" in capsys.readouterr().out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert (report["hook"], report["target_hook"]) == (IN_HOOK, OUT_HOOK)
+    assert report["ce_sae"] == report["ce_zero"] and report["kl_sae"] == report["kl_zero"]
+    assert report["ce_score"] == 0 and report["kl_score"] == 0
+    assert report["fvu"] > 1 and report["n_tokens"] > 0
+
+
 @pytest.mark.slow
 def test_a_skip_transcoder_trained_on_the_mlp_beats_zero_ablation(llama, one_thread):
     """Pairs harvested in one pass; the spliced transcoder recovers most of the CE and KL that

@@ -122,11 +122,11 @@ def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) 
 class _Totals:
     """Float64 running sums over tokens; the FVU sums live in :class:`MetricAccumulator`."""
 
-    def __init__(self) -> None:
+    def __init__(self, reconstruction: MetricAccumulator | None = None) -> None:
         self.ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
         self.kl = {"sae": 0.0, "zero": 0.0}
         self.n_tokens = 0
-        self.reconstruction: MetricAccumulator | None = None
+        self.reconstruction = reconstruction
 
     def add_reconstruction(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
         if self.reconstruction is None:
@@ -153,18 +153,21 @@ def splice_eval(
     token_filter: TokenFilter | None = None,
     max_batches: int | None = None,
     input_hook: str | HookPoint | None = None,
+    reconstruction: MetricAccumulator | None = None,
 ) -> SpliceResult:
     """CE/KL of ``model`` with ``reconstruct`` ([n, d] -> [n, d]) spliced in at ``hook``.
 
     ``batches``: tensors of token ids, ``(ids, mask)`` pairs or dicts (as
     :meth:`Harvester.stream`). The model is put in eval mode. ``input_hook``: a transcoder's
     input ([n, d_in] -> [n, d] predicts ``hook``'s activation; module docstring).
+    ``reconstruction``: the accumulator the FVU sums go into (default a new one), for a caller
+    that also wants the target's other reconstruction metrics.
     """
     source = None if input_hook is None else HookPoint.parse(input_hook)
     model.eval()
     token_filter = token_filter or TokenFilter()
     dev = model_device(model)
-    totals = _Totals()
+    totals = _Totals(reconstruction)
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
