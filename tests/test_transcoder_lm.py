@@ -220,6 +220,23 @@ def test_saekit_eval_scores_a_transcoder_on_its_target(llama_dir, tmp_path, caps
     assert report["fvu"] > 1 and report["n_tokens"] > 0
 
 
+def test_saekit_train_with_a_target_hook_saves_a_skip_transcoder(llama_dir, tmp_path, capsys):
+    """The README's command line, shortened: --set data.target_hook makes every SAE of the run a
+    transcoder of the model's width."""
+    from saekit.cli import main
+
+    docs = write_documents(tmp_path / "docs.txt")
+    argv = ["train", "--model", str(llama_dir), "--hook", IN_HOOK, "--text-file", str(docs)]
+    argv += ["--local-files-only", "--context-length", "16", "--batch-size", "64", "--steps", "4"]
+    argv += ["--set", f"data.target_hook={OUT_HOOK}", "--set", "saes.0.sae.skip=true"]
+    argv += ["--set", "saes.0.sae.d_sae=64", "--set", "eval_tokens=128", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    (saved,) = [p.parent for p in (tmp_path / "run").glob("*/sae.safetensors")]
+    tc = SAE.load(saved)
+    assert (tc.cfg.d_in, tc.cfg.d_out, tc.cfg.skip) == (64, 64, True)
+    assert (tc.cfg.hook, tc.cfg.target_hook) == (IN_HOOK, OUT_HOOK)
+
+
 @pytest.mark.slow
 def test_a_skip_transcoder_trained_on_the_mlp_beats_zero_ablation(llama, one_thread):
     """Pairs harvested in one pass; the spliced transcoder recovers most of the CE and KL that
