@@ -116,7 +116,8 @@ class AuxKRevival(RevivalConfig):
     coefficient: float = 1 / 32
     """α (Gao et al. 2024)."""
     k_aux: int | None = None
-    """Latents per token in the aux reconstruction (default min(d_in // 2, d_sae))."""
+    """Latents per token in the aux reconstruction (default min(d // 2, d_sae), d the target's
+    width: d_in for an SAE, d_out for a transcoder)."""
     normalizer: str = "residual"
     """V: residual (variance of the residual) or none."""
 
