@@ -237,6 +237,43 @@ def test_saekit_train_with_a_target_hook_saves_a_skip_transcoder(llama_dir, tmp_
     assert (tc.cfg.hook, tc.cfg.target_hook) == (IN_HOOK, OUT_HOOK)
 
 
+def test_a_transcoder_cache_trains_and_evaluates(llama, llama_dir, tmp_path):
+    """saekit cache --target-hook stores [input | target] rows (the target is the MLP of the
+    input); saekit train --cache fills in a transcoder; saekit eval --cache scores its target."""
+    import json
+
+    from saekit.cli import main
+    from saekit.data.cache import ActivationCache
+
+    docs = write_documents(tmp_path / "docs.txt")
+    common = ["--model", str(llama_dir), "--hook", IN_HOOK, "--local-files-only"]
+    argv = ["cache", *common, "--target-hook", OUT_HOOK, "--text-file", str(docs)]
+    argv += ["--context-length", "16", "--batch-size", "8", "--shard-tokens", "256"]
+    assert main([*argv, "--max-tokens", "1000", "--no-progress", "--out", str(tmp_path / "c")]) == 0
+    cache = ActivationCache(tmp_path / "c")
+    assert (cache.d, cache.d_in, cache.hook, cache.target_hook) == (128, 64, IN_HOOK, OUT_HOOK)
+    rows = cache.load_shard(0)
+    with torch.no_grad():
+        mlp = copy.deepcopy(llama.model.layers[1].mlp)
+        torch.testing.assert_close(rows[:, 64:], mlp(rows[:, :64]), rtol=1e-5, atol=1e-5)
+
+    argv = ["train", "--cache", str(tmp_path / "c"), "--batch-size", "64", "--steps", "4"]
+    argv += ["--set", "saes.0.sae.skip=true", "--set", "saes.0.sae.d_sae=64", "--no-progress"]
+    assert main([*argv, "--set", "eval_tokens=128", "--out", str(tmp_path / "run")]) == 0
+    (saved,) = [p.parent for p in (tmp_path / "run").glob("*/sae.safetensors")]
+    tc = SAE.load(saved)
+    assert (tc.cfg.d_out, tc.cfg.skip, tc.cfg.target_hook) == (64, True, OUT_HOOK)
+    argv = ["eval", "--sae", str(saved), "--cache", str(tmp_path / "c")]
+    assert main([*argv, "--json", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    held_out = cache.load_shard(cache.held_out_shard)[: report["n_tokens"]].double()
+    y = held_out[:, 64:]
+    with torch.no_grad():
+        y_hat = tc(held_out[:, :64].float()).x_hat.double()
+    fvu = (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    assert report["fvu"] == pytest.approx(float(fvu), rel=1e-4)
+
+
 @pytest.mark.slow
 def test_a_skip_transcoder_trained_on_the_mlp_beats_zero_ablation(llama, one_thread):
     """Pairs harvested in one pass; the spliced transcoder recovers most of the CE and KL that

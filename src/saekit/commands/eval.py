@@ -16,7 +16,7 @@ training text against 0.9907 held out).
 
 A transcoder (cfg.json's ``d_out``) reads its input hook and is scored on its ``target_hook``:
 FVU of the target, and CE/KL with its prediction spliced in place of the target's output. It
-needs ``--model`` (a cache holds one hook).
+reads a transcoder cache (``saekit cache --target-hook``) with ``--cache`` alone.
 """
 
 from __future__ import annotations
@@ -67,11 +67,8 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
             "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
             " (reconstruction only)"
         )
-    if sae.cfg.transcoder and not (args.model and sae.cfg.target_hook):
-        raise ValueError(
-            f"{args.sae} is a transcoder: evaluate it with --model (its cfg.json must name the"
-            " target_hook)"
-        )
+    if sae.cfg.transcoder and args.model and not sae.cfg.target_hook:
+        raise ValueError(f"{args.sae} is a transcoder whose cfg.json names no target_hook")
     acc = MetricAccumulator(sae.cfg.target_width, d_sae, device=args.device)
     report: dict[str, Any] = {"sae": str(args.sae), "hook": hook}
 
@@ -86,7 +83,7 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         _on_model(args, sae, hook, reconstruct, report, acc)
     else:
-        _on_cache(args, sae, hook, reconstruct, report)
+        _on_cache(args, sae, hook, reconstruct, report, acc)
     if int(acc.n) == 0:
         raise ValueError("no tokens were evaluated")
     result = acc.result()
@@ -104,21 +101,28 @@ def _on_cache(
     hook: str,
     reconstruct: Callable[[Tensor], Tensor],
     report: dict[str, Any],
+    acc: MetricAccumulator,
 ) -> None:
     from saekit.data.cache import ActivationCache
     from saekit.data.lm_source import held_out_batches
 
     cache = ActivationCache(args.cache)
-    if cache.d != sae.cfg.d_in:
+    if (cache.d_in, cache.d) != (sae.cfg.d_in, sae.cfg.stream_width):
+        name = "d_in + d_out" if sae.cfg.transcoder else "d_in"
+        kind = "a transcoder cache" if cache.target_hook else "a cache"
         raise ValueError(
-            f"SAE d_in = {sae.cfg.d_in} but the cache {args.cache} has width {cache.d}"
+            f"SAE {name} = {sae.cfg.stream_width} but the cache {args.cache} ({kind}) has width"
+            f" {cache.d}"
         )
     if cache.hook != hook:
         print(f"saekit: warning: the cache holds hook {cache.hook}, not {hook}", file=sys.stderr)
     context_length = args.context_length or 128
     n_tokens = args.n_batches * args.batch_size * context_length
-    for x in held_out_batches(cache, n_tokens, args.batch_size * context_length):
-        reconstruct(x.to(args.device))
+    for batch in held_out_batches(cache, n_tokens, args.batch_size * context_length):
+        x, target = sae.split_stream(batch.to(args.device))
+        x_hat = reconstruct(x)
+        if target is not None:
+            acc.add_reconstruction(target, x_hat)
     report.update(cache=str(args.cache), model=cache.model)
 
 

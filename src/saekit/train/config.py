@@ -269,7 +269,9 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
 
         cache = ActivationCache(stream_cfg.cache_dir)
         origin = {"model_name": cache.model, "hook": cache.hook}
-        d_data = cache.d
+        d_data = cache.d_in
+        if cache.target_hook is not None:  # a transcoder cache: rows [hook | target_hook]
+            origin["target_hook"], d_target = cache.target_hook, cache.d - cache.d_in
     else:
         origin = {"model_name": stream_cfg.model, "hook": str(HookPoint.parse(stream_cfg.hook))}
         if stream_cfg.target_hook is not None:
