@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_BOS, TINY_VOCAB, make_tiny_llama
+from test_sources import write_documents
 from torch import nn
 
 from saekit.data.hf import TokenFilter
@@ -25,14 +25,6 @@ from saekit.train.config import build_run_config
 
 IN_HOOK, OUT_HOOK = "model.layers.1.post_attention_layernorm", "model.layers.1.mlp"
 ALL = TokenFilter(exclude_bos=False)  # splice every position
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -127,16 +119,6 @@ def test_splice_matches_a_float64_reference(llama):
     assert result.ce_zero == pytest.approx(ce_zero, rel=1e-4)
     assert result.kl_zero == pytest.approx(kl_zero, rel=1e-3)
     assert result.kl_sae > 1e-3  # the transcoder really changed the model
-
-
-def write_documents(path, n_docs=80, seed=0):
-    rng = random.Random(seed)
-    words = (
-        " ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(5, 30)))
-        for _ in range(n_docs)
-    )
-    path.write_text("\n\n".join(words))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from saekit.train.run import run_training
 SYNTH = {"d": 16, "n_features": 48, "mean_l0": 3.0, "seed": 3, "d_out": 12}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_synthetic_target_is_the_known_sparse_map_of_the_input_features():
     """Input columns as without a target; y = c G + ν + x Aᵀ exactly (no noise)."""
     base = {"d": 8, "n_features": 20, "mean_l0": 3.0, "noise_std": 0.0, "seed": 5}

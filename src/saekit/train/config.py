@@ -99,6 +99,17 @@ class DataConfig:
             raise ValueError(f"data.source must be one of {sources}, got {self.source!r}")
         if self.shuffle_buffer_tokens < 0:
             raise ValueError("data.shuffle_buffer_tokens must be >= 0")
+        # numbers checked whatever the source (a fuzzed config must not carry a bad one along)
+        if self.context_length < 2:
+            raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
+        if self.model_batch_size < 1:
+            raise ValueError("data.model_batch_size must be positive")
+        if self.prefetch < 0:
+            raise ValueError("data.prefetch must be >= 0")
+        if self.outlier_norm is not None and not self.outlier_norm > 1:
+            raise ValueError(
+                f"data.outlier_norm must be > 1 (a multiple of the median), got {self.outlier_norm}"
+            )
         if self.source == "cache":
             if not self.cache_dir:
                 raise ValueError("data.cache_dir is required when data.source is 'cache'")
@@ -112,21 +123,10 @@ class DataConfig:
                 raise ValueError("data: set exactly one of data.dataset and data.text_file")
             if self.text_file is not None and not Path(self.text_file).is_file():
                 raise ValueError(f"data.text_file: no such file {self.text_file!r}")
-            if self.context_length < 2:
-                raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
-            if self.model_batch_size < 1:
-                raise ValueError("data.model_batch_size must be positive")
             if self.model_dtype not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
                     f"data.model_dtype must be float32, bfloat16 or float16, got"
                     f" {self.model_dtype!r}"
-                )
-            if self.prefetch < 0:
-                raise ValueError("data.prefetch must be >= 0")
-            if self.outlier_norm is not None and not self.outlier_norm > 1:
-                raise ValueError(
-                    f"data.outlier_norm must be > 1 (a multiple of the median), got"
-                    f" {self.outlier_norm}"
                 )
             from saekit.data.models import MODEL_CLASSES
 
