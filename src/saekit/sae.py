@@ -14,6 +14,7 @@ its own scale s_y: ``W_dec [M, d_out]``, ``b_dec [d_out]``, optional ``W_skip [d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,23 +26,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from saekit import normalisation
 from saekit._version import __version__
 from saekit.activations import make_activation
 from saekit.atomic import recover_directory, replace_directory, sha256_file
+from saekit.configs import to_dict
 from saekit.encoding import Encoding, SparseCode, as_dense
 from saekit.kernels import sparse_decode
+from saekit.normalisation import Whitening, estimate_scale
 from saekit.sae_config import SAEConfig
 from saekit.sae_format import (
     CHECKPOINT_FORMAT,
     CONFIG_FILE,
-    FORMATS_READ,
     WEIGHTS_FILE,
     CheckpointError,
     check_state_matches,
     files_to_carry_over,
-    upgrade_v1_config,
+    read_config,
+    upgrade_tensors,
 )
-from saekit.sae_stats import check_activations, check_scale, estimate_scale, geometric_median
+from saekit.sae_stats import check_activations, check_scale, geometric_median
 
 
 class ForwardOutput(NamedTuple):
@@ -90,6 +94,11 @@ class SAE(nn.Module):
             self.register_buffer("no_center", torch.zeros(d, dtype=dtype), persistent=False)
         if cfg.skip:  # zero at the start: the dictionary alone explains y at first
             self.W_skip = nn.Parameter(torch.zeros(d_out, d, dtype=dtype, device=device))
+        if cfg.whitening is not None:  # μ, M, M⁻¹ of x / s, estimated once, float64
+            f64 = {"dtype": torch.float64, "device": device}
+            self.register_buffer("whiten_mean", torch.zeros(d, **f64))
+            self.register_buffer("whiten_matrix", torch.eye(d, **f64))
+            self.register_buffer("unwhiten_matrix", torch.eye(d, **f64))
         self.activation = make_activation(cfg.activation, M).to(device=device, dtype=aux_dtype)
         if not self.activation.uses_encoder_bias:
             self.b_enc.requires_grad_(False)  # the activation owns its bias; b_enc stays 0
@@ -128,19 +137,26 @@ class SAE(nn.Module):
         """
         x = x.reshape(-1, self.cfg.d_in)
         check_activations(x, self.cfg.d_in)
+        x64 = x.double()
         if scale is None:
-            scale = estimate_scale(x)
+            scale = estimate_scale(x64)
         check_scale(scale)
         self.scale.fill_(scale)
-        if self.cfg.transcoder:
+        x_n = x64 / scale
+        if self.cfg.whitening is not None:
+            w = normalisation.estimate_whitening(x_n, self.cfg.whitening)
+            for buffer, value in zip(self._whitening_buffers(), w, strict=True):
+                buffer.copy_(value)
+            x_n = normalisation.whiten(x_n, w)
+        if self.cfg.transcoder:  # b_dec lives in the target's space, with its own scale
             if target is None:
                 raise ValueError("a transcoder's init_from_data needs the target activations")
-            x = target.reshape(-1, self.cfg.target_width)
-            check_activations(x, self.cfg.target_width, "d_out")
-            scale = estimate_scale(x)
-            check_scale(scale)
-            self.target_scale.fill_(scale)
-        x_n = x.double() / scale
+            y = target.reshape(-1, self.cfg.target_width)
+            check_activations(y, self.cfg.target_width, "d_out")
+            target_scale = estimate_scale(y)
+            check_scale(target_scale)
+            self.target_scale.fill_(target_scale)
+            x_n = y.double() / target_scale
         if method == "mean":
             center = x_n.mean(0)
         elif method == "geometric_median":
@@ -153,11 +169,27 @@ class SAE(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
+    @property
+    def whitening(self) -> Whitening | None:
+        """μ, M, M⁻¹ of the input whitening, or None."""
+        return None if self.cfg.whitening is None else Whitening(*self._whitening_buffers())
+
+    def _whitening_buffers(self) -> list[Tensor]:
+        return [self.whiten_mean, self.whiten_matrix, self.unwhiten_matrix]
+
     def normalise(self, x: Tensor) -> Tensor:
-        """Raw activations [..., d] -> [N, d] in the normalised space x / s."""
+        """Raw activations [..., d] -> [N, d] in the normalised space x / s (whitened if set)."""
         if x.shape[-1:] != (self.cfg.d_in,):
             check_activations(x, self.cfg.d_in)
-        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale
+        x_n = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale
+        w = self.whitening
+        return x_n if w is None else normalisation.whiten(x_n, w)
+
+    def denormalise(self, x_hat_n: Tensor) -> Tensor:
+        """[N, d_out] normalised -> the target's space: s_y·ŷ_n (an SAE: s·x̂_n, or
+        s·(x̂_n M⁻¹ + μ) when whitened)."""
+        w = self.whitening
+        return (x_hat_n if w is None else normalisation.unwhiten(x_hat_n, w)) * self.output_scale
 
     @property
     def output_scale(self) -> Tensor:
@@ -221,7 +253,7 @@ class SAE(nn.Module):
         x_n = self.normalise(x)
         encoding = self.activation.encode(self, x_n)
         x_hat_n = self.decode_n(encoding.latents, x_n)
-        x_hat = (x_hat_n * self.output_scale).reshape(*lead, self.cfg.target_width)
+        x_hat = self.denormalise(x_hat_n).reshape(*lead, self.cfg.target_width)
         if self.cfg.transcoder:
             target_n = None if target is None else self.normalise_target(target)
         elif target is not None:
@@ -243,7 +275,7 @@ class SAE(nn.Module):
             raise ValueError(f"latents have width {z.shape[-1]}, but d_sae = {self.cfg.d_sae}")
         lead = z.shape[:-1]
         x_hat_n = self.decode_n(z.reshape(-1, self.cfg.d_sae).to(self.W_dec.dtype))
-        return (x_hat_n * self.output_scale).reshape(*lead, self.cfg.target_width)
+        return self.denormalise(x_hat_n).reshape(*lead, self.cfg.target_width)
 
     # ---------------------------------------------------------------- decoder norms
 
@@ -267,7 +299,10 @@ class SAE(nn.Module):
     def fold_scale_(self) -> None:
         """Fold the scales into the weights exactly: W_enc/s, s_y·W_dec, s_y·b_dec,
         (s_y/s)·W_skip; then s = s_y = 1 (an SAE: s_y = s). The pre-activations are unchanged,
-        so b_enc and every threshold stay as they are."""
+        so b_enc and every threshold stay as they are. A whitened SAE folds into a copy
+        (``folded_copy``): its config changes too."""
+        if self.cfg.whitening is not None:
+            raise ValueError("fold_scale_: a whitened SAE is folded by save(), into a copy")
         s, s_y = self.scale.to(self.W_enc.dtype), self.output_scale.to(self.W_enc.dtype)
         self.W_enc /= s
         self.W_dec *= s_y
@@ -277,23 +312,33 @@ class SAE(nn.Module):
         self.scale.fill_(1.0)
         self.output_scale.fill_(1.0)
 
-    def tensors_for_save(self) -> dict[str, Tensor]:
-        """Every parameter and buffer, scale folded, contiguous and on the CPU."""
-        folded = self._folded_copy()
-        return {k: v.detach().contiguous().cpu() for k, v in folded.state_dict().items()}
-
-    def _folded_copy(self) -> SAE:
-        if float(self.scale) == 1.0 and float(self.output_scale) == 1.0:
+    def folded_copy(self) -> SAE:
+        """The SAE that takes raw activations: whitening folded first (normalisation.py), then
+        s. Its config has no whitening; metadata records the one folded in."""
+        w, cfg = self.whitening, self.cfg
+        if float(self.scale) == 1.0 and float(self.output_scale) == 1.0 and w is None:
             return self
-        copy = SAE(self.cfg, device="cpu")
-        copy.load_state_dict({k: v.cpu() for k, v in self.state_dict().items()})
+        if w is not None:
+            folded = {"whitening_folded": to_dict(cfg.whitening)}
+            cfg = dataclasses.replace(cfg, whitening=None, metadata={**cfg.metadata, **folded})
+        copy = SAE(cfg, device="cpu")
+        state = {k: v.cpu() for k, v in self.state_dict().items() if k in copy.state_dict()}
+        copy.load_state_dict(state)
+        if w is not None:
+            w = Whitening(*(t.cpu() for t in w))
+            weights = (copy.W_enc, copy.W_dec, copy.b_dec)
+            for param, value in zip(
+                weights, normalisation.fold_whitening(*weights, w), strict=True
+            ):
+                param.data.copy_(value)
         copy.fold_scale_()
         return copy
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``sae.safetensors`` and ``cfg.json`` into the directory ``path``.
 
-        The scale is folded into the saved weights; this SAE is left unchanged. The directory is
+        The scale (and whitening) is folded into the saved weights (:meth:`folded_copy`); this
+        SAE is left unchanged. The directory is
         rebuilt beside the old one and swapped in (:func:`saekit.atomic.replace_directory`), so
         the two files always agree (cfg.json holds the weights' sha256); other files already in
         the directory (a run's metrics.jsonl, eval.json) are carried over.
@@ -301,7 +346,8 @@ class SAE(nn.Module):
         path = Path(path)
         recover_directory(path)  # a save killed mid-swap left the old directory aside
         kept = files_to_carry_over(path)
-        tensors = self.tensors_for_save()
+        folded = self.folded_copy()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in folded.state_dict().items()}
 
         def fill(tmp: Path) -> None:
             for entry in kept:
@@ -313,7 +359,7 @@ class SAE(nn.Module):
             meta = {
                 "format": CHECKPOINT_FORMAT,
                 "saekit_version": __version__,
-                "config": self.cfg.to_dict(),
+                "config": folded.cfg.to_dict(),
                 "scale_folded": True,
                 "tensors": {
                     k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()
@@ -333,31 +379,9 @@ class SAE(nn.Module):
         mismatched one with a one-line CheckpointError."""
         path = Path(path)
         recover_directory(path)
-        cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for p in (cfg_path, weights):
-            if not p.is_file():
-                raise CheckpointError(f"checkpoint {path}: missing {p.name}")
+        data = read_config(path, verify)
+        weights = path / WEIGHTS_FILE
         try:
-            meta = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: {CONFIG_FILE} is not valid JSON ({exc})"
-            ) from exc
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} does not hold a JSON object")
-        if meta.get("format") not in FORMATS_READ:
-            raise CheckpointError(
-                f"checkpoint {path}: format {meta.get('format')!r}, expected one of {FORMATS_READ}"
-            )
-        if verify and meta.get("sha256") != sha256_file(weights):
-            raise CheckpointError(
-                f"checkpoint {path}: {WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE} "
-                "(corrupt, truncated or from another save)"
-            )
-        try:
-            data = meta["config"]
-            if meta["format"] == "saekit.sae/1":
-                data = upgrade_v1_config(data)
             cfg = SAEConfig.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: bad config in {CONFIG_FILE}: {exc}") from exc
@@ -368,6 +392,7 @@ class SAE(nn.Module):
                 found = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint {path}: cannot read {WEIGHTS_FILE}: {exc}") from exc
+        found = upgrade_tensors(data, found)
         check_state_matches(expected, found, where=f"checkpoint {path}")
         sae.load_state_dict(found)
         return sae.to(device).eval()

@@ -13,6 +13,7 @@ from typing import Any
 
 from saekit.activations import ActivationConfig
 from saekit.configs import from_dict, to_dict
+from saekit.normalisation import WhiteningConfig
 
 
 @dataclass
@@ -32,6 +33,9 @@ class SAEConfig:
     """Model the activations came from (informational)."""
     dtype: str = "float32"
     """Parameter dtype."""
+    whitening: WhiteningConfig | None = None
+    """Train on whitened inputs (x/s − μ)·M, e.g. ``{kind: zca, eps: 0.001}``
+    (saekit.normalisation); folded into the weights on save, where it becomes None."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form extra information carried in cfg.json."""
     d_out: int | None = None
@@ -44,6 +48,8 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         self.activation = ActivationConfig.parse(self.activation, "activation")
+        if self.whitening is not None:
+            self.whitening = WhiteningConfig.parse(self.whitening, "whitening")
         self.validate()
 
     @property
@@ -74,6 +80,8 @@ class SAEConfig:
                         f"{name} is set but d_out is not: only a transcoder (d_out = the "
                         "target's width) has a target hook or a skip path"
                     )
+        elif self.whitening is not None:  # its fold on save is written for y = x
+            raise ValueError("whitening applies to SAEs, not transcoders (d_out is set)")
         self.activation.check_d_sae(self.d_sae)
         if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise ValueError(

@@ -1,5 +1,5 @@
 """Statistics of the activations a dictionary is fitted to: the width and finiteness check,
-the dataset scale and the geometric median (b_dec's robust initialisation)."""
+the scale check and the geometric median (b_dec's robust initialisation)."""
 
 from __future__ import annotations
 
@@ -26,12 +26,6 @@ def check_activations(x: Tensor, width: int, name: str = "d_in") -> None:
 def check_scale(scale: float) -> None:
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"dataset scale must be positive and finite, got {scale}")
-
-
-def estimate_scale(x: Tensor) -> float:
-    """s = sqrt(E‖x‖² / d), so that E‖x / s‖² = d: the one home of the dataset scale."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    return float((x.pow(2).sum(-1).mean() / x.shape[-1]).sqrt())
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
