@@ -103,10 +103,11 @@ FAULTS = [
     Fault(
         "dead-mask-after-count",
         "train/member.py",
-        "            out = sae(x)\n",
-        "            out = sae(x)\n"
+        "            out = sae(*sae.split_stream(batch))\n",
+        "            out = sae(*sae.split_stream(batch))\n"
         "            fired_M = latent_counts(out.latents)[1] > 0  # FAULT: mask after counting\n"
-        "            dead = ~fired_M & (self.tokens_since_fired + x.shape[0] >= cfg.dead_tokens)\n",
+        "            dead = ~fired_M & (self.tokens_since_fired + batch.shape[0]"
+        " >= cfg.dead_tokens)\n",
         ("test_objective.py", "test_trainer.py"),
     ),
     Fault(
