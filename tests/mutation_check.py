@@ -103,10 +103,11 @@ FAULTS = [
     Fault(
         "dead-mask-after-count",
         "train/member.py",
-        "            out = sae(x)\n",
-        "            out = sae(x)\n"
+        "            out = sae(*sae.split_stream(batch))\n",
+        "            out = sae(*sae.split_stream(batch))\n"
         "            fired_M = latent_counts(out.latents)[1] > 0  # FAULT: mask after counting\n"
-        "            dead = ~fired_M & (self.tokens_since_fired + x.shape[0] >= cfg.dead_tokens)\n",
+        "            dead = ~fired_M & (self.tokens_since_fired + batch.shape[0]"
+        " >= cfg.dead_tokens)\n",
         ("test_objective.py", "test_trainer.py"),
     ),
     Fault(
@@ -386,6 +387,34 @@ FAULTS = [
         "    if unexpected or missing:",
         "    if missing:",
         ("test_interop_cli.py",),
+    ),
+    Fault(
+        "transcoder-skip-folded-without-input-scale",
+        "sae.py",
+        "            self.W_skip *= s_y / s",
+        "            self.W_skip *= s_y",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-target-normalised-by-input-scale",
+        "sae.py",
+        "        return y.reshape(-1, width).to(self.W_dec.dtype) / self.output_scale",
+        "        return y.reshape(-1, width).to(self.W_dec.dtype) / self.scale",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-prefixes-without-skip-path",
+        "objective.py",
+        "        offset = sae.decoder_offset_n(out.x_n)",
+        "        offset = sae.b_dec",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-auxk-residual-of-input",
+        "objective.py",
+        "            (_target_n(out) - out.x_hat_n).detach(),",
+        "            (out.x_n[:, : out.x_hat_n.shape[-1]] - out.x_hat_n).detach(),",
+        ("test_transcoder.py",),
     ),
     # ----------------------------------------------------------------- feature report
     Fault(

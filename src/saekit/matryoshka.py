@@ -151,7 +151,9 @@ def matryoshka_reconstruction_loss(
     prefixes: Sequence[int],
 ) -> Tensor:
     """(1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖², every prefix from one pass (block deltas and the
-    running sums of :class:`_PrefixMSE`)."""
+    running sums of :class:`_PrefixMSE`). ``x_n``: the target; ``b_dec_D``: what every prefix
+    starts from, b_dec [d] or a per-token offset [N, d] (b_dec + x_n W_skipᵀ of a skip
+    transcoder)."""
     d = W_dec_MD.shape[-1]
     delta_PND = block_deltas(latents, W_dec_MD, prefixes)
     return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()

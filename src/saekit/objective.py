@@ -144,7 +144,8 @@ class AuxKRevival(RevivalConfig):
     coefficient: float = 1 / 32
     """α (Gao et al. 2024)."""
     k_aux: int | None = None
-    """Latents per token in the aux reconstruction (default min(d_in // 2, d_sae))."""
+    """Latents per token in the aux reconstruction (default min(d // 2, d_sae), d the target's
+    width: d_in for an SAE, d_out for a transcoder)."""
     normalizer: str = "residual"
     """V: residual (variance of the residual) or none."""
 
@@ -241,12 +242,21 @@ class Reconstruction(Term):
     name = "reconstruction"
 
     def __call__(self, inputs: TermInputs) -> Tensor:
+        out, sae = inputs.out, inputs.sae
         if inputs.prefixes is None:
-            return losses.reconstruction_loss(inputs.out.x_n, inputs.out.x_hat_n)
-        sae = inputs.sae
+            return losses.reconstruction_loss(_target_n(out), out.x_hat_n)
+        # each prefix's prediction starts from b_dec (+ a transcoder's skip path x_n W_skipᵀ)
+        offset = sae.decoder_offset_n(out.x_n)
         return matryoshka.matryoshka_reconstruction_loss(
-            inputs.out.x_n, inputs.out.latents, sae.W_dec, sae.b_dec, inputs.prefixes
+            _target_n(out), out.latents, sae.W_dec, offset, inputs.prefixes
         )
+
+
+def _target_n(out: ForwardOutput) -> Tensor:
+    """What the dictionary predicts, normalised: x_n for an SAE, y_n for a transcoder."""
+    if out.target_n is None:
+        raise ValueError("a transcoder's loss needs its target: call sae(x, target)")
+    return out.target_n
 
 
 def _latent_weights(inputs: TermInputs) -> Tensor | None:
@@ -291,7 +301,7 @@ class AuxK(Term):
         out = inputs.out
         return revival.auxk_loss(
             out.encoding.preacts,
-            (out.x_n - out.x_hat_n).detach(),
+            (_target_n(out) - out.x_hat_n).detach(),  # residual = target − prediction
             inputs.sae.W_dec,
             inputs.dead_mask,
             k_aux=self.cfg.k_aux,

@@ -66,7 +66,7 @@ class Activation(nn.Module):
     def preacts(self, sae: SAE, x_n_ND: Tensor) -> Preacts:
         """The affine encoder with dense autograd (the reference path)."""
         b_enc = sae.b_enc if self.uses_encoder_bias else None
-        return Preacts(encoder_preacts(x_n_ND, sae.W_enc, b_enc, sae.b_dec))
+        return Preacts(encoder_preacts(x_n_ND, sae.W_enc, b_enc, sae.input_center))
 
     def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
         raise NotImplementedError

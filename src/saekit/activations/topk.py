@@ -54,7 +54,7 @@ class TopKConfig(ActivationConfig):
 
 
 def fast_preacts(sae: SAE, x_n_ND: Tensor) -> SparsePreacts:
-    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.b_dec)
+    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.input_center)
 
 
 class TopK(Activation):
