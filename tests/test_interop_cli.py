@@ -18,7 +18,7 @@ from saekit.cli import main  # noqa: E402
 from saekit.interop import InteropError, export_sae, import_sae  # noqa: E402
 from saekit.interop.names import hf_hook_name, sparsify_hookpoint, transformer_lens_name  # noqa: E402
 from saekit.interop.releases import resolve_release  # noqa: E402
-from saekit.sae import SAE  # noqa: E402
+from saekit.sae import SAE, SAEConfig  # noqa: E402
 
 
 def error_line(capsys) -> str:
@@ -88,6 +88,12 @@ def test_sparsify_refuses_what_it_cannot_serve(tmp_path, capsys):
         main(["export", str(tmp_path / "j"), "--to", "sparsify", "--out", str(tmp_path / "o")]) == 2
     )
     assert "sparsify serves top-k SAEs only" in error_line(capsys)
+
+
+def test_a_transcoder_is_refused(tmp_path):
+    cfg = SAEConfig(D_IN, D_SAE, {"kind": "topk", "k": K}, d_out=D_IN + 2, skip=True)
+    with pytest.raises(InteropError, match="transcoders are not exported"):
+        export_sae(SAE(cfg), "saelens", tmp_path / "o")
 
 
 def saelens_dir(path, cfg, tensors):

@@ -111,6 +111,11 @@ EXPORTS: dict[str, Callable[[SAE], Portable]] = {
 def to_portable(sae: SAE) -> Portable:
     """The portable form of a saekit SAE, or InteropError naming the activation."""
     kind = sae.cfg.activation.kind
+    if sae.cfg.transcoder:  # its encoder reads x uncentred, its decoder writes y (+ x W_skipᵀ)
+        raise InteropError(
+            "transcoders are not exported yet (SAELens' transcoder formats are not mapped); "
+            "export autoencoders"
+        )
     if kind not in EXPORTS:
         raise InteropError(
             f"activation {kind!r} has no exact equivalent in SAELens, sparsify or "
