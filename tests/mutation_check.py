@@ -260,6 +260,21 @@ FAULTS = [
         "    return err_ND.pow(2).mean()",
         ("test_objective.py", "test_losses.py"),
     ),
+    # ----------------------------------------------------------------- issue 14 architectures
+    Fault(
+        "abstopk-selects-by-signed-pre",
+        "activations/abstopk.py",
+        "    _, latent_Nk = topk_select(pre_NM.detach().abs(), k)",
+        "    _, latent_Nk = topk_select(pre_NM.detach(), k)",
+        ("test_arch_abstopk.py",),
+    ),
+    Fault(
+        "abstopk-relus-kept-values",
+        "activations/abstopk.py",
+        "        values_E = pre.attach(values_Nk.reshape(-1), layout)",
+        "        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))",
+        ("test_arch_abstopk.py",),
+    ),
 ]
 
 

@@ -16,6 +16,8 @@ import torch
 
 from saekit.activations import (
     ACTIVATIONS,
+    AbsTopK,
+    AbsTopKConfig,
     BatchTopK,
     BatchTopKConfig,
     Combiner,
@@ -92,6 +94,7 @@ FLAGS = {  # kind: (unit_norm_decoder, revival_signals, needs_penalty, uses_enco
     "batchtopk": (True, {"auxk", "preact"}, False, True),
     "jumprelu": (False, {"preact"}, False, True),
     "prolu": (False, set(), True, False),
+    "abstopk": (True, {"preact"}, False, True),
 }
 
 
@@ -103,6 +106,7 @@ def test_registry_holds_every_kind_once_with_its_config():
         "batchtopk": (BatchTopK, BatchTopKConfig),
         "jumprelu": (JumpReLU, JumpReLUConfig),
         "prolu": (ProLU, ProLUConfig),
+        "abstopk": (AbsTopK, AbsTopKConfig),
     }
     for kind, cls in ACTIVATIONS.items():
         assert (cls, cls.config_class) == expected[kind]

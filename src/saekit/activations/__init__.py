@@ -6,6 +6,7 @@ Adding an activation = one module here (a config dataclass with ``kind`` and an
 
 from __future__ import annotations
 
+from saekit.activations.abstopk import AbsTopK, AbsTopKConfig
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig
 from saekit.activations.jumprelu import JumpReLU, JumpReLUConfig
@@ -14,7 +15,8 @@ from saekit.activations.relu import ReLU, ReLUConfig
 from saekit.activations.topk import TopK, TopKConfig
 
 ACTIVATIONS: dict[str, type[Activation]] = {
-    cls.config_class.kind: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, ProLU)
+    cls.config_class.kind: cls
+    for cls in (ReLU, TopK, BatchTopK, JumpReLU, ProLU, AbsTopK)
 }
 """kind → activation class: the only registry."""
 
@@ -25,6 +27,8 @@ def make_activation(cfg: ActivationConfig, d_sae: int) -> Activation:
 
 __all__ = [
     "ACTIVATIONS",
+    "AbsTopK",
+    "AbsTopKConfig",
     "Activation",
     "ActivationConfig",
     "BatchTopK",
