@@ -275,6 +275,27 @@ FAULTS = [
         "        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))",
         ("test_arch_abstopk.py",),
     ),
+    Fault(
+        "gated-r-mag-not-exponentiated",
+        "activations/gated.py",
+        "        pi_mag_NM = m_NM * self.r_mag.exp() + self.b_mag",
+        "        pi_mag_NM = m_NM * (1 + self.r_mag) + self.b_mag",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "gated-aux-decoder-not-frozen",
+        "activations/gated.py",
+        "        x_hat_gate_ND = torch.addmm(sae.b_dec.detach(), gate_NM, sae.W_dec.detach())",
+        "        x_hat_gate_ND = torch.addmm(sae.b_dec, gate_NM, sae.W_dec)",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "gated-penalty-on-latents",
+        "activations/gated.py",
+        "        return torch.relu(enc.preacts.dense())\n",
+        "        return enc.latents\n",
+        ("test_arch_gated.py",),
+    ),
 ]
 
 

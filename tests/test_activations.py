@@ -21,6 +21,8 @@ from saekit.activations import (
     BatchTopK,
     BatchTopKConfig,
     Combiner,
+    Gated,
+    GatedConfig,
     JumpReLU,
     JumpReLUConfig,
     ProLU,
@@ -95,6 +97,7 @@ FLAGS = {  # kind: (unit_norm_decoder, revival_signals, needs_penalty, uses_enco
     "jumprelu": (False, {"preact"}, False, True),
     "prolu": (False, set(), True, False),
     "abstopk": (True, {"preact"}, False, True),
+    "gated": (False, set(), True, True),
 }
 
 
@@ -107,6 +110,7 @@ def test_registry_holds_every_kind_once_with_its_config():
         "jumprelu": (JumpReLU, JumpReLUConfig),
         "prolu": (ProLU, ProLUConfig),
         "abstopk": (AbsTopK, AbsTopKConfig),
+        "gated": (Gated, GatedConfig),
     }
     for kind, cls in ACTIVATIONS.items():
         assert (cls, cls.config_class) == expected[kind]

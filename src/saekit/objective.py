@@ -213,9 +213,9 @@ class Reconstruction(Term):
     name = "reconstruction"
 
     def __call__(self, inputs: TermInputs) -> Tensor:
-        if inputs.prefixes is None:
-            return losses.reconstruction_loss(inputs.out.x_n, inputs.out.x_hat_n)
         sae = inputs.sae
+        if inputs.prefixes is None:
+            return sae.activation.reconstruction_loss(sae, inputs.out)
         return matryoshka.matryoshka_reconstruction_loss(
             inputs.out.x_n, inputs.out.latents, sae.W_dec, sae.b_dec, inputs.prefixes
         )
@@ -242,7 +242,7 @@ class Penalty(Term):
             steps_NM = sae.activation.l0_step(inputs.out.encoding.preacts.detached)
             return inputs.lam * losses.l0_penalty(steps_NM, weights)
         value = losses.sparsity_penalty(
-            inputs.out.latents,
+            sae.activation.penalty_latents(inputs.out.encoding),
             sae.W_dec.norm(dim=-1),
             cfg.kind,
             latent_weights_M=weights,
@@ -283,6 +283,15 @@ class PreactTerm(Term):
         return self.cfg.coefficient * revival.dead_preact_loss(
             enc.preacts, inputs.dead_mask, theta, dec_norms
         )
+
+
+class ActivationAux(Term):
+    """The activation's own extra term (``Activation.auxiliary_loss``; Gated's)."""
+
+    name = "aux"
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        return inputs.sae.activation.auxiliary_loss(inputs.sae, inputs.out)
 
 
 class Objective:
@@ -327,7 +336,7 @@ def build_objective(
             f"(one of {PenaltyConfig.kinds()})"
         )
     if penalty is not None:
-        if isinstance(penalty, L0Penalty) and not _has_l0_step(activation):
+        if isinstance(penalty, L0Penalty) and not activation.overrides("l0_step"):
             raise ValueError(
                 f"penalty.kind 'l0' needs thresholds; sae.activation.kind {kind!r} has none "
                 "(use jumprelu)"
@@ -344,10 +353,6 @@ def build_objective(
         terms.append(AuxK(revival_cfg))
     elif isinstance(revival_cfg, PreactRevival):
         terms.append(PreactTerm(revival_cfg))
+    if activation.overrides("auxiliary_loss"):
+        terms.append(ActivationAux())
     return Objective(terms)
-
-
-def _has_l0_step(activation: type[Activation]) -> bool:
-    from saekit.activations.base import Activation as Base
-
-    return activation.l0_step is not Base.l0_step

@@ -9,6 +9,7 @@ from __future__ import annotations
 from saekit.activations.abstopk import AbsTopK, AbsTopKConfig
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig
+from saekit.activations.gated import Gated, GatedConfig
 from saekit.activations.jumprelu import JumpReLU, JumpReLUConfig
 from saekit.activations.prolu import ProLU, ProLUConfig
 from saekit.activations.relu import ReLU, ReLUConfig
@@ -16,7 +17,7 @@ from saekit.activations.topk import TopK, TopKConfig
 
 ACTIVATIONS: dict[str, type[Activation]] = {
     cls.config_class.kind: cls
-    for cls in (ReLU, TopK, BatchTopK, JumpReLU, ProLU, AbsTopK)
+    for cls in (ReLU, TopK, BatchTopK, JumpReLU, ProLU, AbsTopK, Gated)
 }
 """kind → activation class: the only registry."""
 
@@ -34,6 +35,8 @@ __all__ = [
     "BatchTopK",
     "BatchTopKConfig",
     "Combiner",
+    "Gated",
+    "GatedConfig",
     "JumpReLU",
     "JumpReLUConfig",
     "ProLU",

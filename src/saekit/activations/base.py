@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from saekit import losses
 from saekit.configs import KindConfig
-from saekit.encoding import Encoding, Preacts, encoder_preacts
+from saekit.encoding import Encoding, Preacts, SparseCode, encoder_preacts
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.sae import SAE, ForwardOutput
 
 
 class ActivationConfig(KindConfig):
@@ -83,6 +84,29 @@ class Activation(nn.Module):
     @torch.no_grad()
     def after_step(self, enc: Encoding, combiner: Combiner) -> None:
         """Update state that follows the training batches (BatchTopK's θ EMA); default none."""
+
+    # Loss hooks (saekit.objective): an activation with a loss of its own overrides one of these
+    # instead of adding a branch to the objective.
+
+    def reconstruction_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+        """The objective's reconstruction term: mean_n ‖x_n − x̂_n‖² unless overridden
+        (HierarchicalTopK: the mean over every prefix k' ≤ K)."""
+        return losses.reconstruction_loss(out.x_n, out.x_hat_n)
+
+    def penalty_latents(self, enc: Encoding) -> Tensor | SparseCode:
+        """What the sparsity penalty is applied to: the latents unless overridden (Gated: the
+        gate's ReLU pre-activations)."""
+        return enc.latents
+
+    def auxiliary_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+        """The activation's own extra loss term, logged as "aux" (Gated's auxiliary
+        reconstruction). The objective has the term only where an activation overrides this."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary loss")
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        """Whether this activation implements ``hook`` (l0_step, auxiliary_loss, ...)."""
+        return getattr(cls, hook) is not getattr(Activation, hook)
 
     def extra_repr(self) -> str:
         return repr(self.cfg)

@@ -103,6 +103,12 @@ class SAETrainConfig:
                     f"matryoshka: cannot draw n_prefixes - 1 = {n - 1} distinct prefixes of at "
                     f"least min_prefix = {m} below sae.d_sae = {d_sae}"
                 )
+        kind = self.sae.activation.kind
+        if self.matryoshka is not None and ACTIVATIONS[kind].overrides("reconstruction_loss"):
+            raise ValueError(
+                f"matryoshka does not apply to sae.activation.kind {kind!r}: it has its own "
+                "reconstruction loss over prefixes"
+            )
         self.objective()
 
     def objective(self) -> Objective:
