@@ -38,9 +38,11 @@ def make_member(activation: dict, penalty: dict | None = None, revival="none", *
             "sae": {"d_in": D, "d_sae": M, "activation": activation, "dtype": "float64"},
             "penalty": penalty,
             "revival": revival,
+            "name": "arch",
             **extra,
         },
     )
+    cfg.validate()  # as a run's config is
     member = Member(cfg, 10, "cpu")
     member.init_from_data(data()[0])
     perturb(member.sae)

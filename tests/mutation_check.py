@@ -296,6 +296,20 @@ FAULTS = [
         "        return enc.latents\n",
         ("test_arch_gated.py",),
     ),
+    Fault(
+        "mp-residual-not-updated",
+        "activations/matching_pursuit.py",
+        "            r_ND = r_ND - c_N.unsqueeze(1) * u_j_ND",
+        "            r_ND = r_ND - 0 * c_N.unsqueeze(1) * u_j_ND",
+        ("test_arch_matching_pursuit.py",),
+    ),
+    Fault(
+        "mp-code-not-divided-by-decoder-norm",
+        "activations/matching_pursuit.py",
+        "scatter_add(1, latent_Nk, coef_Nk / norms_M[latent_Nk])",
+        "scatter_add(1, latent_Nk, coef_Nk)",
+        ("test_arch_matching_pursuit.py",),
+    ),
 ]
 
 

@@ -25,6 +25,8 @@ from saekit.activations import (
     GatedConfig,
     JumpReLU,
     JumpReLUConfig,
+    MatchingPursuit,
+    MatchingPursuitConfig,
     ProLU,
     ProLUConfig,
     ReLU,
@@ -98,6 +100,7 @@ FLAGS = {  # kind: (unit_norm_decoder, revival_signals, needs_penalty, uses_enco
     "prolu": (False, set(), True, False),
     "abstopk": (True, {"preact"}, False, True),
     "gated": (False, set(), True, True),
+    "matching_pursuit": (True, {"auxk"}, False, False),
 }
 
 
@@ -111,6 +114,7 @@ def test_registry_holds_every_kind_once_with_its_config():
         "prolu": (ProLU, ProLUConfig),
         "abstopk": (AbsTopK, AbsTopKConfig),
         "gated": (Gated, GatedConfig),
+        "matching_pursuit": (MatchingPursuit, MatchingPursuitConfig),
     }
     for kind, cls in ACTIVATIONS.items():
         assert (cls, cls.config_class) == expected[kind]

@@ -137,6 +137,8 @@ class SAE(nn.Module):
         self.activation = make_activation(cfg.activation, M).to(device=device, dtype=aux_dtype)
         if not self.activation.uses_encoder_bias:
             self.b_enc.requires_grad_(False)  # the activation owns its bias; b_enc stays 0
+        if not self.activation.uses_encoder_weights:
+            self.W_enc.requires_grad_(False)  # tied: the decoder rows encode
         self.reset_parameters()
 
     # ---------------------------------------------------------------- initialisation

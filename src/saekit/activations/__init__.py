@@ -11,13 +11,23 @@ from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig
 from saekit.activations.gated import Gated, GatedConfig
 from saekit.activations.jumprelu import JumpReLU, JumpReLUConfig
+from saekit.activations.matching_pursuit import MatchingPursuit, MatchingPursuitConfig
 from saekit.activations.prolu import ProLU, ProLUConfig
 from saekit.activations.relu import ReLU, ReLUConfig
 from saekit.activations.topk import TopK, TopKConfig
 
 ACTIVATIONS: dict[str, type[Activation]] = {
     cls.config_class.kind: cls
-    for cls in (ReLU, TopK, BatchTopK, JumpReLU, ProLU, AbsTopK, Gated)
+    for cls in (
+        ReLU,
+        TopK,
+        BatchTopK,
+        JumpReLU,
+        ProLU,
+        AbsTopK,
+        Gated,
+        MatchingPursuit,
+    )
 }
 """kind → activation class: the only registry."""
 
@@ -39,6 +49,8 @@ __all__ = [
     "GatedConfig",
     "JumpReLU",
     "JumpReLUConfig",
+    "MatchingPursuit",
+    "MatchingPursuitConfig",
     "ProLU",
     "ProLUConfig",
     "ReLU",

@@ -58,6 +58,8 @@ class Activation(nn.Module):
     """Nothing but a sparsity penalty makes this activation sparse (ReLU, ProLU)."""
     uses_encoder_bias: ClassVar[bool] = True
     """False where the activation owns its bias (ProLU): b_enc stays 0 and gets no gradient."""
+    uses_encoder_weights: ClassVar[bool] = True
+    """False where the decoder encodes (tied, Matching Pursuit): W_enc gets no gradient."""
 
     def __init__(self, cfg: ActivationConfig, d_sae: int):
         super().__init__()
