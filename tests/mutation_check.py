@@ -119,8 +119,8 @@ FAULTS = [
     Fault(
         "matryoshka-last-prefix-dropped",
         "matryoshka.py",
-        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
-        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
         ("test_objective.py", "test_matryoshka.py"),
     ),
     Fault(
@@ -309,6 +309,27 @@ FAULTS = [
         "scatter_add(1, latent_Nk, coef_Nk / norms_M[latent_Nk])",
         "scatter_add(1, latent_Nk, coef_Nk)",
         ("test_arch_matching_pursuit.py",),
+    ),
+    Fault(
+        "htopk-prefixes-in-ascending-order",
+        "activations/hierarchical_topk.py",
+        "    order_Nk = values_Nk.detach().argsort(-1, descending=True)",
+        "    order_Nk = values_Nk.detach().argsort(-1, descending=False)",
+        ("test_arch_hierarchical_topk.py",),
+    ),
+    Fault(
+        "htopk-only-the-full-prefix",
+        "activations/hierarchical_topk.py",
+        "        return prefix_mse(delta_kND, out.x_n - sae.b_dec).mean()",
+        "        return prefix_mse(delta_kND, out.x_n - sae.b_dec)[-1:].mean()",
+        ("test_arch_hierarchical_topk.py",),
+    ),
+    Fault(
+        "htopk-inference-k-ignored",
+        "activations/hierarchical_topk.py",
+        "        return self.cfg.inference_k\n",
+        "        return self.cfg.k\n",
+        ("test_arch_hierarchical_topk.py",),
     ),
 ]
 

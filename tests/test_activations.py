@@ -23,6 +23,8 @@ from saekit.activations import (
     Combiner,
     Gated,
     GatedConfig,
+    HierarchicalTopK,
+    HierarchicalTopKConfig,
     JumpReLU,
     JumpReLUConfig,
     MatchingPursuit,
@@ -101,6 +103,7 @@ FLAGS = {  # kind: (unit_norm_decoder, revival_signals, needs_penalty, uses_enco
     "abstopk": (True, {"preact"}, False, True),
     "gated": (False, set(), True, True),
     "matching_pursuit": (True, {"auxk"}, False, False),
+    "hierarchical_topk": (True, {"auxk", "preact"}, False, True),
 }
 
 
@@ -115,6 +118,7 @@ def test_registry_holds_every_kind_once_with_its_config():
         "abstopk": (AbsTopK, AbsTopKConfig),
         "gated": (Gated, GatedConfig),
         "matching_pursuit": (MatchingPursuit, MatchingPursuitConfig),
+        "hierarchical_topk": (HierarchicalTopK, HierarchicalTopKConfig),
     }
     for kind, cls in ACTIVATIONS.items():
         assert (cls, cls.config_class) == expected[kind]

@@ -10,6 +10,7 @@ from saekit.activations.abstopk import AbsTopK, AbsTopKConfig
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig
 from saekit.activations.gated import Gated, GatedConfig
+from saekit.activations.hierarchical_topk import HierarchicalTopK, HierarchicalTopKConfig
 from saekit.activations.jumprelu import JumpReLU, JumpReLUConfig
 from saekit.activations.matching_pursuit import MatchingPursuit, MatchingPursuitConfig
 from saekit.activations.prolu import ProLU, ProLUConfig
@@ -27,6 +28,7 @@ ACTIVATIONS: dict[str, type[Activation]] = {
         AbsTopK,
         Gated,
         MatchingPursuit,
+        HierarchicalTopK,
     )
 }
 """kind → activation class: the only registry."""
@@ -47,6 +49,8 @@ __all__ = [
     "Combiner",
     "Gated",
     "GatedConfig",
+    "HierarchicalTopK",
+    "HierarchicalTopKConfig",
     "JumpReLU",
     "JumpReLUConfig",
     "MatchingPursuit",
