@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 from arch_helpers import (
-    D,
     F64,
+    D,
     assert_same_gradients,
     data,
     dead_mask,

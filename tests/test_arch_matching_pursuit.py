@@ -5,13 +5,14 @@ correlations; autograd of that loop gives the reference gradients.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 from arch_helpers import (
-    D,
     F64,
+    D,
     M,
     assert_same_gradients,
     data,
@@ -111,9 +112,10 @@ def test_mp_reconstruction_is_the_input_minus_the_final_residual_and_shrinks_eac
     with torch.no_grad():
         for k in range(1, 7):
             sae.activation.cfg.k = k
-            errors.append(float((x_n - sae.decode_n(sae.activation.encode(sae, x_n).latents))
-                                .pow(2).sum()))
-    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+            errors.append(
+                float((x_n - sae.decode_n(sae.activation.encode(sae, x_n).latents)).pow(2).sum())
+            )
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(errors))
     assert errors[-1] < 0.9 * errors[0]
 
 

@@ -34,9 +34,11 @@ def train_config() -> dict[str, Any]:
 
 
 def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
-    """TopK, BatchTopK, JumpReLU, ReLU+L1 and Matryoshka-BatchTopK at matched L0 on one stream.
+    """TopK, BatchTopK, JumpReLU, ReLU+L1, Matryoshka-BatchTopK, AbsTopK, Gated, Matching
+    Pursuit and HierarchicalTopK at matched L0 on one stream.
 
-    Penalty-trained SAEs reach the matched L0 through the λ controller (target_l0 = k).
+    Penalty-trained SAEs (ReLU, Gated, JumpReLU) reach the matched L0 through the λ controller
+    (target_l0 = k); the others have k (Matching Pursuit: at most k steps).
     BatchTopK gets a stronger AuxK (α = 1, dead after 50k tokens) than TopK's 1/32: on this
     data its rare-feature latents lose the batch-wide competition early and die, which the
     paper's α = 1/32 does not undo in 1500 steps (BENCHMARKS.md).
@@ -79,6 +81,19 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
             },
         },
         {**batchtopk, "matryoshka": {"kind": "random", "n_prefixes": 10, "min_prefix": 16}},
+        {"sae": {"d_sae": D_SAE, "activation": {"kind": "abstopk", "k": k}}, "lr": LR},
+        {
+            "sae": {"d_sae": D_SAE, "activation": "gated"},
+            "lr": LR,
+            "penalty": {
+                "kind": "l1",
+                "coefficient": 0.1,
+                "target_l0": float(k),
+                "controller_rate": 0.05,
+            },
+        },
+        {"sae": {"d_sae": D_SAE, "activation": {"kind": "matching_pursuit", "k": k}}, "lr": LR},
+        {"sae": {"d_sae": D_SAE, "activation": {"kind": "hierarchical_topk", "k": k}}, "lr": LR},
     ]
     return {
         "data": {"source": "synthetic", "synthetic": synthetic_data()},
