@@ -9,10 +9,12 @@ the gradient of every parameter with a float64 reference the test writes from th
 
 from __future__ import annotations
 
+import math
+
 import torch
+from test_objective import leaves, saekit_objective  # noqa: F401 (leaves: re-exported)
 
 from saekit.configs import from_dict
-from saekit.objective import TermInputs
 from saekit.sae import SAE
 from saekit.train.config import SAETrainConfig
 from saekit.train.member import Member
@@ -76,24 +78,21 @@ def dead_mask(case: str) -> torch.Tensor:
     return mask
 
 
-def leaves(sae: SAE) -> dict[str, torch.Tensor]:
-    """Fresh float64 leaves holding the SAE's parameter values (for the reference)."""
-    return {
-        name: p.detach().clone().requires_grad_(p.requires_grad)
-        for name, p in sae.named_parameters()
-    }
+def reference_auxk(pre, e, W_dec, dead, alpha: float, k_aux: int) -> torch.Tensor:
+    """AuxK from its docstring (revival.auxk_loss): the k_aux largest ReLU(pre) among dead
+    latents fit the stop-gradient residual e through W_dec, no b_dec, over e's variance."""
+    cand = torch.where(dead, torch.relu(pre.detach()), torch.full_like(pre, -math.inf))
+    chosen = cand.argsort(dim=-1, descending=True)[:, :k_aux]
+    sel = torch.zeros_like(pre).scatter(1, chosen, 1.0) * dead.to(F64)
+    e_hat = (torch.relu(pre) * sel) @ W_dec
+    mse = (e_hat - e).pow(2).sum(-1).mean()
+    variance = (e - e.mean(0)).pow(2).sum(-1).mean()
+    return alpha * min(float(dead.sum()) / k_aux, 1.0) * mse / variance
 
 
-def saekit_loss(member: Member, x: torch.Tensor, dead: torch.Tensor):
-    """As Member.train_step computes the loss and its backward (no optimizer step)."""
-    sae = member.sae
-    sae.train()
-    sae.zero_grad(set_to_none=True)
-    out = sae(x)
-    inputs = TermInputs(sae, out, dead, member.lambda_value(), member.prefixes())
-    total, parts = member.objective(inputs)
-    total.backward()
-    return out, total, parts
+# The objective proof's helpers (tests/test_objective.py): fresh float64 leaves holding the
+# SAE's parameter values, and the loss + backward exactly as Member.train_step runs them.
+saekit_loss = saekit_objective
 
 
 def assert_same_gradients(sae: SAE, ref: dict[str, torch.Tensor]) -> None:

@@ -5,18 +5,16 @@ row by row, the K prefix errors averaged. Then the SAE used at k' < K after save
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from arch_helpers import (
-    F64,
     D,
     assert_same_gradients,
     data,
     dead_mask,
     leaves,
     make_member,
+    reference_auxk,
     round_trip,
     saekit_loss,
 )
@@ -49,13 +47,7 @@ def reference_loss(P, scale, x, dead, revival: str):
     parts = {"reconstruction": sum(e / n_tokens for e in prefix_errors) / K}
     if revival == "auxk":
         e = (x_n - torch.stack(x_hat_full)).detach()
-        cand = torch.where(dead, torch.relu(pre.detach()), torch.full_like(pre, -math.inf))
-        chosen = cand.argsort(dim=-1, descending=True)[:, :K_AUX]
-        sel = torch.zeros_like(pre).scatter(1, chosen, 1.0) * dead.to(F64)
-        e_hat = (torch.relu(pre) * sel) @ W_dec
-        mse = (e_hat - e).pow(2).sum(-1).mean()
-        V = (e - e.mean(0)).pow(2).sum(-1).mean()
-        parts["revival"] = ALPHA * min(float(dead.sum()) / K_AUX, 1.0) * mse / V
+        parts["revival"] = reference_auxk(pre, e, W_dec, dead, ALPHA, K_AUX)
     return parts
 
 

@@ -6,7 +6,6 @@ correlations; autograd of that loop gives the reference gradients.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from arch_helpers import (
     dead_mask,
     leaves,
     make_member,
+    reference_auxk,
     round_trip,
     saekit_loss,
 )
@@ -64,13 +64,7 @@ def reference_loss(P, scale, x, dead, tau: float, revival: str):
     if revival == "auxk":
         pre = (x_n - b_dec) @ (W_dec / W_dec.norm(dim=-1, keepdim=True)).T
         e = (x_n - x_hat).detach()
-        cand = torch.where(dead, torch.relu(pre.detach()), torch.full_like(pre, -math.inf))
-        chosen = cand.argsort(dim=-1, descending=True)[:, :K_AUX]
-        sel = torch.zeros_like(pre).scatter(1, chosen, 1.0) * dead.to(F64)
-        e_hat = (torch.relu(pre) * sel) @ W_dec
-        mse = (e_hat - e).pow(2).sum(-1).mean()
-        V = (e - e.mean(0)).pow(2).sum(-1).mean()
-        parts["revival"] = ALPHA * min(float(dead.sum()) / K_AUX, 1.0) * mse / V
+        parts["revival"] = reference_auxk(pre, e, W_dec, dead, ALPHA, K_AUX)
     return parts, z
 
 

@@ -53,6 +53,12 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
         "revival": {"kind": "auxk", "coefficient": 1.0},
         "dead_tokens": 50_000,
     }
+    l1_to_target = {
+        "kind": "l1",
+        "coefficient": 0.1,
+        "target_l0": float(k),
+        "controller_rate": 0.05,
+    }
     saes = [
         {"sae": {"d_sae": D_SAE, "activation": {"kind": "topk", "k": k}}, "lr": LR},
         batchtopk,
@@ -70,28 +76,10 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
             },
             "revival": "none",
         },
-        {
-            "sae": {"d_sae": D_SAE, "activation": "relu"},
-            "lr": LR,
-            "penalty": {
-                "kind": "l1",
-                "coefficient": 0.1,
-                "target_l0": float(k),
-                "controller_rate": 0.05,
-            },
-        },
+        {"sae": {"d_sae": D_SAE, "activation": "relu"}, "lr": LR, "penalty": dict(l1_to_target)},
         {**batchtopk, "matryoshka": {"kind": "random", "n_prefixes": 10, "min_prefix": 16}},
         {"sae": {"d_sae": D_SAE, "activation": {"kind": "abstopk", "k": k}}, "lr": LR},
-        {
-            "sae": {"d_sae": D_SAE, "activation": "gated"},
-            "lr": LR,
-            "penalty": {
-                "kind": "l1",
-                "coefficient": 0.1,
-                "target_l0": float(k),
-                "controller_rate": 0.05,
-            },
-        },
+        {"sae": {"d_sae": D_SAE, "activation": "gated"}, "lr": LR, "penalty": dict(l1_to_target)},
         {"sae": {"d_sae": D_SAE, "activation": {"kind": "matching_pursuit", "k": k}}, "lr": LR},
         {"sae": {"d_sae": D_SAE, "activation": {"kind": "hierarchical_topk", "k": k}}, "lr": LR},
     ]
