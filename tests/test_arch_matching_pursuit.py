@@ -23,7 +23,9 @@ from arch_helpers import (
     saekit_loss,
 )
 
+from saekit.configs import from_dict
 from saekit.sae import SAE, SAEConfig
+from saekit.train.config import SAETrainConfig
 
 K = 3
 ALPHA = 0.3
@@ -137,3 +139,14 @@ def test_mp_default_revival_is_auxk_and_the_decoder_is_kept_unit_norm():
     assert [t.name for t in member.objective.terms] == ["reconstruction", "revival"]
     sae = SAE(SAEConfig(d_in=D, d_sae=M, activation=mp()))
     assert sae.activation.unit_norm_decoder
+
+
+def test_mp_refuses_whitening_whose_fold_would_untie_it():
+    with pytest.raises(ValueError, match=r"sae.whitening does not apply.*'matching_pursuit'"):
+        from_dict(
+            SAETrainConfig,
+            {
+                "sae": {"d_in": D, "d_sae": M, "activation": mp(), "whitening": {"kind": "zca"}},
+                "name": "mp",
+            },
+        ).validate()

@@ -115,6 +115,12 @@ class SAETrainConfig:
                 f"matryoshka does not apply to sae.activation.kind {kind!r}: it has its own "
                 "reconstruction loss over prefixes"
             )
+        if self.sae.whitening is not None and not ACTIVATIONS[kind].uses_encoder_weights:
+            raise ValueError(
+                f"sae.whitening does not apply to sae.activation.kind {kind!r}: its decoder "
+                "encodes (tied), and folding the whitening on save gives the encoder Mᵀ but the "
+                "decoder M⁻¹"
+            )
         self.objective()
 
     def objective(self) -> Objective:
