@@ -159,3 +159,15 @@ def test_abstopk_save_load_round_trip(kernel, tmp_path):
 def test_abstopk_rejects_k_above_d_sae():
     with pytest.raises(ValueError, match="activation.k = 17 exceeds d_sae = 16"):
         SAEConfig(d_in=4, d_sae=M, activation={"kind": "abstopk", "k": 17})
+
+
+def test_feature_report_density_counts_negative_only_latents():
+    from saekit.report.collect import LatentCollector
+
+    z_BTM = NEGATIVE_X.clone()  # latent 0 is negative on every token
+    collector = LatentCollector(torch.arange(4))
+    collector.update(z_BTM, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.long))
+    assert collector.fired.tolist() == [4, 4, 4, 4]
+    z_BTM[..., 1] = 0.0
+    collector.update(z_BTM, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.long))
+    assert collector.fired.tolist() == [8, 4, 8, 8]
