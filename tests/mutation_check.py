@@ -120,8 +120,8 @@ FAULTS = [
     Fault(
         "matryoshka-last-prefix-dropped",
         "matryoshka.py",
-        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
-        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
         ("test_objective.py", "test_matryoshka.py"),
     ),
     Fault(
@@ -412,9 +412,80 @@ FAULTS = [
     Fault(
         "transcoder-auxk-residual-of-input",
         "objective.py",
-        "            (_target_n(out) - out.x_hat_n).detach(),",
+        "            (out.target() - out.x_hat_n).detach(),",
         "            (out.x_n[:, : out.x_hat_n.shape[-1]] - out.x_hat_n).detach(),",
         ("test_transcoder.py",),
+    ),
+    # ----------------------------------------------------------------- issue 14 architectures
+    Fault(
+        "abstopk-selects-by-signed-pre",
+        "activations/abstopk.py",
+        "    _, latent_Nk = topk_select(pre_NM.detach().abs(), k)",
+        "    _, latent_Nk = topk_select(pre_NM.detach(), k)",
+        ("test_arch_abstopk.py",),
+    ),
+    Fault(
+        "abstopk-relus-kept-values",
+        "activations/abstopk.py",
+        "        values_E = pre.attach(values_Nk.reshape(-1), layout)",
+        "        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))",
+        ("test_arch_abstopk.py",),
+    ),
+    Fault(
+        "gated-r-mag-not-exponentiated",
+        "activations/gated.py",
+        "        pi_mag_NM = m_NM * self.r_mag.exp() + self.b_mag",
+        "        pi_mag_NM = m_NM * (1 + self.r_mag) + self.b_mag",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "gated-aux-decoder-not-frozen",
+        "activations/gated.py",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec.detach())",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec)",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "gated-penalty-on-latents",
+        "activations/gated.py",
+        "        return torch.relu(enc.preacts.dense())\n",
+        "        return enc.latents\n",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "mp-residual-not-updated",
+        "activations/matching_pursuit.py",
+        "            r_ND = r_ND - c_N.unsqueeze(1) * u_j_ND",
+        "            r_ND = r_ND - 0 * c_N.unsqueeze(1) * u_j_ND",
+        ("test_arch_matching_pursuit.py",),
+    ),
+    Fault(
+        "mp-code-not-divided-by-decoder-norm",
+        "activations/matching_pursuit.py",
+        "scatter_add(1, latent_Nk, coef_Nk / norms_M[latent_Nk])",
+        "scatter_add(1, latent_Nk, coef_Nk)",
+        ("test_arch_matching_pursuit.py",),
+    ),
+    Fault(
+        "htopk-prefixes-in-ascending-order",
+        "activations/hierarchical_topk.py",
+        "    order_Nk = values_Nk.detach().argsort(-1, descending=True)",
+        "    order_Nk = values_Nk.detach().argsort(-1, descending=False)",
+        ("test_arch_hierarchical_topk.py",),
+    ),
+    Fault(
+        "htopk-only-the-full-prefix",
+        "activations/hierarchical_topk.py",
+        "decoder_offset_n(out.x_n)).mean()",
+        "decoder_offset_n(out.x_n))[-1:].mean()",
+        ("test_arch_hierarchical_topk.py",),
+    ),
+    Fault(
+        "htopk-inference-k-ignored",
+        "activations/hierarchical_topk.py",
+        "        return self.cfg.inference_k\n",
+        "        return self.cfg.k\n",
+        ("test_arch_hierarchical_topk.py",),
     ),
     # ----------------------------------------------------------------- feature report
     Fault(

@@ -249,3 +249,9 @@ def test_a_missing_or_misplaced_target_is_refused():
         sae(x, x)
     with pytest.raises(ValueError, match="d_out = 5"):
         tc(x, torch.zeros(3, D_IN))
+
+
+def test_a_tied_activation_is_refused_as_a_transcoder():
+    """Matching Pursuit encodes with its decoder, which lives in the target's space."""
+    with pytest.raises(ValueError, match="matching_pursuit.*tied.*d_out"):
+        make_transcoder({"kind": "matching_pursuit", "k": K})

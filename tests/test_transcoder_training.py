@@ -71,6 +71,9 @@ EVERY_KIND = [
     ),
     entry("relu", "relu", penalty={"kind": "l1", "coefficient": 0.01}, sae={"skip": True}),
     entry("prolu", "prolu", penalty={"kind": "l1", "coefficient": 0.01}),
+    entry("abstopk", {"kind": "abstopk", "k": 3}, sae={"skip": True}, revival="preact"),
+    entry("gated", "gated", penalty={"kind": "l1", "coefficient": 0.01}, revival="none"),
+    entry("htopk", {"kind": "hierarchical_topk", "k": 3}, sae={"skip": True}),
     entry(
         "matryoshka",
         {"kind": "batchtopk", "k": 3},

@@ -244,19 +244,12 @@ class Reconstruction(Term):
     def __call__(self, inputs: TermInputs) -> Tensor:
         out, sae = inputs.out, inputs.sae
         if inputs.prefixes is None:
-            return losses.reconstruction_loss(_target_n(out), out.x_hat_n)
+            return sae.activation.reconstruction_loss(sae, out)
         # each prefix's prediction starts from b_dec (+ a transcoder's skip path x_n W_skipᵀ)
         offset = sae.decoder_offset_n(out.x_n)
         return matryoshka.matryoshka_reconstruction_loss(
-            _target_n(out), out.latents, sae.W_dec, offset, inputs.prefixes
+            out.target(), out.latents, sae.W_dec, offset, inputs.prefixes
         )
-
-
-def _target_n(out: ForwardOutput) -> Tensor:
-    """What the dictionary predicts, normalised: x_n for an SAE, y_n for a transcoder."""
-    if out.target_n is None:
-        raise ValueError("a transcoder's loss needs its target: call sae(x, target)")
-    return out.target_n
 
 
 def _latent_weights(inputs: TermInputs) -> Tensor | None:
@@ -282,7 +275,7 @@ class Penalty(Term):
                 return inputs.lam * losses.quadratic_l0_penalty(steps_NM, cfg.target_l0)
             return inputs.lam * losses.l0_penalty(steps_NM, weights)
         value = losses.sparsity_penalty(
-            inputs.out.latents,
+            sae.activation.penalty_latents(inputs.out.encoding),
             sae.W_dec.norm(dim=-1),
             cfg.kind,
             latent_weights_M=weights,
@@ -301,7 +294,7 @@ class AuxK(Term):
         out = inputs.out
         return revival.auxk_loss(
             out.encoding.preacts,
-            (_target_n(out) - out.x_hat_n).detach(),  # residual = target − prediction
+            (out.target() - out.x_hat_n).detach(),  # residual = target − prediction
             inputs.sae.W_dec,
             inputs.dead_mask,
             k_aux=self.cfg.k_aux,
@@ -323,6 +316,15 @@ class PreactTerm(Term):
         return self.cfg.coefficient * revival.dead_preact_loss(
             enc.preacts, inputs.dead_mask, theta, dec_norms
         )
+
+
+class ActivationAux(Term):
+    """The activation's own extra term (``Activation.auxiliary_loss``; Gated's)."""
+
+    name = "aux"
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        return inputs.sae.activation.auxiliary_loss(inputs.sae, inputs.out)
 
 
 class Objective:
@@ -367,7 +369,7 @@ def build_objective(
             f"(one of {PenaltyConfig.kinds()})"
         )
     if penalty is not None:
-        if isinstance(penalty, L0Penalty) and not _has_l0_step(activation):
+        if isinstance(penalty, L0Penalty) and not activation.overrides("l0_step"):
             raise ValueError(
                 f"penalty.kind {penalty.kind!r} needs thresholds; sae.activation.kind {kind!r} has "
                 "none (use jumprelu)"
@@ -384,10 +386,6 @@ def build_objective(
         terms.append(AuxK(revival_cfg))
     elif isinstance(revival_cfg, PreactRevival):
         terms.append(PreactTerm(revival_cfg))
+    if activation.overrides("auxiliary_loss"):
+        terms.append(ActivationAux())
     return Objective(terms)
-
-
-def _has_l0_step(activation: type[Activation]) -> bool:
-    from saekit.activations.base import Activation as Base
-
-    return activation.l0_step is not Base.l0_step

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -31,7 +30,7 @@ from saekit._version import __version__
 from saekit.activations import make_activation
 from saekit.atomic import recover_directory, replace_directory, sha256_file
 from saekit.configs import to_dict
-from saekit.encoding import Encoding, SparseCode, as_dense
+from saekit.encoding import ForwardOutput, SparseCode, as_dense
 from saekit.kernels import sparse_decode
 from saekit.normalisation import Whitening, estimate_scale
 from saekit.sae_config import SAEConfig
@@ -46,30 +45,6 @@ from saekit.sae_format import (
     upgrade_tensors,
 )
 from saekit.sae_stats import check_activations, check_scale, geometric_median
-
-
-class ForwardOutput(NamedTuple):
-    """What ``SAE.forward`` returns. Tensors with a leading N are flattened over tokens."""
-
-    x_hat: Tensor
-    """Reconstruction (a transcoder's prediction) in the target's space, shape [..., d_out]."""
-    latents: Tensor | SparseCode
-    """Latents: dense [N, M] or a SparseCode (TopK family on the fast path)."""
-    x_n: Tensor
-    """[N, d] normalised input x / s."""
-    x_hat_n: Tensor
-    """[N, d] normalised reconstruction."""
-    encoding: Encoding
-    """The activation's encoding: latents and the pre-activations losses read."""
-    target_n: Tensor | None = None
-    """[N, d_out] normalised target y / s_y that x_hat_n predicts: x_n for an SAE; for a
-    transcoder the target passed to ``forward`` (None without one)."""
-
-    @property
-    def pre(self) -> Tensor:
-        """[N, M] differentiable pre-activations (dense backward; AuxK uses
-        ``encoding.preacts.at`` instead)."""
-        return self.encoding.preacts.dense()
 
 
 class SAE(nn.Module):
@@ -100,8 +75,15 @@ class SAE(nn.Module):
             self.register_buffer("whiten_matrix", torch.eye(d, **f64))
             self.register_buffer("unwhiten_matrix", torch.eye(d, **f64))
         self.activation = make_activation(cfg.activation, M).to(device=device, dtype=aux_dtype)
+        if cfg.transcoder and not self.activation.uses_encoder_weights:
+            raise ValueError(
+                f"sae.activation.kind {cfg.activation.kind!r} encodes with its decoder (tied), so "
+                "it cannot read one hook and predict another (d_out is set)"
+            )
         if not self.activation.uses_encoder_bias:
             self.b_enc.requires_grad_(False)  # the activation owns its bias; b_enc stays 0
+        if not self.activation.uses_encoder_weights:
+            self.W_enc.requires_grad_(False)  # tied: the decoder rows encode
         self.reset_parameters()
 
     # ---------------------------------------------------------------- initialisation
