@@ -23,12 +23,13 @@ from harness import D_IN, D_SAE, K, assert_close, make_input, random_sae  # noqa
 from saekit.interop import export_sae, import_sae  # noqa: E402
 
 
-def top_k(pre, k):
-    """Keep each token's k largest entries (plain loop over tokens)."""
+def top_k(pre, k, by_magnitude=False):
+    """Keep each token's k largest entries, or of largest |pre| (plain loop over tokens)."""
     flat = pre.reshape(-1, pre.shape[-1])
     out = torch.zeros_like(flat)
+    rank = flat.abs() if by_magnitude else flat
     for n in range(flat.shape[0]):
-        idx = sorted(range(flat.shape[1]), key=lambda i: -float(flat[n, i]))[:k]
+        idx = sorted(range(flat.shape[1]), key=lambda i: -float(rank[n, i]))[:k]
         out[n, idx] = flat[n, idx]
     return out.reshape(pre.shape)
 
@@ -37,13 +38,18 @@ def saelens_reference(cfg, t, x):
     """sae_lens 6.x encode/decode: (x − b_dec·apply) W_enc + b_enc; standard ReLU, topk (ranked
     by pre·‖W_dec‖ when rescaling, latents divided by it before decoding), jumprelu ReLU·H."""
     x, t = x.double(), {k: v.double() for k, v in t.items()}
-    pre = (x - t["b_dec"] * cfg.get("apply_b_dec_to_input", True)) @ t["W_enc"] + t["b_enc"]
+    x_c = x - t["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+    pre = x_c @ t["W_enc"] + t.get("b_enc", t.get("b_gate"))
     norms = t["W_dec"].norm(dim=-1)
     rescale = cfg.get("rescale_acts_by_decoder_norm", False)
     if cfg["architecture"] == "standard":
         z = pre.relu()
     elif cfg["architecture"] == "topk":
         z = top_k(pre * norms if rescale else pre, cfg["k"]).relu()
+    elif cfg["architecture"] == "abstopk":
+        z = top_k(pre * norms if rescale else pre, cfg["k"], by_magnitude=True)
+    elif cfg["architecture"] == "gated":
+        z = (pre > 0) * (x_c @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]).relu()
     else:
         z = pre.relu() * (pre > t["threshold"])
     return z, (z / norms if rescale else z) @ t["W_dec"] + t["b_dec"]
@@ -70,6 +76,9 @@ def ours(sae, x):
         {"kind": "prolu"},  # JumpReLU with b_enc = 0, θ_i = max(−b_i, 0)
         {"kind": "jumprelu", "threshold_param": "log"},
         {"kind": "topk", "k": K, "whitening": {"kind": "zca", "eps": 0.001}},
+        {"kind": "abstopk", "k": K},
+        {"kind": "gated"},
+        {"kind": "hierarchical_topk", "k": K + 3, "inference_k": K},  # SAELens topk, k = K
     ],
     ids=lambda a: (
         "-".join(str(v) for k, v in a.items() if k != "whitening")
@@ -134,18 +143,29 @@ SAELENS_SHAPES = {
         {"architecture": "topk", "k": K},
         {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True},
         {"architecture": "jumprelu"},
+        {"architecture": "abstopk", "k": K, "rescale_acts_by_decoder_norm": True},
+        {"architecture": "gated", "apply_b_dec_to_input": False},
     ],
-    ids=["standard", "standard-no-bdec-input", "topk", "topk-rescaled", "jumprelu"],
+    ids=[
+        "standard",
+        "standard-no-bdec-input",
+        "topk",
+        "topk-rescaled",
+        "jumprelu",
+        "abstopk-rescaled",
+        "gated-no-bdec-input",
+    ],
 )
 def test_saelens_files_import_with_the_same_outputs(tmp_path, cfg):
-    shapes = (
-        dict(SAELENS_SHAPES, threshold=(D_SAE,))
-        if cfg["architecture"] == "jumprelu"
-        else SAELENS_SHAPES
-    )
+    shapes = dict(SAELENS_SHAPES)
+    if cfg["architecture"] == "jumprelu":
+        shapes["threshold"] = (D_SAE,)
+    if cfg["architecture"] == "gated":  # b_gate instead of b_enc
+        shapes.update(b_gate=shapes.pop("b_enc"), b_mag=(D_SAE,), r_mag=(D_SAE,))
     t = random_tensors(shapes)
-    if "threshold" in t:
-        t["threshold"] = t["threshold"] * 0.3  # some θ < 0: ReLU·H keeps only pre > max(θ, 0)
+    for name in ("threshold", "r_mag"):
+        if name in t:  # some θ < 0: ReLU·H keeps only pre > max(θ, 0)
+            t[name] = t[name] * 0.3
     write_saelens(tmp_path / "sl", cfg, t)
     sae = import_sae(tmp_path / "sl", "saelens")
     x = make_input()
@@ -214,6 +234,30 @@ def test_dictionary_learning_topk_encodes_per_token_and_batchtopk_by_threshold(
     assert_close(
         sae.decode(z).detach(), z_ref @ d["decoder.weight"].T + d["b_dec"], "reconstruction"
     )
+
+
+def test_dictionary_learning_gated(tmp_path):
+    s = random_tensors(
+        {
+            "encoder.weight": (D_SAE, D_IN),
+            "decoder.weight": (D_IN, D_SAE),
+            "decoder_bias": (D_IN,),
+            "r_mag": (D_SAE,),
+            "gate_bias": (D_SAE,),
+            "mag_bias": (D_SAE,),
+        }
+    )
+    write_dictionary_learning(tmp_path / "dl", "GatedAutoEncoder", s)
+    sae = import_sae(tmp_path / "dl", "dictionary_learning")
+    d = {k: v.double() for k, v in s.items()}
+    x_enc = (make_input().double() - d["decoder_bias"]) @ d["encoder.weight"].T
+    gate = x_enc + d["gate_bias"] > 0
+    z_ref = gate * (d["r_mag"].exp() * x_enc + d["mag_bias"]).relu()
+    z = sae.encode(make_input()).detach()
+    assert (z != 0).any() and (z == 0).any()
+    assert_close(z, z_ref, "latents")
+    x_hat_ref = z_ref @ d["decoder.weight"].T + d["decoder_bias"]
+    assert_close(sae.decode(z).detach(), x_hat_ref, "reconstruction")
 
 
 def test_dictionary_learning_autoencoder(tmp_path):

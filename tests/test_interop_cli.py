@@ -96,6 +96,15 @@ def test_a_transcoder_is_refused(tmp_path):
         export_sae(SAE(cfg), "saelens", tmp_path / "o")
 
 
+def test_an_activation_with_no_equivalent_is_refused(tmp_path, capsys):
+    """SAELens' matching_pursuit stops on a repeated atom and uses raw decoder rows."""
+    random_sae({"kind": "matching_pursuit", "k": K}).save(tmp_path / "mp")
+    assert (
+        main(["export", str(tmp_path / "mp"), "--to", "saelens", "--out", str(tmp_path / "o")]) == 2
+    )
+    assert "activation 'matching_pursuit' has no exact equivalent" in error_line(capsys)
+
+
 def saelens_dir(path, cfg, tensors):
     path.mkdir(parents=True)
     (path / "cfg.json").write_text(json.dumps(cfg))
@@ -116,8 +125,8 @@ def plain_tensors():
     "cfg, extra, message",
     [
         ({"architecture": "skip_transcoder"}, {"W_skip": torch.randn(D_IN, D_IN)}, "transcoder"),
-        ({"architecture": "gated"}, {}, "no saekit equivalent"),
-        ({"architecture": "abstopk", "k": 4}, {}, "no saekit equivalent"),
+        ({"architecture": "gated"}, {}, "missing ['b_gate', 'b_mag', 'r_mag']"),
+        ({"architecture": "matching_pursuit"}, {}, "no saekit equivalent"),
         ({"architecture": "standard", "normalize_activations": "layer_norm"}, {}, "layer_norm"),
         (
             {"architecture": "standard"},

@@ -73,7 +73,7 @@ def make_sparsify(job, x):
 
 
 def make_dictionary_learning(job, x):
-    from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
@@ -82,6 +82,8 @@ def make_dictionary_learning(job, x):
         ae = AutoEncoder(d_in, d_sae)
     elif cls == "JumpReluAutoEncoder":
         ae = JumpReluAutoEncoder(d_in, d_sae)
+    elif cls == "GatedAutoEncoder":
+        ae = GatedAutoEncoder(d_in, d_sae)
     else:
         ae = {"AutoEncoderTopK": AutoEncoderTopK, "BatchTopKSAE": BatchTopKSAE}[cls](
             d_in, d_sae, job["k"]

@@ -69,8 +69,8 @@ def random_sae(
     activation: dict, seed: int = 1, hook: str = "transformer.h.3:input", whitening=None
 ) -> SAE:
     """Random W_enc; W_dec rows of norms in [0.5, 1.5]; b_enc, b_dec ≠ 0; s = SCALE; random
-    thresholds (JumpReLU), θ (BatchTopK) and ProLU biases of both signs; ``whitening`` (a
-    config) estimated on other data than the tests encode."""
+    thresholds (JumpReLU), θ (BatchTopK), ProLU biases of both signs, gated r_mag and b_mag;
+    ``whitening`` (a config) estimated on other data than the tests encode."""
     g = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(D_IN, D_SAE, activation, hook=hook, model_name="gpt2", whitening=whitening)
     sae = SAE(cfg)
@@ -96,6 +96,9 @@ def random_sae(
         sae.activation.threshold_initialized.fill_(True)
     if kind == "prolu":
         sae.activation.bias.copy_(0.4 * torch.randn(D_SAE, generator=g))
+    if kind == "gated":
+        sae.activation.r_mag.copy_(0.3 * torch.randn(D_SAE, generator=g))
+        sae.activation.b_mag.copy_(0.3 * torch.randn(D_SAE, generator=g))
     return sae.eval()
 
 

@@ -34,6 +34,16 @@ EXPORTS = {  # case → (saekit activation, format)
     "topk-sparsify": ({"kind": "topk", "k": K}, "sparsify"),
     "jumprelu-log-saelens": ({"kind": "jumprelu", "threshold_param": "log"}, "saelens"),
     "topk-whitened-saelens": ({"kind": "topk", "k": K}, "saelens"),
+    "abstopk-saelens": ({"kind": "abstopk", "k": K}, "saelens"),
+    "gated-saelens": ({"kind": "gated"}, "saelens"),
+    "hierarchical_topk-saelens": (
+        {"kind": "hierarchical_topk", "k": K + 3, "inference_k": K},
+        "saelens",
+    ),
+    "hierarchical_topk-sparsify": (
+        {"kind": "hierarchical_topk", "k": K + 3, "inference_k": K},
+        "sparsify",
+    ),
 }
 WHITENED = {"topk-whitened-saelens": {"kind": "zca", "eps": 0.001}}
 MAKES = {  # case → (library, its job fields)
@@ -48,9 +58,19 @@ MAKES = {  # case → (library, its job fields)
         {"arch": "topk", "cfg": {"k": K, "rescale_acts_by_decoder_norm": True}},
     ),
     "saelens-jumprelu": ("saelens", {"arch": "jumprelu"}),
+    "saelens-abstopk-rescaled": (
+        "saelens",
+        {"arch": "abstopk", "cfg": {"k": K, "rescale_acts_by_decoder_norm": True}},
+    ),
+    "saelens-gated": ("saelens", {"arch": "gated"}),
+    "saelens-gated-no-b_dec-input": (
+        "saelens",
+        {"arch": "gated", "cfg": {"apply_b_dec_to_input": False}},
+    ),
     "sparsify-topk": ("sparsify", {"k": K}),
     "dl-AutoEncoder": ("dictionary_learning", {"dict_class": "AutoEncoder"}),
     "dl-JumpReluAutoEncoder": ("dictionary_learning", {"dict_class": "JumpReluAutoEncoder"}),
+    "dl-GatedAutoEncoder": ("dictionary_learning", {"dict_class": "GatedAutoEncoder"}),
     "dl-AutoEncoderTopK": (
         "dictionary_learning",
         {"dict_class": "AutoEncoderTopK", "k": K, "threshold": 0.8},

@@ -11,6 +11,7 @@ state dict, ``torch.save``) and ``config.json`` (``{"trainer": {"dict_class", "a
 - AutoEncoderTopK: per-token top-k of ReLU(pre); it saves a ``threshold`` it does not encode by
   (use_threshold=False) → topk, never jumprelu.
 - BatchTopKSAE, MatryoshkaBatchTopKSAE: ReLU(pre)·H(ReLU(pre) − θ) at inference → batchtopk.
+- GatedAutoEncoder: gate_bias is b_gate (saekit's b_enc), mag_bias and r_mag → gated.
 
 dictionary_learning's ``normalize_activations`` folds its norm factor into the biases
 (``scale_biases``) before saving, so every ae.pt takes raw activations.
@@ -60,6 +61,16 @@ def _batchtopk(s: dict[str, Tensor]) -> Portable:
     return Portable("batchtopk", *_linear(s, "b_dec"), k=int(s["k"]), threshold=theta)
 
 
+def _gated(s: dict[str, Tensor]) -> Portable:
+    """π_gate = W(x − decoder_bias) + gate_bias, π_mag = exp(r_mag)·W(x − decoder_bias) + mag_bias
+    (dictionary.py GatedAutoEncoder.encode)."""
+    extra = {"r_mag": s["r_mag"], "b_mag": s["mag_bias"]}
+    W_dec = s["decoder.weight"].T.contiguous()
+    return Portable(
+        "gated", s["encoder.weight"], s["gate_bias"], W_dec, s["decoder_bias"], extra=extra
+    )
+
+
 def _matryoshka(s: dict[str, Tensor]) -> Portable:
     theta = s["threshold"].clamp_min(0.0)
     return Portable("batchtopk", *_parameters(s), k=int(s["k"]), threshold=theta)
@@ -75,6 +86,10 @@ DICTIONARIES: dict[str, tuple[set[str], Callable[[dict[str, Tensor]], Portable]]
     "BatchTopKSAE": (
         {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"},
         _batchtopk,
+    ),
+    "GatedAutoEncoder": (
+        {"encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias"},
+        _gated,
     ),
     "MatryoshkaBatchTopKSAE": (
         {"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"},

@@ -22,9 +22,11 @@ from torch import Tensor
 from saekit.eval.calibrate import to_jumprelu
 from saekit.sae import SAE, SAEConfig
 
-SERVED = ("relu", "topk", "jumprelu", "batchtopk")
+SERVED = ("relu", "topk", "jumprelu", "batchtopk", "abstopk", "gated")
 """The portable activations: ReLU(pre); per-token top-k of ReLU(pre); pre·H(pre − θ_i) with
-θ_i ≥ 0; BatchTopK's inference pre·H(pre − θ) with one θ (imported from dictionary_learning)."""
+θ_i ≥ 0; BatchTopK's inference pre·H(pre − θ) with one θ (imported from dictionary_learning);
+per-token top-k of |pre|, signed; gated H(pre)·ReLU(m·exp(r_mag) + b_mag) with m = pre − b_enc
+(arXiv 2404.16014)."""
 
 
 class InteropError(ValueError):
@@ -47,6 +49,8 @@ class Portable:
     """topk, batchtopk: active latents per token."""
     threshold: Tensor | None = None
     """jumprelu: [M] θ_i ≥ 0; batchtopk: 0-d θ ≥ 0."""
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    """gated: r_mag [M], b_mag [M]."""
     info: dict[str, Any] = field(default_factory=dict)
     """Where the SAE came from: model_name, hook, dataset, … (metadata)."""
 
@@ -73,6 +77,23 @@ def _export_relu(sae: SAE) -> Portable:
 
 def _export_topk(sae: SAE) -> Portable:
     return Portable("topk", **_affine(sae), k=sae.cfg.activation.k)
+
+
+def _export_abstopk(sae: SAE) -> Portable:
+    return Portable("abstopk", **_affine(sae), k=sae.cfg.activation.k)
+
+
+def _export_hierarchical_topk(sae: SAE) -> Portable:
+    """Its inference is TopK's with k = inference_k (default K)."""
+    cfg = sae.cfg.activation
+    return Portable("topk", **_affine(sae), k=cfg.inference_k or cfg.k)
+
+
+def _export_gated(sae: SAE) -> Portable:
+    """b_gate = b_enc; the magnitude path's r_mag and b_mag act on pre-activations the scale fold
+    leaves unchanged."""
+    extra = {n: getattr(sae.activation, n).detach().cpu() for n in ("r_mag", "b_mag")}
+    return Portable("gated", **_affine(sae), extra=extra)
 
 
 def _export_jumprelu(sae: SAE) -> Portable:
@@ -104,6 +125,9 @@ EXPORTS: dict[str, Callable[[SAE], Portable]] = {
     "jumprelu": _export_jumprelu,
     "batchtopk": _export_batchtopk,
     "prolu": _export_prolu,
+    "abstopk": _export_abstopk,
+    "hierarchical_topk": _export_hierarchical_topk,
+    "gated": _export_gated,
 }
 """saekit activation kind → its portable form."""
 
@@ -125,7 +149,7 @@ def to_portable(sae: SAE) -> Portable:
 
 
 def _activation_config(p: Portable) -> dict[str, Any]:
-    if p.architecture in ("topk", "batchtopk"):
+    if p.architecture in ("topk", "batchtopk", "abstopk"):
         return {"kind": p.architecture, "k": p.k}
     return {"kind": p.architecture}
 
@@ -157,6 +181,13 @@ def to_sae(p: Portable) -> SAE:
     sae = SAE(cfg)
     for name in expected:
         getattr(sae, name).copy_(getattr(p, name))
+    if p.architecture == "gated":
+        for name in ("r_mag", "b_mag"):
+            value = p.extra.get(name)
+            if value is None or tuple(value.shape) != (d_sae,):
+                found = None if value is None else tuple(value.shape)
+                raise InteropError(f"gated {name} has shape {found}, expected {(d_sae,)}")
+            getattr(sae.activation, name).copy_(value)
     if p.architecture in ("jumprelu", "batchtopk"):
         theta = _checked_threshold(p)
         if p.architecture == "jumprelu":

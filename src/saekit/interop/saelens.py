@@ -8,7 +8,9 @@ against saekit), ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, for ``jumpre
 ``threshold [d_sae]``. Their encoders (sae_lens/saes/*.py):
 
 - standard: ReLU(pre); topk: top-k of ``pre·‖W_dec,i‖`` if ``rescale_acts_by_decoder_norm``
-  (decode then divides by the norms), ReLU'd; jumprelu: ReLU(pre)·H(pre − θ_i),
+  (decode then divides by the norms), ReLU'd; abstopk: the same by |pre|, signed; jumprelu:
+  ReLU(pre)·H(pre − θ_i); gated: H(pre_gate)·ReLU(x W_enc·exp(r_mag) + b_mag), pre_gate with
+  ``b_gate`` for b_enc (no ``b_enc`` tensor),
 - with pre = (x − b_dec·[apply_b_dec_to_input]) W_enc + b_enc.
 """
 
@@ -30,13 +32,24 @@ WEIGHTS = "sae_weights.safetensors"
 SAELENS_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: SAELens reads configs without one (or older) as pre-6.0
 and renames their fields."""
-WRITES = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+WRITES = {
+    "relu": "standard",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "abstopk": "abstopk",
+    "gated": "gated",
+}
 """Portable architecture → SAELens architecture."""
 TENSORS = {
     "standard": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+    "abstopk": {"W_enc", "b_enc", "W_dec", "b_dec"},
+    "gated": {"W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"},
 }
+READS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "abstopk": "abstopk"}
+READS["gated"] = "gated"
+"""SAELens architecture → portable architecture."""
 """SAELens architecture → its tensors (the ones saekit reads)."""
 TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
@@ -68,9 +81,11 @@ def write(p: Portable, out: Path) -> Path:
             "saekit": info,
         },
     }
-    if arch == "topk":
+    if arch in ("topk", "abstopk"):
         cfg.update(k=p.k, rescale_acts_by_decoder_norm=False)
     tensors = {"W_enc": p.W_enc.T, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
+    if arch == "gated":  # b_gate is saekit's b_enc
+        tensors.update(b_gate=tensors.pop("b_enc"), **p.extra)
     if arch == "jumprelu":
         tensors["threshold"] = p.threshold.to(p.W_enc.dtype)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,26 +113,31 @@ def read(path: Path) -> Portable:
         )
     d_in, d_sae = _dims(cfg, where)
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    shapes["threshold"] = (d_sae,)
+    shapes.update(threshold=(d_sae,), b_gate=(d_sae,), b_mag=(d_sae,), r_mag=(d_sae,))
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != shapes[name]:
             raise InteropError(
                 f"{where}: tensor {name} has shape {tuple(tensor.shape)}, cfg.json (d_in = "
                 f"{d_in}, d_sae = {d_sae}) implies {shapes[name]}"
             )
-    W_enc, b_enc, W_dec, b_dec = (tensors[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    W_enc = W_enc.T.contiguous()
+    W_enc, W_dec, b_dec = tensors["W_enc"].T.contiguous(), tensors["W_dec"], tensors["b_dec"]
+    b_enc = tensors["b_gate" if arch == "gated" else "b_enc"]
+    extra = {n: tensors[n] for n in ("r_mag", "b_mag") if n in tensors}
     if not cfg.get("apply_b_dec_to_input", True):
         # x W_enc + b_enc = (x − b_dec) W_enc + (b_enc + b_dec W_enc): saekit always subtracts.
-        b_enc = b_enc + W_enc.double().mv(b_dec.double()).to(b_enc.dtype)
-    p = Portable("relu", W_enc, b_enc, W_dec, b_dec, info=_info(cfg, path, arch))
-    if arch == "topk":
-        p.architecture, p.k = "topk", _k(cfg, where)
+        shift = W_enc.double().mv(b_dec.double())
+        b_enc = b_enc + shift.to(b_enc.dtype)
+        if arch == "gated":  # the magnitude path reads x W_enc·exp(r_mag) + b_mag
+            shift = shift * extra["r_mag"].double().exp()
+            extra["b_mag"] = extra["b_mag"] + shift.to(b_enc.dtype)
+    p = Portable(READS[arch], W_enc, b_enc, W_dec, b_dec, extra=extra, info=_info(cfg, path, arch))
+    if arch in ("topk", "abstopk"):
+        p.k = _k(cfg, where)
         if cfg.get("rescale_acts_by_decoder_norm", False):
             _fold_decoder_norms(p)
     if arch == "jumprelu":
         # ReLU(pre)·H(pre − θ) = pre·H(pre − max(θ, 0)): the same latents with θ ≥ 0.
-        p.architecture, p.threshold = "jumprelu", tensors["threshold"].clamp_min(0.0)
+        p.threshold = tensors["threshold"].clamp_min(0.0)
     return p
 
 
