@@ -131,6 +131,14 @@ class AuxKRevival(RevivalConfig):
 
 
 @dataclass
+class InputRevival(AuxKRevival):
+    """Dead latents fit the centred input, not the residual (revival.input_target): AuxK's
+    selection, scale and normaliser with another target."""
+
+    kind = "input"
+
+
+@dataclass
 class PreactRevival(RevivalConfig):
     """Dead latents' pre-activations pushed toward the firing threshold
     (revival.dead_preact_loss)."""
@@ -257,17 +265,28 @@ class AuxK(Term):
     def __init__(self, cfg: AuxKRevival):
         self.cfg = cfg
 
+    def target(self, inputs: TermInputs) -> Tensor:
+        """AuxK fits the residual of the full reconstruction."""
+        return (inputs.out.x_n - inputs.out.x_hat_n).detach()
+
     def __call__(self, inputs: TermInputs) -> Tensor:
         out = inputs.out
         return revival.auxk_loss(
             out.encoding.preacts,
-            (out.x_n - out.x_hat_n).detach(),
+            self.target(inputs),
             inputs.sae.W_dec,
             inputs.dead_mask,
             k_aux=self.cfg.k_aux,
             alpha=self.cfg.coefficient,
             normalizer=self.cfg.normalizer,
         )
+
+
+class InputAuxK(AuxK):
+    """The "input" revival: AuxK with the centred input as its target."""
+
+    def target(self, inputs: TermInputs) -> Tensor:
+        return revival.input_target(inputs.out.x_n, inputs.sae.b_dec)
 
 
 class PreactTerm(Term):
@@ -340,7 +359,9 @@ def build_objective(
             f"revival.kind {revival_cfg.kind!r} does not apply to sae.activation.kind {kind!r} "
             f"(it takes revival: {applies})"
         )
-    if isinstance(revival_cfg, AuxKRevival):
+    if isinstance(revival_cfg, InputRevival):
+        terms.append(InputAuxK(revival_cfg))
+    elif isinstance(revival_cfg, AuxKRevival):
         terms.append(AuxK(revival_cfg))
     elif isinstance(revival_cfg, PreactRevival):
         terms.append(PreactTerm(revival_cfg))

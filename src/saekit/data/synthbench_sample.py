@@ -122,14 +122,11 @@ def _top_level_firings(
         token, local = sparse_bernoulli(world.probabilities[top_F], n, g)
         return token, top_F[local]
     w, s, t = world.factor[top_F], world.own_std[top_F], world.thresholds[top_F]
-    a_max = torch.full((top_F.numel(),), -math.inf)
-    for start in range(0, top_F.numel(), 4096):  # bounded memory: [n, 4096] at a time
-        chunk = slice(start, start + 4096)
-        a_max[chunk] = (eps_NR @ w[chunk].T).amax(0)
-    q_F = _normal_sf((t - a_max) / s).double()
+    a_NF = eps_NR @ w.T  # [n, F_top] the shared part of each copula variable (no draw)
+    q_F = _normal_sf((t - a_NF.amax(0)) / s).double()
     token, local = sparse_bernoulli(q_F, n, g)
     feature = top_F[local]
-    p_E = _conditional_probability(world, eps_NR, token, feature)
+    p_E = _normal_sf((t[local] - a_NF[token, local]) / s[local])
     keep = torch.rand(token.numel(), generator=g) * q_F[local].float() < p_E
     return token[keep], feature[keep]
 
