@@ -25,14 +25,18 @@ from saekit.train.trainer import Trainer
 WORLD = replace(synthsaebench_16k(), n_features=512, d=48, n_roots=16, branching=3, depth=2,
                 correlation_rank=8)  # fmt: skip
 D_SAE, BATCH, LR = 256, 512, 3e-3
-STEPS = 400
+STEPS = 300
+Q3_STEPS, Q3_D_SAE, Q3_DEAD_TOKENS, Q3_KILLED = 400, 384, 25_000, 0.25
+"""Latents rarely die on their own in runs this short, so at 40% of training a quarter of the
+latents (the same ones for every revival) are killed: fresh random decoder rows, encoder rows
+of the median norm, b_enc = 0, counters set to dead. Each revival signal then has the other
+60% of training to bring them back."""
 EVAL_TOKENS = 8192
-BOS_SHARES = (0.0, 0.25, 0.5)
+BOS_SHARES = (0.0, 0.5)
 REVIVALS = {  # label → revival config (TopK, k = the true L0)
     "auxk α=1/32": {"kind": "auxk", "coefficient": 1 / 32},
     "auxk α=1": {"kind": "auxk", "coefficient": 1.0},
     "preact": {"kind": "preact"},
-    "input α=1/32": {"kind": "input", "coefficient": 1 / 32},
     "input α=1": {"kind": "input", "coefficient": 1.0},
     "none": "none",
 }
@@ -46,10 +50,11 @@ def true_l0(data: SynthBenchData, n: int = 16_384) -> float:
     return data.batch(SynthBenchSource.INIT_INDEX + 1, n).firings.token.numel() / n
 
 
-def make_trainer(entries: list[dict], data: SynthBenchData, out: str, seed: int) -> Trainer:
+def make_trainer(entries: list[dict], data: SynthBenchData, out: str, seed: int,
+                 steps: int = STEPS) -> Trainer:  # fmt: skip
     cfg = build_run_config({
         "data": {"source": "synthetic", "synthetic": {"d": data.cfg.d}},
-        "saes": entries, "batch_size": BATCH, "steps": STEPS, "out_dir": out,
+        "saes": entries, "batch_size": BATCH, "steps": steps, "out_dir": out,
         "progress": False, "checkpoint_every": 0, "seed": seed,
     })  # fmt: skip
     return Trainer(cfg, SynthBenchSource(data, BATCH))
@@ -120,25 +125,48 @@ def fires_on(sae, held_out: list) -> torch.Tensor:
     return fired
 
 
+@torch.no_grad()
+def kill(member, latents: torch.Tensor, seed: int) -> None:
+    """Make ``latents`` dead: random unit decoder rows, random encoder rows of the median norm,
+    b_enc = 0,
+    counters at the dead window (the same draw for every member of a seed)."""
+    sae, g = member.sae, torch.Generator().manual_seed(seed + 1)
+    n, d = latents.numel(), sae.cfg.d_in
+    dec = torch.randn(n, d, generator=g, dtype=sae.W_dec.dtype)
+    enc = torch.randn(n, d, generator=g, dtype=sae.W_enc.dtype)
+    sae.W_dec[latents] = dec / dec.norm(dim=-1, keepdim=True)
+    typical = sae.W_enc.norm(dim=-1).median()
+    sae.W_enc[latents] = typical * enc / enc.norm(dim=-1, keepdim=True)
+    sae.b_enc[latents] = 0
+    member.tokens_since_fired[latents] = member.cfg.dead_tokens
+
+
 def q3_seed(seed: int, world=None) -> list[dict]:
-    """Revival signals on one stream: snapshot at 40% of training, classify the revived."""
+    """Revival signals on one stream: latents killed at 40% of training (:func:`kill`) and
+    alive at the end (training counters) = revived; classify what each became
+    (saekit.eval.revived)."""
     data = SynthBenchData(world_cfg(), stream_seed=seed, world=world)
     k = max(1, round(true_l0(data)))
-    entries = [entry(f"revival{i}", "topk", k, seed, d_sae=384, revival=rev)
+    entries = [entry(f"revival{i}", "topk", k, seed, d_sae=Q3_D_SAE, revival=rev,
+                     dead_tokens=Q3_DEAD_TOKENS)
                for i, rev in enumerate(REVIVALS.values())]  # fmt: skip
     held_out = eval_set(data, EVAL_TOKENS)
     with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(entries, data, out, seed)
-        trainer.cfg.steps = int(0.4 * STEPS)
+        trainer = make_trainer(entries, data, out, seed, Q3_STEPS)
+        trainer.cfg.steps = int(0.4 * Q3_STEPS)
         trainer.fit()
-        snaps = [(copy.deepcopy(m.sae), fires_on(m.sae, held_out)) for m in trainer.members]
+        killed = torch.randperm(Q3_D_SAE, generator=torch.Generator().manual_seed(seed))
+        killed = killed[: int(Q3_KILLED * Q3_D_SAE)]
+        for m in trainer.members:
+            kill(m, killed, seed)
+        snaps = [(copy.deepcopy(m.sae), ~m.dead_mask()) for m in trainer.members]
         errors = [snapshot_errors(s, held_out) for s, _ in snaps]
-        trainer.cfg.steps = STEPS
+        trainer.cfg.steps = Q3_STEPS
         trainer.fit()
     rows = []
     for label, member, (snap, live), err in zip(REVIVALS, trainer.members, snaps, errors,
                                                 strict=True):  # fmt: skip
-        final = fires_on(member.sae, held_out)
+        final = ~member.dead_mask()
         revived = ~live & final
         classes = classify_revived(member.sae.W_dec.detach(), snap.W_dec.detach(), revived,
                                    live, err, data.directions)  # fmt: skip

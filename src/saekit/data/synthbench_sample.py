@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.data.source import ActivationSource, SyntheticSource
+from saekit.data.source import SyntheticSource
 from saekit.data.synthbench import SynthBenchConfig, SynthBenchWorld
 from saekit.data.synthetic import batch_seed
 
@@ -233,22 +233,9 @@ class SynthBenchData:
             index += 1
 
 
-class SynthBenchSource(ActivationSource):
-    """A SynthSAEBench world as a training source (batch i a pure function of (seed, i))."""
-
-    INIT_INDEX = SyntheticSource.INIT_INDEX  # init and eval batches never overlap training ones
-    EVAL_INDEX = SyntheticSource.EVAL_INDEX
-
-    def __init__(self, data: SynthBenchData, batch_size: int, init_tokens: int = 16_384):
-        self.data = data
-        self.batch_size = batch_size
-        self.init_tokens = init_tokens
-
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
-        return self.data.stream(self.batch_size, start=start)
-
-    def sample_for_init(self) -> Tensor:
-        return self.data.batch(self.INIT_INDEX, self.init_tokens).x
+class SynthBenchSource(SyntheticSource):
+    """A SynthSAEBench world as a training source: the built-in source's batches, init and
+    held-out indices; held-out coefficients come from the sparse firings."""
 
     def eval_batches(
         self, n_tokens: int, batch_size: int

@@ -114,14 +114,16 @@ def eval_set(data: SynthBenchData, n_tokens: int, batch_size: int = 4096) -> lis
 def score(sae, data: SynthBenchData, held_out: list) -> SynthScores:
     """The SynthSAEBench metrics on held-out batches (BatchTopK at its calibrated threshold)."""
     sae = sae.eval()
+    device = sae.W_dec.device
     threshold = None
     if isinstance(sae.activation, BatchTopK):
         n_tokens = sum(x.shape[0] for x, _ in held_out)
-        threshold = calibrate_batchtopk(sae, (x for x, _ in held_out), n_tokens, apply=False)
-        threshold = threshold.threshold
+        xs = (x.to(device) for x, _ in held_out)
+        threshold = calibrate_batchtopk(sae, xs, n_tokens, apply=False).threshold
     acc = SynthMetricAccumulator(sae.W_dec, data.directions)
     with threshold_set(sae, threshold):
         for x, coefficients in held_out:
+            x = x.to(device)
             z = sae.encode(x)
             acc.add(x, sae.decode(z), z, coefficients)
     return acc.result()
@@ -141,6 +143,7 @@ def train_seed(
             "steps": math.ceil(protocol.samples / protocol.batch_size),
             "out_dir": out, "progress": False, "threads": threads,
             "checkpoint_every": 0, "seed": seed,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
         })  # fmt: skip
         if threads:
             torch.set_num_threads(threads)
