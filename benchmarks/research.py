@@ -90,7 +90,7 @@ def q2_section(rows: list[dict], plots: Path) -> list[str]:
     return [*lines, "", "![absorption per SAE](research/q2_absorption.png)"]
 
 
-def q3_section(rows: list[dict], plots: Path) -> list[str]:
+def q3_section(rows: list[dict], plots: Path, name: str = "q3_revived") -> list[str]:
     head = "| revival | dead at 40% | revived | dead at end | " + " | ".join(CLASSES)
     lines = [head + " | F1 | MCC | uniqueness | FVU |", "|---" * (8 + len(CLASSES)) + "|"]
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -112,9 +112,9 @@ def q3_section(rows: list[dict], plots: Path) -> list[str]:
     ax.set_ylabel("revived latents (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(plots / "q3_revived.png", dpi=110)
+    fig.savefig(plots / f"{name}.png", dpi=110)
     plt.close(fig)
-    return [*lines, "", "![what revived latents became](research/q3_revived.png)"]
+    return [*lines, "", f"![what revived latents became](research/{name}.png)"]
 
 
 def write_report(results: dict, out: Path, commentary: Path | None) -> None:
@@ -154,7 +154,14 @@ def write_report(results: dict, out: Path, commentary: Path | None) -> None:
         "mean residual at the snapshot; composite: within 0.9 of the span of its 3 best "
         "features). Class cells: share of the revived latents.",
         "",
+        "Soft kill (b_enc = 0):",
+        "",
         *q3_section(results["q3"], plots),
+        "",
+        "Hard kill (b_enc = −3 × the RMS of the killed latents' pre-activations, so they fire "
+        "only if a signal raises them):",
+        "",
+        *q3_section(results["q3hard"], plots, "q3_revived_hard"),
         "",
     ]
     if commentary is not None and commentary.is_file():
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = args.parts.split(",")
         old = json.loads(path.read_text()) if path.is_file() else {}
         results = {"seeds": [], **{part: [] if part in parts else old.get(part, [])
-                                   for part in ("q1q2", "q3")}}  # fmt: skip
+                                   for part in ("q1q2", "q3", "q3hard")}}  # fmt: skip
         start = time.time()
         world = SynthBenchWorld(runs.world_cfg())  # the world; BOS share only changes draws
         for seed in range(args.seeds):
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["q1q2"] += runs.q1_q2_seed(seed, world)
             if "q3" in parts:
                 results["q3"] += runs.q3_seed(seed, world)
+            if "q3hard" in parts:
+                results["q3hard"] += runs.q3_seed(seed, world, hard=True)
             results["seeds"].append(seed)
             path.write_text(json.dumps(results, indent=1))
             print(f"seed {seed} done after {time.time() - start:.0f} s", flush=True)

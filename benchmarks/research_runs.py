@@ -126,10 +126,13 @@ def fires_on(sae, held_out: list) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kill(member, latents: torch.Tensor, seed: int) -> None:
+def kill(member, latents: torch.Tensor, seed: int, x=None) -> None:
     """Make ``latents`` dead: random unit decoder rows, random encoder rows of the median norm,
-    b_enc = 0,
-    counters at the dead window (the same draw for every member of a seed)."""
+    b_enc = 0, counters at the dead window (the same draw for every member of a seed).
+
+    ``x`` given (a "hard" kill): b_enc = −3 × the RMS of the killed latents' pre-activations on
+    x, so a killed latent's pre-activation is positive on about 0.1% of tokens and it cannot
+    come back by chance through the reconstruction loss."""
     sae, g = member.sae, torch.Generator().manual_seed(seed + 1)
     n, d = latents.numel(), sae.cfg.d_in
     dec = torch.randn(n, d, generator=g, dtype=sae.W_dec.dtype)
@@ -138,10 +141,13 @@ def kill(member, latents: torch.Tensor, seed: int) -> None:
     typical = sae.W_enc.norm(dim=-1).median()
     sae.W_enc[latents] = typical * enc / enc.norm(dim=-1, keepdim=True)
     sae.b_enc[latents] = 0
+    if x is not None:
+        pre = sae.pre_acts(sae.normalise(x))[:, latents]
+        sae.b_enc[latents] = -3 * pre.pow(2).mean(0).sqrt()
     member.tokens_since_fired[latents] = member.cfg.dead_tokens
 
 
-def q3_seed(seed: int, world=None) -> list[dict]:
+def q3_seed(seed: int, world=None, hard: bool = False) -> list[dict]:
     """Revival signals on one stream: latents killed at 40% of training (:func:`kill`) and
     alive at the end (training counters) = revived; classify what each became
     (saekit.eval.revived)."""
@@ -158,7 +164,7 @@ def q3_seed(seed: int, world=None) -> list[dict]:
         killed = torch.randperm(Q3_D_SAE, generator=torch.Generator().manual_seed(seed))
         killed = killed[: int(Q3_KILLED * Q3_D_SAE)]
         for m in trainer.members:
-            kill(m, killed, seed)
+            kill(m, killed, seed, held_out[0][0] if hard else None)
         snaps = [(copy.deepcopy(m.sae), ~m.dead_mask()) for m in trainer.members]
         errors = [snapshot_errors(s, held_out) for s, _ in snaps]
         trainer.cfg.steps = Q3_STEPS
@@ -171,7 +177,8 @@ def q3_seed(seed: int, world=None) -> list[dict]:
         classes = classify_revived(member.sae.W_dec.detach(), snap.W_dec.detach(), revived,
                                    live, err, data.directions)  # fmt: skip
         s = score(member.sae, data, held_out)
-        rows.append({"seed": seed, "revival": label, "k": k, "dead_at_snapshot": int((~live).sum()),
+        rows.append({"seed": seed, "revival": label, "k": k, "hard": hard,
+                     "dead_at_snapshot": int((~live).sum()),
                      "revived": int(revived.sum()), "dead_at_end": int((~final).sum()),
                      "classes": class_shares(classes), "n_classes": {c: classes.count(c)
                      for c in set(classes)}, "f1": s.f1, "mcc": s.mcc,

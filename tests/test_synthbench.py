@@ -130,17 +130,20 @@ def test_children_fire_only_with_their_parent_and_exclusively_among_siblings():
 
 
 def test_children_are_scaled_by_parent_value_over_parent_mean():
-    data = SynthBenchData(tree_cfg(std_mean=1e-6, std_std=1e-6))  # magnitudes = their means
-    world, b = data.world, data.batch(0, 4000)
-    dense = b.firings.dense(data.cfg.n_features).double()
-    tok, feat = torch.nonzero((dense > 0) & (world.parent >= 0), as_tuple=True)
-    par = world.parent[feat]
-    expected = world.magnitude_mean[feat].double() * dense[tok, par] / world.magnitude_mean[par]
-    assert torch.allclose(dense[tok, feat], expected, rtol=1e-4)
-    v1 = SynthBenchData(tree_cfg(std_mean=1e-6, std_std=1e-6, scale_children=False))
-    dense1 = v1.batch(0, 4000).firings.dense(300).double()
-    tok1, feat1 = torch.nonzero(dense1 > 0, as_tuple=True)
-    assert torch.allclose(dense1[tok1, feat1], world.magnitude_mean[feat1].double(), rtol=1e-4)
+    """Roots' magnitudes vary, every other magnitude is its mean: v2 children then equal
+    μ_child · parent value / μ_parent exactly (and vary with the root); v1 children equal μ."""
+    for scale in (True, False):
+        data = SynthBenchData(tree_cfg(scale_children=scale))
+        world = data.world
+        root = world.depth == 0
+        world.magnitude_std.copy_(torch.where(root, 1.0, 1e-7))
+        dense = data.batch(0, 4000).firings.dense(data.cfg.n_features).double()
+        tok, feat = torch.nonzero((dense > 0) & (world.parent >= 0), as_tuple=True)
+        par = world.parent[feat]
+        mu = world.magnitude_mean.double()
+        expected = mu[feat] * (dense[tok, par] / mu[par] if scale else 1.0)
+        assert torch.allclose(dense[tok, feat], expected, rtol=1e-4)
+        assert (dense[tok, feat] / mu[feat]).std() > (0.1 if scale else -1.0)
 
 
 def test_copula_rates_and_pair_coactivation_match_the_bivariate_normal():
