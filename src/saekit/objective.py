@@ -160,8 +160,7 @@ class AuxKRevival(RevivalConfig):
 
 @dataclass
 class InputRevival(AuxKRevival):
-    """Dead latents fit the centred input, not the residual (revival.input_target): AuxK's
-    selection, scale and normaliser with another target."""
+    """AuxK with the centred input as its target, not the residual (revival.input_target)."""
 
     kind = "input"
 
@@ -295,8 +294,7 @@ class AuxK(Term):
     def __init__(self, cfg: AuxKRevival):
         self.cfg = cfg
 
-    def target(self, inputs: TermInputs) -> Tensor:
-        """AuxK fits the residual of the full reconstruction."""
+    def target(self, inputs: TermInputs) -> Tensor:  # the full reconstruction's residual
         return (inputs.out.x_n - inputs.out.x_hat_n).detach()
 
     def __call__(self, inputs: TermInputs) -> Tensor:
@@ -312,9 +310,7 @@ class AuxK(Term):
         )
 
 
-class InputAuxK(AuxK):
-    """The "input" revival: AuxK with the centred input as its target."""
-
+class InputAuxK(AuxK):  # the "input" revival
     def target(self, inputs: TermInputs) -> Tensor:
         return revival.input_target(inputs.out.x_n, inputs.sae.b_dec)
 
