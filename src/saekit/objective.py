@@ -119,9 +119,15 @@ class AuxKRevival(RevivalConfig):
     """Latents per token in the aux reconstruction (default min(d_in // 2, d_sae))."""
     normalizer: str = "residual"
     """V: residual (variance of the residual) or none."""
+    token_fraction: float = 1.0
+    """< 1: the unbiased token-subsampled estimate of AuxK over this share of each batch's
+    tokens (revival.auxk_loss states its variance); 1: exact."""
 
     def __post_init__(self) -> None:
         check_finite("coefficient", self.coefficient, 0.0, strict=True)
+        check_finite("token_fraction", self.token_fraction, 0.0, strict=True)
+        if self.token_fraction > 1.0:
+            raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
         if self.k_aux is not None and self.k_aux <= 0:
             raise ValueError(f"k_aux must be a positive integer, got {self.k_aux}")
         if self.normalizer not in revival.AUXK_NORMALIZERS:
@@ -198,6 +204,8 @@ class TermInputs(NamedTuple):
     """λ of the penalty (the controller's current value)."""
     prefixes: list[int] | None
     """This step's Matryoshka prefix ends, or None."""
+    dead_cols: Tensor | None = None
+    """A superset of the dead latents (revival.DeadSet), or None: AuxK searches all M."""
 
 
 class Term:
@@ -267,6 +275,8 @@ class AuxK(Term):
             k_aux=self.cfg.k_aux,
             alpha=self.cfg.coefficient,
             normalizer=self.cfg.normalizer,
+            dead_cols=inputs.dead_cols,
+            token_fraction=self.cfg.token_fraction,
         )
 
 
