@@ -165,7 +165,7 @@ def test_auxk_over_dead_columns_equals_the_hand_formula(n_dead, cols):
 
 def test_auxk_dense_and_sparse_column_paths_both_run(monkeypatch):
     """The two ways of decoding over columns are each checked above: a few candidate columns
-    (≤ 4·k_aux) take the GEMMs, many the sparse passes."""
+    (≤ 8·k_aux) take the GEMMs, many the sparse passes."""
     calls = []
     real = revival.columns_decode
     monkeypatch.setattr(revival, "columns_decode", lambda *a: calls.append(1) or real(*a))
@@ -176,6 +176,24 @@ def test_auxk_dense_and_sparse_column_paths_both_run(monkeypatch):
     monkeypatch.setattr(revival, "DENSE_COLUMNS_PER_K", 0)
     fast_auxk(sae, x, dead, torch.arange(5))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("path", ["dense-columns", "sparse"])
+def test_auxk_over_columns_runs_under_bf16_autocast(path, monkeypatch):
+    """bf16 pre-activations, fp32 gradients close to the fp32 ones (bf16 rounding may change
+    the odd selected entry, hence a norm tolerance)."""
+    if path == "sparse":
+        monkeypatch.setattr(revival, "DENSE_COLUMNS_PER_K", 0)
+    sae, x = make_sae(), make_x()
+    sae.float()
+    x = x.float()
+    dead = torch.arange(M) < 20
+    exact = fast_auxk(sae, x, dead, torch.arange(20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fast_auxk(sae, x, dead, torch.arange(20))
+    for a, b in zip(grads(loss, sae), grads(exact, sae), strict=True):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 0.1 * b.norm()
 
 
 def test_token_subsampled_auxk_is_unbiased(monkeypatch):

@@ -18,9 +18,10 @@ from saekit.kernels import CodeLayout, SparsePreacts, auxk_select, sparse_decode
 from saekit.kernels.columns import columns_decode
 
 AUXK_NORMALIZERS = ("residual", "none")
-DENSE_COLUMNS_PER_K = 4
-"""ê through dense GEMMs over the candidate columns when there are at most 4·k_aux of them
-(the sparse passes otherwise): benchmarks/README.md, "AuxK"."""
+DENSE_COLUMNS_PER_K = 8
+"""ê through dense GEMMs over the candidate columns when there are at most 8·k_aux of them
+(the sparse passes otherwise): on the project's CPU the two cost the same near 16·k_aux
+(benchmarks/README.md, "AuxK"); on a GPU GEMMs gain more."""
 
 
 def auxk_loss(

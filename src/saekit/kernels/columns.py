@@ -35,6 +35,7 @@ class _ColumnsDecodeFn(torch.autograd.Function):
         need_x, need_b_dec, need_W_enc, need_b_enc, need_W_dec = ctx.needs_input_grad[2:7]
         M, d = ctx.d_sae, W_enc_MD.shape[1]
         grad_SD = grad_SD.to(W_dec_CD.dtype)
+        z_SC = z_SC.to(W_dec_CD.dtype)  # bf16 under autocast: the backward runs in W's dtype
         grad_x = grad_b_dec = grad_W_enc = grad_b_enc = grad_W_dec = None
         if need_W_dec:
             grad_W_dec = grad_SD.new_zeros(M, d).index_copy_(0, cols_C, z_SC.T @ grad_SD)
