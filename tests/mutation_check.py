@@ -133,11 +133,81 @@ FAULTS = [
     Fault(
         "jumprelu-theta-chain-rule-dropped",
         "activations/jumprelu.py",
-        "        return self.log_threshold.exp()",
+        "            return self.log_threshold.exp()",
         # the value θ, but the θ-gradient reaches log_threshold without the factor θ
-        "        return self.log_threshold"
+        "            return self.log_threshold"
         " + (self.log_threshold.exp() - self.log_threshold).detach()",
-        ("test_objective.py", "test_activations.py"),
+        ("test_activations.py", "test_jumprelu.py"),
+    ),
+    Fault(
+        "jumprelu-theta-grad-without-theta",
+        "activations/jumprelu.py",
+        "        ste_NM = (threshold / eps) * _rectangle((pre - threshold) / eps) * grad",
+        "        ste_NM = (1.0 / eps) * _rectangle((pre - threshold) / eps) * grad",
+        ("test_jumprelu.py", "test_activations.py"),
+    ),
+    Fault(
+        "jumprelu-ste-to-input-dropped",
+        "activations/jumprelu.py",
+        "            grad_pre = grad_pre + ste_NM.to(pre.dtype)",
+        "            grad_pre = grad_pre",
+        ("test_jumprelu.py", "test_activations.py"),
+    ),
+    Fault(
+        "jumprelu-threshold-cast-to-bf16",
+        "activations/jumprelu.py",
+        "                param.data = param.data.float()  # in place",
+        "                pass  # in place",
+        ("test_jumprelu.py",),
+    ),
+    Fault(
+        "legacy-log-threshold-not-exponentiated",
+        "sae_format.py",
+        '        found["activation.threshold"] = found.pop(legacy).exp()',
+        '        found["activation.threshold"] = found.pop(legacy)',
+        ("test_jumprelu.py", "test_checkpoint.py"),
+    ),
+    Fault(
+        "whitening-fold-skips-the-encoder",
+        "normalisation.py",
+        "    W_enc_MD = W_enc.double() @ w.matrix.T",
+        "    W_enc_MD = W_enc.double()",
+        ("test_whitening.py",),
+    ),
+    Fault(
+        "whitening-fold-drops-the-mean",
+        "normalisation.py",
+        "    b_dec_D = b_dec.double() @ w.inverse + w.mean",
+        "    b_dec_D = b_dec.double() @ w.inverse",
+        ("test_whitening.py",),
+    ),
+    Fault(
+        "whitening-mean-not-subtracted",
+        "normalisation.py",
+        "    return (x_n - w.mean.to(x_n.dtype)) @ w.matrix.to(x_n.dtype)",
+        "    return x_n @ w.matrix.to(x_n.dtype)",
+        ("test_whitening.py",),
+    ),
+    Fault(
+        "whitening-eps-ignored",
+        "normalisation.py",
+        "    lam = eigenvalues.clamp_min(0) + cfg.eps",
+        "    lam = eigenvalues.clamp_min(1e-12)",
+        ("test_whitening.py",),
+    ),
+    Fault(
+        "convert-keeps-the-ema-threshold",
+        "commands/convert.py",
+        "        cal = calibrate_batchtopk(sae, batches, args.max_tokens)",
+        "        cal = calibrate_batchtopk(sae, batches, args.max_tokens, apply=False)",
+        ("test_convert.py",),
+    ),
+    Fault(
+        "quadratic-l0-not-squared",
+        "losses.py",
+        "    return (2.0 / target_l0 * (l0_N - target_l0).pow(2)).mean()",
+        "    return (2.0 / target_l0 * (l0_N - target_l0).abs()).mean()",
+        ("test_jumprelu.py", "test_losses.py"),
     ),
     Fault(
         "batchtopk-k-per-token",
@@ -278,8 +348,8 @@ FAULTS = [
     Fault(
         "input-not-divided-by-scale",
         "sae.py",
-        "        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale",
-        "        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)",
+        "        x_n = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale",
+        "        x_n = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)",
         ("test_objective.py", "test_sae.py"),
     ),
     Fault(

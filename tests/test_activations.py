@@ -124,7 +124,7 @@ def test_only_jumprelu_has_an_l0_step(kind):
     activation = {"kind": kind, "k": 2} if "topk" in kind else kind
     sae = identity_sae(activation, 4)
     with pytest.raises(NotImplementedError, match="no thresholds"):
-        sae.activation.l0_step(randn(3, 4, seed=0))
+        sae.activation.l0_step(Preacts(randn(3, 4, seed=0)))
 
 
 @pytest.mark.parametrize("kind", ["relu", "prolu"])
@@ -419,7 +419,8 @@ def test_jumprelu_forward_and_backward_match_design_formulas(shape):
 
 
 def jumprelu_sae(theta: list[float], init: float = 0.01) -> SAE:
-    sae = identity_sae({"kind": "jumprelu", "init_threshold": init, "bandwidth": EPS}, len(theta))
+    cfg = {"kind": "jumprelu", "init_threshold": init, "bandwidth": EPS, "threshold_param": "log"}
+    sae = identity_sae(cfg, len(theta))
     with torch.no_grad():
         sae.activation.log_threshold.copy_(torch.tensor(theta, dtype=F64).log())
     return sae
@@ -488,7 +489,7 @@ def test_jumprelu_l0_step_reaches_log_threshold_through_the_chain_rule():
     sae = jumprelu_sae(THETA)
     pre = near_threshold((2, 3, M), THETA, EPS, seed=21).requires_grad_(True)
     g = randn(2, 3, M, seed=22)
-    h = sae.activation.l0_step(pre)
+    h = sae.activation.l0_step(Preacts(pre))
     (h * g).sum().backward()
     P, G = rows(pre), rows(g)
     h_ref = [[1.0 if P[n][i] > THETA[i] else 0.0 for i in range(M)] for n in range(len(P))]

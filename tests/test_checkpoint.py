@@ -8,6 +8,7 @@ with a `CheckpointError` that names the problem; a failed save leaves the previo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -62,7 +63,11 @@ def make_sae(variant: str = "topk", dtype: str = "float32", seed: int = 0, activ
         sae.b_dec.add_(0.5 * torch.randn(D_IN))
         act = sae.activation
         if kind == "jumprelu":
-            act.log_threshold.copy_(torch.empty(D_SAE).uniform_(0.05, 0.6).log())
+            theta = torch.empty(D_SAE).uniform_(0.05, 0.6)
+            if act.cfg.threshold_param == "log":
+                act.log_threshold.copy_(theta.log())
+            else:
+                act.threshold.copy_(theta)
         if kind == "prolu":
             act.bias.copy_(torch.empty(D_SAE).uniform_(-0.5, 0.5))
         if kind == "batchtopk":
@@ -253,7 +258,10 @@ def write_v1_checkpoint(path: Path, sae: SAE, flat_config: dict) -> None:
 def test_a_checkpoint_in_format_1_loads_with_equal_outputs(case, tmp_path):
     fields, activation = V1_CASES[case]
     flat = {**V1_DEFAULTS, **fields}
-    sae = make_sae(dtype=flat["dtype"], activation=activation).eval()
+    source = activation  # what saekit.sae/1 trained: a JumpReLU's log θ
+    if isinstance(activation, JumpReLUConfig):
+        source = dataclasses.replace(activation, threshold_param="log")
+    sae = make_sae(dtype=flat["dtype"], activation=source).eval()
     write_v1_checkpoint(tmp_path / "v1", sae, flat)
 
     loaded = SAE.load(tmp_path / "v1")
@@ -267,8 +275,11 @@ def test_a_checkpoint_in_format_1_loads_with_equal_outputs(case, tmp_path):
     assert_rel(out_loaded.x_hat, out.x_hat)
     assert_rel(loaded.encode(x), sae.encode(x))
     assert (sae.encode(x) != 0).any() and (sae.encode(x) == 0).any()
-    for name, value in sae.activation.state_dict().items():
-        assert torch.equal(loaded.activation.state_dict()[name], value), name
+    if isinstance(activation, JumpReLUConfig):  # log θ loads as θ = exp(log θ), bit for bit
+        assert torch.equal(loaded.activation.threshold, sae.activation.theta())
+    else:
+        for name, value in sae.activation.state_dict().items():
+            assert torch.equal(loaded.activation.state_dict()[name], value), name
 
     # saved again, it is written in today's format and loads to the same SAE
     loaded.save(tmp_path / "v2")

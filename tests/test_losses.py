@@ -149,10 +149,10 @@ def test_sparsity_penalty_sparse_code_equals_dense_form_value_and_gradient(kind)
 
 def test_l0_penalty_counts_active_latents_and_its_log_threshold_gradient_is_straight_through():
     eps = 0.5  # wide kernel so that many pre-activations fall inside it
-    sae, x = make_sae("jumprelu", init_threshold=0.3, bandwidth=eps)
+    sae, x = make_sae("jumprelu", init_threshold=0.3, bandwidth=eps, threshold_param="log")
     out = sae(x)
-    theta = sae.activation.threshold
-    l0 = l0_penalty(sae.activation.l0_step(out.pre))  # a differentiable pre: the trap
+    theta = sae.activation.theta()
+    l0 = l0_penalty(sae.activation.l0_step(out.encoding.preacts))  # differentiable: the trap
     l0.backward()
 
     pre, th = out.pre.detach().double(), theta.detach().double()
@@ -173,9 +173,9 @@ def test_l0_penalty_counts_active_latents_and_its_log_threshold_gradient_is_stra
 def test_l0_penalty_weights_each_latent_and_flattens_leading_dimensions():
     sae, x = make_sae("jumprelu", init_threshold=0.3, bandwidth=0.5)
     pre = sae(x).pre.detach()
-    steps = sae.activation.l0_step(pre)
+    steps = sae.activation.l0_step(Preacts(pre))
     w = torch.linspace(0.0, 1.0, M)
-    on = (pre.double() > sae.activation.threshold.detach().double()).double()
+    on = (pre.double() > sae.activation.theta().detach().double()).double()
     ref = sum(w[i].item() * on[n, i].item() for n in range(B * T) for i in range(M)) / (B * T)
     assert l0_penalty(steps, w).item() == pytest.approx(ref)
     assert l0_penalty(steps.reshape(B, T, M)).item() == pytest.approx(on.sum(-1).mean().item())
@@ -434,7 +434,7 @@ def test_firing_threshold_is_per_token_for_topk_batch_min_for_batchtopk_per_late
 
     sae_j, _ = make_sae("jumprelu", init_threshold=0.2)
     with torch.no_grad():
-        sae_j.activation.log_threshold.add_(torch.linspace(-1, 1, M))
+        sae_j.activation.threshold.add_(torch.linspace(0, 1, M))
     with no_host_sync():
         theta_j = sae_j.activation.firing_threshold(sae_j(x).encoding)
     assert theta_j.shape == (M,) and not theta_j.requires_grad
@@ -491,7 +491,7 @@ def test_dead_preact_loss_pushes_dead_preacts_toward_the_threshold_through_the_e
     assert loss.item() == pytest.approx(ref, rel=1e-5)
     assert sae.W_dec.grad is None or sae.W_dec.grad.abs().max() == 0
     if activation == "jumprelu":
-        assert sae.activation.log_threshold.grad is None
+        assert sae.activation.threshold.grad is None
     # ∂L/∂b_enc,i = −(1/(N·n_dead))·Σ_n 1[pre_ni < θ]·‖W_dec,i‖ on dead latents, 0 on the
     # others: the step lowers the loss by raising dead pre-activations.
     ref_grad = torch.zeros(M, dtype=torch.float64)

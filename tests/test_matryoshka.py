@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
-from saekit.encoding import as_dense
+from saekit.encoding import Preacts, as_dense
 from saekit.losses import PENALTIES, l0_penalty, reconstruction_loss, sparsity_penalty
 from saekit.matryoshka import (
     block_deltas,
@@ -150,10 +150,12 @@ def test_prefix_weighted_penalty_equals_the_naive_prefix_average_in_value_and_gr
 
 
 def test_prefix_weighted_l0_penalty_equals_the_naive_prefix_average_with_its_theta_gradient():
-    sae, x = make_sae("jumprelu", init_threshold=0.3, bandwidth=0.5)
+    sae, x = make_sae("jumprelu", init_threshold=0.3, bandwidth=0.5, threshold_param="log")
     prefixes = fixed_prefixes([4, 8, 12, 24])
-    pre = sae(x).pre.detach()
-    weighted = l0_penalty(sae.activation.l0_step(pre), prefix_weights(prefixes, M, like=pre))
+    pre = Preacts(sae(x).pre.detach())
+    weighted = l0_penalty(
+        sae.activation.l0_step(pre), prefix_weights(prefixes, M, like=pre.detached)
+    )
     (got,) = torch.autograd.grad(weighted, [sae.activation.log_threshold])
     steps_NM = sae.activation.l0_step(pre)
     naive = sum(steps_NM[:, :p].sum(-1).mean() for p in prefixes) / len(prefixes)
@@ -310,7 +312,7 @@ def test_permuting_latents_and_adam_moments_commutes_with_an_adam_step(activatio
     assert any(k.endswith("exp_avg_sq") for k in a) and any(k.endswith("max_exp_avg_sq") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    per_latent = "activation.log_threshold" if activation == "jumprelu" else "activation.bias"
+    per_latent = "activation.threshold" if activation == "jumprelu" else "activation.bias"
     assert not torch.equal(a[per_latent], a[per_latent][perm.argsort()])  # it was moved
     c = model_and_optimizer_state(sae_c, opt_c)
     assert (c["W_dec"] - a["W_dec"]).abs().max() > 1e-4  # forgetting the moments shows

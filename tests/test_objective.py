@@ -276,7 +276,7 @@ def hand_forward(act, P, scale, x, k=K, bandwidth=JUMP_BANDWIDTH, variant="ste")
         keep = torch.zeros(pre.numel(), dtype=pre.dtype).index_fill(0, flat, 1.0)
         z = torch.relu(pre) * keep.view_as(pre)  # global sort of the flattened batch
     elif act == "jumprelu":
-        z = HandJumpReLU.apply(pre, P["activation.log_threshold"].exp(), bandwidth)
+        z = HandJumpReLU.apply(pre, P["activation.threshold"], bandwidth)
     else:
         raise AssertionError(act)
     return x_n, pre, z
@@ -299,7 +299,7 @@ def hand_objective(act, recon, penalty, revival, P, scale, x, dead, lam=LAM, k=K
     # penalty: f(|z|·‖W_dec,i‖) over ALL latents (f(0) included), prefix-averaged
     if penalty != "none":
         if penalty == "l0":
-            theta = P["activation.log_threshold"].exp()
+            theta = P["activation.threshold"]
             per_latent = HandStep.apply(pre.detach(), theta, JUMP_BANDWIDTH)
         else:
             per_latent = hand_f(z.abs() * norms, penalty)
@@ -323,7 +323,7 @@ def hand_objective(act, recon, penalty, revival, P, scale, x, dead, lam=LAM, k=K
             kept = z.detach()[z.detach() > 0]
             theta = kept.min() if kept.numel() else torch.zeros((), dtype=torch.float64)
         else:  # per latent
-            theta = P["activation.log_threshold"].detach().exp()
+            theta = P["activation.threshold"].detach()
         gap = torch.relu(theta - pre)
         per_dead = 1 / torch.clamp(n_dead, min=1.0)  # normalised per dead latent
         parts["revival"] = PREACT_COEF * (gap * dead_f * norms.detach()).sum(-1).mean() * per_dead
@@ -355,10 +355,8 @@ def perturb(sae: SAE, seed=1):
     if sae.activation.uses_encoder_bias:
         sae.b_enc.copy_(0.3 * rnd(M))
     act = sae.activation
-    if hasattr(act, "log_threshold"):
-        act.log_threshold.copy_(
-            torch.log(0.05 + 0.9 * torch.rand(M, generator=g, dtype=torch.float64))
-        )
+    if hasattr(act, "theta"):
+        act.threshold.copy_(0.05 + 0.9 * torch.rand(M, generator=g, dtype=torch.float64))
     if hasattr(act, "bias") and isinstance(act.bias, torch.nn.Parameter):
         act.bias.copy_(0.5 * rnd(M))
 
@@ -451,7 +449,7 @@ def test_objective_matches_hand_total(combo):
     for name in ("W_enc", "W_dec", "b_dec"):
         assert theirs[name].abs().max() > 0, name
     if act == "jumprelu":
-        assert theirs["activation.log_threshold"].abs().max() > 0
+        assert theirs["activation.threshold"].abs().max() > 0
     if revival != "none":
         assert (ref_parts["revival"] > 0) == (dead_case != "none")
 

@@ -20,7 +20,7 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-@pytest.mark.slow  # three SAEs of 4096 latents, ~5 s; CI runs it (make test-slow)
+@pytest.mark.slow  # five SAEs of 4096 latents, ~10 s; CI runs it (make test-slow)
 def test_the_run_yaml_example_trains(tmp_path, capsys):
     (block,) = [b for b in _blocks("yaml") if b.startswith("# run.yaml")]
     config = tmp_path / "run.yaml"

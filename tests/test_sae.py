@@ -64,7 +64,7 @@ def make_sae(variant: str, dtype: str = "float64", seed: int = 0) -> SAE:
         sae.b_dec.add_(0.5 * torch.randn(D_IN))
         act = sae.activation
         if kind == "jumprelu":
-            act.log_threshold.copy_(torch.empty(D_SAE).uniform_(0.05, 0.6).log())
+            act.threshold.copy_(torch.empty(D_SAE).uniform_(0.05, 0.6))
         if kind == "prolu":
             act.bias.copy_(torch.empty(D_SAE).uniform_(-0.5, 0.5))
         if kind == "batchtopk":
@@ -103,7 +103,7 @@ def reference_activation(sae: SAE, pre: list[list[float]]) -> list[list[float]]:
         theta = float(act.threshold)
         return [[p if p > theta else 0.0 for p in row] for row in pre]
     if cfg.kind == "jumprelu":
-        theta = [math.exp(t) for t in act.log_threshold.tolist()]
+        theta = act.theta().tolist()
         return [[row[i] if row[i] > theta[i] else 0.0 for i in range(M)] for row in pre]
     if cfg.kind == "prolu":
         b = act.bias.tolist()

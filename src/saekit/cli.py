@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from saekit.commands import convert
 from saekit.train import presets
 
 # Nothing here imports torch at module level: `saekit --help` answers without it.
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_class_arg(p)
     p.add_argument("--local-files-only", action="store_true", help="never download")
     p.set_defaults(func=cmd_hooks)
+    convert.add_parser(sub)
 
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for --nproc

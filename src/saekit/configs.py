@@ -52,7 +52,7 @@ class KindConfig:
             )
         data = dict(value)
         kind = data.pop("kind")
-        if kind not in cls._kinds:
+        if not isinstance(kind, str) or kind not in cls._kinds:
             raise ValueError(
                 f"{where}.kind: unknown {cls.family} {kind!r}; choose one of {cls.kinds()}"
             )

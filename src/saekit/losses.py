@@ -97,13 +97,32 @@ def sparsity_penalty(
     return terms_NM.sum(-1).mean()
 
 
-def l0_penalty(step_NM: Tensor, latent_weights_M: Tensor | None = None) -> Tensor:
-    """L0 = mean_n Σ_i w_i H(pre_ni − θ_i) from the activation's straight-through step
-    (:meth:`saekit.activations.base.Activation.l0_step`), whose gradient reaches θ only."""
+def _l0_per_token(step_NM: Tensor, latent_weights_M: Tensor | None) -> Tensor:
+    """L0_n = Σ_i w_i H(pre_ni − θ_i) [N] (w_i = 1 by default)."""
     step_NM = step_NM.reshape(-1, step_NM.shape[-1])
     if latent_weights_M is not None:
         step_NM = step_NM * latent_weights_M
-    return step_NM.sum(-1).mean()
+    return step_NM.sum(-1)
+
+
+def l0_penalty(step_NM: Tensor, latent_weights_M: Tensor | None = None) -> Tensor:
+    """L0 = mean_n Σ_i w_i H(pre_ni − θ_i) from the activation's straight-through step
+    (:meth:`saekit.activations.base.Activation.l0_step`), whose gradient reaches θ (and the
+    pre-activations where the activation passes it on)."""
+    return _l0_per_token(step_NM, latent_weights_M).mean()
+
+
+def quadratic_l0_penalty(step_NM: Tensor, target_l0: float) -> Tensor:
+    """mean_n (2/T)·(L0_n − T)², L0_n = Σ_i H(pre_ni − θ_i) as in :func:`l0_penalty`, T the
+    target L0 (not defined under Matryoshka: SAETrainConfig refuses the pair).
+
+    The quadratic target-L0 penalty of Gemma Scope 2 (Google DeepMind, "Gemma Scope 2"
+    technical paper, 2025), in the form SAELens PR #732 reproduces it. It pushes each token's L0
+    toward T from both sides, where λ·L0 only ever lowers it; its slope in L0_n,
+    (4/T)·(L0_n − T), stays within ±4 while 0 ≤ L0_n ≤ 2T, so λ keeps the plain penalty's scale.
+    """
+    l0_N = _l0_per_token(step_NM, None)
+    return (2.0 / target_l0 * (l0_N - target_l0).pow(2)).mean()
 
 
 class LambdaController:

@@ -35,13 +35,19 @@ class PenaltyConfig(KindConfig):
     coefficient: float = 0.0
     """λ (the controller's starting value when target_l0 is set); must be > 0."""
     target_l0: float | None = None
-    """If set, a controller moves λ toward this L0 (losses.LambdaController)."""
+    """If set, a controller moves λ toward this L0 (losses.LambdaController); quadratic_l0:
+    the T of its formula (λ then stays fixed)."""
     controller_rate: float = 0.01
     """Controller step: λ changes by at most a factor exp(rate) per step."""
 
     def shape_params(self) -> dict[str, float]:
         """The fields of losses.penalty_terms this kind sets (eps, c); none by default."""
         return {}
+
+    @property
+    def controller_target(self) -> float | None:
+        """The L0 the λ controller aims at, or None for a fixed λ."""
+        return self.target_l0
 
     def __post_init__(self) -> None:
         check_finite("coefficient", self.coefficient, 0.0, strict=True)
@@ -97,6 +103,28 @@ class L0Penalty(PenaltyConfig):
     """Σ H(pre_i − θ_i) with the straight-through θ-gradient (JumpReLU)."""
 
     kind = "l0"
+
+
+@dataclass
+class QuadraticL0Penalty(L0Penalty):
+    """mean_n (2/T)·(L0_n − T)² with T = target_l0 (Gemma Scope 2; losses.quadratic_l0_penalty).
+    The formula holds L0 at T itself, so λ is fixed: no controller."""
+
+    kind = "quadratic_l0"
+
+    @property
+    def controller_target(self) -> float | None:
+        return None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_l0 is None:
+            raise ValueError("penalty.target_l0 must be set for kind 'quadratic_l0' (its T)")
+        if self.controller_rate != PenaltyConfig.controller_rate:
+            raise ValueError(
+                "penalty.controller_rate means nothing for kind 'quadratic_l0' (λ is fixed; the "
+                "formula holds L0 at target_l0)"
+            )
 
 
 class RevivalConfig(KindConfig):
@@ -247,7 +275,9 @@ class Penalty(Term):
         cfg, sae = self.cfg, inputs.sae
         weights = _latent_weights(inputs)
         if isinstance(cfg, L0Penalty):
-            steps_NM = sae.activation.l0_step(inputs.out.encoding.preacts.detached)
+            steps_NM = sae.activation.l0_step(inputs.out.encoding.preacts)
+            if isinstance(cfg, QuadraticL0Penalty):
+                return inputs.lam * losses.quadratic_l0_penalty(steps_NM, cfg.target_l0)
             return inputs.lam * losses.l0_penalty(steps_NM, weights)
         value = losses.sparsity_penalty(
             inputs.out.latents,
@@ -339,8 +369,8 @@ def build_objective(
     if penalty is not None:
         if isinstance(penalty, L0Penalty) and not _has_l0_step(activation):
             raise ValueError(
-                f"penalty.kind 'l0' needs thresholds; sae.activation.kind {kind!r} has none "
-                "(use jumprelu)"
+                f"penalty.kind {penalty.kind!r} needs thresholds; sae.activation.kind {kind!r} has "
+                "none (use jumprelu)"
             )
         terms.append(Penalty(penalty))
     revival_cfg = resolve_revival(revival_cfg, activation)

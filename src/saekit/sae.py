@@ -9,6 +9,7 @@ it encodes; the SAE holds the shared parameters and decodes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,20 +23,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from saekit import normalisation
 from saekit._version import __version__
 from saekit.activations import ActivationConfig, make_activation
 from saekit.atomic import recover_directory, replace_directory, sha256_file
 from saekit.configs import from_dict, to_dict
 from saekit.encoding import Encoding, SparseCode, as_dense
 from saekit.kernels import sparse_decode
+from saekit.normalisation import Whitening, WhiteningConfig, estimate_scale
 from saekit.sae_format import (
     CHECKPOINT_FORMAT,
     CONFIG_FILE,
-    FORMATS_READ,
     WEIGHTS_FILE,
     CheckpointError,
     check_state_matches,
-    upgrade_v1_config,
+    files_to_carry_over,
+    read_config,
+    upgrade_tensors,
 )
 
 
@@ -56,11 +60,16 @@ class SAEConfig:
     """Model the activations came from (informational)."""
     dtype: str = "float32"
     """Parameter dtype."""
+    whitening: WhiteningConfig | None = None
+    """Train on whitened inputs (x/s − μ)·M, e.g. ``{kind: zca, eps: 0.001}``
+    (saekit.normalisation); folded into the weights on save, where it becomes None."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form extra information carried in cfg.json."""
 
     def __post_init__(self) -> None:
         self.activation = ActivationConfig.parse(self.activation, "activation")
+        if self.whitening is not None:
+            self.whitening = WhiteningConfig.parse(self.whitening, "whitening")
         self.validate()
 
     def validate(self) -> None:
@@ -134,6 +143,11 @@ class SAE(nn.Module):
         # Scale and the activation's thresholds stay at least fp32 whatever the parameter dtype.
         aux_dtype = torch.promote_types(dtype, torch.float32)
         self.register_buffer("scale", torch.ones((), dtype=aux_dtype, device=device))
+        if cfg.whitening is not None:  # μ, M, M⁻¹ of x / s, estimated once, float64
+            f64 = {"dtype": torch.float64, "device": device}
+            self.register_buffer("whiten_mean", torch.zeros(d, **f64))
+            self.register_buffer("whiten_matrix", torch.eye(d, **f64))
+            self.register_buffer("unwhiten_matrix", torch.eye(d, **f64))
         self.activation = make_activation(cfg.activation, M).to(device=device, dtype=aux_dtype)
         if not self.activation.uses_encoder_bias:
             self.b_enc.requires_grad_(False)  # the activation owns its bias; b_enc stays 0
@@ -166,6 +180,11 @@ class SAE(nn.Module):
             raise ValueError(f"dataset scale must be positive and finite, got {scale}")
         self.scale.fill_(scale)
         x_n = x64 / scale
+        if self.cfg.whitening is not None:
+            w = normalisation.estimate_whitening(x_n, self.cfg.whitening)
+            for buffer, value in zip(self._whitening_buffers(), w, strict=True):
+                buffer.copy_(value)
+            x_n = normalisation.whiten(x_n, w)
         if method == "mean":
             center = x_n.mean(0)
         elif method == "geometric_median":
@@ -178,11 +197,26 @@ class SAE(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
+    @property
+    def whitening(self) -> Whitening | None:
+        """μ, M, M⁻¹ of the input whitening, or None."""
+        return None if self.cfg.whitening is None else Whitening(*self._whitening_buffers())
+
+    def _whitening_buffers(self) -> list[Tensor]:
+        return [self.whiten_mean, self.whiten_matrix, self.unwhiten_matrix]
+
     def normalise(self, x: Tensor) -> Tensor:
-        """Raw activations [..., d] -> [N, d] in the normalised space x / s."""
+        """Raw activations [..., d] -> [N, d] in the normalised space x / s (whitened if set)."""
         if x.shape[-1:] != (self.cfg.d_in,):
             check_activations(x, self.cfg.d_in)
-        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale
+        x_n = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) / self.scale
+        w = self.whitening
+        return x_n if w is None else normalisation.whiten(x_n, w)
+
+    def denormalise(self, x_hat_n: Tensor) -> Tensor:
+        """[N, d] normalised -> the input's space: s·x̂_n, or s·(x̂_n M⁻¹ + μ) when whitened."""
+        w = self.whitening
+        return (x_hat_n if w is None else normalisation.unwhiten(x_hat_n, w)) * self.scale
 
     def pre_acts(self, x_n: Tensor) -> Tensor:
         """[N, d] normalised input -> [N, M] differentiable pre-activations."""
@@ -209,7 +243,7 @@ class SAE(nn.Module):
         x_n = self.normalise(x)
         encoding = self.activation.encode(self, x_n)
         x_hat_n = self.decode_n(encoding.latents)
-        x_hat = (x_hat_n * self.scale).reshape(*lead, d)
+        x_hat = self.denormalise(x_hat_n).reshape(*lead, d)
         return ForwardOutput(x_hat, encoding.latents, x_n, x_hat_n, encoding)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -224,7 +258,7 @@ class SAE(nn.Module):
             raise ValueError(f"latents have width {z.shape[-1]}, but d_sae = {self.cfg.d_sae}")
         lead = z.shape[:-1]
         x_hat_n = self.decode_n(z.reshape(-1, self.cfg.d_sae).to(self.W_dec.dtype))
-        return (x_hat_n * self.scale).reshape(*lead, self.cfg.d_in)
+        return self.denormalise(x_hat_n).reshape(*lead, self.cfg.d_in)
 
     # ---------------------------------------------------------------- decoder norms
 
@@ -247,38 +281,52 @@ class SAE(nn.Module):
     @torch.no_grad()
     def fold_scale_(self) -> None:
         """Fold s into the weights exactly: W_enc/s, s·W_dec, s·b_dec; then s = 1. The
-        pre-activations are unchanged, so b_enc and every threshold stay as they are."""
+        pre-activations are unchanged, so b_enc and every threshold stay as they are. A
+        whitened SAE folds into a copy (``tensors_for_save``): its config changes too."""
+        if self.cfg.whitening is not None:
+            raise ValueError("fold_scale_: a whitened SAE is folded by save(), into a copy")
         s = self.scale.to(self.W_enc.dtype)
         self.W_enc /= s
         self.W_dec *= s
         self.b_dec *= s
         self.scale.fill_(1.0)
 
-    def tensors_for_save(self) -> dict[str, Tensor]:
-        """Every parameter and buffer, scale folded, contiguous and on the CPU."""
-        folded = self._folded_copy()
-        return {k: v.detach().contiguous().cpu() for k, v in folded.state_dict().items()}
-
-    def _folded_copy(self) -> SAE:
-        if float(self.scale) == 1.0:
+    def folded_copy(self) -> SAE:
+        """The SAE that takes raw activations: whitening folded first (normalisation.py), then
+        s. Its config has no whitening; metadata records the one folded in."""
+        w, cfg = self.whitening, self.cfg
+        if float(self.scale) == 1.0 and w is None:
             return self
-        copy = SAE(self.cfg, device="cpu")
-        copy.load_state_dict({k: v.cpu() for k, v in self.state_dict().items()})
+        if w is not None:
+            folded = {"whitening_folded": to_dict(cfg.whitening)}
+            cfg = dataclasses.replace(cfg, whitening=None, metadata={**cfg.metadata, **folded})
+        copy = SAE(cfg, device="cpu")
+        state = {k: v.cpu() for k, v in self.state_dict().items() if k in copy.state_dict()}
+        copy.load_state_dict(state)
+        if w is not None:
+            w = Whitening(*(t.cpu() for t in w))
+            weights = (copy.W_enc, copy.W_dec, copy.b_dec)
+            for param, value in zip(
+                weights, normalisation.fold_whitening(*weights, w), strict=True
+            ):
+                param.data.copy_(value)
         copy.fold_scale_()
         return copy
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``sae.safetensors`` and ``cfg.json`` into the directory ``path``.
 
-        The scale is folded into the saved weights; this SAE is left unchanged. The directory is
+        The scale (and whitening) is folded into the saved weights (:meth:`folded_copy`); this
+        SAE is left unchanged. The directory is
         rebuilt beside the old one and swapped in (:func:`saekit.atomic.replace_directory`), so
         the two files always agree (cfg.json holds the weights' sha256); other files already in
         the directory (a run's metrics.jsonl, eval.json) are carried over.
         """
         path = Path(path)
         recover_directory(path)  # a save killed mid-swap left the old directory aside
-        kept = _files_to_carry_over(path)
-        tensors = self.tensors_for_save()
+        kept = files_to_carry_over(path)
+        folded = self.folded_copy()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in folded.state_dict().items()}
 
         def fill(tmp: Path) -> None:
             for entry in kept:
@@ -290,7 +338,7 @@ class SAE(nn.Module):
             meta = {
                 "format": CHECKPOINT_FORMAT,
                 "saekit_version": __version__,
-                "config": self.cfg.to_dict(),
+                "config": folded.cfg.to_dict(),
                 "scale_folded": True,
                 "tensors": {
                     k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()
@@ -310,31 +358,9 @@ class SAE(nn.Module):
         mismatched one with a one-line CheckpointError."""
         path = Path(path)
         recover_directory(path)
-        cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for p in (cfg_path, weights):
-            if not p.is_file():
-                raise CheckpointError(f"checkpoint {path}: missing {p.name}")
+        data = read_config(path, verify)
+        weights = path / WEIGHTS_FILE
         try:
-            meta = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: {CONFIG_FILE} is not valid JSON ({exc})"
-            ) from exc
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} does not hold a JSON object")
-        if meta.get("format") not in FORMATS_READ:
-            raise CheckpointError(
-                f"checkpoint {path}: format {meta.get('format')!r}, expected one of {FORMATS_READ}"
-            )
-        if verify and meta.get("sha256") != sha256_file(weights):
-            raise CheckpointError(
-                f"checkpoint {path}: {WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE} "
-                "(corrupt, truncated or from another save)"
-            )
-        try:
-            data = meta["config"]
-            if meta["format"] == "saekit.sae/1":
-                data = upgrade_v1_config(data)
             cfg = SAEConfig.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: bad config in {CONFIG_FILE}: {exc}") from exc
@@ -345,35 +371,13 @@ class SAE(nn.Module):
                 found = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint {path}: cannot read {WEIGHTS_FILE}: {exc}") from exc
+        found = upgrade_tensors(data, found)
         check_state_matches(expected, found, where=f"checkpoint {path}")
         sae.load_state_dict(found)
         return sae.to(device).eval()
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def _files_to_carry_over(path: Path) -> list[Path]:
-    """The other files of an SAE directory (metrics.jsonl, eval.json); refuse a path that is
-    not a directory, or one with subdirectories (a run directory, not an SAE's)."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"SAE.save: {path} exists and is not a directory")
-    if not path.is_dir():
-        return []
-    entries = sorted(path.iterdir())
-    subdirs = [e.name for e in entries if e.is_dir()]
-    if subdirs:
-        raise ValueError(
-            f"SAE.save: {path} holds directories {subdirs}; save an SAE into a directory of its "
-            "own (saving swaps the whole directory)"
-        )
-    return [e for e in entries if e.name not in (WEIGHTS_FILE, CONFIG_FILE)]
-
-
-def estimate_scale(x: Tensor) -> float:
-    """s = sqrt(E‖x‖² / d), so that E‖x / s‖² = d: the one home of the dataset scale."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    return float((x.pow(2).sum(-1).mean() / x.shape[-1]).sqrt())
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:

@@ -8,9 +8,13 @@ the same in both.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from saekit.atomic import sha256_file
 
 CHECKPOINT_FORMAT = "saekit.sae/2"
 FORMATS_READ = ("saekit.sae/1", CHECKPOINT_FORMAT)
@@ -46,6 +50,24 @@ def upgrade_v1_config(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def upgrade_tensors(config: dict[str, Any], found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An older checkpoint's tensors under today's names. A JumpReLU saved before
+    ``threshold_param`` existed trained log θ and holds ``activation.log_threshold``; its config
+    (no ``threshold_param``) now means a direct θ, which is exp(log θ) computed as that code did
+    (same op, same float32), so the loaded SAE encodes bit for bit as the saved one did."""
+    activation = config.get("activation")
+    legacy = "activation.log_threshold"
+    if (
+        isinstance(activation, dict)
+        and activation.get("kind") == "jumprelu"
+        and "threshold_param" not in activation
+        and legacy in found
+    ):
+        found = dict(found)
+        found["activation.threshold"] = found.pop(legacy).exp()
+    return found
+
+
 def check_state_matches(expected: dict[str, Tensor], found: dict[str, Tensor], where: str) -> None:
     """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
     problems = []
@@ -65,3 +87,51 @@ def check_state_matches(expected: dict[str, Tensor], found: dict[str, Tensor], w
             )
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def read_config(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The SAE config held in ``path``'s cfg.json, in today's shape; checks the format and (with
+    ``verify``) that the weights' sha256 is the one recorded. One-line CheckpointErrors."""
+    cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {path}: missing {p.name}")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: {CONFIG_FILE} is not valid JSON ({exc})"
+        ) from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} does not hold a JSON object")
+    if meta.get("format") not in FORMATS_READ:
+        raise CheckpointError(
+            f"checkpoint {path}: format {meta.get('format')!r}, expected one of {FORMATS_READ}"
+        )
+    if verify and meta.get("sha256") != sha256_file(weights):
+        raise CheckpointError(
+            f"checkpoint {path}: {WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE} "
+            "(corrupt, truncated or from another save)"
+        )
+    try:
+        data = meta["config"]
+        return upgrade_v1_config(data) if meta["format"] == "saekit.sae/1" else data
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: bad config in {CONFIG_FILE}: {exc}") from exc
+
+
+def files_to_carry_over(path: Path) -> list[Path]:
+    """The other files of an SAE directory (metrics.jsonl, eval.json); refuse a path that is
+    not a directory, or one with subdirectories (a run directory, not an SAE's)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"SAE.save: {path} exists and is not a directory")
+    if not path.is_dir():
+        return []
+    entries = sorted(path.iterdir())
+    subdirs = [e.name for e in entries if e.is_dir()]
+    if subdirs:
+        raise ValueError(
+            f"SAE.save: {path} holds directories {subdirs}; save an SAE into a directory of its "
+            "own (saving swaps the whole directory)"
+        )
+    return [e for e in entries if e.name not in (WEIGHTS_FILE, CONFIG_FILE)]

@@ -71,9 +71,10 @@ class Activation(nn.Module):
     def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
         raise NotImplementedError
 
-    def l0_step(self, pre_NM: Tensor) -> Tensor:
-        """H(pre − θ) [N, M] with a straight-through gradient to the thresholds, for the L0
-        penalty. Only activations with learned thresholds (JumpReLU) implement it."""
+    def l0_step(self, preacts: Preacts) -> Tensor:
+        """H(pre − θ) [N, M] with a straight-through gradient to the thresholds (and, where the
+        activation says so, to the pre-activations), for the L0 penalties. Only activations
+        with learned thresholds (JumpReLU) implement it."""
         raise NotImplementedError(f"{type(self).__name__} has no thresholds for an L0 penalty")
 
     def firing_threshold(self, enc: Encoding) -> Tensor:

@@ -1,28 +1,39 @@
-"""JumpReLU (Rajamanoharan et al. 2024): z = pre · H(pre − θ), θ per latent, trained through
-straight-through estimates with the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε:
+"""JumpReLU (Rajamanoharan et al. 2024, arXiv 2407.14435): z = pre · H(pre − θ), θ per latent,
+trained through straight-through estimates with the rectangle kernel K(u) = 1[|u| < ½] and
+bandwidth ε:
 
     ∂z/∂pre = H(pre − θ)·g            ∂z/∂θ = −(θ/ε)·K((pre − θ)/ε)·g
-    ∂H/∂θ   = −(1/ε)·K((pre − θ)/ε)·g  (the L0 penalty's step; no gradient to pre)
+    ∂H/∂θ   = −(1/ε)·K((pre − θ)/ε)·g  (the L0 penalty's step)
 
-θ = exp(log_threshold): autograd multiplies the θ-gradient by θ on its way to log_threshold
-(the chain rule one public implementation forgot).
+With ``ste_to_input`` the estimate reaches the pre-activations too (Anthropic, "Circuits
+Updates – January 2025"; SAELens PR #728): z and H depend on pre only through pre − θ, so each
+adds the negation of its θ-term, ∂z/∂pre += (θ/ε)·K·g and ∂H/∂pre = (1/ε)·K·g. Without it,
+the L0 penalty reaches θ only (the paper's choice).
+
+θ is the parameter itself by default (``threshold_param: direct``). Adam moves a parameter by
+about lr per step, so under ``log`` (the paper's App. J, θ = exp(log θ)) θ moves by only about
+θ·lr: at θ = 0.001 and lr 1e-3 that is 1e-6 per step (SAELens PR #718). A direct θ is projected
+back to θ ≥ 0 after each step (below 0 the gate would pass negative pre-activations). θ is kept
+in float32 whatever the weight dtype: bf16 has ~0.4% resolution, which rounds Adam's ~lr steps
+on an O(1) θ away (SAELens PR #728).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from saekit.activations.base import Activation, ActivationConfig
+from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.configs import check_finite
-from saekit.encoding import Encoding
+from saekit.encoding import Encoding, Preacts
 
 if TYPE_CHECKING:
     from saekit.sae import SAE
+
+THRESHOLD_PARAMS = ("direct", "log")
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -30,46 +41,54 @@ def _rectangle(u: Tensor) -> Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
+def _theta_grad(grad_NM: Tensor, d_sae: int) -> Tensor:
+    """Sum a per-entry θ-gradient over every leading dimension: [..., M] -> [M]."""
+    return grad_NM.reshape(-1, d_sae).sum(0)
+
+
 class _JumpReLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float, to_input: bool) -> Tensor:
         ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
         return pre * (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
+        ste_NM = (threshold / eps) * _rectangle((pre - threshold) / eps) * grad
         grad_pre = grad * (pre > threshold).to(pre.dtype)
-        grad_theta_NM = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
-        grad_theta = grad_theta_NM.reshape(-1, pre.shape[-1]).sum(0)
-        return grad_pre, grad_theta, None
+        if ctx.to_input:
+            grad_pre = grad_pre + ste_NM.to(pre.dtype)
+        return grad_pre, _theta_grad(-ste_NM, pre.shape[-1]).to(threshold.dtype), None, None
 
 
 class _StepFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float, to_input: bool) -> Tensor:
         ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
         return (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta_NM = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
-        return None, grad_theta_NM.reshape(-1, pre.shape[-1]).sum(0), None
+        ste_NM = (1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
+        grad_pre = ste_NM.to(pre.dtype) if ctx.to_input else None
+        return grad_pre, _theta_grad(-ste_NM, pre.shape[-1]).to(threshold.dtype), None, None
 
 
-def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """pre · H(pre − θ) with the straight-through θ-gradient."""
-    return _JumpReLUFn.apply(pre, threshold, bandwidth)
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float, to_input: bool = False) -> Tensor:
+    """pre · H(pre − θ) with the straight-through θ-gradient (and pre-gradient with
+    ``to_input``)."""
+    return _JumpReLUFn.apply(pre, threshold, bandwidth, to_input)
 
 
-def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def step(pre: Tensor, threshold: Tensor, bandwidth: float, to_input: bool = False) -> Tensor:
     """H(pre − θ) with the straight-through θ-gradient (the L0 penalty's)."""
-    return _StepFn.apply(pre, threshold, bandwidth)
+    return _StepFn.apply(pre, threshold, bandwidth, to_input)
 
 
 @dataclass
@@ -79,10 +98,22 @@ class JumpReLUConfig(ActivationConfig):
     """Initial per-latent θ (normalised space)."""
     bandwidth: float = 0.001
     """ε of the straight-through rectangle kernel."""
+    threshold_param: str = "direct"
+    """What Adam trains: ``direct`` (θ itself, projected to θ ≥ 0) or ``log`` (log θ, the
+    paper's App. J; θ then moves by only ~θ·lr per step, SAELens PR #718)."""
+    ste_to_input: bool = False
+    """Pass the straight-through estimate to the pre-activations (and so the encoder) as well as
+    to θ (Anthropic, January 2025 update); False: θ only (the paper)."""
 
     def __post_init__(self) -> None:
         check_finite("init_threshold", self.init_threshold, 0.0, strict=True)
         check_finite("bandwidth", self.bandwidth, 0.0, strict=True)
+        if self.threshold_param not in THRESHOLD_PARAMS:
+            raise ValueError(
+                f"threshold_param must be one of {THRESHOLD_PARAMS}, got {self.threshold_param!r}"
+            )
+        if not isinstance(self.ste_to_input, bool):
+            raise ValueError(f"ste_to_input must be true or false, got {self.ste_to_input!r}")
 
 
 class JumpReLU(Activation):
@@ -91,18 +122,42 @@ class JumpReLU(Activation):
 
     def __init__(self, cfg: JumpReLUConfig, d_sae: int):
         super().__init__(cfg, d_sae)
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(cfg.init_threshold)))
+        init = torch.full((d_sae,), cfg.init_threshold, dtype=torch.float32)
+        if cfg.threshold_param == "log":
+            self.log_threshold = nn.Parameter(init.log())
+        else:
+            self.threshold = nn.Parameter(init)
 
-    @property
-    def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
+    def theta(self) -> Tensor:
+        """θ [M], differentiable: the parameter itself, or exp(log θ) (autograd then multiplies
+        the θ-gradient by θ on its way to log θ, the chain rule one implementation forgot)."""
+        if self.cfg.threshold_param == "log":
+            return self.log_threshold.exp()
+        return self.threshold
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) casts every float parameter; θ stays at least float32 (module doc).
+        out = super()._apply(fn, recurse)
+        for param in self._parameters.values():
+            if param is not None and param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()  # in place: an optimizer keeps its reference
+        return out
 
     def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
         pre = self.preacts(sae, x_n_ND)
-        return Encoding(jumprelu(pre.dense(), self.threshold, self.cfg.bandwidth), pre)
+        z = jumprelu(pre.dense(), self.theta(), self.cfg.bandwidth, self.cfg.ste_to_input)
+        return Encoding(z, pre)
 
-    def l0_step(self, pre_NM: Tensor) -> Tensor:
-        return step(pre_NM, self.threshold, self.cfg.bandwidth)
+    def l0_step(self, preacts: Preacts) -> Tensor:
+        # The penalty reaches the encoder only when the estimate goes to the input as well.
+        to_input = self.cfg.ste_to_input
+        pre_NM = preacts.dense() if to_input else preacts.detached
+        return step(pre_NM, self.theta(), self.cfg.bandwidth, to_input)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
-        return self.threshold.detach()
+        return self.theta().detach()
+
+    @torch.no_grad()
+    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
+        if self.cfg.threshold_param == "direct":
+            self.threshold.clamp_(min=0.0)

@@ -17,16 +17,28 @@ and the L0 is the positive count / N, as in training, where the kept values pass
 
 The top kN + 1 values are kept while streaming (at most k·max_tokens + 1 floats), so the
 held-out set is read once and never held in memory whole.
+
+Conversion to JumpReLU (:func:`to_jumprelu`, ``saekit convert``): the inference z = pre·1[pre > θ]
+is a JumpReLU with θ_i = θ for every latent, so the converted SAE's L0 and FVU equal the
+BatchTopK inference's on any data, not only on the calibration tokens. θ stays global: per-latent
+thresholds set on the same tokens, each θ_i at latent i's share of the kN largest entries, fire
+on exactly the entries above the global θ there (the kN largest of all N·M are those above
+v_{kN+1}), so they add nothing on those tokens and can only drift from the BatchTopK SAE off
+them. The thresholds are per-latent parameters, free to move if the JumpReLU is trained further.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from saekit.activations import JumpReLUConfig
+from saekit.sae import SAE
 
 TOLERANCE = 0.10
 """How far (relative) the inference L0 may be from its target before a warning."""
@@ -134,3 +146,24 @@ def off_target(name: str, l0: float, target: float | None) -> str | None:
         f"SAE {name}: inference L0 {l0:.2f} is {abs(l0 / target - 1):.0%} off its target"
         f" {target:g} (more than {TOLERANCE:.0%})"
     )
+
+
+@torch.no_grad()
+def to_jumprelu(sae: SAE) -> SAE:
+    """The BatchTopK SAE's inference as a JumpReLU SAE: the same weights, every θ_i = its θ
+    (calibrate first with :func:`calibrate_batchtopk`; module docstring: why global). Metadata
+    records the source and sets ``target_l0`` = k, so the L0 check of ``saekit eval`` applies."""
+    if sae.cfg.activation.kind != "batchtopk":
+        raise ValueError(
+            f"only a batchtopk SAE converts to jumprelu, this one is {sae.cfg.activation.kind!r}"
+        )
+    theta, k = float(sae.activation.threshold), sae.cfg.activation.k
+    activation = JumpReLUConfig(init_threshold=theta) if theta > 0 else JumpReLUConfig()
+    source = {"kind": "batchtopk", "k": k, "threshold": theta}
+    metadata = {**sae.cfg.metadata, "converted_from": source, "target_l0": float(k)}
+    cfg = dataclasses.replace(sae.cfg, activation=activation, metadata=metadata)
+    converted = SAE(cfg, device=sae.W_enc.device)
+    state = {k: v for k, v in sae.state_dict().items() if not k.startswith("activation.")}
+    converted.load_state_dict({**state, "activation.threshold": converted.activation.threshold})
+    converted.activation.threshold.fill_(theta)
+    return converted.eval()

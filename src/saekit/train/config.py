@@ -95,6 +95,10 @@ class DataConfig:
             raise ValueError(f"data.source must be one of {sources}, got {self.source!r}")
         if self.shuffle_buffer_tokens < 0:
             raise ValueError("data.shuffle_buffer_tokens must be >= 0")
+        if self.outlier_norm is not None and not self.outlier_norm > 1:  # whatever the source
+            raise ValueError(
+                f"data.outlier_norm must be > 1 (a multiple of the median), got {self.outlier_norm}"
+            )
         if self.source == "cache":
             if not self.cache_dir:
                 raise ValueError("data.cache_dir is required when data.source is 'cache'")
@@ -119,11 +123,6 @@ class DataConfig:
                 )
             if self.prefetch < 0:
                 raise ValueError("data.prefetch must be >= 0")
-            if self.outlier_norm is not None and not self.outlier_norm > 1:
-                raise ValueError(
-                    f"data.outlier_norm must be > 1 (a multiple of the median), got"
-                    f" {self.outlier_norm}"
-                )
             from saekit.data.models import MODEL_CLASSES
 
             if self.model_class not in MODEL_CLASSES:

@@ -84,11 +84,11 @@ class Member:
         self.controller = (
             losses.LambdaController(
                 penalty.coefficient,
-                penalty.target_l0,
+                penalty.controller_target,
                 rate=penalty.controller_rate,
                 dtype=lam_dtype,
             )
-            if penalty is not None and penalty.target_l0 is not None
+            if penalty is not None and penalty.controller_target is not None
             else None
         )
         lam = penalty.coefficient if penalty is not None else 0.0

@@ -13,6 +13,7 @@ from saekit.objective import (
     MatryoshkaConfig,
     Objective,
     PenaltyConfig,
+    QuadraticL0Penalty,
     RandomPrefixes,
     RevivalConfig,
     build_objective,
@@ -95,6 +96,11 @@ class SAETrainConfig:
         if isinstance(self.matryoshka, FixedPrefixes) and sum(self.matryoshka.groups) != d_sae:
             raise ValueError(
                 f"matryoshka.groups sum to {sum(self.matryoshka.groups)}, not sae.d_sae = {d_sae}"
+            )
+        if isinstance(self.penalty, QuadraticL0Penalty) and self.matryoshka is not None:
+            raise ValueError(
+                "penalty.kind 'quadratic_l0' with matryoshka is not defined (its target is the "
+                "full SAE's L0); use penalty.kind 'l0' with target_l0"
             )
         if isinstance(self.matryoshka, RandomPrefixes):
             m, n = self.matryoshka.min_prefix, self.matryoshka.n_prefixes

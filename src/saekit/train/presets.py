@@ -16,6 +16,10 @@ D_SAE = 1024
 BATCH = 2048
 LR = 8e-3
 """Tuned on this data: TopK recovers 98% of the features by step 400 (2e-3 needs ~900 steps)."""
+QUADRATIC_L0_LAMBDA = 1.0
+"""λ of the quadratic-L0 JumpReLU (fixed: the formula holds L0 at its target). On this data,
+after 300 steps: L0 6.5, FVU 0.32 at λ = 1; L0 10.3 at λ = 0.1; passing the estimate to the
+pre-activations as well gave L0 7.1 and 38% dead latents at λ = 1 (issue 14)."""
 
 
 def synthetic_data(kind: str = "independent") -> dict[str, Any]:
@@ -34,9 +38,11 @@ def train_config() -> dict[str, Any]:
 
 
 def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
-    """TopK, BatchTopK, JumpReLU, ReLU+L1 and Matryoshka-BatchTopK at matched L0 on one stream.
+    """TopK, BatchTopK, JumpReLU (L0 and quadratic L0), ReLU+L1 and Matryoshka-BatchTopK at
+    matched L0 on one stream.
 
-    Penalty-trained SAEs reach the matched L0 through the λ controller (target_l0 = k).
+    Penalty-trained SAEs reach the matched L0 through the λ controller (target_l0 = k), the
+    quadratic-L0 JumpReLU through its own target (T = k, λ fixed).
     BatchTopK gets a stronger AuxK (α = 1, dead after 50k tokens) than TopK's 1/32: on this
     data its rare-feature latents lose the batch-wide competition early and die, which the
     paper's α = 1/32 does not undo in 1500 steps (BENCHMARKS.md).
@@ -65,6 +71,19 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
                 "coefficient": 0.3,
                 "target_l0": float(k),
                 "controller_rate": 0.02,
+            },
+            "revival": "none",
+        },
+        {
+            "sae": {
+                "d_sae": D_SAE,
+                "activation": {"kind": "jumprelu", "init_threshold": 0.5, "bandwidth": 0.1},
+            },
+            "lr": LR,
+            "penalty": {
+                "kind": "quadratic_l0",
+                "coefficient": QUADRATIC_L0_LAMBDA,
+                "target_l0": float(k),
             },
             "revival": "none",
         },
