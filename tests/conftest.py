@@ -30,6 +30,22 @@ def make_tiny_gpt2(seed: int = 0, n_layer: int = 3, initializer_range: float = 0
     return GPT2LMHeadModel(config).eval()
 
 
+def save_tiny_lm(root, tokenizer, n_docs: int = 150, seed: int = 0):
+    """(model dir, text file, documents): a tiny GPT-2 saved with ``tokenizer`` in root/m and
+    ``n_docs`` documents of 5-39 random words w0..w49 in root/docs.txt, blank-line separated."""
+    import random
+
+    make_tiny_gpt2().save_pretrained(root / "m")
+    tokenizer.save_pretrained(root / "m")
+    rng = random.Random(seed)
+    docs = [
+        " ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(5, 40)))
+        for _ in range(n_docs)
+    ]
+    (root / "docs.txt").write_text("\n\n".join(docs))
+    return root / "m", root / "docs.txt", docs
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     """Shared tiny GPT-2; tests must not change its weights."""

@@ -359,6 +359,49 @@ FAULTS = [
         "    return err_ND.pow(2).mean()",
         ("test_objective.py", "test_losses.py"),
     ),
+    # ----------------------------------------------------------------- feature report
+    Fault(
+        "report-tie-later-token-first",
+        "report/topk.py",
+        "        by_key = torch.cat([self.key, key_Mk], dim=1).argsort(dim=1, stable=True)",
+        "        by_key = torch.cat([self.key, key_Mk], dim=1).argsort(dim=1, descending=True)",
+        ("test_report_topk.py",),
+    ),
+    Fault(
+        "report-window-shifted",
+        "report/topk.py",
+        "torch.arange(-self.left, self.tokens.shape[2] - self.left)",
+        "torch.arange(1 - self.left, self.tokens.shape[2] - self.left + 1)",
+        ("test_report_topk.py",),
+    ),
+    Fault(
+        "report-histogram-doubling-drops-counts",
+        "report/topk.py",
+        "            half = self.counts.view(M, n_bins // 2, 2).sum(-1)",
+        "            half = self.counts.view(M, n_bins // 2, 2)[..., 0]",
+        ("test_report_topk.py",),
+    ),
+    Fault(
+        "report-sample-largest-draws",
+        "report/collect.py",
+        "        self.sample.update(-u_n, flat_n,",
+        "        self.sample.update(u_n, flat_n,",
+        ("test_report_topk.py",),
+    ),
+    Fault(
+        "report-logit-effects-unscaled",
+        "report/build.py",
+        "    return (sae.denormalise(rows) - sae.denormalise(torch.zeros_like(rows[:1])))",
+        "    return (rows - 0 * sae.denormalise(torch.zeros_like(rows[:1])))",
+        ("test_report_features.py",),
+    ),
+    Fault(
+        "report-shading-by-last-context",
+        "report/site.py",
+        '    scale = e["max_act"]',
+        '    scale = e["top"][-1]["value"] if e["top"] else 0.0',
+        ("test_report_site.py",),
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""`saekit train | sweep | cache | eval | hooks | bench`."""
+"""`saekit train | sweep | cache | eval | hooks | bench | report | pipeline`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
-from saekit.commands import convert
+from saekit.commands import convert, pipeline, report
+from saekit.commands.flags import add_model_args as _add_model_args
+from saekit.commands.flags import add_model_class_arg as _add_model_class_arg
+from saekit.commands.flags import add_outlier_arg as _add_outlier_arg
+from saekit.commands.flags import add_text_args as _add_text_args
 from saekit.train import presets
 
 # Nothing here imports torch at module level: `saekit --help` answers without it.
@@ -62,71 +65,6 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-batch-size", type=int, help="contexts per model forward (default 32)")
     _add_outlier_arg(g)
     _add_model_args(g, train=True)
-
-
-def _add_text_args(g: Any, dataset_config_flags: tuple[str, ...]) -> None:
-    """Hook and documents, shared by train, cache and eval."""
-    g.add_argument("--hook", help="hook point, e.g. transformer.h.8:input (resid_pre of block 8)")
-    text = g.add_mutually_exclusive_group()
-    text.add_argument("--dataset", metavar="ID|PATH", help="Hugging Face dataset (hub id or path)")
-    text.add_argument(
-        "--text-file", metavar="PATH", help="local .txt (blank-line separated) or .jsonl"
-    )
-    g.add_argument(
-        "--split",
-        "--dataset-split",
-        dest="split",
-        help="dataset split (train); eval: heldout = the documents the SAE's training held out",
-    )
-    g.add_argument(*dataset_config_flags, dest="dataset_config", help="dataset configuration name")
-    g.add_argument("--text-field", help="field holding the text (text)")
-    g.add_argument("--no-streaming", action="store_true", help="download the dataset whole")
-
-
-def _add_outlier_arg(g: Any) -> None:
-    g.add_argument(
-        "--outlier-norm",
-        type=float,
-        metavar="FACTOR",
-        help="drop tokens whose activation norm exceeds FACTOR x the median (default: keep all)",
-    )
-
-
-def _add_model_class_arg(g: Any, default: str | None = "auto") -> None:
-    g.add_argument(
-        "--model-class",
-        default=default,
-        choices=["auto", "causal-lm", "masked-lm", "encoder"],
-        help="load the model as a causal LM, a masked LM or the bare encoder (AutoModel);"
-        " default auto: from its config",
-    )
-
-
-def _add_model_args(g: Any, train: bool = False) -> None:
-    """Model options; for train they default to None (unset: the config decides)."""
-    auto = None if train else "auto"
-    if not train:
-        g.add_argument("--device", default="cpu", help="torch device of the model and SAE")
-    g.add_argument(
-        "--model-dtype", choices=["float32", "bfloat16", "float16"], help="model weights dtype"
-    )
-    _add_model_class_arg(g, auto)
-    g.add_argument("--local-files-only", action="store_true", help="never download")
-    g.add_argument(
-        "--keep-bos", action="store_true", help="keep BOS positions (dropped by default)"
-    )
-    g.add_argument(
-        "--bos-token",
-        default=auto,
-        metavar="TOKEN|none",
-        help="token starting each context (default: the tokenizer's BOS, else EOS, else CLS)",
-    )
-    g.add_argument(
-        "--eos-token",
-        default=auto,
-        metavar="TOKEN|none",
-        help="token after each document (default: the tokenizer's EOS, else BOS, else SEP)",
-    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -206,6 +144,7 @@ BENCHMARKS = {
     "objectives": "bench_objectives.py",
     "harvest": "bench_harvest.py",
     "distributed": "bench_distributed.py",
+    "report": "bench_report.py",
 }
 
 
@@ -305,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-files-only", action="store_true", help="never download")
     p.set_defaults(func=cmd_hooks)
     convert.add_parser(sub)
+    report.add_parser(sub)
+    pipeline.add_parser(sub)
 
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for --nproc

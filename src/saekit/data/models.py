@@ -125,12 +125,13 @@ class HarvestSetup(NamedTuple):
     """The id packing puts first in each context (:func:`saekit.data.text.packing_token_ids`)."""
     token_filter: TokenFilter
 
-    def harvester(self, **options: Any) -> Harvester:
-        """A Harvester at the hook with this set-up's filter and forward arguments."""
+    def harvester(self, token_filter: TokenFilter | None = None, **options: Any) -> Harvester:
+        """A Harvester at the hook with this set-up's filter (or ``token_filter``: the report
+        keeps every position to shade whole windows) and forward arguments."""
         return Harvester(
             self.model,
             self.hook,
-            token_filter=self.token_filter,
+            token_filter=token_filter or self.token_filter,
             forward_kwargs=forward_kwargs(self.kind),
             **options,
         )

@@ -1,0 +1,187 @@
+"""``saekit report``: a saved SAE's feature dashboard, a static site that opens from disk.
+
+One pass over the text (the harvesting path: packed contexts, the forward stopped at the hook)
+or over held-out synthetic batches feeds :class:`saekit.report.collect.LatentCollector`; the
+pages are written by :mod:`saekit.report.site`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from saekit.commands.flags import add_model_args, add_text_args
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write a feature dashboard of a saved SAE (static HTML, opens from disk)",
+        description="Stream text through the model and the SAE once (or held-out synthetic"
+        " batches with --synthetic) and write a static site: an index (FVU, L0 and density"
+        " histograms, dead/dense counts, a searchable sortable table of latents) and a page per"
+        " latent (top contexts shaded by activation, quantile samples, activation histogram,"
+        " logit effects, decoder-cosine neighbours).",
+    )
+    p.add_argument("sae", metavar="SAE", help="SAE directory (cfg.json)")
+    p.add_argument("--out", metavar="DIR", help="site directory (default: SAE/report)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--latents", type=int, default=64, help="report latents 0..N-1 (64)")
+    which.add_argument("--latent-ids", type=int, nargs="+", metavar="ID", help="these latents")
+    p.add_argument("--top-k", type=int, default=20, help="top contexts per latent (20)")
+    p.add_argument("--samples", type=int, default=64, help="sampled firing tokens per latent (64)")
+    p.add_argument("--max-tokens", type=int, default=100_000, help="tokens to read (100,000)")
+    p.add_argument("--context-length", type=int, default=128, help="tokens per context (128)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per model forward (8)")
+    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
+    add_model_args(p)
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the SAE was trained on the built-in synthetic data: report held-out batches and"
+        " each latent's matched true feature (the generator from --run-config)",
+    )
+    p.add_argument("--run-config", metavar="PATH", help="synthetic: default SAE/../config.yaml")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    index = write_report(args)
+    print(f"saekit: wrote {index} (open it in a browser; no server needed)")
+    return 0
+
+
+def latent_ids(args: argparse.Namespace, d_sae: int) -> Any:
+    import torch
+
+    if args.latent_ids:
+        bad = [i for i in args.latent_ids if not 0 <= i < d_sae]
+        if bad:
+            raise ValueError(f"--latent-ids {bad} out of range: the SAE has {d_sae} latents")
+        if len(set(args.latent_ids)) != len(args.latent_ids):
+            raise ValueError("--latent-ids: each latent once")
+        return torch.tensor(args.latent_ids)
+    if args.latents <= 0:
+        raise ValueError(f"--latents must be positive, got {args.latents}")
+    return torch.arange(min(args.latents, d_sae))
+
+
+def write_report(args: argparse.Namespace) -> Path:
+    """Collect, build and write the report of ``args.sae``; returns index.html's path."""
+    from saekit.report.collect import CollectConfig
+    from saekit.report.site import write_site
+    from saekit.sae import SAE
+
+    if args.max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    sae = SAE.load(args.sae, device=args.device)
+    ids = latent_ids(args, sae.cfg.d_sae)
+    cfg = CollectConfig(top_k=args.top_k, samples=args.samples)
+    if args.synthetic:
+        data = _synthetic_report(args, sae, ids, cfg)
+    else:
+        data = _model_report(args, sae, ids, cfg)
+    return write_site(data, args.out or Path(args.sae) / "report")
+
+
+def _collect(args: argparse.Namespace, sae: Any, batches: Any, ids: Any, cfg: Any) -> Any:
+    """:func:`saekit.report.collect.collect_batches` under a progress bar (tokens)."""
+    from tqdm.auto import tqdm
+
+    from saekit.report.collect import collect_batches
+
+    with tqdm(
+        total=args.max_tokens,
+        disable=not args.progress,
+        unit="tok",
+        unit_scale=True,
+        desc="report",
+        file=sys.stderr,
+    ) as bar:
+        return collect_batches(sae, batches, ids, cfg, bar.update)
+
+
+def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
+    from saekit.commands.eval import harvest_setup, text_documents
+    from saekit.data.models import activation_width, check_hook
+    from saekit.data.text import token_batches
+    from saekit.report.build import report_data
+    from saekit.report.collect import lm_batches
+    from saekit.report.features import unembedding
+
+    hook = args.hook or sae.cfg.hook
+    if not args.model:
+        raise ValueError("give --model with --dataset or --text-file, or --synthetic")
+    if not hook:
+        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
+    check_hook(args.model, hook, args.model_class, args.local_files_only)
+    docs = text_documents(args)
+    setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
+    width = activation_width(setup.model, setup.hook, setup.kind)
+    if width != sae.cfg.d_in:
+        raise ValueError(
+            f"SAE d_in = {sae.cfg.d_in} but model {args.model} has width {width} at hook {hook}"
+        )
+    contexts = token_batches(
+        docs,
+        setup.tokenizer,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        bos_token=args.bos_token,
+        eos_token=args.eos_token,
+    )
+    n_batches = math.ceil(args.max_tokens / (args.batch_size * args.context_length))
+    batches = lm_batches(setup, itertools.islice(contexts, n_batches))
+    collected = _collect(args, sae, batches, ids, cfg)
+    tokenizer = setup.tokenizer
+    meta = {"sae": str(args.sae), "model": args.model, "hook": setup.hook}
+    meta["text"] = args.dataset or args.text_file
+    return report_data(
+        collected,
+        sae,
+        lambda i: tokenizer.decode([i]),
+        meta,
+        W_U=unembedding(setup.model, sae.cfg.d_in),
+    )
+
+
+def _synthetic_report(args, sae, ids, cfg) -> dict[str, Any]:
+    import torch
+    import yaml
+
+    from saekit.data.source import SyntheticSource
+    from saekit.data.synthetic import SyntheticConfig, SyntheticData
+    from saekit.report.build import report_data
+    from saekit.report.features import truth_matches
+
+    path = Path(args.run_config or Path(args.sae).parent / "config.yaml")
+    if not path.is_file():
+        raise ValueError(f"--synthetic: no run config at {path}; pass --run-config")
+    data_cfg = (yaml.safe_load(path.read_text()) or {}).get("data", {})
+    if data_cfg.get("source", "synthetic") != "synthetic":
+        raise ValueError(f"--synthetic: {path} trains on data.source = {data_cfg['source']!r}")
+    truth = SyntheticData(SyntheticConfig(**data_cfg.get("synthetic", {})))
+    if truth.cfg.d != sae.cfg.d_in:
+        raise ValueError(f"SAE d_in = {sae.cfg.d_in} but {path} generates d = {truth.cfg.d}")
+    matched, _ = truth_matches(truth.directions, sae.W_dec.detach().cpu(), ids)
+    feature_M = torch.tensor([m["feature"] for m in matched])
+    batch = args.batch_size * args.context_length
+
+    def batches() -> Iterator[tuple[Any, ...]]:
+        # T = 1: each synthetic vector is its own context; aux = its matched feature's coefficient
+        for x_Nd, coeff_NF in SyntheticSource(truth, batch).eval_batches(args.max_tokens, batch):
+            N = x_Nd.shape[0]
+            keep = torch.ones(N, 1, dtype=torch.bool)
+            ids_BT = torch.full((N, 1), -1, dtype=torch.long)
+            yield x_Nd.view(N, 1, -1), keep, ids_BT, coeff_NF[:, feature_M].view(N, 1, -1)
+
+    collected = _collect(args, sae, batches(), ids, cfg)
+    meta = {"sae": str(args.sae), "text": f"synthetic ({truth.cfg.kind}, held-out batches)"}
+    return report_data(collected, sae, None, meta, truth=truth.directions)

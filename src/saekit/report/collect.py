@@ -1,0 +1,168 @@
+"""One pass over activations: what a feature report shows, in memory bounded by latents × slots.
+
+:class:`LatentCollector` keeps, per reported latent, its top-k contexts, a uniform sample of its
+firing tokens (for the quantile samples), an exact activation histogram and its firing count;
+:func:`collect_lm` streams a model's text through the harvesting path (early stop at the hook)
+and the SAE, feeding the collector and the reconstruction metrics of every latent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.encoding import SparseCode
+from saekit.eval.metrics import EvalResult, MetricAccumulator
+from saekit.report.topk import ActivationHistogram, Slots
+from saekit.sae import SAE
+
+
+@dataclass
+class CollectConfig:
+    """How much the report keeps per latent."""
+
+    top_k: int = 20
+    """Top-activating contexts per latent."""
+    samples: int = 64
+    """Uniformly sampled firing tokens per latent (the quantile samples are drawn from them)."""
+    left: int = 12
+    """Context tokens shown before the selected token."""
+    right: int = 4
+    """Context tokens shown after it."""
+    bins: int = 32
+    """Activation histogram bins."""
+    seed: int = 0
+    """Seed of the uniform sample."""
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "samples", "bins"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"report {name} must be positive, got {getattr(self, name)}")
+        for name in ("left", "right", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"report {name} must be >= 0, got {getattr(self, name)}")
+
+
+class LatentCollector:
+    """Top-k contexts, a uniform sample of firing tokens, histogram and firing count of the
+    latents ``latent_ids``; :meth:`update` takes one batch of [B, T] contexts."""
+
+    def __init__(self, latent_ids: Tensor, cfg: CollectConfig | None = None):
+        self.cfg = cfg = cfg or CollectConfig()
+        self.latent_ids = latent_ids.long()
+        M = int(self.latent_ids.numel())
+        self.top = Slots.empty(M, cfg.top_k, cfg.left, cfg.right)
+        self.sample = Slots.empty(M, cfg.samples, cfg.left, cfg.right)
+        self.histogram = ActivationHistogram(M, cfg.bins)
+        self.fired = torch.zeros(M, dtype=torch.int64)
+        self.n_tokens = 0
+        self.offset = 0
+        self._generator = torch.Generator().manual_seed(cfg.seed)
+
+    @torch.no_grad()
+    def update(
+        self, z_BTM: Tensor, keep_BT: Tensor, ids_BT: Tensor, aux_BTM: Tensor | None = None
+    ) -> None:
+        """``z_BTM``: the reported latents' activations on every position of B contexts of T
+        tokens; ``keep_BT``: the positions that count (e.g. not BOS); those that do not are shown
+        unshaded and never selected. ``ids_BT``: the token ids (-1 where there are none);
+        ``aux_BTM``: carried along with each selected token (:attr:`Slots.aux`)."""
+        B, T, M = z_BTM.shape
+        z_BTM = z_BTM.float()
+        if not bool(keep_BT.all()):
+            z_BTM = torch.where(keep_BT.unsqueeze(-1), z_BTM, 0.0)
+        # candidates: the firing (position, latent) pairs, row-major: ascending key per latent
+        flat_n, latent_n = (z_BTM.view(B * T, M) > 0).nonzero(as_tuple=True)
+        value_n = z_BTM.view(B * T, M)[flat_n, latent_n]
+        self.top.update(value_n, flat_n, latent_n, z_BTM, ids_BT, self.offset, aux_BTM)
+        u_n = torch.rand(value_n.numel(), generator=self._generator, dtype=torch.float64)
+        self.sample.update(-u_n, flat_n, latent_n, z_BTM, ids_BT, self.offset, aux_BTM)
+        self.histogram.update(value_n, latent_n)
+        self.fired += torch.bincount(latent_n, minlength=M)
+        self.n_tokens += int(keep_BT.sum())
+        self.offset += B * T
+
+    def nbytes(self) -> int:
+        """Bytes of the collected state: latents × (top_k + samples) × window, whatever the
+        number of tokens."""
+        hist = self.histogram.counts.numel() * 8 + self.histogram.hi.numel() * 8
+        return self.top.nbytes() + self.sample.nbytes() + hist + self.fired.numel() * 8
+
+
+@dataclass
+class Collected:
+    """A finished pass: the collector and the metrics of every latent of the SAE."""
+
+    collector: LatentCollector
+    metrics: EvalResult
+
+
+def collect_batches(
+    sae: SAE,
+    batches: Iterable[tuple[Tensor, ...]],
+    latent_ids: Tensor,
+    cfg: CollectConfig | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Collected:
+    """Stream ``(x_BTd, keep_BT, ids_BT[, aux_BTM])`` batches (aux: see
+    :meth:`LatentCollector.update`) through the SAE: reconstruction metrics over
+    the kept tokens (every latent) and the collector of ``latent_ids``. ``on_batch(n)`` is
+    called with each batch's kept-token count (a progress bar)."""
+    acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=sae.W_dec.device)
+    sae.eval()  # inference, as saekit eval: BatchTopK applies its threshold
+    collector = LatentCollector(latent_ids, cfg)
+    with torch.no_grad():
+        for x_BTd, keep_BT, ids_BT, *aux in batches:
+            B, T, d = x_BTd.shape
+            keep_N = keep_BT.reshape(-1)
+            every = bool(keep_N.all())
+            x_Nd = x_BTd.reshape(B * T, d).to(sae.W_dec.device, sae.W_dec.dtype)
+            if not every:  # the kept tokens only: the others are never selected nor shaded
+                x_Nd = x_Nd[keep_N.to(x_Nd.device)]
+            out = sae(x_Nd)
+            acc.add(x_Nd, out.x_hat, out.latents)
+            z_kM = latent_columns(out.latents, collector.latent_ids).cpu().float()
+            if every:
+                z_BTM = z_kM
+            else:
+                z_BTM = z_kM.new_zeros(B * T, z_kM.shape[1])
+                z_BTM[keep_N.cpu()] = z_kM
+            collector.update(z_BTM.view(B, T, -1), keep_BT.cpu(), ids_BT.cpu(), *aux)
+            if on_batch is not None:
+                on_batch(x_Nd.shape[0])
+    if int(acc.n) == 0:
+        raise ValueError("no tokens reached the report (empty text, or every token filtered)")
+    return Collected(collector, acc.result())
+
+
+def latent_columns(latents: Tensor | SparseCode, latent_ids: Tensor) -> Tensor:
+    """[N, len(latent_ids)]: the reported latents' activations, without densifying all
+    d_sae columns of a sparse code."""
+    if not isinstance(latents, SparseCode):
+        return latents[:, latent_ids.to(latents.device)]
+    column_M = torch.full((latents.d_sae,), -1, dtype=torch.int64, device=latents.values.device)
+    column_M[latent_ids.to(column_M.device)] = torch.arange(len(latent_ids), device=column_M.device)
+    column_n = column_M[latents.latent]
+    reported = column_n >= 0
+    out = latents.values.new_zeros(latents.n_tokens, len(latent_ids))
+    # a code holds each (token, latent) once: a plain scatter, no accumulation
+    out[latents.token[reported], column_n[reported]] = latents.values[reported]
+    return out
+
+
+def lm_batches(setup: Any, contexts: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+    """``(x_BTd, keep_BT, ids_BT)`` from packed contexts: activations at the set-up's hook on
+    every position (the harvester keeps them all so windows can be shaded; the set-up's token
+    filter decides which count), the forward stopped at the hook."""
+    from saekit.data.hf import TokenFilter, unpack_batch
+
+    harvester = setup.harvester(token_filter=TokenFilter(exclude_padding=False, exclude_bos=False))
+    for batch in contexts:
+        ids_BT, mask_BT = unpack_batch(batch)
+        x_Nd = harvester(ids_BT, mask_BT)[setup.hook]
+        keep_BT = setup.token_filter.mask(ids_BT, mask_BT)
+        yield x_Nd.view(*ids_BT.shape, -1), keep_BT, ids_BT
