@@ -81,6 +81,15 @@ SYNC_METHODS = ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero")
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is fastest, and immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def host_sync_raises(monkeypatch):
     """Every way a tensor's value reaches the host raises (on a GPU each would be a sync)."""
 

@@ -103,10 +103,11 @@ FAULTS = [
     Fault(
         "dead-mask-after-count",
         "train/member.py",
-        "            out = sae(x)\n",
-        "            out = sae(x)\n"
+        "            out = sae(*sae.split_stream(batch))\n",
+        "            out = sae(*sae.split_stream(batch))\n"
         "            fired_M = latent_counts(out.latents)[1] > 0  # FAULT: mask after counting\n"
-        "            dead = ~fired_M & (self.tokens_since_fired + x.shape[0] >= cfg.dead_tokens)\n",
+        "            dead = ~fired_M & (self.tokens_since_fired + batch.shape[0]"
+        " >= cfg.dead_tokens)\n",
         ("test_objective.py", "test_trainer.py"),
     ),
     Fault(
@@ -119,8 +120,8 @@ FAULTS = [
     Fault(
         "matryoshka-last-prefix-dropped",
         "matryoshka.py",
-        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
-        "    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
         ("test_objective.py", "test_matryoshka.py"),
     ),
     Fault(
@@ -358,6 +359,105 @@ FAULTS = [
         "    return err_ND.pow(2).sum(-1).mean()",
         "    return err_ND.pow(2).mean()",
         ("test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "transcoder-skip-folded-without-input-scale",
+        "sae.py",
+        "            self.W_skip *= s_y / s",
+        "            self.W_skip *= s_y",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-target-normalised-by-input-scale",
+        "sae.py",
+        "        return y.reshape(-1, width).to(self.W_dec.dtype) / self.output_scale",
+        "        return y.reshape(-1, width).to(self.W_dec.dtype) / self.scale",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-prefixes-without-skip-path",
+        "objective.py",
+        "        offset = sae.decoder_offset_n(out.x_n)",
+        "        offset = sae.b_dec",
+        ("test_transcoder.py",),
+    ),
+    Fault(
+        "transcoder-auxk-residual-of-input",
+        "objective.py",
+        "            (out.target() - out.x_hat_n).detach(),",
+        "            (out.x_n[:, : out.x_hat_n.shape[-1]] - out.x_hat_n).detach(),",
+        ("test_transcoder.py",),
+    ),
+    # ----------------------------------------------------------------- issue 14 architectures
+    Fault(
+        "abstopk-selects-by-signed-pre",
+        "activations/abstopk.py",
+        "    _, latent_Nk = topk_select(pre_NM.detach().abs(), k)",
+        "    _, latent_Nk = topk_select(pre_NM.detach(), k)",
+        ("test_arch_abstopk.py",),
+    ),
+    Fault(
+        "abstopk-relus-kept-values",
+        "activations/abstopk.py",
+        "        values_E = pre.attach(values_Nk.reshape(-1), layout)",
+        "        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))",
+        ("test_arch_abstopk.py",),
+    ),
+    Fault(
+        "gated-r-mag-not-exponentiated",
+        "activations/gated.py",
+        "        pi_mag_NM = m_NM * self.r_mag.exp() + self.b_mag",
+        "        pi_mag_NM = m_NM * (1 + self.r_mag) + self.b_mag",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "gated-aux-decoder-not-frozen",
+        "activations/gated.py",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec.detach())",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec)",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "gated-penalty-on-latents",
+        "activations/gated.py",
+        "        return torch.relu(enc.preacts.dense())\n",
+        "        return enc.latents\n",
+        ("test_arch_gated.py",),
+    ),
+    Fault(
+        "mp-residual-not-updated",
+        "activations/matching_pursuit.py",
+        "            r_ND = r_ND - c_N.unsqueeze(1) * u_j_ND",
+        "            r_ND = r_ND - 0 * c_N.unsqueeze(1) * u_j_ND",
+        ("test_arch_matching_pursuit.py",),
+    ),
+    Fault(
+        "mp-code-not-divided-by-decoder-norm",
+        "activations/matching_pursuit.py",
+        "scatter_add(1, latent_Nk, coef_Nk / norms_M[latent_Nk])",
+        "scatter_add(1, latent_Nk, coef_Nk)",
+        ("test_arch_matching_pursuit.py",),
+    ),
+    Fault(
+        "htopk-prefixes-in-ascending-order",
+        "activations/hierarchical_topk.py",
+        "    order_Nk = values_Nk.detach().argsort(-1, descending=True)",
+        "    order_Nk = values_Nk.detach().argsort(-1, descending=False)",
+        ("test_arch_hierarchical_topk.py",),
+    ),
+    Fault(
+        "htopk-only-the-full-prefix",
+        "activations/hierarchical_topk.py",
+        "decoder_offset_n(out.x_n)).mean()",
+        "decoder_offset_n(out.x_n))[-1:].mean()",
+        ("test_arch_hierarchical_topk.py",),
+    ),
+    Fault(
+        "htopk-inference-k-ignored",
+        "activations/hierarchical_topk.py",
+        "        return self.cfg.inference_k\n",
+        "        return self.cfg.k\n",
+        ("test_arch_hierarchical_topk.py",),
     ),
     # ----------------------------------------------------------------- feature report
     Fault(

@@ -16,11 +16,19 @@ import torch
 
 from saekit.activations import (
     ACTIVATIONS,
+    AbsTopK,
+    AbsTopKConfig,
     BatchTopK,
     BatchTopKConfig,
     Combiner,
+    Gated,
+    GatedConfig,
+    HierarchicalTopK,
+    HierarchicalTopKConfig,
     JumpReLU,
     JumpReLUConfig,
+    MatchingPursuit,
+    MatchingPursuitConfig,
     ProLU,
     ProLUConfig,
     ReLU,
@@ -92,6 +100,10 @@ FLAGS = {  # kind: (unit_norm_decoder, revival_signals, needs_penalty, uses_enco
     "batchtopk": (True, {"auxk", "preact"}, False, True),
     "jumprelu": (False, {"preact"}, False, True),
     "prolu": (False, set(), True, False),
+    "abstopk": (True, {"preact"}, False, True),
+    "gated": (False, set(), True, True),
+    "matching_pursuit": (True, {"auxk"}, False, False),
+    "hierarchical_topk": (True, {"auxk", "preact"}, False, True),
 }
 
 
@@ -103,6 +115,10 @@ def test_registry_holds_every_kind_once_with_its_config():
         "batchtopk": (BatchTopK, BatchTopKConfig),
         "jumprelu": (JumpReLU, JumpReLUConfig),
         "prolu": (ProLU, ProLUConfig),
+        "abstopk": (AbsTopK, AbsTopKConfig),
+        "gated": (Gated, GatedConfig),
+        "matching_pursuit": (MatchingPursuit, MatchingPursuitConfig),
+        "hierarchical_topk": (HierarchicalTopK, HierarchicalTopKConfig),
     }
     for kind, cls in ACTIVATIONS.items():
         assert (cls, cls.config_class) == expected[kind]

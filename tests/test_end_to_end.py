@@ -10,19 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from saekit.cli import main
 from saekit.sae import SAE
 from saekit.train import presets
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -380,10 +380,10 @@ RELU = ["saes.0.sae.activation=relu", "saes.0.penalty.kind=l1", "saes.0.penalty.
     [
         (["saes.0.sae.activation.k=5000"], "saes.0.sae: activation.k = 5000 exceeds d_sae = 1024"),
         (
-            ["saes.0.sae.activation=gated"],
-            r"saes.0.sae.activation.kind: unknown activation 'gated'",
+            ["saes.0.sae.activation=gelu"],
+            r"saes.0.sae.activation.kind: unknown activation 'gelu'",
         ),
-        (["saes.0.sae.activation.kind=gated"], r"activation.kind: unknown activation 'gated'"),
+        (["saes.0.sae.activation.kind=gelu"], r"activation.kind: unknown activation 'gelu'"),
         (
             ["saes.0.sae.activation.threshold_beta=0.9"],
             r"saes.0.sae.activation: \['threshold_beta'\] do\(es\) not apply to activation 'topk'",

@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_outlier_arg(p)
     _add_model_args(p)
     p.add_argument("--out", metavar="DIR", help="cache directory")
+    p.add_argument("--target-hook", help="transcoders: also this hook, same pass; rows [hook|it]")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_cache)
 

@@ -4,7 +4,7 @@ Every activation's ``encode`` returns an :class:`Encoding`. Losses never reach i
 they ask the encoding's :class:`Preacts` for what they need (a detached [N, M] matrix to select
 from, a differentiable one, or differentiable values at chosen (token, latent) pairs), and the
 activation decides how that is computed (dense autograd, or the sparse fast path of
-:mod:`saekit.kernels`).
+:mod:`saekit.kernels`). :class:`ForwardOutput` is what ``SAE.forward`` returns around it.
 
 This module imports nothing from saekit: kernels, activations and losses all build on it.
 """
@@ -91,3 +91,33 @@ class Encoding(NamedTuple):
     """Dense [N, M] latents, or a SparseCode (TopK family)."""
     preacts: Preacts
     """The pre-activations the latents were selected from (normalised space)."""
+
+
+class ForwardOutput(NamedTuple):
+    """What ``SAE.forward`` returns. Tensors with a leading N are flattened over tokens."""
+
+    x_hat: Tensor
+    """Reconstruction (a transcoder's prediction) in the target's space, shape [..., d_out]."""
+    latents: Tensor | SparseCode
+    """Latents: dense [N, M] or a SparseCode (TopK family on the fast path)."""
+    x_n: Tensor
+    """[N, d] normalised input x / s."""
+    x_hat_n: Tensor
+    """[N, d] normalised reconstruction."""
+    encoding: Encoding
+    """The activation's encoding: latents and the pre-activations losses read."""
+    target_n: Tensor | None = None
+    """[N, d_out] normalised target y / s_y that x_hat_n predicts: x_n for an SAE; for a
+    transcoder the target passed to ``forward`` (None without one)."""
+
+    def target(self) -> Tensor:
+        """What the dictionary predicts, normalised: x_n for an SAE, y_n for a transcoder."""
+        if self.target_n is None:
+            raise ValueError("a transcoder's loss needs its target: call sae(x, target)")
+        return self.target_n
+
+    @property
+    def pre(self) -> Tensor:
+        """[N, M] differentiable pre-activations (dense backward; AuxK uses
+        ``encoding.preacts.at`` instead)."""
+        return self.encoding.preacts.dense()

@@ -143,6 +143,12 @@ class _PrefixMSE(torch.autograd.Function):
         return grad_delta_PND, acc_ND * (2.0 / n_tokens)
 
 
+def prefix_mse(delta_PND: Tensor, r_ND: Tensor) -> Tensor:
+    """[P]: mean_n ‖r − Σ_{j' ≤ j} δ_j'‖² for every j, by the running sums of _PrefixMSE (also
+    HierarchicalTopK's, whose blocks are each token's rank positions)."""
+    return _PrefixMSE.apply(delta_PND, r_ND)
+
+
 def matryoshka_reconstruction_loss(
     x_n: Tensor,
     latents: Tensor | SparseCode,
@@ -151,7 +157,9 @@ def matryoshka_reconstruction_loss(
     prefixes: Sequence[int],
 ) -> Tensor:
     """(1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖², every prefix from one pass (block deltas and the
-    running sums of :class:`_PrefixMSE`)."""
+    running sums of :class:`_PrefixMSE`). ``x_n``: the target; ``b_dec_D``: what every prefix
+    starts from, b_dec [d] or a per-token offset [N, d] (b_dec + x_n W_skipᵀ of a skip
+    transcoder)."""
     d = W_dec_MD.shape[-1]
     delta_PND = block_deltas(latents, W_dec_MD, prefixes)
-    return _PrefixMSE.apply(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()
+    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()

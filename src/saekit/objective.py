@@ -144,7 +144,8 @@ class AuxKRevival(RevivalConfig):
     coefficient: float = 1 / 32
     """α (Gao et al. 2024)."""
     k_aux: int | None = None
-    """Latents per token in the aux reconstruction (default min(d_in // 2, d_sae))."""
+    """Latents per token in the aux reconstruction (default min(d // 2, d_sae), d the target's
+    width: d_in for an SAE, d_out for a transcoder)."""
     normalizer: str = "residual"
     """V: residual (variance of the residual) or none."""
     token_fraction: float = 1.0
@@ -249,11 +250,13 @@ class Reconstruction(Term):
     name = "reconstruction"
 
     def __call__(self, inputs: TermInputs) -> Tensor:
+        out, sae = inputs.out, inputs.sae
         if inputs.prefixes is None:
-            return losses.reconstruction_loss(inputs.out.x_n, inputs.out.x_hat_n)
-        sae = inputs.sae
+            return sae.activation.reconstruction_loss(sae, out)
+        # each prefix's prediction starts from b_dec (+ a transcoder's skip path x_n W_skipᵀ)
+        offset = sae.decoder_offset_n(out.x_n)
         return matryoshka.matryoshka_reconstruction_loss(
-            inputs.out.x_n, inputs.out.latents, sae.W_dec, sae.b_dec, inputs.prefixes
+            out.target(), out.latents, sae.W_dec, offset, inputs.prefixes
         )
 
 
@@ -280,7 +283,7 @@ class Penalty(Term):
                 return inputs.lam * losses.quadratic_l0_penalty(steps_NM, cfg.target_l0)
             return inputs.lam * losses.l0_penalty(steps_NM, weights)
         value = losses.sparsity_penalty(
-            inputs.out.latents,
+            sae.activation.penalty_latents(inputs.out.encoding),
             sae.W_dec.norm(dim=-1),
             cfg.kind,
             latent_weights_M=weights,
@@ -299,7 +302,7 @@ class AuxK(Term):
         out = inputs.out
         return revival.auxk_loss(
             out.encoding.preacts,
-            (out.x_n - out.x_hat_n).detach(),
+            (out.target() - out.x_hat_n).detach(),  # residual = target − prediction
             inputs.sae.W_dec,
             inputs.dead_mask,
             k_aux=self.cfg.k_aux,
@@ -323,6 +326,15 @@ class PreactTerm(Term):
         return self.cfg.coefficient * revival.dead_preact_loss(
             enc.preacts, inputs.dead_mask, theta, dec_norms
         )
+
+
+class ActivationAux(Term):
+    """The activation's own extra term (``Activation.auxiliary_loss``; Gated's)."""
+
+    name = "aux"
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        return inputs.sae.activation.auxiliary_loss(inputs.sae, inputs.out)
 
 
 class Objective:
@@ -367,7 +379,7 @@ def build_objective(
             f"(one of {PenaltyConfig.kinds()})"
         )
     if penalty is not None:
-        if isinstance(penalty, L0Penalty) and not _has_l0_step(activation):
+        if isinstance(penalty, L0Penalty) and not activation.overrides("l0_step"):
             raise ValueError(
                 f"penalty.kind {penalty.kind!r} needs thresholds; sae.activation.kind {kind!r} has "
                 "none (use jumprelu)"
@@ -384,10 +396,6 @@ def build_objective(
         terms.append(AuxK(revival_cfg))
     elif isinstance(revival_cfg, PreactRevival):
         terms.append(PreactTerm(revival_cfg))
+    if activation.overrides("auxiliary_loss"):
+        terms.append(ActivationAux())
     return Objective(terms)
-
-
-def _has_l0_step(activation: type[Activation]) -> bool:
-    from saekit.activations.base import Activation as Base
-
-    return activation.l0_step is not Base.l0_step

@@ -1,22 +1,24 @@
-"""`SAEConfig` and `SAE`: parameters, encode, decode, forward, scale folding, save and load.
+"""`SAE`: parameters, encode, decode, forward, scale folding, save and load (config: sae_config).
 
 Layout (docs/design.md): ``W_enc [M, d]``, ``b_enc [M]``, ``W_dec [M, d]``, ``b_dec [d]``; a
 latent's encoder and decoder vectors are rows. The SAE works in a normalised space
 ``x_n = x / s`` (``s`` the dataset scale, E‖x_n‖² = d); ``save`` folds ``s`` into the weights so a
 saved SAE takes raw activations. The activation module (``cfg.activation``) is the architecture:
 it encodes; the SAE holds the shared parameters and decodes.
+
+A transcoder (``cfg.d_out`` set) is the same class with a target y of its own width d_out and
+its own scale s_y: ``W_dec [M, d_out]``, ``b_dec [d_out]``, optional ``W_skip [d_out, d_in]``,
+ŷ_n = z W_dec + x_n W_skipᵀ + b_dec against y_n = y / s_y. Its encoder reads x_n uncentred
+(b_dec lives in the target's space). An SAE is the case y = x, s_y = s, no skip.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -25,12 +27,13 @@ from torch import Tensor, nn
 
 from saekit import normalisation
 from saekit._version import __version__
-from saekit.activations import ActivationConfig, make_activation
+from saekit.activations import make_activation
 from saekit.atomic import recover_directory, replace_directory, sha256_file
-from saekit.configs import from_dict, to_dict
-from saekit.encoding import Encoding, SparseCode, as_dense
+from saekit.configs import to_dict
+from saekit.encoding import ForwardOutput, SparseCode, as_dense
 from saekit.kernels import sparse_decode
-from saekit.normalisation import Whitening, WhiteningConfig, estimate_scale
+from saekit.normalisation import Whitening, estimate_scale
+from saekit.sae_config import SAEConfig
 from saekit.sae_format import (
     CHECKPOINT_FORMAT,
     CONFIG_FILE,
@@ -41,90 +44,7 @@ from saekit.sae_format import (
     read_config,
     upgrade_tensors,
 )
-
-
-@dataclass
-class SAEConfig:
-    """An SAE's architecture. Every field is saved in cfg.json."""
-
-    d_in: int
-    """d: width of the activations the SAE reads."""
-    d_sae: int
-    """M: number of latents."""
-    activation: ActivationConfig
-    """The architecture: a kind and its fields, e.g. ``{kind: topk, k: 32}`` or ``relu``
-    (saekit.activations lists the kinds; each module documents its fields)."""
-    hook: str | None = None
-    """Hook point the activations came from (informational)."""
-    model_name: str | None = None
-    """Model the activations came from (informational)."""
-    dtype: str = "float32"
-    """Parameter dtype."""
-    whitening: WhiteningConfig | None = None
-    """Train on whitened inputs (x/s − μ)·M, e.g. ``{kind: zca, eps: 0.001}``
-    (saekit.normalisation); folded into the weights on save, where it becomes None."""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    """Free-form extra information carried in cfg.json."""
-
-    def __post_init__(self) -> None:
-        self.activation = ActivationConfig.parse(self.activation, "activation")
-        if self.whitening is not None:
-            self.whitening = WhiteningConfig.parse(self.whitening, "whitening")
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the offending field."""
-        for name in ("d_in", "d_sae"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.activation.check_d_sae(self.d_sae)
-        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise ValueError(
-                f"dtype must be a floating torch dtype (float32, float64, bfloat16, float16), got"
-                f" {self.dtype!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        return from_dict(cls, data)
-
-
-class ForwardOutput(NamedTuple):
-    """What ``SAE.forward`` returns. Tensors with a leading N are flattened over tokens."""
-
-    x_hat: Tensor
-    """Reconstruction in the input's space and shape [..., d]."""
-    latents: Tensor | SparseCode
-    """Latents: dense [N, M] or a SparseCode (TopK family on the fast path)."""
-    x_n: Tensor
-    """[N, d] normalised input x / s."""
-    x_hat_n: Tensor
-    """[N, d] normalised reconstruction."""
-    encoding: Encoding
-    """The activation's encoding: latents and the pre-activations losses read."""
-
-    @property
-    def pre(self) -> Tensor:
-        """[N, M] differentiable pre-activations (dense backward; AuxK uses
-        ``encoding.preacts.at`` instead)."""
-        return self.encoding.preacts.dense()
-
-
-def check_activations(x: Tensor, d_in: int) -> None:
-    """Clear errors for wrong width and non-finite values."""
-    if x.ndim == 0 or x.shape[-1] != d_in:
-        raise ValueError(
-            f"activations have trailing dimension {tuple(x.shape)[-1:] or '()'} (shape "
-            f"{tuple(x.shape)}), but this SAE has d_in = {d_in}"
-        )
-    if not torch.isfinite(x).all():
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ValueError(f"activations contain {n_nan} NaN and {n_inf} inf values")
+from saekit.sae_stats import check_activations, check_scale, geometric_median
 
 
 class SAE(nn.Module):
@@ -134,50 +54,75 @@ class SAE(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        d, M = cfg.d_in, cfg.d_sae
+        d, M, d_out = cfg.d_in, cfg.d_sae, cfg.target_width
         dtype = getattr(torch, cfg.dtype)
         self.W_enc = nn.Parameter(torch.empty(M, d, dtype=dtype, device=device))
         self.b_enc = nn.Parameter(torch.zeros(M, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(torch.empty(M, d, dtype=dtype, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(M, d_out, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
         # Scale and the activation's thresholds stay at least fp32 whatever the parameter dtype.
         aux_dtype = torch.promote_types(dtype, torch.float32)
         self.register_buffer("scale", torch.ones((), dtype=aux_dtype, device=device))
+        if cfg.transcoder:
+            self.register_buffer("target_scale", torch.ones((), dtype=aux_dtype, device=device))
+            # what the encoder subtracts from x_n: nothing (b_dec is in the target's space)
+            self.register_buffer("no_center", torch.zeros(d, dtype=dtype), persistent=False)
+        if cfg.skip:  # zero at the start: the dictionary alone explains y at first
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d, dtype=dtype, device=device))
         if cfg.whitening is not None:  # μ, M, M⁻¹ of x / s, estimated once, float64
             f64 = {"dtype": torch.float64, "device": device}
             self.register_buffer("whiten_mean", torch.zeros(d, **f64))
             self.register_buffer("whiten_matrix", torch.eye(d, **f64))
             self.register_buffer("unwhiten_matrix", torch.eye(d, **f64))
         self.activation = make_activation(cfg.activation, M).to(device=device, dtype=aux_dtype)
+        if cfg.transcoder and not self.activation.uses_encoder_weights:
+            raise ValueError(
+                f"sae.activation.kind {cfg.activation.kind!r} encodes with its decoder (tied), so "
+                "it cannot read one hook and predict another (d_out is set)"
+            )
         if not self.activation.uses_encoder_bias:
             self.b_enc.requires_grad_(False)  # the activation owns its bias; b_enc stays 0
+        if not self.activation.uses_encoder_weights:
+            self.W_enc.requires_grad_(False)  # tied: the decoder rows encode
         self.reset_parameters()
 
     # ---------------------------------------------------------------- initialisation
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Tied initialisation: random unit decoder rows, W_enc = W_dec, zero biases."""
+        """Tied initialisation: random unit decoder rows, W_enc = W_dec, zero biases (a
+        transcoder whose widths differ: W_enc's unit rows drawn on their own; W_skip = 0)."""
         W = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
         W /= W.norm(dim=-1, keepdim=True)
         self.W_dec.copy_(W)
+        if self.W_enc.shape != W.shape:
+            W = torch.randn(self.W_enc.shape, generator=generator, dtype=torch.float32)
+            W /= W.norm(dim=-1, keepdim=True)
         self.W_enc.copy_(W)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.cfg.skip:
+            self.W_skip.zero_()
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor, scale: float | None = None, method: str = "mean") -> None:
+    def init_from_data(
+        self,
+        x: Tensor,
+        scale: float | None = None,
+        method: str = "mean",
+        target: Tensor | None = None,
+    ) -> None:
         """Set the dataset scale s (estimated from ``x`` unless given) and b_dec from ``x``.
 
-        ``method``: "mean" or "geometric_median" (Weiszfeld iterations) of x / s.
+        ``method``: "mean" or "geometric_median" (Weiszfeld iterations) of x / s. A transcoder
+        also takes ``target`` (y): its scale s_y is estimated from y and b_dec set from y / s_y.
         """
         x = x.reshape(-1, self.cfg.d_in)
         check_activations(x, self.cfg.d_in)
         x64 = x.double()
         if scale is None:
             scale = estimate_scale(x64)
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"dataset scale must be positive and finite, got {scale}")
+        check_scale(scale)
         self.scale.fill_(scale)
         x_n = x64 / scale
         if self.cfg.whitening is not None:
@@ -185,6 +130,15 @@ class SAE(nn.Module):
             for buffer, value in zip(self._whitening_buffers(), w, strict=True):
                 buffer.copy_(value)
             x_n = normalisation.whiten(x_n, w)
+        if self.cfg.transcoder:  # b_dec lives in the target's space, with its own scale
+            if target is None:
+                raise ValueError("a transcoder's init_from_data needs the target activations")
+            y = target.reshape(-1, self.cfg.target_width)
+            check_activations(y, self.cfg.target_width, "d_out")
+            target_scale = estimate_scale(y)
+            check_scale(target_scale)
+            self.target_scale.fill_(target_scale)
+            x_n = y.double() / target_scale
         if method == "mean":
             center = x_n.mean(0)
         elif method == "geometric_median":
@@ -214,16 +168,52 @@ class SAE(nn.Module):
         return x_n if w is None else normalisation.whiten(x_n, w)
 
     def denormalise(self, x_hat_n: Tensor) -> Tensor:
-        """[N, d] normalised -> the input's space: s·x̂_n, or s·(x̂_n M⁻¹ + μ) when whitened."""
+        """[N, d_out] normalised -> the target's space: s_y·ŷ_n (an SAE: s·x̂_n, or
+        s·(x̂_n M⁻¹ + μ) when whitened)."""
         w = self.whitening
-        return (x_hat_n if w is None else normalisation.unwhiten(x_hat_n, w)) * self.scale
+        return (x_hat_n if w is None else normalisation.unwhiten(x_hat_n, w)) * self.output_scale
+
+    @property
+    def output_scale(self) -> Tensor:
+        """s_y, the target's scale: ``target_scale`` for a transcoder, ``scale`` for an SAE."""
+        return self.target_scale if self.cfg.transcoder else self.scale
+
+    @property
+    def input_center(self) -> Tensor:
+        """What the encoder subtracts from x_n: b_dec for an SAE, zeros for a transcoder."""
+        return self.no_center if self.cfg.transcoder else self.b_dec
+
+    def normalise_target(self, y: Tensor) -> Tensor:
+        """Raw targets [..., d_out] -> [N, d_out] in the normalised space y / s_y."""
+        width = self.cfg.target_width
+        if y.shape[-1:] != (width,):
+            check_activations(y, width, "d_out")
+        return y.reshape(-1, width).to(self.W_dec.dtype) / self.output_scale
+
+    def split_stream(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A training batch -> (input, target): a transcoder's stream carries the input's d_in
+        columns, then the target's d_out (one tensor, so buffers, caches and ranks move pairs
+        as they move single activations); an SAE's is the input alone (target None)."""
+        if batch.shape[-1] != self.cfg.stream_width:
+            check_activations(batch, self.cfg.stream_width, "d_in + d_out")
+        if not self.cfg.transcoder:
+            return batch, None
+        return batch[..., : self.cfg.d_in], batch[..., self.cfg.d_in :]
+
+    def decoder_offset_n(self, x_n: Tensor) -> Tensor:
+        """What the latents' sum is added to: b_dec, plus x_n W_skipᵀ [N, d_out] with a skip."""
+        if self.cfg.skip:
+            return torch.addmm(self.b_dec, x_n, self.W_skip.T)
+        return self.b_dec
 
     def pre_acts(self, x_n: Tensor) -> Tensor:
         """[N, d] normalised input -> [N, M] differentiable pre-activations."""
         return self.activation.preacts(self, x_n).dense()
 
-    def decode_n(self, latents: Tensor | SparseCode) -> Tensor:
-        """Latents -> [N, d] reconstruction in the normalised space (b_dec included)."""
+    def decode_n(self, latents: Tensor | SparseCode, x_n: Tensor | None = None) -> Tensor:
+        """Latents -> [N, d_out] reconstruction in the normalised space (b_dec included; the
+        skip path x_n W_skipᵀ too when ``x_n`` is given)."""
+        offset = self.b_dec if x_n is None else self.decoder_offset_n(x_n)
         if isinstance(latents, SparseCode):
             return (
                 sparse_decode(
@@ -234,17 +224,25 @@ class SAE(nn.Module):
                     latents.n_tokens,
                     latents.layout,
                 )
-                + self.b_dec
+                + offset
             )
-        return torch.addmm(self.b_dec, latents, self.W_dec)
+        return torch.addmm(offset, latents, self.W_dec)
 
-    def forward(self, x: Tensor) -> ForwardOutput:
-        lead, d = x.shape[:-1], self.cfg.d_in
+    def forward(self, x: Tensor, target: Tensor | None = None) -> ForwardOutput:
+        """Encode x [..., d_in] and predict the target [..., d_out] (an SAE: x itself; a
+        transcoder: ``target`` if given, which the losses then read as ``target_n``)."""
+        lead = x.shape[:-1]
         x_n = self.normalise(x)
         encoding = self.activation.encode(self, x_n)
-        x_hat_n = self.decode_n(encoding.latents)
-        x_hat = self.denormalise(x_hat_n).reshape(*lead, d)
-        return ForwardOutput(x_hat, encoding.latents, x_n, x_hat_n, encoding)
+        x_hat_n = self.decode_n(encoding.latents, x_n)
+        x_hat = self.denormalise(x_hat_n).reshape(*lead, self.cfg.target_width)
+        if self.cfg.transcoder:
+            target_n = None if target is None else self.normalise_target(target)
+        elif target is not None:
+            raise ValueError("an SAE's target is its input: pass no target (or set d_out)")
+        else:
+            target_n = x_n
+        return ForwardOutput(x_hat, encoding.latents, x_n, x_hat_n, encoding, target_n)
 
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations [..., d] -> dense latents [..., M]."""
@@ -253,12 +251,13 @@ class SAE(nn.Module):
         return z.reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
-        """Dense latents [..., M] -> reconstruction [..., d] in the input's space."""
+        """Dense latents [..., M] -> z W_dec + b_dec [..., d_out] in the target's space (a skip
+        transcoder's prediction adds x W_skipᵀ: use ``forward``)."""
         if z.shape[-1] != self.cfg.d_sae:
             raise ValueError(f"latents have width {z.shape[-1]}, but d_sae = {self.cfg.d_sae}")
         lead = z.shape[:-1]
         x_hat_n = self.decode_n(z.reshape(-1, self.cfg.d_sae).to(self.W_dec.dtype))
-        return self.denormalise(x_hat_n).reshape(*lead, self.cfg.d_in)
+        return self.denormalise(x_hat_n).reshape(*lead, self.cfg.target_width)
 
     # ---------------------------------------------------------------- decoder norms
 
@@ -280,22 +279,26 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def fold_scale_(self) -> None:
-        """Fold s into the weights exactly: W_enc/s, s·W_dec, s·b_dec; then s = 1. The
-        pre-activations are unchanged, so b_enc and every threshold stay as they are. A
-        whitened SAE folds into a copy (``tensors_for_save``): its config changes too."""
+        """Fold the scales into the weights exactly: W_enc/s, s_y·W_dec, s_y·b_dec,
+        (s_y/s)·W_skip; then s = s_y = 1 (an SAE: s_y = s). The pre-activations are unchanged,
+        so b_enc and every threshold stay as they are. A whitened SAE folds into a copy
+        (``folded_copy``): its config changes too."""
         if self.cfg.whitening is not None:
             raise ValueError("fold_scale_: a whitened SAE is folded by save(), into a copy")
-        s = self.scale.to(self.W_enc.dtype)
+        s, s_y = self.scale.to(self.W_enc.dtype), self.output_scale.to(self.W_enc.dtype)
         self.W_enc /= s
-        self.W_dec *= s
-        self.b_dec *= s
+        self.W_dec *= s_y
+        self.b_dec *= s_y
+        if self.cfg.skip:
+            self.W_skip *= s_y / s
         self.scale.fill_(1.0)
+        self.output_scale.fill_(1.0)
 
     def folded_copy(self) -> SAE:
         """The SAE that takes raw activations: whitening folded first (normalisation.py), then
         s. Its config has no whitening; metadata records the one folded in."""
         w, cfg = self.whitening, self.cfg
-        if float(self.scale) == 1.0 and w is None:
+        if float(self.scale) == 1.0 and float(self.output_scale) == 1.0 and w is None:
             return self
         if w is not None:
             folded = {"whitening_folded": to_dict(cfg.whitening)}
@@ -375,18 +378,3 @@ class SAE(nn.Module):
         check_state_matches(expected, found, where=f"checkpoint {path}")
         sae.load_state_dict(found)
         return sae.to(device).eval()
-
-
-# -------------------------------------------------------------------- helpers
-
-
-def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
-    """Weiszfeld's algorithm for the point minimising Σ_n ‖x_n − c‖."""
-    c = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - c).norm(dim=-1).clamp_min(1e-12)
-        c_new = (w.unsqueeze(1) * x).sum(0) / w.sum()
-        if (c_new - c).norm() <= tol * c.norm().clamp_min(1.0):
-            return c_new
-        c = c_new
-    return c

@@ -6,15 +6,30 @@ Adding an activation = one module here (a config dataclass with ``kind`` and an
 
 from __future__ import annotations
 
+from saekit.activations.abstopk import AbsTopK, AbsTopKConfig
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig
+from saekit.activations.gated import Gated, GatedConfig
+from saekit.activations.hierarchical_topk import HierarchicalTopK, HierarchicalTopKConfig
 from saekit.activations.jumprelu import JumpReLU, JumpReLUConfig
+from saekit.activations.matching_pursuit import MatchingPursuit, MatchingPursuitConfig
 from saekit.activations.prolu import ProLU, ProLUConfig
 from saekit.activations.relu import ReLU, ReLUConfig
 from saekit.activations.topk import TopK, TopKConfig
 
 ACTIVATIONS: dict[str, type[Activation]] = {
-    cls.config_class.kind: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, ProLU)
+    cls.config_class.kind: cls
+    for cls in (
+        ReLU,
+        TopK,
+        BatchTopK,
+        JumpReLU,
+        ProLU,
+        AbsTopK,
+        Gated,
+        MatchingPursuit,
+        HierarchicalTopK,
+    )
 }
 """kind → activation class: the only registry."""
 
@@ -25,13 +40,21 @@ def make_activation(cfg: ActivationConfig, d_sae: int) -> Activation:
 
 __all__ = [
     "ACTIVATIONS",
+    "AbsTopK",
+    "AbsTopKConfig",
     "Activation",
     "ActivationConfig",
     "BatchTopK",
     "BatchTopKConfig",
     "Combiner",
+    "Gated",
+    "GatedConfig",
+    "HierarchicalTopK",
+    "HierarchicalTopKConfig",
     "JumpReLU",
     "JumpReLUConfig",
+    "MatchingPursuit",
+    "MatchingPursuitConfig",
     "ProLU",
     "ProLUConfig",
     "ReLU",

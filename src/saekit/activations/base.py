@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from saekit import losses
 from saekit.configs import KindConfig
-from saekit.encoding import Encoding, Preacts, encoder_preacts
+from saekit.encoding import Encoding, Preacts, SparseCode, encoder_preacts
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.sae import SAE, ForwardOutput
 
 
 class ActivationConfig(KindConfig):
@@ -57,6 +58,8 @@ class Activation(nn.Module):
     """Nothing but a sparsity penalty makes this activation sparse (ReLU, ProLU)."""
     uses_encoder_bias: ClassVar[bool] = True
     """False where the activation owns its bias (ProLU): b_enc stays 0 and gets no gradient."""
+    uses_encoder_weights: ClassVar[bool] = True
+    """False where the decoder encodes (tied, Matching Pursuit): W_enc gets no gradient."""
 
     def __init__(self, cfg: ActivationConfig, d_sae: int):
         super().__init__()
@@ -66,7 +69,7 @@ class Activation(nn.Module):
     def preacts(self, sae: SAE, x_n_ND: Tensor) -> Preacts:
         """The affine encoder with dense autograd (the reference path)."""
         b_enc = sae.b_enc if self.uses_encoder_bias else None
-        return Preacts(encoder_preacts(x_n_ND, sae.W_enc, b_enc, sae.b_dec))
+        return Preacts(encoder_preacts(x_n_ND, sae.W_enc, b_enc, sae.input_center))
 
     def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
         raise NotImplementedError
@@ -84,6 +87,29 @@ class Activation(nn.Module):
     @torch.no_grad()
     def after_step(self, enc: Encoding, combiner: Combiner) -> None:
         """Update state that follows the training batches (BatchTopK's θ EMA); default none."""
+
+    # Loss hooks (saekit.objective): an activation with a loss of its own overrides one of these
+    # instead of adding a branch to the objective.
+
+    def reconstruction_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+        """The objective's reconstruction term: mean_n ‖y_n − ŷ_n‖² (y = x for an SAE) unless
+        overridden (HierarchicalTopK: the mean over every prefix k' ≤ K)."""
+        return losses.reconstruction_loss(out.target(), out.x_hat_n)
+
+    def penalty_latents(self, enc: Encoding) -> Tensor | SparseCode:
+        """What the sparsity penalty is applied to: the latents unless overridden (Gated: the
+        gate's ReLU pre-activations)."""
+        return enc.latents
+
+    def auxiliary_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+        """The activation's own extra loss term, logged as "aux" (Gated's auxiliary
+        reconstruction). The objective has the term only where an activation overrides this."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary loss")
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        """Whether this activation implements ``hook`` (l0_step, auxiliary_loss, ...)."""
+        return getattr(cls, hook) is not getattr(Activation, hook)
 
     def extra_repr(self) -> str:
         return repr(self.cfg)

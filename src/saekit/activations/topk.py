@@ -54,7 +54,7 @@ class TopKConfig(ActivationConfig):
 
 
 def fast_preacts(sae: SAE, x_n_ND: Tensor) -> SparsePreacts:
-    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.b_dec)
+    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.input_center)
 
 
 class TopK(Activation):
@@ -62,8 +62,12 @@ class TopK(Activation):
     unit_norm_decoder = True
     revival_signals = frozenset({"auxk", "preact"})
 
+    def encode_k(self) -> int:
+        """Latents kept per token by ``encode`` (HierarchicalTopK: fewer outside training)."""
+        return self.cfg.k
+
     def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        k = self.cfg.k
+        k = self.encode_k()
         if self.cfg.kernel == "reference":
             pre = self.preacts(sae, x_n_ND)
             values_Nk, latent_Nk = topk_select(pre.dense(), k)

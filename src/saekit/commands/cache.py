@@ -16,6 +16,7 @@ def cache_command(args: argparse.Namespace) -> None:
     from saekit.commands.eval import harvest_setup, text_documents
     from saekit.data.cache_write import write_cache
     from saekit.data.documents import text_source
+    from saekit.data.hf import HookPoint
     from saekit.data.models import check_hook
     from saekit.data.text import token_batches
 
@@ -24,7 +25,9 @@ def cache_command(args: argparse.Namespace) -> None:
             raise ValueError(f"saekit cache needs {flag}")
     # The hook name first (meta device, no weights), then the text, then the weights: each
     # mistake is reported before the slow step after it.
-    check_hook(args.model, args.hook, args.model_class, args.local_files_only)
+    for point in (args.hook, args.target_hook):
+        if point is not None:
+            check_hook(args.model, point, args.model_class, args.local_files_only)
     docs = text_documents(args)
     setup = harvest_setup(
         args,
@@ -34,7 +37,8 @@ def cache_command(args: argparse.Namespace) -> None:
         exclude_special=args.exclude_special,
     )
     hook, tokenizer, kind = setup.hook, setup.tokenizer, setup.kind
-    harvester = setup.harvester(device="cpu")
+    target = None if args.target_hook is None else str(HookPoint.parse(args.target_hook))
+    harvester = setup.harvester(*([target] if target else []), device="cpu")
     contexts = token_batches(
         docs,
         tokenizer,
@@ -71,6 +75,7 @@ def cache_command(args: argparse.Namespace) -> None:
             shard_tokens=args.shard_tokens,
             max_tokens=args.max_tokens,
             metadata=metadata,
+            target_hook=target,
         )
     finally:
         acts.close()  # closes the bar now, not at garbage collection (after "verified")

@@ -13,6 +13,10 @@ Data:
 Whatever the documents, the ones the SAE trained on are counted and a warning printed when any
 were evaluated: a score on training text overstates the SAE (issue 18: CE score 1.0017 on
 training text against 0.9907 held out).
+
+A transcoder (cfg.json's ``d_out``) reads its input hook and is scored on its ``target_hook``:
+FVU of the target, and CE/KL with its prediction spliced in place of the target's output. It
+reads a transcoder cache (``saekit cache --target-hook``) with ``--cache`` alone.
 """
 
 from __future__ import annotations
@@ -63,19 +67,23 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
             "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
             " (reconstruction only)"
         )
-    acc = MetricAccumulator(d_in, d_sae, device=args.device)
+    if sae.cfg.transcoder and args.model and not sae.cfg.target_hook:
+        raise ValueError(f"{args.sae} is a transcoder whose cfg.json names no target_hook")
+    acc = MetricAccumulator(sae.cfg.target_width, d_sae, device=args.device)
     report: dict[str, Any] = {"sae": str(args.sae), "hook": hook}
 
     @torch.no_grad()
     def reconstruct(x: Tensor) -> Tensor:
         out = sae(x.to(sae.W_dec.dtype))
-        acc.add(x, out.x_hat, out.latents)
+        acc.add_latents(out.latents)
+        if not sae.cfg.transcoder:  # a transcoder's target: the splice adds it to acc
+            acc.add_reconstruction(x, out.x_hat)
         return out.x_hat
 
     if args.model:
-        _on_model(args, sae, hook, reconstruct, report)
+        _on_model(args, sae, hook, reconstruct, report, acc)
     else:
-        _on_cache(args, sae, hook, reconstruct, report)
+        _on_cache(args, sae, hook, reconstruct, report, acc)
     if int(acc.n) == 0:
         raise ValueError("no tokens were evaluated")
     result = acc.result()
@@ -93,21 +101,28 @@ def _on_cache(
     hook: str,
     reconstruct: Callable[[Tensor], Tensor],
     report: dict[str, Any],
+    acc: MetricAccumulator,
 ) -> None:
     from saekit.data.cache import ActivationCache
     from saekit.data.lm_source import held_out_batches
 
     cache = ActivationCache(args.cache)
-    if cache.d != sae.cfg.d_in:
+    if (cache.d_in, cache.d) != (sae.cfg.d_in, sae.cfg.stream_width):
+        name = "d_in + d_out" if sae.cfg.transcoder else "d_in"
+        kind = "a transcoder cache" if cache.target_hook else "a cache"
         raise ValueError(
-            f"SAE d_in = {sae.cfg.d_in} but the cache {args.cache} has width {cache.d}"
+            f"SAE {name} = {sae.cfg.stream_width} but the cache {args.cache} ({kind}) has width"
+            f" {cache.d}"
         )
     if cache.hook != hook:
         print(f"saekit: warning: the cache holds hook {cache.hook}, not {hook}", file=sys.stderr)
     context_length = args.context_length or 128
     n_tokens = args.n_batches * args.batch_size * context_length
-    for x in held_out_batches(cache, n_tokens, args.batch_size * context_length):
-        reconstruct(x.to(args.device))
+    for batch in held_out_batches(cache, n_tokens, args.batch_size * context_length):
+        x, target = sae.split_stream(batch.to(args.device))
+        x_hat = reconstruct(x)
+        if target is not None:
+            acc.add_reconstruction(target, x_hat)
     report.update(cache=str(args.cache), model=cache.model)
 
 
@@ -134,26 +149,40 @@ def _on_model(
     hook: str,
     reconstruct: Callable[[Tensor], Tensor],
     report: dict[str, Any],
+    acc: MetricAccumulator,
 ) -> None:
     from saekit.data.documents import to_ranges
-    from saekit.data.hf import unpack_batch
+    from saekit.data.hf import HookPoint, unpack_batch
     from saekit.data.models import activation_width
     from saekit.eval.splice import splice_eval
 
     setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
     model, tokenizer, kind, hook = setup.model, setup.tokenizer, setup.kind, setup.hook
     token_filter = setup.token_filter
-    width = activation_width(model, hook, kind)
-    if width != sae.cfg.d_in:
-        raise ValueError(
-            f"SAE d_in = {sae.cfg.d_in} but model {args.model} has width {width} at hook {hook}"
-        )
+    # a transcoder predicts its target hook from this one: scored (and spliced) there
+    target = str(HookPoint.parse(sae.cfg.target_hook)) if sae.cfg.transcoder else None
+    for name, point, expected in (("d_in", hook, sae.cfg.d_in), ("d_out", target, sae.cfg.d_out)):
+        width = None if point is None else activation_width(model, point, kind)
+        if width != expected:
+            raise ValueError(
+                f"SAE {name} = {expected} but model {args.model} has width {width} at hook {point}"
+            )
     text, indices, origin = _documents(args, sae, tokenizer)
     evaluated: set[int] = set()
     contexts = _contexts(args, tokenizer, text, indices, token_filter, evaluated)
     report.update(model=args.model, model_class=kind, hook=hook, text=text, documents_from=origin)
+    if target is not None:
+        report["target_hook"] = target
     if kind == "causal-lm":
-        splice = splice_eval(model, hook, reconstruct, contexts, token_filter=token_filter)
+        splice = splice_eval(
+            model,
+            target or hook,
+            reconstruct,
+            contexts,
+            token_filter=token_filter,
+            input_hook=None if target is None else hook,
+            reconstruction=None if target is None else acc,
+        )
         report.update({k: v for k, v in splice.to_dict().items() if k not in ("fvu", "n_tokens")})
         report["n_predicted_tokens"] = splice.n_tokens
     else:
@@ -162,9 +191,12 @@ def _on_model(
             f" {kind}: reconstruction metrics only",
             file=sys.stderr,
         )
-        harvester = setup.harvester()
+        harvester = setup.harvester(*([target] if target else []))
         for batch in contexts:
-            reconstruct(harvester(*unpack_batch(batch))[hook].to(args.device))
+            acts = harvester(*unpack_batch(batch))
+            x_hat = reconstruct(acts[hook].to(args.device))
+            if target is not None:
+                acc.add_reconstruction(acts[target].to(args.device), x_hat)
     report.update(documents=len(evaluated), document_ranges=to_ranges(evaluated))
     _check_overlap(sae, tokenizer, report)
 
@@ -259,7 +291,8 @@ def _check_overlap(sae: SAE, tokenizer: Any, report: dict[str, Any]) -> None:
 
 def format_eval(r: dict[str, Any]) -> str:
     lines = [
-        f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']})",
+        f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']}"
+        + (f" -> target {r['target_hook']})" if "target_hook" in r else ")"),
         *_documents_line(r),
         f"tokens       {r['n_tokens']:,}" + _predicted(r),
         f"FVU          {r['fvu']:.4f}   explained variance {r['explained_variance']:.4f}",

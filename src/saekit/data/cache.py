@@ -127,6 +127,10 @@ class ActivationCache:
         self.model: str = m["model"]
         self.hook: str = m["hook"]
         self.d: int = m["d"]
+        self.target_hook: str | None = m.get("target_hook")
+        """Transcoder caches: the target's hook; rows are [hook | target_hook]."""
+        self.d_in: int = m.get("d_in") or self.d
+        """Width of the ``hook`` columns (all of ``d`` unless a target_hook is cached)."""
         self.dtype_name: str = dtype_name(m["dtype"])
         self.dtype = _DTYPES[self.dtype_name]
         self.complete: bool = m["complete"]

@@ -51,13 +51,16 @@ def write_cache(
     shard_tokens: int = 1 << 18,
     max_tokens: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    target_hook: str | None = None,
 ) -> dict[str, Any]:
     """Write ``[n, d]`` activation batches (or :class:`Harvester` dicts, read at ``hook``) to
     ``out_dir`` as shards of ``shard_tokens`` tokens (the last may be smaller). Returns the
     final manifest. Resumes an interrupted run (see the module docstring); a finished cache
     with the same arguments is returned as is. Raises ``ValueError`` on NaN/inf activations.
     Dicts that also hold ``DOCUMENT_IDS`` ([n] document indices) have their documents recorded
-    per shard.
+    per shard. ``target_hook`` (transcoders; dicts only): each token's row is the activation at
+    ``hook`` then the one at ``target_hook``, and the manifest records both hooks and ``d_in``,
+    the width of the first.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +70,8 @@ def write_cache(
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     remove_stale_temporaries(out, owner=True)  # one writer per cache directory
     identity = {"model": model_name, "hook": hook, "dtype": name, "shard_tokens": shard_tokens}
+    if target_hook is not None:
+        identity["target_hook"] = target_hook
     manifest = _read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         differing = {k: (manifest.get(k), v) for k, v in identity.items() if manifest.get(k) != v}
@@ -117,7 +122,11 @@ def write_cache(
     for batch_index, batch in enumerate(activation_batches):
         docs = batch.get(DOCUMENT_IDS) if isinstance(batch, Mapping) else None
         if isinstance(batch, Mapping):
-            batch = batch[hook]
+            if target_hook is not None:
+                manifest.setdefault("d_in", batch[hook].shape[-1])
+            batch = batch[hook] if target_hook is None else paired(batch, hook, target_hook)
+        elif target_hook is not None:
+            raise TypeError("write_cache with a target_hook reads harvester dicts")
         if batch.ndim != 2:
             batch = batch.reshape(-1, batch.shape[-1])
         docs = torch.full((len(batch),), _UNKNOWN) if docs is None else docs.cpu()
@@ -162,6 +171,11 @@ def write_cache(
     manifest["complete"] = True
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def paired(acts: Mapping[str, Tensor], hook: str, target_hook: str) -> Tensor:
+    """[n, d_in + d_out]: the input's columns, then the target's (SAE.split_stream's layout)."""
+    return torch.cat([acts[hook], acts[target_hook]], dim=-1)
 
 
 def _check_finite(

@@ -39,6 +39,7 @@ from saekit.data.buffer import ShuffleBuffer
 from saekit.data.cache import ActivationCache
 from saekit.data.documents import documents, leading_document_count
 from saekit.data.harvest import HarvestStats, harvest
+from saekit.data.hf import HookPoint
 from saekit.data.models import activation_width, load_for_harvest
 from saekit.data.source import ActivationSource
 from saekit.data.text import token_batches
@@ -261,8 +262,11 @@ class HFSource(_StreamSource):
         )
         self.model, self.tokenizer, kind = setup.model, setup.tokenizer, setup.kind
         self.hook, self.bos_id = setup.hook, setup.bos_id
-        self.harvester = setup.harvester(dtype=torch.float32)
-        self.d = activation_width(self.model, self.hook, kind)
+        # a transcoder's target: harvested in the same pass, its columns after the input's
+        target = [] if data.target_hook is None else [str(HookPoint.parse(data.target_hook))]
+        self.hooks = [self.hook, *target]
+        self.harvester = setup.harvester(*target, dtype=torch.float32)
+        self.d = sum(activation_width(self.model, hook, kind) for hook in self.hooks)
         self._n_eval_docs: int | None = None
         self.harvest_stats = HarvestStats()
         """Training tokens harvested and outliers dropped (``data.outlier_norm``) so far."""
@@ -317,7 +321,7 @@ class HFSource(_StreamSource):
             stats=stats,
         )
         for out in outputs:
-            yield out[self.hook].cpu()
+            yield torch.cat([out[hook] for hook in self.hooks], dim=-1).cpu()
 
     def _epoch(self, epoch: int) -> Iterator[Tensor]:
         docs = itertools.islice(self._documents(), self.n_eval_docs, None)
@@ -386,9 +390,10 @@ def make_lm_source(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> CacheS
     else:
         raise ValueError(f"data.source {data.source!r} is not a model source (cache or hf)")
     for i, s in enumerate(cfg.saes):
-        if s.sae.d_in != source.d:
+        if s.sae.stream_width != source.d:
+            field = "d_in + d_out" if s.sae.transcoder else "d_in"
             raise ValueError(
-                f"saes.{i}.sae.d_in = {s.sae.d_in} but the activations at {where} have width"
-                f" {source.d}; set saes.{i}.sae.d_in={source.d}"
+                f"saes.{i}.sae.{field} = {s.sae.stream_width} but the activations at {where} have"
+                f" width {source.d}; set saes.{i}.sae.{field}={source.d}"
             )
     return source

@@ -125,12 +125,15 @@ class HarvestSetup(NamedTuple):
     """The id packing puts first in each context (:func:`saekit.data.text.packing_token_ids`)."""
     token_filter: TokenFilter
 
-    def harvester(self, token_filter: TokenFilter | None = None, **options: Any) -> Harvester:
-        """A Harvester at the hook with this set-up's filter (or ``token_filter``: the report
-        keeps every position to shade whole windows) and forward arguments."""
+    def harvester(
+        self, *also: str, token_filter: TokenFilter | None = None, **options: Any
+    ) -> Harvester:
+        """A Harvester at the hook (and the hooks ``also``: one forward pass, stopped after the
+        last of them) with this set-up's filter (or ``token_filter``: the report keeps every
+        position to shade whole windows) and forward arguments."""
         return Harvester(
             self.model,
-            self.hook,
+            [self.hook, *also],
             token_filter=token_filter or self.token_filter,
             forward_kwargs=forward_kwargs(self.kind),
             **options,

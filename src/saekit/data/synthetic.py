@@ -10,6 +10,12 @@ Gaussian noise. Three kinds:
   active parent). This is the setting in which feature absorption shows up.
 - ``correlated``: activity comes from a Gaussian copula with a low-rank correlation structure.
 
+Transcoder ground truth (``d_out`` set): each batch also carries a target
+y = Σ_i c_i g_i + ν + noise (+ x Aᵀ with ``skip_strength``), g_i known unit output directions
+[F, d_out]: a known sparse map from the input's features to the target, so a transcoder's
+decoder rows can be matched to g (``directions``). A batch is then [x | y], the layout of a
+transcoder's training stream (SAE.split_stream).
+
 Batches are a pure function of (seed, batch index), so a resumed run sees exactly the same data.
 Everything is vectorised; nothing loops over examples.
 """
@@ -59,9 +65,17 @@ class SyntheticConfig:
     """correlated: share of each feature's latent variance from the shared factors, in [0, 1)."""
     seed: int = 0
     """Seed of the directions, frequencies and every batch."""
+    d_out: int | None = None
+    """Transcoder ground truth: width of the target y = Σ c_i g_i + ν + noise (module
+    docstring); None: activations only (SAE data)."""
+    skip_strength: float = 0.0
+    """Transcoder ground truth: y also gets x Aᵀ, A a fixed Gaussian [d_out, d] map scaled so
+    each entry has standard deviation skip_strength / √d (a dense linear part: what a skip
+    transcoder's W_skip is for)."""
 
     def __post_init__(self) -> None:
-        for name in ("d", "n_features", "n_parents", "children_per_parent", "correlation_rank"):
+        names = ("d", "n_features", "n_parents", "children_per_parent", "correlation_rank")
+        for name in names + (("d_out",) if self.d_out is not None else ()):
             if getattr(self, name) <= 0:
                 raise ValueError(
                     f"SyntheticConfig.{name} must be a positive integer, got {getattr(self, name)}"
@@ -72,6 +86,7 @@ class SyntheticConfig:
             ("magnitude_std", False),
             ("noise_std", False),
             ("mean_norm", False),
+            ("skip_strength", False),
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (strict and value == 0):
@@ -86,6 +101,8 @@ class SyntheticConfig:
             )
         if self.seed < 0:
             raise ValueError(f"SyntheticConfig.seed must be >= 0, got {self.seed}")
+        if self.skip_strength and self.d_out is None:
+            raise ValueError("SyntheticConfig.skip_strength needs d_out (transcoder data)")
         if self.kind not in ("independent", "hierarchical", "correlated"):
             raise ValueError(
                 f"SyntheticConfig.kind must be independent, hierarchical or correlated, "
@@ -124,7 +141,7 @@ class SyntheticConfig:
 
 class SyntheticBatch(NamedTuple):
     x: Tensor
-    """[N, d] activations."""
+    """[N, d] activations ([N, d + d_out]: input then target, for transcoder data)."""
     coefficients: Tensor
     """[N, F] true feature coefficients (0 where inactive)."""
 
@@ -169,8 +186,11 @@ class SyntheticData:
         g = torch.Generator().manual_seed(cfg.seed)
         F, d = cfg.n_features, cfg.d
         directions = torch.randn(F, d, generator=g, dtype=torch.float64)
-        self.directions = (directions / directions.norm(dim=-1, keepdim=True)).float()
-        """[F, d] unit true directions."""
+        self.input_directions = (directions / directions.norm(dim=-1, keepdim=True)).float()
+        """[F, d] unit true directions of the activations x."""
+        self.directions = self.input_directions
+        """[F, d_out] what decoder rows should recover: the input directions for SAE data, the
+        output directions g for transcoder data."""
         mean = torch.randn(d, generator=g, dtype=torch.float64)
         self.mean = (mean / mean.norm() * cfg.mean_norm).float()
         """[d] the data's mean offset."""
@@ -198,6 +218,15 @@ class SyntheticData:
             factors = torch.randn(F, cfg.correlation_rank, generator=g, dtype=torch.float64)
             factors /= factors.norm(dim=-1, keepdim=True)
             self.factors = (factors * math.sqrt(cfg.correlation_strength)).float()
+        if cfg.d_out is not None:  # drawn last: the input side is the same as without a target
+            out_FD = torch.randn(F, cfg.d_out, generator=g, dtype=torch.float64)
+            self.directions = (out_FD / out_FD.norm(dim=-1, keepdim=True)).float()
+            target_mean = torch.randn(cfg.d_out, generator=g, dtype=torch.float64)
+            self.target_mean = (target_mean / target_mean.norm() * cfg.mean_norm).float()
+            """[d_out] the target's mean offset ν."""
+            skip = torch.randn(cfg.d_out, d, generator=g, dtype=torch.float64)
+            self.skip_map = (skip * (cfg.skip_strength / math.sqrt(d))).float()
+            """[d_out, d] the target's dense linear part A (zero unless skip_strength)."""
 
     @property
     def true_l0(self) -> float:
@@ -244,7 +273,11 @@ class SyntheticData:
         )
         coefficients = torch.where(active, magnitudes, torch.zeros(()))
         noise = cfg.noise_std * torch.randn(n, cfg.d, generator=g)
-        x = torch.addmm(self.mean + noise, coefficients, self.directions)
+        x = torch.addmm(self.mean + noise, coefficients, self.input_directions)
+        if cfg.d_out is not None:
+            noise_y = cfg.noise_std * torch.randn(n, cfg.d_out, generator=g)
+            y = torch.addmm(self.target_mean + noise_y, coefficients, self.directions)
+            x = torch.cat([x, torch.addmm(y, x, self.skip_map.T)], dim=-1)
         return SyntheticBatch(x, coefficients)
 
     def stream(self, batch_size: int, start: int = 0) -> Iterator[Tensor]:

@@ -13,12 +13,17 @@ mean of per-batch means). With KL(p_clean ‖ p_patched) per token (DESIGN.md, M
     KL score = (KL_zero − KL_sae) / KL_zero
 
 FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over the spliced positions (x̄ their mean), accumulated in float64.
+
+Transcoders (``input_hook``): the activation at ``hook`` (the target, e.g. an MLP's output) is
+replaced by ``reconstruct`` of the activation at ``input_hook`` (e.g. the MLP's input) of the
+same forward pass, at the same positions; the FVU is the target's, the zero-ablation zeroes the
+target.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saekit.data.hf import HookPoint, TokenFilter, model_device, resolve_module, unpack_batch
+from saekit.data.hf import (
+    HookPoint,
+    TokenFilter,
+    capture,
+    model_device,
+    resolve_module,
+    unpack_batch,
+)
 from saekit.eval.metrics import MetricAccumulator
 
 
@@ -110,11 +122,11 @@ def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) 
 class _Totals:
     """Float64 running sums over tokens; the FVU sums live in :class:`MetricAccumulator`."""
 
-    def __init__(self) -> None:
+    def __init__(self, reconstruction: MetricAccumulator | None = None) -> None:
         self.ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
         self.kl = {"sae": 0.0, "zero": 0.0}
         self.n_tokens = 0
-        self.reconstruction: MetricAccumulator | None = None
+        self.reconstruction = reconstruction
 
     def add_reconstruction(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
         if self.reconstruction is None:
@@ -140,16 +152,22 @@ def splice_eval(
     *,
     token_filter: TokenFilter | None = None,
     max_batches: int | None = None,
+    input_hook: str | HookPoint | None = None,
+    reconstruction: MetricAccumulator | None = None,
 ) -> SpliceResult:
     """CE/KL of ``model`` with ``reconstruct`` ([n, d] -> [n, d]) spliced in at ``hook``.
 
     ``batches``: tensors of token ids, ``(ids, mask)`` pairs or dicts (as
-    :meth:`Harvester.stream`). The model is put in eval mode.
+    :meth:`Harvester.stream`). The model is put in eval mode. ``input_hook``: a transcoder's
+    input ([n, d_in] -> [n, d] predicts ``hook``'s activation; module docstring).
+    ``reconstruction``: the accumulator the FVU sums go into (default a new one), for a caller
+    that also wants the target's other reconstruction metrics.
     """
+    source = None if input_hook is None else HookPoint.parse(input_hook)
     model.eval()
     token_filter = token_filter or TokenFilter()
     dev = model_device(model)
-    totals = _Totals()
+    totals = _Totals(reconstruction)
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
@@ -176,7 +194,13 @@ def splice_eval(
             ("zero", lambda act_BTd, keep_BT=keep_BT: act_BTd.masked_fill(keep_BT[..., None], 0)),
         )
         for name, edit in edits:
-            with patch_activation(model, hook, edit):
+            with ExitStack() as stack:
+                if source is not None and name == "sae":  # the input, recorded on the way
+                    inputs = stack.enter_context(capture(model, [source], stop_after_last=False))
+                    edit = _reconstruct_edit(
+                        keep_BT, reconstruct, totals, lambda inputs=inputs: _read(inputs, source)
+                    )
+                stack.enter_context(patch_activation(model, hook, edit))
                 logits = _logits(model, input_ids, attention_mask)
             logp_nV = F.log_softmax(logits[eval_BT].float(), -1)
             totals.ce[name] += _ce_sum(logp_nV, targets_n)
@@ -205,17 +229,29 @@ def splice_eval(
     )
 
 
+def _read(inputs: dict[HookPoint, Tensor], point: HookPoint) -> Tensor:
+    if point not in inputs:
+        raise ValueError(f"input hook {point} had not fired when the target hook did")
+    return inputs[point]
+
+
 def _reconstruct_edit(
-    keep_BT: Tensor, reconstruct: Callable[[Tensor], Tensor], totals: _Totals
+    keep_BT: Tensor,
+    reconstruct: Callable[[Tensor], Tensor],
+    totals: _Totals,
+    read_input: Callable[[], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """Replace the kept positions of [B, T, d] by their reconstruction; record FVU sums."""
+    """Replace the kept positions of [B, T, d] by their reconstruction (a transcoder's: the
+    prediction from ``read_input()``, the input hook's [B, T, d_in] of the same pass); record
+    FVU sums."""
 
     def edit(act_BTd: Tensor) -> Tensor:
         x_ND = act_BTd[keep_BT]
-        x_hat_ND = reconstruct(x_ND)
+        x_hat_ND = reconstruct(x_ND if read_input is None else read_input()[keep_BT])
         if x_hat_ND.shape != x_ND.shape:
             raise ValueError(
-                f"reconstruct returned shape {tuple(x_hat_ND.shape)} for input {tuple(x_ND.shape)}"
+                f"reconstruct returned shape {tuple(x_hat_ND.shape)} for the activation's"
+                f" {tuple(x_ND.shape)}"
             )
         totals.add_reconstruction(x_ND, x_hat_ND)
         out_BTd = act_BTd.clone()

@@ -82,7 +82,9 @@ class LatentCollector:
         u_n = torch.rand(value_n.numel(), generator=self._generator, dtype=torch.float64)
         self.sample.update(-u_n, flat_n, latent_n, z_BTM, ids_BT, self.offset, aux_BTM)
         self.histogram.update(value_n, latent_n)
-        self.fired += torch.bincount(latent_n, minlength=M)
+        # density counts every z ≠ 0 (AbsTopK's latents are signed); the contexts, samples and
+        # histogram above are of the positive activations
+        self.fired += (z_BTM.view(B * T, M) != 0).sum(0)
         self.n_tokens += int(keep_BT.sum())
         self.offset += B * T
 

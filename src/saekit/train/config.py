@@ -51,6 +51,10 @@ class DataConfig:
     auto (from its config; saekit/data/models.py)."""
     hook: str | None = None
     """hf: hook point, e.g. transformer.h.8:input (residual stream before block 8)."""
+    target_hook: str | None = None
+    """hf: a transcoder's target, harvested in the same forward pass as ``hook``, e.g.
+    model.layers.5.mlp (``hook`` model.layers.5.post_attention_layernorm); batches are then
+    [input | target] and every SAE of the run is a transcoder (d_out: the target's width)."""
     dataset: str | None = None
     """hf: documents from a Hugging Face dataset, a hub id or a local path (or use text_file)."""
     dataset_split: str = "train"
@@ -95,7 +99,14 @@ class DataConfig:
             raise ValueError(f"data.source must be one of {sources}, got {self.source!r}")
         if self.shuffle_buffer_tokens < 0:
             raise ValueError("data.shuffle_buffer_tokens must be >= 0")
-        if self.outlier_norm is not None and not self.outlier_norm > 1:  # whatever the source
+        # numbers checked whatever the source (a fuzzed config must not carry a bad one along)
+        if self.context_length < 2:
+            raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
+        if self.model_batch_size < 1:
+            raise ValueError("data.model_batch_size must be positive")
+        if self.prefetch < 0:
+            raise ValueError("data.prefetch must be >= 0")
+        if self.outlier_norm is not None and not self.outlier_norm > 1:
             raise ValueError(
                 f"data.outlier_norm must be > 1 (a multiple of the median), got {self.outlier_norm}"
             )
@@ -112,17 +123,11 @@ class DataConfig:
                 raise ValueError("data: set exactly one of data.dataset and data.text_file")
             if self.text_file is not None and not Path(self.text_file).is_file():
                 raise ValueError(f"data.text_file: no such file {self.text_file!r}")
-            if self.context_length < 2:
-                raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
-            if self.model_batch_size < 1:
-                raise ValueError("data.model_batch_size must be positive")
             if self.model_dtype not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
                     f"data.model_dtype must be float32, bfloat16 or float16, got"
                     f" {self.model_dtype!r}"
                 )
-            if self.prefetch < 0:
-                raise ValueError("data.prefetch must be >= 0")
             from saekit.data.models import MODEL_CLASSES
 
             if self.model_class not in MODEL_CLASSES:
@@ -130,6 +135,10 @@ class DataConfig:
                     f"data.model_class must be one of {MODEL_CLASSES}, got {self.model_class!r}"
                 )
             HookPoint.parse(self.hook)
+            if self.target_hook is not None:
+                HookPoint.parse(self.target_hook)
+        elif self.target_hook is not None:
+            raise ValueError("data.target_hook applies to data.source 'hf' only")
 
 
 @dataclass
@@ -252,16 +261,21 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     stream_cfg.validate()
     origin: dict[str, str] = {}  # SAEConfig fields saying where the activations come from
     d_data: int | None = None  # the activations' width, when known without loading a model
+    d_target: int | None = None  # a transcoder stream's target width
     if stream_cfg.source == "synthetic":
-        d_data = stream_cfg.synthetic.d
+        d_data, d_target = stream_cfg.synthetic.d, stream_cfg.synthetic.d_out
     elif stream_cfg.source == "cache":
         from saekit.data.cache import ActivationCache
 
         cache = ActivationCache(stream_cfg.cache_dir)
         origin = {"model_name": cache.model, "hook": cache.hook}
-        d_data = cache.d
+        d_data = cache.d_in
+        if cache.target_hook is not None:  # a transcoder cache: rows [hook | target_hook]
+            origin["target_hook"], d_target = cache.target_hook, cache.d - cache.d_in
     else:
         origin = {"model_name": stream_cfg.model, "hook": str(HookPoint.parse(stream_cfg.hook))}
+        if stream_cfg.target_hook is not None:
+            origin["target_hook"] = str(HookPoint.parse(stream_cfg.target_hook))
     from saekit.data.documents import training_record
 
     record = training_record(stream_cfg, raw.get("eval_tokens", RunConfig.eval_tokens))
@@ -283,6 +297,18 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
             raise ValueError(
                 f"saes.{i}.sae.d_in = {sae['d_in']} but the activation cache"
                 f" {stream_cfg.cache_dir} has width {d_data}"
+            )
+        paired = d_target is not None or "target_hook" in origin
+        if paired and not sae.get("d_out"):
+            if d_target is None:  # an MLP's output: the model's width (set d_out otherwise)
+                from saekit.data.models import model_hidden_size
+
+                d_target = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
+            sae["d_out"] = d_target
+        elif not paired and sae.get("d_out") is not None:
+            raise ValueError(
+                f"saes.{i}.sae.d_out is set but the data has no target: set data.target_hook "
+                "(hf) or data.synthetic.d_out for a transcoder"
             )
         for key, value in origin.items():
             if sae.get(key) is None:

@@ -96,8 +96,9 @@ class Member:
         self.initialised = False
         self.comm = LocalComm()  # the Trainer's comm: combines counters across ranks
 
-    def init_from_data(self, x: Tensor, scale: float | None = None) -> None:
-        self.sae.init_from_data(x, scale=scale, method=self.cfg.b_dec_init)
+    def init_from_data(self, batch: Tensor, scale: float | None = None) -> None:
+        x, target = self.sae.split_stream(batch)
+        self.sae.init_from_data(x, scale=scale, method=self.cfg.b_dec_init, target=target)
         self.initialised = True
 
     def dead_mask(self) -> Tensor:
@@ -120,9 +121,10 @@ class Member:
         return self.controller.lam if self.controller is not None else self.penalty_coefficient
 
     def train_step(
-        self, x: Tensor, step: int, after_backward: Callable[[Member], None] | None = None
+        self, batch: Tensor, step: int, after_backward: Callable[[Member], None] | None = None
     ) -> StepMetrics:
-        """One optimisation step on batch ``x`` [N, d]; returns detached metrics."""
+        """One optimisation step on ``batch`` [N, d] (a transcoder's: [N, d_in + d_out], input
+        then target, SAE.split_stream); returns detached metrics."""
         cfg, sae = self.cfg, self.sae
         sae.train()
         factor = lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
@@ -132,7 +134,7 @@ class Member:
         unit_norm = sae.activation.unit_norm_decoder
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
         with autocast:
-            out = sae(x)
+            out = sae(*sae.split_stream(batch))
             lam = self.lambda_value()  # the λ this step's penalty uses (logged as such)
             dead_cols = self.dead_set.get(self.tokens_since_fired, x.shape[0])
             inputs = TermInputs(sae, out, dead, lam, self.prefixes(), dead_cols)
@@ -151,7 +153,7 @@ class Member:
 
         with torch.no_grad():
             per_token, per_latent = latent_counts(out.latents)
-            self.update_counters(*self.comm.combine_fired(per_latent > 0, x.shape[0]))
+            self.update_counters(*self.comm.combine_fired(per_latent > 0, batch.shape[0]))
             sae.activation.after_step(out.encoding, self.comm)
             l0 = per_token.double().mean()
             if self.controller is not None:
@@ -163,7 +165,7 @@ class Member:
                 penalty=None if penalty is None else penalty.detach().double(),
                 revival=None if revival is None else revival.detach().double(),
                 l0=l0,
-                fvu=batch_fvu(out.x_n, out.x_hat_n).double(),
+                fvu=batch_fvu(out.target_n, out.x_hat_n).double(),
                 dead_fraction=dead.double().mean(),
                 lam=lam.double(),
             )

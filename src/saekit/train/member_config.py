@@ -109,6 +109,18 @@ class SAETrainConfig:
                     f"matryoshka: cannot draw n_prefixes - 1 = {n - 1} distinct prefixes of at "
                     f"least min_prefix = {m} below sae.d_sae = {d_sae}"
                 )
+        kind = self.sae.activation.kind
+        if self.matryoshka is not None and ACTIVATIONS[kind].overrides("reconstruction_loss"):
+            raise ValueError(
+                f"matryoshka does not apply to sae.activation.kind {kind!r}: it has its own "
+                "reconstruction loss over prefixes"
+            )
+        if self.sae.whitening is not None and not ACTIVATIONS[kind].uses_encoder_weights:
+            raise ValueError(
+                f"sae.whitening does not apply to sae.activation.kind {kind!r}: its decoder "
+                "encodes (tied), and folding the whitening on save gives the encoder Mᵀ but the "
+                "decoder M⁻¹"
+            )
         self.objective()
 
     def objective(self) -> Objective:

@@ -53,7 +53,7 @@ def evaluate_member(
     sae = member.sae.eval()
     calibration = None
     if isinstance(sae.activation, BatchTopK):
-        held_out = (x for x, _ in source.eval_batches(n_tokens, batch_size))
+        held_out = (sae.split_stream(x)[0] for x, _ in source.eval_batches(n_tokens, batch_size))
         calibration = calibrate_batchtopk(sae, held_out, n_tokens, apply=False)
     with threshold_set(sae, None if calibration is None else calibration.threshold):
         report = _evaluate(member, source, n_tokens, batch_size)
@@ -81,14 +81,14 @@ def _evaluate(
 ) -> dict[str, Any]:
     sae = member.sae
     device = next(sae.parameters()).device
-    acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=device)
+    acc = MetricAccumulator(sae.cfg.target_width, sae.cfg.d_sae, device=device)
     synthetic = source.data if isinstance(source, SyntheticSource) else None
     absorbed = pairs = 0
     hierarchical = synthetic is not None and synthetic.cfg.kind == "hierarchical"
-    for x, coefficients in source.eval_batches(n_tokens, batch_size):
-        x = x.to(device)
-        out = sae(x)
-        acc.add(x, out.x_hat, out.latents)
+    for batch, coefficients in source.eval_batches(n_tokens, batch_size):
+        x, target = sae.split_stream(batch.to(device))
+        out = sae(x, target)
+        acc.add(x if target is None else target, out.x_hat, out.latents)  # FVU of the target
         if hierarchical:
             a, t = ground_truth.absorption_counts(
                 synthetic.directions,

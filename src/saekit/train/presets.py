@@ -38,11 +38,12 @@ def train_config() -> dict[str, Any]:
 
 
 def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
-    """TopK, BatchTopK, JumpReLU (L0 and quadratic L0), ReLU+L1 and Matryoshka-BatchTopK at
-    matched L0 on one stream.
+    """TopK, BatchTopK, JumpReLU (L0 and quadratic L0), ReLU+L1, Matryoshka-BatchTopK, AbsTopK,
+    Gated, Matching Pursuit and HierarchicalTopK at matched L0 on one stream.
 
-    Penalty-trained SAEs reach the matched L0 through the λ controller (target_l0 = k), the
-    quadratic-L0 JumpReLU through its own target (T = k, λ fixed).
+    Penalty-trained SAEs (ReLU, Gated, JumpReLU) reach the matched L0 through the λ controller
+    (target_l0 = k), the quadratic-L0 JumpReLU through its own target (T = k, λ fixed); the
+    others have k (Matching Pursuit: at most k steps).
     BatchTopK gets a stronger AuxK (α = 1, dead after 50k tokens) than TopK's 1/32: on this
     data its rare-feature latents lose the batch-wide competition early and die, which the
     paper's α = 1/32 does not undo in 1500 steps (BENCHMARKS.md).
@@ -56,6 +57,12 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
         "lr": LR,
         "revival": {"kind": "auxk", "coefficient": 1.0},
         "dead_tokens": 50_000,
+    }
+    l1_to_target = {
+        "kind": "l1",
+        "coefficient": 0.1,
+        "target_l0": float(k),
+        "controller_rate": 0.05,
     }
     saes = [
         {"sae": {"d_sae": D_SAE, "activation": {"kind": "topk", "k": k}}, "lr": LR},
@@ -87,17 +94,12 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
             },
             "revival": "none",
         },
-        {
-            "sae": {"d_sae": D_SAE, "activation": "relu"},
-            "lr": LR,
-            "penalty": {
-                "kind": "l1",
-                "coefficient": 0.1,
-                "target_l0": float(k),
-                "controller_rate": 0.05,
-            },
-        },
+        {"sae": {"d_sae": D_SAE, "activation": "relu"}, "lr": LR, "penalty": dict(l1_to_target)},
         {**batchtopk, "matryoshka": {"kind": "random", "n_prefixes": 10, "min_prefix": 16}},
+        {"sae": {"d_sae": D_SAE, "activation": {"kind": "abstopk", "k": k}}, "lr": LR},
+        {"sae": {"d_sae": D_SAE, "activation": "gated"}, "lr": LR, "penalty": dict(l1_to_target)},
+        {"sae": {"d_sae": D_SAE, "activation": {"kind": "matching_pursuit", "k": k}}, "lr": LR},
+        {"sae": {"d_sae": D_SAE, "activation": {"kind": "hierarchical_topk", "k": k}}, "lr": LR},
     ]
     return {
         "data": {"source": "synthetic", "synthetic": synthetic_data()},

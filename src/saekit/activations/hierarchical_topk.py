@@ -1,0 +1,94 @@
+"""HierarchicalTopK (Balagansky et al. 2025, arXiv 2505.24473): one SAE trained for every
+sparsity k' ≤ K at once. Encode is TopK's with k = K; the reconstruction term averages over
+every prefix of each token's latents sorted by value:
+
+    v_(1) ≥ … ≥ v_(K) the kept ReLU values of token n, W_(j) their decoder rows
+    x̂_{k'} = b_dec + Σ_{j ≤ k'} v_(j) W_(j)        L_rec = (1/K) Σ_{k'=1..K} mean_n ‖x_n − x̂_{k'}‖²
+
+From the sparse code alone: the contribution of rank j, δ_j = v_(j) W_(j), is one sparse decode
+into [K, N, d] (bags = rank × token) and the K prefix errors are running sums over those
+blocks (:func:`saekit.matryoshka.prefix_mse`, the Matryoshka loss's); never a dense [N, M]
+tensor on the fast path. Memory: the [K, N, d] blocks and their gradient.
+
+After training the SAE encodes with any k' ≤ K: ``inference_k`` (saved in cfg.json;
+:meth:`HierarchicalTopK.set_inference_k` changes it on a loaded SAE) keeps the k' largest
+outside training, i.e. exactly the k'-prefix the loss trained. Revival as for TopK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from saekit.activations.topk import TopK, TopKConfig
+from saekit.encoding import SparseCode
+from saekit.kernels import CodeLayout, sparse_decode
+from saekit.matryoshka import prefix_mse
+
+if TYPE_CHECKING:
+    from saekit.sae import SAE, ForwardOutput
+
+
+def check_inference_k(inference_k: int | None, k: int) -> None:
+    if inference_k is None:
+        return
+    if not isinstance(inference_k, int) or isinstance(inference_k, bool) or inference_k <= 0:
+        raise ValueError(f"inference_k must be a positive integer or null, got {inference_k!r}")
+    if inference_k > k:
+        raise ValueError(f"inference_k = {inference_k} exceeds k = {k} (the trained prefixes)")
+
+
+@dataclass
+class HierarchicalTopKConfig(TopKConfig):
+    kind = "hierarchical_topk"
+    inference_k: int | None = None
+    """k' ≤ k latents per token outside training (null: k)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_inference_k(self.inference_k, self.k)
+
+    def name_parts(self) -> list[str]:
+        return ["htopk", f"k{self.k}"]
+
+
+def sorted_code(latents: Tensor | SparseCode, k: int) -> tuple[Tensor, Tensor]:
+    """Each token's k kept values sorted descending, and their latents: [N, k] each."""
+    if isinstance(latents, SparseCode):  # k entries per token, token-major
+        values_Nk, latent_Nk = latents.values.view(-1, k), latents.latent.view(-1, k)
+    else:  # dense: the kept values are the k largest (all ≥ 0; a kept 0 contributes nothing)
+        values_Nk, latent_Nk = latents.topk(k, dim=-1)
+    order_Nk = values_Nk.detach().argsort(-1, descending=True)
+    return values_Nk.gather(1, order_Nk), latent_Nk.gather(1, order_Nk)
+
+
+class HierarchicalTopK(TopK):
+    config_class = HierarchicalTopKConfig
+
+    def encode_k(self) -> int:
+        if self.training or self.cfg.inference_k is None:
+            return self.cfg.k
+        return self.cfg.inference_k
+
+    def set_inference_k(self, inference_k: int | None) -> None:
+        """Encode with k' ≤ k from now on (saved with the SAE); None: k."""
+        check_inference_k(inference_k, self.cfg.k)
+        self.cfg.inference_k = inference_k
+
+    def reconstruction_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+        """(1/K) Σ_{k'} mean_n ‖x_n − x̂_{k'}‖² over the K prefixes of the sorted code."""
+        k = self.cfg.k
+        values_Nk, latent_Nk = sorted_code(out.latents, k)
+        n_tokens, d_sae = values_Nk.shape[0], sae.cfg.d_sae
+        # Rank-major order: bag j·N + n holds token n's j-th largest entry (one entry per bag).
+        values_E, latent_E = values_Nk.T.reshape(-1), latent_Nk.T.reshape(-1)
+        bag_E = torch.arange(k * n_tokens, device=latent_E.device)
+        backend = "triton" if self.cfg.kernel == "triton" else "torch"
+        layout = CodeLayout(bag_E, latent_E, k * n_tokens, d_sae, bag_E, backend)
+        delta_E_D = sparse_decode(values_E, latent_E, bag_E, sae.W_dec, k * n_tokens, layout)
+        delta_kND = delta_E_D.view(k, n_tokens, -1)
+        # a transcoder predicts its target from b_dec plus its skip path (SAE: x_n from b_dec)
+        return prefix_mse(delta_kND, out.target() - sae.decoder_offset_n(out.x_n)).mean()
