@@ -136,7 +136,7 @@ class Member:
         with autocast:
             out = sae(*sae.split_stream(batch))
             lam = self.lambda_value()  # the λ this step's penalty uses (logged as such)
-            dead_cols = self.dead_set.get(self.tokens_since_fired, x.shape[0])
+            dead_cols = self.dead_set.get(self.tokens_since_fired, batch.shape[0])
             inputs = TermInputs(sae, out, dead, lam, self.prefixes(), dead_cols)
             loss, terms = self.objective(inputs)
         self.optimizer.zero_grad(set_to_none=True)
