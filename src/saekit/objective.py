@@ -154,9 +154,8 @@ class AuxKRevival(RevivalConfig):
 
     def __post_init__(self) -> None:
         check_finite("coefficient", self.coefficient, 0.0, strict=True)
-        check_finite("token_fraction", self.token_fraction, 0.0, strict=True)
-        if self.token_fraction > 1.0:
-            raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
+        if not 0.0 < self.token_fraction <= 1.0:  # also refuses nan
+            raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction!r}")
         if self.k_aux is not None and self.k_aux <= 0:
             raise ValueError(f"k_aux must be a positive integer, got {self.k_aux}")
         if self.normalizer not in revival.AUXK_NORMALIZERS:
