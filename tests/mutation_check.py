@@ -384,8 +384,8 @@ FAULTS = [
     Fault(
         "transcoder-auxk-residual-of-input",
         "objective.py",
-        "            (out.target() - out.x_hat_n).detach(),",
-        "            (out.x_n[:, : out.x_hat_n.shape[-1]] - out.x_hat_n).detach(),",
+        "(inputs.out.target() - inputs.out.x_hat_n).detach()",
+        "(inputs.out.x_n[:, : inputs.out.x_hat_n.shape[-1]] - inputs.out.x_hat_n).detach()",
         ("test_transcoder.py",),
     ),
     # ----------------------------------------------------------------- issue 14 architectures
@@ -458,6 +458,49 @@ FAULTS = [
         "        return self.cfg.inference_k\n",
         "        return self.cfg.k\n",
         ("test_arch_hierarchical_topk.py",),
+    ),
+    # ------------------------------------------------- SynthSAEBench (issue 13)
+    Fault(
+        "synthbench-no-mutual-exclusion",
+        "data/synthbench_sample.py",
+        "    win = _one_winner(tok * world.cfg.n_features + par, g)",
+        "    win = torch.ones_like(tok, dtype=torch.bool)",
+        ("test_synthbench.py",),
+    ),
+    Fault(
+        "synthbench-v1-children",
+        "data/synthbench_sample.py",
+        "    if world.cfg.scale_children:",
+        "    if False:",
+        ("test_synthbench.py",),
+    ),
+    Fault(
+        "synthbench-copula-unthinned",
+        "data/synthbench_sample.py",
+        "    keep = torch.rand(token.numel(), generator=g) * q_F[local].float() < p_E",
+        "    keep = torch.ones_like(token, dtype=torch.bool)",
+        ("test_synthbench.py",),
+    ),
+    Fault(
+        "synth-recall-as-precision",
+        "eval/synth_metrics.py",
+        "    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), zero)",
+        "    recall = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), zero)",
+        ("test_synth_metrics.py",),
+    ),
+    Fault(
+        "synth-mcc-over-latents",
+        "eval/synth_metrics.py",
+        "    return float(abs_cos[rows, cols].mean())",
+        "    return float(abs_cos[rows, cols].sum() / abs_cos.shape[1])",
+        ("test_synth_metrics.py",),
+    ),
+    Fault(
+        "input-revival-fits-residual",
+        "objective.py",
+        "        return revival.input_target(out.target(), inputs.sae.decoder_offset_n(out.x_n))",
+        "        return (out.target() - out.x_hat_n).detach()",
+        ("test_objective.py",),
     ),
     # ----------------------------------------------------------------- feature report
     Fault(

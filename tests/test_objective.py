@@ -39,7 +39,7 @@ DEAD_SOME = [2, 11]  # fewer than K_AUX: the min(n_dead / k_aux, 1) factor is < 
 ACTIVATION_KINDS = ("relu", "topk", "batchtopk", "jumprelu", "prolu")
 RECONSTRUCTIONS = ("plain", "matryoshka")
 PENALTY_KINDS = ("none", "l1", "log", "sqrt", "tanh", "l0")
-REVIVAL_KINDS = ("none", "auxk", "preact")
+REVIVAL_KINDS = ("none", "auxk", "preact", "input")
 DEAD_CASES = ("all", "none", "some")
 
 SPARSITY = ("l1", "log", "sqrt", "tanh")
@@ -49,8 +49,8 @@ SUPPORTED = {
     # needs thresholds (JumpReLU); AuxK needs a TopK-style selection; the pre-activation revival
     # needs a firing threshold.
     "relu": ({*SPARSITY}, {"none"}),
-    "topk": ({"none", *SPARSITY}, {"none", "auxk", "preact"}),
-    "batchtopk": ({"none", *SPARSITY}, {"none", "auxk", "preact"}),
+    "topk": ({"none", *SPARSITY}, {"none", "auxk", "preact", "input"}),
+    "batchtopk": ({"none", *SPARSITY}, {"none", "auxk", "preact", "input"}),
     "jumprelu": ({"none", *SPARSITY, "l0"}, {"none", "preact"}),
     "prolu": ({*SPARSITY}, {"none"}),
 }
@@ -103,8 +103,8 @@ def penalty_cfg(kind: str, lam: float = LAM) -> dict | None:
 
 
 def revival_cfg(kind: str) -> dict:
-    if kind == "auxk":
-        return {"kind": "auxk", "coefficient": AUX_ALPHA}
+    if kind in ("auxk", "input"):
+        return {"kind": kind, "coefficient": AUX_ALPHA}
     if kind == "preact":
         return {"kind": "preact", "coefficient": PREACT_COEF}
     return {"kind": "none"}
@@ -173,7 +173,7 @@ def test_supported_set_is_the_table():
         assert names == expected, (key, names)
     table = {(a, p, r) for a, _, p, r, _ in SUPPORTED_COMBOS}
     assert built == table
-    assert len(built) == 50 and len(refused) == 5 * 6 * 3 - 50
+    assert len(built) == 60 and len(refused) == 5 * 6 * 4 - 60
 
 
 def test_default_revival_is_auxk_where_it_applies():
@@ -307,8 +307,9 @@ def hand_objective(act, recon, penalty, revival, P, scale, x, dead, lam=LAM, k=K
         parts["penalty"] = lam * S
     dead_f = dead.to(torch.float64)
     n_dead = dead_f.sum()
-    if revival == "auxk":
-        e = (x_n - x_hat).detach()  # the full reconstruction's residual, stop-gradient
+    if revival in ("auxk", "input"):
+        # auxk: the full reconstruction's residual; input: the centred input (stop-gradient)
+        e = (x_n - x_hat).detach() if revival == "auxk" else (x_n - b_dec).detach()
         cand = torch.where(dead, torch.relu(pre.detach()), torch.full_like(pre, -math.inf))
         chosen = cand.argsort(dim=-1, descending=True)[:, :K_AUX]
         sel = torch.zeros_like(pre).scatter(1, chosen, 1.0) * dead_f

@@ -144,6 +144,8 @@ BENCHMARKS = {
     "objectives": "bench_objectives.py",
     "harvest": "bench_harvest.py",
     "distributed": "bench_distributed.py",
+    "synth": "bench_synth.py",
+    "research": "research.py",
     "report": "bench_report.py",
 }
 

@@ -12,211 +12,32 @@ Formulas: :mod:`saekit.losses`, :mod:`saekit.revival`, :mod:`saekit.matryoshka`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
 from saekit import losses, matryoshka, revival
-from saekit.configs import KindConfig, check_finite
+from saekit.objective_config import (  # noqa: F401  (re-exported: the configs live beside)
+    AuxKRevival,
+    FixedPrefixes,
+    InputRevival,
+    L0Penalty,
+    L1Penalty,
+    LogPenalty,
+    MatryoshkaConfig,
+    NoRevival,
+    PenaltyConfig,
+    PreactRevival,
+    QuadraticL0Penalty,
+    RandomPrefixes,
+    RevivalConfig,
+    SqrtPenalty,
+    TanhPenalty,
+)
 
 if TYPE_CHECKING:
     from saekit.activations import Activation
     from saekit.sae import SAE, ForwardOutput
-
-# ----------------------------------------------------------------------------- configs
-
-
-@dataclass
-class PenaltyConfig(KindConfig):
-    """A sparsity penalty on a_i = |z_i|·‖W_dec,i‖ (l0: on the activation's thresholds)."""
-
-    family = "penalty"
-    coefficient: float = 0.0
-    """λ (the controller's starting value when target_l0 is set); must be > 0."""
-    target_l0: float | None = None
-    """If set, a controller moves λ toward this L0 (losses.LambdaController); quadratic_l0:
-    the T of its formula (λ then stays fixed)."""
-    controller_rate: float = 0.01
-    """Controller step: λ changes by at most a factor exp(rate) per step."""
-
-    def shape_params(self) -> dict[str, float]:
-        """The fields of losses.penalty_terms this kind sets (eps, c); none by default."""
-        return {}
-
-    @property
-    def controller_target(self) -> float | None:
-        """The L0 the λ controller aims at, or None for a fixed λ."""
-        return self.target_l0
-
-    def __post_init__(self) -> None:
-        check_finite("coefficient", self.coefficient, 0.0, strict=True)
-        if self.target_l0 is not None:
-            check_finite("target_l0", self.target_l0, 0.0, strict=True)
-        check_finite("controller_rate", self.controller_rate, 0.0, strict=True)
-
-
-@dataclass
-class L1Penalty(PenaltyConfig):
-    kind = "l1"
-
-
-@dataclass
-class LogPenalty(PenaltyConfig):
-    """Σ log(a + ε) (the Matryoshka note's)."""
-
-    kind = "log"
-    eps: float = 0.1
-
-    def shape_params(self) -> dict[str, float]:
-        return {"eps": self.eps}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_finite("eps", self.eps, 0.0, strict=True)
-
-
-@dataclass
-class SqrtPenalty(LogPenalty):
-    """Σ sqrt(a + ε)."""
-
-    kind = "sqrt"
-
-
-@dataclass
-class TanhPenalty(PenaltyConfig):
-    """Σ tanh(c·a) (Anthropic, Feb 2024 update)."""
-
-    kind = "tanh"
-    c: float = 1.0
-
-    def shape_params(self) -> dict[str, float]:
-        return {"c": self.c}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_finite("c", self.c, 0.0, strict=True)
-
-
-@dataclass
-class L0Penalty(PenaltyConfig):
-    """Σ H(pre_i − θ_i) with the straight-through θ-gradient (JumpReLU)."""
-
-    kind = "l0"
-
-
-@dataclass
-class QuadraticL0Penalty(L0Penalty):
-    """mean_n (2/T)·(L0_n − T)² with T = target_l0 (Gemma Scope 2; losses.quadratic_l0_penalty).
-    The formula holds L0 at T itself, so λ is fixed: no controller."""
-
-    kind = "quadratic_l0"
-
-    @property
-    def controller_target(self) -> float | None:
-        return None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.target_l0 is None:
-            raise ValueError("penalty.target_l0 must be set for kind 'quadratic_l0' (its T)")
-        if self.controller_rate != PenaltyConfig.controller_rate:
-            raise ValueError(
-                "penalty.controller_rate means nothing for kind 'quadratic_l0' (λ is fixed; the "
-                "formula holds L0 at target_l0)"
-            )
-
-
-class RevivalConfig(KindConfig):
-    """A dead-latent revival signal."""
-
-    family = "revival"
-    signal: ClassVar[str] = ""
-    """The activation flag (``Activation.revival_signals``) this revival needs, if any."""
-
-
-@dataclass
-class AuxKRevival(RevivalConfig):
-    """AuxK: dead latents fit the residual (revival.auxk_loss)."""
-
-    kind = "auxk"
-    signal = "auxk"
-    coefficient: float = 1 / 32
-    """α (Gao et al. 2024)."""
-    k_aux: int | None = None
-    """Latents per token in the aux reconstruction (default min(d // 2, d_sae), d the target's
-    width: d_in for an SAE, d_out for a transcoder)."""
-    normalizer: str = "residual"
-    """V: residual (variance of the residual) or none."""
-    token_fraction: float = 1.0
-    """< 1: the unbiased token-subsampled estimate of AuxK over this share of each batch's
-    tokens (revival.auxk_loss states its variance); 1: exact."""
-
-    def __post_init__(self) -> None:
-        check_finite("coefficient", self.coefficient, 0.0, strict=True)
-        if not 0.0 < self.token_fraction <= 1.0:  # also refuses nan
-            raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction!r}")
-        if self.k_aux is not None and self.k_aux <= 0:
-            raise ValueError(f"k_aux must be a positive integer, got {self.k_aux}")
-        if self.normalizer not in revival.AUXK_NORMALIZERS:
-            raise ValueError(
-                f"normalizer must be one of {revival.AUXK_NORMALIZERS}, got {self.normalizer!r}"
-            )
-
-
-@dataclass
-class PreactRevival(RevivalConfig):
-    """Dead latents' pre-activations pushed toward the firing threshold
-    (revival.dead_preact_loss)."""
-
-    kind = "preact"
-    signal = "preact"
-    coefficient: float = 1.0
-    """Its own weight (not AuxK's α): the loss is normalised per dead latent
-    (revival.dead_preact_loss), so 1 keeps it at the scale of a threshold gap."""
-
-    def __post_init__(self) -> None:
-        check_finite("coefficient", self.coefficient, 0.0, strict=True)
-
-
-@dataclass
-class NoRevival(RevivalConfig):
-    kind = "none"
-
-
-class MatryoshkaConfig(KindConfig):
-    """Nested prefixes of the latents, each trained to reconstruct on its own."""
-
-    family = "matryoshka"
-
-
-@dataclass
-class RandomPrefixes(MatryoshkaConfig):
-    """P − 1 prefix lengths drawn each step from a truncated Pareto, plus M (matryoshka.py)."""
-
-    kind = "random"
-    n_prefixes: int = 10
-    """P, including the full width."""
-    min_prefix: int = 1
-    """Smallest prefix length m."""
-
-    def __post_init__(self) -> None:
-        if self.n_prefixes < 1 or self.min_prefix < 1:
-            raise ValueError("n_prefixes and min_prefix must be >= 1")
-
-
-@dataclass
-class FixedPrefixes(MatryoshkaConfig):
-    """Consecutive latent groups; prefix j ends after group j."""
-
-    kind = "fixed"
-    groups: list[int] = field(default_factory=list)
-    """Group sizes, summing to d_sae."""
-
-    def __post_init__(self) -> None:
-        if not self.groups or any(g <= 0 for g in self.groups):
-            raise ValueError(f"groups must be positive sizes, got {self.groups}")
-
 
 # ----------------------------------------------------------------------------- terms
 
@@ -297,11 +118,14 @@ class AuxK(Term):
     def __init__(self, cfg: AuxKRevival):
         self.cfg = cfg
 
+    def target(self, inputs: TermInputs) -> Tensor:  # residual = target − prediction
+        return (inputs.out.target() - inputs.out.x_hat_n).detach()
+
     def __call__(self, inputs: TermInputs) -> Tensor:
         out = inputs.out
         return revival.auxk_loss(
             out.encoding.preacts,
-            (out.target() - out.x_hat_n).detach(),  # residual = target − prediction
+            self.target(inputs),
             inputs.sae.W_dec,
             inputs.dead_mask,
             k_aux=self.cfg.k_aux,
@@ -310,6 +134,13 @@ class AuxK(Term):
             dead_cols=inputs.dead_cols,
             token_fraction=self.cfg.token_fraction,
         )
+
+
+class InputAuxK(AuxK):  # the "input" revival
+    def target(self, inputs: TermInputs) -> Tensor:
+        # the target less what the latents' sum is added to (SAE: x_n − b_dec)
+        out = inputs.out
+        return revival.input_target(out.target(), inputs.sae.decoder_offset_n(out.x_n))
 
 
 class PreactTerm(Term):
@@ -391,7 +222,9 @@ def build_objective(
             f"revival.kind {revival_cfg.kind!r} does not apply to sae.activation.kind {kind!r} "
             f"(it takes revival: {applies})"
         )
-    if isinstance(revival_cfg, AuxKRevival):
+    if isinstance(revival_cfg, InputRevival):
+        terms.append(InputAuxK(revival_cfg))
+    elif isinstance(revival_cfg, AuxKRevival):
         terms.append(AuxK(revival_cfg))
     elif isinstance(revival_cfg, PreactRevival):
         terms.append(PreactTerm(revival_cfg))

@@ -157,6 +157,19 @@ class DeadSet:
         return self.columns
 
 
+def input_target(x_n_ND: Tensor, b_dec_D: Tensor) -> Tensor:
+    """The target of the "input" revival: stopgrad(x_n − b_dec), the centred input itself.
+
+    AuxK's target, the residual x_n − x̂_n, is what the live latents get wrong, so a latent
+    revived by it may learn a live latent's error instead of a feature ("residual peeking",
+    SAELens question #666). Fitting the input with dead latents alone (the same top-k_aux
+    selection and decode as :func:`auxk_loss`, without b_dec) gives every dead latent a
+    gradient toward directions the data has, whatever the live latents currently miss.
+    docs/research.md measures what the revived latents become under each signal.
+    """
+    return (x_n_ND - b_dec_D).detach()
+
+
 def dead_preact_loss(
     preacts: Preacts, dead_mask_M: Tensor, theta: Tensor, dec_norms_M: Tensor
 ) -> Tensor:

@@ -1,0 +1,42 @@
+"""`saekit bench synth` (saekit.train.synth_bench): configs, a tiny end-to-end run, the table."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from saekit.train import synth_bench as sb
+from saekit.train.config import build_run_config
+
+
+def tiny_protocol() -> sb.Protocol:
+    world = replace(sb.scaled_protocol().world, n_features=96, d=12, n_roots=4, depth=2,
+                    correlation_rank=3, ortho_steps=5)  # fmt: skip
+    return sb.Protocol("tiny", world, 24, 4 * 256, 256, 3e-3, {20: 3, 25: 4}, 1024, 2048)
+
+
+def test_every_available_architecture_is_a_valid_run_entry():
+    protocol = tiny_protocol()
+    entries = [sb.member_entry(a, 4, protocol, seed=1) for a in sb.ARCHITECTURES if sb.available(a)]
+    cfg = build_run_config({"data": {"synthetic": {"d": 12}}, "saes": entries, "out_dir": "x"})
+    assert [s.name for s in cfg.saes] == [e["name"] for e in entries]
+    with pytest.raises(ValueError, match="unknown architecture"):
+        sb.member_entry("TopK-ish", 4, protocol, 0)
+
+
+@pytest.mark.slow
+def test_a_tiny_bench_trains_scores_and_prints_beside_the_published_table():
+    protocol = tiny_protocol()
+    runs = [
+        sb.train_seed(protocol, ["BatchTopK", "JumpReLU", "Matching Pursuit"], s) for s in (0, 1)
+    ]
+    assert set(runs[0]) == {("BatchTopK", 20), ("BatchTopK", 25), ("JumpReLU", 20),
+                            ("JumpReLU", 25)} or sb.available("Matching Pursuit")  # fmt: skip
+    batchtopk = runs[0]["BatchTopK", 25]
+    assert 0 <= batchtopk.f1 <= 1 and 0 < batchtopk.mcc <= 1
+    assert batchtopk.l0 == pytest.approx(4, rel=0.35)  # calibrated threshold ~ k
+    table = sb.format_table(protocol, [r for r in runs])
+    assert "0.732" in table and "±" in table  # the published value beside mean ± std
+    if not sb.available("Matching Pursuit"):
+        assert "| Matching Pursuit | 25 | not available" in table
