@@ -3,18 +3,18 @@
     .venv/bin/python benchmarks/bench_step.py            # d=512 M=8192 k=32 batch 4096, 2 threads
     .venv/bin/python benchmarks/bench_step.py --small    # a quick run
 
-A step is: forward, reconstruction loss (+ AuxK with half the latents dead), backward, removal of
-the decoder-parallel gradient, Adam, decoder renormalisation. Rows:
+A step is: forward, reconstruction loss (+ AuxK), backward, removal of the decoder-parallel
+gradient, Adam, decoder renormalisation (+ BatchTopK's θ). AuxK runs with no latent dead, 1% or
+half of them dead (the dead set handed to AuxK as ``revival.DeadSet`` would). Rows:
 
 - roofline: the forward encoder matmul plus the top-k selection, nothing else;
 - saekit reference: the activation's ``kernel: reference`` path (dense autograd through the
-  encoder, dense [N, M] latents), with the library's objective terms;
+  encoder, dense [N, M] latents; checked at setup), with the library's objective terms;
 - saekit fast: the default ``kernel: torch`` path (one encoder matmul without autograd, sparse
   decode and sparse encoder backward), with the library's objective terms;
-- saekit fast-cand / fast-dense / fast-dense-cols: the variants in benchmarks/kernel_variants.py
-  (BatchTopK candidate selection; AuxK as GEMMs over all / the dead columns);
-- sparsify / SAELens: their training steps, run by ``.benchenv/bin/python`` when that venv exists
-  (see benchmarks/README.md for how to create it).
+- saekit fast-sub8: fast, AuxK estimated on 1/8 of the tokens (``token_fraction: 0.125``);
+- sparsify / SAELens: their training steps, run by the python of a venv that has them
+  (``--benchenv``, else $SAEKIT_BENCHENV, else ``.benchenv``; benchmarks/README.md).
 
 Every configuration runs in its own subprocess, so the peak RSS (``ru_maxrss``) is its own.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHENV_PY = ROOT / ".benchenv" / "bin" / "python"
+DEAD_SHARES = {"off": None, "none-dead": 0.0, "few-dead": 0.01, "half-dead": 0.5}
 
 
 def _rss_mb() -> float:
@@ -48,11 +48,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _make_data(args, dtype=torch.float32):
+def _make_data(args, dead_share: float | None = 0.5, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.d, generator=g, dtype=dtype) + 0.5  # nonzero mean
     dead = torch.zeros(args.M, dtype=torch.bool)
-    dead[torch.randperm(args.M, generator=g)[: args.M // 2]] = True  # half the latents dead
+    n_dead = round((dead_share or 0.0) * args.M)
+    dead[torch.randperm(args.M, generator=g)[:n_dead]] = True
     return x, dead
 
 
@@ -93,75 +94,43 @@ def _time_steps(step, roofline, args) -> tuple[list[float], list[float]]:
 # -------------------------------------------------------------------- saekit workers
 
 
-def _saekit_step(args, variant: str, activation: str, auxk: bool):
-    import kernel_variants
-
+def _saekit_step(args, variant: str, activation: str, auxk: str):
     from saekit.activations.batchtopk import batch_min_positive
     from saekit.encoding import SparseCode
-    from saekit.kernels import CodeLayout, SparsePreacts
     from saekit.objective import AuxK, AuxKRevival, Reconstruction, TermInputs
     from saekit.sae import SAE, SAEConfig
 
     if variant == "roofline":
         return _roofline_step(args, activation)
-    x, dead = _make_data(args)
+    x, dead = _make_data(args, DEAD_SHARES[auxk])
     kernel = "reference" if variant == "reference" else "torch"
-    act_cfg = {"kind": activation, "k": args.k, "kernel": kernel}
-    sae = SAE(SAEConfig(d_in=args.d, d_sae=args.M, activation=act_cfg))
+    sae = SAE(SAEConfig(d_in=args.d, d_sae=args.M, activation={"kind": activation, "k": args.k,
+                                                                "kernel": kernel}))  # fmt: skip
     sae.init_from_data(x)
     sae.train()
+    with torch.no_grad():  # the row runs the path it names
+        assert isinstance(sae(x[:8]).latents, SparseCode) == (kernel != "reference"), variant
     # fused Adam: one kernel, and it reads its step count without .item() (no host sync).
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    terms = [Reconstruction()] + ([AuxK(AuxKRevival())] if auxk else [])
+    fraction = 0.125 if variant == "fast-sub8" else 1.0
+    terms = [Reconstruction()]
+    if auxk != "off":
+        terms.append(AuxK(AuxKRevival(token_fraction=fraction)))
     lam = torch.zeros(())
-    aux_cols = args.M // 2 if variant.endswith("cols") else None
-
-    def candidate_forward():
-        """BatchTopK through the candidate selection (4k per token + N/16 full rows)."""
-        x_n = sae.normalise(x)
-        pre = SparsePreacts(x_n, sae.W_enc, sae.b_enc, sae.b_dec)
-        n, m = pre.detached.shape
-        values, flat, _ = kernel_variants.batchtopk_select_candidates(
-            pre.detached, args.k, 4 * args.k
-        )
-        token = torch.div(flat, m, rounding_mode="floor")
-        layout = CodeLayout(token, flat - token * m, n, m)
-        code = SparseCode(
-            torch.relu(pre.attach(values, layout)), layout.latent, token, n, m, layout
-        )
-        return x_n, code, sae.decode_n(code)
+    dead_cols = torch.nonzero(dead).reshape(-1)  # what revival.DeadSet hands AuxK
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            latents, loss = forward_loss()
+            out = sae(x)
+            inputs = TermInputs(sae, out, dead, lam, None, dead_cols)
+            loss = sum(term(inputs) for term in terms)
         loss.backward()
         sae.remove_parallel_grad_()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.normalize_decoder_()
         if activation == "batchtopk":
-            sae.activation.update_threshold(batch_min_positive(latents))
-
-    def forward_loss():
-        if variant == "fast-cand":
-            x_n, latents, x_hat_n = candidate_forward()
-            loss = ((x_n - x_hat_n) ** 2).sum(-1).mean()
-        else:
-            out = sae(x)
-            latents = out.latents
-            if variant.startswith("fast-dense"):
-                loss = Reconstruction()(TermInputs(sae, out, dead, lam, None))
-                loss = loss + kernel_variants.auxk_loss_dense_columns(
-                    out.encoding.preacts,
-                    out.x_n - out.x_hat_n,
-                    sae.W_dec,
-                    dead,
-                    n_cols=aux_cols,
-                )
-            else:
-                inputs = TermInputs(sae, out, dead, lam, None)
-                loss = sum(term(inputs) for term in terms)
-        return latents, loss
+            sae.activation.update_threshold(batch_min_positive(out.latents))
 
     return step
 
@@ -169,10 +138,11 @@ def _saekit_step(args, variant: str, activation: str, auxk: bool):
 # ------------------------------------------------------------ other libraries (in .benchenv)
 
 
-def _sparsify_step(args, activation: str, auxk: bool):
+def _sparsify_step(args, activation: str, auxk: str):
     from sparsify import SparseCoder, SparseCoderConfig
 
-    x, dead = _make_data(args)
+    x, dead = _make_data(args, DEAD_SHARES[auxk])
+    auxk = auxk != "off"
     cfg = SparseCoderConfig(num_latents=args.M, k=args.k)
     sae = SparseCoder(args.d, cfg, device="cpu", dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
@@ -190,10 +160,11 @@ def _sparsify_step(args, activation: str, auxk: bool):
     return step
 
 
-def _saelens_step(args, activation: str, auxk: bool):
+def _saelens_step(args, activation: str, auxk: str):
     import sae_lens
 
-    x, dead = _make_data(args)
+    x, dead = _make_data(args, DEAD_SHARES[auxk])
+    auxk = auxk != "off"
     if activation == "topk":
         sae_cls, cfg_cls = sae_lens.TopKTrainingSAE, sae_lens.TopKTrainingSAEConfig
     else:
@@ -227,7 +198,6 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     library, variant, activation, auxk = args.worker.split(":")
-    auxk = auxk == "auxk"
     if library == "saekit":
         step = _saekit_step(args, variant, activation, auxk)
     elif library == "sparsify":
@@ -255,34 +225,46 @@ def worker(args) -> None:
 
 
 CONFIGS = [
-    # (library, variant, activation, auxk)
-    ("saekit", "roofline", "topk", "noaux"),
-    ("saekit", "reference", "topk", "noaux"),
-    ("saekit", "fast", "topk", "noaux"),
-    ("sparsify", "-", "topk", "noaux"),
-    ("saelens", "-", "topk", "noaux"),
-    ("saekit", "reference", "topk", "auxk"),
-    ("saekit", "fast", "topk", "auxk"),
-    ("saekit", "fast-dense", "topk", "auxk"),
-    ("saekit", "fast-dense-cols", "topk", "auxk"),
-    ("sparsify", "-", "topk", "auxk"),
-    ("saelens", "-", "topk", "auxk"),
-    ("saekit", "roofline", "batchtopk", "noaux"),
-    ("saekit", "reference", "batchtopk", "noaux"),
-    ("saekit", "fast", "batchtopk", "noaux"),
-    ("saekit", "fast-cand", "batchtopk", "noaux"),
-    ("saelens", "-", "batchtopk", "noaux"),
+    # (library, variant, activation, AuxK: off / none-dead / few-dead / half-dead)
+    ("saekit", "roofline", "topk", "off"),
+    ("saekit", "reference", "topk", "off"),
+    ("saekit", "fast", "topk", "off"),
+    ("sparsify", "-", "topk", "off"),
+    ("saelens", "-", "topk", "off"),
+    ("saekit", "fast", "topk", "none-dead"),
+    ("sparsify", "-", "topk", "none-dead"),
+    ("saelens", "-", "topk", "none-dead"),
+    ("saekit", "fast", "topk", "few-dead"),
+    ("sparsify", "-", "topk", "few-dead"),
+    ("saekit", "reference", "topk", "half-dead"),
+    ("saekit", "fast", "topk", "half-dead"),
+    ("saekit", "fast-sub8", "topk", "half-dead"),
+    ("sparsify", "-", "topk", "half-dead"),
+    ("saelens", "-", "topk", "half-dead"),
+    ("saekit", "roofline", "batchtopk", "off"),
+    ("saekit", "reference", "batchtopk", "off"),
+    ("saekit", "fast", "batchtopk", "off"),
+    ("saekit", "fast", "batchtopk", "none-dead"),
+    ("saelens", "-", "batchtopk", "off"),
 ]
+
+
+def _benchenv(args) -> Path | None:
+    """The python of the venv holding sparsify and SAELens, if there is one."""
+    for candidate in (args.benchenv, os.environ.get("SAEKIT_BENCHENV"), ROOT / ".benchenv"):
+        if candidate and (Path(candidate) / "bin" / "python").exists():
+            return Path(candidate) / "bin" / "python"
+    return None
 
 
 def _run_worker(args, config: tuple[str, ...]) -> dict | str:
     library = config[0]
     if library == "saekit":
         python = sys.executable
-    elif BENCHENV_PY.exists():
-        python = str(BENCHENV_PY)
+    elif _benchenv(args) is not None:
+        python = str(_benchenv(args))
     else:
-        return "not installed (.benchenv missing)"
+        return "not installed (no --benchenv, $SAEKIT_BENCHENV or .benchenv)"
     flags = [
         f"--d={args.d}",
         f"--M={args.M}",
@@ -316,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="saekit: bf16 autocast forward")
     parser.add_argument("--small", action="store_true", help="d=128 M=2048 k=16 batch 1024")
     parser.add_argument("--only", default="", help="comma-separated libraries to run")
+    parser.add_argument("--benchenv", default=None, help="venv with sparsify and sae-lens")
+    parser.add_argument("--rows", default="", help="comma-separated row numbers (1-based)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.small:
@@ -331,16 +315,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.__version__}, median of {args.steps} steps\n"
     )
     print(
-        "| library | path | activation | AuxK | tokens/s | × roofline (roofline tok/s) "
+        "| library | path | activation | AuxK (dead) | tokens/s | × roofline (roofline tok/s) "
         "| peak RSS MiB | step peak MiB |"
     )
     print("|---|---|---|---|---:|---:|---:|---:|")
-    for config in CONFIGS:
+    rows = {int(r) for r in filter(None, args.rows.split(","))}
+    for number, config in enumerate(CONFIGS, start=1):
         library, variant, activation, auxk = config
-        if only and library not in only:
+        if (only and library not in only) or (rows and number not in rows):
             continue
         result = _run_worker(args, config)
-        label = f"| {library} | {variant} | {activation} | {'on' if auxk == 'auxk' else 'off'} |"
+        label = f"| {library} | {variant} | {activation} | {auxk} |"
         if isinstance(result, str):
             print(f"{label} {result} | | | |", flush=True)
             continue

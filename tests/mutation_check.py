@@ -68,8 +68,8 @@ FAULTS = [
     Fault(
         "auxk-bdec-in-ehat",
         "revival.py",
-        "    mse = (e_hat_ND - e_ND).pow(2).sum(-1).mean()",
-        '    mse = (e_hat_ND + getattr(preacts, "b_dec_D", 0.0) - e_ND).pow(2).sum(-1).mean()',
+        "    mse = (e_hat_SD - e_SD).pow(2).sum(-1).mean()",
+        '    mse = (e_hat_SD + getattr(preacts, "b_dec_D", 0.0) - e_SD).pow(2).sum(-1).mean()',
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
@@ -212,7 +212,7 @@ FAULTS = [
     ),
     Fault(
         "batchtopk-k-per-token",
-        "kernels/sparse.py",
+        "kernels/select.py",
         "    top = pre_NM.reshape(-1).topk(k * n_tokens, sorted=False)\n"
         "    flat_E, order = top.indices.sort()\n"
         "    return top.values[order], flat_E",
@@ -220,7 +220,36 @@ FAULTS = [
         "    rows = torch.arange(n_tokens, device=pre_NM.device)[:, None] * pre_NM.shape[1]\n"
         "    flat_E, order = (top.indices + rows).reshape(-1).sort()\n"
         "    return top.values.reshape(-1)[order], flat_E",
-        ("test_objective.py", "test_activations.py", "test_kernels.py"),
+        ("test_speed_paths.py", "test_objective.py", "test_activations.py", "test_kernels.py"),
+    ),
+    # ----------------------------------------------------------------- speed paths (issue 16)
+    Fault(
+        "batchtopk-candidates-trusted-blindly",
+        "kernels/select.py",
+        "    if bool(exact):",
+        "    if True:  # FAULT: the candidates' exactness flag ignored",
+        ("test_speed_paths.py", "test_kernels.py"),
+    ),
+    Fault(
+        "dead-set-without-slack",
+        "revival.py",
+        "            near_M = counters_M + self.slack >= self.dead_tokens",
+        "            near_M = counters_M >= self.dead_tokens",
+        ("test_speed_paths.py", "test_trainer.py"),
+    ),
+    Fault(
+        "auxk-columns-grad-not-masked",
+        "kernels/columns.py",
+        "            g_pre_SC = (grad_SD @ W_dec_CD.T).mul_(z_SC > 0)",
+        "            g_pre_SC = grad_SD @ W_dec_CD.T",
+        ("test_speed_paths.py", "test_objective.py"),
+    ),
+    Fault(
+        "auxk-subsample-normaliser-from-sample",
+        "revival.py",
+        "        variance = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()",
+        "        variance = (e_SD - e_SD.mean(0)).pow(2).sum(-1).mean()",
+        ("test_speed_paths.py", "test_objective.py"),
     ),
     # ----------------------------------------------------------------- more that matter
     Fault(
@@ -239,9 +268,9 @@ FAULTS = [
     ),
     Fault(
         "auxk-selects-live-latents",
-        "kernels/sparse.py",
-        "        candidates_NM = pre_NM.detach().masked_fill(~dead_M, -math.inf)",
-        "        candidates_NM = pre_NM.detach()",
+        "kernels/select.py",
+        "        candidates_NC = pre_NC.detach().masked_fill(~dead_C, -math.inf)",
+        "        candidates_NC = pre_NC.detach()",
         ("test_objective.py", "test_kernels.py", "test_losses.py"),
     ),
     Fault(

@@ -53,6 +53,8 @@ class TermInputs(NamedTuple):
     """λ of the penalty (the controller's current value)."""
     prefixes: list[int] | None
     """This step's Matryoshka prefix ends, or None."""
+    dead_cols: Tensor | None = None
+    """A superset of the dead latents (revival.DeadSet), or None: AuxK searches all M."""
 
 
 class Term:
@@ -129,6 +131,8 @@ class AuxK(Term):
             k_aux=self.cfg.k_aux,
             alpha=self.cfg.coefficient,
             normalizer=self.cfg.normalizer,
+            dead_cols=inputs.dead_cols,
+            token_fraction=self.cfg.token_fraction,
         )
 
 

@@ -133,9 +133,14 @@ class AuxKRevival(RevivalConfig):
     width: d_in for an SAE, d_out for a transcoder)."""
     normalizer: str = "residual"
     """V: residual (variance of the residual) or none."""
+    token_fraction: float = 1.0
+    """< 1: the unbiased token-subsampled estimate of AuxK over this share of each batch's
+    tokens (revival.auxk_loss states its variance); 1: exact."""
 
     def __post_init__(self) -> None:
         check_finite("coefficient", self.coefficient, 0.0, strict=True)
+        if not 0.0 < self.token_fraction <= 1.0:  # also refuses nan
+            raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction!r}")
         if self.k_aux is not None and self.k_aux <= 0:
             raise ValueError(f"k_aux must be a positive integer, got {self.k_aux}")
         if self.normalizer not in revival.AUXK_NORMALIZERS:

@@ -8,13 +8,20 @@ CUDA graph.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from saekit.encoding import Preacts
-from saekit.kernels import CodeLayout, auxk_select, sparse_decode
+from saekit.kernels import CodeLayout, SparsePreacts, auxk_select, sparse_decode
+from saekit.kernels.columns import columns_decode
 
 AUXK_NORMALIZERS = ("residual", "none")
+DENSE_COLUMNS_PER_K = 8
+"""ê through dense GEMMs over the candidate columns when there are at most 8·k_aux of them
+(the sparse passes otherwise): on the project's CPU the two cost the same near 16·k_aux
+(benchmarks/README.md, "AuxK"); on a GPU GEMMs gain more."""
 
 
 def auxk_loss(
@@ -26,6 +33,8 @@ def auxk_loss(
     k_aux: int | None = None,
     alpha: float = 1 / 32,
     normalizer: str = "residual",
+    dead_cols: Tensor | None = None,
+    token_fraction: float = 1.0,
 ) -> Tensor:
     """AuxK (Gao et al. 2024, appendix A.2/B.1): dead latents learn to explain the residual.
 
@@ -38,6 +47,16 @@ def auxk_loss(
     ("residual", OpenAI) or 1 ("none"). Gradients reach W_dec and, through the selected
     pre-activations, W_enc and b_enc (and b_dec through the encoder input, legitimately).
     Returns a 0-d tensor, exactly 0 when no latent is dead.
+
+    ``dead_cols``: a superset of the dead latents (:class:`DeadSet`), or None for all M. The
+    selection is searched among these columns only (the same selection), so the cost
+    follows what can be dead: none (empty) costs nothing, and with a few, ê and its backward
+    are dense GEMMs over those columns (:mod:`saekit.kernels.columns`).
+
+    ``token_fraction`` f < 1 (opt-in): mean_n over a uniform random subset of S = ⌈f·N⌉ tokens
+    (without replacement) instead of all N; V still over all N. An unbiased estimate of L_aux
+    and of its gradient for the batch, with Var = (α·share/V)² · (1 − S/N) · s²/S, s² the
+    variance of the per-token ‖ê_n − e_n‖² over the batch (sampling without replacement).
     """
     if normalizer not in AUXK_NORMALIZERS:
         raise ValueError(f"auxk normalizer must be one of {AUXK_NORMALIZERS}, got {normalizer!r}")
@@ -45,17 +64,97 @@ def auxk_loss(
     e_ND = residual_ND.detach().reshape(-1, d)
     n_tokens, d_sae = preacts.detached.shape
     k_aux = max(1, min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae))
-    latent_Nk, keep_Nk = auxk_select(preacts.detached, dead_mask_M, k_aux)
-    layout = CodeLayout.fixed_k(latent_Nk, d_sae)
-    pre_E = preacts.at(layout.token, layout.latent)
-    z_E = torch.where(keep_Nk.reshape(-1), pre_E, torch.zeros_like(pre_E))
-    e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
-    mse = (e_hat_ND - e_ND).pow(2).sum(-1).mean()
+    if dead_cols is not None and dead_cols.numel() == 0:
+        return e_ND.new_zeros(())  # no latent can be dead: the exact 0, and no work
+    rows_S = sample_tokens(n_tokens, token_fraction, e_ND.device)
+    pre_SM = preacts.detached if rows_S is None else preacts.detached.index_select(0, rows_S)
+    e_SD = e_ND if rows_S is None else e_ND.index_select(0, rows_S)
+    dead_M = dead_mask_M.to(device=pre_SM.device, dtype=torch.bool)
+    if dead_cols is None:
+        pre_SC, dead_C = pre_SM, dead_M
+    else:
+        pre_SC, dead_C = pre_SM.index_select(1, dead_cols), dead_M[dead_cols]
+    index_Sk, keep_Sk = auxk_select(pre_SC, dead_C, k_aux)
+    if (
+        dead_cols is not None
+        and isinstance(preacts, SparsePreacts)
+        and dead_cols.numel() <= DENSE_COLUMNS_PER_K * index_Sk.shape[1]
+    ):
+        x_n_SD = preacts.x_n_ND if rows_S is None else preacts.x_n_ND.index_select(0, rows_S)
+        e_hat_SD = columns_decode(
+            pre_SC, index_Sk, keep_Sk, dead_cols, x_n_SD, preacts.b_dec_D, preacts.W_enc_MD,
+            preacts.b_enc_M, W_dec_MD,
+        )  # fmt: skip
+    else:
+        latent_Sk = index_Sk if dead_cols is None else dead_cols[index_Sk]
+        if rows_S is None:
+            layout = CodeLayout.fixed_k(latent_Sk, d_sae)
+        else:
+            token_E = rows_S.repeat_interleave(latent_Sk.shape[1])
+            layout = CodeLayout(token_E, latent_Sk.reshape(-1), n_tokens, d_sae)
+        pre_E = preacts.at(layout.token, layout.latent)
+        z_E = torch.where(keep_Sk.reshape(-1), pre_E, torch.zeros_like(pre_E))
+        e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
+        e_hat_SD = e_hat_ND if rows_S is None else e_hat_ND.index_select(0, rows_S)
+    mse = (e_hat_SD - e_SD).pow(2).sum(-1).mean()
     if normalizer == "residual":
         variance = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()
         mse = mse / variance.clamp_min(torch.finfo(variance.dtype).tiny)
     n_dead = dead_mask_M.to(device=mse.device, dtype=mse.dtype).sum()
     return alpha * (n_dead / k_aux).clamp(max=1.0) * mse
+
+
+def sample_tokens(n_tokens: int, fraction: float, device: torch.device) -> Tensor | None:
+    """⌈f·N⌉ token indices drawn uniformly without replacement, sorted; None when f ≥ 1 (all).
+    Drawn from torch's default generator of ``device`` (no host sync)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"auxk token_fraction must be in (0, 1], got {fraction!r}")
+    n_sample = math.ceil(fraction * n_tokens)
+    if n_sample >= n_tokens:
+        return None
+    return torch.randperm(n_tokens, device=device)[:n_sample].sort().values
+
+
+class DeadSet:
+    """The columns that can be dead before the next refresh: a superset of every step's dead
+    mask, so AuxK searches only these (exactly the same selection) and costs nothing while no
+    latent is near death.
+
+    A latent is dead at a step when its tokens-since-fired counter c ≥ T (``dead_tokens``).
+    Counters grow by the tokens counted, so from a refresh with counters c₀ until ``slack``
+    more tokens are counted, c ≤ c₀ + slack: the columns {c₀ + slack ≥ T} hold every latent
+    dead meanwhile. The refresh reads them on the host (one transfer of the indices); it runs
+    when the tokens counted since the last one (a host integer) exceed the slack, i.e. every
+    ``refresh_steps`` steps of the current batch size, and never otherwise.
+    """
+
+    def __init__(self, dead_tokens: int, refresh_steps: int = 25):
+        self.dead_tokens, self.refresh_steps = dead_tokens, refresh_steps
+        self.columns: Tensor | None = None
+        self.slack = self.counted = 0
+        self._counters: tuple[Tensor, int] | None = None  # the counters it follows, version
+
+    def count(self, n_tokens: int, counters_M: Tensor) -> None:
+        """``n_tokens`` were counted, giving ``counters_M``."""
+        self.counted += n_tokens
+        self._counters = (counters_M, counters_M._version)
+
+    def get(self, counters_M: Tensor, batch_tokens: int) -> Tensor:
+        """The current superset [C] (int64, sorted), refreshed when due, or when the counters
+        were replaced or edited other than by :meth:`count` (a resume, a test)."""
+        followed = self._counters is not None and self._counters[0] is counters_M
+        if (
+            self.columns is None
+            or self.counted > self.slack
+            or not followed
+            or counters_M._version != self._counters[1]
+        ):
+            self.slack = self.refresh_steps * batch_tokens
+            near_M = counters_M + self.slack >= self.dead_tokens
+            self.columns = torch.nonzero(near_M).reshape(-1)  # the one host transfer
+            self.counted = 0
+            self._counters = (counters_M, counters_M._version)
+        return self.columns
 
 
 def input_target(x_n_ND: Tensor, b_dec_D: Tensor) -> Tensor:

@@ -20,8 +20,6 @@ net, a dense backward for losses that differentiate the whole matrix.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -195,38 +193,3 @@ class SparsePreacts(Preacts):
             layout = CodeLayout(token_E, latent_E, n_tokens, d_sae)
         values_E = self._pre_NM.reshape(-1)[token_E * d_sae + latent_E]
         return self.attach(values_E, layout).reshape(shape)
-
-
-# --------------------------------------------------------------------------------------------
-# Selections (fixed shapes, no host sync); the reference path calls the same functions on a
-# differentiable pre, so "what is selected" has one home.
-
-
-def topk_select(pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Each token's k largest pre-activations: (values [N, k], latent [N, k]), unsorted."""
-    top = pre_NM.topk(k, dim=-1, sorted=False)
-    return top.values, top.indices
-
-
-def batchtopk_select(pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k·N largest entries of pre over the whole batch: (values [k·N], flat index [k·N]),
-    sorted by flat index, so token-major (a CSR-ordered code). Exact; one top-k of N·M."""
-    n_tokens = pre_NM.shape[0]
-    top = pre_NM.reshape(-1).topk(k * n_tokens, sorted=False)
-    flat_E, order = top.indices.sort()
-    return top.values[order], flat_E
-
-
-def auxk_select(pre_NM: Tensor, dead_mask_M: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """AuxK candidates: (latent [N, k_aux], keep [N, k_aux]) from the detached pre.
-
-    Top-k_aux of ReLU(pre) over dead latents, fixed shape (docs/design.md, "AuxK"); ``keep`` is
-    False where the entry is not dead or not positive (it contributes 0). Ranking pre with the
-    live latents at −∞ instead of ReLU(pre) changes only entries that contribute 0.
-    """
-    k_aux = min(k_aux, pre_NM.shape[1])
-    dead_M = dead_mask_M.to(device=pre_NM.device, dtype=torch.bool)
-    with torch.no_grad():
-        candidates_NM = pre_NM.detach().masked_fill(~dead_M, -math.inf)
-        top = candidates_NM.topk(k_aux, dim=-1, sorted=False)
-    return top.indices, top.values > 0

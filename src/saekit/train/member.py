@@ -3,7 +3,8 @@
 Per step (``Member.train_step``): forward; dead mask from the counters *before* this batch is
 counted; loss; backward; (TopK family) drop the gradient parallel to decoder rows; clip; Adam;
 (TopK family) renormalise decoder rows; update the dead-latent counters, the BatchTopK threshold
-and the λ controller. Nothing in a step syncs with the host.
+and the λ controller. Nothing in a step syncs with the host, except AuxK's dead-column set
+(``revival.DeadSet``): one host transfer every 25 steps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 from saekit import losses, matryoshka
 from saekit.eval.metrics import batch_fvu, latent_counts
 from saekit.objective import FixedPrefixes, RandomPrefixes, TermInputs
+from saekit.revival import DeadSet
 from saekit.sae import SAE
 from saekit.train.comm import LocalComm
 from saekit.train.config import SAETrainConfig
@@ -73,6 +75,7 @@ class Member:
         )
         M = cfg.sae.d_sae
         self.tokens_since_fired = torch.zeros(M, dtype=torch.int64, device=self.device)
+        self.dead_set = DeadSet(cfg.dead_tokens)  # AuxK's candidate columns, host-refreshed
         self.prefix_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.objective = cfg.objective()
         penalty = cfg.penalty
@@ -133,7 +136,8 @@ class Member:
         with autocast:
             out = sae(*sae.split_stream(batch))
             lam = self.lambda_value()  # the λ this step's penalty uses (logged as such)
-            inputs = TermInputs(sae, out, dead, lam, self.prefixes())
+            dead_cols = self.dead_set.get(self.tokens_since_fired, batch.shape[0])
+            inputs = TermInputs(sae, out, dead, lam, self.prefixes(), dead_cols)
             loss, terms = self.objective(inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,6 +175,7 @@ class Member:
         self.tokens_since_fired = torch.where(
             fired, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + n_tokens
         )
+        self.dead_set.count(n_tokens, self.tokens_since_fired)
 
     # ------------------------------------------------------------------ state
 
