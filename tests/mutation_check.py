@@ -360,6 +360,41 @@ FAULTS = [
         "    return err_ND.pow(2).mean()",
         ("test_objective.py", "test_losses.py"),
     ),
+    Fault(
+        "interop-transcoder-skip-not-exported",
+        "interop/portable.py",
+        "        p.W_skip = sae.folded_copy().W_skip.detach().cpu() if sae.cfg.skip else None",
+        "        p.W_skip = None",
+        ("test_interop_transcoders.py",),
+    ),
+    Fault(
+        "interop-transcoder-skip-scale-not-folded",
+        "interop/portable.py",
+        "        p.W_skip = sae.folded_copy().W_skip.detach().cpu() if sae.cfg.skip else None",
+        "        p.W_skip = sae.W_skip.detach().cpu() if sae.cfg.skip else None",
+        ("test_interop_transcoders.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-threshold-dropped",
+        "interop/circuit_tracer.py",
+        "        tensors[THRESHOLD] = p.threshold.to(p.W_enc.dtype)",
+        "        pass",
+        ("test_interop_transcoders.py",),
+    ),
+    Fault(
+        "interop-gemma-scope-skip-not-transposed",
+        "interop/gemma_scope.py",
+        "    p.W_skip = t[SKIP].T.contiguous() if SKIP in t else None",
+        "    p.W_skip = t[SKIP].contiguous() if SKIP in t else None",
+        ("test_interop_transcoders.py",),
+    ),
+    Fault(
+        "interop-saelens-transcoder-import-centred",
+        "interop/saelens.py",
+        '    if not transcoder and not cfg.get("apply_b_dec_to_input", True):',
+        '    if not cfg.get("apply_b_dec_to_input", True):',
+        ("test_interop_transcoders.py",),
+    ),
     # ----------------------------------------------------------------- interop (issue 11)
     Fault(
         "interop-saelens-w_enc-not-transposed",

@@ -5,7 +5,7 @@ the library's formula; files laid out as the library saves them are imported. Th
 against the real libraries: tests/interop (make test-interop). Every trap of issue 11 is here:
 transposed W_enc, rescale_acts_by_decoder_norm, BatchTopK's θ under a scale fold,
 dictionary_learning's JumpReLU without b_dec on the input and its TopK's unused threshold,
-ProLU as JumpReLU, skip connections (W_skip) refused."""
+ProLU as JumpReLU. Transcoders (W_skip): tests/test_interop_transcoders.py."""
 
 from __future__ import annotations
 

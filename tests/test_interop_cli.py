@@ -90,9 +90,10 @@ def test_sparsify_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "sparsify serves top-k SAEs only" in error_line(capsys)
 
 
-def test_a_transcoder_is_refused(tmp_path):
+def test_a_topk_transcoder_is_refused(tmp_path):
+    """SAELens has ReLU and JumpReLU transcoders only (sae_lens/saes/transcoder.py)."""
     cfg = SAEConfig(D_IN, D_SAE, {"kind": "topk", "k": K}, d_out=D_IN + 2, skip=True)
-    with pytest.raises(InteropError, match="transcoders are not exported"):
+    with pytest.raises(InteropError, match="SAELens has no topk transcoder"):
         export_sae(SAE(cfg), "saelens", tmp_path / "o")
 
 
@@ -124,7 +125,12 @@ def plain_tensors():
 @pytest.mark.parametrize(
     "cfg, extra, message",
     [
-        ({"architecture": "skip_transcoder"}, {"W_skip": torch.randn(D_IN, D_IN)}, "transcoder"),
+        ({"architecture": "skip_transcoder"}, {"W_skip": torch.randn(D_IN, D_IN)}, "d_out"),
+        (
+            {"architecture": "skip_transcoder", "d_out": D_IN + 1},
+            {"W_skip": torch.randn(D_IN, D_IN + 1)},
+            "tensor W_dec has shape",
+        ),
         ({"architecture": "gated"}, {}, "missing ['b_gate', 'b_mag', 'r_mag']"),
         ({"architecture": "matching_pursuit"}, {}, "no saekit equivalent"),
         ({"architecture": "standard", "normalize_activations": "layer_norm"}, {}, "layer_norm"),

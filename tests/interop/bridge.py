@@ -29,6 +29,8 @@ def randomise(module, seed, positive=()):
 def saelens_outputs(sae, x):
     with torch.no_grad():
         z = sae.encode(x)
+        if hasattr(sae.cfg, "d_out"):  # a transcoder: forward adds the skip path x W_skipᵀ
+            return {"z": z, "x_hat": sae(x)}
         return {"z": z, "x_hat": sae.decode(z)}
 
 
@@ -56,6 +58,9 @@ def make_saelens(job, x):
     d_in, d_sae = x.shape[-1], job["d_sae"]
     cfg = {"architecture": job["arch"], "d_in": d_in, "d_sae": d_sae, **job.get("cfg", {})}
     cfg["metadata"] = {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre"}
+    if "d_out" in cfg:  # a transcoder: MLP in → MLP out
+        cfg["metadata"].update(hook_name="blocks.3.ln2.hook_normalized")
+        cfg["metadata"]["hook_name_out"] = "blocks.3.hook_mlp_out"
     sae = SAE.from_dict(cfg)
     randomise(sae, job["seed"], positive=("threshold",))
     sae.save_model(job["dir"])
@@ -101,7 +106,47 @@ def make_dictionary_learning(job, x):
         return {"z": z, "x_hat": ae.decode(z)}
 
 
+def make_gemma_scope_2(job, x):
+    """A raw Gemma Scope 2 affine transcoder (params.safetensors, config.json) loaded by sae-lens'
+    own ``gemma_3_sae_huggingface_loader``, its hub downloads answered from the local folder."""
+    from sae_lens import SAE
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+    from safetensors import safe_open
+
+    d, d_sae, root, folder = x.shape[-1], job["d_sae"], job["dir"], "transcoder/layer_3_affine"
+    g = torch.Generator().manual_seed(job["seed"])
+    raw = {
+        "w_enc": torch.randn(d, d_sae, generator=g) * 0.3,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.3,
+    }
+    raw.update(w_dec=torch.randn(d_sae, d, generator=g), b_dec=torch.randn(d, generator=g))
+    raw.update(threshold=torch.rand(d_sae, generator=g) * 0.5)
+    raw["affine_skip_connection"] = torch.randn(d, d, generator=g) * 0.3  # [d_in, d_out]
+    here = Path(root) / folder
+    here.mkdir(parents=True, exist_ok=True)
+    save_file(raw, str(here / "params.safetensors"))
+    hooks = {"hf_hook_point_in": "model.layers.3.pre_feedforward_layernorm.output"}
+    hooks["hf_hook_point_out"] = "model.layers.3.post_feedforward_layernorm.output"
+    config = {"architecture": "jump_relu", "model_name": "gemma-3-1b-pt", **hooks}
+    (here / "config.json").write_text(json.dumps({**config, "affine_connection": True}))
+
+    def download(repo_id, filename=None, subfolder=None, **_):
+        return str(Path(repo_id) / (subfolder or "") / filename)
+
+    def shapes(repo_id, filename):
+        with safe_open(str(Path(repo_id) / filename), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+    loaders.hf_hub_download, loaders.get_safetensors_tensor_shapes = download, shapes
+    cfg, state, _ = loaders.gemma_3_sae_huggingface_loader(root, folder)
+    sae = SAE.from_dict(loaders.handle_config_defaulting(cfg))
+    sae.process_state_dict_for_loading(state)
+    sae.load_state_dict(state)
+    return saelens_outputs(sae.eval(), x)
+
+
 MAKERS = {
+    "gemma_scope_2": make_gemma_scope_2,
     "saelens": make_saelens,
     "sparsify": make_sparsify,
     "dictionary_learning": make_dictionary_learning,

@@ -1,6 +1,7 @@
-"""``saekit export`` and ``saekit import``: SAEs to and from SAELens, sparsify and
-dictionary_learning (saekit.interop). An imported SAE is a saekit SAE directory: ``saekit eval
---sae DIR`` reads it like one it trained."""
+"""``saekit export`` and ``saekit import``: SAEs and transcoders to and from SAELens, sparsify,
+dictionary_learning, circuit-tracer (export) and Gemma Scope 2 (import) (saekit.interop). An
+imported SAE is a saekit SAE directory: ``saekit eval --sae DIR`` reads it like one it
+trained."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-TO = ("saelens", "sparsify")
-FROM = ("saelens", "sparsify", "dictionary_learning")
+TO = ("saelens", "sparsify", "circuit-tracer")
+FROM = ("saelens", "sparsify", "dictionary_learning", "gemma_scope_2")
 
 
 def add_parser(sub: Any) -> None:
@@ -61,9 +62,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     source = Path(args.source) if args.source else download_release(args.release, args.sae_id)
     sae = import_sae(source, args.from_)
     sae.save(args.out)
+    cfg = sae.cfg
+    target = (
+        f"; transcoder: d_out = {cfg.d_out}, target hook {cfg.target_hook}, skip {cfg.skip}"
+        if cfg.transcoder
+        else ""
+    )
     print(
-        f"{source} ({args.from_}) → {args.out}: {sae.cfg.activation.kind}, d_in = "
-        f"{sae.cfg.d_in}, d_sae = {sae.cfg.d_sae}, hook {sae.cfg.hook}"
+        f"{source} ({args.from_}) → {args.out}: {cfg.activation.kind}, d_in = {cfg.d_in}, "
+        f"d_sae = {cfg.d_sae}, hook {cfg.hook}{target}"
     )
     return 0
 

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saekit.interop import dictionary_learning, saelens, sparsify
+from saekit.interop import circuit_tracer, dictionary_learning, gemma_scope, saelens, sparsify
 from saekit.interop.metadata import export_info
 from saekit.interop.portable import EXPORTS, InteropError, Portable, to_portable, to_sae
 from saekit.sae import SAE
 from saekit.sae_format import CONFIG_FILE, WEIGHTS_FILE
 
-WRITERS = {"saelens": saelens.write, "sparsify": sparsify.write}
+WRITERS = {
+    "saelens": saelens.write,
+    "sparsify": sparsify.write,
+    "circuit-tracer": circuit_tracer.write,
+}
 """Export formats."""
 READERS = {
     "saelens": saelens.read,
     "sparsify": sparsify.read,
     "dictionary_learning": dictionary_learning.read,
+    "gemma_scope_2": gemma_scope.read,
 }
 """Import formats."""
 

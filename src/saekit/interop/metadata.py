@@ -40,6 +40,9 @@ def export_info(sae: SAE, sae_dir: Path | None) -> dict[str, Any]:
         "dead_latents": None,
         "training_architecture": to_dict(cfg.activation),
     }
+    if cfg.transcoder:
+        info["target_hook"] = cfg.target_hook
+        info["target_hook_transformer_lens"] = transformer_lens_name(cfg.target_hook)
     if sae_dir is None:
         return info
     eval_path = sae_dir / "eval.json"

@@ -19,6 +19,9 @@ PARTS = {
     "llama": {"mlp": "mlp", "attn": "self_attn"},
 }
 """Model family → its blocks' MLP and attention modules (hook_mlp_out, hook_attn_out)."""
+MLP_NORM = {"gpt2": "ln_2", "neox": "post_attention_layernorm", "llama": "post_attention_layernorm"}
+"""Model family → the norm in front of the MLP (its output, the MLP's input: a transcoder's
+input, TransformerLens' ``blocks.N.ln2.hook_normalized``)."""
 _FAMILY_WORDS = (
     ("neox", ("pythia", "neox")),
     ("gpt2", ("gpt2",)),
@@ -50,6 +53,8 @@ def transformer_lens_name(hook: str | None) -> str | None:
     named = {module: part for part, module in PARTS[family].items()}
     if side == "output" and rest in named:
         return f"blocks.{n}.hook_{named[rest]}_out"
+    if (rest, side) in ((PARTS[family]["mlp"], "input"), (MLP_NORM[family], "output")):
+        return f"blocks.{n}.ln2.hook_normalized"
     return None
 
 

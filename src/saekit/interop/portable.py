@@ -4,6 +4,9 @@ A :class:`Portable` SAE is what the other libraries can serve: an affine encoder
 activations with b_dec subtracted first, pre = (x − b_dec) W_encᵀ + b_enc, one of a few
 activations on ``pre``, and the decoder x̂ = z W_dec + b_dec. Tensors use saekit's layout
 (``W_enc`` and ``W_dec`` both [M, d]); each format's reader and writer transposes and renames.
+A transcoder (``transcoder``: saekit's ``d_out`` set) reads x uncentred, pre = x W_encᵀ + b_enc,
+and predicts ŷ = z W_dec + x W_skipᵀ + b_dec (``W_dec`` [M, d_out], ``W_skip`` [d_out, d_in] or
+None); the same activations apply.
 
 :data:`EXPORTS` maps each saekit activation kind to its portable form; a kind not in it has no
 exact equivalent in any library and is refused. Adding an activation's export = one entry.
@@ -53,6 +56,10 @@ class Portable:
     """gated: r_mag [M], b_mag [M]."""
     info: dict[str, Any] = field(default_factory=dict)
     """Where the SAE came from: model_name, hook, dataset, … (metadata)."""
+    transcoder: bool = False
+    """A transcoder: nothing subtracted from x before the encoder; ``info`` names target_hook."""
+    W_skip: Tensor | None = None
+    """Skip transcoders: [d_out, d_in]."""
 
     @property
     def d_in(self) -> int:
@@ -61,6 +68,10 @@ class Portable:
     @property
     def d_sae(self) -> int:
         return self.W_enc.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[1]
 
 
 def _affine(sae: SAE) -> dict[str, Tensor]:
@@ -135,17 +146,16 @@ EXPORTS: dict[str, Callable[[SAE], Portable]] = {
 def to_portable(sae: SAE) -> Portable:
     """The portable form of a saekit SAE, or InteropError naming the activation."""
     kind = sae.cfg.activation.kind
-    if sae.cfg.transcoder:  # its encoder reads x uncentred, its decoder writes y (+ x W_skipᵀ)
-        raise InteropError(
-            "transcoders are not exported yet (SAELens' transcoder formats are not mapped); "
-            "export autoencoders"
-        )
     if kind not in EXPORTS:
         raise InteropError(
             f"activation {kind!r} has no exact equivalent in SAELens, sparsify or "
             f"dictionary_learning (exportable: {', '.join(sorted(EXPORTS))})"
         )
-    return EXPORTS[kind](sae)
+    p = EXPORTS[kind](sae)
+    if sae.cfg.transcoder:  # the same weights, folded as save() folds them (s_y/s on W_skip)
+        p.transcoder = True
+        p.W_skip = sae.folded_copy().W_skip.detach().cpu() if sae.cfg.skip else None
+    return p
 
 
 def _activation_config(p: Portable) -> dict[str, Any]:
@@ -160,15 +170,20 @@ def to_sae(p: Portable) -> SAE:
     if p.architecture not in SERVED:
         raise InteropError(f"no saekit activation for portable architecture {p.architecture!r}")
     d_sae, d_in = p.d_sae, p.d_in
-    expected = {"W_enc": (d_sae, d_in), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    d_out = p.d_out if p.transcoder else d_in
+    expected = {"W_enc": (d_sae, d_in), "b_enc": (d_sae,), "W_dec": (d_sae, d_out)}
+    expected["b_dec"] = (d_out,)
+    if p.W_skip is not None:  # [d_out, d_in]: Gemma Scope 2 stores it transposed (its reader)
+        expected["W_skip"] = (d_out, d_in)
     for name, shape in expected.items():
         if tuple(getattr(p, name).shape) != shape:
             raise InteropError(
                 f"tensor {name} has shape {tuple(getattr(p, name).shape)}, expected {shape} "
-                f"(d_sae = {d_sae}, d_in = {d_in} from W_enc)"
+                f"(d_sae = {d_sae}, d_in = {d_in} from W_enc, d_out = {d_out} from W_dec)"
             )
     dtype = str(p.W_enc.dtype).removeprefix("torch.")
     info = dict(p.info)
+    transcoder = _transcoder_fields(p, info)
     cfg = SAEConfig(
         d_in=d_in,
         d_sae=d_sae,
@@ -177,6 +192,7 @@ def to_sae(p: Portable) -> SAE:
         model_name=info.pop("model_name", None),
         dtype=dtype,
         metadata=info,
+        **transcoder,
     )
     sae = SAE(cfg)
     for name in expected:
@@ -196,6 +212,16 @@ def to_sae(p: Portable) -> SAE:
             sae.activation.threshold.copy_(theta)
             sae.activation.threshold_initialized.fill_(True)
     return sae.eval()
+
+
+def _transcoder_fields(p: Portable, info: dict[str, Any]) -> dict[str, Any]:
+    """SAEConfig's d_out, target_hook and skip of a portable transcoder (none for an SAE)."""
+    if not p.transcoder:
+        if p.W_skip is not None:
+            raise InteropError("a skip path W_skip on an SAE (not a transcoder)")
+        return {}
+    skip = p.W_skip is not None
+    return {"d_out": p.d_out, "target_hook": info.pop("target_hook", None), "skip": skip}
 
 
 def _checked_threshold(p: Portable) -> Tensor:

@@ -12,6 +12,11 @@ against saekit), ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, for ``jumpre
   ReLU(pre)·H(pre − θ_i); gated: H(pre_gate)·ReLU(x W_enc·exp(r_mag) + b_mag), pre_gate with
   ``b_gate`` for b_enc (no ``b_enc`` tensor),
 - with pre = (x − b_dec·[apply_b_dec_to_input]) W_enc + b_enc.
+
+Transcoders (sae_lens/saes/transcoder.py): ``transcoder`` (ReLU) and ``jumprelu_transcoder``,
+with ``skip_`` variants (``skip_transcoder``, ``jumprelu_skip_transcoder``) that add
+``W_skip [d_out, d_in]``: ŷ = z W_dec + x W_skipᵀ + b_dec; ``d_out`` in cfg.json,
+``apply_b_dec_to_input`` false (their encoder reads x uncentred, as saekit's transcoders do).
 """
 
 from __future__ import annotations
@@ -46,19 +51,24 @@ TENSORS = {
     "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
     "abstopk": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "gated": {"W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"},
+    "transcoder": {"W_enc", "b_enc", "W_dec", "b_dec"},
+    "skip_transcoder": {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip"},
+    "jumprelu_transcoder": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+    "jumprelu_skip_transcoder": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"},
 }
 READS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "abstopk": "abstopk"}
-READS["gated"] = "gated"
+READS.update(gated="gated", transcoder="relu", skip_transcoder="relu")
+READS.update(jumprelu_transcoder="jumprelu", jumprelu_skip_transcoder="jumprelu")
 """SAELens architecture → portable architecture."""
 """SAELens architecture → its tensors (the ones saekit reads)."""
 TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+WRITES_TRANSCODER = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}
+"""Portable architecture of a transcoder → SAELens architecture (without a skip path)."""
 
 
 def write(p: Portable, out: Path) -> Path:
     """``out/cfg.json`` and ``out/sae_weights.safetensors``."""
-    if p.architecture not in WRITES:
-        raise InteropError(f"SAELens has no architecture for {p.architecture!r}")
-    arch = WRITES[p.architecture]
+    arch = _written_architecture(p)
     info = dict(p.info)
     cfg: dict[str, Any] = {
         "architecture": arch,
@@ -66,7 +76,7 @@ def write(p: Portable, out: Path) -> Path:
         "d_sae": p.d_sae,
         "dtype": str(p.W_enc.dtype).removeprefix("torch."),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not p.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -86,12 +96,33 @@ def write(p: Portable, out: Path) -> Path:
     tensors = {"W_enc": p.W_enc.T, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
     if arch == "gated":  # b_gate is saekit's b_enc
         tensors.update(b_gate=tensors.pop("b_enc"), **p.extra)
-    if arch == "jumprelu":
+    if p.transcoder:
+        cfg["d_out"] = p.d_out
+        cfg["metadata"]["hook_name_out"] = info.get("target_hook_transformer_lens") or info.get(
+            "target_hook"
+        )
+        if p.W_skip is not None:
+            tensors["W_skip"] = p.W_skip
+    if p.threshold is not None:  # jumprelu, jumprelu_transcoder, jumprelu_skip_transcoder
         tensors["threshold"] = p.threshold.to(p.W_enc.dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def _written_architecture(p: Portable) -> str:
+    if not p.transcoder:
+        if p.architecture not in WRITES:
+            raise InteropError(f"SAELens has no architecture for {p.architecture!r}")
+        return WRITES[p.architecture]
+    if p.architecture not in WRITES_TRANSCODER:
+        raise InteropError(
+            f"SAELens has no {p.architecture} transcoder (it serves ReLU and JumpReLU ones; a "
+            "BatchTopK transcoder exports as JumpReLU)"
+        )
+    arch = WRITES_TRANSCODER[p.architecture]
+    return arch if p.W_skip is None else arch.replace("transcoder", "skip_transcoder")
 
 
 def read(path: Path) -> Portable:
@@ -111,19 +142,25 @@ def read(path: Path) -> Portable:
             f"{where}: architecture {arch!r} expects tensors {sorted(TENSORS[arch])}; missing "
             f"{missing}, unexpected {unexpected}"
         )
+    transcoder = arch in TRANSCODERS
     d_in, d_sae = _dims(cfg, where)
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    d_out = _d_out(cfg, where) if transcoder else d_in
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
     shapes.update(threshold=(d_sae,), b_gate=(d_sae,), b_mag=(d_sae,), r_mag=(d_sae,))
+    shapes["W_skip"] = (d_out, d_in)  # SAELens' own layout (Gemma Scope 2's raw file: transposed)
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != shapes[name]:
             raise InteropError(
                 f"{where}: tensor {name} has shape {tuple(tensor.shape)}, cfg.json (d_in = "
-                f"{d_in}, d_sae = {d_sae}) implies {shapes[name]}"
+                f"{d_in}, d_sae = {d_sae}{f', d_out = {d_out}' if transcoder else ''}) implies "
+                f"{shapes[name]}"
             )
     W_enc, W_dec, b_dec = tensors["W_enc"].T.contiguous(), tensors["W_dec"], tensors["b_dec"]
     b_enc = tensors["b_gate" if arch == "gated" else "b_enc"]
     extra = {n: tensors[n] for n in ("r_mag", "b_mag") if n in tensors}
-    if not cfg.get("apply_b_dec_to_input", True):
+    if transcoder and cfg.get("apply_b_dec_to_input", False):
+        raise InteropError(f"{where}: a transcoder with apply_b_dec_to_input (SAELens refuses it)")
+    if not transcoder and not cfg.get("apply_b_dec_to_input", True):
         # x W_enc + b_enc = (x − b_dec) W_enc + (b_enc + b_dec W_enc): saekit always subtracts.
         shift = W_enc.double().mv(b_dec.double())
         b_enc = b_enc + shift.to(b_enc.dtype)
@@ -131,11 +168,12 @@ def read(path: Path) -> Portable:
             shift = shift * extra["r_mag"].double().exp()
             extra["b_mag"] = extra["b_mag"] + shift.to(b_enc.dtype)
     p = Portable(READS[arch], W_enc, b_enc, W_dec, b_dec, extra=extra, info=_info(cfg, path, arch))
+    p.transcoder, p.W_skip = transcoder, tensors.get("W_skip")
     if arch in ("topk", "abstopk"):
         p.k = _k(cfg, where)
         if cfg.get("rescale_acts_by_decoder_norm", False):
             _fold_decoder_norms(p)
-    if arch == "jumprelu":
+    if "threshold" in tensors:
         # ReLU(pre)·H(pre − θ) = pre·H(pre − max(θ, 0)): the same latents with θ ≥ 0.
         p.threshold = tensors["threshold"].clamp_min(0.0)
     return p
@@ -146,11 +184,6 @@ def _architecture(cfg: dict[str, Any], path: Path) -> str:
     if arch == "standard" and cfg.get("activation_fn", "relu") == "topk":  # pre-6.0 TopK
         arch = "topk"
         cfg.setdefault("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-    if arch in TRANSCODERS:
-        raise InteropError(
-            f"SAELens SAE {path}: architecture {arch!r} is a transcoder (input and output "
-            "differ, skip weights W_skip); saekit holds autoencoders only"
-        )
     if arch not in TENSORS:
         raise InteropError(
             f"SAELens SAE {path}: architecture {arch!r} has no saekit equivalent (saekit reads "
@@ -173,6 +206,13 @@ def _dims(cfg: dict[str, Any], where: str) -> tuple[int, int]:
     if not all(isinstance(v, int) and v > 0 for v in (d_in, d_sae)):
         raise InteropError(f"{where}: cfg.json needs positive integers d_in and d_sae")
     return d_in, d_sae
+
+
+def _d_out(cfg: dict[str, Any], where: str) -> int:
+    d_out = cfg.get("d_out")
+    if not isinstance(d_out, int) or d_out <= 0:
+        raise InteropError(f"{where}: a transcoder's cfg.json needs a positive integer d_out")
+    return d_out
 
 
 def _k(cfg: dict[str, Any], where: str) -> int:
@@ -204,6 +244,10 @@ def _info(cfg: dict[str, Any], path: Path, arch: str) -> dict[str, Any]:
         "context_size": meta.get("context_size"),
         "imported_from": {"format": "saelens", "path": str(path), "architecture": arch},
     }
+    if arch in TRANSCODERS:  # SAELens keeps the output hook top-level or in metadata
+        tl_out = meta.get("hook_name_out") or cfg.get("hook_name_out")
+        info["target_hook"] = saekit.get("target_hook") or hf_hook_name(tl_out, model)
+        info["target_hook_transformer_lens"] = tl_out
     if cfg.get("reshape_activations", "none") != "none":
         info["reshape_activations"] = cfg["reshape_activations"]  # hook_z: heads flattened
     return info

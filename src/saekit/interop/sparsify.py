@@ -28,6 +28,11 @@ TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 def write(p: Portable, out: Path) -> Path:
     """``out/<hookpoint>/cfg.json`` and ``sae.safetensors``; returns that directory."""
+    if p.transcoder:
+        raise InteropError(
+            "saekit does not write sparsify transcoders yet; export transcoders to saelens or "
+            "circuit-tracer"
+        )
     if p.architecture != "topk":
         raise InteropError(
             f"sparsify serves top-k SAEs only; this SAE is {p.architecture!r} (export it to "

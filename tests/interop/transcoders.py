@@ -1,0 +1,44 @@
+"""Random saekit transcoders with every trap set (both scales ≠ 1, b_dec ≠ 0, d_out ≠ d_in where
+the format allows), shared by the transcoder export tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from harness import D_IN, D_SAE
+
+from saekit.sae import SAE, SAEConfig
+
+D_OUT = 12
+IN_HOOK, OUT_HOOK = "model.layers.3.post_attention_layernorm", "model.layers.3.mlp"
+
+
+@torch.no_grad()
+def random_transcoder(activation: dict, skip: bool, d_out: int = D_OUT, seed: int = 1) -> SAE:
+    g = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(
+        D_IN,
+        D_SAE,
+        activation,
+        hook=IN_HOOK,
+        model_name="meta-llama/Llama-3.2-1B",
+        d_out=d_out,
+        target_hook=OUT_HOOK,
+        skip=skip,
+    )
+    tc = SAE(cfg)
+    tc.W_enc.copy_(torch.randn(D_SAE, D_IN, generator=g) / math.sqrt(D_IN))
+    tc.W_dec.copy_(torch.randn(D_SAE, d_out, generator=g) * 0.3)
+    tc.b_enc.copy_(0.3 * torch.randn(D_SAE, generator=g))
+    tc.b_dec.copy_(0.5 * torch.randn(d_out, generator=g))
+    if skip:
+        tc.W_skip.copy_(torch.randn(d_out, D_IN, generator=g) / math.sqrt(D_IN))
+    tc.scale.fill_(2.5)
+    tc.target_scale.fill_(0.4)
+    if activation["kind"] == "jumprelu":
+        tc.activation.threshold.copy_(0.4 * torch.rand(D_SAE, generator=g) + 0.05)
+    if activation["kind"] == "batchtopk":
+        tc.activation.threshold.fill_(0.35)
+        tc.activation.threshold_initialized.fill_(True)
+    return tc.eval()
