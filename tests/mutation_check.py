@@ -413,7 +413,7 @@ FAULTS = [
     Fault(
         "interop-saelens-b_dec-input-ignored",
         "interop/saelens.py",
-        '    if not cfg.get("apply_b_dec_to_input", True):',
+        '    if not transcoder and not cfg.get("apply_b_dec_to_input", True):',
         "    if False:",
         ("test_interop.py",),
     ),
