@@ -10,6 +10,26 @@ TINY_BOS = 1  # also EOS, as in GPT-2
 TINY_PAD = 0
 
 
+# The CLI tests' tiny TopK SAE and short run (`saekit train` flags).
+TINY_SAE_ARGS = [
+    "--set",
+    "saes.0.sae.d_sae=64",
+    "--set",
+    "saes.0.sae.activation.k=4",
+    "--set",
+    "saes.0.lr=0.001",
+]
+SMALL_RUN_ARGS = [
+    "--steps",
+    "8",
+    "--batch-size",
+    "128",
+    "--no-progress",
+    "--set",
+    "eval_tokens=256",
+]
+
+
 def make_tiny_gpt2(seed: int = 0, n_layer: int = 3, initializer_range: float = 0.02):
     """A 3-layer GPT-2 (d=64) with random weights, in eval mode. The default init gives
     near-uniform next-token distributions; a larger ``initializer_range`` gives peaked ones."""

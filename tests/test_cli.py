@@ -11,21 +11,12 @@ import random
 import shutil
 
 import pytest
-from conftest import make_tiny_gpt2
+from conftest import SMALL_RUN_ARGS, TINY_SAE_ARGS, make_tiny_gpt2
 
 from saekit.cli import main
 from saekit.sae import SAE, SAEConfig
 
 HOOK = "transformer.h.1:input"
-TINY_SAE = [
-    "--set",
-    "saes.0.sae.d_sae=64",
-    "--set",
-    "saes.0.sae.activation.k=4",
-    "--set",
-    "saes.0.lr=0.001",
-]
-SMALL_RUN = ["--steps", "8", "--batch-size", "128", "--no-progress", "--set", "eval_tokens=256"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +82,7 @@ def test_cache_verify_names_a_corrupt_shard(cache_dir, tmp_path, capsys):
 def test_train_on_a_cache_writes_a_loadable_self_describing_sae(cache_dir, lm, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--set", "data.source=cache", "--set", f"data.cache_dir={cache_dir}"]
-    assert main([*argv, *SMALL_RUN, *TINY_SAE, "--out", str(out)]) == 0
+    assert main([*argv, *SMALL_RUN_ARGS, *TINY_SAE_ARGS, "--out", str(out)]) == 0
     assert "topk-k4-M64" in capsys.readouterr().out
     sae = SAE.load(out / "topk-k4-M64")
     assert (sae.cfg.d_in, sae.cfg.hook, sae.cfg.model_name) == (64, HOOK, str(lm[0]))
@@ -108,7 +99,7 @@ def test_train_on_a_cache_writes_a_loadable_self_describing_sae(cache_dir, lm, t
 @pytest.fixture(scope="module")
 def cache_trained_sae(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    argv = ["train", "--cache", str(cache_dir), *SMALL_RUN, *TINY_SAE, "--out", str(out)]
+    argv = ["train", "--cache", str(cache_dir), *SMALL_RUN_ARGS, *TINY_SAE_ARGS, "--out", str(out)]
     assert main(argv) == 0
     return out / "topk-k4-M64"
 
@@ -187,7 +178,7 @@ def _run_routes_hf() -> bool:
 )
 def test_online_training_from_the_cli_then_eval(lm, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", *lm_args(lm), "--model-batch-size", "4", *SMALL_RUN, *TINY_SAE]
+    argv = ["train", *lm_args(lm), "--model-batch-size", "4", *SMALL_RUN_ARGS, *TINY_SAE_ARGS]
     assert main([*argv, "--set", "data.shuffle_buffer_tokens=512", "--out", str(out)]) == 0
     sae = SAE.load(out / "topk-k4-M64")
     assert (sae.cfg.d_in, sae.cfg.hook, sae.cfg.model_name) == (64, HOOK, str(lm[0]))

@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from conftest import make_tiny_gpt2
+from conftest import SMALL_RUN_ARGS, TINY_SAE_ARGS, make_tiny_gpt2
 
 from saekit.cli import main
 from saekit.data.documents import count, intersect, select, subtract, to_ranges, union
@@ -19,15 +19,6 @@ HOOK = "transformer.h.1:input"
 CONTEXT = 16
 SHARD = 512
 MAX_TOKENS = 2000
-TINY = [
-    "--set",
-    "saes.0.sae.d_sae=64",
-    "--set",
-    "saes.0.sae.activation.k=4",
-    "--set",
-    "saes.0.lr=0.001",
-]
-RUN = ["--steps", "8", "--batch-size", "128", "--no-progress", "--set", "eval_tokens=256"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,10 @@ def cache(lm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_sae(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--cache", str(cache), *RUN, *TINY, "--out", str(out)]) == 0
+    assert (
+        main(["train", "--cache", str(cache), *SMALL_RUN_ARGS, *TINY_SAE_ARGS, "--out", str(out)])
+        == 0
+    )
     return out / "topk-k4-M64"
 
 
@@ -162,7 +156,16 @@ def test_eval_on_the_training_text_warns_with_the_overlap(lm, cache, cache_sae, 
 
 def test_an_online_run_holds_out_its_leading_documents_for_eval(lm, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", *model_args(lm), "--model-batch-size", "4", *RUN, *TINY, "--out", str(out)]
+    argv = [
+        "train",
+        *model_args(lm),
+        "--model-batch-size",
+        "4",
+        *SMALL_RUN_ARGS,
+        *TINY_SAE_ARGS,
+        "--out",
+        str(out),
+    ]
     assert main([*argv, "--set", "data.shuffle_buffer_tokens=512"]) == 0
     sae = out / "topk-k4-M64"
     report, err = evaluate(

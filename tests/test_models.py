@@ -9,22 +9,19 @@ import random
 
 import pytest
 import torch
-from conftest import TINY_BOS, make_tiny_bert, make_tiny_gpt2, make_tiny_llama
+from conftest import (
+    SMALL_RUN_ARGS,
+    TINY_BOS,
+    TINY_SAE_ARGS,
+    make_tiny_bert,
+    make_tiny_gpt2,
+    make_tiny_llama,
+)
 
 from saekit.cli import main
 from saekit.data.hf import TokenFilter
 from saekit.data.models import load_config, model_kind
 from saekit.data.text import packing_token_ids, token_batches
-
-TINY_RUN = ["--steps", "8", "--batch-size", "128", "--no-progress", "--set", "eval_tokens=256"]
-TINY_SAE = [
-    "--set",
-    "saes.0.sae.d_sae=64",
-    "--set",
-    "saes.0.sae.activation.k=4",
-    "--set",
-    "saes.0.lr=0.001",
-]
 
 
 def write_docs(path, n_docs=150, seed=0):
@@ -156,7 +153,7 @@ def test_an_encoder_model_trains_from_the_cli_and_evaluates_without_ce(bert_dir,
     argv = ["train", "--model", str(model), "--hook", "bert.encoder.layer.1"]
     argv += ["--text-file", str(docs), "--local-files-only", "--context-length", "16"]
     argv += ["--model-batch-size", "4", "--set", "data.shuffle_buffer_tokens=512"]
-    assert main([*argv, *TINY_RUN, *TINY_SAE, "--out", str(out)]) == 0
+    assert main([*argv, *SMALL_RUN_ARGS, *TINY_SAE_ARGS, "--out", str(out)]) == 0
     report = json.loads((out / "topk-k4-M64" / "eval.json").read_text())
     assert report["n_tokens"] == 256 and report["l0"] == pytest.approx(4.0)
     capsys.readouterr()
