@@ -7,7 +7,9 @@ A step is: forward, reconstruction loss (+ AuxK), backward, removal of the decod
 gradient, Adam, decoder renormalisation (+ BatchTopK's θ). AuxK runs with no latent dead, 1% or
 half of them dead (the dead set handed to AuxK as ``revival.DeadSet`` would). Rows:
 
-- roofline: the forward encoder matmul plus the top-k selection, nothing else;
+- roofline: the forward encoder matmul (into a reused [N, M] buffer, as saekit's CPU fast path
+  does: a fresh one costs page faults, benchmarks/README.md "Host memory") plus the top-k
+  selection, nothing else;
 - saekit reference: the activation's ``kernel: reference`` path (dense autograd through the
   encoder, dense [N, M] latents; checked at setup), with the library's objective terms;
 - saekit fast: the default ``kernel: torch`` path (one encoder matmul without autograd, sparse
@@ -63,10 +65,11 @@ def _roofline_step(args, activation: str):
     g = torch.Generator().manual_seed(1)
     W_enc = torch.randn(args.M, args.d, generator=g) / args.d**0.5
     b_enc, b_dec = torch.zeros(args.M), x.mean(0)
+    pre_NM = torch.empty(args.batch, args.M)  # reused, as saekit's fast path reuses its own
 
     @torch.no_grad()
     def step():
-        pre_NM = torch.addmm(b_enc, x - b_dec, W_enc.T)
+        torch.addmm(b_enc, x - b_dec, W_enc.T, out=pre_NM)
         if activation == "topk":
             pre_NM.topk(args.k, dim=-1, sorted=False)
         else:

@@ -68,8 +68,8 @@ FAULTS = [
     Fault(
         "auxk-bdec-in-ehat",
         "revival.py",
-        "    mse = (e_hat_SD - e_SD).pow(2).sum(-1).mean()",
-        '    mse = (e_hat_SD + getattr(preacts, "b_dec_D", 0.0) - e_SD).pow(2).sum(-1).mean()',
+        "    mse = reconstruction_loss(e_SD, e_hat_SD)  # mean_s ‖ê_s − e_s‖², one fused kernel",
+        '    mse = reconstruction_loss(e_SD, e_hat_SD + getattr(preacts, "b_dec_D", 0.0))',
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
@@ -247,8 +247,8 @@ FAULTS = [
     Fault(
         "auxk-subsample-normaliser-from-sample",
         "revival.py",
-        "        variance = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()",
-        "        variance = (e_SD - e_SD.mean(0)).pow(2).sum(-1).mean()",
+        "        variance = torch.var(e_ND, dim=0, correction=0).sum()",
+        "        variance = torch.var(e_SD, dim=0, correction=0).sum()",
         ("test_speed_paths.py", "test_objective.py"),
     ),
     # ----------------------------------------------------------------- more that matter
@@ -269,8 +269,8 @@ FAULTS = [
     Fault(
         "auxk-selects-live-latents",
         "kernels/select.py",
-        "        candidates_NC = pre_NC.detach().masked_fill(~dead_C, -math.inf)",
-        "        candidates_NC = pre_NC.detach()",
+        "        candidates_NC.masked_fill_(~dead_C, -math.inf)",
+        "        candidates_NC.masked_fill_(torch.zeros_like(dead_C), -math.inf)",
         ("test_objective.py", "test_kernels.py", "test_losses.py"),
     ),
     Fault(
@@ -335,8 +335,8 @@ FAULTS = [
     Fault(
         "sparse-decode-dW-unpermuted",
         "kernels/sparse.py",
-        "                values_E[order], token_by_latent, latent_offsets, grad_ND, layout.backend",
-        "                values_E, token_by_latent, latent_offsets, grad_ND, layout.backend",
+        "                values_E.index_select(0, order),",
+        "                values_E,",
         ("test_objective.py", "test_kernels.py"),
     ),
     Fault(
@@ -356,8 +356,8 @@ FAULTS = [
     Fault(
         "reconstruction-mean-over-d",
         "losses.py",
-        "    return err_ND.pow(2).sum(-1).mean()",
-        "    return err_ND.pow(2).mean()",
+        '    return F.mse_loss(x_hat_ND, x_ND, reduction="sum") / x_ND.shape[0]',
+        '    return F.mse_loss(x_hat_ND, x_ND, reduction="mean")',
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
@@ -643,6 +643,70 @@ FAULTS = [
         '    scale = e["max_act"]',
         '    scale = e["top"][-1]["value"] if e["top"] else 0.0',
         ("test_report_site.py",),
+    ),
+    # ----------------------------------------------------------------- issue 16, second pass
+    Fault(
+        "row-dot-sampled-rows-shifted",
+        "kernels/primitives.py",
+        "    crow = torch.cat([offsets_N, offsets_N.new_full((1,), n_entries)]).to(torch.int64)",
+        "    crow = torch.cat([offsets_N.new_zeros(1), offsets_N]).to(torch.int64)",
+        ("test_kernels.py",),
+    ),
+    Fault(
+        "bag-sum-slices-reordered",
+        "kernels/primitives.py",
+        "    return torch.cat(slices, dim=1)",
+        "    return torch.cat(slices[::-1], dim=1)",
+        ("test_kernels.py",),
+    ),
+    Fault(
+        "by-latent-token-from-remainder",
+        "kernels/layout.py",
+        '                token_by_latent = torch.div(order, self.per_token, rounding_mode="floor")',
+        "                token_by_latent = order % self.per_token",
+        ("test_kernels.py", "test_objective.py"),
+    ),
+    Fault(
+        "auxk-masks-the-shared-pre",
+        "revival.py",
+        "    fresh = rows_S is not None or dead_cols is not None  # pre_SC is a gathered copy",
+        "    fresh = True",
+        ("test_kernels.py", "test_objective.py", "test_speed_paths.py"),
+    ),
+    Fault(
+        "auxk-values-misaligned",
+        "revival.py",
+        "            pre_E = preacts.attach(value_Sk.reshape(-1), layout)",
+        "            pre_E = preacts.attach(value_Sk.sort(dim=1).values.reshape(-1), layout)",
+        ("test_speed_paths.py", "test_kernels.py", "test_objective.py"),
+    ),
+    Fault(
+        "auxk-variance-per-dimension",
+        "revival.py",
+        "        variance = torch.var(e_ND, dim=0, correction=0).sum()",
+        "        variance = torch.var(e_ND, dim=0, correction=0).mean()",
+        ("test_speed_paths.py", "test_objective.py", "test_losses.py"),
+    ),
+    Fault(
+        "parallel-grad-unit-rows-assumed",
+        "sae.py",
+        "        G.addcmul_(W, (torch.einsum("md,md->m", G, W) / sq_norms_M).unsqueeze(-1), value=-1.0)",
+        "        G.addcmul_(W, torch.einsum("md,md->m", G, W).unsqueeze(-1), value=-1.0)",
+        ("test_sae.py",),
+    ),
+    Fault(
+        "workspace-ignores-holders",
+        "kernels/workspace.py",
+        "    return _storage_use_count(buffer.untyped_storage()._cdata) > 2",
+        "    return False",
+        ("test_workspace.py",),
+    ),
+    Fault(
+        "workspace-hands-out-the-cache",
+        "kernels/workspace.py",
+        "    return buffer.view(n_rows, n_cols)",
+        "    return buffer",
+        ("test_workspace.py",),
     ),
 ]
 

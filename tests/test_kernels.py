@@ -25,6 +25,7 @@ from saekit.kernels import (
     auxk_select,
     bag_sum,
     batchtopk_select,
+    primitives,
     row_dot,
     sparse_decode,
     sparse_decode_reference,
@@ -115,6 +116,59 @@ def test_row_dot_equals_a_python_loop(shape, dtype):
     ]
     out = row_dot(A, B, token, latent, torch.tensor(offsets_of(token, n_tokens)))
     assert out.dtype == dtype
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=dtype), **TOL[dtype])
+
+
+def bag_sum_by_loop(weights, rows, offsets, W):
+    bounds = [*offsets, rows.numel()]
+    w, r, Wl = weights.double().tolist(), rows.tolist(), W.double().tolist()
+    return [
+        [
+            sum(w[e] * Wl[r[e]][j] for e in range(bounds[b], bounds[b + 1]))
+            for j in range(len(Wl[0]))
+        ]
+        for b in range(len(offsets))
+    ]
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_bag_sum_on_column_slices_equals_a_python_loop(monkeypatch, tile):
+    """The CPU bag sum over slices of W's columns (many uses of each row): at the library's own
+    threshold (every row read 128 times, d = 130: two full slices and a 2-column one), and at a
+    4-column slice forced on a small case (d = 11: slices of 4, 4 and 3)."""
+    if tile is None:
+        n_bags, d_sae, d, per_bag = 64, 8, 2 * primitives.TILE_COLUMNS + 2, 16
+    else:
+        monkeypatch.setattr(primitives, "TILE_COLUMNS", tile)
+        monkeypatch.setattr(primitives, "TILE_MIN_USES", 1)
+        n_bags, d_sae, d, per_bag = 9, 5, 11, 3
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(0, d_sae, (n_bags * per_bag,), generator=g)
+    weights = torch.randn(rows.numel(), generator=g)
+    W = torch.randn(d_sae, d, generator=g)
+    offsets = list(range(0, rows.numel(), per_bag))
+    offsets[3] = offsets[4]  # bag 3 is empty
+    assert primitives._tiled(weights, W)
+    out = bag_sum(weights, rows, torch.tensor(offsets), W)
+    torch.testing.assert_close(out, torch.tensor(bag_sum_by_loop(weights, rows, offsets, W)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_dot_at_repeated_unsorted_coordinates(dtype):
+    """Any coordinates (token non-decreasing): a latent repeated within a token, latents in no
+    order, tokens with no entry at the start, middle and end."""
+    token = torch.tensor([1, 1, 1, 1, 3, 3, 4])
+    latent = torch.tensor([5, 0, 5, 2, 7, 1, 7])
+    n_tokens, d_sae, d = 6, 8, 11
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(n_tokens, d, generator=g, dtype=dtype)
+    B = torch.randn(d_sae, d, generator=g, dtype=dtype)
+    Al, Bl = A.double().tolist(), B.double().tolist()
+    expected = [
+        sum(Al[n][j] * Bl[m][j] for j in range(d))
+        for n, m in zip(token.tolist(), latent.tolist(), strict=True)
+    ]
+    out = row_dot(A, B, token, latent, torch.tensor(offsets_of(token, n_tokens)))
     torch.testing.assert_close(out, torch.tensor(expected, dtype=dtype), **TOL[dtype])
 
 
@@ -331,12 +385,14 @@ def test_batchtopk_select_is_the_batch_k_times_N_largest_in_token_order(k):
 def test_auxk_select_keeps_only_dead_positive_entries():
     pre = torch.tensor([[3.0, -1.0, 2.0, 5.0], [-2.0, -3.0, 1.0, 0.5]])
     dead = torch.tensor([True, True, False, True])
-    latent, keep = auxk_select(pre, dead, k_aux=3)
+    latent, keep, value = auxk_select(pre, dead, k_aux=3)
     chosen = {(n, int(latent[n, j])) for n in range(2) for j in range(3) if keep[n, j]}
     assert chosen == {(0, 0), (0, 3), (1, 3)}
-    latent, keep = auxk_select(pre, dead, k_aux=10)  # k_aux is clamped to M
+    for n, j in zip(*torch.nonzero(keep).T.tolist(), strict=True):  # the values of pre there
+        assert value[n, j] == pre[n, latent[n, j]]
+    latent, keep, _ = auxk_select(pre, dead, k_aux=10)  # k_aux is clamped to M
     assert latent.shape == keep.shape == (2, 4)
-    latent, keep = auxk_select(pre, torch.zeros(4, dtype=torch.bool), k_aux=2)
+    latent, keep, _ = auxk_select(pre, torch.zeros(4, dtype=torch.bool), k_aux=2)
     assert not keep.any()  # none dead: nothing kept
 
 

@@ -17,16 +17,22 @@ import torch
 from torch import Tensor
 
 
-def encoder_preacts(x_n_ND: Tensor, W_enc_MD: Tensor, b_enc_M: Tensor | None, b_dec_D: Tensor):
+def encoder_preacts(
+    x_n_ND: Tensor,
+    W_enc_MD: Tensor,
+    b_enc_M: Tensor | None,
+    b_dec_D: Tensor,
+    out: Tensor | None = None,
+):
     """pre = (x_n − b_dec) W_encᵀ + b_enc: the one home of the affine encoder ([N, M]).
 
     ``b_enc_M`` None: no encoder bias (ProLU owns its bias). Differentiable where its inputs are;
-    the fast path calls it under ``torch.no_grad``.
+    the fast path calls it under ``torch.no_grad``, with ``out`` a buffer to write into.
     """
     x_c_ND = x_n_ND - b_dec_D
     if b_enc_M is None:
-        return x_c_ND @ W_enc_MD.T
-    return torch.addmm(b_enc_M, x_c_ND, W_enc_MD.T)
+        return torch.mm(x_c_ND, W_enc_MD.T, out=out)
+    return torch.addmm(b_enc_M, x_c_ND, W_enc_MD.T, out=out)
 
 
 class SparseCode(NamedTuple):

@@ -16,6 +16,7 @@ from torch import Tensor
 from saekit.encoding import Preacts
 from saekit.kernels import CodeLayout, SparsePreacts, auxk_select, sparse_decode
 from saekit.kernels.columns import columns_decode
+from saekit.losses import reconstruction_loss
 
 AUXK_NORMALIZERS = ("residual", "none")
 DENSE_COLUMNS_PER_K = 8
@@ -74,7 +75,8 @@ def auxk_loss(
         pre_SC, dead_C = pre_SM, dead_M
     else:
         pre_SC, dead_C = pre_SM.index_select(1, dead_cols), dead_M[dead_cols]
-    index_Sk, keep_Sk = auxk_select(pre_SC, dead_C, k_aux)
+    fresh = rows_S is not None or dead_cols is not None  # pre_SC is a gathered copy
+    index_Sk, keep_Sk, value_Sk = auxk_select(pre_SC, dead_C, k_aux, overwrite=fresh)
     if (
         dead_cols is not None
         and isinstance(preacts, SparsePreacts)
@@ -92,13 +94,16 @@ def auxk_loss(
         else:
             token_E = rows_S.repeat_interleave(latent_Sk.shape[1])
             layout = CodeLayout(token_E, latent_Sk.reshape(-1), n_tokens, d_sae)
-        pre_E = preacts.at(layout.token, layout.latent)
+        if isinstance(preacts, SparsePreacts):  # the selected values, no second read of pre
+            pre_E = preacts.attach(value_Sk.reshape(-1), layout)
+        else:
+            pre_E = preacts.at(layout.token, layout.latent)
         z_E = torch.where(keep_Sk.reshape(-1), pre_E, torch.zeros_like(pre_E))
         e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
         e_hat_SD = e_hat_ND if rows_S is None else e_hat_ND.index_select(0, rows_S)
-    mse = (e_hat_SD - e_SD).pow(2).sum(-1).mean()
+    mse = reconstruction_loss(e_SD, e_hat_SD)  # mean_s ‖ê_s − e_s‖², one fused kernel
     if normalizer == "residual":
-        variance = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()
+        variance = torch.var(e_ND, dim=0, correction=0).sum()  # mean_n ‖e_n − ē‖², one pass
         mse = mse / variance.clamp_min(torch.finfo(variance.dtype).tiny)
     n_dead = dead_mask_M.to(device=mse.device, dtype=mse.dtype).sum()
     return alpha * (n_dead / k_aux).clamp(max=1.0) * mse

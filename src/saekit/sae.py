@@ -266,9 +266,10 @@ class SAE(nn.Module):
         """Drop the component of each decoder row's gradient parallel to the row."""
         if self.W_dec.grad is None:
             return
-        W, G = self.W_dec, self.W_dec.grad
-        unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        G -= (G * unit).sum(-1, keepdim=True) * unit
+        W, G = self.W_dec.detach(), self.W_dec.grad
+        # G −= (G·w / ‖w‖²) w per row: two reductions and one in-place pass, no [M, d] temporary
+        sq_norms_M = torch.linalg.vector_norm(W, dim=-1).square().clamp_min(1e-24)
+        G.addcmul_(W, (torch.einsum("md,md->m", G, W) / sq_norms_M).unsqueeze(-1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

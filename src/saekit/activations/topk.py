@@ -18,6 +18,7 @@ from torch import Tensor
 from saekit.activations.base import Activation, ActivationConfig
 from saekit.encoding import Encoding, SparseCode
 from saekit.kernels import CodeLayout, SparsePreacts, topk_select
+from saekit.kernels.workspace import free_buffer
 
 if TYPE_CHECKING:
     from saekit.sae import SAE
@@ -54,7 +55,13 @@ class TopKConfig(ActivationConfig):
 
 
 def fast_preacts(sae: SAE, x_n_ND: Tensor) -> SparsePreacts:
-    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.input_center)
+    """The fast path's pre, computed into the SAE's own [N, M] buffer on CPU when nothing else
+    holds it (kernels/workspace.py: no page faults for a fresh 128 MiB every step)."""
+    out, dtype = None, sae.W_enc.dtype
+    inputs = (x_n_ND, sae.b_enc, sae.input_center)
+    if x_n_ND.device.type == "cpu" and all(t is None or t.dtype == dtype for t in inputs):
+        out = free_buffer(sae, x_n_ND.shape[0], sae.W_enc.shape[0], dtype)
+    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.input_center, out=out)
 
 
 class TopK(Activation):

@@ -34,6 +34,7 @@ class CodeLayout:
         self.n_tokens, self.d_sae = n_tokens, d_sae
         self._token_offsets = token_offsets
         self._by_latent: tuple[Tensor, Tensor, Tensor] | None = None
+        self.per_token: int | None = None  # k when every token has k entries (fixed_k)
 
     @classmethod
     def fixed_k(cls, latent_Nk: Tensor, d_sae: int, backend: str = "torch") -> CodeLayout:
@@ -41,7 +42,9 @@ class CodeLayout:
         n_tokens, k = latent_Nk.shape
         offsets_N = torch.arange(0, n_tokens * k, k, device=latent_Nk.device)
         token_E = torch.arange(n_tokens, device=latent_Nk.device).repeat_interleave(k)
-        return cls(token_E, latent_Nk.reshape(-1), n_tokens, d_sae, offsets_N, backend)
+        layout = cls(token_E, latent_Nk.reshape(-1), n_tokens, d_sae, offsets_N, backend)
+        layout.per_token = k
+        return layout
 
     @property
     def token_offsets(self) -> Tensor:
@@ -57,5 +60,9 @@ class CodeLayout:
             sorted_latent, order = torch.sort(self.latent.to(torch.int32), stable=True)
             bounds_M = torch.arange(self.d_sae, device=self.latent.device)
             latent_offsets = torch.searchsorted(sorted_latent, bounds_M.to(torch.int32))
-            self._by_latent = (order, self.token[order], latent_offsets)
+            if self.per_token:  # entry e belongs to token e // k: no gather needed
+                token_by_latent = torch.div(order, self.per_token, rounding_mode="floor")
+            else:  # index_select: ~2× faster than advanced indexing on CPU
+                token_by_latent = self.token.index_select(0, order)
+            self._by_latent = (order, token_by_latent, latent_offsets)
         return self._by_latent

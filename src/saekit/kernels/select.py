@@ -99,17 +99,24 @@ def batchtopk_select(pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return batchtopk_flat(pre_NM, k)
 
 
-def auxk_select(pre_NC: Tensor, dead_mask_C: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """AuxK candidates: (column [N, k'], keep [N, k']) from the detached pre, k' = min(k_aux,
-    C); a fixed shape (docs/design.md, "AuxK").
+def auxk_select(
+    pre_NC: Tensor, dead_mask_C: Tensor, k_aux: int, *, overwrite: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AuxK candidates: (column [N, k'], keep [N, k'], value [N, k']) from the detached pre,
+    k' = min(k_aux, C); a fixed shape (docs/design.md, "AuxK"). ``value`` is pre at the
+    selected entries (−∞ where the column is not dead), so nothing reads the matrix again.
 
     The top-k_aux of ReLU(pre) over dead latents among the C columns given (all M, or a gathered
     superset of the dead latents: the same selection, since live columns are masked to −∞).
     ``keep`` is False where the entry is not dead or not positive (it contributes 0). Ranking
     pre with live latents at −∞ instead of ReLU(pre) changes only entries that contribute 0.
+
+    ``overwrite``: ``pre_NC`` is the caller's own copy (a gather of rows or columns), masked in
+    place: a copy of [N, C] cost 5× the masking itself on the project's CPU.
     """
     dead_C = dead_mask_C.to(device=pre_NC.device, dtype=torch.bool)
     with torch.no_grad():
-        candidates_NC = pre_NC.detach().masked_fill(~dead_C, -math.inf)
+        candidates_NC = pre_NC.detach() if overwrite else pre_NC.detach().clone()
+        candidates_NC.masked_fill_(~dead_C, -math.inf)
         top = candidates_NC.topk(min(k_aux, pre_NC.shape[1]), dim=-1, sorted=False)
-    return top.indices, top.values > 0
+    return top.indices, top.values > 0, top.values

@@ -54,7 +54,11 @@ class _SparseDecodeFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             order, token_by_latent, latent_offsets = layout.by_latent()
             grad_W = bag_sum(
-                values_E[order], token_by_latent, latent_offsets, grad_ND, layout.backend
+                values_E.index_select(0, order),
+                token_by_latent,
+                latent_offsets,
+                grad_ND,
+                layout.backend,
             )
         return grad_values, grad_W, None
 
@@ -119,7 +123,11 @@ class _PreactsFn(torch.autograd.Function):
             order, token_by_latent, latent_offsets = layout.by_latent()
             x_c_ND = x_in_ND - b_dec_D if ctx.has_b_dec else x_in_ND
             grad_W = bag_sum(
-                grad_E[order], token_by_latent, latent_offsets, x_c_ND.detach(), layout.backend
+                grad_E.index_select(0, order),
+                token_by_latent,
+                latent_offsets,
+                x_c_ND.detach(),
+                layout.backend,
             )
         if need_x:
             grad_x = bag_sum(grad_E, layout.latent, layout.token_offsets, W_enc_MD, layout.backend)
@@ -162,12 +170,20 @@ class SparsePreacts(Preacts):
 
     ``at(token, latent)`` gathers values from the detached matrix and attaches the encoder's
     sparse backward (:class:`_PreactsFn`); ``dense()`` attaches the dense backward
-    (:class:`_DensePreFn`: only a loss that differentiates all of [N, M] pays for it).
+    (:class:`_DensePreFn`: only a loss that differentiates all of [N, M] pays for it). ``out``:
+    a free [N, M] buffer to compute pre into (:mod:`saekit.kernels.workspace`).
     """
 
-    def __init__(self, x_n_ND: Tensor, W_enc_MD: Tensor, b_enc_M: Tensor | None, b_dec_D: Tensor):
+    def __init__(
+        self,
+        x_n_ND: Tensor,
+        W_enc_MD: Tensor,
+        b_enc_M: Tensor | None,
+        b_dec_D: Tensor,
+        out: Tensor | None = None,
+    ):
         with torch.no_grad():
-            pre_NM = encoder_preacts(x_n_ND, W_enc_MD, b_enc_M, b_dec_D)
+            pre_NM = encoder_preacts(x_n_ND, W_enc_MD, b_enc_M, b_dec_D, out=out)
         super().__init__(pre_NM)
         self.x_n_ND, self.W_enc_MD, self.b_enc_M, self.b_dec_D = x_n_ND, W_enc_MD, b_enc_M, b_dec_D
 

@@ -1,0 +1,48 @@
+"""One reused [N, M] buffer per SAE for the CPU encoder matmul of the fast path.
+
+A fresh [N, M] tensor above glibc's mmap threshold (≤ 32 MiB) is mapped anew and faulted in
+4 KiB at a time on every step: ~55 ms of a ~420 ms step at N = 4096, M = 8192 on the project's
+CPU (benchmarks/README.md, "Host memory"). The fast path computes pre into the buffer it used
+last time instead, but only when nothing else still holds that buffer: its storage's use count
+says whether the previous step's pre-activations (or any view of them) are still alive, so a
+caller who keeps an old output never sees it overwritten. CUDA's caching allocator already
+reuses memory, so this runs on CPU tensors only, and never under autocast (``out=`` is not
+autocast).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+_BUFFERS: weakref.WeakKeyDictionary[object, Tensor] = weakref.WeakKeyDictionary()
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def free_buffer(owner: object, n_rows: int, n_cols: int, dtype: torch.dtype) -> Tensor | None:
+    """An [n_rows, n_cols] CPU tensor ``owner`` may overwrite (its last one when nothing else
+    holds it, else a new one it keeps for next time), or None where reuse does not apply."""
+    if _storage_use_count is None or _autocast_on():
+        return None
+    buffer = _BUFFERS.get(owner)
+    if buffer is None or buffer.shape != (n_rows, n_cols) or buffer.dtype != dtype or _held(buffer):
+        buffer = torch.empty(n_rows, n_cols, dtype=dtype)
+        _BUFFERS[owner] = buffer
+    # An alias, not the cached tensor itself: whoever keeps the result (or anything made from
+    # it) adds to the storage's use count, which is what _held reads.
+    return buffer.view(n_rows, n_cols)
+
+
+def _held(buffer: Tensor) -> bool:
+    """Whether anything besides the cache holds the buffer's storage: the count is 2 for the
+    cache's own tensor and the temporary storage object made to read it."""
+    return _storage_use_count(buffer.untyped_storage()._cdata) > 2
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
