@@ -63,3 +63,17 @@ def test_the_help_answers_without_torch_in_well_under_a_second():
             "import",
         ]
     )
+
+
+def test_the_benchmark_configs_train(tmp_path):
+    """Every run config kept in benchmarks/ still loads and trains (3 short steps), and each SAE
+    it names is saved."""
+    configs = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        out = tmp_path / config.stem
+        short = ["--steps", "3", "--batch-size", "256", "--set", "eval_tokens=512"]
+        assert main(["train", "--config", str(config), "--out", str(out), *short,
+                     "--no-progress"]) == 0  # fmt: skip
+        names = re.findall(r'name: "([^"]+)"', config.read_text())
+        assert names and all((out / name / "cfg.json").is_file() for name in names)
