@@ -690,8 +690,8 @@ FAULTS = [
     Fault(
         "parallel-grad-unit-rows-assumed",
         "sae.py",
-        "        G.addcmul_(W, (torch.einsum("md,md->m", G, W) / sq_norms_M).unsqueeze(-1), value=-1.0)",
-        "        G.addcmul_(W, torch.einsum("md,md->m", G, W).unsqueeze(-1), value=-1.0)",
+        '        coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M',
+        '        coef_M = torch.einsum("md,md->m", G_w, W_w)',
         ("test_sae.py",),
     ),
     Fault(
@@ -707,6 +707,41 @@ FAULTS = [
         "    return buffer.view(n_rows, n_cols)",
         "    return buffer",
         ("test_workspace.py",),
+    ),
+    Fault(
+        "workspace-reuses-shared-memory",
+        "kernels/workspace.py",
+        "    if buffer.is_shared():\n        return True\n",
+        "",
+        ("test_workspace.py",),
+    ),
+    Fault(
+        "workspace-ignores-a-held-storage-object",
+        "kernels/workspace.py",
+        "    if _storage_object_refs(buffer) > _LONE_STORAGE_OBJECT_REFS:\n        return True\n",
+        "",
+        ("test_workspace.py",),
+    ),
+    Fault(
+        "workspace-in-inference-mode",
+        "kernels/workspace.py",
+        " or torch.is_inference_mode_enabled():",
+        ":",
+        ("test_workspace.py",),
+    ),
+    Fault(
+        "parallel-grad-coefficients-in-fp16",
+        "sae.py",
+        "        work = torch.promote_types(W.dtype, torch.float32)",
+        "        work = W.dtype",
+        ("test_sae.py",),
+    ),
+    Fault(
+        "reconstruction-broadcast-ignored",
+        "losses.py",
+        "    x_ND = x_n.to(dtype).expand(shape).reshape(-1, shape[-1])",
+        "    x_ND = x_n.to(dtype).reshape(-1, shape[-1])",
+        ("test_losses.py",),
     ),
 ]
 

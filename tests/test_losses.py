@@ -501,3 +501,14 @@ def test_dead_preact_loss_pushes_dead_preacts_toward_the_threshold_through_the_e
             ref_grad[i] = -below * norms[i].item() / (B * T) / int(dead.sum())
     assert ref_grad.min() < 0
     torch.testing.assert_close(sae.b_enc.grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_reconstruction_loss_broadcasts_as_the_difference_would():
+    """x_n [1, d] against x̂ [9, d]: the mean over the 9 broadcast tokens, as ‖x_n − x̂_n‖² reads."""
+    g = torch.Generator().manual_seed(2)
+    x, x_hat = torch.randn(1, 5, generator=g), torch.randn(9, 5, generator=g)
+    x0 = x[0].tolist()
+    expected = sum(
+        sum((a - b) ** 2 for a, b in zip(x0, row, strict=True)) for row in x_hat.tolist()
+    )
+    torch.testing.assert_close(reconstruction_loss(x, x_hat).item(), expected / 9)

@@ -549,3 +549,19 @@ def test_fold_scale_leaves_latents_and_reconstruction_unchanged(variant):
     assert_rel(after.x_hat, before.x_hat)
     assert_rel(sae.encode(x), z_before)
     assert (z_before != 0).any()
+
+
+def test_remove_parallel_grad_keeps_small_fp16_rows_finite():
+    """‖w‖² of a row of norm 1e-4 underflows to 0 in float16; the coefficients are computed in
+    float32, so the projection stays finite and matches the float64 one."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=6, d_sae=3, activation={"kind": "topk", "k": 1})).half()
+    with torch.no_grad():
+        sae.W_dec[1] *= 1e-4 / sae.W_dec[1].float().norm()
+    G = torch.randn(3, 6).half()
+    sae.W_dec.grad = G.clone()
+    sae.remove_parallel_grad_()
+    W64, G64 = sae.W_dec.detach().double(), G.double()
+    expected = G64 - ((G64 * W64).sum(-1) / (W64 * W64).sum(-1)).unsqueeze(-1) * W64
+    assert torch.isfinite(sae.W_dec.grad).all()
+    torch.testing.assert_close(sae.W_dec.grad.double(), expected, rtol=1e-2, atol=1e-2)

@@ -68,3 +68,32 @@ def test_no_buffer_under_autocast_or_for_another_shape():
     assert other.data_ptr() != held.data_ptr()
     assert workspace.free_buffer(sae, 10, 40, torch.float32).shape == (10, 40)
     assert workspace.free_buffer(sae, 10, 40, torch.float64).dtype == torch.float64
+
+
+def test_inference_mode_then_training_forward():
+    sae, x = make_sae(), torch.randn(9, 12)
+    with torch.inference_mode():
+        del_me = sae(x)
+    del del_me
+    out = sae(x)  # no "inplace update to inference tensor" error
+    expected = encoder_preacts(x, sae.W_enc, sae.b_enc, sae.input_center)
+    torch.testing.assert_close(pre_of(out), expected, rtol=0, atol=0)
+
+
+def test_a_held_storage_object_blocks_reuse():
+    sae, x = make_sae(), torch.randn(9, 12)
+    pre = pre_of(sae(x))
+    storage, ptr = pre.untyped_storage(), pre.data_ptr()  # noqa: F841 (held on purpose)
+    del pre
+    assert pre_of(sae(x * 2.0)).data_ptr() != ptr
+
+
+def test_shared_memory_blocks_reuse():
+    """torch.multiprocessing moves a tensor it sends to shared memory; the receiver holds it
+    without the sender's counts knowing."""
+    sae, x = make_sae(), torch.randn(9, 12)
+    pre = pre_of(sae(x))
+    pre.share_memory_()
+    ptr = pre.data_ptr()
+    del pre
+    assert pre_of(sae(x * 3.0)).data_ptr() != ptr

@@ -31,9 +31,10 @@ def reconstruction_loss(x_n: Tensor, x_hat_n: Tensor) -> Tensor:
     backward is one pass over [N, d]; ``(x_n − x̂_n).pow(2)`` took 8× as long forward and
     backward on the project's CPU (benchmarks/README.md, "Losses").
     """
-    d = x_n.shape[-1]
+    shape = torch.broadcast_shapes(x_n.shape, x_hat_n.shape)  # as x_n − x̂_n would broadcast
     dtype = torch.promote_types(x_n.dtype, x_hat_n.dtype)
-    x_ND, x_hat_ND = x_n.reshape(-1, d).to(dtype), x_hat_n.reshape(-1, d).to(dtype)
+    x_ND = x_n.to(dtype).expand(shape).reshape(-1, shape[-1])
+    x_hat_ND = x_hat_n.to(dtype).expand(shape).reshape(-1, shape[-1])
     return F.mse_loss(x_hat_ND, x_ND, reduction="sum") / x_ND.shape[0]
 
 

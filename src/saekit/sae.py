@@ -267,9 +267,13 @@ class SAE(nn.Module):
         if self.W_dec.grad is None:
             return
         W, G = self.W_dec.detach(), self.W_dec.grad
-        # G −= (G·w / ‖w‖²) w per row: two reductions and one in-place pass, no [M, d] temporary
-        sq_norms_M = torch.linalg.vector_norm(W, dim=-1).square().clamp_min(1e-24)
-        G.addcmul_(W, (torch.einsum("md,md->m", G, W) / sq_norms_M).unsqueeze(-1), value=-1.0)
+        # G −= (G·w / ‖w‖²) w per row: two reductions and one in-place pass, no [M, d] temporary.
+        # The row coefficients in float32 at least: ‖w‖² of a small fp16 row underflows to 0.
+        work = torch.promote_types(W.dtype, torch.float32)
+        W_w, G_w = W.to(work), G.to(work)
+        sq_norms_M = torch.linalg.vector_norm(W_w, dim=-1).square().clamp_min(1e-24)
+        coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M
+        G.addcmul_(W, coef_M.to(G.dtype).unsqueeze(-1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

@@ -6,12 +6,13 @@ CPU (benchmarks/README.md, "Host memory"). The fast path computes pre into the b
 last time instead, but only when nothing else still holds that buffer: its storage's use count
 says whether the previous step's pre-activations (or any view of them) are still alive, so a
 caller who keeps an old output never sees it overwritten. CUDA's caching allocator already
-reuses memory, so this runs on CPU tensors only, and never under autocast (``out=`` is not
-autocast).
+reuses memory, so this runs on CPU tensors only, never under autocast (``out=`` is not
+autocast) and never in inference mode (an inference tensor cannot be written outside it).
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -21,11 +22,21 @@ _BUFFERS: weakref.WeakKeyDictionary[object, Tensor] = weakref.WeakKeyDictionary(
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def _storage_object_refs(tensor: Tensor) -> int:
+    """References to the storage's Python object, which PyTorch keeps unique per storage: a
+    caller holding ``pre.untyped_storage()`` raises this without raising the use count."""
+    return sys.getrefcount(tensor.untyped_storage())
+
+
+_LONE_STORAGE_OBJECT_REFS = _storage_object_refs(torch.empty(1))
+"""The count for a storage nobody else holds, measured (it depends on the Python version)."""
+
+
 def free_buffer(owner: object, n_rows: int, n_cols: int, dtype: torch.dtype) -> Tensor | None:
     """An [n_rows, n_cols] CPU tensor ``owner`` may overwrite (its last one when nothing else
     holds it, else a new one it keeps for next time), or None where reuse does not apply."""
-    if _storage_use_count is None or _autocast_on():
-        return None
+    if _storage_use_count is None or _autocast_on() or torch.is_inference_mode_enabled():
+        return None  # an inference tensor could never be written outside inference mode
     buffer = _BUFFERS.get(owner)
     if buffer is None or buffer.shape != (n_rows, n_cols) or buffer.dtype != dtype or _held(buffer):
         buffer = torch.empty(n_rows, n_cols, dtype=dtype)
@@ -36,8 +47,14 @@ def free_buffer(owner: object, n_rows: int, n_cols: int, dtype: torch.dtype) -> 
 
 
 def _held(buffer: Tensor) -> bool:
-    """Whether anything besides the cache holds the buffer's storage: the count is 2 for the
-    cache's own tensor and the temporary storage object made to read it."""
+    """Whether anything besides the cache holds the buffer's storage: another tensor (the use
+    count is 2 for the cache's own tensor and the storage object made to read it), the storage
+    object itself, or another process (a tensor sent through torch.multiprocessing moves to
+    shared memory, and the sender keeps no count of the receiver)."""
+    if buffer.is_shared():
+        return True
+    if _storage_object_refs(buffer) > _LONE_STORAGE_OBJECT_REFS:
+        return True
     return _storage_use_count(buffer.untyped_storage()._cdata) > 2
 
 
