@@ -743,6 +743,28 @@ FAULTS = [
         "    x_ND = x_n.to(dtype).reshape(-1, shape[-1])",
         ("test_losses.py",),
     ),
+    Fault(
+        "batchtopk-floor-count-unchecked",
+        "kernels/select.py",
+        "    if not n_keep <= flat_C.numel() <= FLOOR_CANDIDATES_PER_KEPT * n_keep:",
+        "    if flat_C.numel() > FLOOR_CANDIDATES_PER_KEPT * n_keep:",
+        ("test_speed_paths.py", "test_kernels.py"),
+        also=(
+            (
+                "kernels/select.py",
+                "    chosen = values_C.topk(n_keep, sorted=False).indices.sort().values",
+                "    chosen = values_C.topk(min(n_keep, flat_C.numel()), sorted=False)"
+                ".indices.sort().values",
+            ),
+        ),
+    ),
+    Fault(
+        "batchtopk-floor-not-token-major",
+        "kernels/select.py",
+        "    chosen = values_C.topk(n_keep, sorted=False).indices.sort().values",
+        "    chosen = values_C.topk(n_keep, sorted=False).indices",
+        ("test_speed_paths.py", "test_kernels.py"),
+    ),
 ]
 
 

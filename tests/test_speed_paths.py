@@ -20,6 +20,8 @@ import torch
 
 from saekit import revival
 from saekit.kernels import batchtopk_candidates, batchtopk_select
+from saekit.kernels import select as kernel_select
+from saekit.kernels.select import batchtopk_above
 from saekit.revival import DeadSet, auxk_loss
 from saekit.sae import SAE, SAEConfig
 
@@ -70,6 +72,72 @@ def test_batchtopk_select_is_exact_on_adversarial_inputs(name, k):
     pre = adversarial(name)
     values, flat = batchtopk_select(pre, k)
     assert_valid_batch_topk(pre, k, values, flat)
+
+
+def kth_value(pre, k):
+    return sorted(pre.reshape(-1).tolist(), reverse=True)[k * pre.shape[0] - 1]
+
+
+FLOORS = {  # where the floor sits against the batch's k·N-th value τ, and what the path does
+    "just-under": lambda tau, pre: tau - 1e-9,  # the floor path finds it
+    "at-tau": lambda tau, pre: tau,  # fewer than k·N strictly above: fall back
+    "too-high": lambda tau, pre: tau + 1.0,  # fall back
+    "too-low": lambda tau, pre: float(pre.min()) - 1.0,  # every entry a candidate: fall back
+}
+
+
+@pytest.mark.parametrize("floor", list(FLOORS))
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("k", [1, 4])
+def test_batchtopk_select_with_a_floor_is_exact_wherever_the_floor_is(name, k, floor):
+    pre = adversarial(name)
+    values, flat = batchtopk_select(pre, k, floor=FLOORS[floor](kth_value(pre, k), pre))
+    assert_valid_batch_topk(pre, k, values, flat)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_batchtopk_above_answers_only_when_it_can_certify(name):
+    pre, k = adversarial(name), 4
+    tau, n_keep = kth_value(pre, k), 4 * pre.shape[0]
+    entries = pre.reshape(-1).tolist()
+    for floor in (tau - 1e-9, tau, tau + 1.0, min(entries) - 1.0):
+        above = sum(v > floor for v in entries)
+        found = batchtopk_above(pre, k, floor)
+        assert (found is not None) == (n_keep <= above <= 4 * n_keep)
+        if found is not None:
+            assert_valid_batch_topk(pre, k, *found)
+
+
+def test_batchtopk_training_uses_the_previous_batch_as_floor(monkeypatch):
+    """From the second training batch on, the CPU selection starts from a floor under the
+    previous batch's k·N-th value, and the code is the one a plain sort gives."""
+    floors, found = [], []
+    real = kernel_select.batchtopk_above
+
+    def spy(*args):
+        floors.append(args[2])
+        found.append(real(*args))
+        return found[-1]
+
+    monkeypatch.setattr(kernel_select, "batchtopk_above", spy)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=D, d_sae=M, activation={"kind": "batchtopk", "k": K})).double()
+    sae.train()
+    g = torch.Generator().manual_seed(1)
+    previous = None
+    for step in range(3):
+        x = torch.randn(40, D, generator=g, dtype=F64) + 0.3
+        out = sae(x)
+        pre = out.encoding.preacts.detached
+        tau = kth_value(pre, K)
+        code = out.latents
+        flat = code.token * M + code.latent
+        assert_valid_batch_topk(pre, K, pre.reshape(-1)[flat], flat)
+        assert len(floors) == step  # none on the first batch
+        if step:
+            assert floors[-1] == pytest.approx(previous - 0.1 * abs(previous))
+        previous = tau
+    assert all(f is not None for f in found)  # the floor path itself chose these codes
 
 
 def test_batchtopk_candidates_flag_is_never_a_wrong_true():

@@ -19,10 +19,14 @@ from torch import Tensor
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.topk import check_k, fast_preacts
 from saekit.encoding import Encoding, SparseCode
-from saekit.kernels import CodeLayout, batchtopk_select
+from saekit.kernels import CodeLayout, batchtopk_select, select
 
 if TYPE_CHECKING:
     from saekit.sae import SAE
+
+
+FLOOR_MARGIN = 0.1
+"""The next CPU selection looks above the previous k·N-th value minus 10% of its size."""
 
 
 @dataclass
@@ -78,13 +82,27 @@ class BatchTopK(Activation):
             return Encoding(z_NM, pre)
         pre = fast_preacts(sae, x_n_ND)
         n_tokens, d_sae = pre.detached.shape
-        values_E, flat_E = batchtopk_select(pre.detached, k)
+        values_E, flat_E = batchtopk_select(pre.detached, k, floor=self._selection_floor())
+        self._last_kept_min = values_E.min() if values_E.numel() else None
         token_E = torch.div(flat_E, d_sae, rounding_mode="floor")
         layout = CodeLayout(
             token_E, flat_E - token_E * d_sae, n_tokens, d_sae, backend=self.cfg.kernel
         )
         values_E = torch.relu(pre.attach(values_E, layout))
         return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
+
+    _last_kept_min: Tensor | None = None
+    """The previous training batch's k·N-th pre-activation (not saved: a hint for the next
+    selection's cost, never for what it selects)."""
+
+    def _selection_floor(self) -> float | None:
+        """10% (of its size) under the previous batch's k·N-th value, on CPU; None otherwise.
+        The k·N-th largest of N·M values moves little from one batch to the next."""
+        last = self._last_kept_min
+        if last is None or not select.reads_free(last) or not torch.isfinite(last):
+            return None
+        last = float(last)
+        return last - FLOOR_MARGIN * abs(last)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
         """The batch's smallest positive kept value, 0-d (0 if none is positive)."""

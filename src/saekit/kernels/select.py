@@ -80,18 +80,50 @@ def reads_free(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
-def batchtopk_select(pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
+FLOOR_CANDIDATES_PER_KEPT = 4
+"""The floor path gives up when more than 4·k·N entries clear the floor (a floor far too low)."""
+
+
+def batchtopk_above(pre_NM: Tensor, k: int, floor: float) -> tuple[Tensor, Tensor] | None:
+    """The k·N largest entries found among those above ``floor``: (values, flat index sorted),
+    or None when fewer than k·N or more than 4·k·N entries are above it. CPU only (the count is
+    read on the host).
+
+    Exact when it returns: with at least k·N entries > floor, the k·N-th largest value is
+    > floor, so every entry of a top-k·N of the batch is among the candidates. A floor just
+    under the previous batch's k·N-th value leaves ~2·k·N candidates: one compare and one
+    compaction over [N, M] instead of each token's top-4k (benchmarks/README.md, "BatchTopK").
+    """
+    n_keep = k * pre_NM.shape[0]
+    flat_C = torch.nonzero(pre_NM.reshape(-1) > floor).reshape(-1)  # ascending: token-major
+    if not n_keep <= flat_C.numel() <= FLOOR_CANDIDATES_PER_KEPT * n_keep:
+        return None
+    values_C = pre_NM.reshape(-1).index_select(0, flat_C)
+    chosen = values_C.topk(n_keep, sorted=False).indices.sort().values
+    return values_C.index_select(0, chosen), flat_C.index_select(0, chosen)
+
+
+def batchtopk_select(pre_NM: Tensor, k: int, floor: float | None = None) -> tuple[Tensor, Tensor]:
     """The k·N largest entries of pre over the whole batch: (values [k·N], flat index [k·N]),
     sorted by flat index, so token-major (a CSR-ordered code). Always exact.
 
-    CUDA: one flat top-k (parallel there; nothing is read on the host). CPU: the candidates of
+    CUDA: one flat top-k (parallel there; nothing is read on the host). CPU: with a ``floor``
+    (a guess just under the k·N-th value, e.g. from the previous batch), the entries above it
+    (:func:`batchtopk_above`); else, or when that cannot certify the result, the candidates of
     :func:`batchtopk_candidates`, whose exactness flag is read on the host (a CPU tensor, so no
-    device sync); a batch it cannot certify falls back to the flat top-k.
+    device sync); a batch neither certifies falls back to the flat top-k. The floor changes
+    only the cost, never the entries chosen (up to ties at the k·N-th value).
     """
     n_tokens, d_sae = pre_NM.shape
     per_token = CANDIDATES_PER_K * k
     full_rows = max(1, n_tokens // FULL_ROWS_PER_TOKENS)
-    if not reads_free(pre_NM) or per_token >= d_sae or full_rows >= n_tokens:
+    if not reads_free(pre_NM):
+        return batchtopk_flat(pre_NM, k)
+    if floor is not None:
+        found = batchtopk_above(pre_NM, k, floor)
+        if found is not None:
+            return found
+    if per_token >= d_sae or full_rows >= n_tokens:
         return batchtopk_flat(pre_NM, k)
     values_E, flat_E, exact = batchtopk_candidates(pre_NM, k, per_token, full_rows)
     if bool(exact):
