@@ -16,13 +16,15 @@ from collections.abc import Callable
 
 import torch
 
-from saekit.matryoshka import sample_prefixes
-from saekit.objective import AuxK, AuxKRevival, Reconstruction, TermInputs
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.config import AuxKRevival
+from saekit.objective.matryoshka import sample_prefixes
+from saekit.objective.terms import AuxK, Reconstruction, TermInputs
 
 
 def make_step(sae: SAE, variant: str, n_prefixes: int) -> Callable[[torch.Tensor], None]:
-    """The trainer's step with the library's objective terms (saekit.objective)."""
+    """The trainer's step with the library's objective terms (saekit.objective.terms)."""
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer
     d_sae = sae.cfg.d_sae
     dead_mask = torch.zeros(d_sae, dtype=torch.bool)

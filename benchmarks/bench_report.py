@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 from saekit.report.build import report_data
 from saekit.report.collect import CollectConfig, collect_batches, lm_batches
 from saekit.report.site import write_site
-from saekit.sae import SAE, SAEConfig
 
 
 def synthetic_batches(n_tokens: int, d: int, batch: int):

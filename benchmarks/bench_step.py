@@ -99,9 +99,11 @@ def _time_steps(step, roofline, args) -> tuple[list[float], list[float]]:
 
 def _saekit_step(args, variant: str, activation: str, auxk: str):
     from saekit.activations.batchtopk import batch_min_positive
-    from saekit.encoding import SparseCode
-    from saekit.objective import AuxK, AuxKRevival, Reconstruction, TermInputs
-    from saekit.sae import SAE, SAEConfig
+    from saekit.core.encoding import SparseCode
+    from saekit.model.config import SAEConfig
+    from saekit.model.sae import SAE
+    from saekit.objective.config import AuxKRevival
+    from saekit.objective.terms import AuxK, Reconstruction, TermInputs
 
     if variant == "roofline":
         return _roofline_step(args, activation)

@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saekit.activations import Combiner
-from saekit.matryoshka import sample_prefixes
-from saekit.objective import AuxK, AuxKRevival, Reconstruction, TermInputs
-from saekit.sae import SAE, SAEConfig
+from saekit.activations.base import Combiner
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.config import AuxKRevival
+from saekit.objective.matryoshka import sample_prefixes
+from saekit.objective.terms import AuxK, Reconstruction, TermInputs
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 

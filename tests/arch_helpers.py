@@ -14,10 +14,10 @@ import math
 import torch
 from test_objective import leaves, saekit_objective  # noqa: F401 (leaves: re-exported)
 
-from saekit.configs import from_dict
-from saekit.sae import SAE
-from saekit.train.config import SAETrainConfig
+from saekit.core.configs import from_dict
+from saekit.model.sae import SAE
 from saekit.train.member import Member
+from saekit.train.member_config import SAETrainConfig
 
 F64 = torch.float64
 D, M = 6, 16

@@ -14,33 +14,20 @@ import math
 import pytest
 import torch
 
-from saekit.activations import (
-    ACTIVATIONS,
-    AbsTopK,
-    AbsTopKConfig,
-    BatchTopK,
-    BatchTopKConfig,
-    Combiner,
-    Gated,
-    GatedConfig,
-    HierarchicalTopK,
-    HierarchicalTopKConfig,
-    JumpReLU,
-    JumpReLUConfig,
-    MatchingPursuit,
-    MatchingPursuitConfig,
-    ProLU,
-    ProLUConfig,
-    ReLU,
-    ReLUConfig,
-    TopK,
-    TopKConfig,
-)
-from saekit.activations.batchtopk import batch_min_positive
-from saekit.activations.jumprelu import jumprelu, step
-from saekit.activations.prolu import prolu
-from saekit.encoding import Encoding, Preacts, SparseCode, as_dense
-from saekit.sae import SAE, SAEConfig
+from saekit.activations import ACTIVATIONS
+from saekit.activations.abstopk import AbsTopK, AbsTopKConfig
+from saekit.activations.base import Combiner
+from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig, batch_min_positive
+from saekit.activations.gated import Gated, GatedConfig
+from saekit.activations.hierarchical_topk import HierarchicalTopK, HierarchicalTopKConfig
+from saekit.activations.jumprelu import JumpReLU, JumpReLUConfig, jumprelu, step
+from saekit.activations.matching_pursuit import MatchingPursuit, MatchingPursuitConfig
+from saekit.activations.prolu import ProLU, ProLUConfig, prolu
+from saekit.activations.relu import ReLU, ReLUConfig
+from saekit.activations.topk import TopK, TopKConfig
+from saekit.core.encoding import Encoding, Preacts, SparseCode, as_dense
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 F64 = torch.float64
 KERNELS = ["torch", "reference"]

@@ -21,8 +21,9 @@ from saekit.data.hf import Harvester, TokenFilter
 from saekit.data.lm_source import CacheSource
 from saekit.eval.calibrate import calibrate_batchtopk
 from saekit.eval.splice import splice_eval
-from saekit.losses import reconstruction_loss
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.losses import reconstruction_loss
 from saekit.train.checkpoint import read_checkpoint_meta
 
 # ------------------------------------------------------------- 1. SAELens #682: resume

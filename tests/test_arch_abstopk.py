@@ -22,7 +22,8 @@ from arch_helpers import (
 )
 
 from saekit.eval.metrics import MetricAccumulator, latent_counts
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 K = 3
 PREACT_COEF = 0.7

@@ -19,7 +19,8 @@ from arch_helpers import (
     saekit_loss,
 )
 
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 K = 4
 ALPHA = 0.3

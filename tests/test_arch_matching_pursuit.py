@@ -23,9 +23,10 @@ from arch_helpers import (
     saekit_loss,
 )
 
-from saekit.configs import from_dict
-from saekit.sae import SAE, SAEConfig
-from saekit.train.config import SAETrainConfig
+from saekit.core.configs import from_dict
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.train.member_config import SAETrainConfig
 
 K = 3
 ALPHA = 0.3

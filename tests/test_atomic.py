@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from saekit import atomic
-from saekit.atomic import (
+from saekit.core import atomic
+from saekit.core.atomic import (
     atomic_write_bytes,
     atomic_write_text,
     recover_directory,

@@ -12,9 +12,11 @@ import torch
 from saekit.cli import main
 from saekit.data.synthetic import SyntheticData
 from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, pre_activations
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 from saekit.train import presets
-from saekit.train.config import apply_overrides, build_run_config
+from saekit.train.config import build_run_config
+from saekit.train.config_files import apply_overrides
 from saekit.train.run import run_training
 
 

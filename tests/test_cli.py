@@ -14,7 +14,8 @@ import pytest
 from conftest import SMALL_RUN_ARGS, TINY_SAE_ARGS, make_tiny_gpt2
 
 from saekit.cli import main
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 HOOK = "transformer.h.1:input"
 

@@ -24,9 +24,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from saekit.configs import to_dict  # noqa: E402
+from saekit.core.configs import to_dict  # noqa: E402
 from saekit.data.synthetic import SyntheticData  # noqa: E402
-from saekit.train.config import apply_overrides, build_run_config  # noqa: E402
+from saekit.train.config import build_run_config  # noqa: E402
+from saekit.train.config_files import apply_overrides  # noqa: E402
 from saekit.train.member import Member  # noqa: E402
 
 BASE: dict[str, Any] = {

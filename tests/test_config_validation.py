@@ -7,7 +7,8 @@ import pytest
 
 from saekit.cli import main
 from saekit.train import presets
-from saekit.train.config import apply_overrides, build_run_config
+from saekit.train.config import build_run_config
+from saekit.train.config_files import apply_overrides
 
 REFUSED = [
     # (override, words the one-line error must contain)

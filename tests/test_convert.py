@@ -17,7 +17,8 @@ from saekit.cli import main
 from saekit.data.cache_write import write_cache
 from saekit.eval.calibrate import calibrate_batchtopk, to_jumprelu
 from saekit.eval.metrics import MetricAccumulator
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 F64 = torch.float64
 D, M, K = 6, 16, 3

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from saekit.cli import main
-from saekit.sae import SAE
+from saekit.model.sae import SAE
 from saekit.train import presets
 
 

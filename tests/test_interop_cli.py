@@ -15,10 +15,12 @@ sys.path.insert(0, str(Path(__file__).with_name("interop")))
 from harness import D_IN, D_SAE, K, assert_close, make_input, random_sae  # noqa: E402
 
 from saekit.cli import main  # noqa: E402
-from saekit.interop import InteropError, export_sae, import_sae  # noqa: E402
+from saekit.interop import export_sae, import_sae
 from saekit.interop.names import hf_hook_name, sparsify_hookpoint, transformer_lens_name  # noqa: E402
+from saekit.interop.portable import InteropError
 from saekit.interop.releases import resolve_release  # noqa: E402
-from saekit.sae import SAE, SAEConfig  # noqa: E402
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 
 def error_line(capsys) -> str:

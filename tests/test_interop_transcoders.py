@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent / "interop"))
 from harness import D_IN, make_input  # noqa: E402
 from transcoders import IN_HOOK, OUT_HOOK, random_transcoder  # noqa: E402
 
-from saekit.interop import InteropError, export_sae, import_sae  # noqa: E402
+from saekit.interop import export_sae, import_sae
+from saekit.interop.portable import InteropError
 
 
 def circuit_tracer_forward(path: Path, x: torch.Tensor):

@@ -14,8 +14,10 @@ import json
 import pytest
 import torch
 
-from saekit.objective import Penalty, QuadraticL0Penalty, TermInputs
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.config import QuadraticL0Penalty
+from saekit.objective.terms import Penalty, TermInputs
 from saekit.train.member import Member
 from saekit.train.member_config import SAETrainConfig
 

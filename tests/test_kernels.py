@@ -17,31 +17,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.activations import Combiner
-from saekit.encoding import Preacts, SparseCode, as_dense, encoder_preacts
-from saekit.kernels import (
-    CodeLayout,
-    SparsePreacts,
-    auxk_select,
-    bag_sum,
-    batchtopk_select,
-    primitives,
-    row_dot,
-    sparse_decode,
-    sparse_decode_reference,
-    topk_select,
-)
+from saekit.activations.base import Combiner
+from saekit.core.encoding import Preacts, SparseCode, as_dense, encoder_preacts
+from saekit.kernels import primitives
 from saekit.kernels import select as kernel_select
-from saekit.objective import (
-    AuxK,
-    AuxKRevival,
-    Objective,
-    PreactRevival,
-    PreactTerm,
-    Reconstruction,
-    TermInputs,
-)
-from saekit.sae import SAE, SAEConfig
+from saekit.kernels.layout import CodeLayout
+from saekit.kernels.primitives import bag_sum, row_dot
+from saekit.kernels.select import auxk_select, batchtopk_select, topk_select
+from saekit.kernels.sparse import SparsePreacts, sparse_decode, sparse_decode_reference
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.config import AuxKRevival, PreactRevival
+from saekit.objective.terms import AuxK, Objective, PreactTerm, Reconstruction, TermInputs
 
 F64 = torch.float64
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}

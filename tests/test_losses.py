@@ -1,10 +1,10 @@
-"""Specifications of the loss formulas in saekit.losses and saekit.revival (Matryoshka:
-test_matryoshka.py; how the terms combine: test_objective.py).
+"""Specifications of the loss formulas in saekit.objective.losses and saekit.objective.revival
+(Matryoshka: test_matryoshka.py; how the terms combine: test_objective.py).
 
 Every loss is checked against a float64 reference written plainly here, on a real SAE whose
 dataset scale s ≠ 1 and b_dec ≠ 0 (fitted to data x·7 + 3) and on 3-D input [B, T, d].
 Losses that read pre-activations are checked through every kind of
-:class:`~saekit.encoding.Preacts`: the fast path's sparse backward
+:class:`~saekit.core.encoding.Preacts`: the fast path's sparse backward
 (:class:`~saekit.kernels.SparsePreacts`), its dense backward, and plain autograd.
 """
 
@@ -17,17 +17,18 @@ import math
 import pytest
 import torch
 
-from saekit.encoding import Preacts, as_dense
-from saekit.kernels import SparsePreacts
-from saekit.losses import (
+from saekit.core.encoding import Preacts, as_dense
+from saekit.kernels.sparse import SparsePreacts
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.losses import (
     PENALTIES,
     LambdaController,
     l0_penalty,
     reconstruction_loss,
     sparsity_penalty,
 )
-from saekit.revival import auxk_loss, dead_preact_loss
-from saekit.sae import SAE, SAEConfig
+from saekit.objective.revival import auxk_loss, dead_preact_loss
 
 D, M, K = 12, 40, 4
 B, T = 3, 5  # 15 tokens

@@ -15,9 +15,11 @@ import pytest
 import torch
 from scipy import stats
 
-from saekit.encoding import Preacts, as_dense
-from saekit.losses import PENALTIES, l0_penalty, reconstruction_loss, sparsity_penalty
-from saekit.matryoshka import (
+from saekit.core.encoding import Preacts, as_dense
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.losses import PENALTIES, l0_penalty, reconstruction_loss, sparsity_penalty
+from saekit.objective.matryoshka import (
     block_deltas,
     fixed_prefixes,
     matryoshka_reconstruction_loss,
@@ -25,7 +27,6 @@ from saekit.matryoshka import (
     prefix_weights,
     sample_prefixes,
 )
-from saekit.sae import SAE, SAEConfig
 from saekit.train.permute import permute_latents_, resort_latents_by_usage
 
 D, M, K = 10, 48, 5

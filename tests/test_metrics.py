@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from saekit.encoding import SparseCode
+from saekit.core.encoding import SparseCode
 from saekit.eval.ground_truth import absorption_counts, cosine_matrix, recovery
 from saekit.eval.metrics import MetricAccumulator, batch_fvu, latent_counts
 

@@ -3,7 +3,7 @@ penalty × revival × dead latents against a total composed by hand in float64, 
 gradients of every parameter, plus one optimizer step by hand and short runs that must learn.
 
 The reference below is written from the formulas in the module docstrings and docs/design.md
-and calls nothing from saekit.losses, saekit.revival, saekit.matryoshka or saekit.kernels: only
+and calls nothing from saekit.objective (losses, revival, matryoshka) or saekit.kernels: only
 the parameter tensors are read off the SAE. saekit's side runs exactly as train/member.py does
 (``Member``, its ``objective`` and ``TermInputs``), on the fast sparse path (kernel "torch") for
 the TopK family. The usual traps are all set at once: data with a nonzero mean and a scale
@@ -19,11 +19,11 @@ import math
 import pytest
 import torch
 
-from saekit.configs import from_dict
-from saekit.objective import TermInputs
-from saekit.sae import SAE
-from saekit.train.config import SAETrainConfig
+from saekit.core.configs import from_dict
+from saekit.model.sae import SAE
+from saekit.objective.terms import TermInputs
 from saekit.train.member import Member
+from saekit.train.member_config import SAETrainConfig
 
 D, M, K = 6, 16, 3
 B, T = 2, 5

@@ -13,8 +13,9 @@ from conftest import save_tiny_lm
 
 from saekit.cli import main
 from saekit.commands.pipeline import PipelineConfig, export_to_saelens
-from saekit.configs import from_dict
-from saekit.sae import SAE, SAEConfig
+from saekit.core.configs import from_dict
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 HOOK = "transformer.h.1:input"
 

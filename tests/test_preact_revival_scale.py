@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
+from saekit.core.encoding import Preacts
 from saekit.data.synthetic import SyntheticData
-from saekit.encoding import Preacts
-from saekit.objective import PreactRevival
-from saekit.revival import dead_preact_loss
+from saekit.objective.config import PreactRevival
+from saekit.objective.revival import dead_preact_loss
 from saekit.train import presets
 from saekit.train.config import build_run_config
 from saekit.train.member import Member

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 from saekit.report.build import report_data
 from saekit.report.collect import CollectConfig, collect_batches
 from saekit.report.features import (
@@ -20,7 +22,6 @@ from saekit.report.features import (
     unembedding,
 )
 from saekit.report.topk import Slots
-from saekit.sae import SAE, SAEConfig
 
 
 class Head(nn.Module):

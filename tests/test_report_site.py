@@ -22,7 +22,8 @@ from conftest import make_tiny_gpt2, save_tiny_lm
 from saekit.cli import main
 from saekit.data.hf import Harvester, TokenFilter
 from saekit.data.text import token_batches
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 pytestmark = pytest.mark.slow  # Chromium starts in a few seconds per page: make test-slow
 

@@ -11,7 +11,8 @@ import yaml
 
 from saekit.cli import main
 from saekit.data.synthetic import SyntheticConfig, SyntheticData
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 SYNTH = {"d": 16, "n_features": 24, "mean_l0": 3.0, "seed": 5}
 PLANTED = {0: 4, 1: 0, 2: 17, 3: 9}  # latent -> the true feature its decoder row is

@@ -14,15 +14,14 @@ import math
 import pytest
 import torch
 
-from saekit.activations import (
-    BatchTopKConfig,
-    JumpReLUConfig,
-    ProLUConfig,
-    ReLUConfig,
-    TopKConfig,
-)
-from saekit.encoding import SparseCode
-from saekit.sae import SAE, SAEConfig
+from saekit.activations.batchtopk import BatchTopKConfig
+from saekit.activations.jumprelu import JumpReLUConfig
+from saekit.activations.prolu import ProLUConfig
+from saekit.activations.relu import ReLUConfig
+from saekit.activations.topk import TopKConfig
+from saekit.core.encoding import SparseCode
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 D_IN, D_SAE, K = 8, 16, 3
 

@@ -11,7 +11,7 @@ from conftest import make_tiny_gpt2
 
 from saekit.data.cache_write import write_cache
 from saekit.data.lm_source import CacheSource, make_lm_source
-from saekit.sae import SAE
+from saekit.model.sae import SAE
 from saekit.train.config import build_run_config
 from saekit.train.outputs import save_outputs
 from saekit.train.trainer import Trainer

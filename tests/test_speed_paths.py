@@ -18,12 +18,12 @@ import math
 import pytest
 import torch
 
-from saekit import revival
-from saekit.kernels import batchtopk_candidates, batchtopk_select
 from saekit.kernels import select as kernel_select
-from saekit.kernels.select import batchtopk_above
-from saekit.revival import DeadSet, auxk_loss
-from saekit.sae import SAE, SAEConfig
+from saekit.kernels.select import batchtopk_above, batchtopk_candidates, batchtopk_select
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective import revival
+from saekit.objective.revival import DeadSet, auxk_loss
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)

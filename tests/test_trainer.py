@@ -15,10 +15,11 @@ from saekit.cli import main as cli_main
 from saekit.data.source import SyntheticSource
 from saekit.data.synthetic import SyntheticData
 from saekit.kernels import select as kernel_select
-from saekit.losses import sparsity_penalty
-from saekit.matryoshka import matryoshka_reconstruction_loss
+from saekit.objective.losses import sparsity_penalty
+from saekit.objective.matryoshka import matryoshka_reconstruction_loss
 from saekit.train.checkpoint import read_checkpoint_meta
-from saekit.train.config import apply_overrides, build_run_config, load_config_file
+from saekit.train.config import build_run_config
+from saekit.train.config_files import apply_overrides, load_config_file
 from saekit.train.member import Member, StepMetrics, lr_factor
 from saekit.train.trainer import Trainer, TrainingInterrupted
 
@@ -356,7 +357,7 @@ def test_a_run_writes_a_loadable_sae_metrics_and_the_resolved_config(tmp_path):
         ]
     )
     assert code == 0
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
     name = json.loads((tmp_path / "summary.json").read_text())[0]["name"]
     sae = SAE.load(tmp_path / name)

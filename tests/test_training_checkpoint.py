@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from saekit.atomic import temporary_name
-from saekit.sae import CheckpointError
+from saekit.core.atomic import temporary_name
+from saekit.model.format import CheckpointError
 from saekit.train.checkpoint import (
     STATE_TENSORS,
     MemberState,

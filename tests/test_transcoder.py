@@ -14,8 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.objective import AuxKRevival, FixedPrefixes, TermInputs, build_objective
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
+from saekit.objective.config import AuxKRevival, FixedPrefixes
+from saekit.objective.terms import TermInputs, build_objective
 
 D_IN, D_OUT, M, K, B, T = 6, 5, 16, 3, 2, 9
 S_X, S_Y = 1.7, 0.6

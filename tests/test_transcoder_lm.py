@@ -20,7 +20,8 @@ from torch import nn
 from saekit.data.hf import TokenFilter
 from saekit.data.lm_source import make_lm_source
 from saekit.eval.splice import splice_eval
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 from saekit.train.config import build_run_config
 
 IN_HOOK, OUT_HOOK = "model.layers.1.post_attention_layernorm", "model.layers.1.mlp"
@@ -260,10 +261,10 @@ def test_a_transcoder_cache_trains_and_evaluates(llama, llama_dir, tmp_path):
 def test_a_skip_transcoder_trained_on_the_mlp_beats_zero_ablation(llama, one_thread):
     """Pairs harvested in one pass; the spliced transcoder recovers most of the CE and KL that
     zero-ablating the MLP loses, on held-out samples of the model."""
-    from saekit.configs import from_dict
+    from saekit.core.configs import from_dict
     from saekit.data.hf import Harvester
-    from saekit.train.config import SAETrainConfig
     from saekit.train.member import Member
+    from saekit.train.member_config import SAETrainConfig
 
     harvester = Harvester(llama, [IN_HOOK, OUT_HOOK], token_filter=ALL)
     acts = harvester(model_samples(llama, 96))

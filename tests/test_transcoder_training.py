@@ -9,7 +9,7 @@ import torch
 from saekit.data.source import SyntheticSource
 from saekit.data.synthetic import SyntheticConfig, SyntheticData
 from saekit.eval import ground_truth
-from saekit.sae import SAE
+from saekit.model.sae import SAE
 from saekit.train.config import build_run_config
 from saekit.train.member import Member
 from saekit.train.run import run_training

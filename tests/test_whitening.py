@@ -13,9 +13,10 @@ import pytest
 import torch
 from test_trainer import interrupt_at, make_trainer, params
 
-import saekit.normalisation as normalisation
-from saekit.normalisation import ZCAWhitening, estimate_whitening
-from saekit.sae import SAE, SAEConfig
+import saekit.model.normalisation as normalisation
+from saekit.model.config import SAEConfig
+from saekit.model.normalisation import ZCAWhitening, estimate_whitening
+from saekit.model.sae import SAE
 from saekit.train.config import build_run_config
 from saekit.train.trainer import Trainer, TrainingInterrupted
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from saekit.encoding import encoder_preacts
+from saekit.core.encoding import encoder_preacts
 from saekit.kernels import workspace
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 
 def make_sae(kind="topk"):

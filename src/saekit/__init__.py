@@ -16,16 +16,18 @@ from saekit._version import __version__
 
 if TYPE_CHECKING:
     from saekit.activations import ACTIVATIONS
-    from saekit.encoding import SparseCode
-    from saekit.sae import SAE, CheckpointError, ForwardOutput, SAEConfig
+    from saekit.core.encoding import ForwardOutput, SparseCode
+    from saekit.model.config import SAEConfig
+    from saekit.model.format import CheckpointError
+    from saekit.model.sae import SAE
 
 _LAZY = {
     "ACTIVATIONS": "saekit.activations",
-    "SparseCode": "saekit.encoding",
-    "SAE": "saekit.sae",
-    "CheckpointError": "saekit.sae",
-    "ForwardOutput": "saekit.sae",
-    "SAEConfig": "saekit.sae",
+    "SparseCode": "saekit.core.encoding",
+    "SAE": "saekit.model.sae",
+    "CheckpointError": "saekit.model.format",
+    "ForwardOutput": "saekit.core.encoding",
+    "SAEConfig": "saekit.model.config",
 }
 
 __all__ = [

@@ -8,7 +8,8 @@ import math
 import torch
 from harness import D_IN, D_SAE
 
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 D_OUT = 12
 IN_HOOK, OUT_HOOK = "model.layers.3.post_attention_layernorm", "model.layers.3.mlp"

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from saekit.activations.topk import TopK, TopKConfig, fast_preacts
-from saekit.encoding import Encoding, SparseCode
-from saekit.kernels import CodeLayout, topk_select
+from saekit.core.encoding import Encoding, SparseCode
+from saekit.kernels.layout import CodeLayout
+from saekit.kernels.select import topk_select
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The interface every activation implements: its config, its encode, its flags and hooks.
 
 An activation *is* the architecture: it owns a config (a :class:`ActivationConfig` kind, saved
-inside the SAE's cfg.json), turns normalised inputs into an :class:`~saekit.encoding.Encoding`,
+inside the SAE's cfg.json), turns normalised inputs into an :class:`~saekit.core.encoding.Encoding`,
 says which training machinery applies to it (unit-norm decoder rows, revival signals, an L0
 penalty on its thresholds), and updates its own state after an optimizer step. Nothing else in
 saekit switches on an activation's name. Adding one = one file here plus one import line in
@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from saekit import losses
-from saekit.configs import KindConfig
-from saekit.encoding import Encoding, Preacts, SparseCode, encoder_preacts
+from saekit.core.configs import KindConfig
+from saekit.core.encoding import Encoding, Preacts, SparseCode, encoder_preacts
+from saekit.objective import losses
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE, ForwardOutput
+    from saekit.core.encoding import ForwardOutput
+    from saekit.model.sae import SAE
 
 
 class ActivationConfig(KindConfig):
@@ -88,8 +89,8 @@ class Activation(nn.Module):
     def after_step(self, enc: Encoding, combiner: Combiner) -> None:
         """Update state that follows the training batches (BatchTopK's θ EMA); default none."""
 
-    # Loss hooks (saekit.objective): an activation with a loss of its own overrides one of these
-    # instead of adding a branch to the objective.
+    # Loss hooks (saekit.objective.terms): an activation with a loss of its own overrides one of
+    # these instead of adding a branch to the objective.
 
     def reconstruction_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
         """The objective's reconstruction term: mean_n ‖y_n − ŷ_n‖² (y = x for an SAE) unless

@@ -18,11 +18,13 @@ from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.topk import check_k, fast_preacts
-from saekit.encoding import Encoding, SparseCode
-from saekit.kernels import CodeLayout, batchtopk_select, select
+from saekit.core.encoding import Encoding, SparseCode
+from saekit.kernels import select
+from saekit.kernels.layout import CodeLayout
+from saekit.kernels.select import batchtopk_select
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
 
 FLOOR_MARGIN = 0.1

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from saekit import losses
 from saekit.activations.base import Activation, ActivationConfig
-from saekit.configs import check_finite
-from saekit.encoding import Encoding, Preacts, encoder_preacts
+from saekit.core.configs import check_finite
+from saekit.core.encoding import Encoding, Preacts, encoder_preacts
+from saekit.objective import losses
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE, ForwardOutput
+    from saekit.core.encoding import ForwardOutput
+    from saekit.model.sae import SAE
 
 
 @dataclass

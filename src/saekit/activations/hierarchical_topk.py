@@ -7,7 +7,7 @@ every prefix of each token's latents sorted by value:
 
 From the sparse code alone: the contribution of rank j, δ_j = v_(j) W_(j), is one sparse decode
 into [K, N, d] (bags = rank × token) and the K prefix errors are running sums over those
-blocks (:func:`saekit.matryoshka.prefix_mse`, the Matryoshka loss's); never a dense [N, M]
+blocks (:func:`saekit.kernels.prefix.prefix_mse`, the Matryoshka loss's); never a dense [N, M]
 tensor on the fast path. Memory: the [K, N, d] blocks and their gradient.
 
 After training the SAE encodes with any k' ≤ K: ``inference_k`` (saved in cfg.json;
@@ -24,12 +24,14 @@ import torch
 from torch import Tensor
 
 from saekit.activations.topk import TopK, TopKConfig
-from saekit.encoding import SparseCode
-from saekit.kernels import CodeLayout, sparse_decode
-from saekit.matryoshka import prefix_mse
+from saekit.core.encoding import SparseCode
+from saekit.kernels.layout import CodeLayout
+from saekit.kernels.prefix import prefix_mse
+from saekit.kernels.sparse import sparse_decode
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE, ForwardOutput
+    from saekit.core.encoding import ForwardOutput
+    from saekit.model.sae import SAE
 
 
 def check_inference_k(inference_k: int | None, k: int) -> None:

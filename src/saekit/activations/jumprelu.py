@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from saekit.activations.base import Activation, ActivationConfig, Combiner
-from saekit.configs import check_finite
-from saekit.encoding import Encoding, Preacts
+from saekit.core.configs import check_finite
+from saekit.core.encoding import Encoding, Preacts
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
 THRESHOLD_PARAMS = ("direct", "log")
 

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from saekit.activations.base import Activation, ActivationConfig
-from saekit.encoding import Encoding
+from saekit.core.encoding import Encoding
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
 VARIANTS = ("ste", "relu")
 

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig
-from saekit.encoding import Encoding
+from saekit.core.encoding import Encoding
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
 
 @dataclass

@@ -16,12 +16,14 @@ import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig
-from saekit.encoding import Encoding, SparseCode
-from saekit.kernels import CodeLayout, SparsePreacts, topk_select
+from saekit.core.encoding import Encoding, SparseCode
+from saekit.kernels.layout import CodeLayout
+from saekit.kernels.select import topk_select
+from saekit.kernels.sparse import SparsePreacts
 from saekit.kernels.workspace import free_buffer
 
 if TYPE_CHECKING:
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
 KERNELS = ("torch", "triton", "reference")
 

@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> None:
 
 def convert_command(args: argparse.Namespace) -> int:
     from saekit.eval.calibrate import calibrate_batchtopk, to_jumprelu
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
     out = Path(args.out)
     if out.exists() and not args.force:

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.data.documents import Ranges
+from saekit.data.ranges import Ranges
 from saekit.eval.calibrate import l0_target, off_target
 from saekit.eval.metrics import MetricAccumulator
-from saekit.sae import SAE
+from saekit.model.sae import SAE
 
 HELD_OUT = "heldout"
 """``--split heldout``: the documents the SAE's training held out."""
@@ -151,9 +151,9 @@ def _on_model(
     report: dict[str, Any],
     acc: MetricAccumulator,
 ) -> None:
-    from saekit.data.documents import to_ranges
     from saekit.data.hf import HookPoint, unpack_batch
     from saekit.data.models import activation_width
+    from saekit.data.ranges import to_ranges
     from saekit.eval.splice import splice_eval
 
     setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
@@ -269,7 +269,8 @@ def _contexts(
 
 def _check_overlap(sae: SAE, tokenizer: Any, report: dict[str, Any]) -> None:
     """Count the evaluated documents the SAE trained on (its cfg.json's record), and warn."""
-    from saekit.data.documents import count, intersect, training_documents
+    from saekit.data.documents import training_documents
+    from saekit.data.ranges import count, intersect
 
     record = sae.cfg.metadata.get("training_data")
     if record is None or record.get("text") != report["text"]:

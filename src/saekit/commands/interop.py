@@ -43,7 +43,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from saekit.interop import export_sae, saved_saes
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
     saes = saved_saes(args.source)
     single = len(saes) == 1 and (Path(args.source) / "cfg.json").is_file()

@@ -104,7 +104,7 @@ def add_parser(sub: Any) -> None:
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """The validated config: unknown fields refused by dotted path, the train section checked
     as a run config before anything runs."""
-    from saekit.configs import from_dict
+    from saekit.core.configs import from_dict
     from saekit.train.config_files import load_config_file
 
     cfg = from_dict(PipelineConfig, load_config_file(path))
@@ -147,7 +147,7 @@ def export_to_saelens(sae_dir: Path, out_dir: Path) -> None:
     """The export stage for one SAE: SAELens' files for ``sae_dir`` in ``out_dir``
     (``saekit export --to saelens``, saekit.interop)."""
     from saekit.interop import export_sae
-    from saekit.sae import SAE
+    from saekit.model.sae import SAE
 
     export_sae(SAE.load(sae_dir), "saelens", out_dir, sae_dir=sae_dir)
 

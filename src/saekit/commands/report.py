@@ -75,9 +75,9 @@ def latent_ids(args: argparse.Namespace, d_sae: int) -> Any:
 
 def write_report(args: argparse.Namespace) -> Path:
     """Collect, build and write the report of ``args.sae``; returns index.html's path."""
+    from saekit.model.sae import SAE
     from saekit.report.collect import CollectConfig
     from saekit.report.site import write_site
-    from saekit.sae import SAE
 
     if args.max_tokens <= 0:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")

@@ -13,7 +13,7 @@ Held out: the last shard when the cache has at least 2 (:func:`held_out_shard`);
 (``documents``: index ranges, saekit.data.documents) and ``held_out`` the documents whose every
 token is in the held-out shard, which ``saekit eval --cache C --model M`` evaluates.
 
-Every file is written atomically (:mod:`saekit.atomic`) and the manifest is
+Every file is written atomically (:mod:`saekit.core.atomic`) and the manifest is
 rewritten after each shard, so the manifest only ever lists complete shards. An interrupted
 :func:`saekit.data.cache_write.write_cache` resumes when called again with the same
 arguments: it skips the first ``total_tokens`` tokens of the source and continues with the
@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
-from saekit.atomic import sha256_file
+from saekit.core.atomic import sha256_file
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.ranges import Ranges
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from saekit.atomic import atomic_write_bytes, remove_stale_temporaries
+from saekit.core.atomic import atomic_write_bytes, remove_stale_temporaries
 from saekit.data.cache import (
     _DTYPES,
     FORMAT,

@@ -24,14 +24,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saekit.data.ranges import (  # noqa: F401  (re-exported: the document-set algebra)
+from saekit.data.ranges import (
     Ranges,
-    contains,
-    count,
-    intersect,
     spans,
     subtract,
-    to_ranges,
     union,
 )
 from saekit.data.text import load_hf_documents, read_documents, tokenize_documents

@@ -37,8 +37,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.activations import JumpReLUConfig
-from saekit.sae import SAE
+from saekit.activations.jumprelu import JumpReLUConfig
+from saekit.model.sae import SAE
 
 TOLERANCE = 0.10
 """How far (relative) the inference L0 may be from its target before a warning."""

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from saekit.encoding import SparseCode
+from saekit.core.encoding import SparseCode
 
 
 def latent_counts(latents: Tensor | SparseCode) -> tuple[Tensor, Tensor]:

@@ -12,8 +12,8 @@ from pathlib import Path
 from saekit.interop import circuit_tracer, dictionary_learning, gemma_scope, saelens, sparsify
 from saekit.interop.metadata import export_info
 from saekit.interop.portable import EXPORTS, InteropError, Portable, to_portable, to_sae
-from saekit.sae import SAE
-from saekit.sae_format import CONFIG_FILE, WEIGHTS_FILE
+from saekit.model.format import CONFIG_FILE, WEIGHTS_FILE
+from saekit.model.sae import SAE
 
 WRITERS = {
     "saelens": saelens.write,

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from saekit.configs import to_dict
+from saekit.core.configs import to_dict
 from saekit.interop.names import transformer_lens_name
-from saekit.sae import SAE
+from saekit.model.sae import SAE
 
 
 def dataset_name(training_data: Any) -> str | None:

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from saekit.eval.calibrate import to_jumprelu
-from saekit.sae import SAE, SAEConfig
+from saekit.model.config import SAEConfig
+from saekit.model.sae import SAE
 
 SERVED = ("relu", "topk", "jumprelu", "batchtopk", "abstopk", "gated")
 """The portable activations: ReLU(pre); per-token top-k of ReLU(pre); pre·H(pre − θ_i) with

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saekit.encoding import Preacts, encoder_preacts
+from saekit.core.encoding import Preacts, encoder_preacts
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.primitives import bag_sum, row_dot
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.model.sae import SAE
 from saekit.report.collect import Collected
 from saekit.report.features import (
     auto_label,
@@ -19,7 +20,6 @@ from saekit.report.features import (
     quantile_samples,
     truth_matches,
 )
-from saekit.sae import SAE
 
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this share of tokens is dense (as MetricAccumulator counts)."""

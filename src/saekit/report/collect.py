@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.encoding import SparseCode
+from saekit.core.encoding import SparseCode
 from saekit.eval.metrics import EvalResult, MetricAccumulator
+from saekit.model.sae import SAE
 from saekit.report.topk import ActivationHistogram, Slots
-from saekit.sae import SAE
 
 
 @dataclass

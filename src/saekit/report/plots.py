@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from saekit.data.synthetic import SyntheticConfig, SyntheticData  # noqa: E402
 from saekit.eval.ground_truth import cosine_matrix  # noqa: E402
-from saekit.sae import SAE  # noqa: E402
+from saekit.model.sae import SAE  # noqa: E402
 
 
 def _reports(run_dir: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from saekit.atomic import replace_directory
+from saekit.core.atomic import replace_directory
 from saekit.report.assets import bar_chart, page
 
 

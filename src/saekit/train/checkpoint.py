@@ -3,7 +3,7 @@
 Layout: ``<run>/checkpoint/{state.safetensors, state.json}``. The tensors of every SAE (prefixed
 ``m<i>.``) and the torch RNG state go to safetensors; step, config and each SAE's name and
 non-tensor state go to JSON, with the sha256 of the tensor file. The directory is replaced with
-:func:`saekit.atomic.replace_directory`, so an interruption at any point leaves a loadable
+:func:`saekit.core.atomic.replace_directory`, so an interruption at any point leaves a loadable
 checkpoint; readers apply its recovery rule first.
 """
 
@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from saekit._version import __version__
-from saekit.atomic import recover_directory, replace_directory, sha256_file
-from saekit.sae import CheckpointError
+from saekit.core.atomic import recover_directory, replace_directory, sha256_file
+from saekit.model.format import CheckpointError
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "state.safetensors"

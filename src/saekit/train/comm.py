@@ -61,14 +61,15 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
-from saekit.atomic import atomic_write_text
+from saekit.core.atomic import atomic_write_text
+from saekit.core.configs import to_dict
 from saekit.train.checkpoint import (
     MemberState,
     checkpoint_dir,
     read_training_checkpoint,
     write_training_checkpoint,
 )
-from saekit.train.config import RunConfig, to_dict
+from saekit.train.config import RunConfig
 from saekit.train.launch import TIMEOUT_ENV, DistContext, DistributedFailure
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saekit.configs import from_dict, to_dict
+from saekit.core.configs import from_dict, to_dict
 from saekit.data.hf import HookPoint
 from saekit.data.synthetic import SyntheticConfig
 from saekit.train.config_files import apply_overrides, load_config_file

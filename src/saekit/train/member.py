@@ -15,13 +15,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saekit import losses, matryoshka
 from saekit.eval.metrics import batch_fvu, latent_counts
-from saekit.objective import FixedPrefixes, RandomPrefixes, TermInputs
-from saekit.revival import DeadSet
-from saekit.sae import SAE
+from saekit.model.sae import SAE
+from saekit.objective import losses, matryoshka
+from saekit.objective.config import FixedPrefixes, RandomPrefixes
+from saekit.objective.revival import DeadSet
+from saekit.objective.terms import TermInputs
 from saekit.train.comm import LocalComm
-from saekit.train.config import SAETrainConfig
+from saekit.train.member_config import SAETrainConfig
 
 
 class StepMetrics(NamedTuple):

@@ -7,18 +7,17 @@ import re
 from dataclasses import dataclass
 
 from saekit.activations import ACTIVATIONS
-from saekit.configs import check_finite, from_dict
-from saekit.objective import (
+from saekit.core.configs import check_finite, from_dict
+from saekit.model.config import SAEConfig
+from saekit.objective.config import (
     FixedPrefixes,
     MatryoshkaConfig,
-    Objective,
     PenaltyConfig,
     QuadraticL0Penalty,
     RandomPrefixes,
     RevivalConfig,
-    build_objective,
 )
-from saekit.sae import SAEConfig
+from saekit.objective.terms import Objective, build_objective
 
 
 @dataclass
@@ -41,7 +40,7 @@ class SAETrainConfig:
     """Max global gradient norm (0 disables)."""
     penalty: PenaltyConfig | None = None
     """Sparsity penalty, e.g. ``{kind: l1, coefficient: 0.1, target_l0: 12}``; kinds l1, log,
-    sqrt, tanh (on |z|·‖W_dec,i‖) and l0 (JumpReLU thresholds). saekit.objective documents
+    sqrt, tanh (on |z|·‖W_dec,i‖) and l0 (JumpReLU thresholds). saekit.objective.terms documents
     each kind's fields."""
     revival: RevivalConfig | None = None
     """Dead-latent revival: ``{kind: auxk, coefficient: 0.03125}``, ``preact`` or ``none``.

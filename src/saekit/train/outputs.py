@@ -20,15 +20,16 @@ from typing import Any
 import torch
 import yaml
 
-from saekit.activations import BatchTopK
-from saekit.atomic import atomic_write_text
+from saekit.activations.batchtopk import BatchTopK
+from saekit.core.atomic import atomic_write_text
+from saekit.core.configs import to_dict
+from saekit.core.encoding import as_dense
 from saekit.data.source import ActivationSource, SyntheticSource
-from saekit.encoding import as_dense
 from saekit.eval import ground_truth
 from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, threshold_set
 from saekit.eval.metrics import MetricAccumulator
-from saekit.sae import SAE
-from saekit.train.config import RunConfig, to_dict
+from saekit.model.sae import SAE
+from saekit.train.config import RunConfig
 from saekit.train.member import Member
 
 

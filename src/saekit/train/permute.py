@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from saekit.sae import SAE
+from saekit.model.sae import SAE
 
 
 def per_latent_tensors(sae: SAE) -> list[Tensor]:

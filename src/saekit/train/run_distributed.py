@@ -15,7 +15,7 @@ from saekit.data.dist_source import BroadcastSource, ShardedSource
 from saekit.data.from_config import make_source
 from saekit.data.lm_source import make_lm_source
 from saekit.data.source import ActivationSource
-from saekit.sae import SAE
+from saekit.model.sae import SAE
 from saekit.train.comm import DataParallelComm, SweepComm
 from saekit.train.config import RunConfig
 from saekit.train.launch import DistContext, destroy_group_quietly, init_from_env

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from saekit.activations import ACTIVATIONS, BatchTopK
+from saekit.activations import ACTIVATIONS
+from saekit.activations.batchtopk import BatchTopK
 from saekit.data.synthbench import SynthBenchConfig, synthsaebench_16k
 from saekit.data.synthbench_sample import SynthBenchData, SynthBenchSource
 from saekit.eval.calibrate import calibrate_batchtopk, threshold_set

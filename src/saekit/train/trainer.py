@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saekit.atomic import atomic_write_text
+from saekit.core.atomic import atomic_write_text
+from saekit.core.configs import to_dict
 from saekit.data.source import ActivationSource
-from saekit.sae import CheckpointError
+from saekit.model.format import CheckpointError
 from saekit.train.checkpoint import MemberState, checkpoint_dir
 from saekit.train.comm import LocalComm
-from saekit.train.config import RunConfig, to_dict
+from saekit.train.config import RunConfig
 from saekit.train.member import Member
 
 

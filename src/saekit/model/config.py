@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from saekit.activations import ActivationConfig
-from saekit.configs import from_dict, to_dict
-from saekit.normalisation import WhiteningConfig
+from saekit.activations.base import ActivationConfig
+from saekit.core.configs import from_dict, to_dict
+from saekit.model.normalisation import WhiteningConfig
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SAEConfig:
     """Parameter dtype."""
     whitening: WhiteningConfig | None = None
     """Train on whitened inputs (x/s − μ)·M, e.g. ``{kind: zca, eps: 0.001}``
-    (saekit.normalisation); folded into the weights on save, where it becomes None."""
+    (saekit.model.normalisation); folded into the weights on save, where it becomes None."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form extra information carried in cfg.json."""
     d_out: int | None = None

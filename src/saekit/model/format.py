@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from saekit.atomic import sha256_file
+from saekit.core.atomic import sha256_file
 
 CHECKPOINT_FORMAT = "saekit.sae/2"
 FORMATS_READ = ("saekit.sae/1", CHECKPOINT_FORMAT)

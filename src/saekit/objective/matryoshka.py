@@ -17,8 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from saekit.encoding import SparseCode
-from saekit.kernels import CodeLayout, sparse_decode
+from saekit.core.encoding import SparseCode
+from saekit.kernels.layout import CodeLayout
+from saekit.kernels.prefix import prefix_mse
+from saekit.kernels.sparse import sparse_decode
 
 
 @functools.lru_cache(maxsize=64)
@@ -108,47 +110,6 @@ def block_deltas(latents: Tensor | SparseCode, W_dec_MD: Tensor, prefixes: Seque
     return torch.stack([z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in zip(starts, ends, strict=True)])
 
 
-class _PrefixMSE(torch.autograd.Function):
-    """mse_j = mean_n ‖r_n − Σ_{j' ≤ j} δ_{j',n}‖² for every j, r = x_n − b_dec: [P].
-
-    The same numbers as cumsum + squared error, but with running sums over [N, d] buffers in
-    both directions instead of a cumsum over [P, N, d] (whose backward flips it twice).
-    Backward, with e_j = r − Σ_{j' ≤ j} δ_j' and G_j = Σ_{j' ≥ j} g_j' e_j':
-    ∂/∂δ_j = −(2/N)·G_j and ∂/∂r = (2/N)·G_0; e_j = e_{j+1} + δ_{j+1} walks back from e_{P−1}.
-    """
-
-    @staticmethod
-    def forward(ctx, delta_PND: Tensor, r_ND: Tensor) -> Tensor:
-        n_tokens = r_ND.shape[0]
-        err_ND = r_ND.clone()
-        mse = []
-        for delta_ND in delta_PND:
-            err_ND -= delta_ND
-            mse.append(err_ND.pow(2).sum() / n_tokens)
-        ctx.save_for_backward(delta_PND, err_ND)  # err_ND is e_{P−1}
-        return torch.stack(mse)
-
-    @staticmethod
-    def backward(ctx, grad_P: Tensor):
-        delta_PND, last_err_ND = ctx.saved_tensors
-        n_prefixes, n_tokens = delta_PND.shape[:2]
-        err_ND = last_err_ND.clone()
-        acc_ND = torch.zeros_like(err_ND)
-        grad_delta_PND = torch.empty_like(delta_PND)
-        for j in range(n_prefixes - 1, -1, -1):
-            if j < n_prefixes - 1:
-                err_ND += delta_PND[j + 1]
-            acc_ND.add_(err_ND, alpha=grad_P[j])  # G_j; grad_P stays a tensor: no host sync
-            torch.mul(acc_ND, -2.0 / n_tokens, out=grad_delta_PND[j])
-        return grad_delta_PND, acc_ND * (2.0 / n_tokens)
-
-
-def prefix_mse(delta_PND: Tensor, r_ND: Tensor) -> Tensor:
-    """[P]: mean_n ‖r − Σ_{j' ≤ j} δ_j'‖² for every j, by the running sums of _PrefixMSE (also
-    HierarchicalTopK's, whose blocks are each token's rank positions)."""
-    return _PrefixMSE.apply(delta_PND, r_ND)
-
-
 def matryoshka_reconstruction_loss(
     x_n: Tensor,
     latents: Tensor | SparseCode,
@@ -157,9 +118,9 @@ def matryoshka_reconstruction_loss(
     prefixes: Sequence[int],
 ) -> Tensor:
     """(1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖², every prefix from one pass (block deltas and the
-    running sums of :class:`_PrefixMSE`). ``x_n``: the target; ``b_dec_D``: what every prefix
-    starts from, b_dec [d] or a per-token offset [N, d] (b_dec + x_n W_skipᵀ of a skip
-    transcoder)."""
+    running sums of :func:`saekit.kernels.prefix.prefix_mse`). ``x_n``: the target;
+    ``b_dec_D``: what every prefix starts from, b_dec [d] or a per-token offset [N, d]
+    (b_dec + x_n W_skipᵀ of a skip transcoder)."""
     d = W_dec_MD.shape[-1]
     delta_PND = block_deltas(latents, W_dec_MD, prefixes)
     return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()

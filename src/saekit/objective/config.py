@@ -1,6 +1,6 @@
 """The objective's term configs: penalty, revival and Matryoshka, each a :class:`KindConfig`
 family (a field that means nothing for a kind is refused instead of ignored). The terms they
-configure, and the checks of which combinations fit, are in :mod:`saekit.objective`.
+configure, and the checks of which combinations fit, are in :mod:`saekit.objective.terms`.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from saekit import revival
-from saekit.configs import KindConfig, check_finite
+from saekit.core.configs import KindConfig, check_finite
+from saekit.objective import revival
 
 
 @dataclass

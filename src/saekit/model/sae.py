@@ -25,16 +25,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from saekit import normalisation
 from saekit._version import __version__
 from saekit.activations import make_activation
-from saekit.atomic import recover_directory, replace_directory, sha256_file
-from saekit.configs import to_dict
-from saekit.encoding import ForwardOutput, SparseCode, as_dense
-from saekit.kernels import sparse_decode
-from saekit.normalisation import Whitening, estimate_scale
-from saekit.sae_config import SAEConfig
-from saekit.sae_format import (
+from saekit.core.atomic import recover_directory, replace_directory, sha256_file
+from saekit.core.configs import to_dict
+from saekit.core.encoding import ForwardOutput, SparseCode, as_dense
+from saekit.kernels.sparse import sparse_decode
+from saekit.model import normalisation
+from saekit.model.config import SAEConfig
+from saekit.model.format import (
     CHECKPOINT_FORMAT,
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -44,7 +43,8 @@ from saekit.sae_format import (
     read_config,
     upgrade_tensors,
 )
-from saekit.sae_stats import check_activations, check_scale, geometric_median
+from saekit.model.normalisation import Whitening, estimate_scale
+from saekit.model.stats import check_activations, check_scale, geometric_median
 
 
 class SAE(nn.Module):
@@ -326,7 +326,7 @@ class SAE(nn.Module):
 
         The scale (and whitening) is folded into the saved weights (:meth:`folded_copy`); this
         SAE is left unchanged. The directory is
-        rebuilt beside the old one and swapped in (:func:`saekit.atomic.replace_directory`), so
+        rebuilt beside the old one and swapped in (:func:`saekit.core.atomic.replace_directory`), so
         the two files always agree (cfg.json holds the weights' sha256); other files already in
         the directory (a run's metrics.jsonl, eval.json) are carried over.
         """

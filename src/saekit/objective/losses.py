@@ -2,12 +2,12 @@
 
 Everything lives in the normalised space (x_n = x / s) and is a mean over tokens; leading
 dimensions are flattened to N tokens. Formulas: docs/design.md, section "Losses". Revival
-losses: :mod:`saekit.revival`; Matryoshka: :mod:`saekit.matryoshka`; how they are combined:
-:mod:`saekit.objective`.
+losses: :mod:`saekit.objective.revival`; Matryoshka: :mod:`saekit.objective.matryoshka`; how
+they are combined: :mod:`saekit.objective.terms`.
 
 None of these functions syncs with the host: no ``.item()``, no boolean indexing, no Python
 branch on a tensor's value. Latents come dense ``z [N, M]`` or as a
-:class:`~saekit.encoding.SparseCode`; every function gives the same number for both forms.
+:class:`~saekit.core.encoding.SparseCode`; every function gives the same number for both forms.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saekit.encoding import SparseCode
+from saekit.core.encoding import SparseCode
 
 PENALTIES = ("l1", "log", "tanh", "sqrt")
 """Penalty kinds f(a) on a_i = |z_i|·‖W_dec,i‖ (the L0 penalty is :func:`l0_penalty`)."""
@@ -75,7 +75,7 @@ def sparsity_penalty(
     latent_weights_M: Tensor | None = None,
 ) -> Tensor:
     """S = mean_n Σ_i w_i f(|z_ni|·‖W_dec,i‖), summed over ALL M latents (w_i = 1 by default;
-    Matryoshka passes its prefix weights, :func:`saekit.matryoshka.prefix_weights`).
+    Matryoshka passes its prefix weights, :func:`saekit.objective.matryoshka.prefix_weights`).
 
     For log and sqrt an inactive latent still contributes the constant f(0) (log ε, sqrt ε), as
     in the Matryoshka note; it has no gradient but shifts the value. The sparse form adds that

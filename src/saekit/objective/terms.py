@@ -7,7 +7,8 @@ step's prefixes) and returns its contribution to the loss. Which terms exist, an
 fit the activation, is decided in :func:`build_objective`; an incompatible combination is
 refused there with a message naming both fields. The term configs are :class:`KindConfig`
 families, so a field that means nothing for a kind is refused instead of ignored.
-Formulas: :mod:`saekit.losses`, :mod:`saekit.revival`, :mod:`saekit.matryoshka`.
+Formulas: :mod:`saekit.objective.losses`, :mod:`saekit.objective.revival`,
+:mod:`saekit.objective.matryoshka`.
 """
 
 from __future__ import annotations
@@ -16,28 +17,22 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
-from saekit import losses, matryoshka, revival
-from saekit.objective_config import (  # noqa: F401  (re-exported: the configs live beside)
+from saekit.objective import losses, matryoshka, revival
+from saekit.objective.config import (
     AuxKRevival,
-    FixedPrefixes,
     InputRevival,
     L0Penalty,
-    L1Penalty,
-    LogPenalty,
-    MatryoshkaConfig,
     NoRevival,
     PenaltyConfig,
     PreactRevival,
     QuadraticL0Penalty,
-    RandomPrefixes,
     RevivalConfig,
-    SqrtPenalty,
-    TanhPenalty,
 )
 
 if TYPE_CHECKING:
-    from saekit.activations import Activation
-    from saekit.sae import SAE, ForwardOutput
+    from saekit.activations.base import Activation
+    from saekit.core.encoding import ForwardOutput
+    from saekit.model.sae import SAE
 
 # ----------------------------------------------------------------------------- terms
 

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.configs import KindConfig, check_finite
+from saekit.core.configs import KindConfig, check_finite
 
 
 class WhiteningConfig(KindConfig):

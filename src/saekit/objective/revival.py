@@ -1,6 +1,6 @@
 """Dead-latent revival losses: AuxK and the pre-activation revival (docs/design.md, "AuxK").
 
-Both read the encoding's pre-activations through :class:`~saekit.encoding.Preacts`, so the
+Both read the encoding's pre-activations through :class:`~saekit.core.encoding.Preacts`, so the
 fast path's sparse backward and the reference path's dense autograd give the same numbers.
 Nothing here syncs with the host; shapes are fixed (k_aux), so a step can be captured in a
 CUDA graph.
@@ -13,10 +13,12 @@ import math
 import torch
 from torch import Tensor
 
-from saekit.encoding import Preacts
-from saekit.kernels import CodeLayout, SparsePreacts, auxk_select, sparse_decode
+from saekit.core.encoding import Preacts
 from saekit.kernels.columns import columns_decode
-from saekit.losses import reconstruction_loss
+from saekit.kernels.layout import CodeLayout
+from saekit.kernels.select import auxk_select
+from saekit.kernels.sparse import SparsePreacts, sparse_decode
+from saekit.objective.losses import reconstruction_loss
 
 AUXK_NORMALIZERS = ("residual", "none")
 DENSE_COLUMNS_PER_K = 8
