@@ -15,6 +15,7 @@ A baseline run (no fault) comes first; if it fails the faults are not run.
     .venv/bin/python tests/mutation_check.py --faults lambda-ignored auxk-dropped
     .venv/bin/python tests/mutation_check.py --tests tests/test_objective.py
     .venv/bin/python tests/mutation_check.py --list
+    .venv/bin/python tests/mutation_check.py --anchors      # every anchor matches once; no runs
 
 Exit status: 0 when the baseline passes and every fault is killed; 1 when a fault survives or
 the baseline fails; 2 when an anchor is missing or ambiguous (or a usage error).
@@ -875,6 +876,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", nargs="+", metavar="NAME", help="run only these faults")
     p.add_argument("--tests", nargs="+", metavar="PATH", help="test paths instead of tests/")
     p.add_argument("--list", action="store_true", help="list the faults and exit")
+    p.add_argument(
+        "--anchors", action="store_true", help="check every anchor matches once, run nothing"
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
     p.add_argument("--keep", action="store_true", help="keep the temp directories")
     args = p.parse_args(argv)
@@ -897,6 +901,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, problems in bad_anchors.items():
         for problem in problems:
             print(f"mutation_check: {name}: {problem}", file=sys.stderr)
+    if args.anchors:
+        print(f"{len(chosen)} faults, {sum(map(bool, bad_anchors.values()))} with anchor problems")
+        return 2 if any(bad_anchors.values()) else 0
     work = Path(tempfile.mkdtemp(prefix="saekit-mutation-"))
     try:
         # baseline: the unmodified copy must pass, or the results mean nothing
