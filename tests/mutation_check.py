@@ -277,8 +277,8 @@ FAULTS = [
     Fault(
         "penalty-not-decoder-weighted",
         "objective/terms.py",
-        "            sae.W_dec.norm(dim=-1),\n",
-        "            sae.W_dec.norm(dim=-1).detach() * 0 + 1,\n",
+        "            inputs.sae.encoder_view().W_dec.norm(dim=-1),\n",
+        "            inputs.sae.encoder_view().W_dec.norm(dim=-1).detach() * 0 + 1,\n",
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
@@ -289,10 +289,30 @@ FAULTS = [
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
+        "penalty-tanh-ignores-c",
+        "objective/config.py",
+        "        return torch.tanh(self.c * a)",
+        "        return torch.tanh(a)",
+        ("test_losses.py",),
+    ),
+    Fault(
+        "penalty-sqrt-at-zero-is-log",
+        "objective/config.py",
+        "        return math.sqrt(self.eps)",
+        "        return math.log(self.eps)",
+        ("test_losses.py",),
+    ),
+    Fault(
+        "penalty-log-eps-default-not-field",
+        "objective/config.py",
+        "        return torch.log(a + self.eps)",
+        "        return torch.log(a + 0.1)",
+        ("test_losses.py",),
+    ),
+    Fault(
         "matryoshka-penalty-not-prefix-averaged",
         "objective/terms.py",
-        "    return matryoshka.prefix_weights(inputs.prefixes, inputs.sae.cfg.d_sae,"
-        " inputs.sae.W_dec)",
+        "    return matryoshka.prefix_weights(inputs.prefixes, W_dec.shape[0], W_dec)",
         "    return None",
         ("test_objective.py", "test_matryoshka.py"),
     ),
@@ -477,8 +497,8 @@ FAULTS = [
     Fault(
         "transcoder-prefixes-without-skip-path",
         "objective/terms.py",
-        "        offset = sae.decoder_offset_n(out.x_n)",
-        "        offset = sae.b_dec",
+        "        offset = view.decoder_offset_n(out.x_n)",
+        "        offset = view.b_dec",
         ("test_transcoder.py",),
     ),
     Fault(
@@ -513,8 +533,8 @@ FAULTS = [
     Fault(
         "gated-aux-decoder-not-frozen",
         "activations/gated.py",
-        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec.detach())",
-        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec)",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, view.W_dec.detach())",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, view.W_dec)",
         ("test_arch_gated.py",),
     ),
     Fault(
@@ -598,7 +618,7 @@ FAULTS = [
     Fault(
         "input-revival-fits-residual",
         "objective/terms.py",
-        "        return revival.input_target(out.target(), inputs.sae.decoder_offset_n(out.x_n))",
+        "        return revival.input_target(out.target(), view.decoder_offset_n(out.x_n))",
         "        return (out.target() - out.x_hat_n).detach()",
         ("test_objective.py",),
     ),
@@ -677,8 +697,8 @@ FAULTS = [
     Fault(
         "auxk-values-misaligned",
         "objective/revival.py",
-        "            pre_E = preacts.attach(value_Sk.reshape(-1), layout)",
-        "            pre_E = preacts.attach(value_Sk.sort(dim=1).values.reshape(-1), layout)",
+        "        pre_E = preacts.selected(value_Sk.reshape(-1), layout)",
+        "        pre_E = preacts.selected(value_Sk.sort(dim=1).values.reshape(-1), layout)",
         ("test_speed_paths.py", "test_kernels.py", "test_objective.py"),
     ),
     Fault(

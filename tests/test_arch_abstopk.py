@@ -146,7 +146,7 @@ def test_training_counters_reset_a_latent_that_fired_only_negative():
 
 def test_abstopk_firing_threshold_is_each_tokens_smallest_kept_magnitude():
     sae = negative_only_sae()
-    enc = sae.activation.encode(sae, NEGATIVE_X.reshape(-1, 4))
+    enc = sae.activation.encode(sae.encoder_view(), NEGATIVE_X.reshape(-1, 4))
     assert sae.activation.firing_threshold(enc).flatten().tolist() == [2.0, 3.0, 4.0, 5.0]
 
 

@@ -16,12 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from saekit.core.configs import KindConfig
-from saekit.core.encoding import Encoding, Preacts, SparseCode, encoder_preacts
+from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode, encoder_preacts
 from saekit.objective import losses
 
 if TYPE_CHECKING:
     from saekit.core.encoding import ForwardOutput
-    from saekit.model.sae import SAE
 
 
 class ActivationConfig(KindConfig):
@@ -46,7 +45,7 @@ class Combiner:
 
 
 class Activation(nn.Module):
-    """Base: ``encode(sae, x_n) -> Encoding`` and the flags the objective and trainer read."""
+    """Base: ``encode(view, x_n) -> Encoding`` and the flags the objective and trainer read."""
 
     config_class: ClassVar[type[ActivationConfig]]
     unit_norm_decoder: ClassVar[bool] = False
@@ -67,12 +66,12 @@ class Activation(nn.Module):
         self.cfg = cfg
         self.d_sae = d_sae
 
-    def preacts(self, sae: SAE, x_n_ND: Tensor) -> Preacts:
+    def preacts(self, view: EncoderView, x_n_ND: Tensor) -> Preacts:
         """The affine encoder with dense autograd (the reference path)."""
-        b_enc = sae.b_enc if self.uses_encoder_bias else None
-        return Preacts(encoder_preacts(x_n_ND, sae.W_enc, b_enc, sae.input_center))
+        b_enc = view.b_enc if self.uses_encoder_bias else None
+        return Preacts(encoder_preacts(x_n_ND, view.W_enc, b_enc, view.input_center))
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         raise NotImplementedError
 
     def l0_step(self, preacts: Preacts) -> Tensor:
@@ -92,7 +91,7 @@ class Activation(nn.Module):
     # Loss hooks (saekit.objective.terms): an activation with a loss of its own overrides one of
     # these instead of adding a branch to the objective.
 
-    def reconstruction_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+    def reconstruction_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor:
         """The objective's reconstruction term: mean_n ‖y_n − ŷ_n‖² (y = x for an SAE) unless
         overridden (HierarchicalTopK: the mean over every prefix k' ≤ K)."""
         return losses.reconstruction_loss(out.target(), out.x_hat_n)
@@ -102,7 +101,7 @@ class Activation(nn.Module):
         gate's ReLU pre-activations)."""
         return enc.latents
 
-    def auxiliary_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+    def auxiliary_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor:
         """The activation's own extra loss term, logged as "aux" (Gated's auxiliary
         reconstruction). The objective has the term only where an activation overrides this."""
         raise NotImplementedError(f"{type(self).__name__} has no auxiliary loss")

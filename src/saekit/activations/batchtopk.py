@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.activations.topk import check_k, fast_preacts
-from saekit.core.encoding import Encoding, SparseCode
+from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.kernels import select
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import batchtopk_select
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
-
 
 FLOOR_MARGIN = 0.1
 """The next CPU selection looks above the previous k·N-th value minus 10% of its size."""
@@ -70,19 +65,19 @@ class BatchTopK(Activation):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         if not self.training:
-            pre = self.preacts(sae, x_n_ND)
+            pre = self.preacts(view, x_n_ND)
             pre_NM = pre.dense()
             return Encoding(pre_NM * (pre_NM > self.threshold).to(pre_NM.dtype), pre)
         k = self.cfg.k
         if self.cfg.kernel == "reference":
-            pre = self.preacts(sae, x_n_ND)
+            pre = self.preacts(view, x_n_ND)
             values_E, flat_E = batchtopk_select(pre.dense(), k)
             z_flat = torch.zeros_like(pre.dense()).reshape(-1)
             z_NM = z_flat.scatter(0, flat_E, torch.relu(values_E)).view_as(pre.dense())
             return Encoding(z_NM, pre)
-        pre = fast_preacts(sae, x_n_ND)
+        pre = fast_preacts(view, x_n_ND, self)
         n_tokens, d_sae = pre.detached.shape
         values_E, flat_E = batchtopk_select(pre.detached, k, floor=self._selection_floor())
         self._last_kept_min = values_E.min() if values_E.numel() else None

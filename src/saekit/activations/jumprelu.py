@@ -21,17 +21,13 @@ on an O(1) θ away (SAELens PR #728).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from saekit.activations.base import Activation, ActivationConfig, Combiner
 from saekit.core.configs import check_finite
-from saekit.core.encoding import Encoding, Preacts
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
+from saekit.core.encoding import EncoderView, Encoding, Preacts
 
 THRESHOLD_PARAMS = ("direct", "log")
 
@@ -143,8 +139,8 @@ class JumpReLU(Activation):
                 param.data = param.data.float()  # in place: an optimizer keeps its reference
         return out
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        pre = self.preacts(sae, x_n_ND)
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        pre = self.preacts(view, x_n_ND)
         z = jumprelu(pre.dense(), self.theta(), self.cfg.bandwidth, self.cfg.ste_to_input)
         return Encoding(z, pre)
 

@@ -8,16 +8,12 @@ With gate = H(m + b)·H(m), two backward variants: "relu": ∂m = g·gate, ∂b 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from saekit.activations.base import Activation, ActivationConfig
-from saekit.core.encoding import Encoding
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
+from saekit.core.encoding import EncoderView, Encoding
 
 VARIANTS = ("ste", "relu")
 
@@ -68,6 +64,6 @@ class ProLU(Activation):
         super().__init__(cfg, d_sae)
         self.bias = nn.Parameter(torch.zeros(d_sae))
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        m = self.preacts(sae, x_n_ND)
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        m = self.preacts(view, x_n_ND)
         return Encoding(prolu(m.dense(), self.bias, self.cfg.variant), m)
