@@ -164,9 +164,9 @@ FAULTS = [
     ),
     Fault(
         "legacy-log-threshold-not-exponentiated",
-        "model/format.py",
-        '        found["activation.threshold"] = found.pop(legacy).exp()',
-        '        found["activation.threshold"] = found.pop(legacy)',
+        "activations/jumprelu.py",
+        '            found["activation.threshold"] = found.pop(legacy).exp()',
+        '            found["activation.threshold"] = found.pop(legacy)',
         ("test_jumprelu.py", "test_checkpoint.py"),
     ),
     Fault(
@@ -441,16 +441,52 @@ FAULTS = [
     Fault(
         "interop-theta-scaled-by-the-fold",  # SAELens #763: θ off by the folded scale factor
         "interop/portable.py",
-        "    theta = sae.activation.theta().detach().cpu()\n",
-        "    theta = sae.activation.theta().detach().cpu() * sae.scale.cpu()\n",
+        "k=form.k, threshold=form.threshold, extra=extra)",
+        "k=form.k, threshold=None if form.threshold is None else form.threshold * sae.scale.cpu(),"
+        " extra=extra)",
         ("test_interop.py",),
     ),
     Fault(
         "interop-prolu-theta-sign",
-        "interop/portable.py",
-        "    theta = (-sae.activation.bias.detach().cpu()).clamp_min(0.0)",
-        "    theta = sae.activation.bias.detach().cpu().clamp_min(0.0)",
+        "activations/prolu.py",
+        "        theta = (-self.bias.detach().cpu()).clamp_min(0.0)",
+        "        theta = self.bias.detach().cpu().clamp_min(0.0)",
         ("test_interop.py",),
+    ),
+    Fault(
+        "interop-batchtopk-export-threshold-ema-zero",  # exported θ_i must be BatchTopK's θ
+        "activations/batchtopk.py",
+        "        thresholds = torch.full((self.d_sae,), theta, dtype=self.threshold.dtype)",
+        "        thresholds = torch.zeros((self.d_sae,), dtype=self.threshold.dtype)",
+        ("test_interop.py", "test_convert.py"),
+    ),
+    Fault(
+        "interop-import-threshold-not-loaded",  # an imported JumpReLU keeps its init θ
+        "activations/jumprelu.py",
+        "        self.threshold.copy_(theta)  # threshold_param: direct (from_export's default)",
+        "        pass",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "abstopk-exports-as-topk",  # AbsTopK inheriting TopK's export would drop the signs
+        "activations/abstopk.py",
+        '        return ExportForm("abstopk", k=self.cfg.k)',
+        '        return ExportForm("topk", k=self.cfg.k)',
+        ("test_interop.py",),
+    ),
+    Fault(
+        "l0-target-batchtopk-not-k",
+        "activations/batchtopk.py",
+        "        return float(self.k)",
+        "        return penalty_target",
+        ("test_calibrate.py",),
+    ),
+    Fault(
+        "ownership-kind-switch-planted",  # same behaviour, but a name switch outside activations/
+        "train/outputs.py",
+        "    if sae.activation.calibrated_threshold:",
+        '    if sae.cfg.activation.kind == "batchtopk":',
+        ("test_architecture_ownership.py",),
     ),
     Fault(
         "interop-dl-jumprelu-b_dec-subtracted",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.activations.base import ExportForm
 from saekit.activations.topk import TopK, TopKConfig, fast_preacts
 from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.kernels.layout import CodeLayout
@@ -54,6 +55,9 @@ class AbsTopK(TopK):
         values_E = pre.attach(values_Nk.reshape(-1), layout)
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
+
+    def export_form(self) -> ExportForm:
+        return ExportForm("abstopk", k=self.cfg.k)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
         """Each token's smallest kept |pre|: [N, 1]."""

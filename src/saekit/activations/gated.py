@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from saekit.activations.base import Activation, ActivationConfig
+from saekit.activations.base import Activation, ActivationConfig, ExportForm, check_imported
 from saekit.core.configs import check_finite
 from saekit.core.encoding import EncoderView, Encoding, Preacts, encoder_preacts
 from saekit.objective import losses
@@ -58,6 +58,18 @@ class Gated(Activation):
         pi_mag_NM = m_NM * self.r_mag.exp() + self.b_mag
         gate_NM = (pi_gate_NM > 0).to(pi_mag_NM.dtype)
         return Encoding(gate_NM * torch.relu(pi_mag_NM), Preacts(pi_gate_NM))
+
+    def export_form(self) -> ExportForm:
+        """b_gate = b_enc; r_mag and b_mag act on pre-activations the scale fold leaves
+        unchanged."""
+        extra = {n: getattr(self, n).detach().cpu() for n in ("r_mag", "b_mag")}
+        return ExportForm("gated", extra=extra)
+
+    @torch.no_grad()
+    def load_export(self, form: ExportForm) -> None:
+        for name in ("r_mag", "b_mag"):
+            value = (form.extra or {}).get(name)
+            getattr(self, name).copy_(check_imported(f"gated {name}", value, (self.d_sae,)))
 
     def penalty_latents(self, enc: Encoding) -> Tensor:
         """ReLU(π_gate): the penalty trains the gate, not the magnitudes."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from saekit.activations.base import ExportForm
 from saekit.activations.topk import TopK, TopKConfig
 from saekit.core.encoding import EncoderView, SparseCode
 from saekit.kernels.layout import CodeLayout
@@ -73,6 +74,10 @@ class HierarchicalTopK(TopK):
         if self.training or self.cfg.inference_k is None:
             return self.cfg.k
         return self.cfg.inference_k
+
+    def export_form(self) -> ExportForm:
+        """Its inference is TopK's with k = inference_k (default K)."""
+        return ExportForm("topk", k=self.cfg.inference_k or self.cfg.k)
 
     def set_inference_k(self, inference_k: int | None) -> None:
         """Encode with k' ≤ k from now on (saved with the SAE); None: k."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.activations.base import Activation, ActivationConfig
+from saekit.activations.base import Activation, ActivationConfig, ExportForm
 from saekit.core.encoding import EncoderView, Encoding
 
 
@@ -23,3 +23,6 @@ class ReLU(Activation):
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         pre = self.preacts(view, x_n_ND)
         return Encoding(torch.relu(pre.dense()), pre)
+
+    def export_form(self) -> ExportForm:
+        return ExportForm("relu")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.activations.base import Activation, ActivationConfig
+from saekit.activations.base import Activation, ActivationConfig, ExportForm
 from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import topk_select
@@ -51,6 +51,14 @@ class TopKConfig(ActivationConfig):
     def name_parts(self) -> list[str]:
         return [self.kind, f"k{self.k}"]
 
+    def inference_l0_target(self, penalty_target: float | None) -> float | None:
+        """None: the inference keeps exactly k latents per token by construction."""
+        return None
+
+    @classmethod
+    def from_export(cls, form: ExportForm) -> TopKConfig:
+        return cls(k=form.k)
+
 
 def fast_preacts(view: EncoderView, x_n_ND: Tensor, owner: object) -> SparsePreacts:
     """The fast path's pre, computed into ``owner``'s (the activation's, so one per SAE) own
@@ -86,6 +94,9 @@ class TopK(Activation):
         values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
+
+    def export_form(self) -> ExportForm:
+        return ExportForm("topk", k=self.cfg.k)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
         """Each token's smallest kept value, ReLU'd: [N, 1] (0 where a kept entry is ≤ 0)."""
