@@ -28,11 +28,12 @@ from pathlib import Path
 
 import pytest
 
+import saekit
 import saekit.activations
 from saekit.activations import ACTIVATIONS
 from saekit.activations.base import Activation, ActivationConfig
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "saekit"
+SRC = Path(saekit.__file__).resolve().parent  # the package under test (a mutated copy too)
 OWNER = SRC / "activations"
 
 
