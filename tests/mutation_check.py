@@ -164,9 +164,9 @@ FAULTS = [
     ),
     Fault(
         "legacy-log-threshold-not-exponentiated",
-        "model/format.py",
-        '        found["activation.threshold"] = found.pop(legacy).exp()',
-        '        found["activation.threshold"] = found.pop(legacy)',
+        "activations/jumprelu.py",
+        '            found["activation.threshold"] = found.pop(legacy).exp()',
+        '            found["activation.threshold"] = found.pop(legacy)',
         ("test_jumprelu.py", "test_checkpoint.py"),
     ),
     Fault(
@@ -277,8 +277,8 @@ FAULTS = [
     Fault(
         "penalty-not-decoder-weighted",
         "objective/terms.py",
-        "            sae.W_dec.norm(dim=-1),\n",
-        "            sae.W_dec.norm(dim=-1).detach() * 0 + 1,\n",
+        "            inputs.sae.encoder_view().W_dec.norm(dim=-1),\n",
+        "            inputs.sae.encoder_view().W_dec.norm(dim=-1).detach() * 0 + 1,\n",
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
@@ -289,10 +289,30 @@ FAULTS = [
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
+        "penalty-tanh-ignores-c",
+        "objective/config.py",
+        "        return torch.tanh(self.c * a)",
+        "        return torch.tanh(a)",
+        ("test_losses.py",),
+    ),
+    Fault(
+        "penalty-sqrt-at-zero-is-log",
+        "objective/config.py",
+        "        return math.sqrt(self.eps)",
+        "        return math.log(self.eps)",
+        ("test_losses.py",),
+    ),
+    Fault(
+        "penalty-log-eps-default-not-field",
+        "objective/config.py",
+        "        return torch.log(a + self.eps)",
+        "        return torch.log(a + 0.1)",
+        ("test_losses.py",),
+    ),
+    Fault(
         "matryoshka-penalty-not-prefix-averaged",
         "objective/terms.py",
-        "    return matryoshka.prefix_weights(inputs.prefixes, inputs.sae.cfg.d_sae,"
-        " inputs.sae.W_dec)",
+        "    return matryoshka.prefix_weights(inputs.prefixes, W_dec.shape[0], W_dec)",
         "    return None",
         ("test_objective.py", "test_matryoshka.py"),
     ),
@@ -421,16 +441,52 @@ FAULTS = [
     Fault(
         "interop-theta-scaled-by-the-fold",  # SAELens #763: θ off by the folded scale factor
         "interop/portable.py",
-        "    theta = sae.activation.theta().detach().cpu()\n",
-        "    theta = sae.activation.theta().detach().cpu() * sae.scale.cpu()\n",
+        "k=form.k, threshold=form.threshold, extra=extra)",
+        "k=form.k, threshold=None if form.threshold is None else form.threshold * sae.scale.cpu(),"
+        " extra=extra)",
         ("test_interop.py",),
     ),
     Fault(
         "interop-prolu-theta-sign",
-        "interop/portable.py",
-        "    theta = (-sae.activation.bias.detach().cpu()).clamp_min(0.0)",
-        "    theta = sae.activation.bias.detach().cpu().clamp_min(0.0)",
+        "activations/prolu.py",
+        "        theta = (-self.bias.detach().cpu()).clamp_min(0.0)",
+        "        theta = self.bias.detach().cpu().clamp_min(0.0)",
         ("test_interop.py",),
+    ),
+    Fault(
+        "interop-batchtopk-export-threshold-ema-zero",  # exported θ_i must be BatchTopK's θ
+        "activations/batchtopk.py",
+        "        thresholds = torch.full((self.d_sae,), theta, dtype=self.threshold.dtype)",
+        "        thresholds = torch.zeros((self.d_sae,), dtype=self.threshold.dtype)",
+        ("test_interop.py", "test_convert.py"),
+    ),
+    Fault(
+        "interop-import-threshold-not-loaded",  # an imported JumpReLU keeps its init θ
+        "activations/jumprelu.py",
+        "        self.threshold.copy_(theta)  # threshold_param: direct (from_export's default)",
+        "        pass",
+        ("test_interop.py",),
+    ),
+    Fault(
+        "abstopk-exports-as-topk",  # AbsTopK inheriting TopK's export would drop the signs
+        "activations/abstopk.py",
+        '        return ExportForm("abstopk", k=self.cfg.k)',
+        '        return ExportForm("topk", k=self.cfg.k)',
+        ("test_interop.py",),
+    ),
+    Fault(
+        "l0-target-batchtopk-not-k",
+        "activations/batchtopk.py",
+        "        return float(self.k)",
+        "        return penalty_target",
+        ("test_calibrate.py",),
+    ),
+    Fault(
+        "ownership-kind-switch-planted",  # same behaviour, but a name switch outside activations/
+        "train/outputs.py",
+        "    if sae.activation.calibrated_threshold:",
+        '    if sae.cfg.activation.kind == "batchtopk":',
+        ("test_architecture_ownership.py",),
     ),
     Fault(
         "interop-dl-jumprelu-b_dec-subtracted",
@@ -477,8 +533,8 @@ FAULTS = [
     Fault(
         "transcoder-prefixes-without-skip-path",
         "objective/terms.py",
-        "        offset = sae.decoder_offset_n(out.x_n)",
-        "        offset = sae.b_dec",
+        "        offset = view.decoder_offset_n(out.x_n)",
+        "        offset = view.b_dec",
         ("test_transcoder.py",),
     ),
     Fault(
@@ -513,8 +569,8 @@ FAULTS = [
     Fault(
         "gated-aux-decoder-not-frozen",
         "activations/gated.py",
-        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec.detach())",
-        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec)",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, view.W_dec.detach())",
+        "        x_hat_gate_ND = torch.addmm(offset, gate_NM, view.W_dec)",
         ("test_arch_gated.py",),
     ),
     Fault(
@@ -598,7 +654,7 @@ FAULTS = [
     Fault(
         "input-revival-fits-residual",
         "objective/terms.py",
-        "        return revival.input_target(out.target(), inputs.sae.decoder_offset_n(out.x_n))",
+        "        return revival.input_target(out.target(), view.decoder_offset_n(out.x_n))",
         "        return (out.target() - out.x_hat_n).detach()",
         ("test_objective.py",),
     ),
@@ -677,8 +733,8 @@ FAULTS = [
     Fault(
         "auxk-values-misaligned",
         "objective/revival.py",
-        "            pre_E = preacts.attach(value_Sk.reshape(-1), layout)",
-        "            pre_E = preacts.attach(value_Sk.sort(dim=1).values.reshape(-1), layout)",
+        "        pre_E = preacts.selected(value_Sk.reshape(-1), layout)",
+        "        pre_E = preacts.selected(value_Sk.sort(dim=1).values.reshape(-1), layout)",
         ("test_speed_paths.py", "test_kernels.py", "test_objective.py"),
     ),
     Fault(

@@ -71,7 +71,7 @@ def identity_sae(activation, d_sae: int, training: bool = True) -> SAE:
 
 
 def encode(sae: SAE, pre: torch.Tensor) -> Encoding:
-    return sae.activation.encode(sae, pre)
+    return sae.activation.encode(sae.encoder_view(), pre)
 
 
 SHAPES = {"2d": (6, 4), "3d": (2, 3, 4)}

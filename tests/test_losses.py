@@ -21,8 +21,8 @@ from saekit.core.encoding import Preacts, as_dense
 from saekit.kernels.sparse import SparsePreacts
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
+from saekit.objective.config import PenaltyConfig
 from saekit.objective.losses import (
-    PENALTIES,
     LambdaController,
     l0_penalty,
     reconstruction_loss,
@@ -104,13 +104,30 @@ def test_reconstruction_loss_is_mean_over_tokens_of_squared_error_summed_over_d(
 # ------------------------------------------------------------------------- sparsity penalties
 
 
+PENALTIES = ("l1", "log", "tanh", "sqrt")
+"""The penalty kinds with a formula f(a), each written out in :func:`penalty_reference`."""
+EPS, C = 0.3, 2.5
+"""Shapes off the defaults (0.1, 1), so a formula that ignores its field fails."""
+
+
+def penalty_of(kind: str) -> PenaltyConfig:
+    """The penalty kind with ε = EPS (log, sqrt) or c = C (tanh)."""
+    shape = {"log": {"eps": EPS}, "sqrt": {"eps": EPS}, "tanh": {"c": C}}.get(kind, {})
+    return PenaltyConfig.parse({"kind": kind, "coefficient": 1.0, **shape}, "penalty")
+
+
+def test_every_penalty_kind_with_a_formula_has_a_reference_here():
+    shaped = {k for k, cls in PenaltyConfig._kinds.items() if cls.terms is not PenaltyConfig.terms}
+    assert shaped == set(PENALTIES)
+
+
 def penalty_reference(z_NM: torch.Tensor, norms_M: torch.Tensor, kind: str) -> float:
-    """mean_n Σ_i f(|z_ni|·‖W_dec,i‖) over ALL latents, active or not (eps = 0.1, c = 1)."""
+    """mean_n Σ_i f(|z_ni|·‖W_dec,i‖) over ALL latents, active or not (ε = EPS, c = C)."""
     f = {
         "l1": lambda a: a,
-        "log": lambda a: math.log(a + 0.1),
-        "tanh": lambda a: math.tanh(a),
-        "sqrt": lambda a: math.sqrt(a + 0.1),
+        "log": lambda a: math.log(a + EPS),
+        "tanh": lambda a: math.tanh(C * a),
+        "sqrt": lambda a: math.sqrt(a + EPS),
     }[kind]
     z_NM, norms_M = z_NM.detach(), norms_M.detach()
     total = 0.0
@@ -128,7 +145,7 @@ def test_sparsity_penalty_dense_matches_reference_including_inactive_constants(k
     out = sae(x)
     norms = sae.W_dec.norm(dim=-1)
     assert (out.latents == 0).any() and (out.latents > 0).any()
-    got = sparsity_penalty(out.latents, norms, kind)
+    got = sparsity_penalty(out.latents, norms, penalty_of(kind))
     assert got.item() == pytest.approx(penalty_reference(out.latents, norms, kind), rel=1e-5)
 
 
@@ -137,9 +154,9 @@ def test_sparsity_penalty_sparse_code_equals_dense_form_value_and_gradient(kind)
     sae, x = make_sae("topk")
     out = sae(x)
     norms = sae.W_dec.norm(dim=-1)
-    sparse = sparsity_penalty(out.latents, norms, kind)
+    sparse = sparsity_penalty(out.latents, norms, penalty_of(kind))
     grads_sparse = torch.autograd.grad(sparse, [sae.W_enc, sae.W_dec], retain_graph=True)
-    dense = sparsity_penalty(out.latents.to_dense(), norms, kind)
+    dense = sparsity_penalty(out.latents.to_dense(), norms, penalty_of(kind))
     grads_dense = torch.autograd.grad(dense, [sae.W_enc, sae.W_dec])
     ref = penalty_reference(out.latents.to_dense().detach(), norms.detach(), kind)
     assert sparse.item() == pytest.approx(ref, rel=1e-5)

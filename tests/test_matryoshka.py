@@ -18,7 +18,8 @@ from scipy import stats
 from saekit.core.encoding import Preacts, as_dense
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
-from saekit.objective.losses import PENALTIES, l0_penalty, reconstruction_loss, sparsity_penalty
+from saekit.objective.config import PenaltyConfig
+from saekit.objective.losses import l0_penalty, reconstruction_loss, sparsity_penalty
 from saekit.objective.matryoshka import (
     block_deltas,
     fixed_prefixes,
@@ -59,6 +60,11 @@ PLAIN_F = {
     "sqrt": lambda a: torch.sqrt(a + EPS),
 }
 """f(a) of each penalty, written out (ε = 0.1, c = 1)."""
+PENALTIES = tuple(PLAIN_F)
+
+
+def penalty_of(kind: str) -> PenaltyConfig:
+    return PenaltyConfig.parse({"kind": kind, "coefficient": 1.0}, "penalty")
 
 
 def naive_reconstruction(sae, out, prefixes):
@@ -140,7 +146,7 @@ def test_prefix_weighted_penalty_equals_the_naive_prefix_average_in_value_and_gr
     out = sae(x)
     weights = prefix_weights(prefixes, M, like=sae.W_dec)
     value = sparsity_penalty(
-        latents_of(form, out), sae.W_dec.norm(dim=-1), kind, latent_weights_M=weights
+        latents_of(form, out), sae.W_dec.norm(dim=-1), penalty_of(kind), latent_weights_M=weights
     )
     got = grads_of(value, sae)
     out = sae(x)
@@ -198,9 +204,11 @@ def test_single_prefix_matryoshka_is_the_plain_objective():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     norms = sae.W_dec.norm(dim=-1)
     weighted = sparsity_penalty(
-        out.latents, norms, "log", latent_weights_M=prefix_weights([M], M, norms)
+        out.latents, norms, penalty_of("log"), latent_weights_M=prefix_weights([M], M, norms)
     )
-    assert weighted.item() == pytest.approx(sparsity_penalty(out.latents, norms, "log").item())
+    assert weighted.item() == pytest.approx(
+        sparsity_penalty(out.latents, norms, penalty_of("log")).item()
+    )
 
 
 def test_prefixes_must_increase_and_end_at_d_sae():

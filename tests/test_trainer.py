@@ -15,6 +15,7 @@ from saekit.cli import main as cli_main
 from saekit.data.source import SyntheticSource
 from saekit.data.synthetic import SyntheticData
 from saekit.kernels import select as kernel_select
+from saekit.objective.config import L1Penalty
 from saekit.objective.losses import sparsity_penalty
 from saekit.objective.matryoshka import matryoshka_reconstruction_loss
 from saekit.train.checkpoint import read_checkpoint_meta
@@ -265,7 +266,7 @@ def test_step_metrics_are_the_contributions_of_the_terms(tmp_path):
         total = sum(t for t in terms if t is not None)
         assert metrics.loss.item() == pytest.approx(total.item(), rel=1e-6)
         if member.cfg.penalty is not None:
-            S = sparsity_penalty(out.latents, sae.W_dec.norm(dim=-1), "l1")
+            S = sparsity_penalty(out.latents, sae.W_dec.norm(dim=-1), L1Penalty(coefficient=1.0))
             assert metrics.revival is None
             assert metrics.penalty.item() == pytest.approx(0.5 * S.item(), rel=1e-5)
             assert metrics.lam.item() == pytest.approx(0.5)

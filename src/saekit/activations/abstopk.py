@@ -15,18 +15,15 @@ ReLU(pre) (:func:`saekit.kernels.auxk_select`), which is TopK's selection, not t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from saekit.activations.base import ExportForm
 from saekit.activations.topk import TopK, TopKConfig, fast_preacts
-from saekit.core.encoding import Encoding, SparseCode
+from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import topk_select
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
 
 
 @dataclass
@@ -44,20 +41,23 @@ class AbsTopK(TopK):
     config_class = AbsTopKConfig
     revival_signals = frozenset({"preact"})
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         k = self.cfg.k
         if self.cfg.kernel == "reference":
-            pre = self.preacts(sae, x_n_ND)
+            pre = self.preacts(view, x_n_ND)
             values_Nk, latent_Nk = abs_topk_select(pre.dense(), k)
             z_NM = torch.zeros_like(pre.dense()).scatter(1, latent_Nk, values_Nk)
             return Encoding(z_NM, pre)
-        pre = fast_preacts(sae, x_n_ND)
+        pre = fast_preacts(view, x_n_ND, self)
         n_tokens, d_sae = pre.detached.shape
         values_Nk, latent_Nk = abs_topk_select(pre.detached, k)
         layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
         values_E = pre.attach(values_Nk.reshape(-1), layout)
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
+
+    def export_form(self) -> ExportForm:
+        return ExportForm("abstopk", k=self.cfg.k)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
         """Each token's smallest kept |pre|: [N, 1]."""

@@ -1,27 +1,32 @@
 """The interface every activation implements: its config, its encode, its flags and hooks.
 
 An activation *is* the architecture: it owns a config (a :class:`ActivationConfig` kind, saved
-inside the SAE's cfg.json), turns normalised inputs into an :class:`~saekit.core.encoding.Encoding`,
-says which training machinery applies to it (unit-norm decoder rows, revival signals, an L0
-penalty on its thresholds), and updates its own state after an optimizer step. Nothing else in
-saekit switches on an activation's name. Adding one = one file here plus one import line in
-``saekit/activations/__init__.py``.
+inside the SAE's cfg.json), turns normalised inputs into an :class:`~saekit.core.encoding.Encoding`
+from an :class:`~saekit.core.encoding.EncoderView` (the SAE's weights, never the SAE), says
+which training machinery applies to it (unit-norm decoder rows, revival signals, an L0 penalty
+on its thresholds), and updates its own state after an optimizer step. What the rest of saekit
+would otherwise switch on its name for is a hook here, with a default: its loss terms, its
+export and import form (:class:`ExportForm`, saekit.interop), the JumpReLU that computes its
+inference (:meth:`Activation.as_jumprelu`, ``saekit convert``), whether evaluation calibrates
+its threshold, its inference-L0 target, the per-latent bias a report plots, and the upgrade of
+its tensors from an older checkpoint. Nothing else in saekit compares an activation's kind name
+or type-checks an activation (tests/test_architecture_ownership.py scans for it). Adding one =
+one file here plus one line in ``saekit/activations/__init__.py``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from saekit.core.configs import KindConfig
-from saekit.core.encoding import Encoding, Preacts, SparseCode, encoder_preacts
+from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode, encoder_preacts
 from saekit.objective import losses
 
 if TYPE_CHECKING:
     from saekit.core.encoding import ForwardOutput
-    from saekit.model.sae import SAE
 
 
 class ActivationConfig(KindConfig):
@@ -36,6 +41,53 @@ class ActivationConfig(KindConfig):
     def check_d_sae(self, d_sae: int) -> None:
         """Raise ValueError naming the field when this config cannot work with d_sae latents."""
 
+    def inference_l0_target(self, penalty_target: float | None) -> float | None:
+        """The L0 this SAE's inference should reach (saekit.eval.calibrate.l0_target warns when
+        it is more than 10% off): by default the λ controller's ``penalty_target`` (None: no
+        target). The TopK family: None (exactly k by construction); BatchTopK: k."""
+        return penalty_target
+
+    @classmethod
+    def from_export(cls, form: ExportForm) -> ActivationConfig:
+        """The config of an imported SAE of this kind (saekit.interop): defaults, plus the
+        fields the portable form carries (k)."""
+        return cls()
+
+
+class ExportForm(NamedTuple):
+    """An activation as the other libraries serve it: the portable architecture (one of
+    saekit.interop.portable.SERVED, e.g. "jumprelu") and what it needs besides the affine
+    weights W_enc, b_enc, W_dec, b_dec (which saekit.interop folds and carries itself)."""
+
+    architecture: str
+    k: int | None = None
+    """Active latents per token (topk, abstopk, batchtopk)."""
+    threshold: Tensor | None = None
+    """θ: [M] for jumprelu, 0-d for batchtopk (on the CPU)."""
+    extra: dict[str, Tensor] | None = None
+    """Further per-latent tensors by name (gated: r_mag, b_mag)."""
+
+
+class JumpReLUForm(NamedTuple):
+    """The JumpReLU SAE that computes an activation's inference exactly: the same weights, this
+    config and these thresholds (:meth:`Activation.as_jumprelu`)."""
+
+    config: ActivationConfig
+    """A JumpReLUConfig."""
+    threshold: Tensor
+    """[M] θ_i, in the activation's threshold dtype."""
+    metadata: dict[str, Any]
+    """What the converted SAE's metadata records (converted_from, target_l0)."""
+
+
+def check_imported(where: str, value: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """An imported tensor of the expected shape, or ValueError naming it (saekit.interop turns
+    it into an InteropError)."""
+    if value is None or tuple(value.shape) != shape:
+        found = None if value is None else tuple(value.shape)
+        raise ValueError(f"{where} has shape {found}, expected {shape}")
+    return value
+
 
 class Combiner:
     """How an activation's batch statistics combine across data-parallel ranks (one process:
@@ -46,7 +98,7 @@ class Combiner:
 
 
 class Activation(nn.Module):
-    """Base: ``encode(sae, x_n) -> Encoding`` and the flags the objective and trainer read."""
+    """Base: ``encode(view, x_n) -> Encoding`` and the flags the objective and trainer read."""
 
     config_class: ClassVar[type[ActivationConfig]]
     unit_norm_decoder: ClassVar[bool] = False
@@ -55,6 +107,9 @@ class Activation(nn.Module):
     their penalty by ‖W_dec,i‖ instead (docs/design.md)."""
     revival_signals: ClassVar[frozenset[str]] = frozenset()
     """Revival terms that act on this activation's dead latents ("auxk", "preact")."""
+    calibrated_threshold: ClassVar[bool] = False
+    """Its inference compares pre with a threshold that evaluation first calibrates on held-out
+    data (saekit.eval.calibrate.calibrate_batchtopk; BatchTopK)."""
     needs_penalty: ClassVar[bool] = False
     """Nothing but a sparsity penalty makes this activation sparse (ReLU, ProLU)."""
     uses_encoder_bias: ClassVar[bool] = True
@@ -67,12 +122,12 @@ class Activation(nn.Module):
         self.cfg = cfg
         self.d_sae = d_sae
 
-    def preacts(self, sae: SAE, x_n_ND: Tensor) -> Preacts:
+    def preacts(self, view: EncoderView, x_n_ND: Tensor) -> Preacts:
         """The affine encoder with dense autograd (the reference path)."""
-        b_enc = sae.b_enc if self.uses_encoder_bias else None
-        return Preacts(encoder_preacts(x_n_ND, sae.W_enc, b_enc, sae.input_center))
+        b_enc = view.b_enc if self.uses_encoder_bias else None
+        return Preacts(encoder_preacts(x_n_ND, view.W_enc, b_enc, view.input_center))
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         raise NotImplementedError
 
     def l0_step(self, preacts: Preacts) -> Tensor:
@@ -92,7 +147,7 @@ class Activation(nn.Module):
     # Loss hooks (saekit.objective.terms): an activation with a loss of its own overrides one of
     # these instead of adding a branch to the objective.
 
-    def reconstruction_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+    def reconstruction_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor:
         """The objective's reconstruction term: mean_n ‖y_n − ŷ_n‖² (y = x for an SAE) unless
         overridden (HierarchicalTopK: the mean over every prefix k' ≤ K)."""
         return losses.reconstruction_loss(out.target(), out.x_hat_n)
@@ -102,10 +157,37 @@ class Activation(nn.Module):
         gate's ReLU pre-activations)."""
         return enc.latents
 
-    def auxiliary_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+    def auxiliary_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor:
         """The activation's own extra loss term, logged as "aux" (Gated's auxiliary
         reconstruction). The objective has the term only where an activation overrides this."""
         raise NotImplementedError(f"{type(self).__name__} has no auxiliary loss")
+
+    # Hooks for saekit.interop, saekit convert, the report and old checkpoints.
+
+    def export_form(self) -> ExportForm | None:
+        """How the other libraries serve this activation, or None where none computes it
+        exactly (the default; saekit.interop refuses the export)."""
+        return None
+
+    def load_export(self, form: ExportForm) -> None:
+        """Set this activation's own state (thresholds, extra parameters) from an imported
+        portable form; ValueError names a tensor of the wrong shape or value. Default: none."""
+
+    def as_jumprelu(self) -> JumpReLUForm | None:
+        """The JumpReLU that computes this activation's inference (``saekit convert``; the
+        export of BatchTopK), or None where there is none (the default)."""
+        return None
+
+    def plot_bias(self, view: EncoderView) -> Tensor:
+        """The per-latent bias [M] a report histograms: b_enc unless the activation owns its
+        bias (ProLU)."""
+        return view.b_enc
+
+    @classmethod
+    def upgrade_tensors(cls, fields: dict[str, Any], found: dict[str, Tensor]) -> dict[str, Tensor]:
+        """An older checkpoint's tensors under today's names, given the activation's saved
+        config ``fields`` (saekit.model.format.upgrade_tensors). Default: unchanged."""
+        return found
 
     @classmethod
     def overrides(cls, hook: str) -> bool:

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from saekit.activations.base import Activation, ActivationConfig, Combiner
+from saekit.activations.base import (
+    Activation,
+    ActivationConfig,
+    Combiner,
+    ExportForm,
+    JumpReLUForm,
+)
+from saekit.activations.jumprelu import JumpReLUConfig, imported_threshold, jumprelu_export
 from saekit.activations.topk import check_k, fast_preacts
-from saekit.core.encoding import Encoding, SparseCode
+from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.kernels import select
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import batchtopk_select
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
-
 
 FLOOR_MARGIN = 0.1
 """The next CPU selection looks above the previous k·N-th value minus 10% of its size."""
@@ -53,6 +55,14 @@ class BatchTopKConfig(ActivationConfig):
     def name_parts(self) -> list[str]:
         return [self.kind, f"k{self.k}"]
 
+    def inference_l0_target(self, penalty_target: float | None) -> float | None:
+        """k: the calibrated θ aims at k latents per token on average."""
+        return float(self.k)
+
+    @classmethod
+    def from_export(cls, form: ExportForm) -> BatchTopKConfig:
+        return cls(k=form.k)
+
 
 def batch_min_positive(latents: Tensor | SparseCode) -> Tensor:
     """m: the smallest positive latent of a batch (inf if none is), detached, 0-d."""
@@ -64,25 +74,26 @@ class BatchTopK(Activation):
     config_class = BatchTopKConfig
     unit_norm_decoder = True
     revival_signals = frozenset({"auxk", "preact"})
+    calibrated_threshold = True
 
     def __init__(self, cfg: BatchTopKConfig, d_sae: int):
         super().__init__(cfg, d_sae)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         if not self.training:
-            pre = self.preacts(sae, x_n_ND)
+            pre = self.preacts(view, x_n_ND)
             pre_NM = pre.dense()
             return Encoding(pre_NM * (pre_NM > self.threshold).to(pre_NM.dtype), pre)
         k = self.cfg.k
         if self.cfg.kernel == "reference":
-            pre = self.preacts(sae, x_n_ND)
+            pre = self.preacts(view, x_n_ND)
             values_E, flat_E = batchtopk_select(pre.dense(), k)
             z_flat = torch.zeros_like(pre.dense()).reshape(-1)
             z_NM = z_flat.scatter(0, flat_E, torch.relu(values_E)).view_as(pre.dense())
             return Encoding(z_NM, pre)
-        pre = fast_preacts(sae, x_n_ND)
+        pre = fast_preacts(view, x_n_ND, self)
         n_tokens, d_sae = pre.detached.shape
         values_E, flat_E = batchtopk_select(pre.detached, k, floor=self._selection_floor())
         self._last_kept_min = values_E.min() if values_E.numel() else None
@@ -105,6 +116,27 @@ class BatchTopK(Activation):
             return None
         last = float(last)
         return last - FLOOR_MARGIN * abs(last)
+
+    def as_jumprelu(self) -> JumpReLUForm:
+        """The inference z = pre·H(pre − θ) is a JumpReLU with every θ_i = θ (the one home of
+        this conversion: ``saekit convert`` and the export; saekit.eval.calibrate: why θ stays
+        global). Metadata records the source and sets ``target_l0`` = k, so the L0 check of
+        ``saekit eval`` applies."""
+        theta, k = float(self.threshold), self.cfg.k
+        config = JumpReLUConfig(init_threshold=theta) if theta > 0 else JumpReLUConfig()
+        thresholds = torch.full((self.d_sae,), theta, dtype=self.threshold.dtype)
+        source = {"kind": self.cfg.kind, "k": k, "threshold": theta}
+        return JumpReLUForm(config, thresholds, {"converted_from": source, "target_l0": float(k)})
+
+    def export_form(self) -> ExportForm:
+        """As the JumpReLU of :meth:`as_jumprelu` (dictionary_learning's own BatchTopK form
+        is read, never written)."""
+        return jumprelu_export(self.as_jumprelu().threshold)
+
+    @torch.no_grad()
+    def load_export(self, form: ExportForm) -> None:
+        self.threshold.copy_(imported_threshold("batchtopk", form.threshold, ()))
+        self.threshold_initialized.fill_(True)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
         """The batch's smallest positive kept value, 0-d (0 if none is positive)."""

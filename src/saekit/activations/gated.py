@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from saekit.activations.base import Activation, ActivationConfig
+from saekit.activations.base import Activation, ActivationConfig, ExportForm, check_imported
 from saekit.core.configs import check_finite
-from saekit.core.encoding import Encoding, Preacts, encoder_preacts
+from saekit.core.encoding import EncoderView, Encoding, Preacts, encoder_preacts
 from saekit.objective import losses
 
 if TYPE_CHECKING:
     from saekit.core.encoding import ForwardOutput
-    from saekit.model.sae import SAE
 
 
 @dataclass
@@ -53,20 +52,32 @@ class Gated(Activation):
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        m_NM = encoder_preacts(x_n_ND, sae.W_enc, None, sae.input_center)  # (x_n − b_dec) W_gateᵀ
-        pi_gate_NM = m_NM + sae.b_enc
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        m_NM = encoder_preacts(x_n_ND, view.W_enc, None, view.input_center)  # (x_n − b_dec) W_gateᵀ
+        pi_gate_NM = m_NM + view.b_enc
         pi_mag_NM = m_NM * self.r_mag.exp() + self.b_mag
         gate_NM = (pi_gate_NM > 0).to(pi_mag_NM.dtype)
         return Encoding(gate_NM * torch.relu(pi_mag_NM), Preacts(pi_gate_NM))
+
+    def export_form(self) -> ExportForm:
+        """b_gate = b_enc; r_mag and b_mag act on pre-activations the scale fold leaves
+        unchanged."""
+        extra = {n: getattr(self, n).detach().cpu() for n in ("r_mag", "b_mag")}
+        return ExportForm("gated", extra=extra)
+
+    @torch.no_grad()
+    def load_export(self, form: ExportForm) -> None:
+        for name in ("r_mag", "b_mag"):
+            value = (form.extra or {}).get(name)
+            getattr(self, name).copy_(check_imported(f"gated {name}", value, (self.d_sae,)))
 
     def penalty_latents(self, enc: Encoding) -> Tensor:
         """ReLU(π_gate): the penalty trains the gate, not the magnitudes."""
         return torch.relu(enc.preacts.dense())
 
-    def auxiliary_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+    def auxiliary_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor:
         """α · L_aux: the gate alone reconstructs through the frozen decoder."""
         gate_NM = torch.relu(out.encoding.preacts.dense())
-        offset = sae.decoder_offset_n(out.x_n).detach()  # b_dec (+ a transcoder's skip path)
-        x_hat_gate_ND = torch.addmm(offset, gate_NM, sae.W_dec.detach())
+        offset = view.decoder_offset_n(out.x_n).detach()  # b_dec (+ a transcoder's skip path)
+        x_hat_gate_ND = torch.addmm(offset, gate_NM, view.W_dec.detach())
         return self.cfg.aux_coefficient * losses.reconstruction_loss(out.target(), x_hat_gate_ND)

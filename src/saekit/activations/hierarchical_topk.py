@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from saekit.activations.base import ExportForm
 from saekit.activations.topk import TopK, TopKConfig
-from saekit.core.encoding import SparseCode
+from saekit.core.encoding import EncoderView, SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.prefix import prefix_mse
 from saekit.kernels.sparse import sparse_decode
 
 if TYPE_CHECKING:
     from saekit.core.encoding import ForwardOutput
-    from saekit.model.sae import SAE
 
 
 def check_inference_k(inference_k: int | None, k: int) -> None:
@@ -75,22 +75,26 @@ class HierarchicalTopK(TopK):
             return self.cfg.k
         return self.cfg.inference_k
 
+    def export_form(self) -> ExportForm:
+        """Its inference is TopK's with k = inference_k (default K)."""
+        return ExportForm("topk", k=self.cfg.inference_k or self.cfg.k)
+
     def set_inference_k(self, inference_k: int | None) -> None:
         """Encode with k' ≤ k from now on (saved with the SAE); None: k."""
         check_inference_k(inference_k, self.cfg.k)
         self.cfg.inference_k = inference_k
 
-    def reconstruction_loss(self, sae: SAE, out: ForwardOutput) -> Tensor:
+    def reconstruction_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor:
         """(1/K) Σ_{k'} mean_n ‖x_n − x̂_{k'}‖² over the K prefixes of the sorted code."""
         k = self.cfg.k
         values_Nk, latent_Nk = sorted_code(out.latents, k)
-        n_tokens, d_sae = values_Nk.shape[0], sae.cfg.d_sae
+        n_tokens, d_sae = values_Nk.shape[0], self.d_sae
         # Rank-major order: bag j·N + n holds token n's j-th largest entry (one entry per bag).
         values_E, latent_E = values_Nk.T.reshape(-1), latent_Nk.T.reshape(-1)
         bag_E = torch.arange(k * n_tokens, device=latent_E.device)
         backend = "triton" if self.cfg.kernel == "triton" else "torch"
         layout = CodeLayout(bag_E, latent_E, k * n_tokens, d_sae, bag_E, backend)
-        delta_E_D = sparse_decode(values_E, latent_E, bag_E, sae.W_dec, k * n_tokens, layout)
+        delta_E_D = sparse_decode(values_E, latent_E, bag_E, view.W_dec, k * n_tokens, layout)
         delta_kND = delta_E_D.view(k, n_tokens, -1)
         # a transcoder predicts its target from b_dec plus its skip path (SAE: x_n from b_dec)
-        return prefix_mse(delta_kND, out.target() - sae.decoder_offset_n(out.x_n)).mean()
+        return prefix_mse(delta_kND, out.target() - view.decoder_offset_n(out.x_n)).mean()

@@ -21,17 +21,20 @@ on an O(1) θ away (SAELens PR #728).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from saekit.activations.base import Activation, ActivationConfig, Combiner
+from saekit.activations.base import (
+    Activation,
+    ActivationConfig,
+    Combiner,
+    ExportForm,
+    check_imported,
+)
 from saekit.core.configs import check_finite
-from saekit.core.encoding import Encoding, Preacts
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
+from saekit.core.encoding import EncoderView, Encoding, Preacts
 
 THRESHOLD_PARAMS = ("direct", "log")
 
@@ -91,6 +94,25 @@ def step(pre: Tensor, threshold: Tensor, bandwidth: float, to_input: bool = Fals
     return _StepFn.apply(pre, threshold, bandwidth, to_input)
 
 
+def jumprelu_export(theta: Tensor) -> ExportForm:
+    """θ [M] as SAELens' JumpReLU serves it, ReLU(pre)·H(pre − θ_i): the same latents when every
+    θ_i ≥ 0, else ValueError."""
+    if (theta < 0).any():  # pre in (θ, 0] would give a negative latent; SAELens' would be 0
+        raise ValueError(
+            f"{int((theta < 0).sum())} JumpReLU thresholds are negative; SAELens' JumpReLU "
+            "applies a ReLU first, so it cannot compute this SAE"
+        )
+    return ExportForm("jumprelu", threshold=theta)
+
+
+def imported_threshold(where: str, value: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """An imported θ of ``shape``, finite and ≥ 0, as float32; else ValueError."""
+    theta = check_imported(f"{where} threshold", value, shape)
+    if not torch.isfinite(theta).all() or (theta < 0).any():
+        raise ValueError(f"{where} threshold must be finite and ≥ 0")
+    return theta.float()
+
+
 @dataclass
 class JumpReLUConfig(ActivationConfig):
     kind = "jumprelu"
@@ -128,6 +150,26 @@ class JumpReLU(Activation):
         else:
             self.threshold = nn.Parameter(init)
 
+    def export_form(self) -> ExportForm:
+        return jumprelu_export(self.theta().detach().cpu())
+
+    @torch.no_grad()
+    def load_export(self, form: ExportForm) -> None:
+        theta = imported_threshold("jumprelu", form.threshold, (self.d_sae,))
+        self.threshold.copy_(theta)  # threshold_param: direct (from_export's default)
+
+    @classmethod
+    def upgrade_tensors(cls, fields: dict[str, Any], found: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A JumpReLU saved before ``threshold_param`` existed trained log θ and holds
+        ``activation.log_threshold``; its config (no ``threshold_param``) now means a direct θ,
+        which is exp(log θ) computed as that code did (same op, same float32), so the loaded SAE
+        encodes bit for bit as the saved one did."""
+        legacy = "activation.log_threshold"
+        if "threshold_param" not in fields and legacy in found:
+            found = dict(found)
+            found["activation.threshold"] = found.pop(legacy).exp()
+        return found
+
     def theta(self) -> Tensor:
         """θ [M], differentiable: the parameter itself, or exp(log θ) (autograd then multiplies
         the θ-gradient by θ on its way to log θ, the chain rule one implementation forgot)."""
@@ -143,8 +185,8 @@ class JumpReLU(Activation):
                 param.data = param.data.float()  # in place: an optimizer keeps its reference
         return out
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        pre = self.preacts(sae, x_n_ND)
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        pre = self.preacts(view, x_n_ND)
         z = jumprelu(pre.dense(), self.theta(), self.cfg.bandwidth, self.cfg.ste_to_input)
         return Encoding(z, pre)
 

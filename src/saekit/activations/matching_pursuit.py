@@ -24,17 +24,13 @@ encoding's ``preacts``): dead atoms that correlate with the input learn to fit t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig
 from saekit.core.configs import check_finite
-from saekit.core.encoding import Encoding, Preacts
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
+from saekit.core.encoding import EncoderView, Encoding, Preacts
 
 
 @dataclass
@@ -66,10 +62,10 @@ class MatchingPursuit(Activation):
     uses_encoder_bias = False
     uses_encoder_weights = False
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        norms_M = sae.W_dec.norm(dim=-1)
-        u_MD = sae.W_dec / norms_M.unsqueeze(1)
-        r_ND = x_n_ND - sae.b_dec
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        norms_M = view.W_dec.norm(dim=-1)
+        u_MD = view.W_dec / norms_M.unsqueeze(1)
+        r_ND = x_n_ND - view.b_dec
         pre_NM = r_ND @ u_MD.T  # the first step's correlations
         stop_N = None
         if self.cfg.residual_threshold > 0:

@@ -8,16 +8,12 @@ With gate = H(m + b)·H(m), two backward variants: "relu": ∂m = g·gate, ∂b 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from saekit.activations.base import Activation, ActivationConfig
-from saekit.core.encoding import Encoding
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
+from saekit.activations.base import Activation, ActivationConfig, ExportForm
+from saekit.core.encoding import EncoderView, Encoding
 
 VARIANTS = ("ste", "relu")
 
@@ -68,6 +64,16 @@ class ProLU(Activation):
         super().__init__(cfg, d_sae)
         self.bias = nn.Parameter(torch.zeros(d_sae))
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        m = self.preacts(sae, x_n_ND)
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        m = self.preacts(view, x_n_ND)
         return Encoding(prolu(m.dense(), self.bias, self.cfg.variant), m)
+
+    def export_form(self) -> ExportForm:
+        """z = m·H(m + b)·H(m) is m·H(m − max(−b, 0)): JumpReLU with b_enc = 0 (ProLU's b_enc
+        stays 0) and θ_i = max(−b_i, 0)."""
+        theta = (-self.bias.detach().cpu()).clamp_min(0.0)
+        return ExportForm("jumprelu", threshold=theta)
+
+    def plot_bias(self, view: EncoderView) -> Tensor:
+        """b, the bias ProLU owns (b_enc stays 0)."""
+        return self.bias

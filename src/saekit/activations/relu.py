@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from saekit.activations.base import Activation, ActivationConfig
-from saekit.core.encoding import Encoding
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
+from saekit.activations.base import Activation, ActivationConfig, ExportForm
+from saekit.core.encoding import EncoderView, Encoding
 
 
 @dataclass
@@ -24,6 +20,9 @@ class ReLU(Activation):
     config_class = ReLUConfig
     needs_penalty = True
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
-        pre = self.preacts(sae, x_n_ND)
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        pre = self.preacts(view, x_n_ND)
         return Encoding(torch.relu(pre.dense()), pre)
+
+    def export_form(self) -> ExportForm:
+        return ExportForm("relu")

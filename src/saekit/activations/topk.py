@@ -10,20 +10,16 @@ Two paths with the same selection (:func:`saekit.kernels.topk_select`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from saekit.activations.base import Activation, ActivationConfig
-from saekit.core.encoding import Encoding, SparseCode
+from saekit.activations.base import Activation, ActivationConfig, ExportForm
+from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import topk_select
 from saekit.kernels.sparse import SparsePreacts
 from saekit.kernels.workspace import free_buffer
-
-if TYPE_CHECKING:
-    from saekit.model.sae import SAE
 
 KERNELS = ("torch", "triton", "reference")
 
@@ -55,15 +51,24 @@ class TopKConfig(ActivationConfig):
     def name_parts(self) -> list[str]:
         return [self.kind, f"k{self.k}"]
 
+    def inference_l0_target(self, penalty_target: float | None) -> float | None:
+        """None: the inference keeps exactly k latents per token by construction."""
+        return None
 
-def fast_preacts(sae: SAE, x_n_ND: Tensor) -> SparsePreacts:
-    """The fast path's pre, computed into the SAE's own [N, M] buffer on CPU when nothing else
-    holds it (kernels/workspace.py: no page faults for a fresh 128 MiB every step)."""
-    out, dtype = None, sae.W_enc.dtype
-    inputs = (x_n_ND, sae.b_enc, sae.input_center)
+    @classmethod
+    def from_export(cls, form: ExportForm) -> TopKConfig:
+        return cls(k=form.k)
+
+
+def fast_preacts(view: EncoderView, x_n_ND: Tensor, owner: object) -> SparsePreacts:
+    """The fast path's pre, computed into ``owner``'s (the activation's, so one per SAE) own
+    [N, M] buffer on CPU when nothing else holds it (kernels/workspace.py: no page faults for a
+    fresh 128 MiB every step)."""
+    out, dtype = None, view.W_enc.dtype
+    inputs = (x_n_ND, view.b_enc, view.input_center)
     if x_n_ND.device.type == "cpu" and all(t is None or t.dtype == dtype for t in inputs):
-        out = free_buffer(sae, x_n_ND.shape[0], sae.W_enc.shape[0], dtype)
-    return SparsePreacts(x_n_ND, sae.W_enc, sae.b_enc, sae.input_center, out=out)
+        out = free_buffer(owner, x_n_ND.shape[0], view.W_enc.shape[0], dtype)
+    return SparsePreacts(x_n_ND, view.W_enc, view.b_enc, view.input_center, out=out)
 
 
 class TopK(Activation):
@@ -75,20 +80,23 @@ class TopK(Activation):
         """Latents kept per token by ``encode`` (HierarchicalTopK: fewer outside training)."""
         return self.cfg.k
 
-    def encode(self, sae: SAE, x_n_ND: Tensor) -> Encoding:
+    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         k = self.encode_k()
         if self.cfg.kernel == "reference":
-            pre = self.preacts(sae, x_n_ND)
+            pre = self.preacts(view, x_n_ND)
             values_Nk, latent_Nk = topk_select(pre.dense(), k)
             z_NM = torch.zeros_like(pre.dense()).scatter(1, latent_Nk, torch.relu(values_Nk))
             return Encoding(z_NM, pre)
-        pre = fast_preacts(sae, x_n_ND)
+        pre = fast_preacts(view, x_n_ND, self)
         n_tokens, d_sae = pre.detached.shape
         values_Nk, latent_Nk = topk_select(pre.detached, k)
         layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
         values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
+
+    def export_form(self) -> ExportForm:
+        return ExportForm("topk", k=self.cfg.k)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
         """Each token's smallest kept value, ReLU'd: [N, 1] (0 where a kept entry is ≤ 0)."""

@@ -52,7 +52,7 @@ def convert_command(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.batch_size < 1:
         raise ValueError("--max-tokens and --batch-size must be positive")
     sae = SAE.load(args.sae, device=args.device)
-    if sae.cfg.activation.kind != "batchtopk":
+    if sae.activation.as_jumprelu() is None:  # no JumpReLU computes its inference
         raise ValueError(
             f"{args.sae} is a {sae.cfg.activation.kind!r} SAE; only batchtopk converts to {args.to}"
         )

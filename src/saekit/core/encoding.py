@@ -35,6 +35,32 @@ def encoder_preacts(
     return torch.addmm(b_enc_M, x_c_ND, W_enc_MD.T, out=out)
 
 
+class EncoderView(NamedTuple):
+    """What an activation sees of its SAE (``SAE.encoder_view``): the encoder and the decoder's
+    parameters, never the SAE itself, so an activation cannot depend on how the SAE normalises
+    (whitening and the dataset scale are applied before x_n reaches it) or what it predicts."""
+
+    W_enc: Tensor
+    """[M, d] encoder rows."""
+    b_enc: Tensor
+    """[M] encoder bias (stays 0 where the activation owns its bias)."""
+    input_center: Tensor
+    """[d] what the encoder subtracts from x_n: b_dec for an SAE, zeros for a transcoder (its
+    b_dec lives in the target's space)."""
+    W_dec: Tensor
+    """[M, d_out] decoder rows."""
+    b_dec: Tensor
+    """[d_out] decoder bias."""
+    W_skip: Tensor | None = None
+    """[d_out, d] a skip transcoder's linear path, else None."""
+
+    def decoder_offset_n(self, x_n: Tensor) -> Tensor:
+        """What the latents' sum is added to: b_dec, plus x_n W_skipᵀ [N, d_out] with a skip."""
+        if self.W_skip is not None:
+            return torch.addmm(self.b_dec, x_n, self.W_skip.T)
+        return self.b_dec
+
+
 class SparseCode(NamedTuple):
     """Latents in coordinate form, sorted by token. Entries may hold an exact 0 (a kept ReLU 0).
 
@@ -88,6 +114,26 @@ class Preacts:
 
     def at(self, token: Tensor, latent: Tensor) -> Tensor:
         return self._pre_NM[token, latent]
+
+    def selected(self, values_E: Tensor, layout: Any) -> Tensor:
+        """Differentiable values at the coordinates of ``layout`` (a CodeLayout), whose detached
+        values ``values_E`` were already read off :attr:`detached`. Here: ``at``; the fast path
+        attaches its sparse backward to the values it was given (no second read of pre)."""
+        return self.at(layout.token, layout.latent)
+
+    def encoder_inputs(self) -> EncoderInputs | None:
+        """The affine encoder's inputs where a loss may recompute columns of pre itself (the
+        fast path's), else None."""
+        return None
+
+
+class EncoderInputs(NamedTuple):
+    """What pre = (x_n − center) W_encᵀ + b_enc was computed from (b_enc None: no bias)."""
+
+    x_n_ND: Tensor
+    input_center_D: Tensor
+    W_enc_MD: Tensor
+    b_enc_M: Tensor | None
 
 
 class Encoding(NamedTuple):

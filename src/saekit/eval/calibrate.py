@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.activations.jumprelu import JumpReLUConfig
 from saekit.model.sae import SAE
 
 TOLERANCE = 0.10
@@ -125,17 +124,14 @@ def threshold_set(sae: Any, threshold: float | None):
 
 
 def l0_target(sae_cfg: Any, target_l0: float | None = None) -> float | None:
-    """The inference L0 a thresholded SAE should reach: k for BatchTopK, the controller's
-    ``target_l0`` (given, or recorded in the SAE's metadata) for a JumpReLU or penalty-trained
-    SAE; None for TopK (exactly k by construction) and SAEs without a target."""
-    kind = sae_cfg.activation.kind
-    if kind == "batchtopk":
-        return float(sae_cfg.activation.k)
-    if kind == "topk":
-        return None
+    """The inference L0 a thresholded SAE should reach, as its activation says
+    (``ActivationConfig.inference_l0_target``): k for BatchTopK, the controller's ``target_l0``
+    (given, or recorded in the SAE's metadata) for a JumpReLU or penalty-trained SAE; None for
+    the TopK family (exactly k by construction) and SAEs without a target."""
     if target_l0 is None:
         target_l0 = sae_cfg.metadata.get("target_l0")
-    return None if target_l0 is None else float(target_l0)
+    target = sae_cfg.activation.inference_l0_target(None if target_l0 is None else float(target_l0))
+    return None if target is None else float(target)
 
 
 def off_target(name: str, l0: float, target: float | None) -> str | None:
@@ -150,20 +146,18 @@ def off_target(name: str, l0: float, target: float | None) -> str | None:
 
 @torch.no_grad()
 def to_jumprelu(sae: SAE) -> SAE:
-    """The BatchTopK SAE's inference as a JumpReLU SAE: the same weights, every θ_i = its θ
-    (calibrate first with :func:`calibrate_batchtopk`; module docstring: why global). Metadata
-    records the source and sets ``target_l0`` = k, so the L0 check of ``saekit eval`` applies."""
-    if sae.cfg.activation.kind != "batchtopk":
+    """The SAE's inference as a JumpReLU SAE: the same weights, the config, thresholds and
+    metadata of ``sae.activation.as_jumprelu()`` (BatchTopK: every θ_i = its θ; calibrate first
+    with :func:`calibrate_batchtopk`; module docstring: why global)."""
+    form = sae.activation.as_jumprelu()
+    if form is None:
         raise ValueError(
             f"only a batchtopk SAE converts to jumprelu, this one is {sae.cfg.activation.kind!r}"
         )
-    theta, k = float(sae.activation.threshold), sae.cfg.activation.k
-    activation = JumpReLUConfig(init_threshold=theta) if theta > 0 else JumpReLUConfig()
-    source = {"kind": "batchtopk", "k": k, "threshold": theta}
-    metadata = {**sae.cfg.metadata, "converted_from": source, "target_l0": float(k)}
-    cfg = dataclasses.replace(sae.cfg, activation=activation, metadata=metadata)
+    metadata = {**sae.cfg.metadata, **form.metadata}
+    cfg = dataclasses.replace(sae.cfg, activation=form.config, metadata=metadata)
     converted = SAE(cfg, device=sae.W_enc.device)
     state = {k: v for k, v in sae.state_dict().items() if not k.startswith("activation.")}
     converted.load_state_dict({**state, "activation.threshold": converted.activation.threshold})
-    converted.activation.threshold.fill_(theta)
+    converted.activation.threshold.copy_(form.threshold)
     return converted.eval()

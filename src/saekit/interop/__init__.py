@@ -1,8 +1,8 @@
 """SAEs in and out of SAELens, sparsify and dictionary_learning (docs/design.md, "Interop").
 
 Every format is translated through :class:`~saekit.interop.portable.Portable`: export maps a
-saekit activation to its portable form (:data:`~saekit.interop.portable.EXPORTS`) and a format
-writes it; import reads a format into the portable form and builds the saekit SAE.
+saekit activation to its portable form (its ``export_form``) and a format writes it; import
+reads a format into the portable form and builds the saekit SAE.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from saekit.interop import circuit_tracer, dictionary_learning, gemma_scope, saelens, sparsify
 from saekit.interop.metadata import export_info
-from saekit.interop.portable import EXPORTS, InteropError, Portable, to_portable, to_sae
+from saekit.interop.portable import InteropError, Portable, to_portable, to_sae
 from saekit.model.format import CONFIG_FILE, WEIGHTS_FILE
 from saekit.model.sae import SAE
 
@@ -66,7 +66,6 @@ def saved_saes(path: str | Path) -> dict[str, Path]:
 
 
 __all__ = [
-    "EXPORTS",
     "READERS",
     "WRITERS",
     "InteropError",

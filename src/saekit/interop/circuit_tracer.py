@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 from saekit.interop.portable import InteropError, Portable
 
 THRESHOLD = "activation_function.threshold"
+SERVED = ("relu", "jumprelu")
+"""The portable architectures of circuit-tracer's per-layer transcoders."""
 
 
 def layer_index(hook: str | None) -> int | None:
@@ -36,7 +38,7 @@ def write(p: Portable, out: Path) -> Path:
     (where it came from); returns ``out``."""
     if not p.transcoder:
         raise InteropError("circuit-tracer reads transcoders; this is an SAE (no d_out)")
-    if p.architecture not in ("relu", "jumprelu"):
+    if p.architecture not in SERVED:
         raise InteropError(
             f"circuit-tracer's per-layer transcoders are ReLU or JumpReLU; this one is "
             f"{p.architecture!r} (a BatchTopK transcoder exports as JumpReLU)"

@@ -8,21 +8,22 @@ A transcoder (``transcoder``: saekit's ``d_out`` set) reads x uncentred, pre = x
 and predicts ŷ = z W_dec + x W_skipᵀ + b_dec (``W_dec`` [M, d_out], ``W_skip`` [d_out, d_in] or
 None); the same activations apply.
 
-:data:`EXPORTS` maps each saekit activation kind to its portable form; a kind not in it has no
-exact equivalent in any library and is refused. Adding an activation's export = one entry.
-:func:`to_sae` builds the saekit SAE of a portable one (imports).
+Each activation says what it exports as (``Activation.export_form``, default none: no exact
+equivalent in any library, refused) and loads its own state on import
+(``Activation.load_export``); this module carries the affine weights, folded, and the
+transcoder fields. :func:`to_sae` builds the saekit SAE of a portable one (imports).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saekit.eval.calibrate import to_jumprelu
+from saekit.activations import ACTIVATIONS
+from saekit.activations.base import ExportForm
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
 
@@ -83,91 +84,32 @@ def _affine(sae: SAE) -> dict[str, Tensor]:
     return {n: getattr(folded, n).detach().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
-def _export_relu(sae: SAE) -> Portable:
-    return Portable("relu", **_affine(sae))
-
-
-def _export_topk(sae: SAE) -> Portable:
-    return Portable("topk", **_affine(sae), k=sae.cfg.activation.k)
-
-
-def _export_abstopk(sae: SAE) -> Portable:
-    return Portable("abstopk", **_affine(sae), k=sae.cfg.activation.k)
-
-
-def _export_hierarchical_topk(sae: SAE) -> Portable:
-    """Its inference is TopK's with k = inference_k (default K)."""
-    cfg = sae.cfg.activation
-    return Portable("topk", **_affine(sae), k=cfg.inference_k or cfg.k)
-
-
-def _export_gated(sae: SAE) -> Portable:
-    """b_gate = b_enc; the magnitude path's r_mag and b_mag act on pre-activations the scale fold
-    leaves unchanged."""
-    extra = {n: getattr(sae.activation, n).detach().cpu() for n in ("r_mag", "b_mag")}
-    return Portable("gated", **_affine(sae), extra=extra)
-
-
-def _export_jumprelu(sae: SAE) -> Portable:
-    theta = sae.activation.theta().detach().cpu()
-    if (theta < 0).any():  # pre in (θ, 0] would give a negative latent; SAELens' would be 0
-        raise InteropError(
-            f"{int((theta < 0).sum())} JumpReLU thresholds are negative; SAELens' JumpReLU "
-            "applies a ReLU first, so it cannot compute this SAE"
-        )
-    return Portable("jumprelu", **_affine(sae), threshold=theta)
-
-
-def _export_batchtopk(sae: SAE) -> Portable:
-    """BatchTopK's inference z = pre·H(pre − θ) is JumpReLU with every θ_i = θ
-    (:func:`saekit.eval.calibrate.to_jumprelu`, also ``saekit convert``)."""
-    return _export_jumprelu(to_jumprelu(sae))
-
-
-def _export_prolu(sae: SAE) -> Portable:
-    """ProLU z = m·H(m + b)·H(m) with m = (x − b_dec) W_encᵀ is m·H(m − max(−b, 0)): JumpReLU
-    with b_enc = 0 and θ_i = max(−b_i, 0)."""
-    theta = (-sae.activation.bias.detach().cpu()).clamp_min(0.0)
-    return Portable("jumprelu", **_affine(sae), threshold=theta)
-
-
-EXPORTS: dict[str, Callable[[SAE], Portable]] = {
-    "relu": _export_relu,
-    "topk": _export_topk,
-    "jumprelu": _export_jumprelu,
-    "batchtopk": _export_batchtopk,
-    "prolu": _export_prolu,
-    "abstopk": _export_abstopk,
-    "hierarchical_topk": _export_hierarchical_topk,
-    "gated": _export_gated,
-}
-"""saekit activation kind → its portable form."""
-
-
 def to_portable(sae: SAE) -> Portable:
-    """The portable form of a saekit SAE, or InteropError naming the activation."""
-    kind = sae.cfg.activation.kind
-    if kind not in EXPORTS:
+    """The portable form of a saekit SAE (its activation's ``export_form``), or InteropError
+    naming the activation."""
+    try:
+        form = sae.activation.export_form()
+    except ValueError as exc:  # e.g. a negative JumpReLU threshold
+        raise InteropError(str(exc)) from exc
+    if form is None:
+        exportable = sorted(k for k, cls in ACTIVATIONS.items() if cls.overrides("export_form"))
         raise InteropError(
-            f"activation {kind!r} has no exact equivalent in SAELens, sparsify or "
-            f"dictionary_learning (exportable: {', '.join(sorted(EXPORTS))})"
+            f"activation {sae.cfg.activation.kind!r} has no exact equivalent in SAELens, sparsify"
+            f" or dictionary_learning (exportable: {', '.join(exportable)})"
         )
-    p = EXPORTS[kind](sae)
+    extra = dict(form.extra or {})
+    p = Portable(form.architecture, **_affine(sae), k=form.k, threshold=form.threshold, extra=extra)
     if sae.cfg.transcoder:  # the same weights, folded as save() folds them (s_y/s on W_skip)
         p.transcoder = True
         p.W_skip = sae.folded_copy().W_skip.detach().cpu() if sae.cfg.skip else None
     return p
 
 
-def _activation_config(p: Portable) -> dict[str, Any]:
-    if p.architecture in ("topk", "batchtopk", "abstopk"):
-        return {"kind": p.architecture, "k": p.k}
-    return {"kind": p.architecture}
-
-
 @torch.no_grad()
 def to_sae(p: Portable) -> SAE:
-    """The saekit SAE computing exactly what the portable one does (scale 1, eval mode)."""
+    """The saekit SAE computing exactly what the portable one does (scale 1, eval mode): the
+    activation of the same name (:data:`SERVED`) builds its config and loads its own state from
+    the form (``ActivationConfig.from_export``, ``Activation.load_export``)."""
     if p.architecture not in SERVED:
         raise InteropError(f"no saekit activation for portable architecture {p.architecture!r}")
     d_sae, d_in = p.d_sae, p.d_in
@@ -182,13 +124,14 @@ def to_sae(p: Portable) -> SAE:
                 f"tensor {name} has shape {tuple(getattr(p, name).shape)}, expected {shape} "
                 f"(d_sae = {d_sae}, d_in = {d_in} from W_enc, d_out = {d_out} from W_dec)"
             )
+    form = ExportForm(p.architecture, p.k, p.threshold, p.extra)
     dtype = str(p.W_enc.dtype).removeprefix("torch.")
     info = dict(p.info)
     transcoder = _transcoder_fields(p, info)
     cfg = SAEConfig(
         d_in=d_in,
         d_sae=d_sae,
-        activation=_activation_config(p),
+        activation=ACTIVATIONS[p.architecture].config_class.from_export(form),
         hook=info.pop("hook", None),
         model_name=info.pop("model_name", None),
         dtype=dtype,
@@ -198,20 +141,10 @@ def to_sae(p: Portable) -> SAE:
     sae = SAE(cfg)
     for name in expected:
         getattr(sae, name).copy_(getattr(p, name))
-    if p.architecture == "gated":
-        for name in ("r_mag", "b_mag"):
-            value = p.extra.get(name)
-            if value is None or tuple(value.shape) != (d_sae,):
-                found = None if value is None else tuple(value.shape)
-                raise InteropError(f"gated {name} has shape {found}, expected {(d_sae,)}")
-            getattr(sae.activation, name).copy_(value)
-    if p.architecture in ("jumprelu", "batchtopk"):
-        theta = _checked_threshold(p)
-        if p.architecture == "jumprelu":
-            sae.activation.threshold.copy_(theta)  # threshold_param: direct (the default)
-        else:
-            sae.activation.threshold.copy_(theta)
-            sae.activation.threshold_initialized.fill_(True)
+    try:
+        sae.activation.load_export(form)
+    except ValueError as exc:  # a threshold or extra tensor of the wrong shape or value
+        raise InteropError(str(exc)) from exc
     return sae.eval()
 
 
@@ -223,14 +156,3 @@ def _transcoder_fields(p: Portable, info: dict[str, Any]) -> dict[str, Any]:
         return {}
     skip = p.W_skip is not None
     return {"d_out": p.d_out, "target_hook": info.pop("target_hook", None), "skip": skip}
-
-
-def _checked_threshold(p: Portable) -> Tensor:
-    shape = (p.d_sae,) if p.architecture == "jumprelu" else ()
-    theta = p.threshold
-    if theta is None or tuple(theta.shape) != shape:
-        found = None if theta is None else tuple(theta.shape)
-        raise InteropError(f"{p.architecture} threshold has shape {found}, expected {shape}")
-    if not torch.isfinite(theta).all() or (theta < 0).any():
-        raise InteropError(f"{p.architecture} threshold must be finite and ≥ 0")
-    return theta.float()

@@ -62,6 +62,12 @@ READS.update(jumprelu_transcoder="jumprelu", jumprelu_skip_transcoder="jumprelu"
 """SAELens architecture → portable architecture."""
 """SAELens architecture → its tensors (the ones saekit reads)."""
 TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+WITH_K = ("topk", "abstopk")
+ACTIVATION_FNS = ("relu", "topk")
+"""The pre-6.0 ``activation_fn`` values saekit reads."""
+"""SAELens architectures with a ``k`` (and ``rescale_acts_by_decoder_norm``) in cfg.json."""
+TOPK_ACTIVATION_FN = "topk"
+"""A pre-6.0 ``standard`` SAE's ``activation_fn`` that makes it a TopK one."""
 WRITES_TRANSCODER = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}
 """Portable architecture of a transcoder → SAELens architecture (without a skip path)."""
 
@@ -91,10 +97,10 @@ def write(p: Portable, out: Path) -> Path:
             "saekit": info,
         },
     }
-    if arch in ("topk", "abstopk"):
+    if arch in WITH_K:
         cfg.update(k=p.k, rescale_acts_by_decoder_norm=False)
     tensors = {"W_enc": p.W_enc.T, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
-    if arch == "gated":  # b_gate is saekit's b_enc
+    if "b_gate" in TENSORS[arch]:  # gated: b_gate is saekit's b_enc
         tensors.update(b_gate=tensors.pop("b_enc"), **p.extra)
     if p.transcoder:
         cfg["d_out"] = p.d_out
@@ -156,7 +162,7 @@ def read(path: Path) -> Portable:
                 f"{shapes[name]}"
             )
     W_enc, W_dec, b_dec = tensors["W_enc"].T.contiguous(), tensors["W_dec"], tensors["b_dec"]
-    b_enc = tensors["b_gate" if arch == "gated" else "b_enc"]
+    b_enc = tensors["b_gate" if "b_gate" in TENSORS[arch] else "b_enc"]
     extra = {n: tensors[n] for n in ("r_mag", "b_mag") if n in tensors}
     if transcoder and cfg.get("apply_b_dec_to_input", False):
         raise InteropError(f"{where}: a transcoder with apply_b_dec_to_input (SAELens refuses it)")
@@ -164,12 +170,12 @@ def read(path: Path) -> Portable:
         # x W_enc + b_enc = (x − b_dec) W_enc + (b_enc + b_dec W_enc): saekit always subtracts.
         shift = W_enc.double().mv(b_dec.double())
         b_enc = b_enc + shift.to(b_enc.dtype)
-        if arch == "gated":  # the magnitude path reads x W_enc·exp(r_mag) + b_mag
+        if "b_mag" in extra:  # gated: the magnitude path reads x W_enc·exp(r_mag) + b_mag
             shift = shift * extra["r_mag"].double().exp()
             extra["b_mag"] = extra["b_mag"] + shift.to(b_enc.dtype)
     p = Portable(READS[arch], W_enc, b_enc, W_dec, b_dec, extra=extra, info=_info(cfg, path, arch))
     p.transcoder, p.W_skip = transcoder, tensors.get("W_skip")
-    if arch in ("topk", "abstopk"):
+    if arch in WITH_K:
         p.k = _k(cfg, where)
         if cfg.get("rescale_acts_by_decoder_norm", False):
             _fold_decoder_norms(p)
@@ -181,8 +187,8 @@ def read(path: Path) -> Portable:
 
 def _architecture(cfg: dict[str, Any], path: Path) -> str:
     arch = cfg.get("architecture", "standard")
-    if arch == "standard" and cfg.get("activation_fn", "relu") == "topk":  # pre-6.0 TopK
-        arch = "topk"
+    if arch == "standard" and cfg.get("activation_fn") == TOPK_ACTIVATION_FN:  # pre-6.0 TopK
+        arch = WRITES["topk"]
         cfg.setdefault("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
     if arch not in TENSORS:
         raise InteropError(
@@ -196,7 +202,7 @@ def _architecture(cfg: dict[str, Any], path: Path) -> str:
             "activations (fold the normalisation with SAELens first: "
             "fold_activation_norm_scaling_factor)"
         )
-    if cfg.get("activation_fn", "relu") not in ("relu", "topk"):
+    if cfg.get("activation_fn", "relu") not in ACTIVATION_FNS:
         raise InteropError(f"SAELens SAE {path}: activation_fn {cfg['activation_fn']!r}")
     return arch
 

@@ -24,6 +24,8 @@ from saekit.interop.reading import read_json, read_safetensors
 CONFIG = "cfg.json"
 WEIGHTS = "sae.safetensors"
 TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+SERVED = "topk"
+"""The one portable architecture sparsify serves, also its ``activation`` name in cfg.json."""
 
 
 def write(p: Portable, out: Path) -> Path:
@@ -33,14 +35,14 @@ def write(p: Portable, out: Path) -> Path:
             "saekit does not write sparsify transcoders yet; export transcoders to saelens or "
             "circuit-tracer"
         )
-    if p.architecture != "topk":
+    if p.architecture != SERVED:
         raise InteropError(
             f"sparsify serves top-k SAEs only; this SAE is {p.architecture!r} (export it to "
             "saelens)"
         )
     norms = p.W_dec.double().norm(dim=-1)
     cfg: dict[str, Any] = {
-        "activation": "topk",
+        "activation": SERVED,
         "expansion_factor": max(p.d_sae // p.d_in, 1),
         "normalize_decoder": bool(((norms - 1).abs() < 1e-5).all()),
         "num_latents": p.d_sae,
@@ -80,7 +82,7 @@ def read(path: Path) -> Portable:
     for flag, what in (("transcode", "a transcoder"), ("skip_connection", "a skip connection")):
         if cfg.get(flag):
             raise InteropError(f"{where}: {what} ({flag}: true); saekit holds autoencoders only")
-    if cfg.get("activation", "topk") != "topk":
+    if cfg.get("activation", SERVED) != SERVED:
         raise InteropError(f"{where}: activation {cfg.get('activation')!r} (saekit reads topk)")
     tensors = read_safetensors(path / WEIGHTS, where)
     if set(tensors) != set(TENSORS):
@@ -104,7 +106,7 @@ def read(path: Path) -> Portable:
         "model_name": saekit.get("model_name"),
         "hook": saekit.get("hook"),
         "sparsify_hookpoint": path.name,
-        "imported_from": {"format": "sparsify", "path": str(path), "architecture": "topk"},
+        "imported_from": {"format": "sparsify", "path": str(path), "architecture": SERVED},
     }
     b_enc, W_dec, b_dec = tensors["encoder.bias"], tensors["W_dec"], tensors["b_dec"]
-    return Portable("topk", W_enc, b_enc, W_dec, b_dec, k=k, info=info)
+    return Portable(SERVED, W_enc, b_enc, W_dec, b_dec, k=k, info=info)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saekit.core.encoding import Preacts, encoder_preacts
+from saekit.core.encoding import EncoderInputs, Preacts, encoder_preacts
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.primitives import bag_sum, row_dot
 
@@ -199,6 +199,12 @@ class SparsePreacts(Preacts):
         return _PreactsFn.apply(
             values_E.detach(), self.x_n_ND, self.b_dec_D, self.W_enc_MD, self.b_enc_M, layout
         )
+
+    def selected(self, values_E: Tensor, layout: CodeLayout) -> Tensor:
+        return self.attach(values_E, layout)
+
+    def encoder_inputs(self) -> EncoderInputs:
+        return EncoderInputs(self.x_n_ND, self.b_dec_D, self.W_enc_MD, self.b_enc_M)
 
     def at(self, token: Tensor, latent: Tensor, layout: CodeLayout | None = None) -> Tensor:
         """Coordinates of any shape, token non-decreasing in row-major order."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from saekit.activations import ACTIVATIONS
 from saekit.core.atomic import sha256_file
 
 CHECKPOINT_FORMAT = "saekit.sae/2"
@@ -26,45 +27,41 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or disagrees with its config."""
 
 
+V1_FIELDS: dict[str, Any] = {
+    "k": None,
+    "kernel": "torch",
+    "threshold_beta": 0.999,
+    "jumprelu_init_threshold": 0.001,
+    "jumprelu_bandwidth": 0.001,
+    "prolu_variant": "ste",
+}
+"""saekit.sae/1's flat activation fields and their defaults then."""
+V1_ACTIVATION_FIELDS: dict[str, dict[str, str]] = {
+    "topk": {"k": "k", "kernel": "kernel"},
+    "batchtopk": {"k": "k", "kernel": "kernel", "threshold_beta": "threshold_beta"},
+    "jumprelu": {"jumprelu_init_threshold": "init_threshold", "jumprelu_bandwidth": "bandwidth"},
+    "prolu": {"prolu_variant": "variant"},
+}
+"""A saekit.sae/1 activation's flat fields → their names in today's activation config (that
+frozen format knew these four kinds; the others had no fields)."""
+
+
 def upgrade_v1_config(data: dict[str, Any]) -> dict[str, Any]:
     """cfg.json's config of format saekit.sae/1 (flat activation fields) in today's shape."""
     data = dict(data)
     kind = data.pop("activation", "topk")
-    k, kernel = data.pop("k", None), data.pop("kernel", "torch")
-    beta = data.pop("threshold_beta", 0.999)
-    init, bandwidth = (
-        data.pop("jumprelu_init_threshold", 0.001),
-        data.pop("jumprelu_bandwidth", 0.001),
-    )
-    variant = data.pop("prolu_variant", "ste")
-    activation: dict[str, Any] = {"kind": kind}
-    if kind in ("topk", "batchtopk"):
-        activation.update(k=k, kernel=kernel)
-    if kind == "batchtopk":
-        activation["threshold_beta"] = beta
-    if kind == "jumprelu":
-        activation.update(init_threshold=init, bandwidth=bandwidth)
-    if kind == "prolu":
-        activation["variant"] = variant
-    data["activation"] = activation
+    flat = {name: data.pop(name, default) for name, default in V1_FIELDS.items()}
+    fields = V1_ACTIVATION_FIELDS.get(kind, {}) if isinstance(kind, str) else {}
+    data["activation"] = {"kind": kind, **{new: flat[old] for old, new in fields.items()}}
     return data
 
 
 def upgrade_tensors(config: dict[str, Any], found: dict[str, Tensor]) -> dict[str, Tensor]:
-    """An older checkpoint's tensors under today's names. A JumpReLU saved before
-    ``threshold_param`` existed trained log θ and holds ``activation.log_threshold``; its config
-    (no ``threshold_param``) now means a direct θ, which is exp(log θ) computed as that code did
-    (same op, same float32), so the loaded SAE encodes bit for bit as the saved one did."""
+    """An older checkpoint's tensors under today's names, as its activation upgrades them
+    (``Activation.upgrade_tensors``; JumpReLU's log θ of before ``threshold_param``)."""
     activation = config.get("activation")
-    legacy = "activation.log_threshold"
-    if (
-        isinstance(activation, dict)
-        and activation.get("kind") == "jumprelu"
-        and "threshold_param" not in activation
-        and legacy in found
-    ):
-        found = dict(found)
-        found["activation.threshold"] = found.pop(legacy).exp()
+    if isinstance(activation, dict) and activation.get("kind") in ACTIVATIONS:
+        return ACTIVATIONS[activation["kind"]].upgrade_tensors(activation, found)
     return found
 
 

@@ -29,7 +29,7 @@ from saekit._version import __version__
 from saekit.activations import make_activation
 from saekit.core.atomic import recover_directory, replace_directory, sha256_file
 from saekit.core.configs import to_dict
-from saekit.core.encoding import ForwardOutput, SparseCode, as_dense
+from saekit.core.encoding import EncoderView, ForwardOutput, SparseCode, as_dense
 from saekit.kernels.sparse import sparse_decode
 from saekit.model import normalisation
 from saekit.model.config import SAEConfig
@@ -200,15 +200,21 @@ class SAE(nn.Module):
             return batch, None
         return batch[..., : self.cfg.d_in], batch[..., self.cfg.d_in :]
 
+    def encoder_view(self) -> EncoderView:
+        """What the activation sees of this SAE: W_enc, b_enc, the encoder's input centre,
+        W_dec, b_dec and a skip transcoder's W_skip (the parameters themselves, not copies)."""
+        W_skip = self.W_skip if self.cfg.skip else None
+        return EncoderView(
+            self.W_enc, self.b_enc, self.input_center, self.W_dec, self.b_dec, W_skip
+        )
+
     def decoder_offset_n(self, x_n: Tensor) -> Tensor:
         """What the latents' sum is added to: b_dec, plus x_n W_skipᵀ [N, d_out] with a skip."""
-        if self.cfg.skip:
-            return torch.addmm(self.b_dec, x_n, self.W_skip.T)
-        return self.b_dec
+        return self.encoder_view().decoder_offset_n(x_n)
 
     def pre_acts(self, x_n: Tensor) -> Tensor:
         """[N, d] normalised input -> [N, M] differentiable pre-activations."""
-        return self.activation.preacts(self, x_n).dense()
+        return self.activation.preacts(self.encoder_view(), x_n).dense()
 
     def decode_n(self, latents: Tensor | SparseCode, x_n: Tensor | None = None) -> Tensor:
         """Latents -> [N, d_out] reconstruction in the normalised space (b_dec included; the
@@ -233,7 +239,7 @@ class SAE(nn.Module):
         transcoder: ``target`` if given, which the losses then read as ``target_n``)."""
         lead = x.shape[:-1]
         x_n = self.normalise(x)
-        encoding = self.activation.encode(self, x_n)
+        encoding = self.activation.encode(self.encoder_view(), x_n)
         x_hat_n = self.decode_n(encoding.latents, x_n)
         x_hat = self.denormalise(x_hat_n).reshape(*lead, self.cfg.target_width)
         if self.cfg.transcoder:
@@ -247,7 +253,7 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations [..., d] -> dense latents [..., M]."""
         check_activations(x, self.cfg.d_in)
-        z = as_dense(self.activation.encode(self, self.normalise(x)).latents)
+        z = as_dense(self.activation.encode(self.encoder_view(), self.normalise(x)).latents)
         return z.reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:

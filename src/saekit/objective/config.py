@@ -5,8 +5,12 @@ configure, and the checks of which combinations fit, are in :mod:`saekit.objecti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+import torch
+from torch import Tensor
 
 from saekit.core.configs import KindConfig, check_finite
 from saekit.objective import revival
@@ -25,9 +29,14 @@ class PenaltyConfig(KindConfig):
     controller_rate: float = 0.01
     """Controller step: λ changes by at most a factor exp(rate) per step."""
 
-    def shape_params(self) -> dict[str, float]:
-        """The fields of losses.penalty_terms this kind sets (eps, c); none by default."""
-        return {}
+    def terms(self, a: Tensor) -> Tensor:
+        """f(a) elementwise on a_i = |z_i|·‖W_dec,i‖ ≥ 0 (losses.sparsity_penalty sums it): each
+        kind's formula, here and nowhere else. The L0 kinds act on thresholds instead."""
+        raise NotImplementedError(f"penalty {self.kind!r} has no f(a) (it acts on thresholds)")
+
+    def at_zero(self) -> float:
+        """f(0): what an inactive latent contributes (0 unless the kind says otherwise)."""
+        return 0.0
 
     @property
     def controller_target(self) -> float | None:
@@ -43,7 +52,12 @@ class PenaltyConfig(KindConfig):
 
 @dataclass
 class L1Penalty(PenaltyConfig):
+    """Σ a."""
+
     kind = "l1"
+
+    def terms(self, a: Tensor) -> Tensor:
+        return a
 
 
 @dataclass
@@ -52,9 +66,13 @@ class LogPenalty(PenaltyConfig):
 
     kind = "log"
     eps: float = 0.1
+    """ε = 0.1 as in the Matryoshka note."""
 
-    def shape_params(self) -> dict[str, float]:
-        return {"eps": self.eps}
+    def terms(self, a: Tensor) -> Tensor:
+        return torch.log(a + self.eps)
+
+    def at_zero(self) -> float:
+        return math.log(self.eps)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +85,12 @@ class SqrtPenalty(LogPenalty):
 
     kind = "sqrt"
 
+    def terms(self, a: Tensor) -> Tensor:
+        return torch.sqrt(a + self.eps)
+
+    def at_zero(self) -> float:
+        return math.sqrt(self.eps)
+
 
 @dataclass
 class TanhPenalty(PenaltyConfig):
@@ -75,8 +99,8 @@ class TanhPenalty(PenaltyConfig):
     kind = "tanh"
     c: float = 1.0
 
-    def shape_params(self) -> dict[str, float]:
-        return {"c": self.c}
+    def terms(self, a: Tensor) -> Tensor:
+        return torch.tanh(self.c * a)
 
     def __post_init__(self) -> None:
         super().__post_init__()

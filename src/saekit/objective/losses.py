@@ -12,7 +12,7 @@ branch on a tensor's value. Latents come dense ``z [N, M]`` or as a
 
 from __future__ import annotations
 
-import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,17 @@ from torch import Tensor
 
 from saekit.core.encoding import SparseCode
 
-PENALTIES = ("l1", "log", "tanh", "sqrt")
-"""Penalty kinds f(a) on a_i = |z_i|·‖W_dec,i‖ (the L0 penalty is :func:`l0_penalty`)."""
+
+class PenaltyShape(Protocol):
+    """A sparsity penalty's f (saekit.objective.config's penalty kinds implement it)."""
+
+    def terms(self, a: Tensor) -> Tensor:
+        """f(a) elementwise (a ≥ 0)."""
+        ...
+
+    def at_zero(self) -> float:
+        """f(0)."""
+        ...
 
 
 def reconstruction_loss(x_n: Tensor, x_hat_n: Tensor) -> Tensor:
@@ -42,40 +51,15 @@ def reconstruction_loss(x_n: Tensor, x_hat_n: Tensor) -> Tensor:
 # Sparsity penalties
 
 
-def penalty_terms(a: Tensor, kind: str, eps: float = 0.1, c: float = 1.0) -> Tensor:
-    """f(a) elementwise for a penalty ``kind`` in :data:`PENALTIES` (a ≥ 0).
-
-    log: log(a + ε) and sqrt: sqrt(a + ε), ε = 0.1 as in the Matryoshka note; tanh: tanh(c·a)
-    (Anthropic, Feb 2024 update); l1: a.
-    """
-    if kind == "l1":
-        return a
-    if kind == "log":
-        return torch.log(a + eps)
-    if kind == "tanh":
-        return torch.tanh(c * a)
-    if kind == "sqrt":
-        return torch.sqrt(a + eps)
-    raise ValueError(f"unknown sparsity penalty {kind!r}; choose one of {PENALTIES}")
-
-
-def penalty_at_zero(kind: str, eps: float = 0.1, c: float = 1.0) -> float:
-    """f(0): what an inactive latent contributes (log ε for log, sqrt ε for sqrt, else 0)."""
-    if kind not in PENALTIES:
-        raise ValueError(f"unknown sparsity penalty {kind!r}; choose one of {PENALTIES}")
-    return {"log": math.log(eps), "sqrt": math.sqrt(eps)}.get(kind, 0.0)
-
-
 def sparsity_penalty(
     latents: Tensor | SparseCode,
     dec_norms_M: Tensor,
-    kind: str = "l1",
-    eps: float = 0.1,
-    c: float = 1.0,
+    penalty: PenaltyShape,
     latent_weights_M: Tensor | None = None,
 ) -> Tensor:
-    """S = mean_n Σ_i w_i f(|z_ni|·‖W_dec,i‖), summed over ALL M latents (w_i = 1 by default;
-    Matryoshka passes its prefix weights, :func:`saekit.objective.matryoshka.prefix_weights`).
+    """S = mean_n Σ_i w_i f(|z_ni|·‖W_dec,i‖), summed over ALL M latents, f the ``penalty``
+    kind's (:meth:`saekit.objective.config.PenaltyConfig.terms`; w_i = 1 by default; Matryoshka
+    passes its prefix weights, :func:`saekit.objective.matryoshka.prefix_weights`).
 
     For log and sqrt an inactive latent still contributes the constant f(0) (log ε, sqrt ε), as
     in the Matryoshka note; it has no gradient but shifts the value. The sparse form adds that
@@ -85,8 +69,8 @@ def sparsity_penalty(
     if isinstance(latents, SparseCode):
         n_tokens, d_sae = latents.n_tokens, latents.d_sae
         a_E = latents.values.abs() * dec_norms_M[latents.latent]  # [nnz]
-        terms_E = penalty_terms(a_E, kind, eps, c)
-        f0 = penalty_at_zero(kind, eps, c)
+        terms_E = penalty.terms(a_E)
+        f0 = penalty.at_zero()
         if latent_weights_M is None:
             absent = n_tokens * d_sae - latents.values.numel()
             return terms_E.sum() / n_tokens + absent * f0 / n_tokens
@@ -99,7 +83,7 @@ def sparsity_penalty(
             value = value + f0 * (latent_weights_M * (n_tokens - stored_M)).sum() / n_tokens
         return value
     z_NM = latents.reshape(-1, latents.shape[-1])
-    terms_NM = penalty_terms(z_NM.abs() * dec_norms_M, kind, eps, c)
+    terms_NM = penalty.terms(z_NM.abs() * dec_norms_M)
     if latent_weights_M is not None:
         terms_NM = terms_NM * latent_weights_M
     return terms_NM.sum(-1).mean()

@@ -17,7 +17,7 @@ from saekit.core.encoding import Preacts
 from saekit.kernels.columns import columns_decode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import auxk_select
-from saekit.kernels.sparse import SparsePreacts, sparse_decode
+from saekit.kernels.sparse import sparse_decode
 from saekit.objective.losses import reconstruction_loss
 
 AUXK_NORMALIZERS = ("residual", "none")
@@ -79,15 +79,16 @@ def auxk_loss(
         pre_SC, dead_C = pre_SM.index_select(1, dead_cols), dead_M[dead_cols]
     fresh = rows_S is not None or dead_cols is not None  # pre_SC is a gathered copy
     index_Sk, keep_Sk, value_Sk = auxk_select(pre_SC, dead_C, k_aux, overwrite=fresh)
+    encoder = preacts.encoder_inputs()  # the fast path's: columns of pre recomputed here
     if (
         dead_cols is not None
-        and isinstance(preacts, SparsePreacts)
+        and encoder is not None
         and dead_cols.numel() <= DENSE_COLUMNS_PER_K * index_Sk.shape[1]
     ):
-        x_n_SD = preacts.x_n_ND if rows_S is None else preacts.x_n_ND.index_select(0, rows_S)
+        x_n_SD = encoder.x_n_ND if rows_S is None else encoder.x_n_ND.index_select(0, rows_S)
         e_hat_SD = columns_decode(
-            pre_SC, index_Sk, keep_Sk, dead_cols, x_n_SD, preacts.b_dec_D, preacts.W_enc_MD,
-            preacts.b_enc_M, W_dec_MD,
+            pre_SC, index_Sk, keep_Sk, dead_cols, x_n_SD, encoder.input_center_D,
+            encoder.W_enc_MD, encoder.b_enc_M, W_dec_MD,
         )  # fmt: skip
     else:
         latent_Sk = index_Sk if dead_cols is None else dead_cols[index_Sk]
@@ -96,10 +97,7 @@ def auxk_loss(
         else:
             token_E = rows_S.repeat_interleave(latent_Sk.shape[1])
             layout = CodeLayout(token_E, latent_Sk.reshape(-1), n_tokens, d_sae)
-        if isinstance(preacts, SparsePreacts):  # the selected values, no second read of pre
-            pre_E = preacts.attach(value_Sk.reshape(-1), layout)
-        else:
-            pre_E = preacts.at(layout.token, layout.latent)
+        pre_E = preacts.selected(value_Sk.reshape(-1), layout)
         z_E = torch.where(keep_Sk.reshape(-1), pre_E, torch.zeros_like(pre_E))
         e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
         e_hat_SD = e_hat_ND if rows_S is None else e_hat_ND.index_select(0, rows_S)

@@ -2,8 +2,12 @@
 
     loss = reconstruction (plain, or Matryoshka over prefixes) + λ·penalty + revival
 
-Each term reads a :class:`TermInputs` (the SAE, its forward output, the dead mask, λ and this
-step's prefixes) and returns its contribution to the loss. Which terms exist, and whether they
+Each term reads a :class:`TermInputs` (the model, its forward output, the dead mask, λ and this
+step's prefixes) and returns its contribution to the loss. Terms see the model through two
+small protocols defined here, :class:`Dictionary` (its activation and its
+:class:`~saekit.core.encoding.EncoderView`) and :class:`ObjectiveActivation` (the flags and
+loss hooks of :class:`saekit.activations.base.Activation`), so the objective imports neither
+the activations nor the model. Which terms exist, and whether they
 fit the activation, is decided in :func:`build_objective`; an incompatible combination is
 refused there with a message naming both fields. The term configs are :class:`KindConfig`
 families, so a field that means nothing for a kind is refused instead of ignored.
@@ -13,7 +17,7 @@ Formulas: :mod:`saekit.objective.losses`, :mod:`saekit.objective.revival`,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol
 
 from torch import Tensor
 
@@ -30,9 +34,38 @@ from saekit.objective.config import (
 )
 
 if TYPE_CHECKING:
-    from saekit.activations.base import Activation
-    from saekit.core.encoding import ForwardOutput
-    from saekit.model.sae import SAE
+    from saekit.core.encoding import EncoderView, Encoding, ForwardOutput, Preacts, SparseCode
+
+
+class ObjectiveActivation(Protocol):
+    """What the objective asks of an activation, as a class (flags, in :func:`build_objective`)
+    or an instance (loss hooks, in the terms): saekit.activations.base.Activation."""
+
+    config_class: ClassVar[type]
+    needs_penalty: ClassVar[bool]
+    revival_signals: ClassVar[frozenset[str]]
+
+    def overrides(self, hook: str) -> bool: ...
+
+    def reconstruction_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor: ...
+
+    def penalty_latents(self, enc: Encoding) -> Tensor | SparseCode: ...
+
+    def l0_step(self, preacts: Preacts) -> Tensor: ...
+
+    def firing_threshold(self, enc: Encoding) -> Tensor: ...
+
+    def auxiliary_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor: ...
+
+
+class Dictionary(Protocol):
+    """What the terms read of the model being trained (saekit.model.sae.SAE): its activation and
+    its encoder view (W_enc, b_enc, input centre, W_dec, b_dec, W_skip)."""
+
+    activation: ObjectiveActivation
+
+    def encoder_view(self) -> EncoderView: ...
+
 
 # ----------------------------------------------------------------------------- terms
 
@@ -40,7 +73,8 @@ if TYPE_CHECKING:
 class TermInputs(NamedTuple):
     """What every term of one step reads."""
 
-    sae: SAE
+    sae: Dictionary
+    """The model (an SAE or a transcoder)."""
     out: ForwardOutput
     dead_mask: Tensor
     """[M] bool, taken before this batch is counted."""
@@ -65,20 +99,21 @@ class Reconstruction(Term):
     name = "reconstruction"
 
     def __call__(self, inputs: TermInputs) -> Tensor:
-        out, sae = inputs.out, inputs.sae
+        out, view = inputs.out, inputs.sae.encoder_view()
         if inputs.prefixes is None:
-            return sae.activation.reconstruction_loss(sae, out)
+            return inputs.sae.activation.reconstruction_loss(view, out)
         # each prefix's prediction starts from b_dec (+ a transcoder's skip path x_n W_skipᵀ)
-        offset = sae.decoder_offset_n(out.x_n)
+        offset = view.decoder_offset_n(out.x_n)
         return matryoshka.matryoshka_reconstruction_loss(
-            out.target(), out.latents, sae.W_dec, offset, inputs.prefixes
+            out.target(), out.latents, view.W_dec, offset, inputs.prefixes
         )
 
 
 def _latent_weights(inputs: TermInputs) -> Tensor | None:
     if inputs.prefixes is None:
         return None
-    return matryoshka.prefix_weights(inputs.prefixes, inputs.sae.cfg.d_sae, inputs.sae.W_dec)
+    W_dec = inputs.sae.encoder_view().W_dec
+    return matryoshka.prefix_weights(inputs.prefixes, W_dec.shape[0], W_dec)
 
 
 class Penalty(Term):
@@ -90,19 +125,18 @@ class Penalty(Term):
         self.cfg = cfg
 
     def __call__(self, inputs: TermInputs) -> Tensor:
-        cfg, sae = self.cfg, inputs.sae
+        cfg, activation = self.cfg, inputs.sae.activation
         weights = _latent_weights(inputs)
         if isinstance(cfg, L0Penalty):
-            steps_NM = sae.activation.l0_step(inputs.out.encoding.preacts)
+            steps_NM = activation.l0_step(inputs.out.encoding.preacts)
             if isinstance(cfg, QuadraticL0Penalty):
                 return inputs.lam * losses.quadratic_l0_penalty(steps_NM, cfg.target_l0)
             return inputs.lam * losses.l0_penalty(steps_NM, weights)
         value = losses.sparsity_penalty(
-            sae.activation.penalty_latents(inputs.out.encoding),
-            sae.W_dec.norm(dim=-1),
-            cfg.kind,
+            activation.penalty_latents(inputs.out.encoding),
+            inputs.sae.encoder_view().W_dec.norm(dim=-1),
+            cfg,
             latent_weights_M=weights,
-            **cfg.shape_params(),
         )
         return inputs.lam * value
 
@@ -121,7 +155,7 @@ class AuxK(Term):
         return revival.auxk_loss(
             out.encoding.preacts,
             self.target(inputs),
-            inputs.sae.W_dec,
+            inputs.sae.encoder_view().W_dec,
             inputs.dead_mask,
             k_aux=self.cfg.k_aux,
             alpha=self.cfg.coefficient,
@@ -134,8 +168,8 @@ class AuxK(Term):
 class InputAuxK(AuxK):  # the "input" revival
     def target(self, inputs: TermInputs) -> Tensor:
         # the target less what the latents' sum is added to (SAE: x_n − b_dec)
-        out = inputs.out
-        return revival.input_target(out.target(), inputs.sae.decoder_offset_n(out.x_n))
+        out, view = inputs.out, inputs.sae.encoder_view()
+        return revival.input_target(out.target(), view.decoder_offset_n(out.x_n))
 
 
 class PreactTerm(Term):
@@ -145,9 +179,9 @@ class PreactTerm(Term):
         self.cfg = cfg
 
     def __call__(self, inputs: TermInputs) -> Tensor:
-        sae, enc = inputs.sae, inputs.out.encoding
-        theta = sae.activation.firing_threshold(enc)
-        dec_norms = sae.W_dec.norm(dim=-1)
+        enc = inputs.out.encoding
+        theta = inputs.sae.activation.firing_threshold(enc)
+        dec_norms = inputs.sae.encoder_view().W_dec.norm(dim=-1)
         return self.cfg.coefficient * revival.dead_preact_loss(
             enc.preacts, inputs.dead_mask, theta, dec_norms
         )
@@ -159,7 +193,7 @@ class ActivationAux(Term):
     name = "aux"
 
     def __call__(self, inputs: TermInputs) -> Tensor:
-        return inputs.sae.activation.auxiliary_loss(inputs.sae, inputs.out)
+        return inputs.sae.activation.auxiliary_loss(inputs.sae.encoder_view(), inputs.out)
 
 
 class Objective:
@@ -180,7 +214,9 @@ class Objective:
         return " + ".join(type(t).__name__ for t in self.terms)
 
 
-def resolve_revival(cfg: RevivalConfig | None, activation: type[Activation]) -> RevivalConfig:
+def resolve_revival(
+    cfg: RevivalConfig | None, activation: type[ObjectiveActivation]
+) -> RevivalConfig:
     """``None`` means the activation's default: AuxK where it applies, else none."""
     if cfg is not None:
         return cfg
@@ -188,7 +224,7 @@ def resolve_revival(cfg: RevivalConfig | None, activation: type[Activation]) -> 
 
 
 def build_objective(
-    activation: type[Activation],
+    activation: type[ObjectiveActivation],
     penalty: PenaltyConfig | None,
     revival_cfg: RevivalConfig | None,
 ) -> Objective:

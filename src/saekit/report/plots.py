@@ -76,7 +76,7 @@ def plot_bias_histograms(run_dir: Path, names: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
         sae = SAE.load(run_dir / name)
-        bias = sae.activation.bias if hasattr(sae.activation, "bias") else sae.b_enc
+        bias = sae.activation.plot_bias(sae.encoder_view())  # b_enc, or ProLU's own b
         ax.hist(bias.detach().numpy(), bins=60, histtype="step", label=name)
     ax.set_xlabel("encoder bias")
     ax.set_ylabel("latents")

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import yaml
 
-from saekit.activations.batchtopk import BatchTopK
 from saekit.core.atomic import atomic_write_text
 from saekit.core.configs import to_dict
 from saekit.core.encoding import as_dense
@@ -53,7 +52,7 @@ def evaluate_member(
     """
     sae = member.sae.eval()
     calibration = None
-    if isinstance(sae.activation, BatchTopK):
+    if sae.activation.calibrated_threshold:
         held_out = (sae.split_stream(x)[0] for x, _ in source.eval_batches(n_tokens, batch_size))
         calibration = calibrate_batchtopk(sae, held_out, n_tokens, apply=False)
     with threshold_set(sae, None if calibration is None else calibration.threshold):

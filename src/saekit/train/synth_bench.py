@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from saekit.activations import ACTIVATIONS
-from saekit.activations.batchtopk import BatchTopK
 from saekit.data.synthbench import SynthBenchConfig, synthsaebench_16k
 from saekit.data.synthbench_sample import SynthBenchData, SynthBenchSource
 from saekit.eval.calibrate import calibrate_batchtopk, threshold_set
@@ -117,7 +116,7 @@ def score(sae, data: SynthBenchData, held_out: list) -> SynthScores:
     sae = sae.eval()
     device = sae.W_dec.device
     threshold = None
-    if isinstance(sae.activation, BatchTopK):
+    if sae.activation.calibrated_threshold:
         n_tokens = sum(x.shape[0] for x, _ in held_out)
         xs = (x.to(device) for x, _ in held_out)
         threshold = calibrate_batchtopk(sae, xs, n_tokens, apply=False).threshold
