@@ -62,7 +62,7 @@ def timed_fit(trainer, args) -> float:
 
 
 def single_process(args, n_saes: int, threads: int) -> dict:
-    from saekit.data.from_config import make_source
+    from saekit.train.config import make_source
     from saekit.train.trainer import Trainer
 
     torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from saekit.data.hf import Harvester, TokenFilter
+from saekit.data.lm.harvester import Harvester, TokenFilter
 
 
 def build_model(layers: int, d_model: int, context: int, device: str) -> GPT2LMHeadModel:

@@ -36,7 +36,7 @@ from saekit.report.site import write_site
 
 
 def synthetic_batches(n_tokens: int, d: int, batch: int):
-    from saekit.data.synthetic import SyntheticConfig, SyntheticData
+    from saekit.data.synthetic.generator import SyntheticConfig, SyntheticData
 
     data = SyntheticData(SyntheticConfig(d=d, n_features=4 * d, mean_l0=8))
     for i in range(n_tokens // batch):
@@ -51,8 +51,8 @@ def synthetic_batches(n_tokens: int, d: int, batch: int):
 def model_batches(n_tokens: int, context: int, batch: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from saekit.data.hf import TokenFilter
-    from saekit.data.models import HarvestSetup
+    from saekit.data.lm.harvester import TokenFilter
+    from saekit.data.lm.models import HarvestSetup
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(

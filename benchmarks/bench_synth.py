@@ -1,7 +1,7 @@
 """`saekit bench synth [--protocol full|scaled] [--seeds N]`: the SynthSAEBench-16k table.
 
 Trains BatchTopK, Matryoshka, Matching Pursuit (when saekit has it), Standard L1 and JumpReLU at
-L0 = 20 and 25 (scaled: see saekit.train.synth_bench.scaled_protocol) and prints saekit's
+L0 = 20 and 25 (scaled: see saekit.synthbench.bench.scaled_protocol) and prints saekit's
 numbers beside the published ones.
 """
 
@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from saekit.train.synth_bench import (
+from saekit.synthbench.bench import (
     ARCHITECTURES,
     format_table,
     full_protocol,

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_transcoder.py [--steps N] [--threads T]
 
-Data (saekit.data.synthetic with ``d_out``): x = Σ c_i f_i + μ + noise (F features in d
+Data (saekit.data.synthetic.generator with ``d_out``): x = Σ c_i f_i + μ + noise (F features in d
 dims), target y = Σ c_i g_i + ν + noise (+ x Aᵀ with ``skip_strength``), g_i known unit output
 directions. Each row trains one dictionary through the run driver (``saekit train``'s path) and
 reports the held-out FVU of the target, L0, dead share, and the recovery of the true map: MCC
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from saekit.data.synthetic import SyntheticData
+from saekit.data.synthetic.generator import SyntheticData
 from saekit.eval.ground_truth import recovery
 from saekit.train.config import build_run_config
 from saekit.train.member import Member

@@ -212,7 +212,7 @@ def harvest(report: Report, device: torch.device, smoke: bool) -> None:
         return
     from bench_harvest import build_model, token_batches, train_rate
 
-    from saekit.data.hf import Harvester, TokenFilter
+    from saekit.data.lm.harvester import Harvester, TokenFilter
 
     layers, d_model, context, batch, n = (2, 64, 16, 2, 2) if smoke else (12, 768, 256, 16, 8)
     model = build_model(layers, d_model, context, str(device))

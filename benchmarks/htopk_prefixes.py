@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from saekit.data.from_config import make_source
 from saekit.eval.metrics import MetricAccumulator
 from saekit.model.sae import SAE
-from saekit.train.config import build_run_config
+from saekit.train.config import build_run_config, make_source
 from saekit.train.config_files import load_config_file
 
 

@@ -1,8 +1,9 @@
 """The experiments of docs/research.md (driver: research.py). Each returns plain data per seed.
 
-One small SynthSAEBench world (saekit.data.synthbench; 512 features in 48 dimensions, 16 trees
-of branching 3 and depth 2, low-rank correlation), SAEs of 256 latents (384 for revival), Adam
-lr 3e-3, batch 512; sized so the whole report trains in about half an hour on 2 busy cores.
+One small SynthSAEBench world (saekit.data.synthetic.synthbench_world; 512 features in 48
+dimensions, 16 trees of branching 3 and depth 2, low-rank correlation), SAEs of 256 latents (384
+for revival), Adam lr 3e-3, batch 512; sized so the whole report trains in about half an hour on 2
+busy cores.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from dataclasses import replace
 
 import torch
 
-from saekit.data.synthbench import SynthBenchConfig, synthsaebench_16k
-from saekit.data.synthbench_sample import SynthBenchData, SynthBenchSource
+from saekit.data.sources.synthbench import SynthBenchSource
+from saekit.data.synthetic.synthbench_sampler import SynthBenchData
+from saekit.data.synthetic.synthbench_world import SynthBenchConfig, synthsaebench_16k
 from saekit.eval import ground_truth
 from saekit.eval.revived import class_shares, classify_revived, error_directions
+from saekit.synthbench.bench import eval_set, score
 from saekit.train.config import build_run_config
-from saekit.train.synth_bench import eval_set, score
 from saekit.train.trainer import Trainer
 
 WORLD = replace(synthsaebench_16k(), n_features=512, d=48, n_roots=16, branching=3, depth=2,

@@ -618,35 +618,35 @@ FAULTS = [
     # ------------------------------------------------- SynthSAEBench (issue 13)
     Fault(
         "synthbench-no-mutual-exclusion",
-        "data/synthbench_sample.py",
+        "data/synthetic/synthbench_sampler.py",
         "    win = _one_winner(tok * world.cfg.n_features + par, g)",
         "    win = torch.ones_like(tok, dtype=torch.bool)",
         ("test_synthbench.py",),
     ),
     Fault(
         "synthbench-v1-children",
-        "data/synthbench_sample.py",
+        "data/synthetic/synthbench_sampler.py",
         "    if world.cfg.scale_children:",
         "    if False:",
         ("test_synthbench.py",),
     ),
     Fault(
         "synthbench-copula-unthinned",
-        "data/synthbench_sample.py",
+        "data/synthetic/synthbench_sampler.py",
         "    keep = torch.rand(token.numel(), generator=g) * q_F[local].float() < p_E",
         "    keep = torch.ones_like(token, dtype=torch.bool)",
         ("test_synthbench.py",),
     ),
     Fault(
         "synth-recall-as-precision",
-        "eval/synth_metrics.py",
+        "synthbench/metrics.py",
         "    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), zero)",
         "    recall = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), zero)",
         ("test_synth_metrics.py",),
     ),
     Fault(
         "synth-mcc-over-latents",
-        "eval/synth_metrics.py",
+        "synthbench/metrics.py",
         "    return float(abs_cos[rows, cols].mean())",
         "    return float(abs_cos[rows, cols].sum() / abs_cos.shape[1])",
         ("test_synth_metrics.py",),
@@ -821,6 +821,35 @@ FAULTS = [
         "    chosen = values_C.topk(n_keep, sorted=False).indices.sort().values",
         "    chosen = values_C.topk(n_keep, sorted=False).indices",
         ("test_speed_paths.py", "test_kernels.py"),
+    ),
+    # ------------------------------------------------------------- data sources (issue 23)
+    Fault(
+        "source-foreign-field-dropped",
+        "data/sources/config.py",
+        '        raise ValueError(f"{where}.{name} means nothing for {where}.source {kind!r}")',
+        "        dropped.append(name)",
+        ("test_data_sources.py",),
+    ),
+    Fault(
+        "source-switch-keeps-fields",
+        "data/sources/config.py",
+        "            for name in [n for n in section if n not in own]:",
+        "            for name in []:",
+        ("test_data_sources.py", "test_cli.py"),
+    ),
+    Fault(
+        "synthbench-source-ignores-run-seed",
+        "data/sources/synthbench.py",
+        "SynthBenchData(self.synthbench, run.seed)",
+        "SynthBenchData(self.synthbench)",
+        ("test_data_sources.py",),
+    ),
+    Fault(
+        "source-width-unchecked",
+        "train/config.py",
+        "        if s.sae.stream_width != width:",
+        "        if False:",
+        ("test_sources.py", "test_transcoder_lm.py"),
     ),
 ]
 

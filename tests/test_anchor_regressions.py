@@ -16,9 +16,9 @@ import torch
 from conftest import TINY_BOS, TINY_PAD, make_tiny_gpt2, make_tiny_llama
 from test_trainer import THREE, make_trainer, run_config
 
-from saekit.data.cache_write import write_cache
-from saekit.data.hf import Harvester, TokenFilter
-from saekit.data.lm_source import CacheSource
+from saekit.data.cache.writing import write_cache
+from saekit.data.lm.harvester import Harvester, TokenFilter
+from saekit.data.sources.cache import CacheSource
 from saekit.eval.calibrate import calibrate_batchtopk
 from saekit.eval.splice import splice_eval
 from saekit.model.config import SAEConfig

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from saekit.data.cache import ActivationCache, CacheError
-from saekit.data.cache_write import write_cache
-from saekit.data.hf import Harvester, TokenFilter
+from saekit.data.cache.reading import ActivationCache, CacheError
+from saekit.data.cache.writing import write_cache
+from saekit.data.lm.harvester import Harvester, TokenFilter
 
 HOOK = "transformer.h.1"
 D = 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from saekit.cli import main
-from saekit.data.synthetic import SyntheticData
+from saekit.data.synthetic.generator import SyntheticData
 from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, pre_activations
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
@@ -104,7 +104,7 @@ def test_l0_off_target_warns_beyond_ten_percent():
 
 
 def test_eval_of_a_batchtopk_sae_whose_theta_is_off_warns(tmp_path, capsys):
-    from saekit.data.cache_write import write_cache
+    from saekit.data.cache.writing import write_cache
 
     sae = batchtopk_sae(k=4)
     acts = [torch.randn(200, 8, generator=torch.Generator().manual_seed(i)) + 3 for i in range(2)]

@@ -5,7 +5,6 @@ Everything runs in-process through ``saekit.cli.main`` with local paths (no netw
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 import shutil
@@ -166,17 +165,6 @@ def test_train_with_k_above_d_sae_names_both(capsys):
     assert "k = 100000" in line and "d_sae = 1024" in line
 
 
-def _run_routes_hf() -> bool:
-    from saekit.data import from_config
-
-    return "make_lm_source" in inspect.getsource(from_config.make_source)
-
-
-@pytest.mark.skipif(
-    not _run_routes_hf(),
-    reason="saekit.data.from_config.make_source does not route data.source 'hf' to "
-    "saekit.data.lm_source.make_lm_source yet",
-)
 def test_online_training_from_the_cli_then_eval(lm, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", *lm_args(lm), "--model-batch-size", "4", *SMALL_RUN_ARGS, *TINY_SAE_ARGS]

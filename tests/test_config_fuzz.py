@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from saekit.core.configs import to_dict  # noqa: E402
-from saekit.data.synthetic import SyntheticData  # noqa: E402
+from saekit.data.synthetic.generator import SyntheticData  # noqa: E402
 from saekit.train.config import build_run_config  # noqa: E402
 from saekit.train.config_files import apply_overrides  # noqa: E402
 from saekit.train.member import Member  # noqa: E402
@@ -110,15 +110,12 @@ PATHS = sorted(
 def _set(data: dict, path: tuple, value: Any) -> None:
     node: Any = data
     for part in path[:-1]:
-        if isinstance(node, list):
-            node = node[part]
-        else:
-            child = node.get(part)
-            if isinstance(child, str):
-                node[part] = child = {"kind": child}
-            if not isinstance(child, (dict, list)):
-                node[part] = child = {}
-            node = child
+        child = node[part] if isinstance(node, list) else node.get(part)
+        if isinstance(child, str):
+            node[part] = child = {"kind": child}
+        if not isinstance(child, (dict, list)):  # an earlier mutation replaced a section
+            node[part] = child = {}
+        node = child
     node[path[-1]] = value
 
 

@@ -95,7 +95,7 @@ def test_cli_prints_one_line_for_bad_config(tmp_path, capsys):
 def test_run_seed_changes_the_synthetic_batches_not_the_true_features():
     import torch
 
-    from saekit.data.from_config import make_source
+    from saekit.train.config import make_source
 
     def source(seed):
         return make_source(build_run_config(apply_overrides(presets.train_config(), [seed])))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from saekit.cli import main
-from saekit.data.cache_write import write_cache
+from saekit.data.cache.writing import write_cache
 from saekit.eval.calibrate import calibrate_batchtopk, to_jumprelu
 from saekit.eval.metrics import MetricAccumulator
 from saekit.model.config import SAEConfig

@@ -20,8 +20,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from saekit.data.source import SyntheticSource
-from saekit.data.synthetic import SyntheticData
+from saekit.data.sources.interface import ActivationSource
+from saekit.data.sources.synthetic import SyntheticSource
+from saekit.data.synthetic.generator import SyntheticData
 from saekit.train.comm import sweep_indices
 from saekit.train.config import build_run_config
 from saekit.train.launch import launch_command
@@ -126,7 +127,7 @@ def member_states(trainer) -> dict[str, torch.Tensor]:
     }
 
 
-class FakeModelSource:
+class FakeModelSource(ActivationSource):
     """A stand-in for a model source (cache or hf), in float16; batch i is filled with i."""
 
     def batches(self, start: int = 0):
@@ -167,7 +168,7 @@ def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
         cache_cfg = cache_run_config(Path(out_dir), parallel)
         run_distributed(cache_cfg)
 
-    from saekit.data.dist_source import BroadcastSource
+    from saekit.data.sources.distributed import BroadcastSource
     from saekit.train.comm import SweepComm
 
     comm = SweepComm(init_from_env("cpu"), sweep)
@@ -224,7 +225,7 @@ def stop_on_a_signal_to_rank_1(rank: int, out_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory) -> Path:
     """One spawn of 2 workers for the data-parallel and the sweep-parallel checks."""
-    from saekit.data.cache_write import write_cache
+    from saekit.data.cache.writing import write_cache
 
     out = tmp_path_factory.mktemp("parallel")
     g = torch.Generator().manual_seed(0)
@@ -400,7 +401,7 @@ def test_sweep_broadcast_source_gives_every_rank_rank_0s_batches(parallel_runs):
 def test_sweep_on_a_model_source_equals_one_process_and_data_parallel_runs(parallel_runs, tmp_path):
     """On an activation cache: the sweep (batches broadcast by rank 0) equals one process
     exactly; data parallel (the cache split by rank) trains and reports."""
-    from saekit.data.from_config import make_source
+    from saekit.train.config import make_source
 
     cfg = cache_run_config(parallel_runs, "sweep")
     gathered = Trainer(cfg, make_source(cfg))

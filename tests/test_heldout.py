@@ -11,9 +11,9 @@ import pytest
 from conftest import SMALL_RUN_ARGS, TINY_SAE_ARGS, make_tiny_gpt2
 
 from saekit.cli import main
-from saekit.data.documents import select
-from saekit.data.ranges import count, intersect, subtract, to_ranges, union
-from saekit.data.text import NO_DOCUMENT, pack_documents
+from saekit.data.documents.ranges import count, intersect, subtract, to_ranges, union
+from saekit.data.documents.reading import select
+from saekit.data.lm.text import NO_DOCUMENT, pack_documents
 from saekit.model.sae import SAE
 
 HOOK = "transformer.h.1:input"

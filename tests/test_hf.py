@@ -9,8 +9,8 @@ import torch
 from conftest import TINY_BOS, TINY_PAD, make_tiny_gpt2
 from torch import nn
 
-from saekit.data.hf import TOKEN_IDS, Harvester, HookPoint, TokenFilter
-from saekit.data.text import (
+from saekit.data.lm.harvester import TOKEN_IDS, Harvester, HookPoint, TokenFilter
+from saekit.data.lm.text import (
     load_hf_documents,
     pack_tokens,
     read_documents,
@@ -210,7 +210,7 @@ def test_harvested_activations_can_train_with_autograd(tiny_gpt2, token_ids):
 
 
 def test_load_model_from_local_directory(tmp_path):
-    from saekit.data.hf import load_model
+    from saekit.data.lm.harvester import load_model
 
     make_tiny_gpt2(seed=3).save_pretrained(tmp_path / "m")
     model = load_model(str(tmp_path / "m"), local_files_only=True)

@@ -67,7 +67,7 @@ def test_export_then_import_from_the_command_line(tmp_path, capsys):
 
 def test_eval_reads_an_imported_sae(tmp_path, capsys):
     """An imported SAE is a saekit directory: `saekit eval --sae` reads it (here on a cache)."""
-    from saekit.data.cache_write import write_cache
+    from saekit.data.cache.writing import write_cache
 
     sae = random_sae({"kind": "jumprelu"})
     export_sae(sae, "saelens", tmp_path / "sl")

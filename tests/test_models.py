@@ -19,9 +19,9 @@ from conftest import (
 )
 
 from saekit.cli import main
-from saekit.data.hf import TokenFilter
-from saekit.data.models import load_config, model_kind
-from saekit.data.text import packing_token_ids, token_batches
+from saekit.data.lm.harvester import TokenFilter
+from saekit.data.lm.models import load_config, model_kind
+from saekit.data.lm.text import packing_token_ids, token_batches
 
 
 def write_docs(path, n_docs=150, seed=0):

@@ -12,9 +12,9 @@ import torch
 from conftest import make_tiny_gpt2
 
 from saekit.cli import main
-from saekit.data.harvest import HarvestStats, harvest
-from saekit.data.hf import TOKEN_IDS, Harvester, TokenFilter
-from saekit.data.text import DOCUMENT_IDS
+from saekit.data.lm.harvest import HarvestStats, harvest
+from saekit.data.lm.harvester import TOKEN_IDS, Harvester, TokenFilter
+from saekit.data.lm.text import DOCUMENT_IDS
 from saekit.train.config import build_run_config
 from saekit.train.run import run_training
 

@@ -23,9 +23,7 @@ MAX_LINES = 400
 # entry is no longer needed, so the lists only shrink.
 KNOWN_LONG_FILES: set[str] = set()
 KNOWN_CYCLE_MODULES: set[str] = {
-    "saekit.data.documents",
     "saekit.train.comm",
-    "saekit.train.config",
     "saekit.train.member",
 }
 
@@ -199,17 +197,15 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("saekit.eval",),
     ("saekit.interop", "saekit.report"),
     ("saekit.train",),
+    # SynthSAEBench, the benchmark: its protocol trains SAEs and scores them with its metrics;
+    # its world and sampler are a data source (saekit.data.synthetic, data.source synthbench)
+    ("saekit.synthbench",),
     ("saekit.commands",),
     ("saekit", "saekit.__main__", "saekit.cli"),
 )
 # (importer, imported) pairs that still go upward, to be emptied as they are fixed; the test
 # fails when an entry is no longer needed, so the list only shrinks.
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    ("saekit.data.dist_source", "saekit.train.comm"),
-    ("saekit.data.documents", "saekit.train.config"),
-    ("saekit.data.from_config", "saekit.train.config"),
-    ("saekit.data.lm_source", "saekit.train.config"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def floor_of(module: str) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from saekit.core.encoding import Preacts
-from saekit.data.synthetic import SyntheticData
+from saekit.data.synthetic.generator import SyntheticData
 from saekit.objective.config import PreactRevival
 from saekit.objective.revival import dead_preact_loss
 from saekit.train import presets

@@ -20,8 +20,8 @@ import torch
 from conftest import make_tiny_gpt2, save_tiny_lm
 
 from saekit.cli import main
-from saekit.data.hf import Harvester, TokenFilter
-from saekit.data.text import token_batches
+from saekit.data.lm.harvester import Harvester, TokenFilter
+from saekit.data.lm.text import token_batches
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from saekit.cli import main
-from saekit.data.synthetic import SyntheticConfig, SyntheticData
+from saekit.data.synthetic.generator import SyntheticConfig, SyntheticData
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
 

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from saekit.cli import main
-from saekit.data.cache import ActivationCache, CacheError
-from saekit.data.cache_write import write_cache
-from saekit.data.source import SyntheticSource
-from saekit.data.synthetic import SyntheticData
+from saekit.data.cache.reading import ActivationCache, CacheError
+from saekit.data.cache.writing import write_cache
+from saekit.data.sources.synthetic import SyntheticSource
+from saekit.data.synthetic.generator import SyntheticData
 from saekit.train.config import build_run_config
 from saekit.train.trainer import Trainer
 

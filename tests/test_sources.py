@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import make_tiny_gpt2
 
-from saekit.data.cache_write import write_cache
-from saekit.data.lm_source import CacheSource, make_lm_source
+from saekit.data.cache.writing import write_cache
+from saekit.data.sources.cache import CacheSource
 from saekit.model.sae import SAE
-from saekit.train.config import build_run_config
+from saekit.train.config import build_run_config, make_source
 from saekit.train.outputs import save_outputs
 from saekit.train.trainer import Trainer
 
@@ -157,10 +157,10 @@ def test_online_resume_at_batch_k_equals_the_fresh_stream_across_epochs(lm_dir, 
     # batches after it come from a later epoch (reshuffled with the epoch in the seed)
     text = write_documents(tmp_path / "docs.txt", n_docs=40)
     cfg = hf_config(lm_dir, text, tmp_path, prefetch=2)
-    fresh = take(make_lm_source(cfg).batches(), 27)
+    fresh = take(make_source(cfg).batches(), 27)
     assert all(b.shape == (64, 64) and b.dtype == torch.float32 for b in fresh)
     for k in (0, 7, 25):
-        resumed = take(make_lm_source(cfg).batches(start=k), 2)
+        resumed = take(make_source(cfg).batches(start=k), 2)
         for got, expected in zip(resumed, fresh[k : k + 2], strict=True):
             assert torch.equal(got, expected)
 
@@ -175,7 +175,7 @@ def test_online_source_holds_out_the_leading_documents(lm_dir, tmp_path):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(held + rest))
     cfg = hf_config(lm_dir, text, tmp_path, hook="transformer.wte", prefetch=0)
-    source = make_lm_source(cfg)
+    source = make_source(cfg)
     assert source.n_eval_docs == 9
     embedding = source.model.get_input_embeddings().weight
 
@@ -195,7 +195,7 @@ def test_online_training_writes_a_self_describing_sae(lm_dir, tmp_path):
     text = write_documents(tmp_path / "docs.txt")
     cfg = hf_config(lm_dir, text, tmp_path)
     assert cfg.saes[0].sae.d_in == 64  # the model's hidden size
-    source = make_lm_source(cfg)
+    source = make_source(cfg)
     trainer = Trainer(cfg, source)
     trainer.fit()
     from saekit.train.outputs import evaluate_member
@@ -214,7 +214,7 @@ def test_hook_wider_than_the_hidden_size_needs_d_in_and_the_error_names_both(lm_
     text = write_documents(tmp_path / "docs.txt", n_docs=10)
     cfg = hf_config(lm_dir, text, tmp_path, hook="transformer.h.0.mlp.c_fc")
     with pytest.raises(ValueError, match=r"saes.0.sae.d_in = 64 .* width 256"):
-        make_lm_source(cfg)
+        make_source(cfg)
 
 
 def test_hf_data_fields_are_checked_with_their_names(lm_dir, tmp_path):
@@ -232,11 +232,11 @@ def test_init_sample_comes_from_the_training_stream_without_a_second_read(
 ):
     # A corpus smaller than the shuffle buffer: filling the buffer runs the model on the
     # whole epoch. The sample and then the first batch must cost one such fill, not two.
-    from saekit.data.hf import Harvester
+    from saekit.data.lm.harvester import Harvester
 
     text = write_documents(tmp_path / "docs.txt", n_docs=60)
     cfg = hf_config(lm_dir, text, tmp_path, prefetch=0, shuffle_buffer_tokens=4096)
-    fresh = take(make_lm_source(cfg).batches(), 3)
+    fresh = take(make_source(cfg).batches(), 3)
     forwards = []
     harvest = Harvester.__call__
     monkeypatch.setattr(
@@ -244,7 +244,7 @@ def test_init_sample_comes_from_the_training_stream_without_a_second_read(
         "__call__",
         lambda self, ids, mask=None: forwards.append(1) or harvest(self, ids, mask),
     )
-    source = make_lm_source(cfg)
+    source = make_source(cfg)
     source.init_tokens = 4 * 64
     n_probe = len(forwards)  # the width probe at construction
     sample = source.sample_for_init()

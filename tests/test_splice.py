@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_BOS, TINY_PAD, make_tiny_gpt2
 
-from saekit.data.hf import Harvester, TokenFilter
+from saekit.data.lm.harvester import Harvester, TokenFilter
 from saekit.eval.splice import splice_eval
 
 HOOK = "transformer.h.1"

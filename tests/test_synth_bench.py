@@ -1,4 +1,4 @@
-"""`saekit bench synth` (saekit.train.synth_bench): configs, a tiny end-to-end run, the table."""
+"""`saekit bench synth` (saekit.synthbench.bench): configs, a tiny end-to-end run, the table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from saekit.train import synth_bench as sb
+from saekit.synthbench import bench as sb
 from saekit.train.config import build_run_config
 
 

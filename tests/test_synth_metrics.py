@@ -1,4 +1,4 @@
-"""SynthSAEBench metrics (saekit.eval.synth_metrics) against plain float64 loops.
+"""SynthSAEBench metrics (saekit.synthbench.metrics) against plain float64 loops.
 
 Traps: a nonzero data mean, a dead latent, two latents on one feature, 3-D inputs, all dead.
 """
@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from saekit.eval.synth_metrics import SynthMetricAccumulator
+from saekit.synthbench.metrics import SynthMetricAccumulator
 
 
 def world(seed=0, M=6, F=5, d=4, N=200):

@@ -1,4 +1,5 @@
-"""Specification of the SynthSAEBench generator (saekit.data.synthbench, synthbench_sample).
+"""Specification of the SynthSAEBench generator (saekit.data.synthetic: synthbench_world,
+synthbench_sampler).
 
 References are built here independently: closed forms in float64, subset enumeration for the
 hierarchy's marginal rates, bivariate-normal orthant probabilities for the copula, and
@@ -14,7 +15,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-from saekit.data.synthbench import (
+from saekit.data.synthetic.synthbench_sampler import SynthBenchData, sparse_bernoulli
+from saekit.data.synthetic.synthbench_world import (
     SynthBenchConfig,
     SynthBenchWorld,
     compensated_probabilities,
@@ -23,7 +25,6 @@ from saekit.data.synthbench import (
     synthsaebench_16k,
     zipf_linear_probabilities,
 )
-from saekit.data.synthbench_sample import SynthBenchData, sparse_bernoulli
 
 SIGMAS = 5.0
 

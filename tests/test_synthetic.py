@@ -1,4 +1,4 @@
-"""Specification of the synthetic ground-truth generator (saekit.data.synthetic).
+"""Specification of the synthetic ground-truth generator (saekit.data.synthetic.generator).
 
 Every reference is computed here, independently of the generator: float64 closed forms,
 binomial tolerances, plain loops and least squares.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from saekit.data.synthetic import SyntheticConfig, SyntheticData, zipf_probabilities
+from saekit.data.synthetic.generator import SyntheticConfig, SyntheticData, zipf_probabilities
 
 N_TOKENS = 20_000
 SIGMAS = 5.0

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from saekit.cli import main as cli_main
-from saekit.data.source import SyntheticSource
-from saekit.data.synthetic import SyntheticData
+from saekit.data.sources.synthetic import SyntheticSource
+from saekit.data.synthetic.generator import SyntheticData
 from saekit.kernels import select as kernel_select
 from saekit.objective.config import L1Penalty
 from saekit.objective.losses import sparsity_penalty

@@ -20,7 +20,7 @@ from test_distributed import (
     spawn,
 )
 
-from saekit.data.synthetic import SyntheticData
+from saekit.data.synthetic.generator import SyntheticData
 from saekit.train.config import build_run_config
 from saekit.train.trainer import Trainer
 

@@ -17,12 +17,11 @@ from conftest import TINY_BOS, TINY_VOCAB, make_tiny_llama
 from test_sources import write_documents
 from torch import nn
 
-from saekit.data.hf import TokenFilter
-from saekit.data.lm_source import make_lm_source
+from saekit.data.lm.harvester import TokenFilter
 from saekit.eval.splice import splice_eval
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
-from saekit.train.config import build_run_config
+from saekit.train.config import build_run_config, make_source
 
 IN_HOOK, OUT_HOOK = "model.layers.1.post_attention_layernorm", "model.layers.1.mlp"
 ALL = TokenFilter(exclude_bos=False)  # splice every position
@@ -167,7 +166,7 @@ def test_online_pairs_are_input_then_target_of_the_same_token(llama_dir, tmp_pat
     sae_cfg = cfg.saes[0].sae
     assert (sae_cfg.d_in, sae_cfg.d_out, sae_cfg.stream_width) == (64, 64, 128)
     assert (sae_cfg.hook, sae_cfg.target_hook) == (IN_HOOK, OUT_HOOK)
-    source = make_lm_source(cfg)
+    source = make_source(cfg)
     calls = []
     source.model.model.norm.register_forward_hook(lambda *a: calls.append(1))
     batch = torch.cat(list(itertools.islice(source.batches(), 3)))
@@ -226,7 +225,7 @@ def test_a_transcoder_cache_trains_and_evaluates(llama, llama_dir, tmp_path):
     import json
 
     from saekit.cli import main
-    from saekit.data.cache import ActivationCache
+    from saekit.data.cache.reading import ActivationCache
 
     docs = write_documents(tmp_path / "docs.txt")
     common = ["--model", str(llama_dir), "--hook", IN_HOOK, "--local-files-only"]
@@ -262,7 +261,7 @@ def test_a_skip_transcoder_trained_on_the_mlp_beats_zero_ablation(llama, one_thr
     """Pairs harvested in one pass; the spliced transcoder recovers most of the CE and KL that
     zero-ablating the MLP loses, on held-out samples of the model."""
     from saekit.core.configs import from_dict
-    from saekit.data.hf import Harvester
+    from saekit.data.lm.harvester import Harvester
     from saekit.train.member import Member
     from saekit.train.member_config import SAETrainConfig
 

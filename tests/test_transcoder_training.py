@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.data.source import SyntheticSource
-from saekit.data.synthetic import SyntheticConfig, SyntheticData
+from saekit.data.sources.synthetic import SyntheticSource
+from saekit.data.synthetic.generator import SyntheticConfig, SyntheticData
 from saekit.eval import ground_truth
 from saekit.model.sae import SAE
 from saekit.train.config import build_run_config

@@ -85,7 +85,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Harvest activations into a cache directory, then verify it; or only verify one."""
-    from saekit.data.cache import ActivationCache
+    from saekit.data.cache.reading import ActivationCache
 
     verify_dir = args.verify
     if args.action:
@@ -122,8 +122,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_hooks(args: argparse.Namespace) -> int:
     """List a model's hook points and their shapes, built from its config (no weights)."""
-    from saekit.data.hooks import format_hook_table, probe_hook_shapes
-    from saekit.data.models import meta_model
+    from saekit.data.lm.hook_probe import format_hook_table, probe_hook_shapes
+    from saekit.data.lm.models import meta_model
 
     model, kind = meta_model(args.model, args.model_class, args.local_files_only)
     rows, error = probe_hook_shapes(model)

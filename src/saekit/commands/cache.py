@@ -7,18 +7,18 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from saekit.data.harvest import HarvestStats, harvest
+from saekit.data.lm.harvest import HarvestStats, harvest
 
 
 def cache_command(args: argparse.Namespace) -> None:
     """``saekit cache``: harvest ``args.hook`` of ``args.model`` on the documents into a cache
-    at ``args.out``, recording each shard's documents (saekit.data.cache)."""
+    at ``args.out``, recording each shard's documents (saekit.data.cache.reading)."""
     from saekit.commands.eval import harvest_setup, text_documents
-    from saekit.data.cache_write import write_cache
-    from saekit.data.documents import text_source
-    from saekit.data.hf import HookPoint
-    from saekit.data.models import check_hook
-    from saekit.data.text import token_batches
+    from saekit.data.cache.writing import write_cache
+    from saekit.data.documents.reading import text_source
+    from saekit.data.lm.harvester import HookPoint
+    from saekit.data.lm.models import check_hook
+    from saekit.data.lm.text import token_batches
 
     for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
         if not value:

@@ -58,8 +58,8 @@ def convert_command(args: argparse.Namespace) -> int:
         )
     saved_theta = float(sae.activation.threshold)
     if args.data:
-        from saekit.data.cache import ActivationCache
-        from saekit.data.lm_source import held_out_batches
+        from saekit.data.cache.reading import ActivationCache
+        from saekit.data.sources.cache import held_out_batches
 
         cache = ActivationCache(args.data)
         if cache.d != sae.cfg.d_in:

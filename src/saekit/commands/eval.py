@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.data.ranges import Ranges
+from saekit.data.documents.ranges import Ranges
 from saekit.eval.calibrate import l0_target, off_target
 from saekit.eval.metrics import MetricAccumulator
 from saekit.model.sae import SAE
@@ -41,7 +41,7 @@ HELD_OUT = "heldout"
 
 def text_documents(args: argparse.Namespace) -> Iterator[str]:
     """The documents named by --dataset / --text-file and their options, in dataset order."""
-    from saekit.data.documents import documents
+    from saekit.data.documents.reading import documents
 
     if not (args.dataset or args.text_file):
         raise ValueError("give the documents: --dataset ID|PATH or --text-file PATH")
@@ -103,8 +103,8 @@ def _on_cache(
     report: dict[str, Any],
     acc: MetricAccumulator,
 ) -> None:
-    from saekit.data.cache import ActivationCache
-    from saekit.data.lm_source import held_out_batches
+    from saekit.data.cache.reading import ActivationCache
+    from saekit.data.sources.cache import held_out_batches
 
     cache = ActivationCache(args.cache)
     if (cache.d_in, cache.d) != (sae.cfg.d_in, sae.cfg.stream_width):
@@ -128,7 +128,7 @@ def _on_cache(
 
 def harvest_setup(args: argparse.Namespace, hook: str, **filter_options: bool) -> Any:
     """``data.models.load_for_harvest`` from the model flags ``cache`` and ``eval`` share."""
-    from saekit.data.models import load_for_harvest
+    from saekit.data.lm.models import load_for_harvest
 
     return load_for_harvest(
         args.model,
@@ -151,9 +151,9 @@ def _on_model(
     report: dict[str, Any],
     acc: MetricAccumulator,
 ) -> None:
-    from saekit.data.hf import HookPoint, unpack_batch
-    from saekit.data.models import activation_width
-    from saekit.data.ranges import to_ranges
+    from saekit.data.documents.ranges import to_ranges
+    from saekit.data.lm.harvester import HookPoint, unpack_batch
+    from saekit.data.lm.models import activation_width
     from saekit.eval.splice import splice_eval
 
     setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
@@ -205,8 +205,9 @@ def _documents(
     args: argparse.Namespace, sae: SAE, tokenizer: Any
 ) -> tuple[dict[str, Any], Ranges | None, str]:
     """(text source, document indices or None for all, where they come from) to evaluate."""
-    from saekit.data.cache import ActivationCache
-    from saekit.data.documents import cache_documents, held_out_documents, text_source
+    from saekit.data.cache.reading import ActivationCache
+    from saekit.data.documents.held_out import cache_documents, held_out_documents
+    from saekit.data.documents.reading import text_source
 
     if args.cache:
         text, _, held = cache_documents(ActivationCache(args.cache))
@@ -245,8 +246,8 @@ def _contexts(
 ) -> Iterator[dict[str, Tensor]]:
     """--n-batches batches of the documents, packed in dataset order; adds the index of every
     document with an evaluated token to ``evaluated``."""
-    from saekit.data.documents import open_text, select
-    from saekit.data.text import DOCUMENT_IDS, token_batches
+    from saekit.data.documents.reading import open_text, select
+    from saekit.data.lm.text import DOCUMENT_IDS, token_batches
 
     docs = open_text(text, streaming=not args.no_streaming)
     pairs = enumerate(docs) if indices is None else select(docs, indices)
@@ -269,8 +270,8 @@ def _contexts(
 
 def _check_overlap(sae: SAE, tokenizer: Any, report: dict[str, Any]) -> None:
     """Count the evaluated documents the SAE trained on (its cfg.json's record), and warn."""
-    from saekit.data.documents import training_documents
-    from saekit.data.ranges import count, intersect
+    from saekit.data.documents.held_out import training_documents
+    from saekit.data.documents.ranges import count, intersect
 
     record = sae.cfg.metadata.get("training_data")
     if record is None or record.get("text") != report["text"]:

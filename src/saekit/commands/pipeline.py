@@ -119,7 +119,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
             f" {cfg.cache.shard_tokens}: evaluation needs the held-out last shard, so at least"
             " two (raise max_tokens or lower shard_tokens)"
         )
-    from saekit.data.models import check_hook
+    from saekit.data.lm.models import check_hook
     from saekit.train.config import build_run_config
 
     check_hook(cfg.model, cfg.hook, local_files_only=cfg.local_files_only)

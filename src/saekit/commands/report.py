@@ -110,8 +110,8 @@ def _collect(args: argparse.Namespace, sae: Any, batches: Any, ids: Any, cfg: An
 
 def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
     from saekit.commands.eval import harvest_setup, text_documents
-    from saekit.data.models import activation_width, check_hook
-    from saekit.data.text import token_batches
+    from saekit.data.lm.models import activation_width, check_hook
+    from saekit.data.lm.text import token_batches
     from saekit.report.build import report_data
     from saekit.report.collect import lm_batches
     from saekit.report.features import unembedding
@@ -156,32 +156,36 @@ def _synthetic_report(args, sae, ids, cfg) -> dict[str, Any]:
     import torch
     import yaml
 
-    from saekit.data.source import SyntheticSource
-    from saekit.data.synthetic import SyntheticConfig, SyntheticData
+    from saekit.data.sources.interface import StreamSettings
+    from saekit.data.sources.registry import source_config
     from saekit.report.build import report_data
     from saekit.report.features import truth_matches
 
     path = Path(args.run_config or Path(args.sae).parent / "config.yaml")
     if not path.is_file():
         raise ValueError(f"--synthetic: no run config at {path}; pass --run-config")
-    data_cfg = (yaml.safe_load(path.read_text()) or {}).get("data", {})
-    if data_cfg.get("source", "synthetic") != "synthetic":
-        raise ValueError(f"--synthetic: {path} trains on data.source = {data_cfg['source']!r}")
-    truth = SyntheticData(SyntheticConfig(**data_cfg.get("synthetic", {})))
+    data_cfg = source_config(
+        (yaml.safe_load(path.read_text()) or {}).get("data", {}), validate=False
+    )
+    truth = data_cfg.ground_truth()
+    if truth is None:
+        raise ValueError(f"--synthetic: {path} trains on data.source = {data_cfg.kind!r}")
     if truth.cfg.d != sae.cfg.d_in:
         raise ValueError(f"SAE d_in = {sae.cfg.d_in} but {path} generates d = {truth.cfg.d}")
+    held_out = data_cfg.build(StreamSettings(args.batch_size * args.context_length, 0, 0))
     matched, _ = truth_matches(truth.directions, sae.W_dec.detach().cpu(), ids)
     feature_M = torch.tensor([m["feature"] for m in matched])
     batch = args.batch_size * args.context_length
 
     def batches() -> Iterator[tuple[Any, ...]]:
         # T = 1: each synthetic vector is its own context; aux = its matched feature's coefficient
-        for x_Nd, coeff_NF in SyntheticSource(truth, batch).eval_batches(args.max_tokens, batch):
+        for x_Nd, coeff_NF in held_out.eval_batches(args.max_tokens, batch):
             N = x_Nd.shape[0]
             keep = torch.ones(N, 1, dtype=torch.bool)
             ids_BT = torch.full((N, 1), -1, dtype=torch.long)
             yield x_Nd.view(N, 1, -1), keep, ids_BT, coeff_NF[:, feature_M].view(N, 1, -1)
 
     collected = _collect(args, sae, batches(), ids, cfg)
-    meta = {"sae": str(args.sae), "text": f"synthetic ({truth.cfg.kind}, held-out batches)"}
+    kind = getattr(truth.cfg, "kind", data_cfg.kind)  # the generator's kind, else the source's
+    meta = {"sae": str(args.sae), "text": f"synthetic ({kind}, held-out batches)"}
     return report_data(collected, sae, None, meta, truth=truth.directions)

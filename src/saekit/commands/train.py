@@ -66,8 +66,10 @@ def _run_config_dict(args: argparse.Namespace, default: dict[str, Any]) -> dict[
     flags = _data_flags(args)
     if flags:
         data_section = data.setdefault("data", {})
-        if flags.get("source") in ("hf", "cache"):
-            data_section.pop("synthetic", None)
+        if "source" in flags:  # --model or --cache: the config's other source goes
+            from saekit.data.sources.registry import switch_source
+
+            switch_source(data_section, flags["source"])
         data_section.update(flags)
     return apply_overrides(data, overrides + args.overrides)
 

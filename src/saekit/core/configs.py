@@ -25,6 +25,8 @@ class KindConfig:
     family: ClassVar[str] = ""
     """What the family is called in messages (e.g. "activation")."""
     kind: ClassVar[str] = ""
+    kind_key: ClassVar[str] = "kind"
+    """The key naming the kind in plain data (a data source's is ``source``)."""
     _kinds: ClassVar[dict[str, type]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -41,20 +43,21 @@ class KindConfig:
     @classmethod
     def parse(cls, value: Any, where: str) -> KindConfig:
         """A config of this family from a kind name, a mapping with ``kind``, or an instance."""
+        key = cls.kind_key
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
-            value = {"kind": value}
-        if not isinstance(value, dict) or "kind" not in value:
+            value = {key: value}
+        if not isinstance(value, dict) or key not in value:
             raise ValueError(
-                f"{where}: expected a {cls.family} kind or a mapping with 'kind' (one of "
+                f"{where}: expected a {cls.family} kind or a mapping with {key!r} (one of "
                 f"{cls.kinds()}), got {value!r}"
             )
         data = dict(value)
-        kind = data.pop("kind")
+        kind = data.pop(key)
         if not isinstance(kind, str) or kind not in cls._kinds:
             raise ValueError(
-                f"{where}.kind: unknown {cls.family} {kind!r}; choose one of {cls.kinds()}"
+                f"{where}.{key}: unknown {cls.family} {kind!r}; choose one of {cls.kinds()}"
             )
         chosen = cls._kinds[kind]
         names = [f.name for f in dataclasses.fields(chosen)]
@@ -75,17 +78,10 @@ def check_finite(where: str, value: float, low: float | None = None, strict: boo
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass tree as plain data (a KindConfig gains its ``kind``)."""
+    """A dataclass tree as plain data (a KindConfig gains its ``kind``, under its ``kind_key``)."""
     if dataclasses.is_dataclass(obj):
-        # A config may name fields that mean nothing in its current setting (DataConfig's
-        # synthetic: section of a model run), so that written configs hold only what is used.
-        unused = obj.unused_fields() if hasattr(obj, "unused_fields") else ()
-        fields = {
-            f.name: to_dict(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-            if f.name not in unused
-        }
-        return {"kind": obj.kind, **fields} if isinstance(obj, KindConfig) else fields
+        fields = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {obj.kind_key: obj.kind, **fields} if isinstance(obj, KindConfig) else fields
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj

@@ -5,7 +5,7 @@ buffer that mixes many contexts. The buffer fills to ``capacity`` tokens, permut
 holds, hands out batches until it is half empty, then tops itself up and permutes again (the
 refresh-at-half scheme of dictionary_learning's ``ActivationBuffer``). Every input token is
 emitted exactly once per pass and the order depends only on the seed, so a source resumes by
-replaying the pass (``saekit.data.lm_source``).
+replaying the pass (``saekit.data.sources.stream``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 For each batch the model runs three times: clean; with the hook's activation replaced by
 ``reconstruct(act)``; with it zero-ablated. Replacement happens only at the positions the
-:class:`~saekit.data.hf.TokenFilter` keeps (the tokens an SAE is trained on); the other
+:class:`~saekit.data.lm.harvester.TokenFilter` keeps (the tokens an SAE is trained on); the other
 positions keep their clean activations.
 
 Evaluated tokens: positions ``t < T-1`` kept by the filter whose target ``t+1`` is not padding.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saekit.data.hf import (
+from saekit.data.lm.harvester import (
     HookPoint,
     TokenFilter,
     capture,

@@ -53,7 +53,9 @@ def export_info(sae: SAE, sae_dir: Path | None) -> dict[str, Any]:
             info["dead_latents"] = round(report["dead_fraction"] * cfg.d_sae)
     run_config = sae_dir.parent / "config.yaml"
     if run_config.is_file():
+        from saekit.data.sources.registry import source_config
+
         data = (yaml.safe_load(run_config.read_text()) or {}).get("data", {})
-        if data.get("source") == "hf":  # a cache's contexts are the cache's, not recorded here
-            info["context_size"] = data.get("context_length")
+        # a model run's context length (a cache's contexts are the cache's, not recorded here)
+        info["context_size"] = source_config(data, validate=False).context_size()
     return info

@@ -160,7 +160,7 @@ def lm_batches(setup: Any, contexts: Iterable[Any]) -> Iterable[tuple[Tensor, Te
     """``(x_BTd, keep_BT, ids_BT)`` from packed contexts: activations at the set-up's hook on
     every position (the harvester keeps them all so windows can be shaded; the set-up's token
     filter decides which count), the forward stopped at the hook."""
-    from saekit.data.hf import TokenFilter, unpack_batch
+    from saekit.data.lm.harvester import TokenFilter, unpack_batch
 
     harvester = setup.harvester(token_filter=TokenFilter(exclude_padding=False, exclude_bos=False))
     for batch in contexts:

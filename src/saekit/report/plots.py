@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from saekit.data.synthetic import SyntheticConfig, SyntheticData  # noqa: E402
+from saekit.data.sources.registry import source_config  # noqa: E402
+from saekit.data.synthetic.generator import SyntheticData  # noqa: E402
 from saekit.eval.ground_truth import cosine_matrix  # noqa: E402
 from saekit.model.sae import SAE  # noqa: E402
 
@@ -99,7 +100,7 @@ def sweep_plots(run_dir: Path) -> list[Path]:
         plot_bias_histograms(run_dir, names, run_dir / "encoder_bias.png"),
     ]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    if cfg["data"]["source"] == "synthetic":
-        truth = SyntheticData(SyntheticConfig(**cfg["data"]["synthetic"]))
+    truth = source_config(cfg["data"], validate=False).ground_truth()
+    if truth is not None:  # a generated source's known features
         paths.append(plot_cos_heatmaps(run_dir, names, truth, run_dir / "cos_heatmap.png"))
     return paths

@@ -32,7 +32,7 @@ rounding; see tests/test_distributed.py):
 
 **parallel = "sweep"** (:class:`SweepComm`): SAE i trains on rank ``i % world``; every rank sees
 the whole batch (synthetic: each rank generates it, which is cheap; other sources: rank 0 reads
-and broadcasts each batch, :class:`saekit.data.dist_source.BroadcastSource`). Each SAE gets
+and broadcasts each batch, :class:`saekit.data.sources.distributed.BroadcastSource`). Each SAE gets
 exactly the result of training it alone. Ranks meet once per log interval (stop agreement) and at
 checkpoints, where the members' states are gathered to rank 0 and written as one ordinary
 checkpoint (resumable on any world size, or by one process). Final SAEs and reports are gathered

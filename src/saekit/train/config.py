@@ -1,6 +1,7 @@
 """Run configuration: documented dataclasses, loadable from YAML or TOML, overridable by key.
 
-A run is one activation stream (``DataConfig``) feeding one or more SAEs (``SAETrainConfig``).
+A run is one activation stream (``data``: a source config, saekit.data.sources) feeding one or
+more SAEs (``SAETrainConfig``).
 Overrides use dotted paths: ``steps=2000``, ``saes.0.sae.activation.k=16``,
 ``data.synthetic.d=128``.
 Every error names the offending field.
@@ -10,142 +11,35 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from saekit.core.configs import from_dict, to_dict
-from saekit.data.hf import HookPoint
-from saekit.data.synthetic import SyntheticConfig
+from saekit.data.sources.config import SourceConfig
+from saekit.data.sources.interface import ActivationSource, StreamSettings
+from saekit.data.sources.registry import source_config
+from saekit.data.sources.synthetic import SyntheticSourceConfig
 from saekit.train.config_files import apply_overrides, load_config_file
 from saekit.train.member_config import SAETrainConfig
 
 __all__ = [
-    "DataConfig",
     "RunConfig",
     "SAETrainConfig",
     "apply_overrides",
     "build_run_config",
     "from_dict",
     "load_config_file",
+    "make_source",
     "to_dict",
 ]
-
-
-@dataclass
-class DataConfig:
-    """Where activations come from."""
-
-    source: str = "synthetic"
-    """synthetic (built-in ground truth), cache (a directory written by `saekit cache`) or hf
-    (a transformers model run on text while training)."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Settings of the synthetic generator."""
-    cache_dir: str | None = None
-    """cache: the activation cache directory."""
-    shuffle_buffer_tokens: int = 262_144
-    """cache, hf: tokens held in the token-level shuffle buffer (cache: 0 reads in file order)."""
-    model: str | None = None
-    """hf: the model, a hub id or a local directory."""
-    model_class: str = "auto"
-    """hf: how to load the model: causal-lm, masked-lm, encoder (the bare model, AutoModel) or
-    auto (from its config; saekit/data/models.py)."""
-    hook: str | None = None
-    """hf: hook point, e.g. transformer.h.8:input (residual stream before block 8)."""
-    target_hook: str | None = None
-    """hf: a transcoder's target, harvested in the same forward pass as ``hook``, e.g.
-    model.layers.5.mlp (``hook`` model.layers.5.post_attention_layernorm); batches are then
-    [input | target] and every SAE of the run is a transcoder (d_out: the target's width)."""
-    dataset: str | None = None
-    """hf: documents from a Hugging Face dataset, a hub id or a local path (or use text_file)."""
-    dataset_split: str = "train"
-    """hf: split of the dataset."""
-    dataset_config: str | None = None
-    """hf: configuration name of the dataset."""
-    text_file: str | None = None
-    """hf: documents from a local file: .jsonl (one per line) or text (blank-line separated)."""
-    text_field: str = "text"
-    """hf: field holding the text in dataset records and .jsonl lines."""
-    streaming: bool = True
-    """hf: stream the dataset instead of downloading it whole."""
-    context_length: int = 128
-    """hf: tokens per context (BOS first, documents packed with EOS between them)."""
-    model_batch_size: int = 32
-    """hf: contexts per model forward."""
-    model_dtype: str = "float32"
-    """hf: dtype of the model weights: float32, bfloat16 or float16 (activations are float32)."""
-    local_files_only: bool = False
-    """hf: never download; load the model and tokenizer from the local cache or directory."""
-    bos_token: str = "auto"
-    """hf: token starting each context: auto (BOS, else EOS, else CLS), none, or a token."""
-    eos_token: str = "auto"
-    """hf: token after each document: auto (EOS, else BOS, else SEP), none, or a token."""
-    keep_bos: bool = False
-    """hf: train on BOS positions too (by default they are dropped, as are padding positions)."""
-    prefetch: int = 2
-    """hf: model batches harvested ahead in a background thread (0: no thread)."""
-    outlier_norm: float | None = None
-    """hf: drop tokens whose activation norm exceeds this multiple of the median norm of their
-    model batch (massive-activation tokens; saekit/data/harvest.py); None: keep them all."""
-
-    def unused_fields(self) -> tuple[str, ...]:
-        """Fields ``to_dict`` leaves out: the generator's settings when the data is not synthetic
-        (a cache or model run's config.yaml would otherwise carry a ``synthetic:`` section)."""
-        return () if self.source == "synthetic" else ("synthetic",)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the offending ``data.`` field."""
-        sources = ("synthetic", "cache", "hf")
-        if self.source not in sources:
-            raise ValueError(f"data.source must be one of {sources}, got {self.source!r}")
-        if self.shuffle_buffer_tokens < 0:
-            raise ValueError("data.shuffle_buffer_tokens must be >= 0")
-        # numbers checked whatever the source (a fuzzed config must not carry a bad one along)
-        if self.context_length < 2:
-            raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
-        if self.model_batch_size < 1:
-            raise ValueError("data.model_batch_size must be positive")
-        if self.prefetch < 0:
-            raise ValueError("data.prefetch must be >= 0")
-        if self.outlier_norm is not None and not self.outlier_norm > 1:
-            raise ValueError(
-                f"data.outlier_norm must be > 1 (a multiple of the median), got {self.outlier_norm}"
-            )
-        if self.source == "cache":
-            if not self.cache_dir:
-                raise ValueError("data.cache_dir is required when data.source is 'cache'")
-            if not Path(self.cache_dir).is_dir():
-                raise ValueError(f"data.cache_dir: no such directory {self.cache_dir!r}")
-        if self.source == "hf":
-            for name in ("model", "hook"):
-                if not getattr(self, name):
-                    raise ValueError(f"data.{name} is required when data.source is 'hf'")
-            if (self.dataset is None) == (self.text_file is None):
-                raise ValueError("data: set exactly one of data.dataset and data.text_file")
-            if self.text_file is not None and not Path(self.text_file).is_file():
-                raise ValueError(f"data.text_file: no such file {self.text_file!r}")
-            if self.model_dtype not in ("float32", "bfloat16", "float16"):
-                raise ValueError(
-                    f"data.model_dtype must be float32, bfloat16 or float16, got"
-                    f" {self.model_dtype!r}"
-                )
-            from saekit.data.models import MODEL_CLASSES
-
-            if self.model_class not in MODEL_CLASSES:
-                raise ValueError(
-                    f"data.model_class must be one of {MODEL_CLASSES}, got {self.model_class!r}"
-                )
-            HookPoint.parse(self.hook)
-            if self.target_hook is not None:
-                HookPoint.parse(self.target_hook)
-        elif self.target_hook is not None:
-            raise ValueError("data.target_hook applies to data.source 'hf' only")
 
 
 @dataclass
 class RunConfig:
     """A training run: one stream, many SAEs."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: SourceConfig = field(default_factory=SyntheticSourceConfig)
+    """Where activations come from: ``source`` names the kind (synthetic, synthbench, hf, cache;
+    saekit/data/sources/), the other fields are that kind's."""
     saes: list[SAETrainConfig] = field(default_factory=list)
     batch_size: int = 4096
     """Tokens per training step."""
@@ -234,7 +128,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
 
     Model sources also fill each SAE's ``hook`` and ``model_name`` (when unset) so saved SAEs
     are self-describing: from the manifest for a cache, from ``data.model``/``data.hook`` for hf;
-    and ``metadata.training_data``, the documents it trains on (saekit.data.documents).
+    and ``metadata.training_data``, the documents it trains on (saekit.data.documents.held_out).
     For hf, d_in defaults to the model's hidden size (its config's hidden_size / n_embd /
     d_model, read without loading weights): right for residual-stream and block-output hooks;
     set d_in for other hooks (the source checks the real width before training).
@@ -257,28 +151,12 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         metadata = s.get("sae", {}).get("metadata", {})
         if not isinstance(metadata, dict):  # filled below, before the types are checked
             raise ValueError(f"saes.{i}.sae.metadata: expected a mapping, got {metadata!r}")
-    stream_cfg = from_dict(DataConfig, data_cfg, "data")
-    stream_cfg.validate()
-    origin: dict[str, str] = {}  # SAEConfig fields saying where the activations come from
-    d_data: int | None = None  # the activations' width, when known without loading a model
-    d_target: int | None = None  # a transcoder stream's target width
-    if stream_cfg.source == "synthetic":
-        d_data, d_target = stream_cfg.synthetic.d, stream_cfg.synthetic.d_out
-    elif stream_cfg.source == "cache":
-        from saekit.data.cache import ActivationCache
-
-        cache = ActivationCache(stream_cfg.cache_dir)
-        origin = {"model_name": cache.model, "hook": cache.hook}
-        d_data = cache.d_in
-        if cache.target_hook is not None:  # a transcoder cache: rows [hook | target_hook]
-            origin["target_hook"], d_target = cache.target_hook, cache.d - cache.d_in
-    else:
-        origin = {"model_name": stream_cfg.model, "hook": str(HookPoint.parse(stream_cfg.hook))}
-        if stream_cfg.target_hook is not None:
-            origin["target_hook"] = str(HookPoint.parse(stream_cfg.target_hook))
-    from saekit.data.documents import training_record
-
-    record = training_record(stream_cfg, raw.get("eval_tokens", RunConfig.eval_tokens))
+    stream_cfg = raw["data"] = source_config(data_cfg)  # parsed once: a cache's manifest too
+    origin = stream_cfg.origin()  # SAEConfig fields saying where the activations come from
+    known = stream_cfg.input_width()  # the activations' width, when known without a model
+    d_data, d_target = known, stream_cfg.target_width()
+    paired = stream_cfg.has_target()  # a transcoder stream: [input | target]
+    record = stream_cfg.provenance(raw.get("eval_tokens", RunConfig.eval_tokens))
     for i, s in enumerate(saes):
         sae = s.setdefault("sae", {})
         if record is not None:  # kept on resume: the run's data cannot change
@@ -289,21 +167,15 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
             sae.setdefault("metadata", {})["target_l0"] = penalty["target_l0"]
         if not sae.get("d_in"):
             if d_data is None:
-                from saekit.data.models import model_hidden_size
-
-                d_data = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
+                d_data = stream_cfg.model_width()
             sae["d_in"] = d_data
-        elif stream_cfg.source == "cache" and sae["d_in"] != d_data:
+        elif known is not None and sae["d_in"] != known:
             raise ValueError(
-                f"saes.{i}.sae.d_in = {sae['d_in']} but the activation cache"
-                f" {stream_cfg.cache_dir} has width {d_data}"
+                f"saes.{i}.sae.d_in = {sae['d_in']} but {stream_cfg.describe()} has width {known}"
             )
-        paired = d_target is not None or "target_hook" in origin
         if paired and not sae.get("d_out"):
             if d_target is None:  # an MLP's output: the model's width (set d_out otherwise)
-                from saekit.data.models import model_hidden_size
-
-                d_target = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
+                d_target = stream_cfg.model_width()
             sae["d_out"] = d_target
         elif not paired and sae.get("d_out") is not None:
             raise ValueError(
@@ -319,3 +191,30 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
             s.name = s.default_name()
     cfg.validate()
     return cfg
+
+
+def stream_settings(cfg: RunConfig) -> StreamSettings:
+    """What the run tells its source."""
+    return StreamSettings(cfg.batch_size, cfg.seed, cfg.eval_tokens, cfg.device)
+
+
+def check_source_width(cfg: RunConfig, source: ActivationSource) -> None:
+    """Every SAE's width against the one ``source`` measured (a cache's, a model hook's)."""
+    width = source.measured_width
+    if width is None:
+        return
+    for i, s in enumerate(cfg.saes):
+        if s.sae.stream_width != width:
+            field = "d_in + d_out" if s.sae.transcoder else "d_in"
+            raise ValueError(
+                f"saes.{i}.sae.{field} = {s.sae.stream_width} but the activations at"
+                f" {source.description} have width {width}; set saes.{i}.sae.{field}={width}"
+            )
+
+
+def make_source(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> ActivationSource:
+    """The run's batch source (rank ``rank``'s share of a stream source), checked against its
+    SAEs' widths (multi-process runs: saekit.train.run_distributed)."""
+    source = cfg.data.build(stream_settings(cfg), rank, world_size)
+    check_source_width(cfg, source)
+    return source

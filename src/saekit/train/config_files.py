@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from saekit.data.sources.registry import switch_source
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or TOML (.toml) file as a mapping."""
@@ -83,6 +85,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             while len(node) <= idx:
                 node.append({})
             node[idx] = value
+        elif parts == ["data", "source"] and isinstance(node, dict):
+            switch_source(node, value)  # the previous source's fields go with it
         else:
             node[last] = value
     return data

@@ -23,7 +23,7 @@ import yaml
 from saekit.core.atomic import atomic_write_text
 from saekit.core.configs import to_dict
 from saekit.core.encoding import as_dense
-from saekit.data.source import ActivationSource, SyntheticSource
+from saekit.data.sources.interface import ActivationSource
 from saekit.eval import ground_truth
 from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, threshold_set
 from saekit.eval.metrics import MetricAccumulator
@@ -82,7 +82,7 @@ def _evaluate(
     sae = member.sae
     device = next(sae.parameters()).device
     acc = MetricAccumulator(sae.cfg.target_width, sae.cfg.d_sae, device=device)
-    synthetic = source.data if isinstance(source, SyntheticSource) else None
+    synthetic = source.known_features()  # the built-in generator, for ground truth
     absorbed = pairs = 0
     hierarchical = synthetic is not None and synthetic.cfg.kind == "hierarchical"
     for batch, coefficients in source.eval_batches(n_tokens, batch_size):

@@ -15,10 +15,9 @@ import torch
 
 from saekit.core.atomic import remove_stale_temporaries
 from saekit.core.configs import to_dict
-from saekit.data.from_config import make_source
 from saekit.model.format import CheckpointError
 from saekit.train.checkpoint import CHECKPOINT_DIR, read_checkpoint_meta
-from saekit.train.config import RunConfig, build_run_config
+from saekit.train.config import RunConfig, build_run_config, make_source
 from saekit.train.config_files import load_config_file
 from saekit.train.launch import launched
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config

@@ -11,13 +11,10 @@ from typing import Any
 
 import torch
 
-from saekit.data.dist_source import BroadcastSource, ShardedSource
-from saekit.data.from_config import make_source
-from saekit.data.lm_source import make_lm_source
-from saekit.data.source import ActivationSource
+from saekit.data.sources.interface import ActivationSource
 from saekit.model.sae import SAE
 from saekit.train.comm import DataParallelComm, SweepComm
-from saekit.train.config import RunConfig
+from saekit.train.config import RunConfig, check_source_width, stream_settings
 from saekit.train.launch import DistContext, destroy_group_quietly, init_from_env
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
 from saekit.train.trainer import Trainer
@@ -64,11 +61,10 @@ def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, Activation
                 f"for {world} processes leaves some idle; use parallel: data or fewer processes"
             )
         comm = SweepComm(ctx, cfg)
-        source: ActivationSource
-        if cfg.data.source == "synthetic":
-            source = make_source(cfg)  # each rank generates the same batches: cheaper than sending
-        else:
-            source = BroadcastSource(make_lm_source(rank_cfg) if ctx.is_main else None, comm)
+        # generated data: each rank makes the same batches (cheaper than sending); else rank 0
+        # reads and broadcasts
+        source = cfg.data.sweep_source(stream_settings(rank_cfg), comm)
+        check_source_width(cfg, source)
         rank_cfg = dataclasses.replace(rank_cfg, saes=[cfg.saes[i] for i in comm.mine])
         return Trainer(rank_cfg, source, comm), source
 
@@ -78,11 +74,9 @@ def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, Activation
             "(parallel: data splits each step's batch evenly)"
         )
     local = dataclasses.replace(rank_cfg, batch_size=cfg.batch_size // world)
-    if cfg.data.source == "synthetic":
-        eval_source = make_source(local)
-        source = ShardedSource(eval_source, ctx.rank, world)  # type: ignore[arg-type]
-    else:  # model sources split their stream by (rank, world_size) themselves
-        source = eval_source = make_lm_source(local, ctx.rank, world)
+    # generated data: each rank its own batch indices; a stream splits itself by rank
+    source, eval_source = cfg.data.data_parallel_sources(stream_settings(local), ctx.rank, world)
+    check_source_width(cfg, source)
     comm = DataParallelComm(ctx, cfg)
     trainer = Trainer(rank_cfg, source, comm)
     trainer.after_backward = comm.reduce_grads

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from saekit.core.atomic import atomic_write_text
 from saekit.core.configs import to_dict
-from saekit.data.source import ActivationSource
+from saekit.data.sources.interface import ActivationSource
 from saekit.model.format import CheckpointError
 from saekit.train.checkpoint import MemberState, checkpoint_dir
 from saekit.train.comm import LocalComm

@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
-from saekit.data.hf import Harvester, prefetched, unpack_batch
-from saekit.data.text import DOCUMENT_IDS
+from saekit.data.lm.harvester import Harvester, prefetched, unpack_batch
+from saekit.data.lm.text import DOCUMENT_IDS
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from saekit.data.hook_names import family_hint
+from saekit.data.lm.hook_names import family_hint
 
 #: Key under which :class:`Harvester` returns the kept token ids when ``return_tokens=True``.
 TOKEN_IDS = "token_ids"
@@ -111,7 +111,7 @@ class TokenFilter:
     ) -> TokenFilter:
         """Take the BOS and special ids from a transformers tokenizer. ``bos_token_id``: the id
         packing puts first in each context when it is not the tokenizer's BOS (BERT's [CLS],
-        see :func:`saekit.data.text.packing_token_ids`)."""
+        see :func:`saekit.data.lm.text.packing_token_ids`)."""
         special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
         if bos_token_id is None:
             bos_token_id = getattr(tokenizer, "bos_token_id", None)
@@ -321,7 +321,7 @@ def prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
                 worker.join(timeout=0.01)
 
 
-#: transformers Auto classes by model kind (``--model-class``; saekit.data.models picks one).
+#: transformers Auto classes by model kind (``--model-class``; saekit.data.lm.models picks one).
 AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "masked-lm": "AutoModelForMaskedLM",

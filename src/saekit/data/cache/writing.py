@@ -1,4 +1,4 @@
-"""Writing an activation cache (the layout and the resume rule: :mod:`saekit.data.cache`)."""
+"""Writing an activation cache (layout and resume rule: :mod:`saekit.data.cache.reading`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from saekit.core.atomic import atomic_write_bytes, remove_stale_temporaries
-from saekit.data.cache import (
+from saekit.data.cache.reading import (
     _DTYPES,
     FORMAT,
     MANIFEST,
@@ -25,8 +25,8 @@ from saekit.data.cache import (
     dtype_name,
     held_out_shard,
 )
-from saekit.data.ranges import subtract, to_ranges, union
-from saekit.data.text import DOCUMENT_IDS
+from saekit.data.documents.ranges import subtract, to_ranges, union
+from saekit.data.lm.text import DOCUMENT_IDS
 
 _UNKNOWN = -2
 """Document index of a token that came without one (such shards record no documents)."""

@@ -19,7 +19,7 @@ v2 settings are :func:`synthsaebench_16k`); the code is saekit's own. The world 
 - magnitudes ReLU(μ_i + σ_i·N(0,1)), μ linear from ``magnitude_start`` to ``magnitude_end``
   over the features, σ_i = |N(std_mean, std_std²)| drawn once per feature.
 
-Sampling (:mod:`saekit.data.synthbench_sample`) is sparse; batch i is a pure function of
+Sampling (:mod:`saekit.data.synthetic.synthbench_sampler`) is sparse; batch i is a pure function of
 (seed, stream seed, i).
 """
 

@@ -1,33 +1,56 @@
 """Batch sources of a multi-process run (see :mod:`saekit.train.comm` for the semantics).
 
-- :class:`ShardedSource`: data parallel on synthetic data, each rank reads its own batches.
+- :class:`ShardedSource`: data parallel on generated data, each rank generates its own batches.
 - :class:`BroadcastSource`: sweep parallel on a model or cache source, rank 0 reads each batch
   and broadcasts it to the others.
 
-Model and cache sources split their stream by (rank, world_size) themselves
-(:func:`saekit.data.lm_source.make_lm_source`).
+Model and cache sources split their stream by (rank, world_size) themselves (their ``build``).
+Which a source uses is its config's choice (``SourceConfig.sweep_source`` and
+``data_parallel_sources`` in :mod:`saekit.data.sources.config`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from saekit.data.source import ActivationSource, SyntheticSource
+from saekit.data.sources.interface import ActivationSource
 
-if TYPE_CHECKING:
-    from saekit.train.comm import ProcessGroupComm
+
+class GeneratedSource(Protocol):
+    """A source whose batch i is ``data.batch(i, batch_size)`` (saekit.data.sources.synthetic)."""
+
+    data: Any
+    batch_size: int
+
+    def sample_for_init(self) -> Tensor: ...
+
+    def eval_batches(
+        self, n_tokens: int, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor | None]]: ...
+
+
+class DistributedContext(Protocol):
+    device: torch.device
+
+
+class BroadcastComm(Protocol):
+    """What BroadcastSource needs of the run's communicator (saekit.train.comm)."""
+
+    is_main: bool
+    ctx: DistributedContext
+    collective: Callable[..., Any]
 
 
 class ShardedSource(ActivationSource):
     """Data parallel on synthetic data: rank r at step i reads batch index ``i·world + r`` of
     ``inner.batch_size`` (= batch_size / world) tokens; a pure function of (seed, index)."""
 
-    def __init__(self, inner: SyntheticSource, rank: int, world_size: int):
+    def __init__(self, inner: GeneratedSource, rank: int, world_size: int):
         self.inner = inner  # built with the per-rank batch size
         self.rank = rank
         self.world_size = world_size
@@ -58,9 +81,11 @@ class BroadcastSource(ActivationSource):
     ranks evaluate different numbers of SAEs.
     """
 
-    def __init__(self, inner: ActivationSource | None, comm: ProcessGroupComm):
+    def __init__(self, inner: ActivationSource | None, comm: BroadcastComm):
         self.inner = inner  # only on rank 0
         self.comm = comm
+        if inner is not None:
+            self.measured_width, self.description = inner.measured_width, inner.description
         self._eval: list[tuple[Tensor, Tensor | None]] | None = None
 
     def _broadcast(self, x: Tensor | None, what: str) -> Tensor | None:

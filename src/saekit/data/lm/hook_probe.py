@@ -1,13 +1,13 @@
 """``saekit hooks``: a model's hook points with their shapes, from its config alone.
 
-The model is built on the meta device (:func:`saekit.data.models.meta_model`: parameters have
+The model is built on the meta device (:func:`saekit.data.lm.models.meta_model`: parameters have
 shapes but no storage), so only config.json is read and nothing is initialised; one forward
 pass on meta token ids ``[B, T]`` records what every module receives (``NAME:input``) and
 returns (``NAME``). The pass gets no attention mask: transformers' mask helpers read mask values
 (``.item()``), which meta tensors do not have, and an all-ones mask changes no shape. The probe
 needs a model of its own (it clears the config's padding id).
 
-Suggestions for an unknown hook name: :mod:`saekit.data.hook_names`.
+Suggestions for an unknown hook name: :mod:`saekit.data.lm.hook_names`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saekit.data.hf import first_tensor, hook_input
+from saekit.data.lm.harvester import first_tensor, hook_input
 
 PROBE_BATCH, PROBE_TOKENS = 2, 7
 """Shape of the probe's token ids; these sizes print as B and T in the first two dimensions."""

@@ -1,4 +1,5 @@
-"""Sparse batches of a SynthSAEBench world (saekit.data.synthbench): no dense [N, F] draw.
+"""Sparse batches of a SynthSAEBench world (saekit.data.synthetic.synthbench_world): no
+dense [N, F] draw.
 
 A token fires about Σ p_i ≈ 35 of the F = 16,384 features, so a batch is drawn as a list of
 (token, feature, value) entries, top-down:
@@ -27,9 +28,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.data.source import SyntheticSource
-from saekit.data.synthbench import SynthBenchConfig, SynthBenchWorld
-from saekit.data.synthetic import batch_seed
+from saekit.data.synthetic.generator import batch_seed
+from saekit.data.synthetic.synthbench_world import SynthBenchConfig, SynthBenchWorld
 
 DENSE_COLUMN_P = 0.05
 """Features whose candidate rate reaches this draw their column densely (distinct positions
@@ -231,15 +231,3 @@ class SynthBenchData:
         while True:
             yield self.batch(index, batch_size).x
             index += 1
-
-
-class SynthBenchSource(SyntheticSource):
-    """A SynthSAEBench world as a training source: the built-in source's batches, init and
-    held-out indices; held-out coefficients come from the sparse firings."""
-
-    def eval_batches(
-        self, n_tokens: int, batch_size: int
-    ) -> Iterator[tuple[Tensor, Tensor | None]]:
-        for i in range(math.ceil(n_tokens / batch_size)):
-            b = self.data.batch(self.EVAL_INDEX + i, min(batch_size, n_tokens - i * batch_size))
-            yield b.x, b.firings.dense(self.data.cfg.n_features)

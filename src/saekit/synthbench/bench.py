@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import statistics
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from saekit.activations import ACTIVATIONS
-from saekit.data.synthbench import SynthBenchConfig, synthsaebench_16k
-from saekit.data.synthbench_sample import SynthBenchData, SynthBenchSource
+from saekit.data.sources.synthbench import SynthBenchSource
+from saekit.data.synthetic.synthbench_sampler import SynthBenchData
+from saekit.data.synthetic.synthbench_world import SynthBenchConfig, synthsaebench_16k
 from saekit.eval.calibrate import calibrate_batchtopk, threshold_set
-from saekit.eval.synth_metrics import SynthMetricAccumulator, SynthScores
+from saekit.synthbench.metrics import SynthMetricAccumulator, SynthScores
 from saekit.train.config import build_run_config
 from saekit.train.trainer import Trainer
 
@@ -138,7 +139,7 @@ def train_seed(
                for k in protocol.l0.values()]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="saekit-synth-") as out:
         cfg = build_run_config({
-            "data": {"source": "synthetic", "synthetic": {"d": protocol.world.d}},
+            "data": {"source": "synthbench", "synthbench": asdict(protocol.world)},
             "saes": entries, "batch_size": protocol.batch_size,
             "steps": math.ceil(protocol.samples / protocol.batch_size),
             "out_dir": out, "progress": False, "threads": threads,

@@ -10,12 +10,12 @@ Layout of a cache directory::
 Held out: the last shard when the cache has at least 2 (:func:`held_out_shard`); training
 (``saekit train --cache``) never reads it. When the activations come with document indices
 (``saekit cache`` passes them), each shard entry records the documents of its tokens
-(``documents``: index ranges, saekit.data.documents) and ``held_out`` the documents whose every
-token is in the held-out shard, which ``saekit eval --cache C --model M`` evaluates.
+(``documents``: index ranges, saekit.data.documents.ranges) and ``held_out`` the documents
+whose every token is in the held-out shard, which ``saekit eval --cache C --model M`` evaluates.
 
 Every file is written atomically (:mod:`saekit.core.atomic`) and the manifest is
 rewritten after each shard, so the manifest only ever lists complete shards. An interrupted
-:func:`saekit.data.cache_write.write_cache` resumes when called again with the same
+:func:`saekit.data.cache.writing.write_cache` resumes when called again with the same
 arguments: it skips the first ``total_tokens`` tokens of the source and continues with the
 next shard. For that to give the same cache as an uninterrupted run the source must yield the
 same token sequence again: same documents in the same order (same seed, rank and world size),
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from saekit.core.atomic import sha256_file
 from saekit.data.buffer import ShuffleBuffer
-from saekit.data.ranges import Ranges
+from saekit.data.documents.ranges import Ranges
 
 MANIFEST = "manifest.json"
 FORMAT = "saekit-activation-cache"

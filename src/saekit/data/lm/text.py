@@ -23,7 +23,7 @@ AUTO = "auto"
 NONE = "none"
 DOCUMENT_IDS = "document_ids"
 """Key of the per-position document indices in the batches of ``token_batches(with_documents=...)``
-and the harvests of :func:`saekit.data.harvest.harvest`."""
+and the harvests of :func:`saekit.data.lm.harvest.harvest`."""
 NO_DOCUMENT = -1
 """Document index of a position that belongs to no document (BOS)."""
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from saekit.data.hf import (
+from saekit.data.lm.harvester import (
     AUTO_CLASSES,
     Harvester,
     HookPoint,
@@ -122,7 +122,7 @@ class HarvestSetup(NamedTuple):
     hook: str
     """The hook point, normalised (``NAME`` or ``NAME:input``)."""
     bos_id: int | None
-    """The id packing puts first in each context (:func:`saekit.data.text.packing_token_ids`)."""
+    """The id packing puts first in each context (:func:`saekit.data.lm.text.packing_token_ids`)."""
     token_filter: TokenFilter
 
     def harvester(
@@ -154,7 +154,7 @@ def load_for_harvest(
 ) -> HarvestSetup:
     """Check the hook name on the meta device (before any weights load), load the model and
     tokenizer, and build the token filter (``filter_options``: TokenFilter's exclude_* flags)."""
-    from saekit.data.text import packing_token_ids
+    from saekit.data.lm.text import packing_token_ids
 
     hook = str(HookPoint.parse(hook))
     check_hook(name, hook, model_class, local_files_only)

@@ -1,0 +1,1 @@
+"""The activation cache written by ``saekit cache``: reading and verifying, writing."""

@@ -1,0 +1,1 @@
+"""Documents by index: reading text sources, index ranges, which documents were held out."""

@@ -1,0 +1,1 @@
+"""Transformers models as activation sources: loading, hook points, harvesting, text."""

@@ -1,0 +1,187 @@
+"""``data.source: cache``: training batches from a directory written by ``saekit cache``.
+
+Held out: the **last shard**, when the cache has at least 2 shards; with a single shard a warning
+is issued and evaluation reuses training data.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.data.cache.reading import ActivationCache
+from saekit.data.documents.held_out import cache_documents
+from saekit.data.sources.config import SourceConfig
+from saekit.data.sources.interface import StreamSettings
+from saekit.data.sources.stream import INIT_TOKENS, StreamSource, full_batches, rebatch_up_to
+
+
+class CacheSource(StreamSource):
+    """Training batches from an activation cache (``saekit cache``), shuffled, cycled by epoch.
+
+    Training reads every shard but the last (held out for ``eval_batches``) when the cache has
+    at least 2 shards, else all of them. Token order within an epoch: shards in a seeded order
+    through a :class:`ShuffleBuffer` of ``shuffle_buffer_tokens`` (0: file order).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        batch_size: int,
+        shuffle_buffer_tokens: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        init_tokens: int = INIT_TOKENS,
+    ) -> None:
+        self.cache = ActivationCache(cache_dir)
+        if not self.cache.complete:
+            raise ValueError(
+                f"activation cache {cache_dir} is incomplete ({self.cache.n_tokens} tokens): its"
+                " `saekit cache` run was interrupted; run it again with the same arguments"
+            )
+        self.batch_size = batch_size
+        self.shuffle_buffer_tokens = shuffle_buffer_tokens
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.init_tokens = init_tokens
+        self.d = self.measured_width = self.cache.d
+        self.description = f"the activation cache {cache_dir}"
+        self.held_out = self.cache.held_out_shard is not None
+        self.train_cache = self._training_view() if self.held_out else self.cache
+        if self.train_cache.shards and world_size > len(self.train_cache.shards):
+            raise ValueError(
+                f"activation cache {cache_dir} has {len(self.train_cache.shards)} training"
+                f" shard(s), fewer than world_size = {world_size}; write smaller shards"
+            )
+        per_rank = [
+            sum(
+                self.train_cache.shards[i].n_tokens
+                for i in self.train_cache.rank_shards(r, world_size)
+            )
+            for r in range(world_size)
+        ]
+        self.batches_per_epoch = min(per_rank) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"activation cache {cache_dir} has {min(per_rank)} training tokens per rank,"
+                f" fewer than one batch of batch_size = {batch_size}"
+            )
+
+    def sample_for_init(self) -> Tensor:
+        """Spread over the training shards, not the stream's start (see ``spread_sample``)."""
+        return self.train_cache.spread_sample(self.init_tokens, self.seed + 0x5EED)
+
+    def _training_view(self) -> ActivationCache:
+        """The cache without its held-out shard (a shallow copy; the files are shared)."""
+        view = copy.copy(self.cache)
+        view.shards = [s for i, s in enumerate(self.cache.shards) if i != self.cache.held_out_shard]
+        view.n_tokens = sum(s.n_tokens for s in view.shards)
+        return view
+
+    def _epoch(self, epoch: int) -> Iterator[Tensor]:
+        batches = self.train_cache.iter_batches(
+            self.batch_size,
+            self.shuffle_buffer_tokens,
+            self.seed,
+            self.rank,
+            self.world_size,
+            epoch=epoch,
+            dtype=torch.float32,
+        )
+        return full_batches(batches, self.batch_size)
+
+    def _stream(self, start: int) -> Iterator[Tensor]:
+        epoch, skip = divmod(start, self.batches_per_epoch)
+        for e in itertools.count(epoch):
+            yield from itertools.islice(self._epoch(e), skip if e == epoch else 0, None)
+
+    def eval_batches(
+        self, n_tokens: int, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        for x in held_out_batches(self.cache, n_tokens, batch_size):
+            yield x, None
+
+
+def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> Iterator[Tensor]:
+    """Float32 batches of the cache's held-out shard (the last when it has at least 2, the one
+    :class:`CacheSource` never trains on), else, with a warning, of its only shard."""
+    held = cache.held_out_shard
+    if held is None:
+        warnings.warn(
+            f"activation cache {cache.directory} has a single shard: nothing is held out, so"
+            " evaluation reuses training data (a smaller --shard-tokens gives more shards)",
+            stacklevel=2,
+        )
+    indices = [held] if held is not None else range(len(cache.shards))
+    chunks = (cache.load_shard(i).float() for i in indices)
+    return rebatch_up_to(chunks, batch_size, n_tokens)
+
+
+@dataclass
+class CacheSourceConfig(SourceConfig):
+    """A directory written by ``saekit cache`` (its manifest names the model and hook)."""
+
+    kind = "cache"
+    cache_dir: str | None = None
+    """The activation cache directory."""
+    shuffle_buffer_tokens: int = 262_144
+    """Tokens held in the token-level shuffle buffer (0 reads in file order)."""
+
+    def validate(self) -> None:
+        if self.shuffle_buffer_tokens < 0:
+            raise ValueError("data.shuffle_buffer_tokens must be >= 0")
+        if not self.cache_dir:
+            raise ValueError("data.cache_dir is required when data.source is 'cache'")
+        if not Path(self.cache_dir).is_dir():
+            raise ValueError(f"data.cache_dir: no such directory {self.cache_dir!r}")
+
+    @cached_property
+    def _cache(self) -> ActivationCache:
+        """The manifest (read once; the source's own check of its widths and origin)."""
+        return ActivationCache(self.cache_dir)
+
+    def describe(self) -> str:
+        return f"the activation cache {self.cache_dir}"
+
+    def input_width(self) -> int:
+        return self._cache.d_in
+
+    def has_target(self) -> bool:  # a transcoder cache: rows [hook | target_hook]
+        return self._cache.target_hook is not None
+
+    def target_width(self) -> int | None:
+        return self._cache.d - self._cache.d_in if self.has_target() else None
+
+    def origin(self) -> dict[str, str]:
+        cache = self._cache
+        origin = {"model_name": cache.model, "hook": cache.hook}
+        if cache.target_hook is not None:
+            origin["target_hook"] = cache.target_hook
+        return origin
+
+    def provenance(self, eval_tokens: int) -> dict[str, Any]:
+        """The cache, its text source and the documents of its training shards (exact)."""
+        text, training, _ = cache_documents(self._cache)
+        cache_dir = str(Path(self.cache_dir).resolve())
+        return {"source": "cache", "cache_dir": cache_dir, "text": text, "documents": training}
+
+    def build(self, run: StreamSettings, rank: int = 0, world_size: int = 1) -> CacheSource:
+        return CacheSource(
+            self.cache_dir,
+            run.batch_size,
+            self.shuffle_buffer_tokens,
+            run.seed,
+            rank=rank,
+            world_size=world_size,
+        )

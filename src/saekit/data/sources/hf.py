@@ -1,0 +1,307 @@
+"""``data.source: hf``: a ``transformers`` model run on text while training.
+
+Text: a hub dataset, a local dataset path or a text/JSONL file. Held out: the **leading
+documents** (in dataset order, before shuffling) holding at least ``eval_tokens +
+context_length`` tokens; ``saekit eval`` on the same dataset reads these same documents first. If
+the whole dataset is shorter than that, a warning is issued and evaluation reuses training data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.data.buffer import ShuffleBuffer
+from saekit.data.documents.reading import documents, leading_document_count, text_source
+from saekit.data.lm.harvest import HarvestStats, harvest
+from saekit.data.lm.harvester import HookPoint
+from saekit.data.lm.models import (
+    MODEL_CLASSES,
+    activation_width,
+    load_for_harvest,
+    model_hidden_size,
+)
+from saekit.data.lm.text import token_batches
+from saekit.data.sources.config import SourceConfig
+from saekit.data.sources.interface import StreamSettings
+from saekit.data.sources.stream import (
+    INIT_TOKENS,
+    StreamSource,
+    epoch_seed,
+    full_batches,
+    rebatch_up_to,
+)
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class HFSource(StreamSource):
+    """Activations of a ``transformers`` model at one hook point, harvested while training.
+
+    Per epoch: the training documents (all but the held-out leading ones) are shuffled (seeded
+    with the epoch), split between ranks, tokenised and packed into contexts of
+    ``context_length`` (BOS first, EOS between documents), run through the model
+    ``model_batch_size`` contexts at a time (in a background thread when ``prefetch > 0``, so
+    the forward overlaps SAE steps), filtered (padding, BOS unless ``keep_bos``) and mixed at
+    token level in a :class:`ShuffleBuffer` before being cut into batches of ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        data: HFSourceConfig,
+        batch_size: int,
+        seed: int,
+        eval_tokens: int,
+        device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        init_tokens: int = INIT_TOKENS,
+    ) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.eval_tokens = eval_tokens
+        self.rank = rank
+        self.world_size = world_size
+        self.init_tokens = init_tokens
+        setup = load_for_harvest(
+            data.model,
+            data.hook,
+            dtype=data.model_dtype,
+            device=device,
+            local_files_only=data.local_files_only,
+            model_class=data.model_class,
+            bos_token=data.bos_token,
+            eos_token=data.eos_token,
+            exclude_bos=not data.keep_bos,
+        )
+        self.model, self.tokenizer, kind = setup.model, setup.tokenizer, setup.kind
+        self.hook, self.bos_id = setup.hook, setup.bos_id
+        # a transcoder's target: harvested in the same pass, its columns after the input's
+        target = [] if data.target_hook is None else [str(HookPoint.parse(data.target_hook))]
+        self.hooks = [self.hook, *target]
+        self.harvester = setup.harvester(*target, dtype=torch.float32)
+        self.d = sum(activation_width(self.model, hook, kind) for hook in self.hooks)
+        self.measured_width = self.d
+        self.description = f"hook {data.hook} of model {data.model}"
+        self._n_eval_docs: int | None = None
+        self.harvest_stats = HarvestStats()
+        """Training tokens harvested and outliers dropped (``data.outlier_norm``) so far."""
+
+    def _documents(self) -> Iterator[str]:
+        data = self.data
+        return documents(
+            dataset=data.dataset,
+            text_file=data.text_file,
+            split=data.dataset_split,
+            config_name=data.dataset_config,
+            field=data.text_field,
+            streaming=data.streaming,
+        )
+
+    @property
+    def n_eval_docs(self) -> int:
+        """Leading documents held out for evaluation (0 when the dataset is too short)."""
+        if self._n_eval_docs is None:
+            target = self.eval_tokens + self.data.context_length
+            count, seen = leading_document_count(self._documents(), self.tokenizer, target)
+            if seen < target:
+                warnings.warn(
+                    f"the dataset has only {seen} tokens, fewer than eval_tokens +"
+                    f" context_length = {target}: nothing is held out, evaluation reuses"
+                    " training data",
+                    stacklevel=2,
+                )
+                count = 0
+            self._n_eval_docs = count
+        return self._n_eval_docs
+
+    def _contexts(self, docs: Iterator[str], seed: int | None, rank: int, world: int):
+        return token_batches(
+            docs,
+            self.tokenizer,
+            context_length=self.data.context_length,
+            batch_size=self.data.model_batch_size,
+            bos_token=self.data.bos_token,
+            eos_token=self.data.eos_token,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+        )
+
+    def _activations(self, contexts, stats: HarvestStats | None = None) -> Iterator[Tensor]:
+        outputs = harvest(
+            self.harvester,
+            contexts,
+            prefetch=self.data.prefetch,
+            outlier_norm=self.data.outlier_norm,
+            stats=stats,
+        )
+        for out in outputs:
+            yield torch.cat([out[hook] for hook in self.hooks], dim=-1).cpu()
+
+    def _epoch(self, epoch: int) -> Iterator[Tensor]:
+        docs = itertools.islice(self._documents(), self.n_eval_docs, None)
+        s = epoch_seed(self.seed, epoch)
+        contexts = self._contexts(docs, s, self.rank, self.world_size)
+        capacity = max(self.data.shuffle_buffer_tokens, self.batch_size)
+        buffer = ShuffleBuffer(capacity, self.batch_size, seed=s)
+        activations = self._activations(contexts, self.harvest_stats)
+        return full_batches(buffer.iterate(activations), self.batch_size)
+
+    def _stream(self, start: int) -> Iterator[Tensor]:
+        def endless() -> Iterator[Tensor]:
+            for epoch in itertools.count():
+                n = 0
+                for batch in self._epoch(epoch):
+                    n += 1
+                    yield batch
+                if n == 0:
+                    raise ValueError(
+                        f"the training documents of {self.data.dataset or self.data.text_file}"
+                        f" (after {self.n_eval_docs} held out for evaluation) give fewer than"
+                        f" batch_size = {self.batch_size} tokens"
+                    )
+
+        return itertools.islice(endless(), start, None)
+
+    def eval_batches(
+        self, n_tokens: int, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        docs = self._documents()
+        if self.n_eval_docs:
+            docs = itertools.islice(docs, self.n_eval_docs)
+        contexts = self._contexts(docs, None, 0, 1)
+        for x in rebatch_up_to(self._activations(contexts), batch_size, n_tokens):
+            yield x, None
+
+
+@dataclass
+class HFSourceConfig(SourceConfig):
+    """A ``transformers`` model run on text while training."""
+
+    kind = "hf"
+    shuffle_buffer_tokens: int = 262_144
+    """Tokens held in the token-level shuffle buffer."""
+    model: str | None = None
+    """The model, a hub id or a local directory."""
+    model_class: str = "auto"
+    """How to load the model: causal-lm, masked-lm, encoder (the bare model, AutoModel) or auto
+    (from its config; saekit/data/lm/models.py)."""
+    hook: str | None = None
+    """Hook point, e.g. transformer.h.8:input (residual stream before block 8)."""
+    target_hook: str | None = None
+    """A transcoder's target, harvested in the same forward pass as ``hook``, e.g.
+    model.layers.5.mlp (``hook`` model.layers.5.post_attention_layernorm); batches are then
+    [input | target] and every SAE of the run is a transcoder (d_out: the target's width)."""
+    dataset: str | None = None
+    """Documents from a Hugging Face dataset, a hub id or a local path (or use text_file)."""
+    dataset_split: str = "train"
+    """Split of the dataset."""
+    dataset_config: str | None = None
+    """Configuration name of the dataset."""
+    text_file: str | None = None
+    """Documents from a local file: .jsonl (one per line) or text (blank-line separated)."""
+    text_field: str = "text"
+    """Field holding the text in dataset records and .jsonl lines."""
+    streaming: bool = True
+    """Stream the dataset instead of downloading it whole."""
+    context_length: int = 128
+    """Tokens per context (BOS first, documents packed with EOS between them)."""
+    model_batch_size: int = 32
+    """Contexts per model forward."""
+    model_dtype: str = "float32"
+    """Dtype of the model weights: float32, bfloat16 or float16 (activations are float32)."""
+    local_files_only: bool = False
+    """Never download; load the model and tokenizer from the local cache or directory."""
+    bos_token: str = "auto"
+    """Token starting each context: auto (BOS, else EOS, else CLS), none, or a token."""
+    eos_token: str = "auto"
+    """Token after each document: auto (EOS, else BOS, else SEP), none, or a token."""
+    keep_bos: bool = False
+    """Train on BOS positions too (by default they are dropped, as are padding positions)."""
+    prefetch: int = 2
+    """Model batches harvested ahead in a background thread (0: no thread)."""
+    outlier_norm: float | None = None
+    """Drop tokens whose activation norm exceeds this multiple of the median norm of their
+    model batch (massive-activation tokens; saekit/data/lm/harvest.py); None: keep them all."""
+
+    def validate(self) -> None:
+        if self.shuffle_buffer_tokens < 0:
+            raise ValueError("data.shuffle_buffer_tokens must be >= 0")
+        if self.context_length < 2:
+            raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
+        if self.model_batch_size < 1:
+            raise ValueError("data.model_batch_size must be positive")
+        if self.prefetch < 0:
+            raise ValueError("data.prefetch must be >= 0")
+        if self.outlier_norm is not None and not self.outlier_norm > 1:
+            raise ValueError(
+                f"data.outlier_norm must be > 1 (a multiple of the median), got {self.outlier_norm}"
+            )
+        for name in ("model", "hook"):
+            if not getattr(self, name):
+                raise ValueError(f"data.{name} is required when data.source is 'hf'")
+        if (self.dataset is None) == (self.text_file is None):
+            raise ValueError("data: set exactly one of data.dataset and data.text_file")
+        if self.text_file is not None and not Path(self.text_file).is_file():
+            raise ValueError(f"data.text_file: no such file {self.text_file!r}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(
+                f"data.model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}"
+            )
+        if self.model_class not in MODEL_CLASSES:
+            raise ValueError(
+                f"data.model_class must be one of {MODEL_CLASSES}, got {self.model_class!r}"
+            )
+        HookPoint.parse(self.hook)
+        if self.target_hook is not None:
+            HookPoint.parse(self.target_hook)
+
+    def describe(self) -> str:
+        return f"hook {self.hook} of model {self.model}"
+
+    def has_target(self) -> bool:
+        return self.target_hook is not None
+
+    def model_width(self) -> int:
+        """The model's hidden size (its config's hidden_size / n_embd / d_model, read without
+        loading weights): right for residual-stream and block-output hooks and an MLP's output;
+        set d_in / d_out for other hooks (the source checks the real width before training)."""
+        return model_hidden_size(self.model, self.local_files_only)
+
+    def origin(self) -> dict[str, str]:
+        origin = {"model_name": self.model, "hook": str(HookPoint.parse(self.hook))}
+        if self.target_hook is not None:
+            origin["target_hook"] = str(HookPoint.parse(self.target_hook))
+        return origin
+
+    def provenance(self, eval_tokens: int) -> dict[str, Any]:
+        """The text source and the held-out rule (the leading ``eval_tokens + context_length``
+        tokens), resolved with the tokenizer by saekit.data.documents.held_out."""
+        text = text_source(
+            self.dataset, self.text_file, self.dataset_split, self.dataset_config, self.text_field
+        )
+        leading = eval_tokens + self.context_length
+        return {"source": "hf", "text": text, "held_out_leading_tokens": leading}
+
+    def context_size(self) -> int:
+        return self.context_length
+
+    def build(self, run: StreamSettings, rank: int = 0, world_size: int = 1) -> HFSource:
+        return HFSource(
+            self,
+            run.batch_size,
+            run.seed,
+            run.eval_tokens,
+            device=run.device,
+            rank=rank,
+            world_size=world_size,
+        )

@@ -1,0 +1,1 @@
+"""Generated worlds with known features: the built-in generator and SynthSAEBench."""
