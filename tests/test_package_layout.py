@@ -37,9 +37,7 @@ KNOWN_CYCLE_MODULES: set[str] = {
     "saekit.data.documents",
     "saekit.model.config",
     "saekit.model.sae",
-    "saekit.train.comm",
     "saekit.train.config",
-    "saekit.train.member",
 }
 
 

@@ -20,6 +20,7 @@ from saekit.core.encoding import Encoding, Preacts, SparseCode, encoder_preacts
 from saekit.objective import losses
 
 if TYPE_CHECKING:
+    from saekit.core.comm import Comm
     from saekit.core.encoding import ForwardOutput
     from saekit.model.sae import SAE
 
@@ -35,14 +36,6 @@ class ActivationConfig(KindConfig):
 
     def check_d_sae(self, d_sae: int) -> None:
         """Raise ValueError naming the field when this config cannot work with d_sae latents."""
-
-
-class Combiner:
-    """How an activation's batch statistics combine across data-parallel ranks (one process:
-    the identity). The trainer passes its communication object, which has these methods."""
-
-    def combine_batch_min(self, value: Tensor) -> Tensor:
-        return value
 
 
 class Activation(nn.Module):
@@ -86,8 +79,9 @@ class Activation(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no firing threshold")
 
     @torch.no_grad()
-    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
-        """Update state that follows the training batches (BatchTopK's θ EMA); default none."""
+    def after_step(self, enc: Encoding, comm: Comm) -> None:
+        """Update state that follows the training batches (BatchTopK's θ EMA); default none.
+        ``comm``: the collectives of the ranks that share the batch (one process: identity)."""
 
     # Loss hooks (saekit.objective.terms): an activation with a loss of its own overrides one of
     # these instead of adding a branch to the objective.

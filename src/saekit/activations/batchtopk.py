@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from saekit.activations.base import Activation, ActivationConfig, Combiner
+from saekit.activations.base import Activation, ActivationConfig
 from saekit.activations.topk import check_k, fast_preacts
 from saekit.core.encoding import Encoding, SparseCode
 from saekit.kernels import select
@@ -24,6 +24,7 @@ from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import batchtopk_select
 
 if TYPE_CHECKING:
+    from saekit.core.comm import Comm
     from saekit.model.sae import SAE
 
 
@@ -112,9 +113,10 @@ class BatchTopK(Activation):
         return torch.where(torch.isfinite(theta), theta, torch.zeros_like(theta))
 
     @torch.no_grad()
-    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
+    def after_step(self, enc: Encoding, comm: Comm) -> None:
         if self.training:
-            self.update_threshold(combiner.combine_batch_min(batch_min_positive(enc.latents)))
+            batch_min = batch_min_positive(enc.latents)  # over ranks: the MIN of theirs
+            self.update_threshold(comm.all_reduce(batch_min, "min", "BatchTopK batch min"))
 
     @torch.no_grad()
     def update_threshold(self, batch_min: Tensor) -> None:

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from saekit.activations.base import Activation, ActivationConfig, Combiner
+from saekit.activations.base import Activation, ActivationConfig
 from saekit.core.configs import check_finite
 from saekit.core.encoding import Encoding, Preacts
 
 if TYPE_CHECKING:
+    from saekit.core.comm import Comm
     from saekit.model.sae import SAE
 
 THRESHOLD_PARAMS = ("direct", "log")
@@ -158,6 +159,6 @@ class JumpReLU(Activation):
         return self.theta().detach()
 
     @torch.no_grad()
-    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
+    def after_step(self, enc: Encoding, comm: Comm) -> None:
         if self.cfg.threshold_param == "direct":
             self.threshold.clamp_(min=0.0)
