@@ -55,7 +55,7 @@ def run_config(args, out_dir: str, n_saes: int, parallel: str):
 def timed_fit(trainer, args) -> float:
     """Seconds from the first log step (after warm-up) to the end of training."""
     stamps: list[float] = []
-    if trainer.comm.writes_logs:
+    if trainer.writes_logs:
         trainer.log_callbacks.append(lambda member, record: stamps.append(time.perf_counter()))
     trainer.fit()
     return stamps[-1] - stamps[0] if stamps else float("nan")

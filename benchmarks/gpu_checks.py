@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saekit.activations.base import Combiner
+from saekit.core.comm import LocalComm
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
 from saekit.objective.config import AuxKRevival
@@ -90,7 +90,7 @@ def make_training_step(device, d, m, k, n_tokens, kind, auxk, bf16):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.normalize_decoder_()
-        sae.activation.after_step(out.encoding, Combiner())
+        sae.activation.after_step(out.encoding, LocalComm())
 
     return step
 

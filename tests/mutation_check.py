@@ -851,6 +851,27 @@ FAULTS = [
         "        if False:",
         ("test_sources.py", "test_transcoder_lm.py"),
     ),
+    Fault(
+        "data-parallel-gradients-not-averaged",
+        "train/member.py",
+        '            self.comm.all_reduce(bucket, "avg", f"gradients of {self.cfg.name}")',
+        "            pass  # FAULT: each rank steps on its own gradients",
+        ("test_comm.py", "test_distributed.py"),
+    ),
+    Fault(
+        "data-parallel-counters-add-the-local-batch",
+        "train/member.py",
+        "                n_tokens *= comm.world_size",
+        "                pass  # FAULT: dead counters add this rank's tokens only",
+        ("test_comm.py", "test_distributed.py"),
+    ),
+    Fault(
+        "all-reduce-avg-not-divided",
+        "train/comm.py",
+        "            x.div_(self.world_size)",
+        "            pass  # FAULT: avg is the sum",
+        ("test_distributed.py",),
+    ),
 ]
 
 

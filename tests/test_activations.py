@@ -16,7 +16,6 @@ import torch
 
 from saekit.activations import ACTIVATIONS
 from saekit.activations.abstopk import AbsTopK, AbsTopKConfig
-from saekit.activations.base import Combiner
 from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig, batch_min_positive
 from saekit.activations.gated import Gated, GatedConfig
 from saekit.activations.hierarchical_topk import HierarchicalTopK, HierarchicalTopKConfig
@@ -25,6 +24,7 @@ from saekit.activations.matching_pursuit import MatchingPursuit, MatchingPursuit
 from saekit.activations.prolu import ProLU, ProLUConfig, prolu
 from saekit.activations.relu import ReLU, ReLUConfig
 from saekit.activations.topk import TopK, TopKConfig
+from saekit.core.comm import LocalComm
 from saekit.core.encoding import Encoding, Preacts, SparseCode, as_dense
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
@@ -325,16 +325,19 @@ def test_batchtopk_first_update_sets_theta_to_m_not_an_average_with_zero():
     assert float(act.threshold) == pytest.approx(0.42, rel=1e-6)
 
 
-class OtherRanks(Combiner):
-    """A data-parallel combiner whose other ranks saw batch minimum ``other``."""
+class OtherRanks(LocalComm):
+    """A data-parallel comm whose other rank saw batch minimum ``other``."""
+
+    world_size = 2
 
     def __init__(self, other: float):
         self.other = other
         self.calls = 0
 
-    def combine_batch_min(self, value: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op="sum", what="tensor") -> torch.Tensor:
+        assert op == "min"
         self.calls += 1
-        return torch.minimum(value, torch.tensor(self.other, dtype=value.dtype))
+        return x.copy_(torch.minimum(x, torch.tensor(self.other, dtype=x.dtype)))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -345,7 +348,7 @@ def test_batchtopk_after_step_updates_theta_in_training_only(kernel):
     act = sae.activation
     m = min(v for v in sorted(pre.reshape(-1).tolist(), reverse=True)[: k * N] if v > 0)
 
-    act.after_step(encode(sae, pre), Combiner())  # one process: θ = m
+    act.after_step(encode(sae, pre), LocalComm())  # one process: θ = m
     assert float(act.threshold) == m and bool(act.threshold_initialized)
 
     ranks = OtherRanks(other=m / 4)  # another rank saw a smaller minimum: θ follows it
@@ -364,7 +367,7 @@ def test_after_step_changes_no_other_activations_state(kind):
     activation = {"kind": kind, "k": 2} if kind == "topk" else kind
     sae = identity_sae(activation, 6)
     before = {k: v.clone() for k, v in sae.state_dict().items()}
-    sae.activation.after_step(encode(sae, randn(4, 6, seed=20)), Combiner())
+    sae.activation.after_step(encode(sae, randn(4, 6, seed=20)), LocalComm())
     for name, value in sae.state_dict().items():
         assert torch.equal(value, before[name]), name
 

@@ -175,3 +175,25 @@ def test_online_training_from_the_cli_then_eval(lm, tmp_path, capsys):
     argv = ["eval", "--sae", str(out / "topk-k4-M64"), *lm_args(lm), "--n-batches", "2"]
     assert main(argv) == 0
     assert "CE score" in capsys.readouterr().out
+
+
+def test_every_command_module_adds_its_parsers_with_its_run_and_the_summary_names_them():
+    """cli.py lists the command modules; each exposes add_parser(subparsers) and run(args), and
+    its parsers run it; every module of saekit/commands but the shared flags is listed."""
+    import argparse
+    from pathlib import Path
+
+    from saekit import cli
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    for module in cli.COMMANDS:
+        before = set(sub.choices)
+        module.add_parser(sub)
+        added = set(sub.choices) - before
+        assert added, module.__name__
+        for name in added:
+            assert sub.choices[name].get_default("func") is module.run, name
+            assert f" {name} " in " ".join(cli.__doc__.replace("`", " ").split()), name
+    folder = Path(cli.__file__).parent / "commands"
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "flags"}
+    assert modules == {m.__name__.rsplit(".", 1)[1] for m in cli.COMMANDS}

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from saekit.data.sources.interface import ActivationSource
 from saekit.data.sources.synthetic import SyntheticSource
 from saekit.data.synthetic.generator import SyntheticData
-from saekit.train.comm import sweep_indices
 from saekit.train.config import build_run_config
 from saekit.train.launch import launch_command
+from saekit.train.parallel import sweep_indices
 from saekit.train.trainer import Trainer
 
 WORLD = 2
@@ -155,6 +155,7 @@ def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
 
     join_group_env(rank, port, timeout_s=30)
     init_from_env("cpu")  # one group for the three runs (run_distributed reuses it)
+    check_collectives(rank, Path(out_dir))
     data_dir = Path(out_dir) / "data"
     run_distributed(run_config(data_dir, [TOPK, BATCHTOPK], steps=2))
     trainer, _ = run_distributed(resume_config(data_dir, 4), resume=True)
@@ -169,9 +170,9 @@ def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
         run_distributed(cache_cfg)
 
     from saekit.data.sources.distributed import BroadcastSource
-    from saekit.train.comm import SweepComm
+    from saekit.train.comm import ProcessGroupComm
 
-    comm = SweepComm(init_from_env("cpu"), sweep)
+    comm = ProcessGroupComm(init_from_env("cpu"))
     source = BroadcastSource(FakeModelSource() if rank == 0 else None, comm)
     batches = source.batches(start=5)
     received = {"batch5": next(batches), "batch6": next(batches), "init": source.sample_for_init()}
@@ -181,6 +182,26 @@ def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
             received[f"eval{j}"] = x
     save_file(received, str(Path(out_dir) / f"broadcast{rank}.safetensors"))
     torch.distributed.destroy_process_group()
+
+
+def check_collectives(rank: int, out_dir: Path) -> None:
+    """Every collective of ProcessGroupComm on rank-dependent inputs; the results saved."""
+    from saekit.train.comm import ProcessGroupComm
+    from saekit.train.launch import init_from_env
+
+    comm = ProcessGroupComm(init_from_env("cpu"))
+    got = {}
+    for op in ("sum", "avg", "min", "max"):
+        x = torch.tensor([rank + 1.0, 10.0 * (rank + 1)])
+        assert comm.all_reduce(x, op) is x  # in place
+        got[op] = x
+    got["broadcast"] = comm.broadcast(torch.full((3,), float(rank)), src=1)
+    parts = comm.gather(bytes([rank]) * (rank + 2))
+    assert (parts is None) == (rank != 0)
+    got["gather"] = torch.tensor(list(b"|".join(parts or [])), dtype=torch.uint8)
+    got["stop"] = torch.tensor([comm.agree_stop(15 if rank == 1 else None) or 0])
+    comm.barrier()
+    save_file(got, str(out_dir / f"collectives{rank}.safetensors"))
 
 
 def cache_run_config(out_dir: Path, parallel: str, cache_dir: Path | None = None):
@@ -206,10 +227,10 @@ def stop_on_a_signal_to_rank_1(rank: int, out_dir: Path) -> None:
 
     train_step = Member.train_step
 
-    def signalled_train_step(self, x, step, after_backward=None):
+    def signalled_train_step(self, x, step):
         if rank == 1 and step == 0:
             os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(self, x, step, after_backward)
+        return train_step(self, x, step)
 
     Member.train_step = signalled_train_step
     message = "not stopped"
@@ -244,13 +265,13 @@ def _failing_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
     join_group_env(rank, port, timeout_s=TIMEOUT_S)
     train_step = Member.train_step
 
-    def faulty_train_step(self, x, step, after_backward=None):
+    def faulty_train_step(self, x, step):
         if rank == 1 and step == 3:
             (Path(out_dir) / "fault_time").write_text(repr(time.time()))
             if mode == "die":
                 os._exit(3)
             time.sleep(300)
-        return train_step(self, x, step, after_backward)
+        return train_step(self, x, step)
 
     Member.train_step = faulty_train_step
     try:
@@ -382,6 +403,18 @@ def test_nproc_flag_launches_torchrun_and_only_rank_0_reports(tmp_path):
     assert done.stdout.count("| SAE |") == 1  # one summary table, from rank 0
     assert json.loads((out / "parallel.json").read_text())["world_size"] == 2
     assert len(json.loads((out / "summary.json").read_text())) == 1
+
+
+def test_process_group_collectives_combine_every_rank(parallel_runs):
+    for rank in range(WORLD):
+        got = load_file(str(parallel_runs / f"collectives{rank}.safetensors"))
+        assert got["sum"].tolist() == [3.0, 30.0] and got["avg"].tolist() == [1.5, 15.0]
+        assert got["min"].tolist() == [1.0, 10.0] and got["max"].tolist() == [2.0, 20.0]
+        assert got["broadcast"].tolist() == [1.0, 1.0, 1.0]  # from src = 1
+        assert got["stop"].tolist() == [15]  # rank 1's signal stops both
+    gathered = load_file(str(parallel_runs / "collectives0.safetensors"))["gather"]
+    assert bytes(gathered.tolist()) == b"\x00\x00|\x01\x01\x01"  # rank order, own lengths
+    assert load_file(str(parallel_runs / "collectives1.safetensors"))["gather"].numel() == 0
 
 
 def test_sweep_broadcast_source_gives_every_rank_rank_0s_batches(parallel_runs):

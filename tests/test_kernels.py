@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.activations.base import Combiner
+from saekit.core.comm import LocalComm
 from saekit.core.encoding import Preacts, SparseCode, as_dense, encoder_preacts
 from saekit.kernels import primitives
 from saekit.kernels import select as kernel_select
@@ -588,7 +588,7 @@ def test_fast_training_step_never_syncs_with_the_host(kind, revival, host_sync_r
         opt.step()
         opt.zero_grad(set_to_none=True)
         fast.normalize_decoder_()
-        fast.activation.after_step(out.encoding, Combiner())
+        fast.activation.after_step(out.encoding, LocalComm())
 
 
 # ------------------------------------------------------------------------------ triton

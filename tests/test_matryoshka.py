@@ -8,7 +8,6 @@ equal the naive mean over prefixes of the penalty summed over the latents below 
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -28,7 +27,6 @@ from saekit.objective.matryoshka import (
     prefix_weights,
     sample_prefixes,
 )
-from saekit.train.permute import permute_latents_, resort_latents_by_usage
 
 D, M, K = 10, 48, 5
 B, T = 3, 6  # 18 tokens
@@ -263,79 +261,3 @@ def test_fixed_prefixes_are_cumulative_group_sizes():
     assert fixed_prefixes([4, 8, 16]) == [4, 12, 28]
     with pytest.raises(ValueError):
         fixed_prefixes([4, 0])
-
-
-# ------------------------------------------------------------------------- latent permutation
-
-
-def train_steps(sae, opt, x, n):
-    for _ in range(n):
-        opt.zero_grad()
-        out = sae(x)
-        norms = sae.W_dec.norm(dim=-1)
-        l1 = (out.latents.abs() * norms).sum(-1).mean()
-        loss = (out.x_n - out.x_hat_n).pow(2).sum(-1).mean() + 0.1 * l1
-        loss.backward()
-        opt.step()
-
-
-def model_and_optimizer_state(sae, opt):
-    tensors = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        for key, value in opt.state[p].items():
-            tensors[f"opt{i}.{key}"] = value.detach().clone()
-    return tensors
-
-
-@pytest.mark.parametrize("activation", ["jumprelu", "prolu"])
-def test_permuting_latents_and_adam_moments_commutes_with_an_adam_step(activation):
-    sae, x = (
-        make_sae(activation, bandwidth=0.5) if activation == "jumprelu" else make_sae(activation)
-    )
-    params = [p for p in sae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-2, amsgrad=True)  # amsgrad: a third moment tensor
-    train_steps(sae, opt, x, 3)
-    perm = torch.randperm(M, generator=torch.Generator().manual_seed(5))
-
-    # A: permute, then step.   B: step, then permute.
-    sae_b = copy.deepcopy(sae)
-    opt_b = torch.optim.Adam(
-        [p for p in sae_b.parameters() if p.requires_grad], lr=1e-2, amsgrad=True
-    )
-    opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))  # Adam shares tensors otherwise
-    sae_c, opt_c = copy.deepcopy(sae_b), None  # C: the trap, moments left in place
-    opt_c = torch.optim.Adam(
-        [p for p in sae_c.parameters() if p.requires_grad], lr=1e-2, amsgrad=True
-    )
-    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
-
-    permute_latents_(sae, opt, perm)
-    train_steps(sae, opt, x, 1)
-    train_steps(sae_b, opt_b, x, 1)
-    permute_latents_(sae_b, opt_b, perm)
-    permute_latents_(sae_c, None, perm)
-    train_steps(sae_c, opt_c, x, 1)
-
-    a, b = model_and_optimizer_state(sae, opt), model_and_optimizer_state(sae_b, opt_b)
-    assert a.keys() == b.keys()
-    assert any(k.endswith("exp_avg_sq") for k in a) and any(k.endswith("max_exp_avg_sq") for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    per_latent = "activation.threshold" if activation == "jumprelu" else "activation.bias"
-    assert not torch.equal(a[per_latent], a[per_latent][perm.argsort()])  # it was moved
-    c = model_and_optimizer_state(sae_c, opt_c)
-    assert (c["W_dec"] - a["W_dec"]).abs().max() > 1e-4  # forgetting the moments shows
-
-
-def test_resort_by_usage_puts_the_most_used_latent_first_and_moves_counters():
-    sae, _ = make_sae("topk")
-    usage = torch.randperm(M, generator=torch.Generator().manual_seed(2)).float()
-    counters = torch.arange(M, dtype=torch.float32) * 10
-    W_dec_before = sae.W_dec.detach().clone()
-    perm = resort_latents_by_usage(sae, None, usage, others=[counters])
-    assert torch.equal(usage[perm], usage.sort(descending=True).values)
-    torch.testing.assert_close(sae.W_dec.detach(), W_dec_before[perm])
-    torch.testing.assert_close(counters, torch.arange(M, dtype=torch.float32)[perm] * 10)
-    assert torch.equal(
-        resort_latents_by_usage(sae, None, usage[perm], others=[counters]), torch.arange(M)
-    )

@@ -7,7 +7,7 @@ Adding an activation = one module here (a config dataclass with ``kind`` and an
 from __future__ import annotations
 
 from saekit.activations.abstopk import AbsTopK, AbsTopKConfig
-from saekit.activations.base import Activation, ActivationConfig, Combiner
+from saekit.activations.base import Activation, ActivationConfig
 from saekit.activations.batchtopk import BatchTopK, BatchTopKConfig
 from saekit.activations.gated import Gated, GatedConfig
 from saekit.activations.hierarchical_topk import HierarchicalTopK, HierarchicalTopKConfig
@@ -46,7 +46,6 @@ __all__ = [
     "ActivationConfig",
     "BatchTopK",
     "BatchTopKConfig",
-    "Combiner",
     "Gated",
     "GatedConfig",
     "HierarchicalTopK",

@@ -26,6 +26,7 @@ from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode, enc
 from saekit.objective import losses
 
 if TYPE_CHECKING:
+    from saekit.core.comm import Comm
     from saekit.core.encoding import ForwardOutput
 
 
@@ -89,14 +90,6 @@ def check_imported(where: str, value: Tensor | None, shape: tuple[int, ...]) -> 
     return value
 
 
-class Combiner:
-    """How an activation's batch statistics combine across data-parallel ranks (one process:
-    the identity). The trainer passes its communication object, which has these methods."""
-
-    def combine_batch_min(self, value: Tensor) -> Tensor:
-        return value
-
-
 class Activation(nn.Module):
     """Base: ``encode(view, x_n) -> Encoding`` and the flags the objective and trainer read."""
 
@@ -141,8 +134,9 @@ class Activation(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no firing threshold")
 
     @torch.no_grad()
-    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
-        """Update state that follows the training batches (BatchTopK's θ EMA); default none."""
+    def after_step(self, enc: Encoding, comm: Comm) -> None:
+        """Update state that follows the training batches (BatchTopK's θ EMA); default none.
+        ``comm``: the collectives of the ranks that share the batch (one process: identity)."""
 
     # Loss hooks (saekit.objective.terms): an activation with a loss of its own overrides one of
     # these instead of adding a branch to the objective.

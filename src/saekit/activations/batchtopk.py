@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,7 +19,6 @@ from torch import Tensor
 from saekit.activations.base import (
     Activation,
     ActivationConfig,
-    Combiner,
     ExportForm,
     JumpReLUForm,
 )
@@ -28,6 +28,9 @@ from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.kernels import select
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import batchtopk_select
+
+if TYPE_CHECKING:
+    from saekit.core.comm import Comm
 
 FLOOR_MARGIN = 0.1
 """The next CPU selection looks above the previous k·N-th value minus 10% of its size."""
@@ -144,9 +147,10 @@ class BatchTopK(Activation):
         return torch.where(torch.isfinite(theta), theta, torch.zeros_like(theta))
 
     @torch.no_grad()
-    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
+    def after_step(self, enc: Encoding, comm: Comm) -> None:
         if self.training:
-            self.update_threshold(combiner.combine_batch_min(batch_min_positive(enc.latents)))
+            batch_min = batch_min_positive(enc.latents)  # over ranks: the MIN of theirs
+            self.update_threshold(comm.all_reduce(batch_min, "min", "BatchTopK batch min"))
 
     @torch.no_grad()
     def update_threshold(self, batch_min: Tensor) -> None:

@@ -21,7 +21,7 @@ on an O(1) θ away (SAELens PR #728).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +29,14 @@ from torch import Tensor, nn
 from saekit.activations.base import (
     Activation,
     ActivationConfig,
-    Combiner,
     ExportForm,
     check_imported,
 )
 from saekit.core.configs import check_finite
 from saekit.core.encoding import EncoderView, Encoding, Preacts
+
+if TYPE_CHECKING:
+    from saekit.core.comm import Comm
 
 THRESHOLD_PARAMS = ("direct", "log")
 
@@ -200,6 +202,6 @@ class JumpReLU(Activation):
         return self.theta().detach()
 
     @torch.no_grad()
-    def after_step(self, enc: Encoding, combiner: Combiner) -> None:
+    def after_step(self, enc: Encoding, comm: Comm) -> None:
         if self.cfg.threshold_param == "direct":
             self.threshold.clamp_(min=0.0)

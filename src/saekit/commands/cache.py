@@ -7,18 +7,73 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from saekit.data.lm.harvest import HarvestStats, harvest
+from saekit.commands.flags import add_model_args, add_outlier_arg, add_text_args
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="harvest a model's activations into a cache directory (or: cache verify DIR)",
+        description="Harvest activations at one hook point into sharded safetensors with a "
+        "manifest, then verify every shard. `saekit cache verify DIR` only verifies. An "
+        "interrupted run resumes when repeated with the same arguments.",
+    )
+    p.add_argument("action", nargs="*", metavar="verify DIR", help="verify an existing cache")
+    p.add_argument("--verify", metavar="DIR", help="only verify the cache in DIR")
+    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
+    p.add_argument("--context-length", type=int, default=128, help="tokens per context")
+    p.add_argument("--batch-size", type=int, default=32, help="contexts per model forward")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype the activations are stored in",
+    )
+    p.add_argument("--shard-tokens", type=int, default=262_144, help="tokens per shard file")
+    p.add_argument("--seed", type=int, help="shuffle the documents with this seed")
+    p.add_argument("--keep-padding", action="store_true", help="keep padding positions")
+    p.add_argument("--exclude-special", action="store_true", help="drop every special token")
+    add_outlier_arg(p)
+    add_model_args(p)
+    p.add_argument("--out", metavar="DIR", help="cache directory")
+    p.add_argument("--target-hook", help="transcoders: also this hook, same pass; rows [hook|it]")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Harvest activations into a cache directory, then verify it; or only verify one."""
+    from saekit.data.cache.reading import ActivationCache
+
+    verify_dir = args.verify
+    if args.action:
+        if args.action[0] != "verify" or len(args.action) != 2:
+            raise ValueError(f"unexpected arguments {args.action}; did you mean: cache verify DIR")
+        verify_dir = args.action[1]
+    if not verify_dir:
+        cache_command(args)
+        verify_dir = args.out
+    cache = ActivationCache(verify_dir)
+    cache.verify()
+    print(
+        f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
+        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}; verified"
+    )
+    return 0
 
 
 def cache_command(args: argparse.Namespace) -> None:
     """``saekit cache``: harvest ``args.hook`` of ``args.model`` on the documents into a cache
-    at ``args.out``, recording each shard's documents (saekit.data.cache.reading)."""
-    from saekit.commands.eval import harvest_setup, text_documents
+    at ``args.out``, recording each shard's documents (saekit.data.cache)."""
     from saekit.data.cache.writing import write_cache
     from saekit.data.documents.reading import text_source
+    from saekit.data.lm.harvest import HarvestStats, harvest
     from saekit.data.lm.harvester import HookPoint
     from saekit.data.lm.models import check_hook
     from saekit.data.lm.text import token_batches
+    from saekit.eval.saved import harvest_setup, text_documents
 
     for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
         if not value:

@@ -37,10 +37,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per calibration batch")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    p.set_defaults(func=convert_command)
+    p.set_defaults(func=run)
 
 
-def convert_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from saekit.eval.calibrate import calibrate_batchtopk, to_jumprelu
     from saekit.model.sae import SAE
 

@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("source", metavar="RUN_OR_SAE", help="a saved SAE or a run directory")
     p.add_argument("--to", required=True, choices=TO, help="target format")
     p.add_argument("--out", required=True, help="directory to write")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=run, interop="export")
 
     p = sub.add_parser(
         "import",
@@ -38,7 +38,11 @@ def add_parser(sub: Any) -> None:
         "installed for its directory) or a hub repo id",
     )
     p.add_argument("--sae-id", help="with --release: the SAE's id (its folder in the repo)")
-    p.set_defaults(func=cmd_import)
+    p.set_defaults(func=run, interop="import")
+
+
+def run(args: argparse.Namespace) -> int:
+    return cmd_export(args) if args.interop == "export" else cmd_import(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -98,7 +98,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("config", metavar="CONFIG", help="pipeline config (YAML or TOML)")
     p.add_argument("--force", action="store_true", help="replace a finished training run in out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.set_defaults(func=lambda args: pipeline_command(args, sub.choices))
+    p.set_defaults(func=run, command_parsers=sub.choices)
+
+
+def run(args: argparse.Namespace) -> int:
+    return pipeline_command(args, args.command_parsers)
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:

@@ -49,10 +49,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--run-config", metavar="PATH", help="synthetic: default SAE/../config.yaml")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=run)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     index = write_report(args)
     print(f"saekit: wrote {index} (open it in a browser; no server needed)")
     return 0
@@ -109,9 +109,9 @@ def _collect(args: argparse.Namespace, sae: Any, batches: Any, ids: Any, cfg: An
 
 
 def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
-    from saekit.commands.eval import harvest_setup, text_documents
     from saekit.data.lm.models import activation_width, check_hook
     from saekit.data.lm.text import token_batches
+    from saekit.eval.saved import harvest_setup, text_documents
     from saekit.report.build import report_data
     from saekit.report.collect import lm_batches
     from saekit.report.features import unembedding

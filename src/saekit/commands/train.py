@@ -14,7 +14,68 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from saekit.commands.flags import add_model_args, add_outlier_arg, add_text_args
 from saekit.train.config_files import apply_overrides, load_config_file
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train SAEs (default: one TopK SAE on the built-in benchmark)")
+    add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from saekit.train import presets
+
+    return train_command(args, presets.train_config())
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or TOML run config (default: the built-in benchmark)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted path, e.g. saes.0.sae.activation.k=16",
+    )
+    p.add_argument("--out", help="run directory (out_dir)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--batch-size", type=int, help="tokens per step")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument(
+        "--data",
+        choices=["independent", "hierarchical", "correlated"],
+        help="kind of the built-in synthetic data",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="resume the run in RUN_DIR from its checkpoint (keeps its config; --steps may "
+        "extend it)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run already in --out (its config, checkpoint, SAEs and metrics)",
+    )
+    p.add_argument(
+        "--nproc", type=int, default=1, help="processes on this machine (torchrun; see parallel)"
+    )
+    g = p.add_argument_group(
+        "real models", "train on a transformers model run online (--model) or on a cache (--cache)"
+    )
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    where.add_argument("--cache", metavar="DIR", help="activation cache written by `saekit cache`")
+    add_text_args(g, dataset_config_flags=("--dataset-config",))
+    g.add_argument("--context-length", type=int, help="tokens per context (default 128)")
+    g.add_argument("--model-batch-size", type=int, help="contexts per model forward (default 32)")
+    add_outlier_arg(g)
+    add_model_args(g, train=True)
 
 
 def _data_flags(args: argparse.Namespace) -> dict[str, Any]:

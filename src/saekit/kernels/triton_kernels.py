@@ -131,9 +131,3 @@ def row_dot(A_ND: Tensor, B_MD: Tensor, token_E: Tensor, latent_E: Tensor) -> Te
 def decode(values_E: Tensor, W_dec_MD: Tensor, layout: CodeLayout) -> Tensor:
     """[N, d] = Σ values·W_dec[latent] by token (no b_dec)."""
     return bag_sum(values_E, layout.latent, layout.token_offsets, W_dec_MD)
-
-
-def encoder_weight_grad(grad_E: Tensor, x_c_ND: Tensor, layout: CodeLayout) -> Tensor:
-    """dW_enc[m] = Σ_{latent_e = m} g_e · x_c[token_e] (bags by latent; also dW_dec)."""
-    order, token_by_latent, latent_offsets = layout.by_latent()
-    return bag_sum(grad_E[order], token_by_latent, latent_offsets, x_c_ND)

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from saekit.activations import ACTIVATIONS
 from saekit.data.sources.synthbench import SynthBenchSource
 from saekit.data.synthetic.synthbench_sampler import SynthBenchData
 from saekit.data.synthetic.synthbench_world import SynthBenchConfig, synthsaebench_16k
@@ -76,10 +75,6 @@ def scaled_protocol() -> Protocol:
     return Protocol("scaled", world, 512, 1_000_000, 1024, 3e-3, {20: 9, 25: 11}, 32_768, 200_000)
 
 
-def available(arch: str) -> bool:
-    return arch != "Matching Pursuit" or MATCHING_PURSUIT_KIND in ACTIVATIONS
-
-
 def member_entry(arch: str, k: int, protocol: Protocol, seed: int) -> dict[str, Any]:
     """One ``saes`` entry of a run config for an architecture at L0 ``k``."""
     base = {"lr": protocol.lr, "seed": seed, "dead_tokens": protocol.dead_tokens,
@@ -133,9 +128,9 @@ def score(sae, data: SynthBenchData, held_out: list) -> SynthScores:
 def train_seed(
     protocol: Protocol, archs: list[str], seed: int, threads: int = 0, world=None
 ) -> dict[tuple[str, int], SynthScores]:
-    """Train every available (architecture, L0) on one stream; score each."""
+    """Train every (architecture, L0) on one stream; score each."""
     data = SynthBenchData(protocol.world, stream_seed=seed, world=world)
-    entries = [member_entry(a, k, protocol, seed) for a in archs if available(a)
+    entries = [member_entry(a, k, protocol, seed) for a in archs
                for k in protocol.l0.values()]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="saekit-synth-") as out:
         cfg = build_run_config({
@@ -178,10 +173,6 @@ def format_table(protocol: Protocol, runs: list[dict[tuple[str, int], SynthScore
     for arch in ARCHITECTURES:
         for label in sorted(protocol.l0, reverse=True):
             pub = PUBLISHED[arch][label]
-            if not available(arch):
-                lines.append(f"| {arch} | {label} | not available (no `{MATCHING_PURSUIT_KIND}` "
-                             "activation in this saekit) | | | | | |")  # fmt: skip
-                continue
             if (arch, label) not in runs[0]:  # not asked for (--arch)
                 continue
             got = [r[arch, label] for r in runs]

@@ -10,8 +10,6 @@ from typing import Any
 
 import yaml
 
-from saekit.data.sources.registry import switch_source
-
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or TOML (.toml) file as a mapping."""
@@ -86,6 +84,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node.append({})
             node[idx] = value
         elif parts == ["data", "source"] and isinstance(node, dict):
+            # imported here: the source registry imports torch, and `saekit --help` must not
+            from saekit.data.sources.registry import switch_source
+
             switch_source(node, value)  # the previous source's fields go with it
         else:
             node[last] = value

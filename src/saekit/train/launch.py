@@ -2,7 +2,7 @@
 
 ``saekit train --nproc N`` re-runs itself under ``python -m torch.distributed.run``
 (:func:`launch`); each worker sees WORLD_SIZE > 1 (:func:`launched`) and joins the group
-(:func:`init_from_env`). What the ranks then do together is in :mod:`saekit.train.comm`.
+(:func:`init_from_env`). What the ranks then do together is in :mod:`saekit.train.parallel`.
 
 Every collective runs under the process group's timeout (``SAEKIT_DIST_TIMEOUT`` seconds,
 default 1800; gloo honours it, NCCL's watchdog aborts the process). A rank that dies makes the

@@ -1,27 +1,40 @@
 """One SAE of a run: its optimizer, dead-latent counters, λ controller and prefix generator.
 
-Per step (``Member.train_step``): forward; dead mask from the counters *before* this batch is
-counted; loss; backward; (TopK family) drop the gradient parallel to decoder rows; clip; Adam;
-(TopK family) renormalise decoder rows; update the dead-latent counters, the BatchTopK threshold
-and the λ controller. Nothing in a step syncs with the host, except AuxK's dead-column set
-(``revival.DeadSet``): one host transfer every 25 steps.
+The training step (``Member.train_step``), top to bottom; the trainer (:mod:`saekit.train.trainer`)
+calls it for every SAE on every batch:
+
+1. learning rate of this step (warm-up, decay);
+2. dead mask from the counters *before* this batch is counted;
+3. forward and loss (the objective's terms);
+4. backward; data parallel: ``comm.all_reduce`` of the gradients (avg, one bucket per dtype);
+5. (TopK family) drop the gradient parallel to decoder rows; clip; Adam; (TopK family)
+   renormalise decoder rows;
+6. dead-latent counters: which latents fired (data parallel: ``comm.all_reduce`` max, and the
+   counters add the global batch);
+7. the activation's own state (``after_step``: BatchTopK's θ, its batch minimum combined with
+   ``comm.all_reduce`` min);
+8. the λ controller (data parallel: on L0 averaged with ``comm.all_reduce`` avg).
+
+``comm`` is the member's, given in the constructor: the collectives of the ranks that share this
+SAE's batches (:func:`saekit.train.parallel.batch_comm`); one process, or a sweep: the identity
+:class:`~saekit.core.comm.LocalComm`, and no collective runs. Nothing in a step syncs with the
+host, except AuxK's dead-column set (``revival.DeadSet``): one host transfer every 25 steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from saekit.core.comm import Comm, LocalComm
 from saekit.eval.metrics import batch_fvu, latent_counts
 from saekit.model.sae import SAE
 from saekit.objective import losses, matryoshka
 from saekit.objective.config import FixedPrefixes, RandomPrefixes
 from saekit.objective.revival import DeadSet
 from saekit.objective.terms import TermInputs
-from saekit.train.comm import LocalComm
 from saekit.train.member_config import SAETrainConfig
 
 
@@ -58,10 +71,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_start: float
 
 
 class Member:
-    """One SAE of a run with its optimizer, counters, controller and prefix generator."""
+    """One SAE of a run with its optimizer, counters, controller and prefix generator; ``comm``
+    combines its step over the ranks that share its batches (default: one process)."""
 
-    def __init__(self, cfg: SAETrainConfig, total_steps: int, device: torch.device | str):
+    def __init__(
+        self,
+        cfg: SAETrainConfig,
+        total_steps: int,
+        device: torch.device | str,
+        comm: Comm | None = None,
+    ):
         self.cfg = cfg
+        self.comm: Comm = comm if comm is not None else LocalComm()
         self.total_steps = total_steps
         gen = torch.Generator().manual_seed(cfg.seed)
         self.sae = SAE(cfg.sae, device="cpu")
@@ -95,12 +116,26 @@ class Member:
         lam = penalty.coefficient if penalty is not None else 0.0
         self.penalty_coefficient = torch.tensor(lam, dtype=lam_dtype, device=self.device)
         self.initialised = False
-        self.comm = LocalComm()  # the Trainer's comm: combines counters across ranks
 
     def init_from_data(self, batch: Tensor, scale: float | None = None) -> None:
         x, target = self.sae.split_stream(batch)
         self.sae.init_from_data(x, scale=scale, method=self.cfg.b_dec_init, target=target)
         self.initialised = True
+
+    def share_initial_state(self) -> None:
+        """After the data-dependent initialisation, data parallel: rank 0's SAE (scale, b_dec,
+        weights) on every rank, one broadcast per dtype."""
+        if self.comm.world_size == 1:
+            return
+        tensors = list(self.sae.state_dict().values())
+        for dtype in {t.dtype for t in tensors}:
+            same = [t for t in tensors if t.dtype == dtype]
+            bucket = torch.cat([t.reshape(-1) for t in same])
+            self.comm.broadcast(bucket, 0, f"initial {self.cfg.name}")
+            offset = 0
+            for t in same:
+                t.copy_(bucket[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
@@ -121,12 +156,11 @@ class Member:
     def lambda_value(self) -> Tensor:
         return self.controller.lam if self.controller is not None else self.penalty_coefficient
 
-    def train_step(
-        self, batch: Tensor, step: int, after_backward: Callable[[Member], None] | None = None
-    ) -> StepMetrics:
+    def train_step(self, batch: Tensor, step: int) -> StepMetrics:
         """One optimisation step on ``batch`` [N, d] (a transcoder's: [N, d_in + d_out], input
-        then target, SAE.split_stream); returns detached metrics."""
-        cfg, sae = self.cfg, self.sae
+        then target, SAE.split_stream), as the module docstring lists; returns detached
+        metrics."""
+        cfg, sae, comm = self.cfg, self.sae, self.comm
         sae.train()
         factor = lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
         for group in self.optimizer.param_groups:
@@ -142,8 +176,8 @@ class Member:
             loss, terms = self.objective(inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if after_backward is not None:
-            after_backward(self)
+        if comm.world_size > 1:
+            self.average_gradients()
         if unit_norm:
             sae.remove_parallel_grad_()
         if cfg.grad_clip > 0:
@@ -154,11 +188,15 @@ class Member:
 
         with torch.no_grad():
             per_token, per_latent = latent_counts(out.latents)
-            self.update_counters(*self.comm.combine_fired(per_latent > 0, batch.shape[0]))
-            sae.activation.after_step(out.encoding, self.comm)
+            fired, n_tokens = per_latent > 0, batch.shape[0]
+            if comm.world_size > 1:  # fired on any rank; the counters add the global batch
+                fired = comm.all_reduce(fired.to(torch.uint8), "max", "fired mask").bool()
+                n_tokens *= comm.world_size
+            self.update_counters(fired, n_tokens)
+            sae.activation.after_step(out.encoding, comm)
             l0 = per_token.double().mean()
             if self.controller is not None:
-                self.controller.step(self.comm.average(l0))
+                self.controller.step(comm.all_reduce(l0.clone(), "avg", "L0"))
             penalty, revival = terms.get("penalty"), terms.get("revival")
             return StepMetrics(
                 loss=loss.detach().double(),
@@ -170,6 +208,27 @@ class Member:
                 dead_fraction=dead.double().mean(),
                 lam=lam.double(),
             )
+
+    def average_gradients(self) -> None:
+        """Average every gradient over ranks in ONE all-reduce per dtype (one in practice).
+
+        Sparse grads are densified. Which parameters have a gradient is decided by the code path,
+        which is the same on every rank (the step never branches on data), so ``None`` grads are
+        simply left out and stay ``None``, and Adam skips what one process would skip.
+        """
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in self.sae.parameters():
+            if p.requires_grad and p.grad is not None:
+                by_dtype.setdefault(p.dtype, []).append(p)
+        for group in by_dtype.values():
+            bucket = torch.cat(
+                [(p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1) for p in group]
+            )  # [Σ numel]
+            self.comm.all_reduce(bucket, "avg", f"gradients of {self.cfg.name}")
+            offset = 0
+            for p in group:
+                p.grad = bucket[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
 
     def update_counters(self, fired: Tensor, n_tokens: int) -> None:
         """Reset counters of latents that fired; add the batch's tokens to the others."""

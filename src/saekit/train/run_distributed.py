@@ -1,6 +1,6 @@
 """A run on every rank of a torchrun launch: build each rank's trainer, train, evaluate, save.
 
-How data and sweep parallelism divide the work is documented in :mod:`saekit.train.comm`.
+How data and sweep parallelism divide the work is documented in :mod:`saekit.train.parallel`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import torch
 
 from saekit.data.sources.interface import ActivationSource
 from saekit.model.sae import SAE
-from saekit.train.comm import DataParallelComm, SweepComm
+from saekit.train.checkpoint import checkpoint_dir
+from saekit.train.comm import ProcessGroupComm
 from saekit.train.config import RunConfig, check_source_width, stream_settings
 from saekit.train.launch import DistContext, destroy_group_quietly, init_from_env
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
+from saekit.train.parallel import gather_indexed
 from saekit.train.trainer import Trainer
 
 
@@ -51,6 +53,12 @@ def run_distributed(
 def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, ActivationSource]:
     """This rank's trainer (its comm, source and members) and the source to evaluate on."""
     world = ctx.world_size
+    out = cfg.out_dir
+    comm = ProcessGroupComm(
+        ctx,
+        hint=f"The last checkpoint in {checkpoint_dir(Path(out))} is loadable; resume with: "
+        f"saekit train --resume {out}.",
+    )
     rank_cfg = dataclasses.replace(
         cfg, device=str(ctx.device), progress=cfg.progress and ctx.is_main
     )
@@ -60,13 +68,11 @@ def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, Activation
                 f"parallel: sweep spreads the SAEs over the processes: {len(cfg.saes)} SAE(s) "
                 f"for {world} processes leaves some idle; use parallel: data or fewer processes"
             )
-        comm = SweepComm(ctx, cfg)
         # generated data: each rank makes the same batches (cheaper than sending); else rank 0
         # reads and broadcasts
         source = cfg.data.sweep_source(stream_settings(rank_cfg), comm)
         check_source_width(cfg, source)
-        rank_cfg = dataclasses.replace(rank_cfg, saes=[cfg.saes[i] for i in comm.mine])
-        return Trainer(rank_cfg, source, comm), source
+        return Trainer(rank_cfg, source, comm), source  # it trains this rank's share
 
     if cfg.batch_size % world:
         raise ValueError(
@@ -77,10 +83,7 @@ def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, Activation
     # generated data: each rank its own batch indices; a stream splits itself by rank
     source, eval_source = cfg.data.data_parallel_sources(stream_settings(local), ctx.rank, world)
     check_source_width(cfg, source)
-    comm = DataParallelComm(ctx, cfg)
-    trainer = Trainer(rank_cfg, source, comm)
-    trainer.after_backward = comm.reduce_grads
-    return trainer, eval_source
+    return Trainer(rank_cfg, source, comm), eval_source
 
 
 def _finish_data(
@@ -103,8 +106,9 @@ def _finish_sweep(
 ) -> list[dict[str, Any]]:
     """Each rank evaluates its SAEs; weights and reports gathered to rank 0, which saves them."""
     comm = trainer.comm
-    own = list(zip(comm.mine, trainer.members, strict=True))
-    gathered = comm.gather_indexed(
+    own = list(zip(trainer.indices, trainer.members, strict=True))
+    gathered = gather_indexed(
+        comm,
         {i: member.sae.state_dict() for i, member in own},
         {i: evaluate_member(m, eval_source, cfg.eval_tokens, cfg.batch_size) for i, m in own},
         "final SAEs and reports",

@@ -1,10 +1,12 @@
 """The trainer: one activation stream feeds many SAEs, each with its own objective and optimizer.
 
-Per step and per SAE (``Member.train_step``): forward; dead mask from the counters *before* this
-batch is counted; loss; backward; (TopK family) drop the gradient parallel to decoder rows; clip;
-Adam; (TopK family) renormalise decoder rows; update the dead-latent counters, the BatchTopK
-threshold and the λ controller. Nothing in a step syncs with the host; logging reads all metrics
-of an interval in one transfer.
+The loop (:meth:`Trainer.fit`), per batch: every member takes one step
+(:meth:`saekit.train.member.Member.train_step`, whose docstring lists the step top to bottom);
+every ``log_every`` steps all metrics of the interval are read in one host transfer (data
+parallel: averaged over ranks) and logged; every ``checkpoint_every`` steps, and on a signal, the
+trainer writes a checkpoint (:func:`saekit.train.parallel.save_checkpoint`: which rank writes
+what under data and sweep parallelism); the ranks agree whether to stop. ``comm`` holds the
+run's collectives (:mod:`saekit.core.comm`; one process: the identity).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import torch
 from torch import Tensor
 
 from saekit.core.atomic import atomic_write_text
+from saekit.core.comm import Comm, LocalComm
 from saekit.core.configs import to_dict
 from saekit.data.sources.interface import ActivationSource
 from saekit.model.format import CheckpointError
+from saekit.train import parallel
 from saekit.train.checkpoint import MemberState, checkpoint_dir
-from saekit.train.comm import LocalComm
 from saekit.train.config import RunConfig
 from saekit.train.member import Member
 
@@ -46,23 +49,26 @@ class LogRecord:
 
 
 class Trainer:
-    """Trains every SAE of a ``RunConfig`` on one stream of batches."""
+    """Trains the SAEs of a ``RunConfig`` on one stream of batches: all of them, or under sweep
+    parallelism this rank's share (``indices``)."""
 
-    def __init__(self, cfg: RunConfig, source: ActivationSource, comm: LocalComm | None = None):
+    def __init__(self, cfg: RunConfig, source: ActivationSource, comm: Comm | None = None):
         cfg.validate()
         self.cfg = cfg
         self.source = source
-        self.members = [Member(s, cfg.steps, cfg.device) for s in cfg.saes]
-        self.comm = comm if comm is not None else LocalComm()  # see train/comm.py
-        for member in self.members:
-            member.comm = self.comm
+        self.comm: Comm = comm if comm is not None else LocalComm()
+        self.indices = parallel.trained_here(cfg.parallel, len(cfg.saes), self.comm)
+        self.batch_comm = parallel.batch_comm(cfg.parallel, self.comm)
+        self.writes_logs = parallel.writes_logs(cfg.parallel, self.comm)
+        self.members = [
+            Member(cfg.saes[i], cfg.steps, cfg.device, self.batch_comm) for i in self.indices
+        ]
         self.step = 0
         self._sums: list[dict[str, Tensor]] = [{} for _ in self.members]
         self._n_in_interval = 0
         self.out_dir = Path(cfg.out_dir)
         self._stop_signal: int | None = None
         self.log_callbacks: list[Callable[[Member, LogRecord], None]] = []
-        self.after_backward: Callable[[Member], None] | None = None
 
     def initialise(self) -> None:
         """Estimate the dataset scale and b_dec from the first batches (not used for training)."""
@@ -70,7 +76,8 @@ class Trainer:
         for member in self.members:
             if not member.initialised:
                 member.init_from_data(sample)
-        self.comm.sync_initial_state(self.members)
+        for member in self.members:
+            member.share_initial_state()
 
     def fit(self, progress: bool | None = None) -> None:
         """Train until ``cfg.steps``; checkpoint every ``checkpoint_every`` and on a signal."""
@@ -85,7 +92,7 @@ class Trainer:
             while self.step < cfg.steps:
                 x = next(batches).to(cfg.device, non_blocking=True)
                 for member, acc in zip(self.members, sums, strict=True):
-                    parts = member.train_step(x, self.step, self.after_backward).as_dict()
+                    parts = member.train_step(x, self.step).as_dict()
                     for key, value in parts.items():
                         acc[key] = acc[key] + value if key in acc else value.double()
                 self.step += 1
@@ -97,7 +104,7 @@ class Trainer:
                     self._n_in_interval = 0
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                stop = self.comm.agree_stop(self._stop_signal, self.step)
+                stop = self._agree_stop()
                 if stop is not None:
                     self.save_checkpoint()
                     bar.close()
@@ -109,11 +116,19 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
 
+    def _agree_stop(self) -> int | None:
+        """The signal to stop on now (None: go on). Ranks meet once per log interval and at the
+        last step (one tiny all-reduce); one process stops at once."""
+        cfg = self.cfg
+        if self.comm.world_size > 1 and self.step % cfg.log_every and self.step != cfg.steps:
+            return None
+        return self.comm.agree_stop(self._stop_signal)
+
     def _log(self, sums: list[dict[str, Tensor]], n: int, bar) -> None:
         """One host transfer for all metrics of all members since the last log."""
         keys = [sorted(acc) for acc in sums]
         flat = torch.stack([sums[i][k] for i, ks in enumerate(keys) for k in ks])
-        flat = self.comm.reduce_metrics(flat).cpu().tolist()
+        flat = self.batch_comm.all_reduce(flat, "avg", "metrics").cpu().tolist()
         pos = 0
         tokens = self.step * self.cfg.batch_size
         for member, ks in zip(self.members, keys, strict=True):
@@ -125,7 +140,7 @@ class Trainer:
                     f"SAE {member.cfg.name}: loss is {values['loss']} at step {self.step} "
                     "(NaN or inf activations, or a learning rate too high)"
                 )
-            if not self.comm.writes_logs:
+            if not self.writes_logs:
                 continue
             record = LogRecord(self.step, tokens, values)
             path = self.out_dir / member.cfg.name / "metrics.jsonl"
@@ -148,16 +163,26 @@ class Trainer:
         return checkpoint_dir(self.out_dir)
 
     def save_checkpoint(self) -> Path:
-        states = []
-        for member, sums in zip(self.members, self._sums, strict=True):
+        """Every member's state with its log interval's sums; see train/parallel.py for who writes
+        what when there are several ranks."""
+        states = {}
+        for i, member, sums in zip(self.indices, self.members, self._sums, strict=True):
             tensors = {**member.state_tensors(), **{f"log.{k}": v for k, v in sums.items()}}
             meta = {**member.state_meta(), "log_steps": self._n_in_interval}
-            states.append(MemberState(member.cfg.name, tensors, meta))
-        return self.comm.save_checkpoint(self.out_dir, self.step, to_dict(self.cfg), states)
+            states[i] = MemberState(member.cfg.name, tensors, meta)
+        return parallel.save_checkpoint(
+            self.comm, self.cfg.parallel, self.out_dir, self.step, to_dict(self.cfg), states
+        )
 
     def load_checkpoint(self) -> None:
         """Continue from ``<out_dir>/checkpoint``: every member's state, the step, the RNG."""
-        step, states = self.comm.load_checkpoint(self.out_dir, [m.cfg.name for m in self.members])
+        step, states = parallel.load_checkpoint(
+            self.comm,
+            self.cfg.parallel,
+            self.out_dir,
+            [s.name for s in self.cfg.saes],
+            self.indices,
+        )
         for member, state in zip(self.members, states, strict=True):
             try:
                 member.load_state(state.tensors, state.meta)
@@ -177,7 +202,7 @@ class Trainer:
     def trim_metrics(self) -> None:
         """Drop ``metrics.jsonl`` records after the current step (written after the checkpoint by
         a run that was then killed), so a resumed log equals the uninterrupted one."""
-        if not self.comm.writes_logs:
+        if not self.writes_logs:
             return
         for member in self.members:
             path = self.out_dir / member.cfg.name / "metrics.jsonl"

@@ -1,4 +1,4 @@
-"""Batch sources of a multi-process run (see :mod:`saekit.train.comm` for the semantics).
+"""Batch sources of a multi-process run (see :mod:`saekit.train.parallel` for the semantics).
 
 - :class:`ShardedSource`: data parallel on generated data, each rank generates its own batches.
 - :class:`BroadcastSource`: sweep parallel on a model or cache source, rank 0 reads each batch
@@ -11,13 +11,13 @@ Which a source uses is its config's choice (``SourceConfig.sweep_source`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from saekit.core.comm import Comm
 from saekit.data.sources.interface import ActivationSource
 
 
@@ -38,12 +38,11 @@ class DistributedContext(Protocol):
     device: torch.device
 
 
-class BroadcastComm(Protocol):
-    """What BroadcastSource needs of the run's communicator (saekit.train.comm)."""
+class BroadcastComm(Comm, Protocol):
+    """What BroadcastSource needs of the run's communicator (saekit.train.comm.ProcessGroupComm):
+    the collectives, and the device its tensors live on."""
 
-    is_main: bool
     ctx: DistributedContext
-    collective: Callable[..., Any]
 
 
 class ShardedSource(ActivationSource):
@@ -95,7 +94,7 @@ class BroadcastSource(ActivationSource):
         if self.comm.is_main and x is not None:
             header[0], header[1] = 1, _DTYPES.index(x.dtype)
             header[2], header[3] = x.shape[0], (x.shape[1] if x.dim() > 1 else 0)
-        self.comm.collective(f"broadcast(header of {what})", dist.broadcast, header, 0)
+        self.comm.broadcast(header, 0, f"header of {what}")
         present, dtype_idx, n, d = header.tolist()
         if not present:
             return None
@@ -104,7 +103,7 @@ class BroadcastSource(ActivationSource):
             buf = x.to(device).contiguous()
         else:
             buf = torch.empty(shape, dtype=_DTYPES[dtype_idx], device=device)
-        self.comm.collective(f"broadcast({what})", dist.broadcast, buf, 0)
+        self.comm.broadcast(buf, 0, what)
         return buf
 
     def batches(self, start: int = 0) -> Iterator[Tensor]:

@@ -1,5 +1,6 @@
-"""``saekit eval``: a saved SAE's reconstruction metrics and, with a causal LM, the model's CE and
-KL with the SAE spliced in (:mod:`saekit.eval.splice`).
+"""Evaluating a saved SAE (``saekit eval``, :mod:`saekit.commands.evaluate`): its reconstruction
+metrics and, with a causal LM, the model's CE and KL with the SAE spliced in
+(:mod:`saekit.eval.splice`). Reads the command's flags (an ``argparse.Namespace``).
 
 Data:
 
@@ -289,40 +290,3 @@ def _check_overlap(sae: SAE, tokenizer: Any, report: dict[str, Any]) -> None:
             f" out; evaluate the held-out documents with --split {HELD_OUT}",
             file=sys.stderr,
         )
-
-
-def format_eval(r: dict[str, Any]) -> str:
-    lines = [
-        f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']}"
-        + (f" -> target {r['target_hook']})" if "target_hook" in r else ")"),
-        *_documents_line(r),
-        f"tokens       {r['n_tokens']:,}" + _predicted(r),
-        f"FVU          {r['fvu']:.4f}   explained variance {r['explained_variance']:.4f}",
-        f"L0           {r['l0']:.2f}",
-        f"dead         {r['dead_fraction']:.1%} of latents never fired on these tokens",
-        f"dense        {r['dense_fraction']:.1%} of latents fired on > 10% of tokens",
-    ]
-    if "ce_clean" in r:
-        lines += [
-            f"CE clean     {r['ce_clean']:.4f}   with SAE {r['ce_sae']:.4f}   "
-            f"zero-ablated {r['ce_zero']:.4f}   CE score {r['ce_score']:.4f}",
-            f"KL with SAE  {r['kl_sae']:.4f}   zero-ablated {r['kl_zero']:.4f}   "
-            f"KL score {r['kl_score']:.4f}",
-        ]
-    return "\n".join(lines)
-
-
-def _predicted(r: dict[str, Any]) -> str:
-    """CE/KL average over the spliced tokens that predict a real next token: fewer than the
-    spliced ones (the last position of each context predicts nothing)."""
-    if "n_predicted_tokens" not in r:
-        return ""
-    return f" spliced; CE/KL over the {r['n_predicted_tokens']:,} of them that predict a token"
-
-
-def _documents_line(r: dict[str, Any]) -> list[str]:
-    if "documents" not in r:
-        return []
-    trained = r.get("training_documents_evaluated")
-    note = "" if trained is None else f", {trained} of them training documents of the SAE"
-    return [f"documents    {r['documents']:,} ({r['documents_from']}){note}"]

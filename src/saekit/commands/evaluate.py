@@ -1,0 +1,90 @@
+"""``saekit eval``: its flags and its printed report; the evaluation is
+:func:`saekit.eval.saved.evaluate_saved` (which documents, which hook: see that module). The
+module is not named ``eval``: that is a builtin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from saekit.commands.flags import add_model_args, add_text_args
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a saved SAE: FVU, L0, dead latents; CE/KL spliced into the model",
+        description="With --model: reconstruction metrics at the hook and (causal LMs) the "
+        "model's CE and KL with the SAE spliced in (and zero-ablated), on the documents the "
+        "SAE's training held out (--split heldout), those a cache held out (--cache DIR) or "
+        "--dataset/--text-file documents in order (a warning counts any the SAE trained on). "
+        "With --cache alone: reconstruction metrics on the cache's held-out last shard.",
+    )
+    p.add_argument("--sae", required=True, metavar="DIR", help="SAE directory (cfg.json)")
+    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="activation cache: alone, reconstruction on its held-out shard; with --model, the"
+        " documents it held out",
+    )
+    add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
+    p.add_argument("--context-length", type=int, help="tokens per context (128)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per batch")
+    p.add_argument("--n-batches", type=int, default=16, help="batches to evaluate")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Reconstruction metrics of a saved SAE, and CE/KL with it spliced into the model."""
+    import json
+
+    from saekit.eval.saved import evaluate_saved
+
+    report = evaluate_saved(args)
+    print(format_eval(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"saekit: wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    lines = [
+        f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']}"
+        + (f" -> target {r['target_hook']})" if "target_hook" in r else ")"),
+        *_documents_line(r),
+        f"tokens       {r['n_tokens']:,}" + _predicted(r),
+        f"FVU          {r['fvu']:.4f}   explained variance {r['explained_variance']:.4f}",
+        f"L0           {r['l0']:.2f}",
+        f"dead         {r['dead_fraction']:.1%} of latents never fired on these tokens",
+        f"dense        {r['dense_fraction']:.1%} of latents fired on > 10% of tokens",
+    ]
+    if "ce_clean" in r:
+        lines += [
+            f"CE clean     {r['ce_clean']:.4f}   with SAE {r['ce_sae']:.4f}   "
+            f"zero-ablated {r['ce_zero']:.4f}   CE score {r['ce_score']:.4f}",
+            f"KL with SAE  {r['kl_sae']:.4f}   zero-ablated {r['kl_zero']:.4f}   "
+            f"KL score {r['kl_score']:.4f}",
+        ]
+    return "\n".join(lines)
+
+
+def _predicted(r: dict[str, Any]) -> str:
+    """CE/KL average over the spliced tokens that predict a real next token: fewer than the
+    spliced ones (the last position of each context predicts nothing)."""
+    if "n_predicted_tokens" not in r:
+        return ""
+    return f" spliced; CE/KL over the {r['n_predicted_tokens']:,} of them that predict a token"
+
+
+def _documents_line(r: dict[str, Any]) -> list[str]:
+    if "documents" not in r:
+        return []
+    trained = r.get("training_documents_evaluated")
+    note = "" if trained is None else f", {trained} of them training documents of the SAE"
+    return [f"documents    {r['documents']:,} ({r['documents_from']}){note}"]
