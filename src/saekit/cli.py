@@ -11,6 +11,7 @@ from pathlib import Path
 
 from saekit.commands import convert, pipeline, report
 from saekit.commands import interop as interop_commands
+from saekit.commands.eval_suite import add_suite_args
 from saekit.commands.flags import add_model_args as _add_model_args
 from saekit.commands.flags import add_model_class_arg as _add_model_class_arg
 from saekit.commands.flags import add_outlier_arg as _add_outlier_arg
@@ -111,7 +112,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from saekit.commands.eval import evaluate_saved, format_eval
+    from saekit.commands.eval_suite import run_suite_command
 
+    if args.suite:
+        return run_suite_command(args)
     report = evaluate_saved(args)
     print(format_eval(report))
     if args.json:
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-batches", type=int, default=16, help="batches to evaluate")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     _add_model_args(p)
+    add_suite_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
