@@ -801,6 +801,20 @@ FAULTS = [
         "        new[:-1] = w",
         ("test_sparse_probing.py", "test_absorption.py"),
     ),
+    Fault(
+        "finetune-kl-reversed",
+        "train/finetune.py",
+        "    kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1).mean()",
+        "    kl = (logp.exp() * (logp - logp_clean)).sum(-1).mean()",
+        ("test_finetune.py",),
+    ),
+    Fault(
+        "finetune-mse-unscaled",
+        "train/finetune.py",
+        "    return kl_weight * kl + (1 - kl_weight) * mse_scale * mse, kl, mse",
+        "    return kl_weight * kl + (1 - kl_weight) * mse, kl, mse",
+        ("test_finetune.py",),
+    ),
 ]
 
 

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from saekit.commands import convert, pipeline, report
+from saekit.commands import convert, finetune, pipeline, report
 from saekit.commands import interop as interop_commands
 from saekit.commands.eval_suite import add_suite_args
 from saekit.commands.flags import add_model_args as _add_model_args
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-files-only", action="store_true", help="never download")
     p.set_defaults(func=cmd_hooks)
     convert.add_parser(sub)
+    finetune.add_parser(sub)
     report.add_parser(sub)
     pipeline.add_parser(sub)
     interop_commands.add_parser(sub)
