@@ -48,7 +48,7 @@ def _check(x_ND: Tensor, y_N: Tensor) -> tuple[Tensor, Tensor]:
     y = y_N.to(torch.bool)
     if y.all() or not y.any():
         raise ValueError("a probe needs examples of both classes")
-    return x_ND.to(torch.float64), y
+    return x_ND.detach().to(torch.float64), y
 
 
 def sample_weights(y_N: Tensor, balanced: bool) -> Tensor:
@@ -86,7 +86,10 @@ def fit_logistic(
         loss.backward()
         return loss
 
-    opt.step(objective)
+    for _ in range(20):  # L-BFGS restarts until the gradient vanishes (ill-conditioned data)
+        opt.step(objective)
+        if params.grad is None or float(params.grad.abs().max()) < 1e-9:
+            break
     w = params.detach()
     return LogisticProbe(weight=w[:-1].clone(), bias=float(w[-1]))
 
