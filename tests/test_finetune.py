@@ -94,3 +94,21 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny_gpt2
     assert len(result.history) == 8
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_transcoder_finetunes_on_its_target(tmp_path, tiny_gpt2, token_ids, one_thread):
+    torch.manual_seed(0)
+    cfg = SAEConfig(
+        d_in=64, d_sae=32, d_out=64, activation={"kind": "topk", "k": 4},
+        hook="transformer.h.1.mlp:input", target_hook="transformer.h.1.mlp",
+    )  # fmt: skip
+    sae = SAE(cfg)
+
+    def train():
+        for i in itertools.count():
+            yield torch.roll(token_ids, i, dims=1)
+
+    config = FinetuneConfig(steps=15, lr=3e-3, checkpoint_every=15)
+    result = finetune(tiny_gpt2, sae, train, lambda: iter([token_ids]), config, out=tmp_path)
+    assert result.after.kl_sae < result.before.kl_sae
+    assert SAE.load(tmp_path).cfg.target_hook == "transformer.h.1.mlp"

@@ -182,11 +182,12 @@ def finetune(
                 _, kl0, mse0 = kl_mse_loss(clean, spliced, target, x_hat, 1.0, 1.0)
             mse_scale = float(kl0 / mse0) if float(mse0) > 0 else 1.0
         loss, kl, mse = kl_mse_loss(clean, spliced, target, x_hat, mse_scale, config.kl_weight)
+        kl, mse = kl.detach(), mse.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        record = {"loss": float(loss), "kl": float(kl), "mse": float(mse)}
+        record = {"loss": float(loss.detach()), "kl": float(kl), "mse": float(mse)}
         history.append(record)
         if progress is not None:
             progress(step + 1, record)
