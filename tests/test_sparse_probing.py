@@ -126,3 +126,19 @@ def test_a_planted_binary_feature_is_separated_at_k_1(one_thread, tiny_tokenizer
     assert one.accuracy == 1.0 and one.auc == 1.0
     assert result.dense.accuracy == 1.0
     assert result.n_train % 2 == 0 and result.n_test == 40
+
+
+def test_builtin_tasks_come_from_the_tokenizer():
+    from test_absorption import word_tokenizer
+
+    from saekit.eval.suite import SuiteOptions, _tasks
+
+    tokenizer = word_tokenizer(["apple", "Echo", "bee", "cat", "x1"])
+    vowel = {e.text: e.label for e in sp.builtin_task("first_letter_vowel", tokenizer)}
+    capital = {e.text: e.label for e in sp.builtin_task("capitalised", tokenizer)}
+    assert vowel["apple"] and vowel["Echo"] and vowel["A"] and not vowel["bee"]
+    assert capital["Echo"] and capital["B"] and not capital["cat"] and "x1" not in capital
+    with pytest.raises(ValueError, match="unknown built-in"):
+        sp.builtin_task("sentiment", tokenizer)
+    with pytest.raises(ValueError, match="give --probe-data"):
+        _tasks(SuiteOptions(["sparse_probing"], None, []), tokenizer)  # too few words

@@ -29,6 +29,7 @@ from saekit.model.sae import SAE
 
 SUITES = ("core", "absorption", "sparse_probing")
 N_BOOTSTRAP = 1000
+MIN_PER_CLASS = 10
 
 
 def parse_suites(text: str) -> list[str]:
@@ -221,9 +222,22 @@ def run_suite(
 
 
 def _tasks(options: SuiteOptions, tokenizer) -> list[tuple[str, list[Example]]]:
+    """The user's files, or the built-in tasks this tokenizer has ≥ MIN_PER_CLASS words of
+    each class for (a vocabulary without capitals has no ``capitalised`` task)."""
     if options.probe_data:
         return [(Path(p).stem, read_labelled(p)) for p in options.probe_data]
-    return [(name, builtin_task(name, tokenizer)) for name in BUILTIN_TASKS]
+    tasks = []
+    for name in BUILTIN_TASKS:
+        examples = builtin_task(name, tokenizer)
+        n_pos = sum(e.label for e in examples)
+        if min(n_pos, len(examples) - n_pos) >= MIN_PER_CLASS:
+            tasks.append((name, examples))
+    if not tasks:
+        raise ValueError(
+            f"the tokenizer's words give no built-in probing task with {MIN_PER_CLASS} of each"
+            " class: give --probe-data FILE"
+        )
+    return tasks
 
 
 def metric_rows(result: SuiteResult) -> dict[str, float]:
