@@ -802,6 +802,13 @@ FAULTS = [
         ("test_sparse_probing.py", "test_absorption.py"),
     ),
     Fault(
+        "absorption-cosine-of-encoder",
+        "eval/absorption.py",
+        "            dirs = (sae.decode(rows) - offset).double().cpu()",
+        "            dirs = (rows @ sae.W_enc).double().cpu()",
+        ("test_absorption.py",),
+    ),
+    Fault(
         "finetune-kl-reversed",
         "train/finetune.py",
         "    kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1).mean()",
