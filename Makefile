@@ -26,7 +26,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# The other SAE libraries (sae-lens, eai-sparsify, dictionary-learning) in their own venv, torch
+# The other SAE libraries (sae-lens, eai-sparsify, dictionary-learning) and SAEBench (sae-bench:
+# tests/interop/test_saebench.py) in their own venv, torch
 # pinned to the same CPU build; tests/interop load saekit's exports with them and import theirs.
 BENCHENV := .benchenv
 BENCHSTAMP := $(BENCHENV)/.interop-installed
@@ -35,7 +36,8 @@ $(BENCHSTAMP): constraints.txt
 	test -x $(BENCHENV)/bin/python || $(PYTHON) -m venv $(BENCHENV)
 	$(BENCHENV)/bin/pip install -q -c constraints.txt torch==2.13.0
 	$(BENCHENV)/bin/pip install -q -c constraints.txt eai-sparsify sae-lens dictionary-learning
-	$(BENCHENV)/bin/pip uninstall -q -y torchvision
+	$(BENCHENV)/bin/pip install -q -c constraints.txt sae-bench
+	$(BENCHENV)/bin/pip uninstall -q -y torchvision nvidia-nccl-cu12
 	$(BENCHENV)/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(BENCHSTAMP)
 

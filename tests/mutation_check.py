@@ -872,6 +872,62 @@ FAULTS = [
         "            pass  # FAULT: avg is the sum",
         ("test_distributed.py",),
     ),
+    Fault(
+        "absorption-main-latents-count-as-absorbers",
+        "eval/absorption.py",
+        "    candidate_NM = (cos >= ABSORPTION_FRACTION_PROBE_COS) & ~main & (latent_proj_NM > 0)",
+        "    candidate_NM = (cos >= ABSORPTION_FRACTION_PROBE_COS) & (latent_proj_NM > 0)",
+        ("test_absorption.py",),
+    ),
+    Fault(
+        "absorption-full-ignores-projection-share",
+        "eval/absorption.py",
+        "        & (top_proj >= PROBE_PROJECTION_PROPORTION * proj)",
+        "        & (top_proj >= 0)",
+        ("test_absorption.py",),
+    ),
+    Fault(
+        "absorption-split-never-stops",
+        "eval/absorption.py",
+        "        if f1 > best + F1_JUMP:",
+        "        if f1 > best - F1_JUMP:",
+        ("test_absorption.py",),
+    ),
+    Fault(
+        "probe-selection-signed-mean-diff",
+        "eval/sparse_probing.py",
+        "    diff = (z[y_N].mean(0) - z[~y_N].mean(0)).abs()",
+        "    diff = z[y_N].mean(0) - z[~y_N].mean(0)",
+        ("test_sparse_probing.py",),
+    ),
+    Fault(
+        "l1-probe-no-soft-threshold",
+        "eval/logistic.py",
+        "        new[:-1] = torch.sign(w) * (w.abs() - step * l1).clamp_min(0)",
+        "        new[:-1] = w",
+        ("test_sparse_probing.py", "test_absorption.py"),
+    ),
+    Fault(
+        "absorption-cosine-of-encoder",
+        "eval/absorption.py",
+        "            dirs = (sae.decode(rows) - offset).double().cpu()",
+        "            dirs = (rows @ sae.W_enc).double().cpu()",
+        ("test_absorption.py",),
+    ),
+    Fault(
+        "finetune-kl-reversed",
+        "train/finetune.py",
+        "    kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1).mean()",
+        "    kl = (logp.exp() * (logp - logp_clean)).sum(-1).mean()",
+        ("test_finetune.py",),
+    ),
+    Fault(
+        "finetune-mse-unscaled",
+        "train/finetune.py",
+        "    return kl_weight * kl + (1 - kl_weight) * mse_scale * mse, kl, mse",
+        "    return kl_weight * kl + (1 - kl_weight) * mse, kl, mse",
+        ("test_finetune.py",),
+    ),
 ]
 
 

@@ -57,6 +57,7 @@ def test_the_help_answers_without_torch_in_well_under_a_second():
             "eval",
             "hooks",
             "convert",
+            "finetune",
             "report",
             "pipeline",
             "export",

@@ -1,5 +1,5 @@
-"""`saekit train | sweep | bench | cache | eval | hooks | convert | report | pipeline | export
-| import`."""
+"""`saekit train | sweep | bench | cache | eval | finetune | hooks | convert | report | pipeline
+| export | import`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from saekit.commands import (
     cache,
     convert,
     evaluate,
+    finetune,
     hooks,
     interop,
     pipeline,
@@ -24,7 +25,19 @@ from saekit.commands import (
 
 # Nothing here imports torch at module level: `saekit --help` answers without it.
 
-COMMANDS = (train, sweep, bench, cache, evaluate, hooks, convert, report, pipeline, interop)
+COMMANDS = (
+    train,
+    sweep,
+    bench,
+    cache,
+    evaluate,
+    finetune,
+    hooks,
+    convert,
+    report,
+    pipeline,
+    interop,
+)
 """The command modules, in the order ``saekit --help`` lists them. Each exposes
 ``add_parser(subparsers)`` (its parser(s), with ``func=run``) and ``run(args) -> int``."""
 

@@ -1,6 +1,7 @@
 """``saekit eval``: its flags and its printed report; the evaluation is
-:func:`saekit.eval.saved.evaluate_saved` (which documents, which hook: see that module). The
-module is not named ``eval``: that is a builtin."""
+:func:`saekit.eval.saved.evaluate_saved` (which documents, which hook: see that module), and with
+``--suite`` :mod:`saekit.eval.suite` (absorption, sparse probing). The module is not named
+``eval``: that is a builtin. No torch at import: ``saekit --help`` builds this parser."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--n-batches", type=int, default=16, help="batches to evaluate")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     add_model_args(p)
+    add_suite_args(p)
     p.set_defaults(func=run)
 
 
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     from saekit.eval.saved import evaluate_saved
 
+    if args.suite:
+        return run_suite_command(args)
     report = evaluate_saved(args)
     print(format_eval(report))
     if args.json:
@@ -88,3 +92,53 @@ def _documents_line(r: dict[str, Any]) -> list[str]:
     trained = r.get("training_documents_evaluated")
     note = "" if trained is None else f", {trained} of them training documents of the SAE"
     return [f"documents    {r['documents']:,} ({r['documents_from']}){note}"]
+
+
+def add_suite_args(p: argparse.ArgumentParser) -> None:
+    """``--suite`` and its options (:mod:`saekit.eval.suite`)."""
+    p.add_argument(
+        "--suite",
+        metavar="LIST",
+        help="judge-free suites, comma-separated: core,absorption,sparse_probing; --sae may be a"
+        " sweep or run directory (every SAE under it)",
+    )
+    p.add_argument(
+        "--probe-data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="sparse_probing: text,label CSV or JSONL files (default: built-in tasks)",
+    )
+    p.add_argument("--suite-out", metavar="DIR", help="suite: output directory (default: --sae)")
+    p.add_argument("--max-words", type=int, help="absorption: at most this many words (sampled)")
+
+
+def run_suite_command(args: argparse.Namespace) -> int:
+    """``saekit eval --suite``: each suite on each SAE; JSON per SAE, table and plot."""
+    import copy
+
+    from saekit.eval.suite import SuiteOptions, parse_suites, run_suite, sae_dirs, write_suite
+
+    suites = parse_suites(args.suite)
+    paths = sae_dirs(args.sae)
+
+    def core(path: Any) -> dict[str, Any]:
+        one = copy.copy(args)
+        one.sae = path
+        from saekit.eval.saved import evaluate_saved
+
+        return evaluate_saved(one)
+
+    options = SuiteOptions(
+        suites=suites,
+        model=args.model,
+        probe_data=args.probe_data,
+        device=args.device,
+        local_files_only=args.local_files_only,
+        max_words=args.max_words,
+    )
+    results = run_suite(paths, options, core)
+    for path in write_suite(results, args.suite_out or args.sae):
+        print(f"saekit: wrote {path}", file=sys.stderr)
+    print((Path(args.suite_out or args.sae) / "suite.md").read_text(), end="")
+    return 0
