@@ -246,6 +246,13 @@ FAULTS = [
         ("test_speed_paths.py", "test_objective.py"),
     ),
     Fault(
+        "auxk-columns-grad-w-dec-input-width",
+        "kernels/columns.py",
+        "grad_SD.new_zeros(M, d_out)",
+        "grad_SD.new_zeros(M, d_in)",
+        ("test_transcoder_auxk_columns.py",),
+    ),
+    Fault(
         "auxk-subsample-normaliser-from-sample",
         "objective/revival.py",
         "        variance = torch.var(e_ND, dim=0, correction=0).sum()",
