@@ -253,6 +253,27 @@ FAULTS = [
         ("test_transcoder_auxk_columns.py",),
     ),
     Fault(
+        "checkpoint-json-hash-unchecked",
+        "train/checkpoint.py",
+        "        if recorded != sha256_file(meta_path):",
+        "        if False:",
+        ("test_resume_integrity.py",),
+    ),
+    Fault(
+        "checkpoint-json-types-unchecked",
+        "train/checkpoint.py",
+        "    problem = _meta_problem(meta)\n",
+        "    problem = None\n",
+        ("test_resume_integrity.py",),
+    ),
+    Fault(
+        "resume-config-yaml-not-compared",
+        "train/resume_check.py",
+        "flat_differences(recorded, current)",
+        "flat_differences(recorded, recorded)",
+        ("test_resume_integrity.py",),
+    ),
+    Fault(
         "auxk-subsample-normaliser-from-sample",
         "objective/revival.py",
         "        variance = torch.var(e_ND, dim=0, correction=0).sum()",

@@ -50,7 +50,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace the run already in --out (its config, checkpoint, SAEs and metrics)",
+        help="replace the run already in --out (its config, checkpoint, SAEs and metrics); with "
+        "--resume: continue from the checkpoint's config although config.yaml differs",
     )
     p.add_argument(
         "--nproc", type=int, default=1, help="processes on this machine (torchrun; see parallel)"

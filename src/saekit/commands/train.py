@@ -83,7 +83,7 @@ def train_command(args: argparse.Namespace, default: dict[str, Any]) -> int:
 
     if args.resume:
         _warn_resume_ignores(args)
-        cfg = resume_config(args.resume, args.steps)
+        cfg = resume_config(args.resume, args.steps, force=args.force)
     else:
         cfg = build_run_config(_run_config_dict(args, default))
         if not launched():  # torchrun workers: the launching process checked and cleared it
@@ -165,8 +165,6 @@ def _warn_resume_ignores(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     ignored += [f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
-    if args.force:
-        ignored.append("--force")
     if ignored:
         print(
             f"saekit: --resume keeps the config saved in {args.resume}; ignoring "

@@ -16,12 +16,17 @@ import torch
 from saekit.core.atomic import remove_stale_temporaries
 from saekit.core.configs import to_dict
 from saekit.data.from_config import make_source
-from saekit.model.format import CheckpointError
-from saekit.train.checkpoint import CHECKPOINT_DIR, read_checkpoint_meta
+from saekit.train.checkpoint import (
+    CHECKPOINT_DIR,
+    NoCheckpoint,
+    read_checkpoint_meta,
+    verify_training_checkpoint,
+)
 from saekit.train.config import RunConfig, build_run_config
 from saekit.train.config_files import load_config_file
 from saekit.train.launch import launched
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
+from saekit.train.resume_check import checked_resume_config
 from saekit.train.run_distributed import run_distributed
 from saekit.train.trainer import Trainer
 
@@ -68,18 +73,18 @@ def wandb_logger(cfg: RunConfig):
     return log
 
 
-def resume_config(run_dir: str | Path, steps: int | None = None) -> RunConfig:
+def resume_config(run_dir: str | Path, steps: int | None = None, force: bool = False) -> RunConfig:
     """The config a checkpointed run was started with; ``steps`` may extend it (never below
-    the checkpoint's step)."""
+    the checkpoint's step). Both halves of the checkpoint and the run's ``config.yaml`` are
+    checked first (:mod:`saekit.train.resume_check`): nothing is written before they pass."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"--resume {run_dir}: no such run directory")
     remove_run_temporaries(run_dir)
-    try:
-        meta = read_checkpoint_meta(run_dir)
-    except CheckpointError:
+    meta = verify_training_checkpoint(run_dir)
+    if meta is None:
         if not (run_dir / "config.yaml").is_file():
-            raise
+            raise NoCheckpoint(f"--resume {run_dir}: no training checkpoint and no config.yaml")
         # Killed before its first checkpoint: nothing to resume, so start again from step 0.
         print(
             f"saekit: {run_dir} has no checkpoint yet (the run stopped before its first one); "
@@ -88,27 +93,31 @@ def resume_config(run_dir: str | Path, steps: int | None = None) -> RunConfig:
         )
         data = load_config_file(run_dir / "config.yaml")
         meta = {"config": data, "step": 0}
-    data = meta["config"]
-    if steps is not None:
-        if steps < int(meta["step"]):
+    else:
+        data, note = checked_resume_config(run_dir, meta["config"], force)
+        if note:
+            print(f"saekit: warning: {note}", file=sys.stderr)
+    before = meta["config"].get("steps")
+    where = "--steps" if steps is not None else "steps in config.yaml"
+    steps = data.get("steps") if steps is None else steps
+    if steps != before:
+        if not isinstance(steps, int) or steps < int(meta["step"]):
             raise ValueError(
-                f"--steps {steps} is below the checkpoint's step {meta['step']} in {run_dir}"
+                f"{where} {steps} is below the checkpoint's step {meta['step']} in {run_dir}"
             )
-        if steps != data.get("steps"):
-            print(
-                f"saekit: resuming with steps = {steps} instead of {data.get('steps')} (the "
-                "learning-rate schedule follows the new length)",
-                file=sys.stderr,
-            )
-        data["steps"] = steps
-    data["out_dir"] = str(run_dir)
+        print(
+            f"saekit: resuming with steps = {steps} instead of {before} (the "
+            "learning-rate schedule follows the new length)",
+            file=sys.stderr,
+        )
+    data = {**data, "steps": steps, "out_dir": str(run_dir)}
     return build_run_config(data)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     try:
         read_checkpoint_meta(run_dir)
-    except CheckpointError:
+    except NoCheckpoint:
         return False
     return True
 
