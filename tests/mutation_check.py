@@ -274,6 +274,13 @@ FAULTS = [
         ("test_resume_integrity.py",),
     ),
     Fault(
+        "output-inside-input-allowed",
+        "core/paths.py",
+        "        if _inside(out, source) and source not in allowed:",
+        "        if False:",
+        ("test_outputs_over_inputs.py",),
+    ),
+    Fault(
         "auxk-subsample-normaliser-from-sample",
         "objective/revival.py",
         "        variance = torch.var(e_ND, dim=0, correction=0).sum()",

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from saekit.commands.flags import document_inputs
+from saekit.core.paths import refuse_output_over_inputs
 from saekit.data.harvest import HarvestStats, harvest
 
 
@@ -23,6 +25,7 @@ def cache_command(args: argparse.Namespace) -> None:
     for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
         if not value:
             raise ValueError(f"saekit cache needs {flag}")
+    refuse_output_over_inputs(args.out, document_inputs(args))
     # The hook name first (meta device, no weights), then the text, then the weights: each
     # mistake is reported before the slow step after it.
     for point in (args.hook, args.target_hook):

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.commands.flags import document_inputs
+from saekit.core.paths import refuse_output_over_inputs
 from saekit.data.ranges import Ranges
 from saekit.eval.calibrate import l0_target, off_target
 from saekit.eval.metrics import MetricAccumulator
@@ -57,6 +59,8 @@ def text_documents(args: argparse.Namespace) -> Iterator[str]:
 
 def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     """The report of ``saekit eval`` (printed by :func:`format_eval`)."""
+    inputs = [("--sae", args.sae), ("--cache", args.cache), *document_inputs(args)]
+    refuse_output_over_inputs(args.json, inputs, flag="--json")
     sae = SAE.load(args.sae, device=args.device)
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     hook = args.hook or sae.cfg.hook

@@ -68,3 +68,10 @@ def add_model_args(g: Any, train: bool = False) -> None:
         metavar="TOKEN|none",
         help="token after each document (default: the tokenizer's EOS, else BOS, else SEP)",
     )
+
+
+def document_inputs(args: Any) -> list[tuple[str, Any]]:
+    """The model and document paths a command reads (``core.paths.refuse_output_over_inputs``
+    refuses an output over any of them; hub ids match no path)."""
+    names = (("--model", "model"), ("--dataset", "dataset"), ("--text-file", "text_file"))
+    return [(flag, getattr(args, name, None)) for flag, name in names]

@@ -15,6 +15,7 @@ import torch
 
 from saekit.core.atomic import remove_stale_temporaries
 from saekit.core.configs import to_dict
+from saekit.core.paths import refuse_output_over_inputs
 from saekit.data.from_config import make_source
 from saekit.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -143,6 +144,10 @@ def prepare_out_dir(cfg: RunConfig, force: bool = False) -> None:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out} exists and is not a directory")
+    data = cfg.data
+    inputs = [("data.cache_dir", data.cache_dir), ("data.text_file", data.text_file)]
+    inputs += [("data.model", data.model), ("data.dataset", data.dataset)]
+    refuse_output_over_inputs(out, inputs, flag="out_dir")
     if not holds_run(out):
         remove_run_temporaries(out)
         return
