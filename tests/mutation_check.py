@@ -281,6 +281,20 @@ FAULTS = [
         ("test_outputs_over_inputs.py",),
     ),
     Fault(
+        "preflight-memory-unchecked",
+        "train/preflight.py",
+        "    if need > total:",
+        "    if False:",
+        ("test_run_preflight.py",),
+    ),
+    Fault(
+        "failed-start-left-behind",
+        "train/run.py",
+        '    (out / "config.yaml").unlink(missing_ok=True)',
+        "    pass",
+        ("test_run_preflight.py",),
+    ),
+    Fault(
         "auxk-subsample-normaliser-from-sample",
         "objective/revival.py",
         "        variance = torch.var(e_ND, dim=0, correction=0).sum()",

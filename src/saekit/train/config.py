@@ -293,11 +293,13 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
 
                 d_data = model_hidden_size(stream_cfg.model, stream_cfg.local_files_only)
             sae["d_in"] = d_data
-        elif stream_cfg.source == "cache" and sae["d_in"] != d_data:
-            raise ValueError(
-                f"saes.{i}.sae.d_in = {sae['d_in']} but the activation cache"
-                f" {stream_cfg.cache_dir} has width {d_data}"
+        elif d_data is not None and sae["d_in"] != d_data:
+            where = (
+                f"the activation cache {stream_cfg.cache_dir}"
+                if stream_cfg.source == "cache"
+                else "the synthetic data (data.synthetic.d)"
             )
+            raise ValueError(f"saes.{i}.sae.d_in = {sae['d_in']} but {where} has width {d_data}")
         paired = d_target is not None or "target_hook" in origin
         if paired and not sae.get("d_out"):
             if d_target is None:  # an MLP's output: the model's width (set d_out otherwise)

@@ -43,6 +43,11 @@ def _one_line(exc: BaseException) -> str:
 def _list_index(node: list, part: str, key: str) -> int:
     if not part.isdigit() or int(part) > 10_000:
         raise ValueError(f"override {key!r}: {part!r} is not a list index")
+    if int(part) > len(node):  # one past the end adds an entry; further would leave a gap
+        raise ValueError(
+            f"override {key!r}: index {part} is past the end of a list of {len(node)} "
+            f"(existing entries 0..{len(node) - 1}; {len(node)} adds one)"
+        )
     return int(part)
 
 

@@ -140,7 +140,11 @@ class SAETrainConfig:
         return "-".join(parts)
 
 
-RESERVED_NAMES = ("checkpoint",)
+RESERVED_NAMES = (
+    "checkpoint", "config.yaml", "summary.json", "l0_vs_fvu.png", "l0_histogram.png",
+    "encoder_bias.png", "cos_heatmap.png",
+)  # fmt: skip
+"""The run directory's own files and directories (saekit.train.outputs, report.plots)."""
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=,@-]*$")
 
 

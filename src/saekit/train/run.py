@@ -27,6 +27,7 @@ from saekit.train.config import RunConfig, build_run_config
 from saekit.train.config_files import load_config_file
 from saekit.train.launch import launched
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
+from saekit.train.preflight import check_fits
 from saekit.train.resume_check import checked_resume_config
 from saekit.train.run_distributed import run_distributed
 from saekit.train.trainer import Trainer
@@ -37,6 +38,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[di
         return run_distributed(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_fits(cfg)
     write_run_config(cfg)
     source = make_source(cfg)
     trainer = Trainer(cfg, source)
@@ -136,6 +138,24 @@ def holds_run(out_dir: Path) -> bool:
         for d in out_dir.iterdir()
         if d.is_dir()
     )
+
+
+def discard_failed_start(cfg: RunConfig, created: bool) -> None:
+    """After a new run failed before its first checkpoint (NaN loss, a wrong width, out of
+    memory): remove what it wrote (config.yaml, its SAEs' logs; the directory if it created
+    it), so the corrected command is not refused as "already holds a run". Nothing is removed
+    once a checkpoint or a saved SAE exists: that is work to keep (resume, or --force)."""
+    out = Path(cfg.out_dir)
+    names = [s.name for s in cfg.saes]
+    if (out / CHECKPOINT_DIR).exists() or any((out / n / "cfg.json").exists() for n in names):
+        return
+    for name in names:
+        if (out / name).is_dir() and {p.name for p in (out / name).iterdir()} <= {"metrics.jsonl"}:
+            shutil.rmtree(out / name)
+    (out / "config.yaml").unlink(missing_ok=True)
+    remove_run_temporaries(out)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def prepare_out_dir(cfg: RunConfig, force: bool = False) -> None:
