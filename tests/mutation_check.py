@@ -295,6 +295,27 @@ FAULTS = [
         ("test_run_preflight.py",),
     ),
     Fault(
+        "nan-weights-loaded",
+        "model/sae.py",
+        "        if nonfinite:  # a diverged run's",
+        "        if False:  # a diverged run's",
+        ("test_accepted_nonsense.py",),
+    ),
+    Fault(
+        "inference-forward-unchecked",
+        "model/sae.py",
+        "        if not self.training:  # inference refuses NaN/inf input",
+        "        if False:  # inference refuses NaN/inf input",
+        ("test_accepted_nonsense.py",),
+    ),
+    Fault(
+        "yaml-duplicate-keys-kept",
+        "train/config_files.py",
+        "            if isinstance(key, str) and key in seen:",
+        "            if False:",
+        ("test_accepted_nonsense.py",),
+    ),
+    Fault(
         "auxk-subsample-normaliser-from-sample",
         "objective/revival.py",
         "        variance = torch.var(e_ND, dim=0, correction=0).sum()",

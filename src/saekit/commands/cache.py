@@ -26,6 +26,8 @@ def cache_command(args: argparse.Namespace) -> None:
         if not value:
             raise ValueError(f"saekit cache needs {flag}")
     refuse_output_over_inputs(args.out, document_inputs(args))
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     # The hook name first (meta device, no weights), then the text, then the weights: each
     # mistake is reported before the slow step after it.
     for point in (args.hook, args.target_hook):

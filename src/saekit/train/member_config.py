@@ -108,6 +108,9 @@ class SAETrainConfig:
                     f"matryoshka: cannot draw n_prefixes - 1 = {n - 1} distinct prefixes of at "
                     f"least min_prefix = {m} below sae.d_sae = {d_sae}"
                 )
+        k_aux = getattr(self.revival, "k_aux", None)
+        if k_aux is not None and k_aux > d_sae:
+            raise ValueError(f"revival.k_aux = {k_aux} exceeds sae.d_sae = {d_sae}")
         kind = self.sae.activation.kind
         if self.matryoshka is not None and ACTIVATIONS[kind].overrides("reconstruction_loss"):
             raise ValueError(
