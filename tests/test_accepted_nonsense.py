@@ -101,3 +101,32 @@ def test_cache_max_tokens_zero_is_refused(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "c"), "--max-tokens", "0"]) == 2
     assert "--max-tokens must be positive" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_eval_of_a_synthetic_sae_on_a_cache_takes_the_cache_hook(tmp_path, capsys):
+    from saekit.data.cache_write import write_cache
+
+    small_sae().save(tmp_path / "sae")  # no hook recorded, as after synthetic training
+    write_cache(tmp_path / "c", [torch.randn(300, 8)], "h", "m", shard_tokens=100)
+    assert main(["eval", "--sae", str(tmp_path / "sae"), "--cache", str(tmp_path / "c")]) == 0
+    assert main(["eval", "--sae", str(tmp_path / "sae")]) == 2
+    assert "--cache" in capsys.readouterr().err
+
+
+def test_edited_cache_manifest_and_shard_header_are_named(tmp_path):
+    from saekit.data.cache import ActivationCache, CacheError
+    from saekit.data.cache_write import write_cache
+
+    write_cache(tmp_path / "c", [torch.randn(300, 8)], "h", "m", shard_tokens=100)
+    manifest = tmp_path / "c" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"bytes"', '"bqtes"', 1))
+    with pytest.raises(CacheError, match="manifest.json: shards.0 is malformed"):
+        ActivationCache(tmp_path / "c")
+    manifest.write_text(text)
+    shard = tmp_path / "c" / "shard_000000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[9] = 0xAE  # inside the JSON header: not UTF-8
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="shard_000000.safetensors: corrupt safetensors header"):
+        ActivationCache(tmp_path / "c").load_shard(0)

@@ -140,3 +140,13 @@ def test_steps_edited_in_config_yaml_is_applied_like_steps(run, capsys):
     assert "steps = 9 instead of 6" in capsys.readouterr().err
     steps = [json.loads(x)["step"] for x in (run / NAME / "metrics.jsonl").open()]
     assert steps[-1] == 9
+
+
+def test_resume_reads_a_log_with_undecodable_bytes(run, capsys):
+    """A metrics.jsonl line cut by a kill mid-character is dropped, not a UnicodeDecodeError
+    (found by the CLI fuzz, after config.yaml had been rewritten)."""
+    log = run / NAME / "metrics.jsonl"
+    log.write_bytes(log.read_bytes() + b'{"step": 7, "lo\xae')
+    assert main(["train", "--resume", str(run), "--steps", "8", "--no-progress"]) == 0
+    steps = [json.loads(x)["step"] for x in log.open()]
+    assert steps == sorted(steps) and steps[-1] == 8

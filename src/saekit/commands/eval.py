@@ -63,14 +63,18 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     refuse_output_over_inputs(args.json, inputs, flag="--json")
     sae = SAE.load(args.sae, device=args.device)
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    hook = args.hook or sae.cfg.hook
-    if not hook:
-        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
     if not (args.model or args.cache):
         raise ValueError(
             "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
             " (reconstruction only)"
         )
+    hook = args.hook or sae.cfg.hook
+    if not hook and args.cache and not args.model:  # e.g. an SAE trained on synthetic data
+        from saekit.data.cache import ActivationCache
+
+        hook = ActivationCache(args.cache).hook
+    if not hook:
+        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
     if sae.cfg.transcoder and args.model and not sae.cfg.target_hook:
         raise ValueError(f"{args.sae} is a transcoder whose cfg.json names no target_hook")
     acc = MetricAccumulator(sae.cfg.target_width, d_sae, device=args.device)

@@ -15,6 +15,7 @@ import yaml
 
 from saekit.core.configs import to_dict
 from saekit.interop.names import transformer_lens_name
+from saekit.interop.portable import InteropError
 from saekit.model.sae import SAE
 
 
@@ -47,13 +48,40 @@ def export_info(sae: SAE, sae_dir: Path | None) -> dict[str, Any]:
         return info
     eval_path = sae_dir / "eval.json"
     if eval_path.is_file():
-        report = json.loads(eval_path.read_text())
+        report = _read(eval_path, json.loads)
         info["l0"] = report.get("l0")
         if report.get("dead_fraction") is not None:
             info["dead_latents"] = round(report["dead_fraction"] * cfg.d_sae)
     run_config = sae_dir.parent / "config.yaml"
     if run_config.is_file():
-        data = (yaml.safe_load(run_config.read_text()) or {}).get("data", {})
-        if data.get("source") == "hf":  # a cache's contexts are the cache's, not recorded here
+        data = _read(run_config, yaml.safe_load).get("data") or {}
+        if data.get("source") == "hf":
             info["context_size"] = data.get("context_length")
+        elif data.get("source") == "cache":  # the contexts the cache was harvested in
+            info["context_size"] = _cache_context_length(data.get("cache_dir"))
     return info
+
+
+def _read(path: Path, parse: Any) -> dict[str, Any]:
+    """A JSON or YAML mapping, or a one-line InteropError naming the file."""
+    try:
+        data = parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as exc:  # JSON, YAML, UTF-8 errors
+        raise InteropError(f"{path}: unreadable ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise InteropError(f"{path}: expected a mapping")
+    return data
+
+
+def _cache_context_length(cache_dir: str | None) -> int | None:
+    """The context length the cache's manifest records (None: the cache is gone or unreadable;
+    the export then leaves context_size unset rather than fail)."""
+    from saekit.data.cache import ActivationCache, CacheError
+
+    if not cache_dir:
+        return None
+    try:
+        value = ActivationCache(cache_dir).manifest.get("metadata", {}).get("context_length")
+    except (CacheError, OSError):
+        return None
+    return value if isinstance(value, int) else None

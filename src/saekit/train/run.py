@@ -39,13 +39,16 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[di
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_fits(cfg)
-    write_run_config(cfg)
+    if not resume:
+        write_run_config(cfg)
     source = make_source(cfg)
     trainer = Trainer(cfg, source)
     if resume and has_checkpoint(trainer.out_dir):
         trainer.load_checkpoint()
     else:
         trainer.trim_metrics()  # step 0: a killed earlier attempt's log starts over
+    if resume:  # once the checkpoint loaded: a resume that fails leaves config.yaml as it was
+        write_run_config(cfg)
     if cfg.wandb_project:
         trainer.log_callbacks.append(wandb_logger(cfg))
     trainer.fit()
