@@ -130,3 +130,30 @@ def test_edited_cache_manifest_and_shard_header_are_named(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(CacheError, match="shard_000000.safetensors: corrupt safetensors header"):
         ActivationCache(tmp_path / "c").load_shard(0)
+
+
+def test_small_messages(tmp_path, capsys):
+    """A kind given as a bare string names the missing field; --help lists convert and
+    circuit-tracer; a BatchTopK SAE refused by sparsify is called batchtopk; a transcoder
+    cache's summary names its target hook."""
+    from saekit.data.cache_write import write_cache
+
+    with pytest.raises(
+        ValueError, match=r"saes.0.sae.activation: missing required field\(s\) \['k'\]"
+    ):
+        build_run_config({**_run(), "saes": [{"sae": {"d_sae": 8, "activation": "topk"}}]})
+    for argv in (["--help"], ["export", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    out = capsys.readouterr().out
+    assert "convert" in out.split("positional arguments")[0] and "circuit-tracer" in out
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, activation={"kind": "batchtopk", "k": 2}))
+    sae.save(tmp_path / "b")
+    assert (
+        main(["export", str(tmp_path / "b"), "--to", "sparsify", "--out", str(tmp_path / "o")]) == 2
+    )
+    assert "this SAE is 'batchtopk'" in capsys.readouterr().err
+    pairs = [{"x": torch.randn(50, 8), "y": torch.randn(50, 4)}]
+    write_cache(tmp_path / "t", pairs, "x", "m", shard_tokens=100, target_hook="y")
+    assert main(["cache", "verify", str(tmp_path / "t")]) == 0
+    assert "target hook y" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`saekit train | sweep | cache | eval | hooks | bench | report | pipeline | export | import`."""
+"""`saekit train | sweep | cache | eval | hooks | bench | report | pipeline | convert | export |
+import`."""
 
 from __future__ import annotations
 
@@ -102,7 +103,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cache.verify()
     print(
         f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
-        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}; verified"
+        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}"
+        + (f", target hook {cache.target_hook}" if cache.target_hook else "")
+        + "; verified"
     )
     return 0
 

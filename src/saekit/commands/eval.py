@@ -97,7 +97,8 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     result = acc.result()
     report.update(result.summary())
     report.update(d_in=d_in, d_sae=d_sae, l0_histogram=result.l0_histogram)
-    message = off_target(str(args.sae), report["l0"], l0_target(sae.cfg))
+    theta = float(sae.activation.threshold) if sae.cfg.activation.kind == "batchtopk" else None
+    message = off_target(str(args.sae), report["l0"], l0_target(sae.cfg), theta)
     if message is not None:
         print(f"saekit: warning: {message}", file=sys.stderr)
     return report

@@ -18,7 +18,8 @@ FROM = ("saelens", "sparsify", "dictionary_learning", "gemma_scope_2")
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="write a saved SAE (or every SAE of a run) in SAELens or sparsify format",
+        help="write a saved SAE (or every SAE of a run) in SAELens, sparsify or circuit-tracer "
+        "format",
         description="A run directory writes one SAE per subdirectory of --out, named as in the "
         "run. sparsify's layout adds a directory named after the hook point.",
     )
