@@ -316,6 +316,20 @@ FAULTS = [
         ("test_accepted_nonsense.py",),
     ),
     Fault(
+        "held-out-without-documents-unsaid",
+        "commands/held_out.py",
+        '    if held is None or held.get("documents"):',
+        "    if True:",
+        ("test_heldout_no_document.py",),
+    ),
+    Fault(
+        "theta-zero-reason-dropped",
+        "eval/calibrate.py",
+        "    if threshold is not None and threshold <= 0 and l0 < target:",
+        "    if False:",
+        ("test_l0_warnings.py",),
+    ),
+    Fault(
         "auxk-subsample-normaliser-from-sample",
         "objective/revival.py",
         "        variance = torch.var(e_ND, dim=0, correction=0).sum()",

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from saekit.commands.flags import document_inputs
+from saekit.commands.held_out import held_out_problem
 from saekit.core.paths import refuse_output_over_inputs
 from saekit.data.harvest import HarvestStats, harvest
 
@@ -71,7 +72,7 @@ def cache_command(args: argparse.Namespace) -> None:
     outputs = harvest(harvester, contexts, prefetch=2, outlier_norm=args.outlier_norm, stats=stats)
     acts = _counted(outputs, hook, args.max_tokens, args.progress)
     try:
-        write_cache(
+        manifest = write_cache(
             args.out,
             acts,
             hook,
@@ -84,6 +85,9 @@ def cache_command(args: argparse.Namespace) -> None:
         )
     finally:
         acts.close()  # closes the bar now, not at garbage collection (after "verified")
+    problem = held_out_problem(manifest, args.out)
+    if problem:  # training can still use the cache; held-out evaluation cannot
+        print(f"saekit: warning: {problem}", file=sys.stderr)
     if args.outlier_norm is not None:
         print(
             f"saekit: dropped {stats.outliers:,} outlier tokens (norm > {args.outlier_norm:g} x"

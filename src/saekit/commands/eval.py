@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from saekit.commands.flags import document_inputs
+from saekit.commands.held_out import held_out_problem
 from saekit.core.paths import refuse_output_over_inputs
 from saekit.data.ranges import Ranges
 from saekit.eval.calibrate import l0_target, off_target
@@ -218,7 +219,11 @@ def _documents(
     from saekit.data.documents import cache_documents, held_out_documents, text_source
 
     if args.cache:
-        text, _, held = cache_documents(ActivationCache(args.cache))
+        cache = ActivationCache(args.cache)
+        problem = held_out_problem(cache.manifest, args.cache)
+        if problem:
+            raise ValueError(problem)
+        text, _, held = cache_documents(cache)
         if held is None or text is None:
             raise ValueError(
                 f"the activation cache {args.cache} records no held-out documents (a single"

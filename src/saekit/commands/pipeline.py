@@ -186,6 +186,12 @@ def pipeline_command(args: argparse.Namespace, commands: dict[str, argparse.Argu
         + ["--batch-size", str(c.batch_size), "--max-tokens", str(c.max_tokens)]
         + ["--shard-tokens", str(c.shard_tokens), "--dtype", c.dtype, *quiet]
     )
+    from saekit.commands.held_out import held_out_problem
+    from saekit.data.cache import ActivationCache
+
+    problem = held_out_problem(ActivationCache(out / "cache").manifest, out / "cache")
+    if problem:  # stage 3 would fail after training: stop before it
+        raise ValueError(problem)
     stage(2, "train")
     run_config = {**cfg.train, "data": {"source": "cache", "cache_dir": str(out / "cache")}}
     run_config["out_dir"] = str(out / "train")
