@@ -38,3 +38,14 @@ def test_no_whole_held_out_document_is_said_when_cached_and_at_eval(
     assert main(argv) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("saekit: error:")]
     assert len(err) == 1 and "no whole document" in err[0] and "--shard-tokens" in err[0], err
+
+
+def test_cache_context_longer_than_the_model_positions_is_refused(tmp_path, tiny_tokenizer, capsys):
+    make_tiny_gpt2().save_pretrained(tmp_path / "m")  # 64 positions
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "docs.txt").write_text(" ".join(f"w{i % 50}" for i in range(500)))
+    argv = ["cache", "--model", str(tmp_path / "m"), "--hook", HOOK, "--local-files-only"]
+    argv += ["--text-file", str(tmp_path / "docs.txt"), "--context-length", "100000"]
+    assert main([*argv, "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("saekit: error:")]
+    assert len(err) == 1 and "exceeds the 64 positions" in err[0], err

@@ -43,6 +43,7 @@ def cache_command(args: argparse.Namespace) -> None:
         exclude_special=args.exclude_special,
     )
     hook, tokenizer, kind = setup.hook, setup.tokenizer, setup.kind
+    _check_positions(setup.model, args.model, args.context_length)
     target = None if args.target_hook is None else str(HookPoint.parse(args.target_hook))
     harvester = setup.harvester(*([target] if target else []), device="cpu")
     contexts = token_batches(
@@ -106,3 +107,14 @@ def _counted(outputs: Iterable[Any], hook: str, total: int | None, show: bool) -
             n = len(out[hook])
             bar.update(n if total is None else min(n, total - bar.n))
             yield out
+
+
+def _check_positions(model: Any, name: str, context_length: int) -> None:
+    """Refuse contexts longer than the model's position table (not "got no activations")."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and context_length > limit:
+        raise ValueError(
+            f"--context-length {context_length} exceeds the {limit} positions model {name} "
+            f"accepts: give --context-length {limit} or less"
+        )
