@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from saekit.commands.flags import add_model_args, add_outlier_arg, add_text_args
+from saekit.core.paths import document_inputs, refuse_output_over_inputs
 
 
 def add_parser(sub: Any) -> None:
@@ -59,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     cache.verify()
     print(
         f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
-        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}; verified"
+        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}"
+        + (f", target hook {cache.target_hook}" if cache.target_hook else "")
+        + "; verified"
     )
     return 0
 
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def cache_command(args: argparse.Namespace) -> None:
     """``saekit cache``: harvest ``args.hook`` of ``args.model`` on the documents into a cache
     at ``args.out``, recording each shard's documents (saekit.data.cache)."""
+    from saekit.data.cache.reading import held_out_problem
     from saekit.data.cache.writing import write_cache
     from saekit.data.documents.reading import text_source
     from saekit.data.lm.harvest import HarvestStats, harvest
@@ -78,6 +82,9 @@ def cache_command(args: argparse.Namespace) -> None:
     for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
         if not value:
             raise ValueError(f"saekit cache needs {flag}")
+    refuse_output_over_inputs(args.out, document_inputs(args))
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     # The hook name first (meta device, no weights), then the text, then the weights: each
     # mistake is reported before the slow step after it.
     for point in (args.hook, args.target_hook):
@@ -92,6 +99,7 @@ def cache_command(args: argparse.Namespace) -> None:
         exclude_special=args.exclude_special,
     )
     hook, tokenizer, kind = setup.hook, setup.tokenizer, setup.kind
+    _check_positions(setup.model, args.model, args.context_length)
     target = None if args.target_hook is None else str(HookPoint.parse(args.target_hook))
     harvester = setup.harvester(*([target] if target else []), device="cpu")
     contexts = token_batches(
@@ -121,7 +129,7 @@ def cache_command(args: argparse.Namespace) -> None:
     outputs = harvest(harvester, contexts, prefetch=2, outlier_norm=args.outlier_norm, stats=stats)
     acts = _counted(outputs, hook, args.max_tokens, args.progress)
     try:
-        write_cache(
+        manifest = write_cache(
             args.out,
             acts,
             hook,
@@ -134,6 +142,9 @@ def cache_command(args: argparse.Namespace) -> None:
         )
     finally:
         acts.close()  # closes the bar now, not at garbage collection (after "verified")
+    problem = held_out_problem(manifest, args.out)
+    if problem:  # training can still use the cache; held-out evaluation cannot
+        print(f"saekit: warning: {problem}", file=sys.stderr)
     if args.outlier_norm is not None:
         print(
             f"saekit: dropped {stats.outliers:,} outlier tokens (norm > {args.outlier_norm:g} x"
@@ -152,3 +163,14 @@ def _counted(outputs: Iterable[Any], hook: str, total: int | None, show: bool) -
             n = len(out[hook])
             bar.update(n if total is None else min(n, total - bar.n))
             yield out
+
+
+def _check_positions(model: Any, name: str, context_length: int) -> None:
+    """Refuse contexts longer than the model's position table (not "got no activations")."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and context_length > limit:
+        raise ValueError(
+            f"--context-length {context_length} exceeds the {limit} positions model {name} "
+            f"accepts: give --context-length {limit} or less"
+        )

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from saekit.core.paths import refuse_output_over_inputs
+
 TARGETS = ("jumprelu",)
 
 
@@ -47,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"--out {out} exists; pass --force to replace it")
-    if out.resolve() == Path(args.sae).resolve():
-        raise ValueError("--out must differ from SAE_DIR (the BatchTopK SAE is kept)")
+    refuse_output_over_inputs(out, [("SAE_DIR", args.sae), ("--data", args.data)])
     if args.max_tokens < 1 or args.batch_size < 1:
         raise ValueError("--max-tokens and --batch-size must be positive")
     sae = SAE.load(args.sae, device=args.device)

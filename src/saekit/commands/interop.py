@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from saekit.core.paths import refuse_output_over_inputs
+
 TO = ("saelens", "sparsify", "circuit-tracer")
 FROM = ("saelens", "sparsify", "dictionary_learning", "gemma_scope_2")
 
@@ -16,7 +18,8 @@ FROM = ("saelens", "sparsify", "dictionary_learning", "gemma_scope_2")
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="write a saved SAE (or every SAE of a run) in SAELens or sparsify format",
+        help="write a saved SAE (or every SAE of a run) in SAELens, sparsify or circuit-tracer "
+        "format",
         description="A run directory writes one SAE per subdirectory of --out, named as in the "
         "run. sparsify's layout adds a directory named after the hook point.",
     )
@@ -49,6 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from saekit.interop import export_sae, saved_saes
     from saekit.model.sae import SAE
 
+    refuse_output_over_inputs(args.out, [("RUN_OR_SAE", args.source)])
     saes = saved_saes(args.source)
     single = len(saes) == 1 and (Path(args.source) / "cfg.json").is_file()
     for name, directory in saes.items():
@@ -63,6 +67,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     if (args.source is None) == (args.release is None):
         raise ValueError("give the SAE's directory or --release NAME --sae-id ID (one of them)")
+    refuse_output_over_inputs(args.out, [("DIR", args.source)])
     source = Path(args.source) if args.source else download_release(args.release, args.sae_id)
     sae = import_sae(source, args.from_)
     sae.save(args.out)

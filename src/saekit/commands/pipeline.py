@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saekit.core.paths import refuse_output_over_inputs
+
 STAGES = ("cache", "train", "eval", "report", "export")
 
 
@@ -127,6 +129,8 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     from saekit.train.config import build_run_config
 
     check_hook(cfg.model, cfg.hook, local_files_only=cfg.local_files_only)
+    inputs = [("model", cfg.model), ("text.dataset", cfg.text.dataset)]
+    refuse_output_over_inputs(cfg.out, [*inputs, ("text.text_file", cfg.text.text_file)], "out")
 
     try:  # the same SAE settings, checked against the model before the cache is written
         build_run_config({**cfg.train, "data": _hf_data(cfg), "out_dir": str(Path(cfg.out))})
@@ -186,6 +190,11 @@ def pipeline_command(args: argparse.Namespace, commands: dict[str, argparse.Argu
         + ["--batch-size", str(c.batch_size), "--max-tokens", str(c.max_tokens)]
         + ["--shard-tokens", str(c.shard_tokens), "--dtype", c.dtype, *quiet]
     )
+    from saekit.data.cache.reading import ActivationCache, held_out_problem
+
+    problem = held_out_problem(ActivationCache(out / "cache").manifest, out / "cache")
+    if problem:  # stage 3 would fail after training: stop before it
+        raise ValueError(problem)
     stage(2, "train")
     run_config = {**cfg.train, "data": {"source": "cache", "cache_dir": str(out / "cache")}}
     run_config["out_dir"] = str(out / "train")

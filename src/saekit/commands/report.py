@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saekit.commands.flags import add_model_args, add_text_args
+from saekit.core.paths import document_inputs, refuse_output_over_inputs
 
 
 def add_parser(sub: Any) -> None:
@@ -81,6 +82,8 @@ def write_report(args: argparse.Namespace) -> Path:
 
     if args.max_tokens <= 0:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    inputs = [("SAE", args.sae), ("--run-config", args.run_config), *document_inputs(args)]
+    refuse_output_over_inputs(args.out, inputs, may_hold=[args.sae])  # default: SAE/report
     sae = SAE.load(args.sae, device=args.device)
     ids = latent_ids(args, sae.cfg.d_sae)
     cfg = CollectConfig(top_k=args.top_k, samples=args.samples)

@@ -60,7 +60,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace the run already in --out (its config, checkpoint, SAEs and metrics)",
+        help="replace the run already in --out (its config, checkpoint, SAEs and metrics); with "
+        "--resume: continue from the checkpoint's config although config.yaml differs",
     )
     p.add_argument(
         "--nproc", type=int, default=1, help="processes on this machine (torchrun; see parallel)"
@@ -141,14 +142,21 @@ def train_command(args: argparse.Namespace, default: dict[str, Any]) -> int:
     from saekit.train.config import build_run_config
     from saekit.train.launch import DistributedFailure, is_main_process, launch, launched
     from saekit.train.outputs import format_table
-    from saekit.train.run import prepare_out_dir, resume_config, run_training
+    from saekit.train.preflight import check_fits
+    from saekit.train.run import (
+        discard_failed_start,
+        prepare_out_dir,
+        resume_config,
+        run_training,
+    )
     from saekit.train.trainer import TrainingInterrupted
 
     if args.resume:
         _warn_resume_ignores(args)
-        cfg = resume_config(args.resume, args.steps)
+        cfg = resume_config(args.resume, args.steps, force=args.force)
     else:
         cfg = build_run_config(_run_config_dict(args, default))
+        check_fits(cfg)
         if not launched():  # torchrun workers: the launching process checked and cleared it
             prepare_out_dir(cfg, force=args.force)
     if args.nproc > 1 and not launched():  # validated here, run by torchrun workers
@@ -158,6 +166,7 @@ def train_command(args: argparse.Namespace, default: dict[str, Any]) -> int:
         f"tokens -> {cfg.out_dir}",
         file=sys.stderr,
     )
+    created = not Path(cfg.out_dir).exists()
     try:
         with _signals_interrupt():
             _, reports = run_training(cfg, resume=bool(args.resume))
@@ -180,6 +189,10 @@ def train_command(args: argparse.Namespace, default: dict[str, Any]) -> int:
     except DistributedFailure as exc:
         print(f"saekit: error: {exc}", file=sys.stderr)
         return 1
+    except (ValueError, FloatingPointError, RuntimeError, MemoryError, OSError):
+        if not args.resume and is_main_process():  # nothing blocks the corrected rerun
+            discard_failed_start(cfg, created)
+        raise
     if not is_main_process():
         return 0
     print(format_table(reports))
@@ -228,8 +241,6 @@ def _warn_resume_ignores(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     ignored += [f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
-    if args.force:
-        ignored.append("--force")
     if ignored:
         print(
             f"saekit: --resume keeps the config saved in {args.resume}; ignoring "

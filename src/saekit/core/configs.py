@@ -166,6 +166,14 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
         kwargs[name] = _convert(hints[name], value, path)
+    missing = [
+        n
+        for n, f in fields.items()
+        if f.init and n not in kwargs
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]  # fmt: skip
+    if missing:  # not "__init__() missing 1 required positional argument"
+        raise ValueError(f"{where or cls.__name__}: missing required field(s) {missing}")
     try:
         return cls(**kwargs)
     except TypeError as exc:

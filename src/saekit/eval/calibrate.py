@@ -134,13 +134,22 @@ def l0_target(sae_cfg: Any, target_l0: float | None = None) -> float | None:
     return None if target is None else float(target)
 
 
-def off_target(name: str, l0: float, target: float | None) -> str | None:
-    """A one-line warning when the inference L0 is more than :data:`TOLERANCE` off target."""
+def off_target(
+    name: str, l0: float, target: float | None, threshold: float | None = None
+) -> str | None:
+    """A one-line warning when the inference L0 is more than :data:`TOLERANCE` off target;
+    ``threshold``: a BatchTopK θ, whose 0 below target has its own reason (module docstring)."""
     if target is None or abs(l0 - target) <= TOLERANCE * target:
         return None
+    why = ""
+    if threshold is not None and threshold <= 0 and l0 < target:
+        why = (
+            f"; θ = 0: fewer than k·N = {target:g}·N pre-activations are positive on these "
+            "tokens, so no threshold can reach k (the SAE fires less than it trained to)"
+        )
     return (
         f"SAE {name}: inference L0 {l0:.2f} is {abs(l0 / target - 1):.0%} off its target"
-        f" {target:g} (more than {TOLERANCE:.0%})"
+        f" {target:g} (more than {TOLERANCE:.0%}){why}"
     )
 
 

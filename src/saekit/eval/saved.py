@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.core.paths import document_inputs, refuse_output_over_inputs
+from saekit.data.cache.reading import held_out_problem
 from saekit.data.documents.ranges import Ranges
 from saekit.eval.calibrate import l0_target, off_target
 from saekit.eval.metrics import MetricAccumulator
@@ -58,16 +60,22 @@ def text_documents(args: argparse.Namespace) -> Iterator[str]:
 
 def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     """The report of ``saekit eval`` (printed by :func:`format_eval`)."""
+    inputs = [("--sae", args.sae), ("--cache", args.cache), *document_inputs(args)]
+    refuse_output_over_inputs(args.json, inputs, flag="--json")
     sae = SAE.load(args.sae, device=args.device)
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    hook = args.hook or sae.cfg.hook
-    if not hook:
-        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
     if not (args.model or args.cache):
         raise ValueError(
             "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
             " (reconstruction only)"
         )
+    hook = args.hook or sae.cfg.hook
+    if not hook and args.cache and not args.model:  # e.g. an SAE trained on synthetic data
+        from saekit.data.cache.reading import ActivationCache
+
+        hook = ActivationCache(args.cache).hook
+    if not hook:
+        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
     if sae.cfg.transcoder and args.model and not sae.cfg.target_hook:
         raise ValueError(f"{args.sae} is a transcoder whose cfg.json names no target_hook")
     acc = MetricAccumulator(sae.cfg.target_width, d_sae, device=args.device)
@@ -90,7 +98,8 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     result = acc.result()
     report.update(result.summary())
     report.update(d_in=d_in, d_sae=d_sae, l0_histogram=result.l0_histogram)
-    message = off_target(str(args.sae), report["l0"], l0_target(sae.cfg))
+    theta = float(sae.activation.threshold) if sae.activation.calibrated_threshold else None
+    message = off_target(str(args.sae), report["l0"], l0_target(sae.cfg), theta)
     if message is not None:
         print(f"saekit: warning: {message}", file=sys.stderr)
     return report
@@ -211,7 +220,11 @@ def _documents(
     from saekit.data.documents.reading import text_source
 
     if args.cache:
-        text, _, held = cache_documents(ActivationCache(args.cache))
+        cache = ActivationCache(args.cache)
+        problem = held_out_problem(cache.manifest, args.cache)
+        if problem:
+            raise ValueError(problem)
+        text, _, held = cache_documents(cache)
         if held is None or text is None:
             raise ValueError(
                 f"the activation cache {args.cache} records no held-out documents (a single"

@@ -36,6 +36,11 @@ def export_sae(sae: SAE, to: str, out: str | Path, sae_dir: str | Path | None = 
     if to not in WRITERS:
         raise InteropError(f"unknown export format {to!r} (one of {', '.join(WRITERS)})")
     p = to_portable(sae)
+    if to == "sparsify" and p.architecture != sparsify.SERVED:  # name the SAE's kind
+        raise InteropError(
+            f"sparsify serves top-k SAEs only; this SAE is {sae.cfg.activation.kind!r} (export "
+            "it to saelens)"
+        )
     p.info = export_info(sae, None if sae_dir is None else Path(sae_dir))
     return WRITERS[to](p, Path(out))
 

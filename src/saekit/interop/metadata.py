@@ -15,6 +15,7 @@ import yaml
 
 from saekit.core.configs import to_dict
 from saekit.interop.names import transformer_lens_name
+from saekit.interop.portable import InteropError
 from saekit.model.sae import SAE
 
 
@@ -47,7 +48,7 @@ def export_info(sae: SAE, sae_dir: Path | None) -> dict[str, Any]:
         return info
     eval_path = sae_dir / "eval.json"
     if eval_path.is_file():
-        report = json.loads(eval_path.read_text())
+        report = _read(eval_path, json.loads)
         info["l0"] = report.get("l0")
         if report.get("dead_fraction") is not None:
             info["dead_latents"] = round(report["dead_fraction"] * cfg.d_sae)
@@ -55,7 +56,18 @@ def export_info(sae: SAE, sae_dir: Path | None) -> dict[str, Any]:
     if run_config.is_file():
         from saekit.data.sources.registry import source_config
 
-        data = (yaml.safe_load(run_config.read_text()) or {}).get("data", {})
-        # a model run's context length (a cache's contexts are the cache's, not recorded here)
+        data = _read(run_config, yaml.safe_load).get("data") or {}
+        # the contexts the activations came from: a model run's, or those the cache recorded
         info["context_size"] = source_config(data, validate=False).context_size()
     return info
+
+
+def _read(path: Path, parse: Any) -> dict[str, Any]:
+    """A JSON or YAML mapping, or a one-line InteropError naming the file."""
+    try:
+        data = parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as exc:  # JSON, YAML, UTF-8 errors
+        raise InteropError(f"{path}: unreadable ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise InteropError(f"{path}: expected a mapping")
+    return data

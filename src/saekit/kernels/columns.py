@@ -33,12 +33,13 @@ class _ColumnsDecodeFn(torch.autograd.Function):
     def backward(ctx, grad_SD: Tensor):
         z_SC, cols_C, x_n_SD, b_dec_D, W_enc_MD, W_dec_CD = ctx.saved_tensors
         need_x, need_b_dec, need_W_enc, need_b_enc, need_W_dec = ctx.needs_input_grad[2:7]
-        M, d = ctx.d_sae, W_enc_MD.shape[1]
+        # a transcoder's decoder is [M, d_out], its encoder [M, d_in]: the widths differ
+        M, d_in, d_out = ctx.d_sae, W_enc_MD.shape[1], W_dec_CD.shape[1]
         grad_SD = grad_SD.to(W_dec_CD.dtype)
         z_SC = z_SC.to(W_dec_CD.dtype)  # bf16 under autocast: the backward runs in W's dtype
         grad_x = grad_b_dec = grad_W_enc = grad_b_enc = grad_W_dec = None
         if need_W_dec:
-            grad_W_dec = grad_SD.new_zeros(M, d).index_copy_(0, cols_C, z_SC.T @ grad_SD)
+            grad_W_dec = grad_SD.new_zeros(M, d_out).index_copy_(0, cols_C, z_SC.T @ grad_SD)
         if need_x or need_b_dec or need_W_enc or need_b_enc:
             g_pre_SC = (grad_SD @ W_dec_CD.T).mul_(z_SC > 0)
             db_enc_M = grad_SD.new_zeros(M).index_copy_(0, cols_C, g_pre_SC.sum(0))
@@ -47,7 +48,7 @@ class _ColumnsDecodeFn(torch.autograd.Function):
                 grad_b_dec = -(db_enc_M @ W_enc_MD.detach())
             if need_W_enc:
                 x_c_SD = (x_n_SD - b_dec_D).detach()
-                grad_W_enc = grad_SD.new_zeros(M, d).index_copy_(0, cols_C, g_pre_SC.T @ x_c_SD)
+                grad_W_enc = grad_SD.new_zeros(M, d_in).index_copy_(0, cols_C, g_pre_SC.T @ x_c_SD)
             if need_x:
                 grad_x = g_pre_SC @ W_enc_MD.detach().index_select(0, cols_C)
         return None, None, grad_x, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec

@@ -105,6 +105,11 @@ def read_config(path: Path, verify: bool = True) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path}: format {meta.get('format')!r}, expected one of {FORMATS_READ}"
         )
+    if verify and "sha256" not in meta:
+        raise CheckpointError(
+            f"checkpoint {path}: {CONFIG_FILE} records no sha256 of {WEIGHTS_FILE} (load with "
+            "verify=False to skip the check)"
+        )
     if verify and meta.get("sha256") != sha256_file(weights):
         raise CheckpointError(
             f"checkpoint {path}: {WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE} "

@@ -117,8 +117,8 @@ class SAE(nn.Module):
         ``method``: "mean" or "geometric_median" (Weiszfeld iterations) of x / s. A transcoder
         also takes ``target`` (y): its scale s_y is estimated from y and b_dec set from y / s_y.
         """
+        check_activations(x, self.cfg.d_in)  # before the reshape, which hides a wrong width
         x = x.reshape(-1, self.cfg.d_in)
-        check_activations(x, self.cfg.d_in)
         x64 = x.double()
         if scale is None:
             scale = estimate_scale(x64)
@@ -133,8 +133,8 @@ class SAE(nn.Module):
         if self.cfg.transcoder:  # b_dec lives in the target's space, with its own scale
             if target is None:
                 raise ValueError("a transcoder's init_from_data needs the target activations")
+            check_activations(target, self.cfg.target_width, "d_out")
             y = target.reshape(-1, self.cfg.target_width)
-            check_activations(y, self.cfg.target_width, "d_out")
             target_scale = estimate_scale(y)
             check_scale(target_scale)
             self.target_scale.fill_(target_scale)
@@ -237,6 +237,8 @@ class SAE(nn.Module):
     def forward(self, x: Tensor, target: Tensor | None = None) -> ForwardOutput:
         """Encode x [..., d_in] and predict the target [..., d_out] (an SAE: x itself; a
         transcoder: ``target`` if given, which the losses then read as ``target_n``)."""
+        if not self.training:  # inference refuses NaN/inf input (training: the loss check)
+            check_activations(x, self.cfg.d_in)
         lead = x.shape[:-1]
         x_n = self.normalise(x)
         encoding = self.activation.encode(self.encoder_view(), x_n)
@@ -387,5 +389,8 @@ class SAE(nn.Module):
             raise CheckpointError(f"checkpoint {path}: cannot read {WEIGHTS_FILE}: {exc}") from exc
         found = upgrade_tensors(data, found)
         check_state_matches(expected, found, where=f"checkpoint {path}")
+        nonfinite = [n for n, _ in sae.named_parameters() if not torch.isfinite(found[n]).all()]
+        if nonfinite:  # a diverged run's weights would evaluate to FVU nan and export silently
+            raise CheckpointError(f"checkpoint {path}: tensor(s) {nonfinite} hold NaN or inf")
         sae.load_state_dict(found)
         return sae.to(device).eval()

@@ -12,6 +12,11 @@ from torch import Tensor
 def check_activations(x: Tensor, width: int, name: str = "d_in") -> None:
     """Clear errors for a trailing width other than ``width`` (the config's ``name``) and for
     non-finite values."""
+    if not isinstance(x, Tensor):
+        raise ValueError(
+            f"activations must be a torch.Tensor, got {type(x).__name__}: convert with "
+            "torch.as_tensor(x)"
+        )
     if x.ndim == 0 or x.shape[-1] != width:
         raise ValueError(
             f"activations have trailing dimension {tuple(x.shape)[-1:] or '()'} (shape "

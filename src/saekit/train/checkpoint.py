@@ -2,7 +2,9 @@
 
 Layout: ``<run>/checkpoint/{state.safetensors, state.json}``. The tensors of every SAE (prefixed
 ``m<i>.``) and the torch RNG state go to safetensors; step, config and each SAE's name and
-non-tensor state go to JSON, with the sha256 of the tensor file. The directory is replaced with
+non-tensor state go to JSON, with the sha256 of the tensor file; ``state.json.sha256`` holds the
+JSON's own sha256 (checkpoints from before it have none: their JSON is parsed and type-checked
+only). Both halves are verified before a resume overwrites anything. The directory is replaced with
 :func:`saekit.core.atomic.replace_directory`, so an interruption at any point leaves a loadable
 checkpoint; readers apply its recovery rule first.
 """
@@ -25,6 +27,7 @@ from saekit.model.format import CheckpointError
 CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
+STATE_META_HASH = "state.json.sha256"
 FORMAT = "saekit.train-checkpoint/1"
 
 
@@ -36,6 +39,10 @@ class MemberState:
     tensors: dict[str, Tensor]
     meta: dict[str, Any]
     """JSON-serialisable."""
+
+
+class NoCheckpoint(CheckpointError):
+    """The run has no checkpoint at all (neither half): it stopped before its first one."""
 
 
 class TrainingCheckpoint(NamedTuple):
@@ -77,23 +84,76 @@ def write_training_checkpoint(
             "sha256": sha256_file(tmp / STATE_TENSORS),
         }
         (tmp / STATE_META).write_text(json.dumps(meta, indent=2))
+        (tmp / STATE_META_HASH).write_text(sha256_file(tmp / STATE_META) + "\n")
 
     return replace_directory(checkpoint_dir(run_dir), fill)
 
 
 def read_checkpoint_meta(run_dir: Path) -> dict[str, Any]:
-    """The JSON half of the checkpoint (step, config, members' non-tensor state)."""
+    """The JSON half of the checkpoint (step, config, members' non-tensor state), hash-checked
+    (when its hash is recorded), parsed and type-checked: :class:`NoCheckpoint` when neither
+    half is there, a one-line :class:`CheckpointError` naming the file when it is unreadable."""
     path = checkpoint_dir(run_dir)
     recover_directory(path)
-    if not (path / STATE_META).is_file():
-        raise CheckpointError(f"no training checkpoint in {run_dir}")
+    meta_path = path / STATE_META
+    if not meta_path.is_file():
+        if (path / STATE_TENSORS).exists():
+            raise CheckpointError(f"{meta_path}: missing (the checkpoint is incomplete)")
+        raise NoCheckpoint(f"no training checkpoint in {run_dir}")
+    hash_path = path / STATE_META_HASH
+    if hash_path.is_file():
+        recorded = hash_path.read_text(errors="replace").strip()
+        if recorded != sha256_file(meta_path):
+            raise CheckpointError(f"{meta_path}: sha256 mismatch (edited, corrupt or truncated)")
     try:
-        meta = json.loads((path / STATE_META).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / STATE_META}: not valid JSON ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = json.loads(meta_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from exc
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{meta_path}: {problem}")
     return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with the parsed JSON half, or None."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    if meta.get("format") != FORMAT:
+        return f"format {meta.get('format')!r}, expected {FORMAT!r}"
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"step {step!r} is not a non-negative integer"
+    if not isinstance(meta.get("config"), dict):
+        return "config is not a JSON object"
+    if not isinstance(meta.get("sha256"), str):
+        return "sha256 of the tensor file is missing"
+    members = meta.get("members")
+    if not isinstance(members, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("name"), str) for m in members
+    ):
+        return "members is not a list of objects with a name"
+    return None
+
+
+def verify_training_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """Both halves checked (the JSON as :func:`read_checkpoint_meta`, the tensors against the
+    sha256 it records) before a resume overwrites anything: the JSON half, or None when the run
+    has no checkpoint at all."""
+    try:
+        meta = read_checkpoint_meta(run_dir)
+    except NoCheckpoint:
+        return None
+    _check_tensor_hash(checkpoint_dir(run_dir), meta)
+    return meta
+
+
+def _check_tensor_hash(path: Path, meta: dict[str, Any]) -> None:
+    tensors = path / STATE_TENSORS
+    if not tensors.is_file():
+        raise CheckpointError(f"{tensors}: missing (the checkpoint is incomplete)")
+    if meta["sha256"] != sha256_file(tensors):
+        raise CheckpointError(f"{tensors}: sha256 mismatch (corrupt or truncated)")
 
 
 def read_training_checkpoint(
@@ -103,8 +163,7 @@ def read_training_checkpoint(
     SAEs in that order."""
     meta = read_checkpoint_meta(run_dir)
     path = checkpoint_dir(run_dir)
-    if meta["sha256"] != sha256_file(path / STATE_TENSORS):
-        raise CheckpointError(f"{path / STATE_TENSORS}: sha256 mismatch (corrupt or truncated)")
+    _check_tensor_hash(path, meta)
     names = [m["name"] for m in meta["members"]]
     if expected_names is not None and names != list(expected_names):
         raise CheckpointError(

@@ -80,9 +80,12 @@ class RunConfig:
                 f"batch_size must be >= 2 (FVU and AuxK divide by the batch's variance), got "
                 f"{self.batch_size}"
             )
-        for field_name in ("steps", "eval_tokens"):
-            if getattr(self, field_name) <= 0:
-                raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.eval_tokens < 2:  # one token has no variance: FVU would be inf
+            raise ValueError(
+                f"eval_tokens must be >= 2 (FVU divides by their variance), got {self.eval_tokens}"
+            )
         if self.log_every <= 0:
             raise ValueError(f"log_every must be positive, got {self.log_every}")
         if self.checkpoint_every < 0:

@@ -28,12 +28,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"config file {path}: not valid TOML ({exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ValueError(f"config file {path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping at the top level")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -43,6 +58,11 @@ def _one_line(exc: BaseException) -> str:
 def _list_index(node: list, part: str, key: str) -> int:
     if not part.isdigit() or int(part) > 10_000:
         raise ValueError(f"override {key!r}: {part!r} is not a list index")
+    if int(part) > len(node):  # one past the end adds an entry; further would leave a gap
+        raise ValueError(
+            f"override {key!r}: index {part} is past the end of a list of {len(node)} "
+            f"(existing entries 0..{len(node) - 1}; {len(node)} adds one)"
+        )
     return int(part)
 
 

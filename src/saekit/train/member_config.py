@@ -108,6 +108,9 @@ class SAETrainConfig:
                     f"matryoshka: cannot draw n_prefixes - 1 = {n - 1} distinct prefixes of at "
                     f"least min_prefix = {m} below sae.d_sae = {d_sae}"
                 )
+        k_aux = getattr(self.revival, "k_aux", None)
+        if k_aux is not None and k_aux > d_sae:
+            raise ValueError(f"revival.k_aux = {k_aux} exceeds sae.d_sae = {d_sae}")
         kind = self.sae.activation.kind
         if self.matryoshka is not None and ACTIVATIONS[kind].overrides("reconstruction_loss"):
             raise ValueError(
@@ -140,7 +143,11 @@ class SAETrainConfig:
         return "-".join(parts)
 
 
-RESERVED_NAMES = ("checkpoint",)
+RESERVED_NAMES = (
+    "checkpoint", "config.yaml", "summary.json", "l0_vs_fvu.png", "l0_histogram.png",
+    "encoder_bias.png", "cos_heatmap.png",
+)  # fmt: skip
+"""The run directory's own files and directories (saekit.train.outputs, report.plots)."""
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=,@-]*$")
 
 

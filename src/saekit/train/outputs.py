@@ -70,9 +70,9 @@ def evaluate_member(
     target = l0_target(sae.cfg, None if penalty is None else penalty.target_l0)
     if target is not None:
         report["l0_target"] = target
-        message = off_target(member.cfg.name, report["l0"], target)
-        if message is not None:
-            warnings.warn(message, stacklevel=2)
+        message = off_target(member.cfg.name, report["l0"], target, report.get("threshold"))
+        if message is not None:  # stacklevel 1: torch.no_grad's wrapper is the caller
+            warnings.warn(message, stacklevel=1)
     return report
 
 

@@ -209,7 +209,7 @@ class Trainer:
             if not path.is_file():
                 continue
             kept = []
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="replace").splitlines():  # bad bytes: dropped
                 try:
                     if json.loads(line)["step"] <= self.step:
                         kept.append(line + "\n")

@@ -82,13 +82,37 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise CacheError(f"{path} not found: not an activation cache directory") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != VERSION:
         raise CacheError(f"{path}: version {manifest.get('version')} is not supported")
+    problem = _manifest_problem(manifest)
+    if problem:  # an edited manifest: one line naming it, not a KeyError or TypeError
+        raise CacheError(f"{path}: {problem}")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    types = {"model": str, "hook": str, "dtype": str, "complete": bool, "total_tokens": int}
+    for key, kind in types.items():
+        if not isinstance(m.get(key), kind):
+            return f"{key} is missing or not a {kind.__name__}"
+    if not (m.get("d") is None or isinstance(m["d"], int)) or not isinstance(m.get("shards"), list):
+        return "d or shards is malformed"
+    shard = {"file": str, "n_tokens": int, "bytes": int, "sha256": str}
+    for i, s in enumerate(m["shards"]):
+        known = set(shard) | {"documents"}
+        if (
+            not isinstance(s, dict)
+            or set(s) - known
+            or any(not isinstance(s.get(k), kind) for k, kind in shard.items())
+        ):
+            return f"shards.{i} is malformed (fields {sorted(known)})"
+    return None
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -103,8 +127,8 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         raise CacheError(f"{path.name}: truncated safetensors header")
     try:
         return json.loads(header)
-    except json.JSONDecodeError:
-        raise CacheError(f"{path.name}: corrupt safetensors header") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CacheError(f"{path}: corrupt safetensors header") from None
 
 
 @dataclass(frozen=True)
@@ -305,3 +329,19 @@ def _rebatch(chunks: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
             n = len(flat) - full
     if n:
         yield torch.cat(pending)
+
+
+def held_out_problem(manifest: dict[str, Any], where: Any) -> str | None:
+    """Why the cache at ``where`` holds no held-out document to evaluate on, or None: its last
+    shard (held out) records documents, but none lies wholly inside it (one long document
+    spans the last shards), so ``saekit eval --cache`` with --model, and the pipeline's
+    evaluation, would evaluate nothing."""
+    held = manifest.get("held_out")
+    if held is None or held.get("documents"):
+        return None
+    return (
+        f"the activation cache {where} holds no whole document in its held-out last shard "
+        f"(shard {held.get('shard')}: a document spans the last shards), so nothing can be "
+        "evaluated on held-out documents; raise --shard-tokens (pipeline: cache.shard_tokens) "
+        "above the longest document's tokens, or cache more, shorter documents"
+    )

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.data.cache.reading import ActivationCache
+from saekit.data.cache.reading import ActivationCache, CacheError
 from saekit.data.documents.held_out import cache_documents
 from saekit.data.sources.config import SourceConfig
 from saekit.data.sources.interface import StreamSettings
@@ -169,6 +169,18 @@ class CacheSourceConfig(SourceConfig):
         if cache.target_hook is not None:
             origin["target_hook"] = cache.target_hook
         return origin
+
+    def context_size(self) -> int | None:
+        """The context length the manifest records (None: the cache is gone or unreadable; an
+        export then leaves context_size unset rather than fail)."""
+        try:
+            value = self._cache.manifest.get("metadata", {}).get("context_length")
+        except (CacheError, OSError):
+            return None
+        return value if isinstance(value, int) else None
+
+    def input_paths(self) -> list[tuple[str, str | None]]:
+        return [("data.cache_dir", self.cache_dir)]
 
     def provenance(self, eval_tokens: int) -> dict[str, Any]:
         """The cache, its text source and the documents of its training shards (exact)."""

@@ -93,6 +93,11 @@ class SourceConfig(KindConfig):
         """Tokens per model context, when the run chose it (exported as SAELens' context_size)."""
         return None
 
+    def input_paths(self) -> list[tuple[str, str | None]]:
+        """(field, path) of every file or directory the source reads: a run's out_dir must not
+        be, or lie inside, one of them (saekit.core.paths)."""
+        return []
+
     def ground_truth(self) -> Any:
         """The known features behind the data (``directions``, ``batch``), None for real data."""
         return None

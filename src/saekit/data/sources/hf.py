@@ -292,6 +292,13 @@ class HFSourceConfig(SourceConfig):
         leading = eval_tokens + self.context_length
         return {"source": "hf", "text": text, "held_out_leading_tokens": leading}
 
+    def input_paths(self) -> list[tuple[str, str | None]]:
+        return [
+            ("data.text_file", self.text_file),
+            ("data.model", self.model),
+            ("data.dataset", self.dataset),
+        ]
+
     def context_size(self) -> int:
         return self.context_length
 
