@@ -39,6 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 TESTS = REPO / "tests"
 SLOW_LAST = ("test_end_to_end.py",)  # run last: only a fault that passes everything else pays
+# tests/interop's round trips with the real libraries need .benchenv (make test-interop); the
+# formula tests beside them in tests/interop run here
+REAL_LIBRARIES = ("test_real_libraries.py", "test_saebench.py", "test_transcoders_real.py")
 
 
 @dataclass
@@ -1075,11 +1078,17 @@ def ordered_tests(first: tuple[str, ...], only: list[str] | None) -> list[str]:
     if only:
         head = [p for name in first for p in only if Path(p).name == name]
         return head + [p for p in only if p not in head]
-    every = sorted(p.name for p in TESTS.glob("test_*.py"))
+    # tests/ mirrors src/ (tests/<room>/test_*.py); a fault names its files by base name
+    where = {
+        p.name: str(p.relative_to(REPO))
+        for p in sorted(TESTS.rglob("test_*.py"))
+        if p.name not in REAL_LIBRARIES
+    }
+    every = sorted(where)
     head = [f for f in first if f in every]
     slow = [f for f in every if f in SLOW_LAST and f not in head]
     rest = [f for f in every if f not in head and f not in slow]
-    return [str(Path("tests") / f) for f in head + rest + slow]
+    return [where[f] for f in head + rest + slow]
 
 
 FAILED_LINE = re.compile(r"^(FAILED|ERROR) (\S+)")
@@ -1148,6 +1157,12 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"mutation_check: {name}: {problem}", file=sys.stderr)
     if args.anchors:
+        test_names = {p.name for p in TESTS.rglob("test_*.py")}
+        for f in chosen:
+            for name in f.first:
+                if name not in test_names:
+                    bad_anchors[f.name].append(f"first test file {name} not found")
+                    print(f"mutation_check: {f.name}: no test file {name}", file=sys.stderr)
         print(f"{len(chosen)} faults, {sum(map(bool, bad_anchors.values()))} with anchor problems")
         return 2 if any(bad_anchors.values()) else 0
     work = Path(tempfile.mkdtemp(prefix="saekit-mutation-"))
