@@ -119,7 +119,7 @@ def correctness(report: Report, device: torch.device, smoke: bool) -> None:
     if not has_pytest():
         report.write("\npytest: skipped (not installed in this image)")
         return
-    tests = ["tests/test_kernels.py", "tests/test_speed_paths.py"]
+    tests = ["tests/kernels/test_kernels.py", "tests/kernels/test_speed_paths.py"]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
         capture_output=True,

@@ -90,8 +90,8 @@ def reference_auxk(pre, e, W_dec, dead, alpha: float, k_aux: int) -> torch.Tenso
     return alpha * min(float(dead.sum()) / k_aux, 1.0) * mse / variance
 
 
-# The objective proof's helpers (tests/test_objective.py): fresh float64 leaves holding the
-# SAE's parameter values, and the loss + backward exactly as Member.train_step runs them.
+# The objective proof's helpers (tests/objective/test_objective.py): fresh float64 leaves holding
+# the SAE's parameter values, and the loss + backward exactly as Member.train_step runs them.
 saekit_loss = saekit_objective
 
 

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# tests/ mirrors src/saekit/ (tests/<room>/test_<module>.py). Some tests reuse another's float64
+# references (``from test_objective import ...``); every room's folder is on the path so they
+# find them wherever they live (pytest's default "prepend" import mode adds only the test's own
+# folder and this one).
+for _room in sorted(Path(__file__).resolve().parent.iterdir()):
+    if _room.is_dir() and not _room.name.startswith((".", "_")):
+        sys.path.insert(0, str(_room))
 
 TINY_VOCAB = 300
 TINY_BOS = 1  # also EOS, as in GPT-2

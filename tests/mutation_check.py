@@ -13,7 +13,7 @@ A baseline run (no fault) comes first; if it fails the faults are not run.
 
     .venv/bin/python tests/mutation_check.py                       # everything
     .venv/bin/python tests/mutation_check.py --faults lambda-ignored auxk-dropped
-    .venv/bin/python tests/mutation_check.py --tests tests/test_objective.py
+    .venv/bin/python tests/mutation_check.py --tests tests/objective/test_objective.py
     .venv/bin/python tests/mutation_check.py --list
     .venv/bin/python tests/mutation_check.py --anchors      # every anchor matches once; no runs
 

@@ -14,7 +14,7 @@ Not compared here, and why: SAEBench's whole absorption pipeline trains its prob
 splits, Adam for 50 epochs and files under its package directory, and loads models by hub name
 (``HookedTransformer.from_pretrained_no_processing``), so its end-to-end numbers cannot be
 reproduced offline on a local model; those steps (the probes, the L1 ranking) are checked
-against float64 optimality conditions in tests/test_sparse_probing.py instead."""
+against float64 optimality conditions in tests/eval/test_sparse_probing.py instead."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ export and import form (:class:`ExportForm`, saekit.interop), the JumpReLU that 
 inference (:meth:`Activation.as_jumprelu`, ``saekit convert``), whether evaluation calibrates
 its threshold, its inference-L0 target, the per-latent bias a report plots, and the upgrade of
 its tensors from an older checkpoint. Nothing else in saekit compares an activation's kind name
-or type-checks an activation (tests/test_architecture_ownership.py scans for it). Adding one =
-one file here plus one line in ``saekit/activations/__init__.py``.
+or type-checks an activation (tests/activations/test_architecture_ownership.py scans for it). Adding
+one = one file here plus one line in ``saekit/activations/__init__.py``.
 """
 
 from __future__ import annotations

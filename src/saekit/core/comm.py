@@ -20,7 +20,7 @@ ReduceOp = Literal["sum", "avg", "min", "max"]
 """How an all-reduce combines the ranks' tensors (avg = sum / world_size)."""
 
 COLLECTIVES = frozenset({"all_reduce", "broadcast", "gather", "barrier", "agree_stop"})
-"""The public methods of a comm (tests/test_comm.py holds every comm class to them)."""
+"""The public methods of a comm (tests/train/test_comm.py holds every comm class to them)."""
 
 
 class Comm(Protocol):

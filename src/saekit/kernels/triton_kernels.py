@@ -6,8 +6,8 @@
 One program per (bag, block of d) accumulates in fp32 registers, so neither kernel writes an
 [nnz, d] buffer or takes an atomic: bags by latent use the :class:`CodeLayout` permutation.
 Imported only when triton is installed; ``AVAILABLE`` says whether it is. Untested on this
-project's CPU machines (no triton, no GPU): tests/test_kernels.py compares them with the torch
-path and skips without triton or CUDA.
+project's CPU machines (no triton, no GPU): tests/kernels/test_kernels.py compares them with the
+torch path and skips without triton or CUDA.
 """
 
 from __future__ import annotations

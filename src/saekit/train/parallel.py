@@ -19,7 +19,7 @@ metrics are averaged over ranks in the one transfer of each log interval. Rank 0
 checkpoints and the final SAEs; the others wait at a barrier.
 
 Differences from one process on the concatenated batch (everything else matches to float
-rounding; see tests/test_distributed.py):
+rounding; see tests/train/test_distributed.py):
 
 - BatchTopK keeps the k·N_local largest activations of each rank's batch, not the k·N_global
   largest of the concatenated batch (sparsify does the same): the L0 per token is still k on

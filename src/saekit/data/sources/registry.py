@@ -1,6 +1,6 @@
 """Every data source kind. Importing a kind's module registers it with ``SourceConfig``; adding a
 source is its module in this package (a ``SourceConfig`` subclass and its batch source) and its
-name on the import line below (tests/test_data_sources.py checks that every kind has its module
+name on the import line below (tests/data/test_data_sources.py checks that every kind has its module
 and every module its kind)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each test builds the trap and asserts the number; its docstring names the anchor bug. One anchor
 lives elsewhere because it needs two processes: the NVIDIA recipe's per-rank dead-latent
-counters are checked in tests/test_distributed.py
+counters are checked in tests/train/test_distributed.py
 (``test_data_parallel_equals_one_process_on_the_concatenated_batches``: every rank holds the same
 ``tokens_since_fired``, a latent that never fired holds steps × the GLOBAL batch).
 """
@@ -31,9 +31,10 @@ from saekit.train.checkpoint import read_checkpoint_meta
 
 def test_resume_continues_at_the_checkpointed_step_not_from_scratch(tmp_path):
     """SAELens #682: a resumed run silently started from scratch. Bit-identity of a resumed
-    run with the uninterrupted one is tests/test_trainer.py
-    ``test_a_resumed_run_reproduces_the_uninterrupted_run_exactly`` (and tests/test_run_safety.py,
-    tests/test_kill_resume.py); here: the resumed run starts at step k, asks the source for
+    run with the uninterrupted one is tests/train/test_trainer.py
+    ``test_a_resumed_run_reproduces_the_uninterrupted_run_exactly`` (and
+    tests/train/test_run_safety.py, tests/train/test_kill_resume.py); here: the resumed run starts
+    at step k, asks the source for
     batch k, and appends to metrics.jsonl after step k instead of logging steps 1..k again."""
     first = make_trainer(run_config(tmp_path, THREE[:1], steps=4, log_every=2))
     first.fit()

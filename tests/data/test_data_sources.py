@@ -26,7 +26,7 @@ from saekit.train.config import build_run_config, stream_settings
 from saekit.train.config_files import apply_overrides
 from saekit.train.presets import train_config
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "saekit"
+SRC = Path(__file__).resolve().parents[2] / "src" / "saekit"
 SOURCES = SRC / "data" / "sources"
 KINDS = SourceConfig.kinds()
 

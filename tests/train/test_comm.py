@@ -1,7 +1,7 @@
 """The collectives (saekit.core.comm, saekit.train.comm) and how the training step calls them.
 
 A comm is collectives only; the member calls them where its step reads (no callback). The
-process-group implementation's ops are checked on 2 gloo ranks in tests/test_distributed.py.
+process-group implementation's ops are checked on 2 gloo ranks in tests/train/test_distributed.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent / "interop"))
+sys.path.insert(0, str(Path(__file__).parent))
 from harness import D_IN, make_input  # noqa: E402
 from transcoders import IN_HOOK, OUT_HOOK, random_transcoder  # noqa: E402
 

@@ -92,7 +92,7 @@ def test_the_export_stage_writes_saelens_files(tmp_path):
 
 
 def test_the_readme_pipeline_example_is_a_valid_config():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "pipeline" in b]
     cfg = from_dict(PipelineConfig, yaml.safe_load(block))
     assert cfg.hook == "transformer.h.8:input" and len(cfg.train["saes"]) == 2

@@ -5,7 +5,7 @@ the library's formula; files laid out as the library saves them are imported. Th
 against the real libraries: tests/interop (make test-interop). Every trap of issue 11 is here:
 transposed W_enc, rescale_acts_by_decoder_norm, BatchTopK's θ under a scale fold,
 dictionary_learning's JumpReLU without b_dec on the input and its TopK's unused threshold,
-ProLU as JumpReLU. Transcoders (W_skip): tests/test_interop_transcoders.py."""
+ProLU as JumpReLU. Transcoders (W_skip): tests/interop/test_interop_transcoders.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).with_name("interop")))
+sys.path.insert(0, str(Path(__file__).parent))
 from harness import D_IN, D_SAE, K, assert_close, make_input, random_sae  # noqa: E402
 
 from saekit.interop import export_sae, import_sae  # noqa: E402

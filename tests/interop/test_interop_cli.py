@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).with_name("interop")))
+sys.path.insert(0, str(Path(__file__).parent))
 from harness import D_IN, D_SAE, K, assert_close, make_input, random_sae  # noqa: E402
 
 from saekit.cli import main  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kill_resume.py"
 
 
 @pytest.mark.slow
