@@ -121,7 +121,7 @@ def test_verify_catches_a_wrong_width_for_one_hook(caches, tmp_path, capsys):
     assert f"{H2} (127)" in err and "do not add up to the width of its rows d = 256" in err
 
 
-def old_manifest(directory, hooks):
+def old_manifest(directory):
     """Rewrite a cache's manifest as version 1 wrote it: hook (+ target_hook and d_in)."""
     path = directory / "manifest.json"
     m = json.loads(path.read_text())
@@ -138,8 +138,8 @@ def test_old_caches_load_as_one_and_two_hook_caches(tmp_path):
                for n in (40, 40)]  # fmt: skip
     write_cache(tmp_path / "pair", batches, "x", "toy", target_hook="y", shard_tokens=32)
     write_cache(tmp_path / "one", [b["y"] for b in batches], "y", "toy", shard_tokens=32)
-    old_manifest(tmp_path / "pair", 2)
-    old_manifest(tmp_path / "one", 1)
+    old_manifest(tmp_path / "pair")
+    old_manifest(tmp_path / "one")
     pair, one = ActivationCache(tmp_path / "pair"), ActivationCache(tmp_path / "one")
     pair.verify()
     one.verify()
@@ -151,6 +151,23 @@ def test_old_caches_load_as_one_and_two_hook_caches(tmp_path):
     assert (sae.d_in, sae.d_out, sae.hook, sae.target_hook) == (3, 5, "x", "y")
     first = next(iter(CacheSource(tmp_path / "pair", 16, 0, 0).batches()))
     assert torch.equal(first, torch.cat([batches[0]["x"], batches[0]["y"]], dim=-1)[:16])
+
+
+def test_an_interrupted_old_transcoder_cache_resumes_as_version_2(tmp_path):
+    from test_cache import Interrupted, interrupted_after
+
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(n, 3, generator=g), "y": torch.randn(n, 5, generator=g)}
+               for n in (20, 30, 25)]  # fmt: skip
+    write_cache(tmp_path / "whole", batches, "x", "toy", target_hook="y", shard_tokens=16)
+    with pytest.raises(Interrupted):
+        part = interrupted_after(batches, 2)
+        write_cache(tmp_path / "old", part, "x", "toy", target_hook="y", shard_tokens=16)
+    old_manifest(tmp_path / "old")  # as an older saekit left it
+    write_cache(tmp_path / "old", batches, "x", "toy", target_hook="y", shard_tokens=16)
+    resumed = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    assert resumed == json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    assert resumed["version"] == 2 and "target_hook" not in resumed
 
 
 def run_config(cache_dir, tmp_path, **data):

@@ -81,7 +81,7 @@ def selected_hooks(
         chosen.append(str(HookPoint.parse(target_hook)))
     for field, name in zip(("hook", "target_hook"), chosen, strict=False):
         if name not in names:
-            raise ValueError(f"data.{field} {name!r} is not one of the hooks of {where}: {names}")
+            raise ValueError(f"data.{field} {name!r} is not one of the hooks {names} of {where}")
     if len(chosen) == 2 and chosen[0] == chosen[1]:
         raise ValueError(f"data.hook and data.target_hook are the same hook {chosen[0]!r}")
     return chosen

@@ -113,7 +113,7 @@ def _on_cache(
     names = [str(HookPoint.parse(h)) for h in (hook, sae.cfg.target_hook) if h is not None]
     names = names[: 1 + sae.cfg.transcoder]  # the SAE's hooks: [input] or [input, target]
     widths = dict(cache.hooks)
-    if all(name in widths for name in names):  # their columns of the cache's hooks
+    if len(names) == 1 + sae.cfg.transcoder and all(n in widths for n in names):  # their columns
         columns, selected = select_columns(cache.hooks, names), names
     elif len(cache.hooks) > 2:
         raise ValueError(f"the cache {args.cache} holds hooks {list(widths)}, not {names}")

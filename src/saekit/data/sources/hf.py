@@ -289,7 +289,7 @@ class HFSourceConfig(SourceConfig):
         """The hooks the run trains on: [input] or [input, target]."""
         if not self.hooks:  # data.hook (+ data.target_hook): all of them
             return self.harvested_hooks()
-        return selected_hooks(self.harvested_hooks(), self.hook, self.target_hook, self.describe())
+        return selected_hooks(self.harvested_hooks(), self.hook, self.target_hook, "data.hooks")
 
     def describe(self) -> str:
         names = self.harvested_hooks() if self.hooks else [str(HookPoint.parse(self.hook))]
