@@ -156,4 +156,4 @@ def test_small_messages(tmp_path, capsys):
     pairs = [{"x": torch.randn(50, 8), "y": torch.randn(50, 4)}]
     write_cache(tmp_path / "t", pairs, "x", "m", shard_tokens=100, target_hook="y")
     assert main(["cache", "verify", str(tmp_path / "t")]) == 0
-    assert "target hook y" in capsys.readouterr().out
+    assert "hook(s) x (8), y (4)" in capsys.readouterr().out  # the target hook is named too

@@ -56,7 +56,7 @@ def error_line(capsys) -> str:
 def test_cache_writes_verified_shards_and_verify_rereads_them(cache_dir, capsys):
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["total_tokens"] == 2000 and manifest["d"] == 64 and manifest["complete"]
-    assert manifest["hook"] == HOOK and len(manifest["shards"]) == 4
+    assert manifest["hooks"] == [{"name": HOOK, "width": 64}] and len(manifest["shards"]) == 4
     assert manifest["metadata"]["context_length"] == 16
     assert main(["cache", "verify", str(cache_dir)]) == 0
     assert "2,000 tokens in 4 shard(s), d = 64" in capsys.readouterr().out

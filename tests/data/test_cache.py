@@ -52,7 +52,8 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
 def test_manifest_records_hashes_and_settings(tmp_path):
     write(tmp_path, make_batches(), torch.bfloat16, metadata={"seed": 3})
     m = json.loads((tmp_path / "manifest.json").read_text())
-    assert (m["model"], m["hook"], m["dtype"], m["d"]) == ("tiny-gpt2", HOOK, "bfloat16", D)
+    assert (m["model"], m["dtype"], m["d"]) == ("tiny-gpt2", "bfloat16", D)
+    assert m["hooks"] == [{"name": HOOK, "width": D}] and m["version"] == 2
     assert m["metadata"] == {"seed": 3}
     for shard in m["shards"]:
         data = (tmp_path / shard["file"]).read_bytes()
@@ -164,7 +165,7 @@ def test_manifest_and_shard_disagreeing_names_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CacheError, match=r"shard_000000\.safetensors: dtype F32 .* float16"):
         ActivationCache(tmp_path).load_shard(0)
-    m["dtype"], m["d"] = "float32", D + 1
+    m["dtype"], m["d"], m["hooks"][0]["width"] = "float32", D + 1, D + 1
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CacheError, match=r"shard_000000\.safetensors: shape \[32, 8\]"):
         ActivationCache(tmp_path).verify()

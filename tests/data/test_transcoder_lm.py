@@ -233,7 +233,7 @@ def test_a_transcoder_cache_trains_and_evaluates(llama, llama_dir, tmp_path):
     argv += ["--context-length", "16", "--batch-size", "8", "--shard-tokens", "256"]
     assert main([*argv, "--max-tokens", "1000", "--no-progress", "--out", str(tmp_path / "c")]) == 0
     cache = ActivationCache(tmp_path / "c")
-    assert (cache.d, cache.d_in, cache.hook, cache.target_hook) == (128, 64, IN_HOOK, OUT_HOOK)
+    assert (cache.d, cache.hooks) == (128, [(IN_HOOK, 64), (OUT_HOOK, 64)])
     rows = cache.load_shard(0)
     with torch.no_grad():
         mlp = copy.deepcopy(llama.model.layers[1].mlp)

@@ -15,7 +15,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "cache",
         help="harvest a model's activations into a cache directory (or: cache verify DIR)",
-        description="Harvest activations at one hook point into sharded safetensors with a "
+        description="Harvest activations at one hook point (or several, --hooks: one forward "
+        "pass, each token's row holds every hook's activation) into sharded safetensors with a "
         "manifest, then verify every shard. `saekit cache verify DIR` only verifies. An "
         "interrupted run resumes when repeated with the same arguments.",
     )
@@ -40,6 +41,12 @@ def add_parser(sub: Any) -> None:
     add_model_args(p)
     p.add_argument("--out", metavar="DIR", help="cache directory")
     p.add_argument("--target-hook", help="transcoders: also this hook, same pass; rows [hook|it]")
+    p.add_argument(
+        "--hooks",
+        nargs="+",
+        metavar="HOOK",
+        help="several hooks, one forward pass; rows [H1|H2|...] (instead of --hook)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -58,18 +65,18 @@ def run(args: argparse.Namespace) -> int:
         verify_dir = args.out
     cache = ActivationCache(verify_dir)
     cache.verify()
+    hooks = ", ".join(f"{name} ({width})" for name, width in cache.hooks)
     print(
         f"{cache.directory}: {cache.n_tokens:,} tokens in {len(cache.shards)} shard(s), "
-        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook {cache.hook}"
-        + (f", target hook {cache.target_hook}" if cache.target_hook else "")
-        + "; verified"
+        f"d = {cache.d}, {cache.dtype_name}, model {cache.model}, hook(s) {hooks}; verified"
     )
     return 0
 
 
 def cache_command(args: argparse.Namespace) -> None:
-    """``saekit cache``: harvest ``args.hook`` of ``args.model`` on the documents into a cache
-    at ``args.out``, recording each shard's documents (saekit.data.cache)."""
+    """``saekit cache``: harvest ``args.hooks`` (or ``args.hook`` and ``args.target_hook``) of
+    ``args.model`` on the documents into a cache at ``args.out``, recording each shard's
+    documents (saekit.data.cache)."""
     from saekit.data.cache.reading import held_out_problem
     from saekit.data.cache.writing import write_cache
     from saekit.data.documents.reading import text_source
@@ -79,29 +86,33 @@ def cache_command(args: argparse.Namespace) -> None:
     from saekit.data.lm.text import token_batches
     from saekit.eval.saved import harvest_setup, text_documents
 
-    for flag, value in (("--model", args.model), ("--hook", args.hook), ("--out", args.out)):
+    if args.hooks and (args.hook or args.target_hook):
+        raise ValueError("saekit cache takes --hooks or --hook (and --target-hook), not both")
+    hooks = args.hooks or [h for h in (args.hook, args.target_hook) if h is not None]
+    for flag, value in (("--model", args.model), ("--hook", hooks), ("--out", args.out)):
         if not value:
             raise ValueError(f"saekit cache needs {flag}")
     refuse_output_over_inputs(args.out, document_inputs(args))
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-    # The hook name first (meta device, no weights), then the text, then the weights: each
+    # The hook names first (meta device, no weights), then the text, then the weights: each
     # mistake is reported before the slow step after it.
-    for point in (args.hook, args.target_hook):
-        if point is not None:
-            check_hook(args.model, point, args.model_class, args.local_files_only)
+    for point in hooks:
+        check_hook(args.model, point, args.model_class, args.local_files_only)
+    hooks = [str(HookPoint.parse(point)) for point in hooks]
+    if len(set(hooks)) != len(hooks):
+        raise ValueError(f"saekit cache: a hook is named twice in {hooks}")
     docs = text_documents(args)
     setup = harvest_setup(
         args,
-        args.hook,
+        hooks[0],
         exclude_padding=not args.keep_padding,
         exclude_bos=not args.keep_bos,
         exclude_special=args.exclude_special,
     )
-    hook, tokenizer, kind = setup.hook, setup.tokenizer, setup.kind
+    tokenizer, kind = setup.tokenizer, setup.kind
     _check_positions(setup.model, args.model, args.context_length)
-    target = None if args.target_hook is None else str(HookPoint.parse(args.target_hook))
-    harvester = setup.harvester(*([target] if target else []), device="cpu")
+    harvester = setup.harvester(*hooks[1:], device="cpu")  # one pass, stopped after the last
     contexts = token_batches(
         docs,
         tokenizer,
@@ -127,18 +138,17 @@ def cache_command(args: argparse.Namespace) -> None:
     metadata["outlier_norm"] = args.outlier_norm
     stats = HarvestStats()
     outputs = harvest(harvester, contexts, prefetch=2, outlier_norm=args.outlier_norm, stats=stats)
-    acts = _counted(outputs, hook, args.max_tokens, args.progress)
+    acts = _counted(outputs, hooks[0], args.max_tokens, args.progress)
     try:
         manifest = write_cache(
             args.out,
             acts,
-            hook,
+            hooks,
             args.model,
             args.dtype,
             shard_tokens=args.shard_tokens,
             max_tokens=args.max_tokens,
             metadata=metadata,
-            target_hook=target,
         )
     finally:
         acts.close()  # closes the bar now, not at garbage collection (after "verified")

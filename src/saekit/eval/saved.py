@@ -114,21 +114,33 @@ def _on_cache(
     acc: MetricAccumulator,
 ) -> None:
     from saekit.data.cache.reading import ActivationCache
+    from saekit.data.hook_columns import select_columns
+    from saekit.data.lm.harvester import HookPoint
     from saekit.data.sources.cache import held_out_batches
 
     cache = ActivationCache(args.cache)
-    if (cache.d_in, cache.d) != (sae.cfg.d_in, sae.cfg.stream_width):
+    names = [str(HookPoint.parse(h)) for h in (hook, sae.cfg.target_hook) if h is not None]
+    names = names[: 1 + sae.cfg.transcoder]  # the SAE's hooks: [input] or [input, target]
+    widths = dict(cache.hooks)
+    if len(names) == 1 + sae.cfg.transcoder and all(n in widths for n in names):  # their columns
+        columns, selected = select_columns(cache.hooks, names), names
+    elif len(cache.hooks) > 2:
+        raise ValueError(f"the cache {args.cache} holds hooks {list(widths)}, not {names}")
+    else:  # the whole rows, as a cache of the SAE's hooks would give them
+        columns, selected = slice(None), list(widths)
+        held = ", ".join(widths)
+        print(f"saekit: warning: the cache holds hook(s) {held}, not {names}", file=sys.stderr)
+    width = sum(widths[n] for n in selected)
+    if (widths[selected[0]], width) != (sae.cfg.d_in, sae.cfg.stream_width):
         name = "d_in + d_out" if sae.cfg.transcoder else "d_in"
-        kind = "a transcoder cache" if cache.target_hook else "a cache"
         raise ValueError(
-            f"SAE {name} = {sae.cfg.stream_width} but the cache {args.cache} ({kind}) has width"
-            f" {cache.d}"
+            f"SAE {name} = {sae.cfg.stream_width} but the cache {args.cache} has width {width}"
+            f" at hook(s) {', '.join(selected)}"
         )
-    if cache.hook != hook:
-        print(f"saekit: warning: the cache holds hook {cache.hook}, not {hook}", file=sys.stderr)
     context_length = args.context_length or 128
     n_tokens = args.n_batches * args.batch_size * context_length
-    for batch in held_out_batches(cache, n_tokens, args.batch_size * context_length):
+    batches = held_out_batches(cache, n_tokens, args.batch_size * context_length, columns)
+    for batch in batches:
         x, target = sae.split_stream(batch.to(args.device))
         x_hat = reconstruct(x)
         if target is not None:

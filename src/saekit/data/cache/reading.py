@@ -2,10 +2,16 @@
 
 Layout of a cache directory::
 
-    manifest.json              model, hook, d, dtype, total_tokens, shard_tokens, shards[...],
+    manifest.json              model, hooks, d, dtype, total_tokens, shard_tokens, shards[...],
                                held_out
     shard_000000.safetensors   one tensor "activations" [n_tokens, d]
     shard_000001.safetensors   ...
+
+N hooks per token (version 2): ``hooks`` is ``[{"name": H, "width": w}, ...]`` in column order,
+and each row is every hook's activation of one token, concatenated (``d`` = the sum of the
+widths; layout and selection: saekit.data.hook_columns). Version 1 manifests (``hook``, and for
+transcoder caches ``target_hook`` and ``d_in``, the width of ``hook``) are read as the 1- and
+2-hook cases (:func:`_upgrade_v1`); a resumed version 1 cache is rewritten as version 2.
 
 Held out: the last shard when the cache has at least 2 (:func:`held_out_shard`); training
 (``saekit train --cache``) never reads it. When the activations come with document indices
@@ -43,7 +49,7 @@ from saekit.data.documents.ranges import Ranges
 
 MANIFEST = "manifest.json"
 FORMAT = "saekit-activation-cache"
-VERSION = 1
+VERSION = 2
 TENSOR_KEY = "activations"
 
 _DTYPES = {
@@ -88,19 +94,32 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise CacheError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in (1, VERSION):
         raise CacheError(f"{path}: version {manifest.get('version')} is not supported")
     problem = _manifest_problem(manifest)
     if problem:  # an edited manifest: one line naming it, not a KeyError or TypeError
         raise CacheError(f"{path}: {problem}")
-    return manifest
+    return _upgrade_v1(manifest) if manifest["version"] == 1 else manifest
 
 
 def _manifest_problem(m: dict[str, Any]) -> str | None:
-    types = {"model": str, "hook": str, "dtype": str, "complete": bool, "total_tokens": int}
+    types = {"model": str, "dtype": str, "complete": bool, "total_tokens": int}
+    if m["version"] == 1:
+        types["hook"] = str
     for key, kind in types.items():
         if not isinstance(m.get(key), kind):
             return f"{key} is missing or not a {kind.__name__}"
+    if m["version"] != 1:
+        hooks = m.get("hooks")
+        if not isinstance(hooks, list) or not hooks:
+            return "hooks is missing or not a list"
+        for i, h in enumerate(hooks):
+            if not (
+                isinstance(h, dict)
+                and isinstance(h.get("name"), str)
+                and (h.get("width") is None or isinstance(h.get("width"), int))
+            ):
+                return f"hooks.{i} is malformed (fields name, width)"
     if not (m.get("d") is None or isinstance(m["d"], int)) or not isinstance(m.get("shards"), list):
         return "d or shards is malformed"
     shard = {"file": str, "n_tokens": int, "bytes": int, "sha256": str}
@@ -113,6 +132,23 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         ):
             return f"shards.{i} is malformed (fields {sorted(known)})"
     return None
+
+
+def _upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 manifest as version 2: ``hook`` (+ ``target_hook``, its rows ``[hook |
+    target_hook]`` with ``d_in`` the width of ``hook``) become ``hooks``."""
+    m = dict(manifest, version=VERSION)
+    names = [m.pop("hook")] + ([m.pop("target_hook")] if m.get("target_hook") else [])
+    m.pop("target_hook", None)
+    d, d_in = m.get("d"), m.pop("d_in", None)
+    widths = [d] if len(names) == 1 else [d_in, None if d is None else d - d_in]
+    m["hooks"] = [{"name": n, "width": w} for n, w in zip(names, widths, strict=True)]
+    return m
+
+
+def hook_names(manifest: dict[str, Any]) -> list[str]:
+    """The hooks of a (version 2) manifest, in column order."""
+    return [h["name"] for h in manifest["hooks"]]
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -149,12 +185,12 @@ class ActivationCache:
         self.manifest = _read_manifest(self.directory)
         m = self.manifest
         self.model: str = m["model"]
-        self.hook: str = m["hook"]
         self.d: int = m["d"]
-        self.target_hook: str | None = m.get("target_hook")
-        """Transcoder caches: the target's hook; rows are [hook | target_hook]."""
-        self.d_in: int = m.get("d_in") or self.d
-        """Width of the ``hook`` columns (all of ``d`` unless a target_hook is cached)."""
+        self.hooks: list[tuple[str, int]] = [(h["name"], h["width"]) for h in m["hooks"]]
+        """``(hook, width)`` per hook in column order (saekit.data.hook_columns's segments)."""
+        self.hook: str = self.hooks[0][0]
+        """The first hook (an SAE cache's only one)."""
+        self._check_widths()
         self.dtype_name: str = dtype_name(m["dtype"])
         self.dtype = _DTYPES[self.dtype_name]
         self.complete: bool = m["complete"]
@@ -168,6 +204,18 @@ class ActivationCache:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    def _check_widths(self) -> None:
+        """The hooks' widths add up to the rows' width ``d`` (each shard's header has ``d``)."""
+        if self.d is None:  # nothing written yet
+            return
+        widths = [w for _, w in self.hooks]
+        if any(not isinstance(w, int) or w < 1 for w in widths) or sum(widths) != self.d:
+            names = ", ".join(f"{name} ({w})" for name, w in self.hooks)
+            raise CacheError(
+                f"{self.directory / MANIFEST}: the hooks' widths, {names}, do not add up to the"
+                f" width of its rows d = {self.d}"
+            )
 
     @property
     def held_out_shard(self) -> int | None:
@@ -212,9 +260,10 @@ class ActivationCache:
                 raise CacheError(f"{shard.file}: sha256 mismatch (corrupt shard)")
             self._check_header(shard)
 
-    def load_shard(self, index: int) -> Tensor:
-        """Shard ``index`` as a ``[n_tokens, d]`` tensor: size and header checked, and its
-        sha256 computed over the very bytes it is loaded from (:func:`read_verified_shard`)."""
+    def load_shard(self, index: int, columns: slice | Tensor = slice(None)) -> Tensor:
+        """Shard ``index`` as a ``[n_tokens, d]`` tensor (its ``columns`` only, e.g. some hooks':
+        saekit.data.hook_columns.select_columns): size and header checked, and its sha256
+        computed over the very bytes it is loaded from (:func:`read_verified_shard`)."""
         shard = self.shards[index]
         path = self.directory / shard.file
         if not path.exists():
@@ -224,7 +273,7 @@ class ActivationCache:
                 f"{shard.file}: {path.stat().st_size} bytes but the manifest says {shard.bytes}"
             )
         self._check_header(shard)
-        return read_verified_shard(path, shard.sha256, self.directory)
+        return read_verified_shard(path, shard.sha256, self.directory)[:, columns]
 
     def rank_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """Shard indices of ``rank``: ``rank, rank + world_size, ...``."""
@@ -232,7 +281,9 @@ class ActivationCache:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         return list(range(rank, len(self.shards), world_size))
 
-    def spread_sample(self, n_tokens: int, seed: int, max_shards: int = 8) -> Tensor:
+    def spread_sample(
+        self, n_tokens: int, seed: int, max_shards: int = 8, columns: slice | Tensor = slice(None)
+    ) -> Tensor:
         """``n_tokens`` float32 rows, seeded, evenly from up to ``max_shards`` evenly spaced
         shards: an SAE's initialisation sample. The start of a shuffled stream would come from
         one shard (buffer <= shard) and bias scale and b_dec towards its part of the corpus."""
@@ -242,7 +293,7 @@ class ActivationCache:
         base, extra = divmod(n_tokens, len(picks))
         parts = []
         for j, index in enumerate(picks):
-            x = self.load_shard(index)
+            x = self.load_shard(index, columns)
             rows = torch.randperm(len(x), generator=g)[: base + (j < extra)].sort().values
             parts.append(x[rows].to(torch.float32))
         return torch.cat(parts)
@@ -258,8 +309,9 @@ class ActivationCache:
         epoch: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        columns: slice | Tensor = slice(None),
     ) -> Iterator[Tensor]:
-        """``[batch_size, d]`` batches of this rank's shards.
+        """``[batch_size, d]`` batches of this rank's shards (their ``columns`` only).
 
         ``shuffle_buffer_tokens > 0`` shuffles the shard order and mixes tokens through a
         :class:`ShuffleBuffer` of that many tokens (seeded by ``seed`` and ``epoch``); 0 reads
@@ -279,11 +331,11 @@ class ActivationCache:
         if shuffle_buffer_tokens > 0:
             g = torch.Generator().manual_seed(mixed_seed)
             order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
-            chunks = (self.load_shard(i) for i in order)
+            chunks = (self.load_shard(i, columns) for i in order)
             capacity = max(shuffle_buffer_tokens, batch_size)
             batches = ShuffleBuffer(capacity, batch_size, seed=mixed_seed).iterate(chunks)
         else:
-            batches = _rebatch((self.load_shard(i) for i in order), batch_size)
+            batches = _rebatch((self.load_shard(i, columns) for i in order), batch_size)
         for count, batch in enumerate(batches):
             if n_batches is not None and count >= n_batches:
                 return

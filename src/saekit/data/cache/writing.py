@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,10 @@ from saekit.data.cache.reading import (
     _shard_name,
     dtype_name,
     held_out_shard,
+    hook_names,
 )
 from saekit.data.documents.ranges import subtract, to_ranges, union
+from saekit.data.hook_columns import join_hooks
 from saekit.data.lm.text import DOCUMENT_IDS
 
 _UNKNOWN = -2
@@ -44,7 +46,7 @@ def _held_out_record(shards: list[dict[str, Any]]) -> dict[str, Any] | None:
 def write_cache(
     out_dir: str | Path,
     activation_batches: Iterable[Tensor | Mapping[str, Tensor]],
-    hook: str,
+    hook: str | Sequence[str],
     model_name: str,
     dtype: torch.dtype | str = torch.float32,
     *,
@@ -58,9 +60,10 @@ def write_cache(
     final manifest. Resumes an interrupted run (see the module docstring); a finished cache
     with the same arguments is returned as is. Raises ``ValueError`` on NaN/inf activations.
     Dicts that also hold ``DOCUMENT_IDS`` ([n] document indices) have their documents recorded
-    per shard. ``target_hook`` (transcoders; dicts only): each token's row is the activation at
-    ``hook`` then the one at ``target_hook``, and the manifest records both hooks and ``d_in``,
-    the width of the first.
+    per shard. ``hook`` may be a list of hooks (dicts only): each token's row is the activation
+    at every hook, in that order, and the manifest records each hook's width (``hooks``);
+    ``target_hook`` (a transcoder's, as ``saekit cache --target-hook``) is the same as
+    ``hook=[hook, target_hook]``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,12 +72,16 @@ def write_cache(
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     remove_stale_temporaries(out, owner=True)  # one writer per cache directory
-    identity = {"model": model_name, "hook": hook, "dtype": name, "shard_tokens": shard_tokens}
-    if target_hook is not None:
-        identity["target_hook"] = target_hook
+    names = [hook] if isinstance(hook, str) else list(hook)
+    names += [] if target_hook is None else [target_hook]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"write_cache needs distinct hooks, got {names}")
+    identity = {"model": model_name, "dtype": name, "shard_tokens": shard_tokens}
     manifest = _read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         differing = {k: (manifest.get(k), v) for k, v in identity.items() if manifest.get(k) != v}
+        if hook_names(manifest) != names:
+            differing["hooks"] = (hook_names(manifest), names)
         if differing:
             raise CacheError(
                 f"{out / MANIFEST} was written with different settings {differing}"
@@ -87,6 +94,7 @@ def write_cache(
             "format": FORMAT,
             "version": VERSION,
             **identity,
+            "hooks": [{"name": n, "width": None} for n in names],
             "d": None,
             "total_tokens": 0,
             "complete": False,
@@ -122,17 +130,19 @@ def write_cache(
     for batch_index, batch in enumerate(activation_batches):
         docs = batch.get(DOCUMENT_IDS) if isinstance(batch, Mapping) else None
         if isinstance(batch, Mapping):
-            if target_hook is not None:
-                manifest.setdefault("d_in", batch[hook].shape[-1])
-            batch = batch[hook] if target_hook is None else paired(batch, hook, target_hook)
-        elif target_hook is not None:
-            raise TypeError("write_cache with a target_hook reads harvester dicts")
+            widths = [batch[n].shape[-1] for n in names]
+            batch = join_hooks(batch, names)
+        elif len(names) > 1:
+            raise TypeError("write_cache of several hooks reads harvester dicts")
+        else:
+            widths = [batch.shape[-1]]
         if batch.ndim != 2:
             batch = batch.reshape(-1, batch.shape[-1])
         docs = torch.full((len(batch),), _UNKNOWN) if docs is None else docs.cpu()
         d = manifest["d"] if manifest["d"] is not None else batch.shape[1]
         if batch.shape[1] != d:
             raise ValueError(f"batch {batch_index} has d={batch.shape[1]}, the cache has d={d}")
+        _record_widths(manifest["hooks"], widths, batch_index)
         if to_skip >= len(batch):
             to_skip -= len(batch)
             continue
@@ -141,7 +151,7 @@ def write_cache(
             keep = max(max_tokens - accepted, 0)
             batch, docs = batch[:keep], docs[:keep]
         stored = batch.detach().to("cpu", torch_dtype)
-        _check_finite(stored, batch, batch_index, hook, name)
+        _check_finite(stored, batch, batch_index, names, name)
         if manifest["d"] is None:
             manifest["d"] = d
         pending.append(stored)
@@ -173,13 +183,20 @@ def write_cache(
     return manifest
 
 
-def paired(acts: Mapping[str, Tensor], hook: str, target_hook: str) -> Tensor:
-    """[n, d_in + d_out]: the input's columns, then the target's (SAE.split_stream's layout)."""
-    return torch.cat([acts[hook], acts[target_hook]], dim=-1)
+def _record_widths(hooks: list[dict[str, Any]], widths: list[int], batch_index: int) -> None:
+    """Record each hook's width in the manifest's ``hooks`` (the first batch's), or check it."""
+    for entry, width in zip(hooks, widths, strict=True):
+        if entry["width"] is None:
+            entry["width"] = width
+        elif entry["width"] != width:
+            raise ValueError(
+                f"batch {batch_index} has width {width} at hook {entry['name']!r}, the cache has"
+                f" {entry['width']}"
+            )
 
 
 def _check_finite(
-    stored: Tensor, original: Tensor, batch_index: int, hook: str, dtype: str
+    stored: Tensor, original: Tensor, batch_index: int, hooks: list[str], dtype: str
 ) -> None:
     if torch.isfinite(stored).all():
         return
@@ -187,10 +204,10 @@ def _check_finite(
     n_inf = int(torch.isinf(original).sum())
     if n_nan or n_inf:
         raise ValueError(
-            f"batch {batch_index} of hook {hook!r} has {n_nan} NaN and {n_inf} inf activations;"
-            " refusing to cache non-finite values"
+            f"batch {batch_index} of hook {', '.join(map(repr, hooks))} has {n_nan} NaN and"
+            f" {n_inf} inf activations; refusing to cache non-finite values"
         )
     raise ValueError(
-        f"batch {batch_index} of hook {hook!r} overflows {dtype} (max |x| ="
+        f"batch {batch_index} of hook {', '.join(map(repr, hooks))} overflows {dtype} (max |x| ="
         f" {float(original.abs().max()):.4g}); cache as float32 or bfloat16"
     )

@@ -2,6 +2,10 @@
 
 Held out: the **last shard**, when the cache has at least 2 shards; with a single shard a warning
 is issued and evaluation reuses training data.
+
+Hooks: a run trains on ``data.hook`` (an SAE) or ``data.hook`` + ``data.target_hook`` (a
+transcoder) of the cache's hooks; a cache of 1 or 2 hooks needs neither, one of 3 or more is
+refused without them (saekit.data.hook_columns.selected_hooks). Batches hold only those columns.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor
 
 from saekit.data.cache.reading import ActivationCache, CacheError
 from saekit.data.documents.held_out import cache_documents
+from saekit.data.hook_columns import select_columns, selected_hooks
 from saekit.data.sources.config import SourceConfig
 from saekit.data.sources.interface import StreamSettings
 from saekit.data.sources.stream import INIT_TOKENS, StreamSource, full_batches, rebatch_up_to
@@ -42,6 +47,7 @@ class CacheSource(StreamSource):
         rank: int = 0,
         world_size: int = 1,
         init_tokens: int = INIT_TOKENS,
+        hooks: list[str] | None = None,
     ) -> None:
         self.cache = ActivationCache(cache_dir)
         if not self.cache.complete:
@@ -55,7 +61,11 @@ class CacheSource(StreamSource):
         self.rank = rank
         self.world_size = world_size
         self.init_tokens = init_tokens
-        self.d = self.measured_width = self.cache.d
+        self.hooks = [name for name, _ in self.cache.hooks] if hooks is None else hooks
+        """The hooks the run trains on: batches are their columns, in this order."""
+        self.columns = select_columns(self.cache.hooks, self.hooks)
+        widths = dict(self.cache.hooks)
+        self.d = self.measured_width = sum(widths[name] for name in self.hooks)
         self.description = f"the activation cache {cache_dir}"
         self.held_out = self.cache.held_out_shard is not None
         self.train_cache = self._training_view() if self.held_out else self.cache
@@ -80,7 +90,9 @@ class CacheSource(StreamSource):
 
     def sample_for_init(self) -> Tensor:
         """Spread over the training shards, not the stream's start (see ``spread_sample``)."""
-        return self.train_cache.spread_sample(self.init_tokens, self.seed + 0x5EED)
+        return self.train_cache.spread_sample(
+            self.init_tokens, self.seed + 0x5EED, columns=self.columns
+        )
 
     def _training_view(self) -> ActivationCache:
         """The cache without its held-out shard (a shallow copy; the files are shared)."""
@@ -98,6 +110,7 @@ class CacheSource(StreamSource):
             self.world_size,
             epoch=epoch,
             dtype=torch.float32,
+            columns=self.columns,
         )
         return full_batches(batches, self.batch_size)
 
@@ -109,13 +122,16 @@ class CacheSource(StreamSource):
     def eval_batches(
         self, n_tokens: int, batch_size: int
     ) -> Iterator[tuple[Tensor, Tensor | None]]:
-        for x in held_out_batches(self.cache, n_tokens, batch_size):
+        for x in held_out_batches(self.cache, n_tokens, batch_size, self.columns):
             yield x, None
 
 
-def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> Iterator[Tensor]:
-    """Float32 batches of the cache's held-out shard (the last when it has at least 2, the one
-    :class:`CacheSource` never trains on), else, with a warning, of its only shard."""
+def held_out_batches(
+    cache: ActivationCache, n_tokens: int, batch_size: int, columns: slice | Tensor = slice(None)
+) -> Iterator[Tensor]:
+    """Float32 batches (their ``columns``) of the cache's held-out shard (the last when it has at
+    least 2, the one :class:`CacheSource` never trains on), else, with a warning, of its only
+    shard."""
     held = cache.held_out_shard
     if held is None:
         warnings.warn(
@@ -124,19 +140,23 @@ def held_out_batches(cache: ActivationCache, n_tokens: int, batch_size: int) -> 
             stacklevel=2,
         )
     indices = [held] if held is not None else range(len(cache.shards))
-    chunks = (cache.load_shard(i).float() for i in indices)
+    chunks = (cache.load_shard(i, columns).float() for i in indices)
     return rebatch_up_to(chunks, batch_size, n_tokens)
 
 
 @dataclass
 class CacheSourceConfig(SourceConfig):
-    """A directory written by ``saekit cache`` (its manifest names the model and hook)."""
+    """A directory written by ``saekit cache`` (its manifest names the model and hooks)."""
 
     kind = "cache"
     cache_dir: str | None = None
     """The activation cache directory."""
     shuffle_buffer_tokens: int = 262_144
     """Tokens held in the token-level shuffle buffer (0 reads in file order)."""
+    hook: str | None = None
+    """Train on this hook of the cache (needed when it holds 3 or more hooks)."""
+    target_hook: str | None = None
+    """With ``hook``: train transcoders from ``hook`` to this hook of the cache."""
 
     def validate(self) -> None:
         if self.shuffle_buffer_tokens < 0:
@@ -145,29 +165,35 @@ class CacheSourceConfig(SourceConfig):
             raise ValueError("data.cache_dir is required when data.source is 'cache'")
         if not Path(self.cache_dir).is_dir():
             raise ValueError(f"data.cache_dir: no such directory {self.cache_dir!r}")
+        self._hooks  # noqa: B018  (refuses a selection the cache cannot give)
 
     @cached_property
     def _cache(self) -> ActivationCache:
         """The manifest (read once; the source's own check of its widths and origin)."""
         return ActivationCache(self.cache_dir)
 
+    @property
+    def _hooks(self) -> list[str]:
+        """The hooks the run trains on: [input] or [input, target]."""
+        names = [name for name, _ in self._cache.hooks]
+        return selected_hooks(names, self.hook, self.target_hook, self.describe())
+
     def describe(self) -> str:
         return f"the activation cache {self.cache_dir}"
 
     def input_width(self) -> int:
-        return self._cache.d_in
+        return dict(self._cache.hooks)[self._hooks[0]]
 
-    def has_target(self) -> bool:  # a transcoder cache: rows [hook | target_hook]
-        return self._cache.target_hook is not None
+    def has_target(self) -> bool:  # a transcoder's stream: [input | target]
+        return len(self._hooks) == 2
 
     def target_width(self) -> int | None:
-        return self._cache.d - self._cache.d_in if self.has_target() else None
+        return dict(self._cache.hooks)[self._hooks[1]] if self.has_target() else None
 
     def origin(self) -> dict[str, str]:
-        cache = self._cache
-        origin = {"model_name": cache.model, "hook": cache.hook}
-        if cache.target_hook is not None:
-            origin["target_hook"] = cache.target_hook
+        origin = {"model_name": self._cache.model, "hook": self._hooks[0]}
+        if self.has_target():
+            origin["target_hook"] = self._hooks[1]
         return origin
 
     def context_size(self) -> int | None:
@@ -196,4 +222,5 @@ class CacheSourceConfig(SourceConfig):
             run.seed,
             rank=rank,
             world_size=world_size,
+            hooks=self._hooks,
         )

@@ -4,6 +4,10 @@ Text: a hub dataset, a local dataset path or a text/JSONL file. Held out: the **
 documents** (in dataset order, before shuffling) holding at least ``eval_tokens +
 context_length`` tokens; ``saekit eval`` on the same dataset reads these same documents first. If
 the whole dataset is shorter than that, a warning is issued and evaluation reuses training data.
+
+Hooks: ``data.hooks`` (every hook harvested, in one forward pass stopped after the last), or
+``data.hook`` (+ ``data.target_hook``: a transcoder's target, the 2-hook case); the run trains on
+the selection of saekit.data.hook_columns.selected_hooks, whose columns batches hold.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor
 
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.documents.reading import documents, leading_document_count, text_source
+from saekit.data.hook_columns import join_hooks, selected_hooks
 from saekit.data.lm.harvest import HarvestStats, harvest
 from saekit.data.lm.harvester import HookPoint
 from saekit.data.lm.models import (
@@ -43,7 +48,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class HFSource(StreamSource):
-    """Activations of a ``transformers`` model at one hook point, harvested while training.
+    """Activations of a ``transformers`` model at its hook points, harvested while training.
 
     Per epoch: the training documents (all but the held-out leading ones) are shuffled (seeded
     with the epoch), split between ranks, tokenised and packed into contexts of
@@ -71,9 +76,10 @@ class HFSource(StreamSource):
         self.rank = rank
         self.world_size = world_size
         self.init_tokens = init_tokens
+        harvested = data.harvested_hooks()
         setup = load_for_harvest(
             data.model,
-            data.hook,
+            harvested[0],
             dtype=data.model_dtype,
             device=device,
             local_files_only=data.local_files_only,
@@ -83,14 +89,14 @@ class HFSource(StreamSource):
             exclude_bos=not data.keep_bos,
         )
         self.model, self.tokenizer, kind = setup.model, setup.tokenizer, setup.kind
-        self.hook, self.bos_id = setup.hook, setup.bos_id
-        # a transcoder's target: harvested in the same pass, its columns after the input's
-        target = [] if data.target_hook is None else [str(HookPoint.parse(data.target_hook))]
-        self.hooks = [self.hook, *target]
-        self.harvester = setup.harvester(*target, dtype=torch.float32)
+        self.bos_id = setup.bos_id
+        # every hook in one forward pass, stopped after the last; batches: the selected ones
+        self.harvester = setup.harvester(*harvested[1:], dtype=torch.float32)
+        self.hooks = data.selected_hooks()
+        """The hooks the run trains on: batches are their columns, in this order."""
         self.d = sum(activation_width(self.model, hook, kind) for hook in self.hooks)
         self.measured_width = self.d
-        self.description = f"hook {data.hook} of model {data.model}"
+        self.description = data.describe()
         self._n_eval_docs: int | None = None
         self.harvest_stats = HarvestStats()
         """Training tokens harvested and outliers dropped (``data.outlier_norm``) so far."""
@@ -145,7 +151,7 @@ class HFSource(StreamSource):
             stats=stats,
         )
         for out in outputs:
-            yield torch.cat([out[hook] for hook in self.hooks], dim=-1).cpu()
+            yield join_hooks(out, self.hooks).cpu()
 
     def _epoch(self, epoch: int) -> Iterator[Tensor]:
         docs = itertools.islice(self._documents(), self.n_eval_docs, None)
@@ -196,11 +202,16 @@ class HFSourceConfig(SourceConfig):
     """How to load the model: causal-lm, masked-lm, encoder (the bare model, AutoModel) or auto
     (from its config; saekit/data/lm/models.py)."""
     hook: str | None = None
-    """Hook point, e.g. transformer.h.8:input (residual stream before block 8)."""
+    """Hook point, e.g. transformer.h.8:input (residual stream before block 8); with
+    ``hooks``: the one of them to train on."""
     target_hook: str | None = None
     """A transcoder's target, harvested in the same forward pass as ``hook``, e.g.
     model.layers.5.mlp (``hook`` model.layers.5.post_attention_layernorm); batches are then
     [input | target] and every SAE of the run is a transcoder (d_out: the target's width)."""
+    hooks: list[str] | None = None
+    """Hook points harvested in one forward pass, e.g. [model.layers.0.mlp:input,
+    model.layers.0.mlp, model.layers.1.mlp]; ``hook`` (+ ``target_hook``) pick the ones to
+    train on (needed from 3 hooks; saekit/data/hook_columns.py)."""
     dataset: str | None = None
     """Documents from a Hugging Face dataset, a hub id or a local path (or use text_file)."""
     dataset_split: str = "train"
@@ -246,9 +257,10 @@ class HFSourceConfig(SourceConfig):
             raise ValueError(
                 f"data.outlier_norm must be > 1 (a multiple of the median), got {self.outlier_norm}"
             )
-        for name in ("model", "hook"):
-            if not getattr(self, name):
-                raise ValueError(f"data.{name} is required when data.source is 'hf'")
+        if not self.model:
+            raise ValueError("data.model is required when data.source is 'hf'")
+        if not self.hook and not self.hooks:
+            raise ValueError("data.hook (or data.hooks) is required when data.source is 'hf'")
         if (self.dataset is None) == (self.text_file is None):
             raise ValueError("data: set exactly one of data.dataset and data.text_file")
         if self.text_file is not None and not Path(self.text_file).is_file():
@@ -261,15 +273,30 @@ class HFSourceConfig(SourceConfig):
             raise ValueError(
                 f"data.model_class must be one of {MODEL_CLASSES}, got {self.model_class!r}"
             )
-        HookPoint.parse(self.hook)
-        if self.target_hook is not None:
-            HookPoint.parse(self.target_hook)
+        names = self.harvested_hooks()
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.hooks names a hook twice: {names}")
+        self.selected_hooks()
+
+    def harvested_hooks(self) -> list[str]:
+        """Every hook the forward pass yields, normalised (``NAME`` or ``NAME:input``)."""
+        if self.hooks:
+            return [str(HookPoint.parse(h)) for h in self.hooks]
+        names = [self.hook] + ([self.target_hook] if self.target_hook is not None else [])
+        return [str(HookPoint.parse(h)) for h in names]
+
+    def selected_hooks(self) -> list[str]:
+        """The hooks the run trains on: [input] or [input, target]."""
+        if not self.hooks:  # data.hook (+ data.target_hook): all of them
+            return self.harvested_hooks()
+        return selected_hooks(self.harvested_hooks(), self.hook, self.target_hook, "data.hooks")
 
     def describe(self) -> str:
-        return f"hook {self.hook} of model {self.model}"
+        names = self.harvested_hooks() if self.hooks else [str(HookPoint.parse(self.hook))]
+        return f"hook{'s' * (len(names) > 1)} {', '.join(names)} of model {self.model}"
 
     def has_target(self) -> bool:
-        return self.target_hook is not None
+        return len(self.selected_hooks()) == 2
 
     def model_width(self) -> int:
         """The model's hidden size (its config's hidden_size / n_embd / d_model, read without
@@ -278,9 +305,10 @@ class HFSourceConfig(SourceConfig):
         return model_hidden_size(self.model, self.local_files_only)
 
     def origin(self) -> dict[str, str]:
-        origin = {"model_name": self.model, "hook": str(HookPoint.parse(self.hook))}
-        if self.target_hook is not None:
-            origin["target_hook"] = str(HookPoint.parse(self.target_hook))
+        selected = self.selected_hooks()
+        origin = {"model_name": self.model, "hook": selected[0]}
+        if len(selected) == 2:
+            origin["target_hook"] = selected[1]
         return origin
 
     def provenance(self, eval_tokens: int) -> dict[str, Any]:
