@@ -566,6 +566,27 @@ FAULTS = [
         ("test_calibrate.py",),
     ),
     Fault(
+        "batchtopk-calibrated-on-evaluated-tokens",  # issue 28: the old L0 = k by construction
+        "train/outputs.py",
+        "        skip = 0 if calibration is None else calibration.n_tokens\n",
+        "        skip = 0\n",
+        ("test_calibration_split.py",),
+        also=(
+            (
+                "eval/calibrate.py",
+                "    return n_tokens // 2\n",
+                "    return n_tokens\n",
+            ),
+        ),
+    ),
+    Fault(
+        "batchtopk-calibration-tokens-evaluated",  # the split without skipping the first half
+        "train/outputs.py",
+        "        skip = 0 if calibration is None else calibration.n_tokens\n",
+        "        skip = 0\n",
+        ("test_calibration_split.py",),
+    ),
+    Fault(
         "ownership-kind-switch-planted",  # same behaviour, but a name switch outside activations/
         "train/outputs.py",
         "    if sae.activation.calibrated_threshold:",
