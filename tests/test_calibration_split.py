@@ -7,11 +7,11 @@ import itertools
 
 import pytest
 import torch
+from test_calibrate import short_batchtopk_run
 
 from saekit.eval.calibrate import tokens_after
 from saekit.model.sae import SAE
 from saekit.train.config import make_source
-from test_calibrate import short_batchtopk_run
 
 
 def test_run_calibrates_theta_on_the_first_half_and_reports_l0_on_the_second(tmp_path):
