@@ -587,6 +587,20 @@ FAULTS = [
         ("test_calibration_split.py",),
     ),
     Fault(
+        "report-training-overlap-unchecked",  # issue 28: report said nothing on training text
+        "commands/report.py",
+        '    check_overlap(sae, tokenizer, overlap, verbs=("read", "report on"))\n',
+        "",
+        ("test_heldout.py",),
+    ),
+    Fault(
+        "long-document-warning-printed",  # issue 28: every BERT run printed it
+        "data/lm/text.py",
+        'add_special_tokens=False, verbose=False)["input_ids"]',
+        'add_special_tokens=False)["input_ids"]',
+        ("test_long_document_warning.py",),
+    ),
+    Fault(
         "ownership-kind-switch-planted",  # same behaviour, but a name switch outside activations/
         "train/outputs.py",
         "    if sae.activation.calibrated_threshold:",
