@@ -608,6 +608,13 @@ FAULTS = [
         ("test_heldout_no_document.py",),
     ),
     Fault(
+        "report-forward-not-prefetched",  # issue 28: report at a fraction of cache's tokens/s
+        "report/collect.py",
+        "    yield from forwards if PREFETCH <= 0 else prefetched(forwards, PREFETCH)\n",
+        "    yield from forwards\n",
+        ("test_report_prefetch.py",),
+    ),
+    Fault(
         "ownership-kind-switch-planted",  # same behaviour, but a name switch outside activations/
         "train/outputs.py",
         "    if sae.activation.calibrated_threshold:",
