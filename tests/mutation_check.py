@@ -569,6 +569,55 @@ FAULTS = [
         ("test_calibrate.py",),
     ),
     Fault(
+        "batchtopk-calibrated-on-evaluated-tokens",  # issue 28: the old L0 = k by construction
+        "train/outputs.py",
+        "        skip = 0 if calibration is None else calibration.n_tokens\n",
+        "        skip = 0\n",
+        ("test_calibration_split.py",),
+        also=(
+            (
+                "eval/calibrate.py",
+                "    return n_tokens // 2\n",
+                "    return n_tokens\n",
+            ),
+        ),
+    ),
+    Fault(
+        "batchtopk-calibration-tokens-evaluated",  # the split without skipping the first half
+        "train/outputs.py",
+        "        skip = 0 if calibration is None else calibration.n_tokens\n",
+        "        skip = 0\n",
+        ("test_calibration_split.py",),
+    ),
+    Fault(
+        "report-training-overlap-unchecked",  # issue 28: report said nothing on training text
+        "commands/report.py",
+        '    check_overlap(sae, tokenizer, overlap, verbs=("read", "report on"))\n',
+        "",
+        ("test_heldout.py",),
+    ),
+    Fault(
+        "long-document-warning-printed",  # issue 28: every BERT run printed it
+        "data/lm/text.py",
+        'add_special_tokens=False, verbose=False)["input_ids"]',
+        'add_special_tokens=False)["input_ids"]',
+        ("test_long_document_warning.py",),
+    ),
+    Fault(
+        "pipeline-held-out-check-skipped",  # issue 28: the pipeline trained, then eval failed
+        "commands/pipeline.py",
+        "    if problem:  # stage 3 would fail after training: stop before it\n",
+        "    if False:  # stage 3 would fail after training: stop before it\n",
+        ("test_heldout_no_document.py",),
+    ),
+    Fault(
+        "report-forward-not-prefetched",  # issue 28: report at a fraction of cache's tokens/s
+        "report/collect.py",
+        "    yield from forwards if PREFETCH <= 0 else prefetched(forwards, PREFETCH)\n",
+        "    yield from forwards\n",
+        ("test_report_prefetch.py",),
+    ),
+    Fault(
         "ownership-kind-switch-planted",  # same behaviour, but a name switch outside activations/
         "train/outputs.py",
         "    if sae.activation.calibrated_threshold:",

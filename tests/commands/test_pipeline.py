@@ -114,6 +114,8 @@ def test_one_config_caches_trains_evaluates_and_reports(lm, tmp_path, capsys):
         assert result["training_documents_evaluated"] == 0 and "ce_sae" in result
         report = json.loads((out / "report" / name / "report.json").read_text())
         assert [e["id"] for e in report["latents"]] == list(range(6))
+        assert report["summary"]["documents_from"] == "held out by its training"
+        assert report["summary"]["training_documents_read"] == 0 and "warning" not in err
         assert (out / "report" / name / "latent-5.html").is_file()
     # a second run refuses to replace the training run unless told to (the cache resumes)
     assert main(["pipeline", str(config(lm, tmp_path)), "--no-progress"]) == 2

@@ -181,3 +181,34 @@ def test_an_online_run_holds_out_its_leading_documents_for_eval(lm, tmp_path, ca
     )
     assert report["training_documents_evaluated"] == report["documents"] - n_held > 0
     assert "training documents of this SAE" in err
+
+
+# ---------------------------------------------------------------- report (issue 28)
+
+
+def report_json(argv, tmp_path, capsys):
+    out = tmp_path / "site"
+    flags = ["--latents", "4", "--top-k", "2", "--samples", "4", "--batch-size", "32"]
+    assert main(["report", *argv, *flags, "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    return summary, capsys.readouterr().err
+
+
+def test_report_on_the_training_text_warns_and_reads_the_held_out_documents_on_request(
+    lm, cache, cache_sae, tmp_path, capsys
+):
+    training = SAE.load(cache_sae).cfg.metadata["training_data"]["documents"]
+    report, err = report_json([str(cache_sae), *model_args(lm)], tmp_path, capsys)
+    overlap = count(intersect(report["document_ranges"], training))
+    assert overlap > 50 and report["training_documents_read"] == overlap
+    assert f"warning: {overlap} of the {report['documents']} read documents are training" in err
+    assert "report on the held-out documents with --split heldout" in err
+    held, err = report_json(
+        [str(cache_sae), "--split", "heldout", *model_args(lm, False)], tmp_path, capsys
+    )
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert held["document_ranges"] == manifest["held_out"]["documents"]
+    assert held["training_documents_read"] == 0 and "warning" not in err
+    assert held["documents_from"] == "held out by its training"
+    assert main(["report", str(cache_sae), "--split", "heldout", *model_args(lm)]) != 0
+    assert "drop --dataset/--text-file" in capsys.readouterr().err

@@ -86,14 +86,16 @@ EVERY_KIND = [
 def test_every_activation_and_objective_trains_a_transcoder(tmp_path, one_thread):
     """One paired stream feeds every kind; each is filled in as a transcoder (d_out from the
     data), saved with its scales folded, and evaluated on the target: the report's FVU is
-    Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the held-out batches, recomputed here in float64."""
+    Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the held-out batches (BatchTopK: those after the first half,
+    which calibrated its θ), recomputed here in float64."""
     cfg = run_config(tmp_path, EVERY_KIND)
     assert {s.sae.d_out for s in cfg.saes} == {12}
     trainer, reports = run_training(cfg)
     source = SyntheticSource(SyntheticData(cfg.data.synthetic, cfg.seed), cfg.batch_size)
     held_out = torch.cat([b for b, _ in source.eval_batches(cfg.eval_tokens, 128)]).double()
-    x, y = held_out[:, :16], held_out[:, 16:]
     for member, report in zip(trainer.members, reports, strict=True):
+        evaluated = held_out[report.get("calibration_tokens", 0) :]
+        x, y = evaluated[:, :16], evaluated[:, 16:]
         loaded = SAE.load(tmp_path / member.cfg.name)  # BatchTopK: with its calibrated θ
         assert loaded.cfg.d_out == 12 and float(loaded.target_scale) == 1.0
         with torch.no_grad():

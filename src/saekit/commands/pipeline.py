@@ -210,10 +210,18 @@ def pipeline_command(args: argparse.Namespace, commands: dict[str, argparse.Argu
             + ["--n-batches", str(cfg.eval.n_batches), "--batch-size", str(cfg.eval.batch_size)]
             + ["--json", str(out / "eval" / f"{sae.name}.json")]
         )
-    stage(4, "feature reports")
+    stage(4, "feature reports (the documents the training held out)")
     for sae in saes:
         run(
-            ["report", str(sae), *model, *text, "--out", str(out / "report" / sae.name)]
+            [
+                "report",
+                str(sae),
+                *model,
+                "--split",
+                "heldout",
+                "--out",
+                str(out / "report" / sae.name),
+            ]
             + ["--latents", str(r.latents), "--top-k", str(r.top_k), "--samples", str(r.samples)]
             + ["--max-tokens", str(r.max_tokens), *context, *quiet]
         )

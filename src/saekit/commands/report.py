@@ -8,7 +8,6 @@ pages are written by :mod:`saekit.report.site`.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 from collections.abc import Iterator
@@ -112,9 +111,15 @@ def _collect(args: argparse.Namespace, sae: Any, batches: Any, ids: Any, cfg: An
 
 
 def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
+    from saekit.data.documents.ranges import to_ranges
     from saekit.data.lm.models import activation_width, check_hook
-    from saekit.data.lm.text import token_batches
-    from saekit.eval.saved import harvest_setup, text_documents
+    from saekit.eval.saved import (
+        HELD_OUT,
+        check_overlap,
+        document_contexts,
+        eval_documents,
+        harvest_setup,
+    )
     from saekit.report.build import report_data
     from saekit.report.collect import lm_batches
     from saekit.report.features import unembedding
@@ -125,27 +130,39 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
     if not hook:
         raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
     check_hook(args.model, hook, args.model_class, args.local_files_only)
-    docs = text_documents(args)
+    if args.split == HELD_OUT and (args.dataset or args.text_file):
+        raise ValueError(
+            f"--split {HELD_OUT} reads the text the SAE's cfg.json records: drop"
+            " --dataset/--text-file"
+        )
+    if args.split != HELD_OUT and not (args.dataset or args.text_file):
+        raise ValueError(
+            f"give --model with --dataset or --text-file (or --split {HELD_OUT}), or --synthetic"
+        )
     setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
     width = activation_width(setup.model, setup.hook, setup.kind)
     if width != sae.cfg.d_in:
         raise ValueError(
             f"SAE d_in = {sae.cfg.d_in} but model {args.model} has width {width} at hook {hook}"
         )
-    contexts = token_batches(
-        docs,
-        setup.tokenizer,
-        context_length=args.context_length,
-        batch_size=args.batch_size,
-        bos_token=args.bos_token,
-        eos_token=args.eos_token,
-    )
-    n_batches = math.ceil(args.max_tokens / (args.batch_size * args.context_length))
-    batches = lm_batches(setup, itertools.islice(contexts, n_batches))
-    collected = _collect(args, sae, batches, ids, cfg)
     tokenizer = setup.tokenizer
+    # the held-out choice and the training-documents warning of `saekit eval` (issue 28)
+    text, indices, origin = eval_documents(args, sae, tokenizer)
+    n_batches = math.ceil(args.max_tokens / (args.batch_size * args.context_length))
+    read: set[int] = set()
+    contexts = document_contexts(
+        args, tokenizer, text, indices, setup.token_filter, read, n_batches=n_batches
+    )
+    collected = _collect(args, sae, lm_batches(setup, contexts), ids, cfg)
+    overlap = {"text": text, "documents": len(read), "document_ranges": to_ranges(read)}
+    check_overlap(sae, tokenizer, overlap, verbs=("read", "report on"))
     meta = {"sae": str(args.sae), "model": args.model, "hook": setup.hook}
-    meta["text"] = args.dataset or args.text_file
+    meta["text"] = args.dataset or args.text_file or f"documents {origin}"
+    meta.update(
+        documents_from=origin, documents=len(read), document_ranges=overlap["document_ranges"]
+    )
+    if "training_documents_evaluated" in overlap:
+        meta["training_documents_read"] = overlap["training_documents_evaluated"]
     return report_data(
         collected,
         sae,

@@ -189,9 +189,9 @@ def _on_model(
             raise ValueError(
                 f"SAE {name} = {expected} but model {args.model} has width {width} at hook {point}"
             )
-    text, indices, origin = _documents(args, sae, tokenizer)
+    text, indices, origin = eval_documents(args, sae, tokenizer)
     evaluated: set[int] = set()
-    contexts = _contexts(args, tokenizer, text, indices, token_filter, evaluated)
+    contexts = document_contexts(args, tokenizer, text, indices, token_filter, evaluated)
     report.update(model=args.model, model_class=kind, hook=hook, text=text, documents_from=origin)
     if target is not None:
         report["target_hook"] = target
@@ -220,18 +220,19 @@ def _on_model(
             if target is not None:
                 acc.add_reconstruction(acts[target].to(args.device), x_hat)
     report.update(documents=len(evaluated), document_ranges=to_ranges(evaluated))
-    _check_overlap(sae, tokenizer, report)
+    check_overlap(sae, tokenizer, report)
 
 
-def _documents(
+def eval_documents(
     args: argparse.Namespace, sae: SAE, tokenizer: Any
 ) -> tuple[dict[str, Any], Ranges | None, str]:
-    """(text source, document indices or None for all, where they come from) to evaluate."""
+    """(text source, document indices or None for all, where they come from) to evaluate
+    (``saekit eval``) or read (``saekit report``, which has no ``--cache``)."""
     from saekit.data.cache.reading import ActivationCache
     from saekit.data.documents.held_out import cache_documents, held_out_documents
     from saekit.data.documents.reading import text_source
 
-    if args.cache:
+    if getattr(args, "cache", None):
         cache = ActivationCache(args.cache)
         problem = held_out_problem(cache.manifest, args.cache)
         if problem:
@@ -262,16 +263,17 @@ def _documents(
     return text, None, "--dataset" if args.dataset else "--text-file"
 
 
-def _contexts(
+def document_contexts(
     args: argparse.Namespace,
     tokenizer: Any,
     text: dict[str, Any],
     indices: Ranges | None,
     token_filter: Any,
     evaluated: set[int],
+    n_batches: int | None = None,
 ) -> Iterator[dict[str, Tensor]]:
-    """--n-batches batches of the documents, packed in dataset order; adds the index of every
-    document with an evaluated token to ``evaluated``."""
+    """``n_batches`` (default --n-batches) batches of the documents, packed in dataset order;
+    adds the index of every document with an evaluated token to ``evaluated``."""
     from saekit.data.documents.reading import open_text, select
     from saekit.data.lm.text import DOCUMENT_IDS, token_batches
 
@@ -288,14 +290,20 @@ def _contexts(
         indices=(i for i, _ in numbered),
         with_documents=True,
     )
-    for batch in itertools.islice(batches, args.n_batches):
+    for batch in itertools.islice(batches, args.n_batches if n_batches is None else n_batches):
         keep_BT = token_filter.mask(batch["input_ids"])
         evaluated.update(batch[DOCUMENT_IDS][keep_BT].tolist())
         yield batch
 
 
-def _check_overlap(sae: SAE, tokenizer: Any, report: dict[str, Any]) -> None:
-    """Count the evaluated documents the SAE trained on (its cfg.json's record), and warn."""
+def check_overlap(
+    sae: SAE,
+    tokenizer: Any,
+    report: dict[str, Any],
+    verbs: tuple[str, str] = ("evaluated", "evaluate"),
+) -> None:
+    """Count the evaluated documents the SAE trained on (its cfg.json's record), and warn
+    (``verbs``: what the command did and does with documents; ``saekit report`` reads them)."""
     from saekit.data.documents.held_out import training_documents
     from saekit.data.documents.ranges import count, intersect
 
@@ -310,8 +318,8 @@ def _check_overlap(sae: SAE, tokenizer: Any, report: dict[str, Any]) -> None:
     if seen:
         where = record.get("cache_dir") or "its training run"
         print(
-            f"saekit: warning: {seen} of the {report['documents']} evaluated documents are"
+            f"saekit: warning: {seen} of the {report['documents']} {verbs[0]} documents are"
             f" training documents of this SAE (trained on {where}): these scores are not held"
-            f" out; evaluate the held-out documents with --split {HELD_OUT}",
+            f" out; {verbs[1]} the held-out documents with --split {HELD_OUT}",
             file=sys.stderr,
         )

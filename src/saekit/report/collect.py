@@ -156,15 +156,24 @@ def latent_columns(latents: Tensor | SparseCode, latent_ids: Tensor) -> Tensor:
     return out
 
 
+PREFETCH = 2
+"""Batches the model runs ahead of the SAE and the collector, in a worker thread (as ``saekit
+cache`` harvests: saekit.data.lm.harvest)."""
+
+
 def lm_batches(setup: Any, contexts: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
     """``(x_BTd, keep_BT, ids_BT)`` from packed contexts: activations at the set-up's hook on
     every position (the harvester keeps them all so windows can be shaded; the set-up's token
     filter decides which count), the forward stopped at the hook."""
-    from saekit.data.lm.harvester import TokenFilter, unpack_batch
+    from saekit.data.lm.harvester import TokenFilter, prefetched, unpack_batch
 
     harvester = setup.harvester(token_filter=TokenFilter(exclude_padding=False, exclude_bos=False))
-    for batch in contexts:
+
+    def forward(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         ids_BT, mask_BT = unpack_batch(batch)
         x_Nd = harvester(ids_BT, mask_BT)[setup.hook]
         keep_BT = setup.token_filter.mask(ids_BT, mask_BT)
-        yield x_Nd.view(*ids_BT.shape, -1), keep_BT, ids_BT
+        return x_Nd.view(*ids_BT.shape, -1), keep_BT, ids_BT
+
+    forwards = (forward(batch) for batch in contexts)
+    yield from forwards if PREFETCH <= 0 else prefetched(forwards, PREFETCH)

@@ -14,18 +14,28 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
 
 from saekit.core.atomic import atomic_write_text
 from saekit.core.configs import to_dict
 from saekit.core.encoding import as_dense
 from saekit.data.sources.interface import ActivationSource
 from saekit.eval import ground_truth
-from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, threshold_set
+from saekit.eval.calibrate import (
+    Calibration,
+    calibrate_batchtopk,
+    calibration_tokens,
+    l0_target,
+    off_target,
+    threshold_set,
+    tokens_after,
+)
 from saekit.eval.metrics import MetricAccumulator
 from saekit.model.sae import SAE
 from saekit.train.config import RunConfig
@@ -45,23 +55,25 @@ def evaluate_member(
 ) -> dict[str, Any]:
     """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery.
 
-    A BatchTopK SAE is evaluated with its inference threshold calibrated on the held-out
-    batches (saekit.eval.calibrate; reported as ``threshold``, which :func:`save_outputs` saves,
-    beside the EMA θ and the L0 it gave); any SAE whose inference L0 is more than 10% off its
+    A BatchTopK SAE is evaluated with its inference threshold calibrated on the first half of
+    the held-out tokens and its metrics measured on the second half (saekit.eval.calibrate;
+    reported as ``threshold``, which :func:`save_outputs` saves, beside the EMA θ and the L0 it
+    gave, and ``calibration_tokens``); any SAE whose inference L0 is more than 10% off its
     target gets a warning.
     """
     sae = member.sae.eval()
     calibration = None
     if sae.activation.calibrated_threshold:
-        held_out = (sae.split_stream(x)[0] for x, _ in source.eval_batches(n_tokens, batch_size))
-        calibration = calibrate_batchtopk(sae, held_out, n_tokens, apply=False)
+        calibration = _calibrate(sae, source, n_tokens, batch_size)
     with threshold_set(sae, None if calibration is None else calibration.threshold):
-        report = _evaluate(member, source, n_tokens, batch_size)
+        skip = 0 if calibration is None else calibration.n_tokens
+        report = _evaluate(member, source, n_tokens, batch_size, skip)
     if calibration is not None:
         report.update(
             threshold=calibration.threshold,
             threshold_ema=calibration.threshold_ema,
             l0_ema=calibration.l0_ema,
+            calibration_tokens=calibration.n_tokens,
         )
     stats = getattr(source, "harvest_stats", None)  # a model run online
     if stats is not None and source.data.outlier_norm is not None:
@@ -76,16 +88,34 @@ def evaluate_member(
     return report
 
 
+def _calibrate(sae: SAE, source: ActivationSource, n_tokens: int, batch_size: int) -> Calibration:
+    """θ calibrated on the first half of the held-out tokens, the rest left to evaluate
+    (saekit.eval.calibrate.calibration_tokens); a source with fewer than ``n_tokens`` held-out
+    tokens is split in half of what it has."""
+
+    def held_out() -> Iterator[Tensor]:
+        return (sae.split_stream(x)[0] for x, _ in source.eval_batches(n_tokens, batch_size))
+
+    calibration = calibrate_batchtopk(sae, held_out(), calibration_tokens(n_tokens), apply=False)
+    if calibration.n_tokens < calibration_tokens(n_tokens):  # the source ran out: all were read
+        half = calibration_tokens(calibration.n_tokens)
+        if half == 0:
+            raise ValueError("BatchTopK calibration needs at least 2 held-out tokens, got 1")
+        calibration = calibrate_batchtopk(sae, held_out(), half, apply=False)
+    return calibration
+
+
 def _evaluate(
-    member: Member, source: ActivationSource, n_tokens: int, batch_size: int
+    member: Member, source: ActivationSource, n_tokens: int, batch_size: int, skip: int = 0
 ) -> dict[str, Any]:
+    """Held-out metrics on the tokens after the first ``skip`` (the calibration part)."""
     sae = member.sae
     device = next(sae.parameters()).device
     acc = MetricAccumulator(sae.cfg.target_width, sae.cfg.d_sae, device=device)
     synthetic = source.known_features()  # the built-in generator, for ground truth
     absorbed = pairs = 0
     hierarchical = synthetic is not None and synthetic.cfg.kind == "hierarchical"
-    for batch, coefficients in source.eval_batches(n_tokens, batch_size):
+    for batch, coefficients in tokens_after(source.eval_batches(n_tokens, batch_size), skip):
         x, target = sae.split_stream(batch.to(device))
         out = sae(x, target)
         acc.add(x if target is None else target, out.x_hat, out.latents)  # FVU of the target

@@ -125,7 +125,12 @@ def tokenize_documents(
     """Token ids of each document, without special tokens (packing adds them)."""
     docs = iter(docs)
     while chunk := list(itertools.islice(docs, chunk_docs)):
-        yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        # verbose=False: whole documents are tokenised before packing cuts them into contexts
+        # of --context-length, so a document longer than the model's positions is expected and
+        # harmless; transformers would print "Token indices sequence length is longer than the
+        # specified maximum sequence length ... indexing errors" on every BERT run (issue 28).
+        # With no padding or truncation asked for, that is the only warning verbose gates here.
+        yield from tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def pack_tokens(
