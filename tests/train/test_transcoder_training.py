@@ -99,7 +99,7 @@ def test_every_activation_and_objective_trains_a_transcoder(tmp_path, one_thread
         with torch.no_grad():
             y_hat = loaded(x.float()).x_hat.double()
         fvu = (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
-        assert report["fvu"] == pytest.approx(float(fvu), rel=1e-4), member.cfg.name
+        assert report.metrics.fvu == pytest.approx(float(fvu), rel=1e-4), member.cfg.name
         if loaded.cfg.skip:
             assert member.sae.W_skip.abs().sum() > 0, member.cfg.name
 
@@ -124,5 +124,5 @@ def test_a_topk_transcoder_recovers_the_true_map(tmp_path, one_thread):
     start = ground_truth.recovery(data.directions, Member(cfg.saes[0], 1, "cpu").sae.W_dec)
     trainer, (report,) = run_training(cfg)
     rec = ground_truth.recovery(data.directions, trainer.members[0].sae.W_dec)
-    assert report["mcc"] == pytest.approx(rec.mcc)
+    assert report.ground_truth.mcc == pytest.approx(rec.mcc)
     assert rec.mcc > 0.8 and rec.mcc > start.mcc + 0.25, (start, rec)
