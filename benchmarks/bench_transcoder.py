@@ -47,7 +47,7 @@ def one_row(name: str, synthetic: dict, sae: dict, steps: int) -> dict:
         start = time.perf_counter()
         trainer, (report,) = run_training(cfg)
         seconds = time.perf_counter() - start
-    return {**report, "name": name, "chance": chance, "seconds": seconds}
+    return {**report.to_json(), "name": name, "chance": chance, "seconds": seconds}
 
 
 def main() -> None:

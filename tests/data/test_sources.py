@@ -202,7 +202,7 @@ def test_online_training_writes_a_self_describing_sae(lm_dir, tmp_path):
 
     reports = [evaluate_member(m, source, cfg.eval_tokens, cfg.batch_size) for m in trainer.members]
     save_outputs(trainer.out_dir, {m.cfg.name: m.sae for m in trainer.members}, reports)
-    assert reports[0]["n_tokens"] == 128 and reports[0]["l0"] == pytest.approx(4.0)
+    assert reports[0].metrics.n_tokens == 128 and reports[0].metrics.l0 == pytest.approx(4.0)
     sae = SAE.load(tmp_path / "run" / cfg.saes[0].name)
     assert (sae.cfg.hook, sae.cfg.model_name) == (HOOK, str(lm_dir))
     # the scale is folded: the saved SAE reconstructs raw activations as the trained one does

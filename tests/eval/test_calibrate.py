@@ -76,19 +76,19 @@ def test_batchtopk_inference_l0_is_k_after_a_short_run_with_the_default_settings
     assert (
         cfg.saes[0].sae.activation.threshold_beta == 0.999
     )  # the default EMA, not the sweep's 0.99
-    assert report["l0_ema"] < 0.5 * k  # the trap: the EMA θ still carries early training
-    assert report["threshold"] < report["threshold_ema"]
+    assert report.threshold.l0_ema < 0.5 * k  # the trap: the EMA θ still carries early training
+    assert report.threshold.threshold < report.threshold.threshold_ema
     # fresh tokens, neither trained nor calibrated on, through the saved SAE
     sae = SAE.load(tmp_path / cfg.saes[0].name)
     x = SyntheticData(cfg.data.synthetic).batch(3 * 10**9, 8192).x
     l0 = float((sae.encode(x) != 0).sum(-1).double().mean())
     assert abs(l0 - k) <= 0.1 * k
-    assert float(sae.activation.threshold) == pytest.approx(report["threshold"])
+    assert float(sae.activation.threshold) == pytest.approx(report.threshold.threshold)
     # the training state keeps the EMA (checkpoints and data-parallel ranks agree)
-    assert float(trainer.members[0].sae.activation.threshold) == report["threshold_ema"]
+    assert float(trainer.members[0].sae.activation.threshold) == report.threshold.threshold_ema
     assert not [m for m in messages if "off its target" in m]
     summary = json.loads((tmp_path / "summary.json").read_text())[0]
-    assert summary["threshold_ema"] == report["threshold_ema"] and summary["l0_target"] == k
+    assert summary["threshold_ema"] == report.threshold.threshold_ema and summary["l0_target"] == k
 
 
 def test_l0_off_target_warns_beyond_ten_percent():

@@ -25,12 +25,12 @@ def test_run_calibrates_theta_on_the_first_half_and_reports_l0_on_the_second(tmp
         pre = (x - sae.b_dec.double()) @ sae.W_enc.double().T + sae.b_enc.double()
     calibrate, evaluate = pre[: n // 2], pre[n // 2 :]
     theta = float(calibrate.flatten().sort(descending=True).values[k * (n // 2)])
-    assert report["calibration_tokens"] == n // 2
-    assert report["threshold"] == pytest.approx(theta, rel=1e-4)
+    assert report.threshold.calibration_tokens == n // 2
+    assert report.threshold.threshold == pytest.approx(theta, rel=1e-4)
     assert float(sae.activation.threshold) == pytest.approx(theta, rel=1e-4)
-    l0_evaluated = float((evaluate > report["threshold"]).sum(-1).double().mean())
-    assert report["l0"] == pytest.approx(l0_evaluated, abs=1e-3)
-    assert report["l0"] != pytest.approx(k, abs=1e-3)  # not k by construction any more
+    l0_evaluated = float((evaluate > report.threshold.threshold).sum(-1).double().mean())
+    assert report.metrics.l0 == pytest.approx(l0_evaluated, abs=1e-3)
+    assert report.metrics.l0 != pytest.approx(k, abs=1e-3)  # not k by construction any more
 
 
 def test_tokens_after_drops_the_first_rows_across_batches():

@@ -94,14 +94,15 @@ def test_every_activation_and_objective_trains_a_transcoder(tmp_path, one_thread
     source = SyntheticSource(SyntheticData(cfg.data.synthetic, cfg.seed), cfg.batch_size)
     held_out = torch.cat([b for b, _ in source.eval_batches(cfg.eval_tokens, 128)]).double()
     for member, report in zip(trainer.members, reports, strict=True):
-        evaluated = held_out[report.get("calibration_tokens", 0) :]
+        skip = 0 if report.threshold is None else report.threshold.calibration_tokens
+        evaluated = held_out[skip:]
         x, y = evaluated[:, :16], evaluated[:, 16:]
         loaded = SAE.load(tmp_path / member.cfg.name)  # BatchTopK: with its calibrated θ
         assert loaded.cfg.d_out == 12 and float(loaded.target_scale) == 1.0
         with torch.no_grad():
             y_hat = loaded(x.float()).x_hat.double()
         fvu = (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
-        assert report["fvu"] == pytest.approx(float(fvu), rel=1e-4), member.cfg.name
+        assert report.metrics.fvu == pytest.approx(float(fvu), rel=1e-4), member.cfg.name
         if loaded.cfg.skip:
             assert member.sae.W_skip.abs().sum() > 0, member.cfg.name
 
@@ -126,5 +127,5 @@ def test_a_topk_transcoder_recovers_the_true_map(tmp_path, one_thread):
     start = ground_truth.recovery(data.directions, Member(cfg.saes[0], 1, "cpu").sae.W_dec)
     trainer, (report,) = run_training(cfg)
     rec = ground_truth.recovery(data.directions, trainer.members[0].sae.W_dec)
-    assert report["mcc"] == pytest.approx(rec.mcc)
+    assert report.ground_truth.mcc == pytest.approx(rec.mcc)
     assert rec.mcc > 0.8 and rec.mcc > start.mcc + 0.25, (start, rec)

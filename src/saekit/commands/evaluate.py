@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saekit.commands.flags import add_model_args, add_text_args
+
+if TYPE_CHECKING:  # torch behind it: not at import
+    from saekit.eval.saved_report import DocumentData, SavedReport, SpliceScores
 
 
 def add_parser(sub: Any) -> None:
@@ -52,46 +55,52 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_saved(args)
     print(format_eval(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
         print(f"saekit: wrote {args.json}", file=sys.stderr)
     return 0
 
 
-def format_eval(r: dict[str, Any]) -> str:
+def format_eval(r: SavedReport) -> str:
+    from saekit.eval.saved_report import DocumentData
+
+    m = r.metrics
+    data = r.data if isinstance(r.data, DocumentData) else None
+    target = None if data is None else data.target_hook
+    splice = None if data is None else data.splice
     lines = [
-        f"SAE          {r['sae']}  ({r['d_sae']} latents, d_in {r['d_in']}, hook {r['hook']}"
-        + (f" -> target {r['target_hook']})" if "target_hook" in r else ")"),
-        *_documents_line(r),
-        f"tokens       {r['n_tokens']:,}" + _predicted(r),
-        f"FVU          {r['fvu']:.4f}   explained variance {r['explained_variance']:.4f}",
-        f"L0           {r['l0']:.2f}",
-        f"dead         {r['dead_fraction']:.1%} of latents never fired on these tokens",
-        f"dense        {r['dense_fraction']:.1%} of latents fired on > 10% of tokens",
+        f"SAE          {r.sae}  ({r.d_sae} latents, d_in {r.d_in}, hook {r.hook}"
+        + (")" if target is None else f" -> target {target})"),
+        *_documents_line(data),
+        f"tokens       {m.n_tokens:,}" + _predicted(splice),
+        f"FVU          {m.fvu:.4f}   explained variance {m.explained_variance:.4f}",
+        f"L0           {m.l0:.2f}",
+        f"dead         {m.dead_fraction:.1%} of latents never fired on these tokens",
+        f"dense        {m.dense_fraction:.1%} of latents fired on > 10% of tokens",
     ]
-    if "ce_clean" in r:
+    if splice is not None:
         lines += [
-            f"CE clean     {r['ce_clean']:.4f}   with SAE {r['ce_sae']:.4f}   "
-            f"zero-ablated {r['ce_zero']:.4f}   CE score {r['ce_score']:.4f}",
-            f"KL with SAE  {r['kl_sae']:.4f}   zero-ablated {r['kl_zero']:.4f}   "
-            f"KL score {r['kl_score']:.4f}",
+            f"CE clean     {splice.ce_clean:.4f}   with SAE {splice.ce_sae:.4f}   "
+            f"zero-ablated {splice.ce_zero:.4f}   CE score {splice.ce_score:.4f}",
+            f"KL with SAE  {splice.kl_sae:.4f}   zero-ablated {splice.kl_zero:.4f}   "
+            f"KL score {splice.kl_score:.4f}",
         ]
     return "\n".join(lines)
 
 
-def _predicted(r: dict[str, Any]) -> str:
+def _predicted(splice: SpliceScores | None) -> str:
     """CE/KL average over the spliced tokens that predict a real next token: fewer than the
     spliced ones (the last position of each context predicts nothing)."""
-    if "n_predicted_tokens" not in r:
+    if splice is None:
         return ""
-    return f" spliced; CE/KL over the {r['n_predicted_tokens']:,} of them that predict a token"
+    return f" spliced; CE/KL over the {splice.n_predicted_tokens:,} of them that predict a token"
 
 
-def _documents_line(r: dict[str, Any]) -> list[str]:
-    if "documents" not in r:
+def _documents_line(data: DocumentData | None) -> list[str]:
+    if data is None:
         return []
-    trained = r.get("training_documents_evaluated")
+    trained = data.training_documents_evaluated
     note = "" if trained is None else f", {trained} of them training documents of the SAE"
-    return [f"documents    {r['documents']:,} ({r['documents_from']}){note}"]
+    return [f"documents    {data.documents:,} ({data.documents_from}){note}"]
 
 
 def add_suite_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +131,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
     suites = parse_suites(args.suite)
     paths = sae_dirs(args.sae)
 
-    def core(path: Any) -> dict[str, Any]:
+    def core(path: Any) -> SavedReport:
         one = copy.copy(args)
         one.sae = path
         from saekit.eval.saved import evaluate_saved

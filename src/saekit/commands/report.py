@@ -154,15 +154,13 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
         args, tokenizer, text, indices, setup.token_filter, read, n_batches=n_batches
     )
     collected = _collect(args, sae, lm_batches(setup, contexts), ids, cfg)
-    overlap = {"text": text, "documents": len(read), "document_ranges": to_ranges(read)}
-    check_overlap(sae, tokenizer, overlap, verbs=("read", "report on"))
+    ranges = to_ranges(read)
+    seen = check_overlap(sae, tokenizer, text, len(read), ranges, verbs=("read", "report on"))
     meta = {"sae": str(args.sae), "model": args.model, "hook": setup.hook}
     meta["text"] = args.dataset or args.text_file or f"documents {origin}"
-    meta.update(
-        documents_from=origin, documents=len(read), document_ranges=overlap["document_ranges"]
-    )
-    if "training_documents_evaluated" in overlap:
-        meta["training_documents_read"] = overlap["training_documents_evaluated"]
+    meta.update(documents_from=origin, documents=len(read), document_ranges=ranges)
+    if seen is not None:
+        meta["training_documents_read"] = seen
     return report_data(
         collected,
         sae,

@@ -7,7 +7,7 @@ ratios). Sums are kept in float64 on the device; nothing syncs until
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor
@@ -128,3 +128,36 @@ class MetricAccumulator:
             l0_histogram=hist[:last].tolist(),
             latent_density=density.tolist(),
         )
+
+
+@dataclass(frozen=True)
+class ReconstructionMetrics:
+    """The scalar metrics of an evaluation, as the reports write them (:meth:`EvalResult.summary`
+    in the same order): the part of a run's ``eval.json`` and of ``saekit eval``'s report they
+    share."""
+
+    n_tokens: int
+    """Tokens whose reconstruction was scored."""
+    fvu: float
+    """Fraction of variance unexplained, Σ‖x − x̂‖² / Σ‖x − x̄‖² over the whole set."""
+    explained_variance: float
+    """1 − FVU."""
+    mse: float
+    """Mean over tokens of the squared error ‖x − x̂‖² (summed over the d components)."""
+    l0: float
+    """Mean number of active latents per token."""
+    dead_fraction: float
+    """Share of latents that never fired on these tokens."""
+    dense_fraction: float
+    """Share of latents that fired on more than ``dense_threshold`` (10%) of the tokens."""
+
+    @classmethod
+    def of(cls, result: EvalResult) -> ReconstructionMetrics:
+        return cls(**result.summary())
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ReconstructionMetrics:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})

@@ -35,7 +35,8 @@ from saekit.core.paths import document_inputs, refuse_output_over_inputs
 from saekit.data.cache.reading import held_out_problem
 from saekit.data.documents.ranges import Ranges
 from saekit.eval.calibrate import l0_target, off_target
-from saekit.eval.metrics import MetricAccumulator
+from saekit.eval.metrics import MetricAccumulator, ReconstructionMetrics
+from saekit.eval.saved_report import CacheData, DocumentData, SavedReport, SpliceScores
 from saekit.model.sae import SAE
 
 HELD_OUT = "heldout"
@@ -58,7 +59,7 @@ def text_documents(args: argparse.Namespace) -> Iterator[str]:
     )
 
 
-def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_saved(args: argparse.Namespace) -> SavedReport:
     """The report of ``saekit eval`` (printed by :func:`format_eval`)."""
     inputs = [("--sae", args.sae), ("--cache", args.cache), *document_inputs(args)]
     refuse_output_over_inputs(args.json, inputs, flag="--json")
@@ -79,7 +80,6 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
     if sae.cfg.transcoder and args.model and not sae.cfg.target_hook:
         raise ValueError(f"{args.sae} is a transcoder whose cfg.json names no target_hook")
     acc = MetricAccumulator(sae.cfg.target_width, d_sae, device=args.device)
-    report: dict[str, Any] = {"sae": str(args.sae), "hook": hook}
 
     @torch.no_grad()
     def reconstruct(x: Tensor) -> Tensor:
@@ -89,17 +89,18 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
             acc.add_reconstruction(x, out.x_hat)
         return out.x_hat
 
+    data: CacheData | DocumentData
     if args.model:
-        _on_model(args, sae, hook, reconstruct, report, acc)
+        hook, data = _on_model(args, sae, hook, reconstruct, acc)
     else:
-        _on_cache(args, sae, hook, reconstruct, report, acc)
+        data = _on_cache(args, sae, hook, reconstruct, acc)
     if int(acc.n) == 0:
         raise ValueError("no tokens were evaluated")
     result = acc.result()
-    report.update(result.summary())
-    report.update(d_in=d_in, d_sae=d_sae, l0_histogram=result.l0_histogram)
+    metrics = ReconstructionMetrics.of(result)
+    report = SavedReport(str(args.sae), hook, data, metrics, d_in, d_sae, result.l0_histogram)
     theta = float(sae.activation.threshold) if sae.activation.calibrated_threshold else None
-    message = off_target(str(args.sae), report["l0"], l0_target(sae.cfg), theta)
+    message = off_target(str(args.sae), metrics.l0, l0_target(sae.cfg), theta)
     if message is not None:
         print(f"saekit: warning: {message}", file=sys.stderr)
     return report
@@ -110,9 +111,8 @@ def _on_cache(
     sae: SAE,
     hook: str,
     reconstruct: Callable[[Tensor], Tensor],
-    report: dict[str, Any],
     acc: MetricAccumulator,
-) -> None:
+) -> CacheData:
     from saekit.data.cache.reading import ActivationCache
     from saekit.data.hook_columns import select_columns
     from saekit.data.lm.harvester import HookPoint
@@ -145,7 +145,7 @@ def _on_cache(
         x_hat = reconstruct(x)
         if target is not None:
             acc.add_reconstruction(target, x_hat)
-    report.update(cache=str(args.cache), model=cache.model)
+    return CacheData(cache=str(args.cache), model=cache.model)
 
 
 def harvest_setup(args: argparse.Namespace, hook: str, **filter_options: bool) -> Any:
@@ -170,9 +170,9 @@ def _on_model(
     sae: SAE,
     hook: str,
     reconstruct: Callable[[Tensor], Tensor],
-    report: dict[str, Any],
     acc: MetricAccumulator,
-) -> None:
+) -> tuple[str, DocumentData]:
+    """The hook as the model names it, and the documents' part of the report."""
     from saekit.data.documents.ranges import to_ranges
     from saekit.data.lm.harvester import HookPoint, unpack_batch
     from saekit.data.lm.models import activation_width
@@ -192,9 +192,7 @@ def _on_model(
     text, indices, origin = eval_documents(args, sae, tokenizer)
     evaluated: set[int] = set()
     contexts = document_contexts(args, tokenizer, text, indices, token_filter, evaluated)
-    report.update(model=args.model, model_class=kind, hook=hook, text=text, documents_from=origin)
-    if target is not None:
-        report["target_hook"] = target
+    splice_scores = None
     if kind == "causal-lm":
         splice = splice_eval(
             model,
@@ -205,8 +203,7 @@ def _on_model(
             input_hook=None if target is None else hook,
             reconstruction=None if target is None else acc,
         )
-        report.update({k: v for k, v in splice.to_dict().items() if k not in ("fvu", "n_tokens")})
-        report["n_predicted_tokens"] = splice.n_tokens
+        splice_scores = SpliceScores.of(splice)
     else:
         print(
             f"saekit: note: CE/KL are next-token losses of a causal LM; {args.model} loads as"
@@ -219,8 +216,20 @@ def _on_model(
             x_hat = reconstruct(acts[hook].to(args.device))
             if target is not None:
                 acc.add_reconstruction(acts[target].to(args.device), x_hat)
-    report.update(documents=len(evaluated), document_ranges=to_ranges(evaluated))
-    check_overlap(sae, tokenizer, report)
+    data = DocumentData(
+        model=args.model,
+        model_class=kind,
+        text=text,
+        documents_from=origin,
+        documents=len(evaluated),
+        document_ranges=to_ranges(evaluated),
+        target_hook=target,
+        splice=splice_scores,
+    )
+    data.training_documents_evaluated = check_overlap(
+        sae, tokenizer, text, data.documents, data.document_ranges
+    )
+    return hook, data
 
 
 def eval_documents(
@@ -299,27 +308,31 @@ def document_contexts(
 def check_overlap(
     sae: SAE,
     tokenizer: Any,
-    report: dict[str, Any],
+    text: Any,
+    documents: int,
+    document_ranges: Any,
     verbs: tuple[str, str] = ("evaluated", "evaluate"),
-) -> None:
-    """Count the evaluated documents the SAE trained on (its cfg.json's record), and warn
-    (``verbs``: what the command did and does with documents; ``saekit report`` reads them)."""
+) -> int | None:
+    """The number of the ``documents`` read (``document_ranges`` of ``text``) that the SAE
+    trained on (its cfg.json's record), with a warning when any (``verbs``: what the command did
+    and does with documents; ``saekit report`` reads them); None when nothing recorded can be
+    compared."""
     from saekit.data.documents.held_out import training_documents
     from saekit.data.documents.ranges import count, intersect
 
     record = sae.cfg.metadata.get("training_data")
-    if record is None or record.get("text") != report["text"]:
-        return  # other text, or nothing recorded: nothing to compare
+    if record is None or record.get("text") != text:
+        return None  # other text, or nothing recorded: nothing to compare
     training = training_documents(record, tokenizer)
     if training is None:
-        return
-    seen = count(intersect(report["document_ranges"], training))
-    report["training_documents_evaluated"] = seen
+        return None
+    seen = count(intersect(document_ranges, training))
     if seen:
         where = record.get("cache_dir") or "its training run"
         print(
-            f"saekit: warning: {seen} of the {report['documents']} {verbs[0]} documents are"
+            f"saekit: warning: {seen} of the {documents} {verbs[0]} documents are"
             f" training documents of this SAE (trained on {where}): these scores are not held"
             f" out; {verbs[1]} the held-out documents with --split {HELD_OUT}",
             file=sys.stderr,
         )
+    return seen

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from saekit.eval.absorption import LetterAbsorption, absorption_eval
+from saekit.eval.saved_report import DocumentData, SavedReport
 from saekit.eval.sparse_probing import (
     BUILTIN_TASKS,
     KS,
@@ -163,7 +164,7 @@ def _probing(result) -> ProbingScores:
 
 
 def run_suite(
-    paths: list[Path], options: SuiteOptions, core: Callable[[Path], dict] | None
+    paths: list[Path], options: SuiteOptions, core: Callable[[Path], SavedReport] | None
 ) -> list[SuiteResult]:
     """Each suite on each SAE; ``core(path)`` is ``saekit eval``'s report of one SAE."""
     from saekit.data.lm.models import load_for_harvest
@@ -177,11 +178,15 @@ def run_suite(
             if core is None:
                 raise ValueError("the core suite needs saekit eval's report")
             r = core(path)
+            m = r.metrics
+            splice = r.data.splice if isinstance(r.data, DocumentData) else None
             out = SuiteResult(str(path), hook, core=CoreScores(
-                l0=r["l0"], fvu=r["fvu"], explained_variance=r["explained_variance"],
-                dead_fraction=r["dead_fraction"], n_tokens=r["n_tokens"],
-                ce_score=r.get("ce_score"), kl_score=r.get("kl_score"),
-                ce_sae=r.get("ce_sae"), kl_sae=r.get("kl_sae"),
+                l0=m.l0, fvu=m.fvu, explained_variance=m.explained_variance,
+                dead_fraction=m.dead_fraction, n_tokens=m.n_tokens,
+                ce_score=None if splice is None else splice.ce_score,
+                kl_score=None if splice is None else splice.kl_score,
+                ce_sae=None if splice is None else splice.ce_sae,
+                kl_sae=None if splice is None else splice.kl_sae,
             ))  # fmt: skip
         judged = [s for s in options.suites if s != "core"]
         if judged:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -36,10 +36,11 @@ from saekit.eval.calibrate import (
     threshold_set,
     tokens_after,
 )
-from saekit.eval.metrics import MetricAccumulator
+from saekit.eval.metrics import MetricAccumulator, ReconstructionMetrics
 from saekit.model.sae import SAE
 from saekit.train.config import RunConfig
 from saekit.train.member import Member
+from saekit.train.reports import GroundTruthScores, MemberReport, OutlierCounts, ThresholdScores
 
 
 def write_run_config(cfg: RunConfig) -> None:
@@ -52,7 +53,7 @@ def write_run_config(cfg: RunConfig) -> None:
 @torch.no_grad()
 def evaluate_member(
     member: Member, source: ActivationSource, n_tokens: int, batch_size: int
-) -> dict[str, Any]:
+) -> MemberReport:
     """Held-out metrics (ratio of sums over the whole set) and, on synthetic data, recovery.
 
     A BatchTopK SAE is evaluated with its inference threshold calibrated on the first half of
@@ -69,7 +70,7 @@ def evaluate_member(
         skip = 0 if calibration is None else calibration.n_tokens
         report = _evaluate(member, source, n_tokens, batch_size, skip)
     if calibration is not None:
-        report.update(
+        report.threshold = ThresholdScores(
             threshold=calibration.threshold,
             threshold_ema=calibration.threshold_ema,
             l0_ema=calibration.l0_ema,
@@ -77,12 +78,13 @@ def evaluate_member(
         )
     stats = getattr(source, "harvest_stats", None)  # a model run online
     if stats is not None and source.data.outlier_norm is not None:
-        report.update(stats.summary())
+        report.outliers = OutlierCounts(**stats.summary())
     penalty = member.cfg.penalty
     target = l0_target(sae.cfg, None if penalty is None else penalty.target_l0)
     if target is not None:
-        report["l0_target"] = target
-        message = off_target(member.cfg.name, report["l0"], target, report.get("threshold"))
+        report.l0_target = target
+        theta = None if report.threshold is None else report.threshold.threshold
+        message = off_target(member.cfg.name, report.metrics.l0, target, theta)
         if message is not None:  # stacklevel 1: torch.no_grad's wrapper is the caller
             warnings.warn(message, stacklevel=1)
     return report
@@ -107,7 +109,7 @@ def _calibrate(sae: SAE, source: ActivationSource, n_tokens: int, batch_size: in
 
 def _evaluate(
     member: Member, source: ActivationSource, n_tokens: int, batch_size: int, skip: int = 0
-) -> dict[str, Any]:
+) -> MemberReport:
     """Held-out metrics on the tokens after the first ``skip`` (the calibration part)."""
     sae = member.sae
     device = next(sae.parameters()).device
@@ -129,34 +131,33 @@ def _evaluate(
             )
             absorbed, pairs = absorbed + a, pairs + t
     result = acc.result()
-    report: dict[str, Any] = {"name": member.cfg.name, **result.summary()}
+    scores = None
     if synthetic is not None:
         rec = ground_truth.recovery(synthetic.directions, sae.W_dec)
-        report.update(
+        scores = GroundTruthScores(
             true_l0=synthetic.true_l0,
             mean_max_cos=rec.mean_max_cos,
             recovered_share=rec.recovered_share,
             mcc=rec.mcc,
+            absorption=(absorbed / pairs if pairs else float("nan")) if hierarchical else None,
         )
-        if hierarchical:
-            report["absorption"] = absorbed / pairs if pairs else float("nan")
-    report["l0_histogram"] = result.l0_histogram
-    return report
+    metrics = ReconstructionMetrics.of(result)
+    return MemberReport(member.cfg.name, metrics, scores, l0_histogram=result.l0_histogram)
 
 
 def save_outputs(
-    out_dir: Path, saes: dict[str, SAE], reports: list[dict[str, Any]], *, saved: bool = False
+    out_dir: Path, saes: dict[str, SAE], reports: list[MemberReport], *, saved: bool = False
 ) -> None:
     """Each SAE (by name, in the order of ``reports``) with its eval.json, and summary.json
     (``saved``: the SAEs were already written, before the evaluation)."""
     out = Path(out_dir)
     for (name, sae), report in zip(saes.items(), reports, strict=True):
-        calibrated = report["threshold"] if "threshold_ema" in report else None
+        calibrated = None if report.threshold is None else report.threshold.threshold
         if calibrated is not None or not saved:  # BatchTopK: saved again with the calibrated θ
             with threshold_set(sae, calibrated):
                 sae.save(out / name)
-        atomic_write_text(out / name / "eval.json", json.dumps(report, indent=2))
-    summary = [{k: v for k, v in r.items() if k != "l0_histogram"} for r in reports]
+        atomic_write_text(out / name / "eval.json", json.dumps(report.to_json(), indent=2))
+    summary = [replace(r, l0_histogram=None).to_json() for r in reports]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
 
 
@@ -173,10 +174,11 @@ COLUMNS = [
 ]
 
 
-def format_table(reports: list[dict[str, Any]]) -> str:
+def format_table(reports: list[MemberReport]) -> str:
     """A markdown table of the reports (columns present in any report)."""
-    cols = [c for c in COLUMNS if any(c[0] in r for r in reports)]
+    rows_json = [r.to_json() for r in reports]
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows_json)]
     rows = [[c[1] for c in cols], ["---"] * len(cols)]
-    for r in reports:
+    for r in rows_json:
         rows.append([c[2].format(r[c[0]]) if c[0] in r else "" for c in cols])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)

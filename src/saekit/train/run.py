@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,12 +26,13 @@ from saekit.train.config_files import load_config_file
 from saekit.train.launch import launched
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
 from saekit.train.preflight import check_fits
+from saekit.train.reports import MemberReport
 from saekit.train.resume_check import checked_resume_config
 from saekit.train.run_distributed import run_distributed
 from saekit.train.trainer import Trainer
 
 
-def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[dict[str, Any]]]:
+def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[MemberReport]]:
     if launched():  # a worker of a multi-process torchrun launch (reports on rank 0 only)
         return run_distributed(cfg, resume)
     if cfg.threads:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -19,12 +18,13 @@ from saekit.train.config import RunConfig, check_source_width, stream_settings
 from saekit.train.launch import DistContext, destroy_group_quietly, init_from_env
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
 from saekit.train.parallel import gather_indexed
+from saekit.train.reports import MemberReport
 from saekit.train.trainer import Trainer
 
 
 def run_distributed(
     cfg: RunConfig, resume: bool = False, timeout_s: float | None = None
-) -> tuple[Trainer, list[dict[str, Any]]]:
+) -> tuple[Trainer, list[MemberReport]]:
     """``run_training`` on every rank of a torchrun launch; the reports on rank 0 ([] elsewhere).
 
     The process group is created from the environment (or reused); ``cfg.parallel`` picks data or
@@ -88,9 +88,9 @@ def build_trainer(ctx: DistContext, cfg: RunConfig) -> tuple[Trainer, Activation
 
 def _finish_data(
     trainer: Trainer, eval_source: ActivationSource, cfg: RunConfig
-) -> list[dict[str, Any]]:
+) -> list[MemberReport]:
     """Rank 0 evaluates and saves (its SAEs are every rank's); the others wait."""
-    reports: list[dict[str, Any]] = []
+    reports: list[MemberReport] = []
     if trainer.comm.is_main:
         reports = [
             evaluate_member(m, eval_source, cfg.eval_tokens, cfg.batch_size)
@@ -103,17 +103,20 @@ def _finish_data(
 
 def _finish_sweep(
     trainer: Trainer, eval_source: ActivationSource, cfg: RunConfig
-) -> list[dict[str, Any]]:
+) -> list[MemberReport]:
     """Each rank evaluates its SAEs; weights and reports gathered to rank 0, which saves them."""
     comm = trainer.comm
     own = list(zip(trainer.indices, trainer.members, strict=True))
     gathered = gather_indexed(
         comm,
         {i: member.sae.state_dict() for i, member in own},
-        {i: evaluate_member(m, eval_source, cfg.eval_tokens, cfg.batch_size) for i, m in own},
+        {
+            i: evaluate_member(m, eval_source, cfg.eval_tokens, cfg.batch_size).to_json()
+            for i, m in own
+        },
         "final SAEs and reports",
     )
-    reports: list[dict[str, Any]] = []
+    reports: list[MemberReport] = []
     if gathered is not None:
         tensors, by_index = gathered
         saes: dict[str, SAE] = {}
@@ -121,7 +124,7 @@ def _finish_sweep(
             sae = SAE(sae_cfg.sae, device="cpu")
             sae.load_state_dict(tensors[i])
             saes[sae_cfg.name] = sae
-        reports = [by_index[i] for i in range(len(cfg.saes))]
+        reports = [MemberReport.from_json(by_index[i]) for i in range(len(cfg.saes))]
         save_outputs(Path(cfg.out_dir), saes, reports)
     comm.barrier("barrier(after final save)")
     return reports
