@@ -650,7 +650,7 @@ FAULTS = [
         "data/synthetic/saelens_world.py",
         "MEAN_SEED_OFFSET, STD_SEED_OFFSET = 2, 1",
         "MEAN_SEED_OFFSET, STD_SEED_OFFSET = 1, 2",
-        ("interop/test_saelens_world_real.py",),
+        ("test_saelens_world.py", "interop/test_saelens_world_real.py"),
     ),
     Fault(
         "saelens-sampler-children-ungated",

@@ -48,10 +48,11 @@ def test_the_dense_saelens_sampler_fires_at_the_hierarchy_closed_form():
     assert ((acts > 0).sum(0) > 0).sum() > 250
 
 
-def write_world(path, roots: list[dict], n_features: int = 10) -> None:
+def write_world(path, roots: list[dict], n_features: int = 10, **fields) -> None:
     path.mkdir()
     raw = {"num_features": n_features, "hidden_dim": 4, "seed": 3, "dtype": "float32",
            "mean_firing_magnitudes": 1.0, "std_firing_magnitudes": 0.0, "bias": False}  # fmt: skip
+    raw.update(fields)
     (path / "synthetic_model_config.json").write_text(json.dumps(raw))
     tensors = {"feature_vectors": torch.randn(n_features, 4), "bias": torch.zeros(4),
                "firing_probabilities": torch.full((n_features,), 0.1)}  # fmt: skip
@@ -84,3 +85,15 @@ def test_unreadable_worlds_are_refused_with_the_reason(tmp_path):
         load_saelens_world(SynthBenchConfig(world_path=str(tmp_path / "depth_first")))
     with pytest.raises(ValueError, match="sampler must be sparse or saelens"):
         SynthBenchConfig(sampler="dense")
+
+
+def test_magnitudes_are_redrawn_as_saelens_load_from_disk_draws_them(tmp_path):
+    """The file has no magnitudes: SAELens's SyntheticModel draws the stds from seed + 1 and the
+    means from seed + 2 (synthetic_model.py, _create_activation_generator); |mean + std·z|."""
+    folded = {"generator_name": "folded_normal", "mean": 0.5, "std": 0.5}
+    write_world(tmp_path / "w", [], mean_firing_magnitudes=folded, std_firing_magnitudes=folded)
+    world = load_saelens_world(SynthBenchConfig(world_path=str(tmp_path / "w")))
+    for got, seed in ((world.magnitude_std, 3 + 1), (world.magnitude_mean, 3 + 2)):
+        z = torch.randn(10, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(got, (0.5 + z * 0.5).abs())
+    assert not torch.equal(world.magnitude_std, world.magnitude_mean)
