@@ -774,6 +774,35 @@ FAULTS = [
         ("test_synthbench.py",),
     ),
     Fault(
+        "synthbench-exclusion-on-every-parent",
+        "data/synthetic/synthbench_sampler.py",
+        "    win = win | ~world.exclusive[par]",
+        "    win = win",
+        ("test_saelens_world.py",),
+    ),
+    # ------------------------------------------------- SAELens's saved worlds (issue 27)
+    Fault(
+        "saelens-world-magnitude-seeds-swapped",
+        "data/synthetic/saelens_world.py",
+        "MEAN_SEED_OFFSET, STD_SEED_OFFSET = 2, 1",
+        "MEAN_SEED_OFFSET, STD_SEED_OFFSET = 1, 2",
+        ("test_saelens_world.py", "interop/test_saelens_world_real.py"),
+    ),
+    Fault(
+        "saelens-sampler-children-ungated",
+        "data/synthetic/saelens_sampler.py",
+        "            _gate_level(acts, world, level)\n",
+        "            pass\n",
+        ("test_saelens_world.py",),
+    ),
+    Fault(
+        "saelens-sampler-ignores-exclusion",
+        "data/synthetic/saelens_sampler.py",
+        "    batch_idx, group_idx = torch.where(active.sum(2) > 1)",
+        "    batch_idx, group_idx = torch.where(active.sum(2) > 99)",
+        ("test_saelens_world.py",),
+    ),
+    Fault(
         "synth-recall-as-precision",
         "synthbench/metrics.py",
         "    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), zero)",

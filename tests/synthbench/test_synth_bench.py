@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
+from test_saelens_world import node, write_world
 
 from saekit.synthbench import bench as sb
 from saekit.train.config import build_run_config
+
+BENCH_SYNTH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_synth.py"
 
 
 def tiny_protocol() -> sb.Protocol:
@@ -36,3 +42,21 @@ def test_a_tiny_bench_trains_scores_and_prints_beside_the_published_table():
     assert batchtopk.l0 == pytest.approx(4, rel=0.35)  # calibrated threshold ~ k
     table = sb.format_table(protocol, [r for r in runs])
     assert "0.732" in table and "±" in table  # the published value beside mean ± std
+
+
+def test_bench_synth_trains_on_a_saved_world_and_says_how_many_threads(tmp_path, capsys):
+    """--world reads a SAELens-format world; the default thread choice is printed (1 on CPU)."""
+    write_world(tmp_path / "w", [node(0, node(2), node(3)), node(1, node(4), node(5))], 40)
+    spec = importlib.util.spec_from_file_location("bench_synth", BENCH_SYNTH)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--samples", "512", "--arch", "BatchTopK", "--world", str(tmp_path / "w")]
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets the process's threads
+    out = capsys.readouterr()
+    assert f"protocol scaled on {tmp_path / 'w'}" in out.out
+    assert "threads: 1 (1 per SAE process" in out.err
+    assert sb.default_threads()[0] == 1  # on CPU

@@ -75,6 +75,15 @@ def scaled_protocol() -> Protocol:
     return Protocol("scaled", world, 512, 1_000_000, 1024, 3e-3, {20: 9, 25: 11}, 32_768, 200_000)
 
 
+def default_threads() -> tuple[int, str]:
+    """(torch threads for a bench process, why): 1 on CPU, where one thread per SAE process ran
+    faster than torch's default on the 2-core machine (BENCHMARKS.md, "bench synth threads");
+    0 (torch's default) with a GPU, where the CPU only samples the world."""
+    if torch.cuda.is_available():
+        return 0, f"torch's default ({torch.get_num_threads()}): the SAEs train on the GPU"
+    return 1, "1 per SAE process (faster on CPU than torch's default: BENCHMARKS.md)"
+
+
 def member_entry(arch: str, k: int, protocol: Protocol, seed: int) -> dict[str, Any]:
     """One ``saes`` entry of a run config for an architecture at L0 ``k``."""
     base = {"lr": protocol.lr, "seed": seed, "dead_tokens": protocol.dead_tokens,

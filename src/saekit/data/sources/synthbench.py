@@ -16,6 +16,7 @@ from torch import Tensor
 from saekit.data.sources.config import GeneratedSourceConfig
 from saekit.data.sources.interface import StreamSettings
 from saekit.data.sources.synthetic import SyntheticSource
+from saekit.data.synthetic.saelens_world import load_saelens_world
 from saekit.data.synthetic.synthbench_sampler import SynthBenchData
 from saekit.data.synthetic.synthbench_world import SynthBenchConfig
 
@@ -43,12 +44,17 @@ class SynthBenchSourceConfig(GeneratedSourceConfig):
 
     kind = "synthbench"
     synthbench: SynthBenchConfig = field(default_factory=SynthBenchConfig)
-    """Settings of the world (the stream's draws follow the run's seed)."""
+    """Settings of the world (the stream's draws follow the run's seed); ``world_path`` reads
+    a world SAELens saved instead of generating one."""
 
     def describe(self) -> str:
+        if self.synthbench.world_path:
+            return f"the SynthSAEBench world saved at {self.synthbench.world_path}"
         return "the SynthSAEBench world (data.synthbench.d)"
 
     def input_width(self) -> int:
+        if self.synthbench.world_path:  # the file's width, not the preset's
+            return load_saelens_world(self.synthbench).cfg.d
         return self.synthbench.d
 
     def ground_truth(self) -> SynthBenchData:

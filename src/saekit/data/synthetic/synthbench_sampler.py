@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from saekit.data.synthetic.generator import batch_seed
+from saekit.data.synthetic.saelens_sampler import saelens_batch
+from saekit.data.synthetic.saelens_world import load_saelens_world
 from saekit.data.synthetic.synthbench_world import SynthBenchConfig, SynthBenchWorld
 
 DENSE_COLUMN_P = 0.05
@@ -169,9 +171,12 @@ def _children_of(
     value = _magnitudes(world, child, g)
     fires = (torch.rand(child.numel(), generator=g) < p_E) & (value > 0)
     if world.cfg.scale_children:
-        value = value * (parent_value / world.magnitude_mean[parent]).repeat_interleave(b)
+        scale = parent_value / world.magnitude_mean[parent]
+        scale = torch.where(world.scales_children[parent], scale, torch.ones_like(scale))
+        value = value * scale.repeat_interleave(b)
     tok, par, child, value = tok[fires], par[fires], child[fires], value[fires]
     win = _one_winner(tok * world.cfg.n_features + par, g)
+    win = win | ~world.exclusive[par]  # a parent without mutual exclusion keeps every child
     return tok[win], child[win], value[win]
 
 
@@ -179,8 +184,10 @@ class SynthBenchData:
     """Batches of a world: ``batch(i, n)`` is a pure function of (cfg.seed, stream_seed, i, n)."""
 
     def __init__(self, cfg: SynthBenchConfig, stream_seed: int = 0, world=None):
-        self.cfg = cfg
-        self.world = world if world is not None else SynthBenchWorld(cfg)
+        if world is None:
+            world = load_saelens_world(cfg) if cfg.world_path else SynthBenchWorld(cfg)
+        self.cfg = world.cfg if cfg.world_path else cfg  # a read world's own shape
+        self.world = world
         self.stream_seed = stream_seed
 
     @property
@@ -216,6 +223,11 @@ class SynthBenchData:
         g = torch.Generator().manual_seed(
             batch_seed(self.cfg.seed ^ (self.stream_seed << 32), index)
         )
+        if self.cfg.sampler == "saelens":  # SAELens's own draws (saelens_sampler)
+            x, acts = saelens_batch(self.world, n, g)
+            token, feature = acts.nonzero(as_tuple=True)
+            firings = SparseFirings(token, feature, acts[token, feature], n)
+            return SynthBenchBatch(x, firings, torch.zeros(n, dtype=torch.bool))
         firings, bos = self.firings(n, g)
         coeffs = torch.sparse_coo_tensor(
             torch.stack([firings.token, firings.feature]),

@@ -65,6 +65,14 @@ class SynthBenchConfig:
     """Share of BOS-like tokens on which no feature fires (x = the bias only): per-token
     information that varies, as in an LM stream (docs/research.md, question 1)."""
     seed: int = 42
+    sampler: str = "sparse"
+    """sparse: saekit's sampler (O(firings) per batch; SAELens's distribution); saelens: SAELens's
+    own draws, draw for draw (O(N·F) per batch; :mod:`saekit.data.synthetic.saelens_sampler`)."""
+    world_path: str | None = None
+    """A world SAELens saved (``SyntheticModel.save``: its directory): read instead of generated
+    (:mod:`saekit.data.synthetic.saelens_world`): the fields above that SAELens's config maps
+    onto are taken from the file (one set to another value is an error); its tensors are what
+    is sampled."""
 
     def __post_init__(self) -> None:
         for name in ("n_features", "d", "branching", "depth", "correlation_rank"):
@@ -82,6 +90,12 @@ class SynthBenchConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"synthbench.{name} must be a finite number >= 0")
+        if self.sampler not in ("sparse", "saelens"):
+            raise ValueError(f"synthbench.sampler must be sparse or saelens, got {self.sampler!r}")
+        if self.sampler == "saelens" and self.bos_share:
+            raise ValueError(
+                "synthbench.sampler saelens has no BOS-like tokens: bos_share must be 0"
+            )
         if not 0 <= self.bos_share < 1:
             raise ValueError("synthbench.bos_share must be in [0, 1)")
         if self.n_tree > self.n_features:
@@ -189,6 +203,11 @@ class SynthBenchWorld:
     def __init__(self, cfg: SynthBenchConfig):
         self.cfg = cfg
         F, d = cfg.n_features, cfg.d
+        if cfg.world_path is not None:
+            raise ValueError(
+                "SynthBenchWorld generates a world; read synthbench.world_path with "
+                "saekit.data.synthetic.saelens_world.load_saelens_world"
+            )
         g = torch.Generator().manual_seed(cfg.seed)
         raw = torch.randn(F, d, generator=g, dtype=torch.float64)
         self.directions = orthogonalise(raw, cfg.ortho_steps, cfg.ortho_lr).float()
@@ -201,6 +220,11 @@ class SynthBenchWorld:
         the first of a parent's consecutive children (−1: a leaf or free)."""
         self.top_level = torch.nonzero(self.depth <= 0).flatten()
         """Roots and free features: the ones drawn without a parent."""
+        self.exclusive = self.first_child >= 0
+        """[F] bool: a parent whose children are mutually exclusive (every parent here; a world
+        read from SAELens may set it on some parents only)."""
+        self.scales_children = self.exclusive & cfg.scale_children
+        """[F] bool: a parent that scales its children by its value / its mean (v2)."""
         self.base_probabilities = zipf_linear_probabilities(
             F, cfg.zipf_exponent, cfg.p_max, cfg.p_min
         )
@@ -229,6 +253,22 @@ class SynthBenchWorld:
         """[F] s_i = √(1 − ‖w_i‖²)."""
         self.thresholds = (math.sqrt(2) * torch.special.erfinv(1 - 2 * self.probabilities)).float()
         """[F] Φ⁻¹(1 − p_i): feature i fires when its copula variable exceeds this."""
+
+    PARTS = ("directions", "bias", "parent", "depth", "first_child", "top_level", "exclusive",
+             "scales_children", "base_probabilities", "probabilities", "magnitude_mean",
+             "magnitude_std", "factor", "own_std", "thresholds")  # fmt: skip
+    """Everything a world is: what :meth:`from_parts` takes."""
+
+    @classmethod
+    def from_parts(cls, cfg: SynthBenchConfig, **parts: Tensor | None) -> SynthBenchWorld:
+        """A world whose tensors were read, not generated (one per name in :attr:`PARTS`)."""
+        if set(parts) != set(cls.PARTS):
+            raise ValueError(f"a world needs exactly {cls.PARTS}, got {sorted(parts)}")
+        world = cls.__new__(cls)
+        world.cfg = cfg
+        for name, value in parts.items():
+            setattr(world, name, value)
+        return world
 
     def correlation_matrix(self) -> Tensor:
         """[F, F] float64 correlation of the copula variables (W Wᵀ + diag(s²)); small F only."""
