@@ -13,7 +13,7 @@ from test_saelens_world import node, write_world
 from saekit.synthbench import bench as sb
 from saekit.train.config import build_run_config
 
-BENCH_SYNTH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_synth.py"
+BENCH_SYNTH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_synth.py"
 
 
 def tiny_protocol() -> sb.Protocol:
