@@ -19,25 +19,15 @@ def document_batches(
 
     from saekit.data.documents.held_out import held_out_documents, training_documents
     from saekit.data.documents.reading import open_text, select, text_source
-    from saekit.data.lm.models import load_for_harvest
     from saekit.data.lm.text import token_batches
+    from saekit.eval.saved import harvest_setup
 
     sae = SAE.load(args.sae, device=args.device)
     if not sae.cfg.hook:
         raise ValueError(f"{args.sae}/cfg.json records no hook point")
     if sae.cfg.transcoder and not sae.cfg.target_hook:
         raise ValueError(f"{args.sae} is a transcoder whose cfg.json names no target_hook")
-    setup = load_for_harvest(
-        args.model,
-        sae.cfg.hook,
-        dtype=args.model_dtype or "float32",
-        device=args.device,
-        local_files_only=args.local_files_only,
-        model_class=args.model_class,
-        bos_token=args.bos_token,
-        eos_token=args.eos_token,
-        exclude_bos=not args.keep_bos,
-    )
+    setup = harvest_setup(args, sae.cfg.hook, exclude_bos=not args.keep_bos)
     if setup.kind != "causal-lm":
         raise ValueError(f"fine-tuning on next-token KL needs a causal LM; {args.model} is not")
     record = sae.cfg.metadata.get("training_data")
