@@ -454,4 +454,3 @@ def test_preact_revival_pushes_dead_latents_toward_their_layers_kept_value():
     torch.testing.assert_close(parts["revival"].detach(), expected.detach())
     for name in ("W_enc", "b_enc"):
         torch.testing.assert_close(dict(clt.named_parameters())[name].grad, P[name].grad)
-
