@@ -46,6 +46,7 @@ REAL_LIBRARIES = (
     "test_saebench.py",
     "test_transcoders_real.py",
     "test_saelens_world_real.py",
+    "test_circuit_tracer_real.py",
 )
 
 
@@ -490,8 +491,8 @@ FAULTS = [
     Fault(
         "interop-circuit-tracer-threshold-dropped",
         "interop/circuit_tracer.py",
-        "        tensors[THRESHOLD] = p.threshold.to(p.W_enc.dtype)",
-        "        pass",
+        "            tensors[THRESHOLD] = p.threshold.to(p.W_enc.dtype)",
+        "            pass",
         ("test_interop_transcoders.py",),
     ),
     Fault(

@@ -21,9 +21,16 @@ def add_parser(sub: Any) -> None:
         help="write a saved SAE (or every SAE of a run) in SAELens, sparsify or circuit-tracer "
         "format",
         description="A run directory writes one SAE per subdirectory of --out, named as in the "
-        "run. sparsify's layout adds a directory named after the hook point.",
+        "run. sparsify's layout adds a directory named after the hook point. circuit-tracer: "
+        "every per-layer transcoder given (several runs or SAEs) makes one transcoder set "
+        "(layer_N.safetensors, config.yaml).",
     )
-    p.add_argument("source", metavar="RUN_OR_SAE", help="a saved SAE or a run directory")
+    p.add_argument(
+        "source",
+        metavar="RUN_OR_SAE",
+        nargs="+",
+        help="a saved SAE or a run directory (several: --to circuit-tracer, one set)",
+    )
     p.add_argument("--to", required=True, choices=TO, help="target format")
     p.add_argument("--out", required=True, help="directory to write")
     p.set_defaults(func=run, interop="export")
@@ -52,13 +59,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     from saekit.interop import export_sae, saved_saes
     from saekit.model.sae import SAE
 
-    refuse_output_over_inputs(args.out, [("RUN_OR_SAE", args.source)])
-    saes = saved_saes(args.source)
-    single = len(saes) == 1 and (Path(args.source) / "cfg.json").is_file()
+    refuse_output_over_inputs(args.out, [("RUN_OR_SAE", source) for source in args.source])
+    if args.to == "circuit-tracer":
+        return export_circuit_tracer(args.source, Path(args.out))
+    if len(args.source) > 1:
+        raise ValueError(
+            f"several sources make one circuit-tracer transcoder set; export to {args.to} one "
+            "run or SAE at a time"
+        )
+    source = args.source[0]
+    saes = saved_saes(source)
+    single = len(saes) == 1 and (Path(source) / "cfg.json").is_file()
     for name, directory in saes.items():
         out = Path(args.out) if single else Path(args.out) / name
         written = export_sae(SAE.load(directory), args.to, out, sae_dir=directory)
         print(f"{directory} → {written} ({args.to})")
+    return 0
+
+
+def export_circuit_tracer(sources: list[str], out: Path) -> int:
+    """Every transcoder in ``sources`` as one circuit-tracer set (its layers from the hooks)."""
+    import sys
+
+    from saekit.interop import export_transcoder_set, saved_saes
+    from saekit.model.sae import SAE
+
+    directories = [d for source in sources for d in saved_saes(source).values()]
+    written, missing = export_transcoder_set([(SAE.load(d), d) for d in directories], out)
+    print(f"{', '.join(map(str, directories))} → {written} (circuit-tracer transcoder set)")
+    if missing:
+        print(
+            f"saekit: warning: circuit-tracer loads a set with every layer from 0; layers "
+            f"{missing} are missing, so no config.yaml was written",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -45,6 +45,20 @@ def export_sae(sae: SAE, to: str, out: str | Path, sae_dir: str | Path | None = 
     return WRITERS[to](p, Path(out))
 
 
+def export_transcoder_set(
+    saes: list[tuple[SAE, Path | None]], out: str | Path
+) -> tuple[Path, list[int]]:
+    """Per-layer transcoders (each with its saekit directory, or None) as one circuit-tracer
+    transcoder set under ``out``; returns the directory and the layers a loadable set still
+    lacks (circuit-tracer's set covers every layer from 0)."""
+    ps = []
+    for sae, sae_dir in saes:
+        p = to_portable(sae)
+        p.info = export_info(sae, sae_dir)
+        ps.append(p)
+    return circuit_tracer.write_set(ps, Path(out))
+
+
 def import_sae(path: str | Path, from_: str) -> SAE:
     """The saekit SAE of the SAE stored at ``path`` in format ``from_`` (eval mode)."""
     if from_ not in READERS:
@@ -76,6 +90,7 @@ __all__ = [
     "InteropError",
     "Portable",
     "export_sae",
+    "export_transcoder_set",
     "import_sae",
     "saved_saes",
 ]
