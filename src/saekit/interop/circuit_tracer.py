@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import save_file
 
 from saekit.interop.portable import InteropError, Portable
+from saekit.interop.reading import read_json, read_safetensors
 
 THRESHOLD = "activation_function.threshold"
 SERVED = ("relu", "jumprelu")
@@ -134,3 +135,34 @@ def write(p: Portable, out: Path) -> Path:
     """One transcoder: ``out/layer_{N}.safetensors`` (N from the target hook, else 0) and
     ``out/saekit.json``; ``config.yaml`` too when N = 0 (a set of one). Returns ``out``."""
     return write_set([p], out)[0]
+
+
+def read(path: Path) -> Portable:
+    """One circuit-tracer per-layer transcoder: ``layer_{N}.safetensors``, or a directory
+    holding one such file (hooks from ``saekit.json`` when saekit wrote it)."""
+    if path.is_dir():
+        files = sorted(path.glob("layer_*.safetensors"))
+        if len(files) != 1:
+            names = [f.name for f in files]
+            raise InteropError(f"{path}: give one of its per-layer files ({names})")
+        path = files[0]
+    where = f"circuit-tracer transcoder {path}"
+    t = read_safetensors(path, where)
+    found, required = set(t), {"W_enc", "W_dec", "b_enc", "b_dec"}
+    unexpected = found - required - {"W_skip", THRESHOLD}
+    if not required <= found or unexpected:
+        raise InteropError(
+            f"{where}: expects tensors {sorted(required)} (+ W_skip, {THRESHOLD}); missing "
+            f"{sorted(required - found)}, unexpected {sorted(unexpected)}"
+        )
+    p = Portable(
+        "jumprelu" if THRESHOLD in t else "relu", t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
+    )
+    p.threshold = t.get(THRESHOLD)
+    p.transcoder, p.W_skip = True, t.get("W_skip")  # [d_out, d_in], as saekit's (x W_skipᵀ)
+    beside = path.parent / "saekit.json"
+    entries = read_json(beside, where).get("transcoders", []) if beside.is_file() else []
+    info = next((e for e in entries if e.get("file") == path.name), {})
+    p.info = {k: info.get(k) for k in ("model_name", "hook", "target_hook")}
+    p.info["imported_from"] = {"format": "circuit-tracer", "path": str(path)}
+    return p
