@@ -201,3 +201,20 @@ def test_saelens_transcoder_round_trip(tmp_path, activation, skip):
     with torch.no_grad():
         torch.testing.assert_close(back.encode(x), tc.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back(x).x_hat, tc(x).x_hat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("activation", "skip"), [({"kind": "relu"}, False), ({"kind": "jumprelu"}, True)]
+)
+def test_circuit_tracer_transcoder_round_trip(tmp_path, activation, skip):
+    """Export then import (one layer's file, or a directory holding one): both scales and the
+    skip path folded once, both hooks kept from saekit.json."""
+    tc = random_transcoder(activation, skip, d_out=D_IN)
+    out = export_sae(tc, "circuit-tracer", tmp_path / "ct")
+    for source in (out, out / "layer_3.safetensors"):
+        back = import_sae(source, "circuit-tracer")
+        assert (back.cfg.hook, back.cfg.target_hook, back.cfg.skip) == (IN_HOOK, OUT_HOOK, skip)
+        x = make_input()
+        with torch.no_grad():
+            torch.testing.assert_close(back.encode(x), tc.encode(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(back(x).x_hat, tc(x).x_hat, rtol=1e-5, atol=1e-5)
