@@ -181,3 +181,13 @@ def test_bad_clt_folders_are_refused(tmp_path):
     save_file({"W_enc_1": torch.zeros(M, D_IN)}, str(ct / "W_enc_1.safetensors"))
     with pytest.raises(InteropError, match="threshold_i in some layers' files only"):
         import_dictionary(ct, "circuit-tracer")
+
+
+@pytest.mark.parametrize("to", ["circuit-tracer", "saelens"])
+def test_a_crosscoder_is_refused(tmp_path, capsys, to):
+    from saekit.model.crosscoder import Crosscoder, CrosscoderConfig
+
+    cfg = CrosscoderConfig(d_in=D_IN, d_sae=M, n_sources=2, activation={"kind": "relu"})
+    Crosscoder(cfg).save(tmp_path / "cc")
+    assert main(["export", str(tmp_path / "cc"), "--to", to, "--out", str(tmp_path / "o")]) == 2
+    assert f"{to} has no format for a crosscoder" in error_line(capsys)

@@ -81,14 +81,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export(directory: Path, to: str, out: Path) -> Path:
-    from saekit.interop import export_clt, export_sae
+    from saekit.interop import export_dictionary
     from saekit.model.dictionary import load_dictionary
-    from saekit.model.sae import SAE
 
-    model = load_dictionary(directory)
-    if isinstance(model, SAE):
-        return export_sae(model, to, out, sae_dir=directory)
-    return export_clt(model, to, out)
+    return export_dictionary(load_dictionary(directory), to, out, sae_dir=directory)
 
 
 def export_circuit_tracer(sources: list[str], out: Path) -> int:
@@ -96,20 +92,19 @@ def export_circuit_tracer(sources: list[str], out: Path) -> int:
     ``sources`` as one circuit-tracer set (its layers from the hooks)."""
     import sys
 
-    from saekit.interop import export_clt, export_transcoder_set, saved_saes
+    from saekit.interop import export_dictionary, export_transcoder_set, saved_saes
     from saekit.model.dictionary import load_dictionary
     from saekit.model.sae import SAE
 
     directories = [d for source in sources for d in saved_saes(source).values()]
     models = [(load_dictionary(d), d) for d in directories]
-    others = [(model, d) for model, d in models if not isinstance(model, SAE)]
-    if others and len(models) == 1:
-        written = export_clt(others[0][0], "circuit-tracer", out)
+    others = [str(d) for model, d in models if not isinstance(model, SAE)]
+    if others and len(models) == 1:  # a cross-layer transcoder (others refused there)
+        written = export_dictionary(models[0][0], "circuit-tracer", out)
         print(f"{directories[0]} → {written} (circuit-tracer CLT)")
         return 0
     if others:
-        alone = [str(d) for _, d in others]
-        raise ValueError(f"a cross-layer transcoder exports alone (not in a set): {alone}")
+        raise ValueError(f"a cross-layer transcoder exports alone (not in a set): {others}")
     written, missing = export_transcoder_set(models, out)
     print(f"{', '.join(map(str, directories))} → {written} (circuit-tracer transcoder set)")
     if missing:

@@ -24,6 +24,7 @@ from saekit.interop.metadata import clt_export_info, export_info
 from saekit.interop.portable import InteropError, Portable, to_portable, to_sae
 from saekit.interop.portable_clt import to_clt, to_portable_clt
 from saekit.model.clt import CrossLayerTranscoder
+from saekit.model.dictionary import Dictionary
 from saekit.model.format import CONFIG_FILE, WEIGHTS_FILE
 from saekit.model.sae import SAE
 
@@ -75,6 +76,18 @@ def export_transcoder_set(
         p.info = export_info(sae, sae_dir)
         ps.append(p)
     return circuit_tracer.write_set(ps, Path(out))
+
+
+def export_dictionary(
+    model: Dictionary, to: str, out: str | Path, sae_dir: str | Path | None = None
+) -> Path:
+    """An SAE or transcoder (:func:`export_sae`) or a cross-layer transcoder
+    (:func:`export_clt`) in format ``to``; other dictionaries (crosscoders) are refused."""
+    if isinstance(model, SAE):
+        return export_sae(model, to, out, sae_dir)
+    if isinstance(model, CrossLayerTranscoder):
+        return export_clt(model, to, out)
+    raise InteropError(f"{to} has no format for a {model.cfg.kind} (SAEs, transcoders and CLTs)")
 
 
 def export_clt(clt: CrossLayerTranscoder, to: str, out: str | Path) -> Path:
@@ -129,6 +142,7 @@ __all__ = [
     "InteropError",
     "Portable",
     "export_clt",
+    "export_dictionary",
     "export_sae",
     "export_transcoder_set",
     "import_dictionary",
