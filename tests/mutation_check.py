@@ -527,8 +527,10 @@ FAULTS = [
     Fault(
         "interop-circuit-tracer-clt-bias-of-layer-0",  # b_dec_i is target i's bias
         "interop/circuit_tracer_clt.py",
-        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], f"b_dec_{i}": pc.b_dec[i]}',
-        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], f"b_dec_{i}": pc.b_dec[0]}',
+        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], '
+        'f"b_dec_{i}": pc.b_dec[i]}',
+        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], '
+        'f"b_dec_{i}": pc.b_dec[0]}',
         ("test_interop_clt.py",),
     ),
     Fault(
@@ -548,7 +550,8 @@ FAULTS = [
     Fault(
         "interop-circuit-tracer-import-threshold-ignored",
         "interop/circuit_tracer.py",
-        '        "jumprelu" if THRESHOLD in t else "relu", t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]',
+        '        "jumprelu" if THRESHOLD in t else "relu", t["W_enc"], t["b_enc"], t["W_dec"], '
+        't["b_dec"]',
         '        "relu", t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]',
         ("test_interop_transcoders.py",),
     ),
