@@ -46,6 +46,7 @@ REAL_LIBRARIES = (
     "test_saebench.py",
     "test_transcoders_real.py",
     "test_saelens_world_real.py",
+    "test_circuit_tracer_real.py",
 )
 
 
@@ -490,8 +491,8 @@ FAULTS = [
     Fault(
         "interop-circuit-tracer-threshold-dropped",
         "interop/circuit_tracer.py",
-        "        tensors[THRESHOLD] = p.threshold.to(p.W_enc.dtype)",
-        "        pass",
+        "            tensors[THRESHOLD] = p.threshold.to(p.W_enc.dtype)",
+        "            pass",
         ("test_interop_transcoders.py",),
     ),
     Fault(
@@ -499,6 +500,66 @@ FAULTS = [
         "interop/gemma_scope.py",
         "    p.W_skip = t[SKIP].T.contiguous() if SKIP in t else None",
         "    p.W_skip = t[SKIP].contiguous() if SKIP in t else None",
+        ("test_interop_transcoders.py",),
+    ),
+    # ----------------------------------------------------------------- CLT exchange (issue 24)
+    Fault(
+        "interop-clt-scale-not-folded",
+        "interop/portable_clt.py",
+        "    folded = clt.folded_copy()",
+        "    folded = clt",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-clt-threshold-latent-order",  # θ of latent l·M + i is layer l's latent i
+        "interop/portable_clt.py",
+        "        threshold=None if form.threshold is None else form.threshold.reshape(L, M),",
+        "        threshold=None if form.threshold is None else form.threshold.reshape(M, L).T,",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-clt-threshold-dropped",
+        "interop/circuit_tracer_clt.py",
+        '            enc[f"threshold_{i}"] = pc.threshold[i].to(pc.W_enc.dtype)',
+        "            pass",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-clt-bias-of-layer-0",  # b_dec_i is target i's bias
+        "interop/circuit_tracer_clt.py",
+        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], '
+        'f"b_dec_{i}": pc.b_dec[i]}',
+        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], '
+        'f"b_dec_{i}": pc.b_dec[0]}',
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-gemma-scope-clt-decoders-not-from-own-layer",  # w_dec[:, l:], not the first L − l
+        "interop/gemma_scope_clt.py",
+        "        [w[:, layer:].contiguous() for layer, w in enumerate(w_dec)],",
+        "        [w[:, : n - layer].contiguous() for layer, w in enumerate(w_dec)],",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-gemma-scope-clt-threshold-not-clamped",
+        "interop/gemma_scope_clt.py",
+        '        threshold=stack["threshold"].clamp_min(0.0),  # ReLU(pre)·H(pre − θ), see above',
+        '        threshold=stack["threshold"],',
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-import-threshold-ignored",
+        "interop/circuit_tracer.py",
+        '        "jumprelu" if THRESHOLD in t else "relu", t["W_enc"], t["b_enc"], t["W_dec"], '
+        't["b_dec"]',
+        '        "relu", t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]',
+        ("test_interop_transcoders.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-set-layer-by-position",  # layer_N holds the transcoder of block N
+        "interop/circuit_tracer.py",
+        "    for layer, p in sorted(zip(layers, ps, strict=True), key=lambda pair: pair[0]):",
+        "    for layer, p in zip(sorted(layers), ps, strict=True):",
         ("test_interop_transcoders.py",),
     ),
     Fault(
