@@ -1,0 +1,141 @@
+"""Metrics of a dictionary whose output has several parts: a cross-layer transcoder's target layers
+(each with its own latents) or a crosscoder's sources (one latent space for all).
+
+Each part keeps a :class:`~saekit.eval.metrics.MetricAccumulator` (its FVU, ratio of sums over the
+whole set, and, for a CLT, its layer's L0 and dead share); one more counts every latent of every
+layer together (the total L0 per token, its histogram, dead and dense shares). The pooled FVU of
+all parts is Σ_p Σ‖y_p − ŷ_p‖² / Σ_p Σ‖y_p − ȳ_p‖²: the FVU of the concatenated target [y_1 … y_P]
+with each part's own mean (the loss sums the parts' squared errors the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.core.encoding import SparseCode
+from saekit.eval.metrics import EvalResult, MetricAccumulator, latent_counts
+
+
+@dataclass(frozen=True)
+class PartScores:
+    """One part's metrics: a CLT's target layer or a crosscoder's source."""
+
+    name: str
+    """The part's hook (a CLT: its target hook; a crosscoder: its source)."""
+    fvu: float
+    """Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the evaluated tokens."""
+    mse: float
+    """Mean over tokens of ‖y − ŷ‖²."""
+    l0: float | None = None
+    """A CLT: mean active latents of this layer per token; None for a crosscoder's source."""
+    dead_fraction: float | None = None
+    """A CLT: share of this layer's latents that never fired; None for a crosscoder's source."""
+    input_hook: str | None = None
+    """A CLT: the hook this layer's latents read."""
+    spliced_fvu: float | None = None
+    """A CLT spliced into the model: the FVU of this layer's prediction against what the MLP
+    computes in the spliced forward (errors of earlier layers included); None otherwise."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PartScores:
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+
+class PartAccumulator:
+    """Streams batches part by part; ``latents``: per part, its own number of latents (a CLT's
+    layers) or None (a crosscoder: ``d_sae`` latents shared by every part)."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        widths: Sequence[int],
+        latents: Sequence[int] | None = None,
+        d_sae: int | None = None,
+        device: torch.device | str = "cpu",
+        input_hooks: Sequence[str] | None = None,
+    ) -> None:
+        if len(names) != len(widths):
+            raise ValueError(f"{len(names)} part names for {len(widths)} widths")
+        if (latents is None) == (d_sae is None):
+            raise ValueError("give latents per part (a CLT) or d_sae shared by all (a crosscoder)")
+        self.names = list(names)
+        self.input_hooks = None if input_hooks is None else list(input_hooks)
+        self.layered = latents is not None
+        per_part = list(latents) if latents is not None else [1] * len(widths)
+        total = sum(per_part) if latents is not None else int(d_sae or 0)
+        self.parts = [
+            MetricAccumulator(w, m, device=device) for w, m in zip(widths, per_part, strict=True)
+        ]
+        self.whole = MetricAccumulator(1, total, device=device)
+        self.spliced: list[MetricAccumulator] | None = None
+
+    def add(self, part: int, y: Tensor, y_hat: Tensor) -> None:
+        """Part ``part``'s target and its prediction, [..., width]."""
+        self.parts[part].add_reconstruction(y, y_hat)
+
+    def add_spliced(self, part: int, y: Tensor, y_hat: Tensor) -> None:
+        """A CLT spliced into the model: the MLP's output in the spliced forward and the
+        prediction that replaced it."""
+        if self.spliced is None:
+            self.spliced = [
+                MetricAccumulator(a.sum_x.numel(), 1, device=a.sum_x.device) for a in self.parts
+            ]
+        self.spliced[part].add_reconstruction(y, y_hat)
+
+    def add_latents(self, latents: Sequence[Tensor | SparseCode] | Tensor | SparseCode) -> None:
+        """A CLT: one code per layer, every layer of the same tokens; a crosscoder: its code."""
+        if not self.layered:
+            self.whole.add_latents(latents)  # type: ignore[arg-type]
+            return
+        if not isinstance(latents, Sequence) or len(latents) != len(self.parts):
+            raise ValueError(f"give one code per layer ({len(self.parts)})")
+        counts = [latent_counts(z) for z in latents]
+        for acc, z in zip(self.parts, latents, strict=True):
+            acc.add_latents(z)
+        per_token = torch.stack([c[0] for c in counts]).sum(0)  # active latents of all layers
+        self.whole.add_counts(per_token, torch.cat([c[1] for c in counts]))
+
+    def pooled_fvu(self) -> float:
+        """Σ over parts of the squared errors / Σ of their variances (module docstring)."""
+        err = sum(a.sum_sq_err for a in self.parts)
+        var = sum(a.total_variance() for a in self.parts)
+        return float(err / var)
+
+    def result(self) -> tuple[EvalResult, list[PartScores]]:
+        """The whole (pooled FVU and MSE over parts; L0, dead and dense over every latent) and
+        each part's scores."""
+        if int(self.whole.l0_tokens) == 0:
+            raise ValueError("no tokens were evaluated")
+        n = int(self.parts[0].n)
+        if any(int(a.n) != n for a in self.parts):
+            raise ValueError(
+                f"the parts saw different token counts: {[int(a.n) for a in self.parts]}"
+            )
+        fvu = self.pooled_fvu()
+        mse = float(sum(a.sum_sq_err for a in self.parts) / n)
+        whole = replace(
+            self.whole.result(), n_tokens=n, fvu=fvu, explained_variance=1.0 - fvu, mse=mse
+        )
+        scores = []
+        for p, acc in enumerate(self.parts):
+            layer = acc.result() if self.layered else None
+            scores.append(
+                PartScores(
+                    name=self.names[p],
+                    fvu=float(acc.fvu()),
+                    mse=float(acc.sum_sq_err / acc.n),
+                    l0=None if layer is None else layer.l0,
+                    dead_fraction=None if layer is None else layer.dead_fraction,
+                    input_hook=None if self.input_hooks is None else self.input_hooks[p],
+                    spliced_fvu=None if self.spliced is None else float(self.spliced[p].fvu()),
+                )
+            )
+        return whole, scores
