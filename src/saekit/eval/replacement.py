@@ -1,4 +1,4 @@
-"""A cross-layer transcoder (CLT) spliced into the model in place of every MLP it covers, all at once:
+"""A cross-layer transcoder (CLT) spliced into the model in place of every MLP it covers at once:
 the replacement model's CE and KL (the formulas and passes of :mod:`saekit.eval.splice`), each
 target layer's FVU and each layer's L0.
 
