@@ -1177,6 +1177,83 @@ FAULTS = [
         "    return kl_weight * kl + (1 - kl_weight) * mse, kl, mse",
         ("test_finetune.py",),
     ),
+    # issue 24 items 4 and 6: a CLT spliced in for every MLP, per-part metrics, decoder norms
+    Fault(
+        "replacement-zero-ablates-one-target",
+        "eval/replacement.py",
+        "                for target in targets:\n",
+        "                for target in targets[:1]:\n",
+        ("test_replacement.py",),
+    ),
+    Fault(
+        "replacement-prediction-not-spliced",
+        "eval/replacement.py",
+        "        out[keep_BT] = y_hat.to(act_BTd.dtype)\n",
+        "        out[keep_BT] = y\n",
+        ("test_replacement.py",),
+    ),
+    Fault(
+        "replacement-reads-clean-residuals",  # the spliced pass encodes the clean pass's inputs
+        "eval/replacement.py",
+        "            codes: list[Code] = []\n",
+        "            codes: list[Code] = []\n            clean_inputs.update(acts)\n",
+        ("test_replacement.py",),
+        also=(
+            (
+                "eval/replacement.py",
+                "            codes.append(clt.encode(layer, acts[inputs[layer]][keep_BT]))",
+                "            codes.append(clt.encode(layer, clean_inputs.get(inputs[layer],"
+                " acts[inputs[layer]])[keep_BT]))",
+            ),
+            (
+                "eval/replacement.py",
+                "    L = len(inputs)\n",
+                "    L = len(inputs)\n    clean_inputs: dict = {}\n",
+            ),
+        ),
+    ),
+    Fault(
+        "parts-pooled-fvu-mean-of-part-ratios",
+        "eval/parts.py",
+        "        return float(err / var)",
+        "        return float(sum(a.fvu() for a in self.parts) / len(self.parts))",
+        ("test_parts.py", "test_replacement.py"),
+    ),
+    Fault(
+        "parts-total-l0-of-first-layer",
+        "eval/parts.py",
+        "        per_token = torch.stack([c[0] for c in counts]).sum(0)",
+        "        per_token = counts[0][0]",
+        ("test_parts.py", "test_replacement.py"),
+    ),
+    Fault(
+        "norms-relative-difference-reversed",
+        "eval/decoder_norms.py",
+        "    return 0.5 * (r[1] - r[0] + 1)",
+        "    return 0.5 * (r[0] - r[1] + 1)",
+        ("test_decoder_norms.py",),
+    ),
+    Fault(
+        "norms-shared-when-any-source-large",
+        "eval/decoder_norms.py",
+        "    cls[(r >= SHARED_MIN).all(0)] = SHARED",
+        "    cls[(r >= SHARED_MIN).any(0)] = SHARED",
+        ("test_decoder_norms.py",),
+    ),
+    Fault(
+        "norms-only-with-one-small-source",
+        "eval/decoder_norms.py",
+        "        others_small = (r <= ONLY_MAX).sum(0) == S - 1  # every source but the largest",
+        "        others_small = (r <= ONLY_MAX).sum(0) >= 1",
+        ("test_decoder_norms.py",),
+    ),
+    Fault(
+        "norms-own-layer-share-of-max",
+        "eval/decoder_norms.py",
+        "    total = norms.sum(-1)",
+        "    total = norms.max(-1).values",
+        ("test_decoder_norms.py",),
+    ),
 ]
 
 
