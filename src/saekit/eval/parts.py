@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from saekit.core.encoding import SparseCode
+from saekit.eval.decoder_norms import LayerNormSummary, SourceNormSummary
 from saekit.eval.metrics import EvalResult, MetricAccumulator, latent_counts
 
 
@@ -139,3 +140,40 @@ class PartAccumulator:
                 )
             )
         return whole, scores
+
+
+@dataclass(frozen=True)
+class PartsReport:
+    """The part of a report (``saekit eval``'s and a run's ``eval.json``) that a multi-hook
+    dictionary adds: its scores per target layer (a CLT: key ``per_layer``) or per source (a
+    crosscoder: ``per_source``) and the summary of its decoder norms (``decoder_norms``)."""
+
+    kind: str
+    """``layer`` (a cross-layer transcoder) or ``source`` (a crosscoder)."""
+    parts: list[PartScores]
+    """Per target layer or source, in order."""
+    decoder_norms: SourceNormSummary | LayerNormSummary | None = None
+    """Where the latents write (:mod:`saekit.eval.decoder_norms`)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("layer", "source"):
+            raise ValueError(f"PartsReport kind must be 'layer' or 'source', got {self.kind!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {f"per_{self.kind}": [p.to_json() for p in self.parts]}
+        if self.decoder_norms is not None:
+            d["decoder_norms"] = self.decoder_norms.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PartsReport | None:
+        """The part in a report's JSON; None in a report without one (an SAE's, any version)."""
+        kind = next((k for k in ("layer", "source") if f"per_{k}" in d), None)
+        if kind is None:
+            return None
+        norms = d.get("decoder_norms")
+        summary: SourceNormSummary | LayerNormSummary | None = None
+        if norms is not None:
+            is_layer = "own_layer_share_histogram" in norms
+            summary = (LayerNormSummary if is_layer else SourceNormSummary).from_json(norms)
+        return cls(kind, [PartScores.from_json(p) for p in d[f"per_{kind}"]], summary)
