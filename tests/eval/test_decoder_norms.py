@@ -107,18 +107,19 @@ def test_more_sources_use_the_same_bands_on_the_norm_ratios():
 def test_own_layer_share_by_loops():
     L, M = 3, 4
     g = torch.Generator().manual_seed(0)
-    norms = torch.rand(L, M, L, generator=g)  # [l, i, j]: ‖d_i^{l→l+j}‖
+    norms = torch.rand(L, M, L, generator=g)  # [l, i, t]: ‖d_i^{l→t}‖
     for layer in range(L):
-        norms[layer, :, L - layer :] = 0  # no target past the last layer
+        norms[layer, :, :layer] = 0  # no target before the latent's layer
     norms[0, 1] = 0  # a latent with no decoder
     share = own_layer_share(norms)
     for layer in range(L):
         for i in range(M):
-            total = sum(float(norms[layer, i, j]) for j in range(L - layer))
+            total = sum(float(norms[layer, i, t]) for t in range(layer, L))
             if layer == L - 1 or total == 0:
                 assert math.isnan(share[layer, i])
             else:
-                assert float(share[layer, i]) == pytest.approx(float(norms[layer, i, 0]) / total)
+                want = float(norms[layer, i, layer]) / total
+                assert float(share[layer, i]) == pytest.approx(want)
     summary = LayerNormSummary.of(norms)
     assert summary.zero_decoder == 1
     assert sum(summary.own_layer_share_histogram) == (L - 1) * M - 1

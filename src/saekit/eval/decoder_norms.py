@@ -123,12 +123,14 @@ class SourceNormSummary:
 
 
 def own_layer_share(norms_LMT: Tensor) -> Tensor:
-    """[L, M] own-layer share of each latent (module docstring) from ``norms_LMT[l, i, j]`` =
-    ‖d_i^{l→l+j}‖ (zero where l + j is past the last layer); NaN for the last layer's latents
-    and latents whose decoders are all zero."""
+    """[L, M] own-layer share of each latent (module docstring) from ``norms_LMT[l, i, t]`` =
+    ‖d_i^{l→t}‖ (0 for t < l: a latent never writes into an earlier layer); NaN for the last
+    layer's latents and latents whose decoders are all zero."""
     norms = norms_LMT.double()
+    L = norms.shape[0]
     total = norms.sum(-1)
-    share = norms[..., 0] / torch.where(total > 0, total, torch.nan)
+    own = norms[torch.arange(L), :, torch.arange(L)]  # [L, M]: ‖d_i^{l→l}‖
+    share = own / torch.where(total > 0, total, torch.nan)
     share[-1] = torch.nan
     return share
 

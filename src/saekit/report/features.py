@@ -185,9 +185,9 @@ def source_norms(
 def layer_norms(
     norms_LMT: Tensor, targets: list[str], latent_ids: Tensor
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A cross-layer transcoder's decoder norms per target layer: the summary (own-layer share,
-    :mod:`saekit.eval.decoder_norms`) and, per reported latent (id = layer · M + index), its
-    layer and its norm per target it writes to (layers l..L-1)."""
+    """A cross-layer transcoder's decoder norms per target layer (``norms_LMT[l, i, t]``, 0 for
+    t < l): the summary (own-layer share, :mod:`saekit.eval.decoder_norms`) and, per reported
+    latent (id = layer · M + index), its layer and its norm per target it writes to (l..L-1)."""
     L, M = norms_LMT.shape[:2]
     share = own_layer_share(norms_LMT)
     summary = {"kind": "target", "labels": list(targets)}
@@ -195,7 +195,7 @@ def layer_norms(
     entries = []
     for latent in latent_ids.tolist():
         layer, i = divmod(latent, M)
-        norms = [[targets[layer + j], float(norms_LMT[layer, i, j])] for j in range(L - layer)]
+        norms = [[targets[t], float(norms_LMT[layer, i, t])] for t in range(layer, L)]
         entries.append(
             {
                 "layer": layer,
