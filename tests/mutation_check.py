@@ -1193,22 +1193,22 @@ FAULTS = [
         ("test_replacement.py",),
     ),
     Fault(
-        "replacement-reads-clean-residuals",  # the spliced pass encodes the clean pass's inputs
+        "replacement-reads-clean-residuals",  # the spliced pass runs on the clean pass's inputs
         "eval/replacement.py",
-        "            codes: list[Code] = []\n",
-        "            codes: list[Code] = []\n            clean_inputs.update(acts)\n",
+        "            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))\n",
+        "            clean_acts.update(acts)\n"
+        "            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))\n",
         ("test_replacement.py",),
         also=(
             (
                 "eval/replacement.py",
-                "            codes.append(clt.encode(layer, acts[inputs[layer]][keep_BT]))",
-                "            codes.append(clt.encode(layer, clean_inputs.get(inputs[layer],"
-                " acts[inputs[layer]])[keep_BT]))",
+                "                        clt.run(stacked(acts, keep_BT, t))[1], t",
+                "                        clt.run(stacked(clean_acts, keep_BT, t))[1], t",
             ),
             (
                 "eval/replacement.py",
                 "    L = len(inputs)\n",
-                "    L = len(inputs)\n    clean_inputs: dict = {}\n",
+                "    L = len(inputs)\n    clean_acts = {}\n",
             ),
         ),
     ),
@@ -1222,9 +1222,16 @@ FAULTS = [
     Fault(
         "parts-total-l0-of-first-layer",
         "eval/parts.py",
-        "        per_token = torch.stack([c[0] for c in counts]).sum(0)",
-        "        per_token = counts[0][0]",
+        "        self.whole.add_counts(per_token_LN.sum(0), per_latent)",
+        "        self.whole.add_counts(per_token_LN[0], per_latent)",
         ("test_parts.py", "test_replacement.py"),
+    ),
+    Fault(
+        "parts-sparse-layer-of-latent-mod",
+        "eval/parts.py",
+        "latents.latent // M * latents.n_tokens + latents.token",
+        "latents.latent % M * latents.n_tokens + latents.token",
+        ("test_parts.py",),
     ),
     Fault(
         "norms-relative-difference-reversed",

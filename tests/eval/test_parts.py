@@ -48,15 +48,16 @@ def test_clt_parts_equal_plain_loops():
         [codes(20 * b + layer, 6 if b == 0 else 5, M, dead[layer]) for b in range(2)]
         for layer in range(L)
     ]
-    acc = PartAccumulator(["t0", "t1", "t2"], widths, latents=[M] * L, input_hooks=["a", "b", "c"])
+    acc = PartAccumulator(["t0", "t1", "t2"], widths, layer_latents=M, input_hooks=["a", "b", "c"])
     for b in range(2):
         for t in range(L):
             acc.add(t, *per_target[t][b])
-        # a sparse code for layer 0 (fired entries only), dense for the others
-        z0 = layer_codes[0][b]
-        tok, lat = z0.nonzero(as_tuple=True)
-        sparse = SparseCode(z0[tok, lat], lat, tok, z0.shape[0], M)
-        acc.add_latents([sparse, layer_codes[1][b], layer_codes[2][b]])
+        z = torch.cat([layer_codes[layer][b] for layer in range(L)], dim=-1)  # [n, L·M]
+        if b == 0:  # a sparse code (fired entries only, by token), then a dense one
+            tok, lat = z.nonzero(as_tuple=True)
+            acc.add_latents(SparseCode(z[tok, lat], lat, tok, z.shape[0], L * M))
+        else:
+            acc.add_latents(z)
     whole, parts = acc.result()
 
     errs, vars_ = [], []
@@ -114,13 +115,11 @@ def test_crosscoder_sources_share_one_latent_space():
 
 
 def test_mismatched_parts_are_refused():
-    with pytest.raises(ValueError, match="latents per part .* or d_sae"):
+    with pytest.raises(ValueError, match="give layer_latents .* or d_sae"):
         PartAccumulator(["a"], [3])
-    acc = PartAccumulator(["a", "b"], [3, 3], latents=[2, 2])
-    with pytest.raises(ValueError, match="one code per layer"):
-        acc.add_latents([torch.zeros(4, 2)])
+    acc = PartAccumulator(["a", "b"], [3, 3], layer_latents=2)
     acc.add(0, torch.ones(4, 3), torch.ones(4, 3))
     acc.add(1, torch.ones(3, 3), torch.ones(3, 3))
-    acc.add_latents([torch.zeros(4, 2), torch.zeros(4, 2)])
+    acc.add_latents(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="different token counts"):
         acc.result()

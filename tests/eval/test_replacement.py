@@ -40,15 +40,21 @@ class StandIn:
         self.scale = torch.tensor([0.5, 2.0, 3.0])
         self.target_scale = torch.tensor([0.7, 1.5, 0.4])
 
-    def encode(self, layer, x):
-        return torch.relu(x / self.scale[layer] @ self.W_enc[layer].T + self.b_enc[layer])
+    def run(self, x):
+        """x [n, L·d] -> (the code [n, L·M], the predictions [n, L·d])."""
+        xs = x.view(-1, L, D)
+        z = [
+            torch.relu(xs[:, layer] / self.scale[layer] @ self.W_enc[layer].T + self.b_enc[layer])
+            for layer in range(L)
+        ]
+        ys = []
+        for t in range(L):
+            y = sum(z[layer] @ self.W_dec[layer][:, t - layer] for layer in range(t + 1))
+            ys.append(self.target_scale[t] * (y + self.b_dec[t]))
+        return torch.cat(z, -1), torch.cat(ys, -1)
 
-    def predict(self, t, codes):
-        y = sum(codes[layer] @ self.W_dec[layer][:, t - layer] for layer in range(t + 1))
-        return self.target_scale[t] * (y + self.b_dec[t])
-
-    def layered(self):
-        return LayeredDictionary(INPUTS, TARGETS, self.encode, self.predict, M, [D] * L)
+    def layered(self, inputs=INPUTS):
+        return LayeredDictionary(inputs, TARGETS, D, [D] * L, M, self.run)
 
     def token_prediction(self, t, xs):
         """ŷ^t of one token from its MLP inputs xs[0..t] (float64 lists), by plain loops."""
@@ -214,14 +220,12 @@ def test_a_replacement_by_the_true_mlps_is_perfect(model):
     """Codes = the inputs, predictions = the model's own MLPs on them: the replacement model is
     the model (any input read from the wrong pass or layer would change it)."""
     mlps = [model.model.layers[layer].mlp for layer in range(L)]
-    exact = LayeredDictionary(
-        INPUTS,
-        TARGETS,
-        lambda layer, x: x,
-        lambda t, codes: mlps[t].forward(codes[t]),  # .forward: not through the hooks
-        D,
-        [D] * L,
-    )
+
+    def run(x):
+        xs = x.view(-1, L, D)  # .forward: not through the hooks
+        return x, torch.cat([mlps[t].forward(xs[:, t]) for t in range(L)], -1)
+
+    exact = LayeredDictionary(INPUTS, TARGETS, D, [D] * L, D, run)
     got = replacement_eval(model, exact, make_batches(), token_filter=FILTER)
     assert got.splice.ce_sae == pytest.approx(got.splice.ce_clean, abs=1e-6)
     assert got.splice.kl_sae == pytest.approx(
@@ -232,9 +236,7 @@ def test_a_replacement_by_the_true_mlps_is_perfect(model):
 
 
 def test_an_input_after_its_target_is_refused(model):
-    late = LayeredDictionary(
-        INPUTS[1:] + ["model.norm"], TARGETS, StandIn().encode, StandIn().predict, M, [D] * L
-    )
+    late = StandIn().layered(INPUTS[1:] + ["model.norm"])
     with pytest.raises(
         ValueError, match="input hook model.layers.1.mlp:input of layer 0 had not fired"
     ):

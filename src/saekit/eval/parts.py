@@ -22,6 +22,21 @@ from saekit.eval.decoder_norms import LayerNormSummary, SourceNormSummary
 from saekit.eval.metrics import EvalResult, MetricAccumulator, latent_counts
 
 
+def layer_counts(latents: Tensor | SparseCode, n_layers: int) -> tuple[Tensor, Tensor]:
+    """A code over L equal layers of latents ([N, L·M], layer-major): the active latents of each
+    layer per token [L, N] and the tokens each latent fired on [L·M]
+    (:func:`saekit.eval.metrics.latent_counts`, per layer)."""
+    per_token, per_latent = latent_counts(latents)  # per_token: all layers together
+    M = per_latent.numel() // n_layers
+    if isinstance(latents, SparseCode):
+        fired = (latents.values != 0).to(torch.int64)
+        per_layer = per_token.new_zeros(n_layers * latents.n_tokens)
+        per_layer.index_add_(0, latents.latent // M * latents.n_tokens + latents.token, fired)
+        return per_layer.view(n_layers, latents.n_tokens), per_latent
+    N = latents.shape[0]
+    return (latents != 0).view(N, n_layers, M).sum(-1).T, per_latent
+
+
 @dataclass(frozen=True)
 class PartScores:
     """One part's metrics: a CLT's target layer or a crosscoder's source."""
@@ -51,30 +66,29 @@ class PartScores:
 
 
 class PartAccumulator:
-    """Streams batches part by part; ``latents``: per part, its own number of latents (a CLT's
-    layers) or None (a crosscoder: ``d_sae`` latents shared by every part)."""
+    """Streams batches part by part; ``layer_latents``: a CLT's latents per layer (each part a
+    layer with its own latents), or ``d_sae``: a crosscoder's latents, shared by every part."""
 
     def __init__(
         self,
         names: Sequence[str],
         widths: Sequence[int],
-        latents: Sequence[int] | None = None,
+        *,
+        layer_latents: int | None = None,
         d_sae: int | None = None,
         device: torch.device | str = "cpu",
         input_hooks: Sequence[str] | None = None,
     ) -> None:
         if len(names) != len(widths):
             raise ValueError(f"{len(names)} part names for {len(widths)} widths")
-        if (latents is None) == (d_sae is None):
-            raise ValueError("give latents per part (a CLT) or d_sae shared by all (a crosscoder)")
+        if (layer_latents is None) == (d_sae is None):
+            raise ValueError("give layer_latents (a CLT's per layer) or d_sae (a crosscoder's)")
         self.names = list(names)
         self.input_hooks = None if input_hooks is None else list(input_hooks)
-        self.layered = latents is not None
-        per_part = list(latents) if latents is not None else [1] * len(widths)
-        total = sum(per_part) if latents is not None else int(d_sae or 0)
-        self.parts = [
-            MetricAccumulator(w, m, device=device) for w, m in zip(widths, per_part, strict=True)
-        ]
+        self.layered = layer_latents is not None
+        per_part = layer_latents or 1
+        total = len(widths) * per_part if self.layered else int(d_sae or 0)
+        self.parts = [MetricAccumulator(w, per_part, device=device) for w in widths]
         self.whole = MetricAccumulator(1, total, device=device)
         self.spliced: list[MetricAccumulator] | None = None
 
@@ -91,18 +105,17 @@ class PartAccumulator:
             ]
         self.spliced[part].add_reconstruction(y, y_hat)
 
-    def add_latents(self, latents: Sequence[Tensor | SparseCode] | Tensor | SparseCode) -> None:
-        """A CLT: one code per layer, every layer of the same tokens; a crosscoder: its code."""
+    def add_latents(self, latents: Tensor | SparseCode) -> None:
+        """The code of a batch: a crosscoder's [N, M]; a CLT's [N, L·M], latent l·M + i being
+        latent i of layer l (its layers' counts go to their parts)."""
         if not self.layered:
-            self.whole.add_latents(latents)  # type: ignore[arg-type]
+            self.whole.add_latents(latents)
             return
-        if not isinstance(latents, Sequence) or len(latents) != len(self.parts):
-            raise ValueError(f"give one code per layer ({len(self.parts)})")
-        counts = [latent_counts(z) for z in latents]
-        for acc, z in zip(self.parts, latents, strict=True):
-            acc.add_latents(z)
-        per_token = torch.stack([c[0] for c in counts]).sum(0)  # active latents of all layers
-        self.whole.add_counts(per_token, torch.cat([c[1] for c in counts]))
+        per_token_LN, per_latent = layer_counts(latents, len(self.parts))
+        per_latent_LM = per_latent.view(len(self.parts), -1)
+        for layer, acc in enumerate(self.parts):
+            acc.add_counts(per_token_LN[layer], per_latent_LM[layer])
+        self.whole.add_counts(per_token_LN.sum(0), per_latent)
 
     def pooled_fvu(self) -> float:
         """Σ over parts of the squared errors / Σ of their variances (module docstring)."""

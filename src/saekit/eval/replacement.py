@@ -42,21 +42,23 @@ Code = Tensor | SparseCode
 
 @dataclass(frozen=True)
 class LayeredDictionary:
-    """What the splice needs of a cross-layer transcoder: its hooks and two functions (the
-    dictionary's own encode and decode, so no formula is copied here)."""
+    """What the splice needs of a cross-layer transcoder: its hooks and widths, and its own
+    forward (so no formula is copied here)."""
 
     input_hooks: Sequence[str]
     """Layer l's input hook (what its latents read), in layer order."""
     target_hooks: Sequence[str]
     """Target t's hook (the MLP output its prediction replaces), in layer order."""
-    encode: Callable[[int, Tensor], Code]
-    """(l, x [n, d_in] at layer l's input) -> layer l's code [n, M]."""
-    predict: Callable[[int, Sequence[Code]], Tensor]
-    """(t, the codes of layers 0..t) -> ŷ^t [n, d_out], in the target's units."""
-    d_sae: int
-    """M: latents per layer."""
+    d_in: int
+    """Width of each input."""
     target_widths: Sequence[int]
     """d_out of each target."""
+    d_sae: int
+    """M: latents per layer."""
+    run: Callable[[Tensor], tuple[Code, Tensor]]
+    """x [n, L·d_in] (the L inputs side by side) -> (the code [n, L·M], latent l·M + i being
+    latent i of layer l; the L predictions side by side [n, Σ d_out], in the targets' units).
+    Layer-separable: layer l's code reads only x^l, so ŷ^t reads only x^0..x^t."""
 
     def __post_init__(self) -> None:
         n = len(self.input_hooks)
@@ -65,6 +67,11 @@ class LayeredDictionary:
                 f"a CLT needs one input hook, target hook and width per layer, got"
                 f" {len(self.input_hooks)}, {len(self.target_hooks)}, {len(self.target_widths)}"
             )
+
+    def target(self, y_hat: Tensor, t: int) -> Tensor:
+        """Target t's columns of the predictions [n, Σ d_out]."""
+        start = sum(self.target_widths[:t])
+        return y_hat[:, start : start + self.target_widths[t]]
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,12 @@ def replacement_eval(
     max_batches: int | None = None,
 ) -> ReplacementResult:
     """CE/KL, per-target FVU and per-layer L0 of ``clt`` spliced into ``model`` (module
-    docstring). ``batches`` as :func:`saekit.eval.splice.splice_eval` takes them."""
+    docstring). ``batches`` as :func:`saekit.eval.splice.splice_eval` takes them.
+
+    In the spliced pass target t's prediction comes from one run of the CLT on the inputs
+    captured so far, the inputs of later layers (not computed yet) set to zero: layer
+    separability makes ŷ^t exact whatever they are. That is L runs per batch, each over every
+    layer's encoder; the clean pass is one."""
     inputs = [HookPoint.parse(h) for h in clt.input_hooks]
     targets = [HookPoint.parse(h) for h in clt.target_hooks]
     L = len(inputs)
@@ -100,32 +112,33 @@ def replacement_eval(
     acc = PartAccumulator(
         [str(t) for t in targets],
         clt.target_widths,
-        latents=[clt.d_sae] * L,
+        layer_latents=clt.d_sae,
         device=device,
         input_hooks=[str(p) for p in inputs],
     )
 
-    def codes_upto(t: int, acts: dict[HookPoint, Tensor], keep_BT: Tensor, codes: list) -> list:
-        """The codes of layers 0..t from the inputs captured so far (encoded once each)."""
-        for layer in range(len(codes), t + 1):
-            if inputs[layer] not in acts:
+    def stacked(acts: dict[HookPoint, Tensor], keep_BT: Tensor, t: int) -> Tensor:
+        """[n, L·d_in]: the inputs of layers 0..t at the kept positions, zeros after."""
+        xs = []
+        for layer, point in enumerate(inputs[: t + 1]):
+            if point not in acts:
                 raise ValueError(
-                    f"the input hook {inputs[layer]} of layer {layer} had not fired when target"
+                    f"the input hook {point} of layer {layer} had not fired when target"
                     f" {targets[t]} did: a layer's input must come before its target's output"
                 )
-            codes.append(clt.encode(layer, acts[inputs[layer]][keep_BT]))
-        return codes[: t + 1]
+            xs.append(acts[point][keep_BT])
+        n = xs[0].shape[0]
+        return torch.cat([*xs, xs[0].new_zeros(n, (L - t - 1) * clt.d_in)], dim=-1)
 
     @contextmanager
     def patch(name: str, keep_BT: Tensor) -> Iterator[None]:
         if name == "clean":  # read every input and target; score the offline prediction
             with capture(model, [*inputs, *targets], stop_after_last=False) as acts:
                 yield
-            codes: list[Code] = []
-            codes_upto(L - 1, acts, keep_BT, codes)
-            acc.add_latents(codes)
+            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))
+            acc.add_latents(code)
             for t in range(L):
-                acc.add(t, acts[targets[t]][keep_BT], clt.predict(t, codes[: t + 1]))
+                acc.add(t, acts[targets[t]][keep_BT], clt.target(y_hat, t))
             return
         with ExitStack() as stack:
             if name == "zero":
@@ -133,9 +146,11 @@ def replacement_eval(
                     stack.enter_context(patch_activation(model, target, zero_kept(keep_BT)))
             else:
                 acts = stack.enter_context(capture(model, inputs, stop_after_last=False))
-                codes = []
                 for t, target in enumerate(targets):
-                    edit = _replace_edit(t, keep_BT, acts, codes, codes_upto, clt, acc)
+                    predict = lambda t=t, acts=acts: clt.target(  # noqa: E731
+                        clt.run(stacked(acts, keep_BT, t))[1], t
+                    )
+                    edit = _replace_edit(t, keep_BT, predict, clt, acc)
                     stack.enter_context(patch_activation(model, target, edit))
             yield
 
@@ -147,17 +162,15 @@ def replacement_eval(
 def _replace_edit(
     t: int,
     keep_BT: Tensor,
-    acts: dict[HookPoint, Tensor],
-    codes: list,
-    codes_upto: Callable[..., list],
+    predict: Callable[[], Tensor],
     clt: LayeredDictionary,
     acc: PartAccumulator,
 ) -> Callable[[Tensor], Tensor]:
-    """Target t's edit in the spliced pass: its kept positions replaced by ŷ^t from the codes
-    of layers 0..t of this same pass."""
+    """Target t's edit in the spliced pass: its kept positions replaced by ŷ^t from the inputs
+    of layers 0..t of this same pass (``predict``)."""
 
     def edit(act_BTd: Tensor) -> Tensor:
-        y_hat = clt.predict(t, codes_upto(t, acts, keep_BT, codes))
+        y_hat = predict()
         y = act_BTd[keep_BT]
         if y_hat.shape != y.shape:
             raise ValueError(
