@@ -10,6 +10,7 @@ from conftest import TINY_BOS, TINY_PAD, make_tiny_llama
 
 from saekit.data.lm.harvester import Harvester, TokenFilter
 from saekit.eval.replacement import LayeredDictionary, replacement_eval
+from saekit.model.clt import CLTConfig, CrossLayerTranscoder
 
 L, D, M = 3, 64, 16
 FILTER = TokenFilter(bos_token_id=TINY_BOS)
@@ -23,10 +24,12 @@ def model():
     return make_tiny_llama(seed=0, n_layer=L, initializer_range=0.2)
 
 
-class StandIn:
-    """A ReLU CLT from the layout of saekit's: W_enc [L, M, d], b_enc [L, M], W_dec[l] [M, L-l, d],
-    b_dec [L, d], scale [L], target_scale [L]; ŷ^t = s_y^t (Σ_{l≤t} z^l W_dec[l][:, t-l] + b_dec^t),
-    z^l = ReLU(x^l / s^l W_enc^lᵀ + b_enc^l). Traps: nonzero b_dec, scales ≠ 1, dead latents."""
+class Weights:
+    """A ReLU CLT's parameters, for saekit's CrossLayerTranscoder (:meth:`clt`) and for the plain
+    float64 loops of :meth:`token_prediction`: W_enc [L, M, d], b_enc [L, M], W_dec[l]
+    [M, L-l, d], b_dec [L, d], scale [L], target_scale [L];
+    ŷ^t = s_y^t (Σ_{l≤t} z^l W_dec[l][:, t-l] + b_dec^t), z^l = ReLU(x^l / s^l W_enc^lᵀ + b_enc^l).
+    Traps: nonzero b_dec, scales ≠ 1, dead latents."""
 
     def __init__(self, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -40,21 +43,28 @@ class StandIn:
         self.scale = torch.tensor([0.5, 2.0, 3.0])
         self.target_scale = torch.tensor([0.7, 1.5, 0.4])
 
-    def run(self, x):
-        """x [n, L·d] -> (the code [n, L·M], the predictions [n, L·d])."""
-        xs = x.view(-1, L, D)
-        z = [
-            torch.relu(xs[:, layer] / self.scale[layer] @ self.W_enc[layer].T + self.b_enc[layer])
-            for layer in range(L)
-        ]
-        ys = []
-        for t in range(L):
-            y = sum(z[layer] @ self.W_dec[layer][:, t - layer] for layer in range(t + 1))
-            ys.append(self.target_scale[t] * (y + self.b_dec[t]))
-        return torch.cat(z, -1), torch.cat(ys, -1)
+    @torch.no_grad()
+    def clt(self, inputs=INPUTS, activation=None):
+        cfg = CLTConfig(
+            d_in=D,
+            d_sae=M,
+            n_layers=L,
+            activation=activation or {"kind": "relu"},
+            hooks=list(inputs),
+            target_hooks=TARGETS,
+        )
+        clt = CrossLayerTranscoder(cfg)
+        clt.W_enc.copy_(self.W_enc)
+        clt.b_enc.copy_(self.b_enc)
+        for layer in range(L):
+            clt.W_dec[layer].copy_(self.W_dec[layer])
+        clt.b_dec.copy_(self.b_dec)
+        clt.scale.copy_(self.scale)
+        clt.target_scale.copy_(self.target_scale)
+        return clt
 
     def layered(self, inputs=INPUTS):
-        return LayeredDictionary(inputs, TARGETS, D, [D] * L, M, self.run)
+        return LayeredDictionary.of(self.clt(inputs))
 
     def token_prediction(self, t, xs):
         """ŷ^t of one token from its MLP inputs xs[0..t] (float64 lists), by plain loops."""
@@ -155,7 +165,7 @@ def reference(model, clt, batches):
 
 
 def test_replacement_equals_a_plain_per_token_computation(model):
-    clt, batches = StandIn(), make_batches()
+    clt, batches = Weights(), make_batches()
     got = replacement_eval(model, clt.layered(), batches, token_filter=FILTER)
     ref, count, spliced_fvu = reference(model, clt, batches)
     assert got.splice.n_tokens == count
@@ -173,7 +183,7 @@ def test_replacement_equals_a_plain_per_token_computation(model):
 def test_clean_pass_gives_per_target_fvu_and_per_layer_l0(model):
     """The offline metrics: codes and predictions from the clean inputs against the clean
     targets, by plain loops over the harvested tokens."""
-    clt, batches = StandIn(seed=1), make_batches()
+    clt, batches = Weights(seed=1), make_batches()
     got = replacement_eval(model, clt.layered(), batches, token_filter=FILTER)
     harvester = Harvester(model, INPUTS + TARGETS, token_filter=FILTER)
     acts = [harvester(ids, mask) for ids, mask in batches]
@@ -236,8 +246,32 @@ def test_a_replacement_by_the_true_mlps_is_perfect(model):
 
 
 def test_an_input_after_its_target_is_refused(model):
-    late = StandIn().layered(INPUTS[1:] + ["model.norm"])
+    late = Weights().layered(INPUTS[1:] + ["model.norm"])
     with pytest.raises(
         ValueError, match="input hook model.layers.1.mlp:input of layer 0 had not fired"
     ):
         replacement_eval(model, late, make_batches(), token_filter=FILTER)
+
+
+ACTIVATIONS = [
+    {"kind": "relu"},
+    {"kind": "topk", "k": 3},
+    {"kind": "batchtopk", "k": 3},
+    {"kind": "jumprelu"},
+    {"kind": "abstopk", "k": 3},
+]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a["kind"])
+def test_every_clt_activation_is_layer_separable_at_inference(activation):
+    """What the spliced pass relies on: target t's prediction from the inputs of layers 0..t,
+    later layers' inputs zeroed, is the prediction from every input."""
+    clt = LayeredDictionary.of(Weights(seed=2).clt(activation=activation))
+    g = torch.Generator().manual_seed(3)
+    x = 2.0 * torch.randn(7, L * D, generator=g) + 0.5
+    code, full = clt.run(x)
+    assert int((code.to_dense() if hasattr(code, "to_dense") else code).ne(0).sum()) > 0
+    for t in range(L):
+        padded = x.clone()
+        padded[:, (t + 1) * D :] = 0
+        assert torch.allclose(clt.target(clt.run(padded)[1], t), clt.target(full, t), atol=1e-6)

@@ -84,6 +84,7 @@ class PartAccumulator:
         if (layer_latents is None) == (d_sae is None):
             raise ValueError("give layer_latents (a CLT's per layer) or d_sae (a crosscoder's)")
         self.names = list(names)
+        self.widths = list(widths)
         self.input_hooks = None if input_hooks is None else list(input_hooks)
         self.layered = layer_latents is not None
         per_part = layer_latents or 1
@@ -100,9 +101,8 @@ class PartAccumulator:
         """A CLT spliced into the model: the MLP's output in the spliced forward and the
         prediction that replaced it."""
         if self.spliced is None:
-            self.spliced = [
-                MetricAccumulator(a.sum_x.numel(), 1, device=a.sum_x.device) for a in self.parts
-            ]
+            device = self.whole.fired.device
+            self.spliced = [MetricAccumulator(w, 1, device=device) for w in self.widths]
         self.spliced[part].add_reconstruction(y, y_hat)
 
     def add_latents(self, latents: Tensor | SparseCode) -> None:

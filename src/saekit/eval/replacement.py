@@ -36,6 +36,7 @@ from saekit.data.lm.harvester import HookPoint, TokenFilter, capture
 from saekit.eval.metrics import EvalResult
 from saekit.eval.parts import PartAccumulator, PartScores
 from saekit.eval.splice import SpliceResult, patch_activation, run_passes, zero_kept
+from saekit.model.clt import CrossLayerTranscoder
 
 Code = Tensor | SparseCode
 
@@ -67,6 +68,27 @@ class LayeredDictionary:
                 f"a CLT needs one input hook, target hook and width per layer, got"
                 f" {len(self.input_hooks)}, {len(self.target_hooks)}, {len(self.target_widths)}"
             )
+
+    @classmethod
+    def of(cls, clt: CrossLayerTranscoder) -> LayeredDictionary:
+        """A CLT's own forward, in eval mode (every activation a CLT accepts is layer-separable
+        at inference: TopK per layer, BatchTopK's calibrated threshold, the others per
+        latent)."""
+        cfg = clt.cfg
+        if cfg.hooks is None or cfg.target_hooks is None:
+            raise ValueError(
+                "this cross-layer transcoder's cfg.json names no hooks and target_hooks (trained"
+                " on synthetic data?): it cannot be spliced into a model"
+            )
+        clt.eval()
+
+        def run(x: Tensor) -> tuple[Code, Tensor]:
+            out = clt(x)
+            return out.latents, out.x_hat
+
+        return cls(
+            cfg.hooks, cfg.target_hooks, cfg.d_in, [cfg.d_out] * cfg.n_layers, cfg.d_sae, run
+        )
 
     def target(self, y_hat: Tensor, t: int) -> Tensor:
         """Target t's columns of the predictions [n, Σ d_out]."""
