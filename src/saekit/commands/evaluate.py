@@ -1,5 +1,5 @@
 """``saekit eval``: its flags and its printed report; the evaluation is
-:func:`saekit.eval.saved.evaluate_saved` (which documents, which hook: see that module), and with
+:func:`saekit.eval.saved_multi.evaluate` (which documents, which hook: saekit.eval.saved), and with
 ``--suite`` :mod:`saekit.eval.suite` (absorption, sparse probing). The module is not named
 ``eval``: that is a builtin. No torch at import: ``saekit --help`` builds this parser."""
 
@@ -49,11 +49,11 @@ def run(args: argparse.Namespace) -> int:
     """Reconstruction metrics of a saved SAE, and CE/KL with it spliced into the model."""
     import json
 
-    from saekit.eval.saved import evaluate_saved
+    from saekit.eval.saved_multi import evaluate
 
     if args.suite:
         return run_suite_command(args)
-    report = evaluate_saved(args)
+    report = evaluate(args)
     print(format_eval(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
@@ -163,9 +163,9 @@ def run_suite_command(args: argparse.Namespace) -> int:
     def core(path: Any) -> SavedReport:
         one = copy.copy(args)
         one.sae = path
-        from saekit.eval.saved import evaluate_saved
+        from saekit.eval.saved_multi import evaluate
 
-        return evaluate_saved(one)
+        return evaluate(one)
 
     options = SuiteOptions(
         suites=suites,
