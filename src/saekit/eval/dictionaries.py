@@ -29,6 +29,17 @@ def is_multi_hook(dictionary: Any) -> bool:
     return isinstance(dictionary, (CrossLayerTranscoder, Crosscoder))
 
 
+def stream_hooks(dictionary: CrossLayerTranscoder | Crosscoder) -> list[str] | None:
+    """Every hook the dictionary reads, in its stream's order (its ``split_stream``): a CLT's
+    inputs then targets, a crosscoder's sources; None when its cfg.json names none."""
+    cfg = dictionary.cfg
+    if cfg.hooks is None:
+        return None
+    if isinstance(dictionary, CrossLayerTranscoder):
+        return None if cfg.target_hooks is None else [*cfg.hooks, *cfg.target_hooks]
+    return list(cfg.hooks)
+
+
 def part_names(dictionary: CrossLayerTranscoder | Crosscoder) -> list[str]:
     """A CLT's target hooks, a crosscoder's source hooks (``target t`` / ``source s`` when its
     cfg.json names none, e.g. trained on synthetic data)."""
@@ -94,3 +105,19 @@ def parts_report(
     _, parts = acc.result()
     kind = "layer" if isinstance(dictionary, CrossLayerTranscoder) else "source"
     return PartsReport(kind, parts, norm_summary(dictionary))
+
+
+@torch.no_grad()
+def concatenated_decoders(dictionary: CrossLayerTranscoder | Crosscoder) -> Tensor:
+    """[n_latents, Σ widths]: each latent's decoders into every part side by side, scales folded
+    (a CLT's latent of layer l: zeros for the targets before l), for decoder cosines."""
+    cfg = dictionary.cfg
+    if isinstance(dictionary, CrossLayerTranscoder):
+        L, M, d = cfg.n_layers, cfg.d_sae, cfg.d_out
+        t = dictionary.target_scale.double()
+        rows = torch.zeros(L, M, L, d, dtype=torch.float64, device=t.device)
+        for layer, W in enumerate(dictionary.W_dec):
+            rows[layer, :, layer:] = W.double() * t[layer:].view(1, -1, 1)
+        return rows.view(L * M, L * d).cpu()
+    W = dictionary.W_dec.double() * dictionary.scale.double().view(-1, 1, 1)  # [S, M, d]
+    return W.permute(1, 0, 2).reshape(cfg.d_sae, -1).cpu()

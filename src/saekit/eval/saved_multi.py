@@ -26,13 +26,13 @@ from saekit.eval.dictionaries import (
     norm_summary,
     part_accumulator,
     parts_report,
+    stream_hooks,
 )
 from saekit.eval.metrics import EvalResult, ReconstructionMetrics
 from saekit.eval.parts import PartsReport
 from saekit.eval.saved import check_overlap, document_contexts, eval_documents, evaluate_saved
 from saekit.eval.saved_report import CacheData, DocumentData, SavedReport, SpliceScores
 from saekit.model.clt import CrossLayerTranscoder
-from saekit.model.crosscoder import Crosscoder
 from saekit.model.dictionary import load_dictionary
 
 
@@ -53,7 +53,7 @@ def evaluate(args: argparse.Namespace) -> SavedReport:
             "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
             " (reconstruction only)"
         )
-    hooks = _hooks(dictionary)
+    hooks = stream_hooks(dictionary)
     if hooks is None:
         raise ValueError(f"{args.sae}/cfg.json names no hooks: this {kind} cannot read a model")
     if args.model:
@@ -72,17 +72,6 @@ def evaluate(args: argparse.Namespace) -> SavedReport:
         whole.l0_histogram,
         parts,
     )
-
-
-def _hooks(dictionary: CrossLayerTranscoder | Crosscoder) -> list[str] | None:
-    """Every hook the dictionary reads: a CLT's inputs then targets, a crosscoder's sources."""
-    cfg = dictionary.cfg
-    if cfg.hooks is None:
-        return None
-    targets = getattr(cfg, "target_hooks", None)
-    if isinstance(dictionary, CrossLayerTranscoder) and targets is None:
-        return None
-    return [*cfg.hooks, *(targets or [])]
 
 
 def _on_cache(args: argparse.Namespace, dictionary: Any, hooks: list[str]) -> tuple:
