@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+import yaml
+from conftest import TINY_VOCAB, make_tiny_llama
 from test_replacement import INPUTS, TARGETS, Weights
-from test_sources import write_documents
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saekit.cli import main
@@ -28,14 +28,31 @@ from saekit.model.dictionary import load_dictionary
 L, D = 3, 64
 
 
+@torch.no_grad()
+def sampled_documents(model, n_docs, length, seed=0):
+    """Documents the model itself writes (words w0..w49, token ids 3..52 of the tiny tokenizer,
+    sampled from its next-token distribution restricted to them, after BOS): on its own text
+    the clean model's CE is below the ablated model's (Gibbs' inequality), so the CE score has
+    a gap to measure; on random words a random model's CE is chance either way."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.ones(n_docs, 1, dtype=torch.long)  # BOS
+    words = torch.full((TINY_VOCAB,), float("-inf"))
+    words[3:53] = 0
+    for _ in range(length):
+        p = torch.softmax(model(ids).logits[:, -1].float() + words, -1)
+        ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+    return [" ".join(f"w{i - 3}" for i in row[1:].tolist()) for row in ids]
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_tokenizer):
     """A 3-layer tiny Llama with its tokenizer, documents, a saved CLT over its MLPs, a saved
     crosscoder over its three MLP inputs, and a cache of every one of those hooks."""
     root = tmp_path_factory.mktemp("multi")
-    make_tiny_llama(seed=0, n_layer=L, initializer_range=0.2).save_pretrained(root / "m")
+    model = make_tiny_llama(seed=0, n_layer=L, initializer_range=0.2)
+    model.save_pretrained(root / "m")
     tiny_tokenizer.save_pretrained(root / "m")
-    write_documents(root / "docs.txt", n_docs=60)
+    (root / "docs.txt").write_text("\n\n".join(sampled_documents(model, 80, 24)))
     Weights(seed=4).clt().save(root / "clt")
     torch.manual_seed(5)
     cc = Crosscoder(
@@ -140,3 +157,46 @@ def test_a_hook_flag_is_refused_for_a_clt(root, capsys):
     argv = ["eval", "--sae", str(root / "clt"), "--cache", str(root / "cache"), "--hook", "x"]
     assert main(argv) == 2
     assert "a cross-layer transcoder reads the hooks its cfg.json names" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(root, tmp_path_factory):
+    """A 3-layer TopK CLT trained briefly on the cache of the tiny Llama's MLPs (saekit train)."""
+    out = tmp_path_factory.mktemp("trained")
+    data = {"source": "cache", "cache_dir": str(root / "cache"), "shuffle_buffer_tokens": 256,
+            "input_hooks": INPUTS, "target_hooks": TARGETS}  # fmt: skip
+    entry = {"name": "clt", "sae": {"kind": "clt", "d_sae": 32, "activation": {"kind": "topk",
+             "k": 4}}, "lr": 1e-2, "warmup_steps": 5}  # fmt: skip
+    run = {"data": data, "saes": [entry], "batch_size": 64, "steps": 80, "eval_tokens": 96,
+           "log_every": 50, "checkpoint_every": 0, "progress": False,
+           "out_dir": str(out / "run")}  # fmt: skip
+    (out / "clt.yaml").write_text(yaml.safe_dump(run))
+    assert main(["train", "--config", str(out / "clt.yaml"), "--no-progress"]) == 0
+    return out / "run"
+
+
+def test_a_trained_clt_spliced_for_every_mlp_beats_zero_ablation(root, trained):
+    flags = ["--model", str(root / "m"), "--text-file", str(root / "docs.txt")]
+    report = run_eval(trained.parent, "run/clt", *flags)
+    assert report["ce_zero"] > report["ce_clean"] + 0.05  # ablating the MLPs hurts
+    assert report["ce_score"] > 0.2 and report["kl_score"] > 0.1, report  # beats zero-ablation
+    assert all(layer["fvu"] < 1 for layer in report["per_layer"])
+
+
+def test_the_runs_eval_json_has_the_per_layer_scores_of_saekit_eval(root, trained):
+    """The post-training evaluation (held-out shard, eval_tokens) and ``saekit eval --cache``
+    of the saved CLT read the same tokens: the same per-layer scores and decoder norms."""
+    run_report = json.loads((trained / "clt" / "eval.json").read_text())
+    saved = run_eval(trained.parent, "run/clt", "--cache", str(root / "cache"))
+    assert run_report["n_tokens"] == saved["n_tokens"] == 96
+    for got, want in zip(run_report["per_layer"], saved["per_layer"], strict=True):
+        for key in ("fvu", "mse", "l0", "dead_fraction"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), key
+        assert got["name"] in TARGETS and got["input_hook"] in INPUTS
+    assert run_report["fvu"] == pytest.approx(saved["fvu"], rel=1e-5)
+    norms_run, norms_saved = run_report["decoder_norms"], saved["decoder_norms"]
+    assert norms_run["own_layer_share_histogram"] == norms_saved["own_layer_share_histogram"]
+    for a, b in zip(
+        norms_run["mean_own_layer_share"], norms_saved["mean_own_layer_share"], strict=True
+    ):
+        assert a == pytest.approx(b, rel=1e-5)
