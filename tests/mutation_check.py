@@ -1255,6 +1255,49 @@ FAULTS = [
         ("test_decoder_norms.py",),
     ),
     Fault(
+        "dictionaries-clt-norms-not-scale-folded",
+        "eval/dictionaries.py",
+        "        scaled = by_target * dictionary.target_scale.double().view(1, L)",
+        "        scaled = by_target",
+        ("test_dictionaries.py",),
+    ),
+    Fault(
+        "dictionaries-crosscoder-norms-not-scale-folded",
+        "eval/dictionaries.py",
+        "    return (by_target * dictionary.scale.double().view(1, -1)).T.contiguous().cpu()",
+        "    return by_target.T.contiguous().cpu()",
+        ("test_dictionaries.py", "test_saved_multi.py"),
+    ),
+    Fault(
+        "dictionaries-parts-shifted",  # each part scored on the next part's columns
+        "eval/dictionaries.py",
+        "        acc.add(p, target[..., start : start + width], x_hat[..., start : start + width])",
+        "        acc.add(p, target[..., start : start + width], x_hat[..., -width:])",
+        ("test_saved_multi.py",),
+    ),
+    Fault(
+        "report-clt-norm-of-wrong-target",
+        "report/features.py",
+        "        norms = [[targets[t], float(norms_LMT[layer, i, t])] for t in range(layer, L)]",
+        "        norms = [[targets[t], float(norms_LMT[layer, i, t - layer])]"
+        " for t in range(layer, L)]",
+        ("test_report_multi.py",),
+    ),
+    Fault(
+        "report-multi-stream-not-split",  # a CLT scored against its inputs, not its targets
+        "report/collect.py",
+        "            x_in, target = sae.split_stream(x_Nd) if multi else (x_Nd, None)",
+        "            x_in, target = (sae.split_stream(x_Nd)[0], None) if multi else (x_Nd, None)",
+        ("test_report_multi.py",),
+    ),
+    Fault(
+        "run-eval-json-without-parts",
+        "train/outputs.py",
+        "        report.parts = parts_report(sae, parts)",
+        "        pass",
+        ("test_saved_multi.py",),
+    ),
+    Fault(
         "norms-own-layer-share-of-max",
         "eval/decoder_norms.py",
         "    total = norms.sum(-1)",
