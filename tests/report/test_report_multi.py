@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 from test_replacement import INPUTS, TARGETS, Weights
-from test_report_site import Tree
+from test_report_site import Tree, render
 from test_sources import write_documents
 
 from saekit.cli import main
@@ -161,3 +161,18 @@ def test_a_multi_hook_report_refuses_hook_and_synthetic(root, capsys):
     for flag in (["--hook", "x"], ["--synthetic"]):
         assert main(["report", str(root / "cc"), *flag, "--no-progress"]) == 2
         assert "reads the model hooks its cfg.json names" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # Chromium: make test-slow
+def test_the_pages_render_in_chromium_with_their_norms(root, tmp_path):
+    site, data = write_report(root, "cc", "--latent-ids", "0", "2", "4")
+    index = render(site / "index.html", tmp_path, "#sort=relative_norm")
+    rows = [r for r in index.all("tr") if "data-latent" in r.attrs]
+    assert [int(r.attrs["data-latent"]) for r in rows] == [2, 4, 0]  # sorted by Δ, descending
+    charts = [f.full_text() for f in index.all("figcaption")]
+    assert any("relative decoder norm" in c for c in charts)
+    page = render(site / "latent-2.html", tmp_path)
+    table = page.all("table", id="decoder-norms")[0]
+    shown = [float(s.attrs["data-value"]) for s in table.all("span")]
+    want = [v for _, v in data["latents"][1]["decoder_norms"]["norms"]]
+    assert shown == want and shown[1] > 5 * shown[0]  # latent 2 writes to source B only
