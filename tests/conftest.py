@@ -143,8 +143,9 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def make_tiny_llama(seed: int = 0, n_layer: int = 2):
-    """A 2-layer Llama (d=64, grouped-query attention) with random weights, in eval mode."""
+def make_tiny_llama(seed: int = 0, n_layer: int = 2, initializer_range: float = 0.02):
+    """A 2-layer Llama (d=64, grouped-query attention) with random weights, in eval mode (a larger
+    ``initializer_range`` gives peaked next-token distributions, as for :func:`make_tiny_gpt2`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -159,6 +160,7 @@ def make_tiny_llama(seed: int = 0, n_layer: int = 2):
         bos_token_id=TINY_BOS,
         eos_token_id=TINY_BOS,
         pad_token_id=TINY_PAD,
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -1238,6 +1238,133 @@ FAULTS = [
         "    return kl_weight * kl + (1 - kl_weight) * mse, kl, mse",
         ("test_finetune.py",),
     ),
+    # issue 24 items 4 and 6: a CLT spliced in for every MLP, per-part metrics, decoder norms
+    Fault(
+        "replacement-zero-ablates-one-target",
+        "eval/replacement.py",
+        "                for target in targets:\n",
+        "                for target in targets[:1]:\n",
+        ("test_replacement.py",),
+    ),
+    Fault(
+        "replacement-prediction-not-spliced",
+        "eval/replacement.py",
+        "        out[keep_BT] = y_hat.to(act_BTd.dtype)\n",
+        "        out[keep_BT] = y\n",
+        ("test_replacement.py",),
+    ),
+    Fault(
+        "replacement-reads-clean-residuals",  # the spliced pass runs on the clean pass's inputs
+        "eval/replacement.py",
+        "            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))\n",
+        "            clean_acts.update(acts)\n"
+        "            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))\n",
+        ("test_replacement.py",),
+        also=(
+            (
+                "eval/replacement.py",
+                "                        clt.run(stacked(acts, keep_BT, t))[1], t",
+                "                        clt.run(stacked(clean_acts, keep_BT, t))[1], t",
+            ),
+            (
+                "eval/replacement.py",
+                "    L = len(inputs)\n",
+                "    L = len(inputs)\n    clean_acts = {}\n",
+            ),
+        ),
+    ),
+    Fault(
+        "parts-pooled-fvu-mean-of-part-ratios",
+        "eval/parts.py",
+        "        return float(err / var)",
+        "        return float(sum(a.fvu() for a in self.parts) / len(self.parts))",
+        ("test_parts.py", "test_replacement.py"),
+    ),
+    Fault(
+        "parts-total-l0-of-first-layer",
+        "eval/parts.py",
+        "        self.whole.add_counts(per_token_LN.sum(0), per_latent)",
+        "        self.whole.add_counts(per_token_LN[0], per_latent)",
+        ("test_parts.py", "test_replacement.py"),
+    ),
+    Fault(
+        "parts-sparse-layer-of-latent-mod",
+        "eval/parts.py",
+        "latents.latent // M * latents.n_tokens + latents.token",
+        "latents.latent % M * latents.n_tokens + latents.token",
+        ("test_parts.py",),
+    ),
+    Fault(
+        "norms-relative-difference-reversed",
+        "eval/decoder_norms.py",
+        "    return 0.5 * (r[1] - r[0] + 1)",
+        "    return 0.5 * (r[0] - r[1] + 1)",
+        ("test_decoder_norms.py",),
+    ),
+    Fault(
+        "norms-shared-when-any-source-large",
+        "eval/decoder_norms.py",
+        "    cls[(r >= SHARED_MIN).all(0)] = SHARED",
+        "    cls[(r >= SHARED_MIN).any(0)] = SHARED",
+        ("test_decoder_norms.py",),
+    ),
+    Fault(
+        "norms-only-with-one-small-source",
+        "eval/decoder_norms.py",
+        "        others_small = (r <= ONLY_MAX).sum(0) == S - 1  # every source but the largest",
+        "        others_small = (r <= ONLY_MAX).sum(0) >= 1",
+        ("test_decoder_norms.py",),
+    ),
+    Fault(
+        "dictionaries-clt-norms-not-scale-folded",
+        "eval/dictionaries.py",
+        "        scaled = by_target * dictionary.target_scale.double().view(1, L)",
+        "        scaled = by_target",
+        ("test_dictionaries.py",),
+    ),
+    Fault(
+        "dictionaries-crosscoder-norms-not-scale-folded",
+        "eval/dictionaries.py",
+        "    return (by_target * dictionary.scale.double().view(1, -1)).T.contiguous().cpu()",
+        "    return by_target.T.contiguous().cpu()",
+        ("test_dictionaries.py", "test_saved_multi.py"),
+    ),
+    Fault(
+        "dictionaries-parts-shifted",  # each part scored on the next part's columns
+        "eval/dictionaries.py",
+        "        acc.add(p, target[..., start : start + width], x_hat[..., start : start + width])",
+        "        acc.add(p, target[..., start : start + width], x_hat[..., -width:])",
+        ("test_saved_multi.py",),
+    ),
+    Fault(
+        "report-clt-norm-of-wrong-target",
+        "report/features.py",
+        "        norms = [[targets[t], float(norms_LMT[layer, i, t])] for t in range(layer, L)]",
+        "        norms = [[targets[t], float(norms_LMT[layer, i, t - layer])]"
+        " for t in range(layer, L)]",
+        ("test_report_multi.py",),
+    ),
+    Fault(
+        "report-multi-stream-not-split",  # a CLT scored against its inputs, not its targets
+        "report/collect.py",
+        "            x_in, target = sae.split_stream(x_Nd) if multi else (x_Nd, None)",
+        "            x_in, target = (sae.split_stream(x_Nd)[0], None) if multi else (x_Nd, None)",
+        ("test_report_multi.py",),
+    ),
+    Fault(
+        "run-eval-json-without-parts",
+        "train/outputs.py",
+        "        report.parts = parts_report(sae, parts)",
+        "        pass",
+        ("test_saved_multi.py",),
+    ),
+    Fault(
+        "norms-own-layer-share-of-max",
+        "eval/decoder_norms.py",
+        "    total = norms.sum(-1)",
+        "    total = norms.max(-1).values",
+        ("test_decoder_norms.py",),
+    ),
     # ------------------------------------------------- cross-layer transcoders, crosscoders
     Fault(
         "clt-encoder-reads-layer-0",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from saekit.commands.evaluate import format_eval
+from saekit.eval.decoder_norms import LayerNormSummary, SourceNormSummary
 from saekit.eval.metrics import ReconstructionMetrics
+from saekit.eval.parts import PartScores, PartsReport
 from saekit.eval.saved_report import CacheData, DocumentData, SavedReport, SpliceScores
 from saekit.eval.splice import SpliceResult
 
@@ -80,3 +83,49 @@ def test_the_printout_reads_the_parts():
     assert "12 (--text-file), 2 of them training documents of the SAE" in printed
     assert "96 spliced; CE/KL over the 84 of them" in printed
     assert "CE score 0.8000" in printed
+
+
+def clt_parts() -> PartsReport:
+    layers = [
+        PartScores("m.layers.0.mlp", 0.25, 1.5, 3.0, 0.125, "m.layers.0.mlp:input", 0.3),
+        PartScores("m.layers.1.mlp", 0.5, 2.5, 4.0, 0.0, "m.layers.1.mlp:input", 0.75),
+    ]
+    return PartsReport("layer", layers, LayerNormSummary([0] * 19 + [32], [1.0], 0))
+
+
+def test_a_clt_report_adds_its_layers_and_round_trips():
+    report = replace(model_report(target_hook=None), parts=clt_parts())
+    written = report.to_json()
+    assert list(written)[: len(MODEL_KEYS) - 1] == [k for k in MODEL_KEYS if k != "target_hook"]
+    assert list(written)[-2:] == ["per_layer", "decoder_norms"]
+    assert written["per_layer"][1]["spliced_fvu"] == 0.75
+    assert round_trip(report) == report
+    printed = format_eval(report)
+    assert "1        0.5000   0.7500     4.00   0.0%  m.layers.1.mlp <- m.layers.1.mlp:input" in (
+        printed
+    )
+    assert "mean per layer: 1.00" in printed
+
+
+def test_a_crosscoder_report_adds_its_sources_and_round_trips():
+    sources = [PartScores("base", 0.25, 1.0), PartScores("chat", 0.5, 2.0)]
+    norms = SourceNormSummary(["base", "chat"], 20, [3, 5], 2, 1, [1] * 20)
+    report = SavedReport(
+        "run/cc",
+        "h",
+        CacheData("c", None),
+        METRICS,
+        8,
+        32,
+        [0, 96],
+        PartsReport("source", sources, norms),
+    )
+    written = report.to_json()
+    assert written["per_source"] == [
+        {"name": "base", "fvu": 0.25, "mse": 1.0},
+        {"name": "chat", "fvu": 0.5, "mse": 2.0},
+    ]
+    assert round_trip(report) == report
+    assert "decoder norms: shared 20, only base 3, only chat 5, other 2" in format_eval(report)
+    # an SAE's report, of any version, has no parts
+    assert SavedReport.from_json(model_report().to_json()).parts is None

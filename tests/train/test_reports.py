@@ -6,7 +6,9 @@ import json
 import math
 
 from saekit.cli import main
+from saekit.eval.decoder_norms import SourceNormSummary
 from saekit.eval.metrics import ReconstructionMetrics
+from saekit.eval.parts import PartScores, PartsReport
 from saekit.train.reports import GroundTruthScores, MemberReport, OutlierCounts, ThresholdScores
 
 # written by the dict-built report before it was typed (a BatchTopK SAE on synthetic data;
@@ -74,3 +76,12 @@ def test_a_written_run_reads_back_to_the_same_bytes(tmp_path):
     assert summary_row.l0_histogram is None and summary_row.threshold == report.threshold
     assert list(row) == [k for k in BATCHTOPK_SYNTHETIC_KEYS if k != "l0_histogram"]
     assert summary_row.to_json() == row
+
+
+def test_a_crosscoder_or_clt_member_adds_its_parts_last():
+    sources = [PartScores("base", 0.25, 1.0), PartScores("chat", 0.5, 2.0)]
+    norms = SourceNormSummary(["base", "chat"], 20, [3, 5], 2, 1, [1] * 20)
+    report = MemberReport("cc", full_report().metrics, parts=PartsReport("source", sources, norms))
+    assert list(report.to_json()) == [*ALL_KEYS[:8], "per_source", "decoder_norms"]
+    assert round_trip(report) == report
+    assert MemberReport.from_json(full_report().to_json()).parts is None

@@ -1,5 +1,5 @@
 """``saekit eval``: its flags and its printed report; the evaluation is
-:func:`saekit.eval.saved.evaluate_saved` (which documents, which hook: see that module), and with
+:func:`saekit.eval.saved_multi.evaluate` (which documents, which hook: saekit.eval.saved), and with
 ``--suite`` :mod:`saekit.eval.suite` (absorption, sparse probing). The module is not named
 ``eval``: that is a builtin. No torch at import: ``saekit --help`` builds this parser."""
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from saekit.commands.flags import add_model_args, add_text_args
 
 if TYPE_CHECKING:  # torch behind it: not at import
+    from saekit.eval.parts import PartsReport
     from saekit.eval.saved_report import DocumentData, SavedReport, SpliceScores
 
 
@@ -48,11 +49,11 @@ def run(args: argparse.Namespace) -> int:
     """Reconstruction metrics of a saved SAE, and CE/KL with it spliced into the model."""
     import json
 
-    from saekit.eval.saved import evaluate_saved
+    from saekit.eval.saved_multi import evaluate
 
     if args.suite:
         return run_suite_command(args)
-    report = evaluate_saved(args)
+    report = evaluate(args)
     print(format_eval(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
@@ -84,7 +85,35 @@ def format_eval(r: SavedReport) -> str:
             f"KL with SAE  {splice.kl_sae:.4f}   zero-ablated {splice.kl_zero:.4f}   "
             f"KL score {splice.kl_score:.4f}",
         ]
+    if r.parts is not None:
+        lines += parts_lines(r.parts)
     return "\n".join(lines)
+
+
+def parts_lines(parts: PartsReport) -> list[str]:
+    """A CLT's scores per target layer or a crosscoder's per source, and its decoder norms."""
+    from saekit.eval.decoder_norms import SourceNormSummary
+
+    layered = parts.kind == "layer"
+    spliced = any(p.spliced_fvu is not None for p in parts.parts)
+    head = f"{'layer' if layered else 'source':<6} {'FVU':>8}"
+    head += f" {'spliced':>8}" * spliced + f" {'L0':>8} {'dead':>6}" * layered + "  hook"
+    lines = [head]
+    for i, p in enumerate(parts.parts):
+        row = f"{i:<6} {p.fvu:8.4f}"
+        if spliced:
+            row += f" {p.spliced_fvu:8.4f}"
+        if layered:
+            row += f" {p.l0:8.2f} {p.dead_fraction:6.1%}"
+        lines.append(row + f"  {p.name}" + ("" if p.input_hook is None else f" <- {p.input_hook}"))
+    n = parts.decoder_norms
+    if isinstance(n, SourceNormSummary):
+        only = ", ".join(f"only {s} {c}" for s, c in zip(n.sources, n.only, strict=True))
+        lines.append(f"decoder norms: shared {n.shared}, {only}, other {n.other}")
+    elif n is not None:
+        means = " ".join(f"{m:.2f}" for m in n.mean_own_layer_share)
+        lines.append(f"own-layer share of decoder norm, mean per layer: {means}")
+    return lines
 
 
 def _predicted(splice: SpliceScores | None) -> str:
@@ -134,9 +163,9 @@ def run_suite_command(args: argparse.Namespace) -> int:
     def core(path: Any) -> SavedReport:
         one = copy.copy(args)
         one.sae = path
-        from saekit.eval.saved import evaluate_saved
+        from saekit.eval.saved_multi import evaluate
 
-        return evaluate_saved(one)
+        return evaluate(one)
 
     options = SuiteOptions(
         suites=suites,

@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def latent_ids(args: argparse.Namespace, d_sae: int) -> Any:
+def latent_ids(args: argparse.Namespace, d_sae: int, layers: int = 1) -> Any:
+    """The latents to report: --latent-ids, or the first --latents (a CLT, ``layers`` > 1: the
+    first ⌈N / L⌉ of each layer, latent l·M + i being latent i of layer l)."""
     import torch
 
     if args.latent_ids:
@@ -70,12 +72,17 @@ def latent_ids(args: argparse.Namespace, d_sae: int) -> Any:
         return torch.tensor(args.latent_ids)
     if args.latents <= 0:
         raise ValueError(f"--latents must be positive, got {args.latents}")
+    if layers > 1:
+        M = d_sae // layers
+        per_layer = torch.arange(min(math.ceil(args.latents / layers), M))
+        return torch.cat([layer * M + per_layer for layer in range(layers)])
     return torch.arange(min(args.latents, d_sae))
 
 
 def write_report(args: argparse.Namespace) -> Path:
     """Collect, build and write the report of ``args.sae``; returns index.html's path."""
-    from saekit.model.sae import SAE
+    from saekit.eval.dictionaries import is_multi_hook
+    from saekit.model.dictionary import load_dictionary
     from saekit.report.collect import CollectConfig
     from saekit.report.site import write_site
 
@@ -83,10 +90,15 @@ def write_report(args: argparse.Namespace) -> Path:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     inputs = [("SAE", args.sae), ("--run-config", args.run_config), *document_inputs(args)]
     refuse_output_over_inputs(args.out, inputs, may_hold=[args.sae])  # default: SAE/report
-    sae = SAE.load(args.sae, device=args.device)
-    ids = latent_ids(args, sae.cfg.d_sae)
+    sae = load_dictionary(args.sae, device=args.device)
+    ids = latent_ids(args, sae.cfg.n_latents, getattr(sae.cfg, "n_layers", 1))
     cfg = CollectConfig(top_k=args.top_k, samples=args.samples)
-    if args.synthetic:
+    if is_multi_hook(sae):
+        if args.synthetic or args.hook:
+            flag = "--synthetic" if args.synthetic else "--hook"
+            raise ValueError(f"{flag}: a {sae.cfg.kind} reads the model hooks its cfg.json names")
+        data = _model_report(args, sae, ids, cfg)
+    elif args.synthetic:
         data = _synthetic_report(args, sae, ids, cfg)
     else:
         data = _model_report(args, sae, ids, cfg)
@@ -113,6 +125,7 @@ def _collect(args: argparse.Namespace, sae: Any, batches: Any, ids: Any, cfg: An
 def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
     from saekit.data.documents.ranges import to_ranges
     from saekit.data.lm.models import activation_width, check_hook
+    from saekit.eval.dictionaries import is_multi_hook, stream_hooks
     from saekit.eval.saved import (
         HELD_OUT,
         check_overlap,
@@ -124,12 +137,16 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
     from saekit.report.collect import lm_batches
     from saekit.report.features import unembedding
 
-    hook = args.hook or sae.cfg.hook
+    multi = is_multi_hook(sae)
+    hooks = stream_hooks(sae) if multi else [args.hook or sae.cfg.hook]
     if not args.model:
         raise ValueError("give --model with --dataset or --text-file, or --synthetic")
-    if not hook:
-        raise ValueError(f"{args.sae}/cfg.json records no hook point: pass --hook")
-    check_hook(args.model, hook, args.model_class, args.local_files_only)
+    if not hooks or not hooks[0]:
+        what = "no hooks" if multi else "no hook point: pass --hook"
+        raise ValueError(f"{args.sae}/cfg.json records {what}")
+    hook = hooks[0]
+    for name in hooks:
+        check_hook(args.model, name, args.model_class, args.local_files_only)
     if args.split == HELD_OUT and (args.dataset or args.text_file):
         raise ValueError(
             f"--split {HELD_OUT} reads the text the SAE's cfg.json records: drop"
@@ -140,11 +157,14 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
             f"give --model with --dataset or --text-file (or --split {HELD_OUT}), or --synthetic"
         )
     setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
-    width = activation_width(setup.model, setup.hook, setup.kind)
-    if width != sae.cfg.d_in:
-        raise ValueError(
-            f"SAE d_in = {sae.cfg.d_in} but model {args.model} has width {width} at hook {hook}"
-        )
+    n_inputs = len(sae.cfg.hooks) if multi else 1
+    for i, name in enumerate(hooks):
+        width = activation_width(setup.model, name, setup.kind)
+        expected = sae.cfg.d_in if i < n_inputs else sae.cfg.d_out
+        if width != expected:
+            raise ValueError(
+                f"the dictionary's width at {name} is {expected} but model {args.model} has {width}"
+            )
     tokenizer = setup.tokenizer
     # the held-out choice and the training-documents warning of `saekit eval` (issue 28)
     text, indices, origin = eval_documents(args, sae, tokenizer)
@@ -153,10 +173,11 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
     contexts = document_contexts(
         args, tokenizer, text, indices, setup.token_filter, read, n_batches=n_batches
     )
-    collected = _collect(args, sae, lm_batches(setup, contexts), ids, cfg)
+    collected = _collect(args, sae, lm_batches(setup, contexts, tuple(hooks[1:])), ids, cfg)
     ranges = to_ranges(read)
     seen = check_overlap(sae, tokenizer, text, len(read), ranges, verbs=("read", "report on"))
-    meta = {"sae": str(args.sae), "model": args.model, "hook": setup.hook}
+    shown = ", ".join(hooks[:n_inputs]) if multi else setup.hook
+    meta = {"sae": str(args.sae), "model": args.model, "hook": shown}
     meta["text"] = args.dataset or args.text_file or f"documents {origin}"
     meta.update(documents_from=origin, documents=len(read), document_ranges=ranges)
     if seen is not None:

@@ -91,7 +91,12 @@ class MetricAccumulator:
 
     @torch.no_grad()
     def add_latents(self, latents: Tensor | SparseCode) -> None:
-        per_token, per_latent = latent_counts(latents)
+        self.add_counts(*latent_counts(latents))
+
+    @torch.no_grad()
+    def add_counts(self, per_token: Tensor, per_latent: Tensor) -> None:
+        """Active latents per token [N] and tokens fired on per latent [M] (:func:`latent_counts`;
+        a multi-layer dictionary adds its layers' counts, :mod:`saekit.eval.parts`)."""
         self.fired += per_latent
         self.l0_hist += torch.bincount(
             per_token.clamp(max=self.l0_hist.numel() - 1), minlength=self.l0_hist.numel()

@@ -59,11 +59,13 @@ def text_documents(args: argparse.Namespace) -> Iterator[str]:
     )
 
 
-def evaluate_saved(args: argparse.Namespace) -> SavedReport:
-    """The report of ``saekit eval`` (printed by :func:`format_eval`)."""
+def evaluate_saved(args: argparse.Namespace, sae: SAE | None = None) -> SavedReport:
+    """The report of ``saekit eval`` of an SAE or a transcoder (printed by :func:`format_eval`;
+    ``sae``: the one ``--sae`` holds, already loaded; any dictionary:
+    :func:`saekit.eval.saved_multi.evaluate`)."""
     inputs = [("--sae", args.sae), ("--cache", args.cache), *document_inputs(args)]
     refuse_output_over_inputs(args.json, inputs, flag="--json")
-    sae = SAE.load(args.sae, device=args.device)
+    sae = SAE.load(args.sae, device=args.device) if sae is None else sae
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     if not (args.model or args.cache):
         raise ValueError(

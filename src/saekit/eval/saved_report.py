@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from saekit.eval.metrics import ReconstructionMetrics
+from saekit.eval.parts import PartsReport
 from saekit.eval.splice import SpliceResult
 
 
@@ -143,9 +144,12 @@ class SavedReport:
     """Its number of latents."""
     l0_histogram: list[int]
     """Entry j counts tokens with j active latents (the last bin also holds larger counts)."""
+    parts: PartsReport | None = None
+    """A cross-layer transcoder (per target layer) or a crosscoder (per source): scores per part
+    and the decoder norms' summary; None for an SAE or a transcoder."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "sae": self.sae,
             "hook": self.hook,
             **self.data.to_json(),
@@ -154,9 +158,21 @@ class SavedReport:
             "d_sae": self.d_sae,
             "l0_histogram": self.l0_histogram,
         }
+        if self.parts is not None:
+            d.update(self.parts.to_json())
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SavedReport:
         data = DocumentData.from_json(d) if "model_class" in d else CacheData.from_json(d)
         metrics = ReconstructionMetrics.from_json(d)
-        return cls(d["sae"], d["hook"], data, metrics, d["d_in"], d["d_sae"], d["l0_histogram"])
+        return cls(
+            d["sae"],
+            d["hook"],
+            data,
+            metrics,
+            d["d_in"],
+            d["d_sae"],
+            d["l0_histogram"],
+            PartsReport.from_json(d),
+        )

@@ -22,8 +22,8 @@ target.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -119,7 +119,7 @@ def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) 
     return logits
 
 
-class _Totals:
+class SpliceTotals:
     """Float64 running sums over tokens; the FVU sums live in :class:`MetricAccumulator`."""
 
     def __init__(self, reconstruction: MetricAccumulator | None = None) -> None:
@@ -141,6 +141,85 @@ class _Totals:
         if self.reconstruction is None:
             return float("nan")
         return float(self.reconstruction.fvu())
+
+    def result(self, fvu: float, n_spliced: int) -> SpliceResult:
+        """The token means and the scores: the one home of the CE and KL score formulas."""
+        if self.n_tokens == 0:
+            raise ValueError("no tokens were evaluated (empty batches or everything filtered out)")
+        n = self.n_tokens
+        ce = {k: v / n for k, v in self.ce.items()}
+        kl = {k: v / n for k, v in self.kl.items()}
+        ce_gap = ce["zero"] - ce["clean"]
+        return SpliceResult(
+            ce_clean=ce["clean"],
+            ce_sae=ce["sae"],
+            ce_zero=ce["zero"],
+            ce_score=(ce["zero"] - ce["sae"]) / ce_gap if ce_gap != 0 else float("nan"),
+            kl_sae=kl["sae"],
+            kl_zero=kl["zero"],
+            kl_score=(kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] != 0 else float("nan"),
+            fvu=fvu,
+            n_tokens=n,
+            n_spliced=n_spliced,
+        )
+
+
+Patch = Callable[[str, Tensor], AbstractContextManager[Any]]
+"""``patch(name, keep_BT)``: a context manager that installs the edits of the pass ``name``
+(``"sae"``: the reconstruction, ``"zero"``: zero-ablation) for a batch whose spliced positions
+are ``keep_BT``; ``"clean"`` (the unpatched pass) may install hooks that only read."""
+
+
+def run_passes(
+    model: nn.Module,
+    batches: Iterable[Any],
+    patch: Patch,
+    *,
+    token_filter: TokenFilter | None = None,
+    max_batches: int | None = None,
+    totals: SpliceTotals | None = None,
+) -> SpliceTotals:
+    """The clean, spliced and zero-ablated passes of every batch; CE and KL summed over the
+    evaluated tokens (module docstring) in float64. Shared by :func:`splice_eval` (one hook)
+    and :mod:`saekit.eval.replacement` (every layer of a cross-layer transcoder at once)."""
+    model.eval()
+    token_filter = token_filter or TokenFilter()
+    dev = model_device(model)
+    totals = totals or SpliceTotals()
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        input_ids, attention_mask = unpack_batch(batch)
+        input_ids = input_ids.to(dev)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(dev)
+        keep_BT = token_filter.mask(input_ids, attention_mask)
+        # position t predicts t+1: evaluate kept positions whose target is a real token
+        eval_BT = keep_BT.clone()
+        eval_BT[:, -1] = False
+        if attention_mask is not None:
+            eval_BT[:, :-1] &= attention_mask[:, 1:].bool()
+        targets_n = input_ids[:, 1:][eval_BT[:, :-1]]  # [n]
+
+        with patch("clean", keep_BT):
+            logits = _logits(model, input_ids, attention_mask)
+        logp_clean_nV = F.log_softmax(logits[eval_BT].float(), -1)
+        totals.ce["clean"] += _ce_sum(logp_clean_nV, targets_n)
+        for name in ("sae", "zero"):
+            with patch(name, keep_BT):
+                logits = _logits(model, input_ids, attention_mask)
+            logp_nV = F.log_softmax(logits[eval_BT].float(), -1)
+            totals.ce[name] += _ce_sum(logp_nV, targets_n)
+            # KL(p_clean ‖ p_patched) = Σ_v p_clean (log p_clean − log p_patched)
+            kl_n = F.kl_div(logp_nV, logp_clean_nV, log_target=True, reduction="none").sum(-1)
+            totals.kl[name] += float(kl_n.double().sum())
+        totals.n_tokens += len(targets_n)
+    return totals
+
+
+def zero_kept(keep_BT: Tensor) -> Callable[[Tensor], Tensor]:
+    """The zero-ablation edit: the kept positions of [B, T, d] set to 0."""
+    return lambda act_BTd: act_BTd.masked_fill(keep_BT[..., None], 0)
 
 
 @torch.no_grad()
@@ -164,69 +243,26 @@ def splice_eval(
     that also wants the target's other reconstruction metrics.
     """
     source = None if input_hook is None else HookPoint.parse(input_hook)
-    model.eval()
-    token_filter = token_filter or TokenFilter()
-    dev = model_device(model)
-    totals = _Totals(reconstruction)
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        input_ids, attention_mask = unpack_batch(batch)
-        input_ids = input_ids.to(dev)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(dev)
-        keep_BT = token_filter.mask(input_ids, attention_mask)
-        # position t predicts t+1: evaluate kept positions whose target is a real token
-        eval_BT = keep_BT.clone()
-        eval_BT[:, -1] = False
-        if attention_mask is not None:
-            eval_BT[:, :-1] &= attention_mask[:, 1:].bool()
-        targets_n = input_ids[:, 1:][eval_BT[:, :-1]]  # [n]
-        n = len(targets_n)
+    totals = SpliceTotals(reconstruction)
 
-        logp_clean_nV = F.log_softmax(
-            _logits(model, input_ids, attention_mask)[eval_BT].float(), -1
-        )
-        totals.ce["clean"] += _ce_sum(logp_clean_nV, targets_n)
-
-        edits = (
-            ("sae", _reconstruct_edit(keep_BT, reconstruct, totals)),
-            ("zero", lambda act_BTd, keep_BT=keep_BT: act_BTd.masked_fill(keep_BT[..., None], 0)),
-        )
-        for name, edit in edits:
-            with ExitStack() as stack:
-                if source is not None and name == "sae":  # the input, recorded on the way
+    @contextmanager
+    def patch(name: str, keep_BT: Tensor) -> Iterator[None]:
+        with ExitStack() as stack:
+            if name == "zero":
+                stack.enter_context(patch_activation(model, hook, zero_kept(keep_BT)))
+            elif name == "sae":
+                read = None
+                if source is not None:  # the input, recorded on the way
                     inputs = stack.enter_context(capture(model, [source], stop_after_last=False))
-                    edit = _reconstruct_edit(
-                        keep_BT, reconstruct, totals, lambda inputs=inputs: _read(inputs, source)
-                    )
+                    read = lambda inputs=inputs: _read(inputs, source)  # noqa: E731
+                edit = _reconstruct_edit(keep_BT, reconstruct, totals, read)
                 stack.enter_context(patch_activation(model, hook, edit))
-                logits = _logits(model, input_ids, attention_mask)
-            logp_nV = F.log_softmax(logits[eval_BT].float(), -1)
-            totals.ce[name] += _ce_sum(logp_nV, targets_n)
-            # KL(p_clean ‖ p_patched) = Σ_v p_clean (log p_clean − log p_patched)
-            kl_n = F.kl_div(logp_nV, logp_clean_nV, log_target=True, reduction="none").sum(-1)
-            totals.kl[name] += float(kl_n.double().sum())
-        totals.n_tokens += n
+            yield
 
-    if totals.n_tokens == 0:
-        raise ValueError("no tokens were evaluated (empty batches or everything filtered out)")
-    n = totals.n_tokens
-    ce = {k: v / n for k, v in totals.ce.items()}
-    kl = {k: v / n for k, v in totals.kl.items()}
-    ce_gap = ce["zero"] - ce["clean"]
-    return SpliceResult(
-        ce_clean=ce["clean"],
-        ce_sae=ce["sae"],
-        ce_zero=ce["zero"],
-        ce_score=(ce["zero"] - ce["sae"]) / ce_gap if ce_gap != 0 else float("nan"),
-        kl_sae=kl["sae"],
-        kl_zero=kl["zero"],
-        kl_score=(kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] != 0 else float("nan"),
-        fvu=totals.fvu(),
-        n_tokens=n,
-        n_spliced=totals.n_spliced,
+    run_passes(
+        model, batches, patch, token_filter=token_filter, max_batches=max_batches, totals=totals
     )
+    return totals.result(totals.fvu(), totals.n_spliced)
 
 
 def _read(inputs: dict[HookPoint, Tensor], point: HookPoint) -> Tensor:
@@ -238,7 +274,7 @@ def _read(inputs: dict[HookPoint, Tensor], point: HookPoint) -> Tensor:
 def _reconstruct_edit(
     keep_BT: Tensor,
     reconstruct: Callable[[Tensor], Tensor],
-    totals: _Totals,
+    totals: SpliceTotals,
     read_input: Callable[[], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Replace the kept positions of [B, T, d] by their reconstruction (a transcoder's: the

@@ -9,6 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.eval.dictionaries import (
+    concatenated_decoders,
+    decoder_norms,
+    is_multi_hook,
+    part_names,
+)
+from saekit.model.clt import CrossLayerTranscoder
 from saekit.model.sae import SAE
 from saekit.report.collect import Collected
 from saekit.report.features import (
@@ -16,8 +23,10 @@ from saekit.report.features import (
     contexts,
     decoder_neighbours,
     density_histogram,
+    layer_norms,
     logit_effects,
     quantile_samples,
+    source_norms,
     truth_matches,
 )
 
@@ -46,8 +55,11 @@ def report_data(
     ``decode``: token id -> text (None for synthetic data, whose "tokens" are vectors)."""
     c, metrics = collected.collector, collected.metrics
     ids = c.latent_ids
-    W_dec = sae.W_dec.detach().float()
-    logits = None if W_U is None else logit_effects(decoder_directions(sae, ids), W_U)
+    multi = is_multi_hook(sae)
+    # a CLT's or crosscoder's latent: its decoders side by side (scale folded), no logit effects
+    W_dec = concatenated_decoders(sae).float() if multi else sae.W_dec.detach().float()
+    logits = None if W_U is None or multi else logit_effects(decoder_directions(sae, ids), W_U)
+    norm_summary, norm_entries = decoder_norm_data(sae, ids) if multi else (None, [])
     neighbours = decoder_neighbours(W_dec, ids)
     matched, missed = (None, []) if truth is None else truth_matches(truth, W_dec, ids)
     shown: set[int] = set()
@@ -72,6 +84,8 @@ def report_data(
             shown.update(i for i, _ in logits[m]["promoted"] + logits[m]["suppressed"])
         if matched is not None:
             entry["truth"] = matched[m]
+        if norm_entries:
+            entry["decoder_norms"] = norm_entries[m]
         for ctx in top + [s for band in entry["quantiles"] for s in band["contexts"]]:
             shown.update(ctx["tokens"])
         latents.append(entry)
@@ -79,7 +93,7 @@ def report_data(
     summary = {
         **meta,
         **metrics.summary(),
-        "d_sae": sae.cfg.d_sae,
+        "d_sae": sae.cfg.n_latents,
         "d_in": sae.cfg.d_in,
         "dead": int((density == 0).sum()),
         "dense": int((density > DENSE_THRESHOLD).sum()),
@@ -89,5 +103,16 @@ def report_data(
         "reported": len(latents),
         "synthetic": truth is not None,
     }
+    if norm_summary is not None:
+        summary["decoder_norms"] = norm_summary
     vocab = {} if decode is None else {str(i): decode(i) for i in sorted(shown) if i >= 0}
     return {"summary": summary, "latents": latents, "vocab": vocab, "unrecovered": missed}
+
+
+def decoder_norm_data(sae: Any, ids: Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A CLT's or crosscoder's decoder norms per target layer or source: the summary of every
+    latent and the reported latents' entries (:mod:`saekit.report.features`)."""
+    norms = decoder_norms(sae)
+    if isinstance(sae, CrossLayerTranscoder):
+        return layer_norms(norms, part_names(sae), ids)
+    return source_norms(norms, part_names(sae), ids)

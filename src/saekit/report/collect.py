@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from saekit.core.encoding import SparseCode
+from saekit.eval.dictionaries import is_multi_hook
 from saekit.eval.metrics import EvalResult, MetricAccumulator
 from saekit.model.sae import SAE
 from saekit.report.topk import ActivationHistogram, Slots
@@ -114,7 +115,9 @@ def collect_batches(
     :meth:`LatentCollector.update`) through the SAE: reconstruction metrics over
     the kept tokens (every latent) and the collector of ``latent_ids``. ``on_batch(n)`` is
     called with each batch's kept-token count (a progress bar)."""
-    acc = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device=sae.W_dec.device)
+    multi = is_multi_hook(sae)
+    width = sae.cfg.target_width if multi else sae.cfg.d_in
+    acc = MetricAccumulator(width, sae.cfg.n_latents, device=sae.b_dec.device)
     sae.eval()  # inference, as saekit eval: BatchTopK applies its threshold
     collector = LatentCollector(latent_ids, cfg)
     with torch.no_grad():
@@ -122,11 +125,13 @@ def collect_batches(
             B, T, d = x_BTd.shape
             keep_N = keep_BT.reshape(-1)
             every = bool(keep_N.all())
-            x_Nd = x_BTd.reshape(B * T, d).to(sae.W_dec.device, sae.W_dec.dtype)
+            x_Nd = x_BTd.reshape(B * T, d).to(sae.b_dec.device, sae.b_dec.dtype)
             if not every:  # the kept tokens only: the others are never selected nor shaded
                 x_Nd = x_Nd[keep_N.to(x_Nd.device)]
-            out = sae(x_Nd)
-            acc.add(x_Nd, out.x_hat, out.latents)
+            # a CLT's or crosscoder's row is its stream (stream_hooks): inputs, then targets
+            x_in, target = sae.split_stream(x_Nd) if multi else (x_Nd, None)
+            out = sae(x_in)
+            acc.add(x_in if target is None else target, out.x_hat, out.latents)
             z_kM = latent_columns(out.latents, collector.latent_ids).cpu().float()
             if every:
                 z_BTM = z_kM
@@ -161,17 +166,24 @@ PREFETCH = 2
 cache`` harvests: saekit.data.lm.harvest)."""
 
 
-def lm_batches(setup: Any, contexts: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
-    """``(x_BTd, keep_BT, ids_BT)`` from packed contexts: activations at the set-up's hook on
-    every position (the harvester keeps them all so windows can be shaded; the set-up's token
-    filter decides which count), the forward stopped at the hook."""
-    from saekit.data.lm.harvester import TokenFilter, prefetched, unpack_batch
+def lm_batches(
+    setup: Any, contexts: Iterable[Any], also: tuple[str, ...] = ()
+) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+    """``(x_BTd, keep_BT, ids_BT)`` from packed contexts: activations at the set-up's hook (and
+    the hooks ``also``, side by side: a multi-hook dictionary's stream) on every position (the
+    harvester keeps them all so windows can be shaded; the set-up's token filter decides which
+    count), the forward stopped at the last hook."""
+    from saekit.data.lm.harvester import HookPoint, TokenFilter, prefetched, unpack_batch
 
-    harvester = setup.harvester(token_filter=TokenFilter(exclude_padding=False, exclude_bos=False))
+    harvester = setup.harvester(
+        *also, token_filter=TokenFilter(exclude_padding=False, exclude_bos=False)
+    )
+    names = [setup.hook, *(str(HookPoint.parse(h)) for h in also)]
 
     def forward(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         ids_BT, mask_BT = unpack_batch(batch)
-        x_Nd = harvester(ids_BT, mask_BT)[setup.hook]
+        acts = harvester(ids_BT, mask_BT)
+        x_Nd = acts[setup.hook] if not also else torch.cat([acts[n] for n in names], -1)
         keep_BT = setup.token_filter.mask(ids_BT, mask_BT)
         return x_Nd.view(*ids_BT.shape, -1), keep_BT, ids_BT
 

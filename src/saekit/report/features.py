@@ -1,5 +1,6 @@
 """What a feature page shows beyond its contexts: logit effects, decoder neighbours, a short
-label, quantile samples and, on synthetic data, the matched true feature.
+label, quantile samples, on synthetic data the matched true feature and, for a crosscoder or a
+cross-layer transcoder, the latent's decoder norms per source or target layer.
 
 Every function returns plain data (lists and numbers) that the site renders and report.json
 records, so a test can read the numbers back from the page and compare them to these.
@@ -7,6 +8,7 @@ records, so a test can read the numbers back from the page and compare them to t
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.eval.decoder_norms import (
+    OTHER,
+    SHARED,
+    ZERO,
+    LayerNormSummary,
+    SourceNormSummary,
+    norm_classes,
+    own_layer_share,
+    relative_norm_difference,
+)
 from saekit.eval.ground_truth import cosine_matrix
 from saekit.report.topk import Slots
 
@@ -140,3 +152,56 @@ def truth_matches(
         for f in (best_F.values < threshold).nonzero().flatten().tolist()
     ]
     return matched, missed
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def source_norms(
+    norms_SM: Tensor, sources: list[str], latent_ids: Tensor
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A crosscoder's decoder norms per source: the summary of every latent (its classes by
+    :mod:`saekit.eval.decoder_norms`, the histogram of Δ for two sources) and, per reported
+    latent, its norm per source, its class and (two sources) its Δ."""
+    classes = norm_classes(norms_SM)
+    delta = relative_norm_difference(norms_SM) if len(sources) == 2 else None
+    names = {SHARED: "shared", OTHER: "other", ZERO: "zero decoder"}
+    summary = {"kind": "source", "labels": list(sources)}
+    summary.update(SourceNormSummary.of(norms_SM, sources).to_json())
+    entries = []
+    for latent in latent_ids.tolist():
+        c = int(classes[latent])
+        entry: dict[str, Any] = {
+            "norms": [[s, float(norms_SM[j, latent])] for j, s in enumerate(sources)],
+            "class": names.get(c, f"only {sources[c]}" if c >= 0 else ""),
+        }
+        if delta is not None:
+            entry["relative_norm"] = _finite(float(delta[latent]))
+        entries.append(entry)
+    return summary, entries
+
+
+def layer_norms(
+    norms_LMT: Tensor, targets: list[str], latent_ids: Tensor
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A cross-layer transcoder's decoder norms per target layer (``norms_LMT[l, i, t]``, 0 for
+    t < l): the summary (own-layer share, :mod:`saekit.eval.decoder_norms`) and, per reported
+    latent (id = layer · M + index), its layer and its norm per target it writes to (l..L-1)."""
+    L, M = norms_LMT.shape[:2]
+    share = own_layer_share(norms_LMT)
+    summary = {"kind": "target", "labels": list(targets)}
+    summary.update(LayerNormSummary.of(norms_LMT).to_json())
+    entries = []
+    for latent in latent_ids.tolist():
+        layer, i = divmod(latent, M)
+        norms = [[targets[t], float(norms_LMT[layer, i, t])] for t in range(layer, L)]
+        entries.append(
+            {
+                "layer": layer,
+                "index": i,
+                "norms": norms,
+                "own_layer_share": _finite(float(share[layer, i])),
+            }
+        )
+    return summary, entries

@@ -67,6 +67,8 @@ def index_page(data: dict[str, Any]) -> str:
             card("reported latents", s["reported"], "reported"),
         ]
     )
+    norms = s.get("decoder_norms")
+    cards += "" if norms is None else norm_cards(norms)
     dens = s["density_histogram"]
     charts = bar_chart(
         s["l0_histogram"],
@@ -77,9 +79,11 @@ def index_page(data: dict[str, Any]) -> str:
         title=f"latent density, log10 (dead latents apart: {dens['dead']:,})",
         x_labels=(f"1e{dens['lo']:g}", f"1e{dens['hi']:g}"),
     )
+    charts += "" if norms is None else norm_chart(norms)
     truth = bool(s.get("synthetic"))
     columns = [("density", "density"), ("max_act", "max act"), ("label", "top tokens")]
     columns += [("truth_feature", "true feature"), ("truth_cos", "|cos|")] * truth
+    columns += [] if norms is None else NORM_COLUMNS[norms["kind"]]
     head = "<th>latent</th>" + "".join(
         f'<th class="sortable" data-col="{col}">{name}</th>' for col, name in columns
     )
@@ -90,6 +94,8 @@ def index_page(data: dict[str, Any]) -> str:
         row += cell(escape(e["label"]))
         if truth:
             row += cell(e["truth"]["feature"]) + cell(e["truth"]["cos"])
+        if norms is not None:
+            row += norm_cells(e["decoder_norms"], norms["kind"])
         rows.append(f'<tr data-latent="{e["id"]}">{row}</tr>')
     where = escape(" · ".join(str(s[k]) for k in ("model", "hook", "text") if s.get(k)))
     missed = (
@@ -184,7 +190,7 @@ def latent_page(e: dict[str, Any], data: dict[str, Any], reported: set[int]) -> 
         f'<div class="cards">{cards}</div><p id="hover" class="muted">hover a token</p>'
         f'<h2>Top activations</h2><div id="top">{top or "<p>never fired</p>"}</div>'
         f'<h2>Quantile samples</h2><div id="quantiles">{bands}</div>'
-        f'<div class="charts">{chart}</div>{logits}'
+        f'<div class="charts">{chart}</div>{logits}{norm_section(e, data["summary"])}'
         '<h2>Nearest latents by decoder cosine</h2><table id="neighbours"><tbody>'
         f"{neighbours}</tbody></table>"
     )
@@ -208,3 +214,74 @@ def unrecovered_page(data: dict[str, Any]) -> str:
         f"<tbody>{rows}</tbody></table>"
     )
     return page("unrecovered true features", body)
+
+
+NORM_COLUMNS = {
+    "source": [("norm_class", "decoder norms"), ("relative_norm", "Δnorm")],
+    "target": [("layer", "layer"), ("own_layer_share", "own-layer share")],
+}
+"""Index columns of a crosscoder ("source") or a cross-layer transcoder ("target")."""
+
+
+def norm_cells(d: dict[str, Any], kind: str) -> str:
+    """A reported latent's decoder-norm cells of the index (a missing value: -)."""
+    keys = ("class", "relative_norm") if kind == "source" else ("layer", "own_layer_share")
+    values = [d.get(k) for k in keys]
+    return "".join(
+        cell("-") if v is None else cell(escape(v) if isinstance(v, str) else v) for v in values
+    )
+
+
+def norm_cards(n: dict[str, Any]) -> str:
+    """A crosscoder's latent classes by decoder norms; a CLT's zero decoders."""
+    if n["kind"] == "target":
+        return card("zero decoders", n["zero_decoder"], "zero_decoder")
+    cards = card("shared", n["shared"], "shared")
+    cards += "".join(
+        card(f"only {label}", count, f"only-{j}")
+        for j, (label, count) in enumerate(zip(n["labels"], n["only"], strict=True))
+    )
+    return cards + card("other", n["other"], "other")
+
+
+def norm_chart(n: dict[str, Any]) -> str:
+    """The summary histogram: Δnorm of two sources, or a CLT's own-layer share."""
+    if n["kind"] == "target":
+        return bar_chart(
+            n["own_layer_share_histogram"],
+            title="own-layer share of decoder norm (latents of every layer but the last)",
+            x_labels=("0: writes to later layers", "1: own layer only"),
+        )
+    hist = n.get("relative_norm_histogram")
+    if hist is None:
+        return ""
+    a, b = n["labels"]
+    return bar_chart(
+        hist,
+        title="relative decoder norm Δ = ½((‖d_B‖ − ‖d_A‖) / max + 1)",
+        x_labels=(f"0: only {a}", f"1: only {b}"),
+    )
+
+
+def norm_section(e: dict[str, Any], summary: dict[str, Any]) -> str:
+    """A latent page's decoder norms per source or target layer: a table and its bars."""
+    d = e.get("decoder_norms")
+    if d is None:
+        return ""
+    where = "source" if summary["decoder_norms"]["kind"] == "source" else "target layer"
+    top = max((v for _, v in d["norms"]), default=0.0) or 1.0
+    rows = "".join(
+        f'<tr><td>{escape(label)}</td>{cell(value)}<td><svg width="160" height="10">'
+        f'<rect width="{160 * value / top:.1f}" height="10" fill="#4a7bd0"/></svg></td></tr>'
+        for label, value in d["norms"]
+    )
+    note = (
+        f"class: {escape(d['class'])}"
+        if where == "source"
+        else f"layer {d['layer']}, latent {d['index']}"
+    )
+    return (
+        f'<h2>Decoder norms per {where}</h2><p class="muted">{note}</p>'
+        f'<table id="decoder-norms"><thead><tr><th>{where}</th><th>‖W_dec‖</th><th></th></tr>'
+        f"</thead><tbody>{rows}</tbody></table>"
+    )

@@ -36,6 +36,7 @@ from saekit.eval.calibrate import (
     threshold_set,
     tokens_after,
 )
+from saekit.eval.dictionaries import add_forward, is_multi_hook, part_accumulator, parts_report
 from saekit.eval.metrics import MetricAccumulator, ReconstructionMetrics
 from saekit.model.sae import SAE
 from saekit.train.config import RunConfig
@@ -114,6 +115,7 @@ def _evaluate(
     sae = member.sae
     device = next(sae.parameters()).device
     acc = MetricAccumulator(sae.cfg.target_width, sae.cfg.n_latents, device=device)
+    parts = part_accumulator(sae, device) if is_multi_hook(sae) else None  # per layer/source
     synthetic = source.known_features()  # the built-in generator, for ground truth
     absorbed = pairs = 0
     hierarchical = synthetic is not None and synthetic.cfg.kind == "hierarchical"
@@ -121,6 +123,8 @@ def _evaluate(
         x, target = sae.split_stream(batch.to(device))
         out = sae(x, target)
         acc.add(x if target is None else target, out.x_hat, out.latents)  # FVU of the target
+        if parts is not None:
+            add_forward(parts, x if target is None else target, out.x_hat, out.latents)
         if hierarchical:
             a, t = ground_truth.absorption_counts(
                 synthetic.directions,
@@ -142,7 +146,10 @@ def _evaluate(
             absorption=(absorbed / pairs if pairs else float("nan")) if hierarchical else None,
         )
     metrics = ReconstructionMetrics.of(result)
-    return MemberReport(member.cfg.name, metrics, scores, l0_histogram=result.l0_histogram)
+    report = MemberReport(member.cfg.name, metrics, scores, l0_histogram=result.l0_histogram)
+    if parts is not None:
+        report.parts = parts_report(sae, parts)
+    return report
 
 
 def save_outputs(

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from saekit.eval.metrics import ReconstructionMetrics
+from saekit.eval.parts import PartsReport
 
 
 def _has(cls: type, d: dict[str, Any]) -> bool:
@@ -110,6 +111,9 @@ class MemberReport:
     """A model run with ``data.outlier_norm``: the outliers dropped; None otherwise."""
     l0_target: float | None = None
     """The inference L0 the SAE aims at (k, or the penalty's target_l0); None without one."""
+    parts: PartsReport | None = None
+    """A cross-layer transcoder or a crosscoder: scores per target layer or source and the
+    decoder norms' summary; None for an SAE or a transcoder."""
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, **self.metrics.to_json()}
@@ -123,6 +127,8 @@ class MemberReport:
             d.update(self.outliers.to_json())
         if self.l0_target is not None:
             d["l0_target"] = self.l0_target
+        if self.parts is not None:
+            d.update(self.parts.to_json())
         return d
 
     @classmethod
@@ -135,4 +141,5 @@ class MemberReport:
             threshold=ThresholdScores.from_json(d) if _has(ThresholdScores, d) else None,
             outliers=OutlierCounts.from_json(d) if _has(OutlierCounts, d) else None,
             l0_target=d.get("l0_target"),
+            parts=PartsReport.from_json(d),
         )
