@@ -57,10 +57,10 @@ def test_clt_hooks_hold_exactly_the_planted_cross_layer_map(residual, max_span):
     data = MultiHookData(cfg)
     plan = data.plan
     L, F = cfg.n_layers, cfg.n_features
-    assert [name for name, _ in data.hooks] == [
-        name for l in range(L) for name in (f"layers.{l}.mlp:input", f"layers.{l}.mlp")
+    assert [name for name, _ in data.hooks] == [f"layers.{l}.mlp:input" for l in range(L)] + [
+        f"layers.{l}.mlp" for l in range(L)
     ]
-    assert [w for _, w in data.hooks] == [6, 5] * L
+    assert [w for _, w in data.hooks] == [6] * L + [5] * L
     # the plan itself: layers dealt in turn, spans inside the allowed range, unit vectors
     longest = L if max_span is None else max_span
     for i in range(F):
@@ -77,7 +77,7 @@ def test_clt_hooks_hold_exactly_the_planted_cross_layer_map(residual, max_span):
     read, write = plan.read.tolist(), plan.write.tolist()
     expected = []
     for n in range(40):
-        row = []
+        inputs, targets = [], []  # a CLT's stream: every input, then every target
         for l in range(L):
             x = data.means[f"layers.{l}.mlp:input"].double().tolist()
             y = data.means[f"layers.{l}.mlp"].double().tolist()
@@ -87,8 +87,8 @@ def test_clt_hooks_hold_exactly_the_planted_cross_layer_map(residual, max_span):
                     x = [a + c[n][i] * b for a, b in zip(x, read[i], strict=True)]
                 if own <= l < own + span:  # its write vector for this layer, in this target
                     y = [a + c[n][i] * b for a, b in zip(y, write[i][l], strict=True)]
-            row += x + y
-        expected.append(row)
+            inputs, targets = inputs + x, targets + y
+        expected.append(inputs + targets)
     assert_matches(batch.x, expected)
     assert (batch.coefficients > 0).any(dim=0).sum() > F // 2  # the batch exercised the map
 
@@ -189,9 +189,8 @@ def test_a_per_layer_transcoder_run_reads_its_two_hooks_and_is_scored_on_the_tar
     source = cfg.data.build(stream_settings(cfg))
     world = MultiHookData(cfg.data.multihook, stream_seed=5)
     full = world.batch(3, 16).x
-    assert torch.equal(
-        next(source.batches(start=3)), full[:, 11:22]
-    )  # hooks 2 and 3 (widths 6, 5, 6, 5, ...)
+    layer_1 = torch.cat([full[:, 6:12], full[:, 23:28]], dim=1)  # widths 6, 6, 6, 5, 5, 5
+    assert torch.equal(next(source.batches(start=3)), layer_1)
     truth = source.known_features()
     writers = [i for i in range(12) if 0 <= 1 - i % 3 < int(world.plan.span[i])]
     assert truth.features.tolist() == writers

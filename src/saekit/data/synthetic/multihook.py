@@ -15,7 +15,8 @@ a mean offset of norm ``mean_norm`` and isotropic Gaussian noise. A batch is
 writes which:
 
 - ``clt`` (:class:`CLTWorldConfig`): L layers, hooks ``layers.{l}.mlp:input`` (width d) and
-  ``layers.{l}.mlp`` (width d_out), layer by layer (the order a forward pass reaches them).
+  ``layers.{l}.mlp`` (width d_out): the L inputs, then the L targets (a cross-layer
+  transcoder's stream, saekit.model.clt).
   Feature i reads from layer l_i = i mod L (interleaved: every layer gets features of every
   frequency). It writes its read direction f_i into layer l_i's input and, with ``residual`` (a
   residual stream carries it on), into every later layer's input; it writes its own unit vector
@@ -160,13 +161,12 @@ class CLTPlan(NamedTuple):
         return layers >= start if self.residual else layers == start
 
     def hook_directions(self) -> list[Tensor]:
-        """D_h [F, d_h] per hook, in column order: input then target of each layer."""
+        """D_h [F, d_h] per hook, in column order: the L inputs, then the L targets."""
         inputs, targets = self.writes_input(), self.writes_target()
-        out = []
-        for layer in range(self.write.shape[1]):
-            out.append(self.read * inputs[:, layer, None])
-            out.append(self.write[:, layer] * targets[:, layer, None])
-        return out
+        L = self.write.shape[1]
+        return [self.read * inputs[:, layer, None] for layer in range(L)] + [
+            self.write[:, layer] * targets[:, layer, None] for layer in range(L)
+        ]
 
 
 @dataclass
@@ -196,10 +196,9 @@ class CLTWorldConfig(_WorldFields):
 
     def hooks(self) -> list[tuple[str, int]]:
         d_out = self.d if self.d_out is None else self.d_out
-        return [
-            hook
-            for layer in range(self.n_layers)
-            for hook in ((f"layers.{layer}.mlp:input", self.d), (f"layers.{layer}.mlp", d_out))
+        layers = range(self.n_layers)
+        return [(f"layers.{layer}.mlp:input", self.d) for layer in layers] + [
+            (f"layers.{layer}.mlp", d_out) for layer in layers
         ]
 
     def plant(self, g: torch.Generator) -> CLTPlan:
