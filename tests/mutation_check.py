@@ -304,9 +304,9 @@ FAULTS = [
     ),
     Fault(
         "nan-weights-loaded",
-        "model/sae.py",
-        "        if nonfinite:  # a diverged run's",
-        "        if False:  # a diverged run's",
+        "model/format.py",
+        "    if nonfinite:  # a diverged run's",
+        "    if False:  # a diverged run's",
         ("test_accepted_nonsense.py",),
     ),
     Fault(
@@ -369,8 +369,8 @@ FAULTS = [
     Fault(
         "penalty-not-decoder-weighted",
         "objective/terms.py",
-        "            inputs.sae.encoder_view().W_dec.norm(dim=-1),\n",
-        "            inputs.sae.encoder_view().W_dec.norm(dim=-1).detach() * 0 + 1,\n",
+        "            inputs.sae.encoder_view().decoder_norms(),\n",
+        "            inputs.sae.encoder_view().decoder_norms().detach() * 0 + 1,\n",
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
@@ -426,16 +426,16 @@ FAULTS = [
         also=(
             (
                 "activations/topk.py",
-                "        values_Nk, _ = topk_select(enc.preacts.detached, self.cfg.k)",
-                "        values_Nk, _ = topk_select(enc.preacts.dense(), self.cfg.k)",
+                "        values_Nk, _ = self.select(enc.preacts.detached, self.cfg.k)",
+                "        values_Nk, _ = self.select(enc.preacts.dense(), self.cfg.k)",
             ),
         ),
     ),
     Fault(
         "topk-firing-threshold-is-the-largest",
         "activations/topk.py",
-        "        return torch.relu(values_Nk.min(-1, keepdim=True).values)",
-        "        return torch.relu(values_Nk.max(-1, keepdim=True).values)",
+        "        min_NG = values_Nk.reshape(values_Nk.shape[0], self.groups, -1).min(-1).values",
+        "        min_NG = values_Nk.reshape(values_Nk.shape[0], self.groups, -1).max(-1).values",
         ("test_objective.py", "test_activations.py"),
     ),
     Fault(
@@ -696,8 +696,8 @@ FAULTS = [
     Fault(
         "abstopk-relus-kept-values",
         "activations/abstopk.py",
-        "        values_E = pre.attach(values_Nk.reshape(-1), layout)",
-        "        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))",
+        "        return values  # signed: no ReLU",
+        "        return torch.relu(values)  # signed: no ReLU",
         ("test_arch_abstopk.py",),
     ),
     Fault(
@@ -917,8 +917,8 @@ FAULTS = [
     Fault(
         "parallel-grad-unit-rows-assumed",
         "model/sae.py",
-        '        coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M',
-        '        coef_M = torch.einsum("md,md->m", G_w, W_w)',
+        '    coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M',
+        '    coef_M = torch.einsum("md,md->m", G_w, W_w)',
         ("test_sae.py",),
     ),
     Fault(
@@ -959,8 +959,8 @@ FAULTS = [
     Fault(
         "parallel-grad-coefficients-in-fp16",
         "model/sae.py",
-        "        work = torch.promote_types(W.dtype, torch.float32)",
-        "        work = W.dtype",
+        "    work = torch.promote_types(W_MD.dtype, torch.float32)",
+        "    work = W_MD.dtype",
         ("test_sae.py",),
     ),
     Fault(

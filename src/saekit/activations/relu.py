@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig, ExportForm
-from saekit.core.encoding import EncoderView, Encoding
+from saekit.core.encoding import EncoderView, Encoding, Preacts
 
 
 @dataclass
@@ -21,7 +21,9 @@ class ReLU(Activation):
     needs_penalty = True
 
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
-        pre = self.preacts(view, x_n_ND)
+        return self.encode_preacts(self.preacts(view, x_n_ND))
+
+    def encode_preacts(self, pre: Preacts) -> Encoding:
         return Encoding(torch.relu(pre.dense()), pre)
 
     def export_form(self) -> ExportForm:

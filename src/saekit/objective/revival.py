@@ -9,6 +9,7 @@ CUDA graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ DENSE_COLUMNS_PER_K = 8
 def auxk_loss(
     preacts: Preacts,
     residual_ND: Tensor,
-    W_dec_MD: Tensor,
+    W_dec_MD: Tensor | None,
     dead_mask_M: Tensor,
     *,
     k_aux: int | None = None,
@@ -38,6 +39,7 @@ def auxk_loss(
     normalizer: str = "residual",
     dead_cols: Tensor | None = None,
     token_fraction: float = 1.0,
+    decode: Callable[[Tensor, CodeLayout], Tensor] | None = None,
 ) -> Tensor:
     """AuxK (Gao et al. 2024, appendix A.2/B.1): dead latents learn to explain the residual.
 
@@ -60,6 +62,10 @@ def auxk_loss(
     (without replacement) instead of all N; V still over all N. An unbiased estimate of L_aux
     and of its gradient for the batch, with Var = (α·share/V)² · (1 − S/N) · s²/S, s² the
     variance of the per-token ‖ê_n − e_n‖² over the batch (sampling without replacement).
+
+    ``decode``: a dictionary whose decoder is not one [M, d] matrix (a cross-layer transcoder:
+    ``W_dec_MD`` None) decodes the selected code itself, (values, layout) -> [N, d] without
+    b_dec (saekit.core.encoding.EncoderView.decode_code); the selection is the same.
     """
     if normalizer not in AUXK_NORMALIZERS:
         raise ValueError(f"auxk normalizer must be one of {AUXK_NORMALIZERS}, got {normalizer!r}")
@@ -81,7 +87,8 @@ def auxk_loss(
     index_Sk, keep_Sk, value_Sk = auxk_select(pre_SC, dead_C, k_aux, overwrite=fresh)
     encoder = preacts.encoder_inputs()  # the fast path's: columns of pre recomputed here
     if (
-        dead_cols is not None
+        decode is None
+        and dead_cols is not None
         and encoder is not None
         and dead_cols.numel() <= DENSE_COLUMNS_PER_K * index_Sk.shape[1]
     ):
@@ -99,7 +106,10 @@ def auxk_loss(
             layout = CodeLayout(token_E, latent_Sk.reshape(-1), n_tokens, d_sae)
         pre_E = preacts.selected(value_Sk.reshape(-1), layout)
         z_E = torch.where(keep_Sk.reshape(-1), pre_E, torch.zeros_like(pre_E))
-        e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
+        if decode is None:
+            e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
+        else:
+            e_hat_ND = decode(z_E, layout)
         e_hat_SD = e_hat_ND if rows_S is None else e_hat_ND.index_select(0, rows_S)
     mse = reconstruction_loss(e_SD, e_hat_SD)  # mean_s ‖ê_s − e_s‖², one fused kernel
     if normalizer == "residual":
