@@ -31,10 +31,7 @@ is the active (latent, target) pairs.
 
 from __future__ import annotations
 
-import copy
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +39,6 @@ from torch import Tensor, nn
 
 from saekit.activations import make_activation
 from saekit.activations.base import ActivationConfig
-from saekit.core.atomic import recover_directory
 from saekit.core.encoding import EncoderView, ForwardOutput, SparseCode, as_dense
 from saekit.kernels.layered import LayerPreacts, layered_decode
 from saekit.kernels.layout import CodeLayout
@@ -53,7 +49,7 @@ from saekit.model.config import (
     check_per_layer_activation,
     check_positive,
 )
-from saekit.model.format import read_dictionary_config, read_weights, write_dictionary
+from saekit.model.format import FoldedSave
 from saekit.model.normalisation import estimate_scale
 from saekit.model.sae import normalize_rows_, remove_parallel_rows_
 from saekit.model.stats import check_activations, check_scale, geometric_median
@@ -65,6 +61,7 @@ class CLTConfig(DictionaryConfig):
 
     KIND = "clt"
     prefixes_apply = False  # prefixes over flat L·M latents would drop whole later layers
+    count_field, reads_targets = "n_layers", True  # filled from the data's hooks
 
     d_in: int
     """Width of each layer's input (every input hook has this width)."""
@@ -125,10 +122,13 @@ class CLTConfig(DictionaryConfig):
         check_dtype(self.dtype)
 
 
-class CrossLayerTranscoder(nn.Module):
+class CrossLayerTranscoder(FoldedSave, nn.Module):
     """A cross-layer transcoder: parameters, forward, decoder norms, save and load (module doc).
     It presents an SAE's surface (split_stream, forward -> ForwardOutput, init_from_data,
     encoder_view, the decoder-row hooks, save/load), so training takes it as it takes an SAE."""
+
+    config_class = CLTConfig
+    scale_buffers = ("scale", "target_scale")
 
     def __init__(self, cfg: CLTConfig, device: torch.device | str | None = None):
         super().__init__()
@@ -150,6 +150,15 @@ class CrossLayerTranscoder(nn.Module):
             device=device, dtype=aux_dtype
         )
         self.reset_parameters()
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate=True):
+        """In an SAE's order, W_enc, b_enc, W_dec.*, b_dec, the activation's (a submodule's
+        parameters would come after b_dec): gradient clipping then sums the global norm in the
+        transcoder's order, so a 1-layer CLT trains as one bit for bit."""
+        named = list(super().named_parameters(prefix, recurse, remove_duplicate))
+        rank = {"W_enc": 0, "b_enc": 1, "W_dec": 2, "b_dec": 3}
+        head = len(prefix) + 1 if prefix else 0
+        return iter(sorted(named, key=lambda item: rank.get(item[0][head:].split(".")[0], 4)))
 
     # ---------------------------------------------------------------- initialisation
 
@@ -362,33 +371,3 @@ class CrossLayerTranscoder(nn.Module):
         self.b_dec *= t.view(L, 1)
         self.scale.fill_(1.0)
         self.target_scale.fill_(1.0)
-
-    def folded_copy(self) -> CrossLayerTranscoder:
-        """The CLT that takes raw activations (itself when its scales are 1)."""
-        if bool((self.scale == 1).all()) and bool((self.target_scale == 1).all()):
-            return self
-        folded = type(self)(copy.deepcopy(self.cfg), device="cpu")
-        folded.load_state_dict({k: v.cpu() for k, v in self.state_dict().items()})
-        folded.fold_scale_()
-        return folded
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """``sae.safetensors`` and ``cfg.json`` (kind: clt) in the directory ``path``, scales
-        folded, atomically, as SAE.save writes them (saekit.model.format.write_dictionary)."""
-        path = Path(path)
-        recover_directory(path)
-        folded = self.folded_copy()
-        return write_dictionary(path, folded.state_dict(), folded.cfg.to_dict())
-
-    @classmethod
-    def load(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
-    ) -> CrossLayerTranscoder:
-        """Load a directory written by :meth:`save`, in eval mode; one-line CheckpointError for
-        a missing, corrupt or mismatched one."""
-        path = Path(path)
-        recover_directory(path)
-        cfg = read_dictionary_config(path, verify, CLTConfig)
-        model = cls(cfg, device="cpu")
-        model.load_state_dict(read_weights(path, cfg.to_dict(), model))
-        return model.to(device).eval()

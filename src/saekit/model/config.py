@@ -21,25 +21,26 @@ class DictionaryConfig:
     """Base of what an ``sae:`` entry of a run describes: :class:`SAEConfig` (an SAE or a
     transcoder; no ``kind``), or a dictionary over N hooks named by ``kind``: ``clt``
     (saekit.model.clt.CLTConfig) or ``crosscoder`` (saekit.model.crosscoder.CrosscoderConfig).
-    Those register themselves when their module is imported (saekit.model.dictionary imports
-    them all)."""
+    Those register here when their module is imported (saekit.model.dictionary imports them
+    all; saekit.train.member_config imports it)."""
 
     KIND: ClassVar[str | None] = None
     """The ``kind`` naming this architecture in plain data (None: SAEConfig, which has none)."""
-    variants: ClassVar[dict[str, type]] = {}
+    variants: ClassVar[dict[str, type[DictionaryConfig]]] = {}
+    """``kind`` → config class of the dictionaries over N hooks (no kind: SAEConfig)."""
     prefixes_apply: ClassVar[bool] = True
     """Whether Matryoshka prefixes mean something for it (a CLT's flat latents: no)."""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("KIND"):
-            DictionaryConfig.variants[cls.KIND] = cls
 
     @property
     def n_latents(self) -> int:
         """All the dictionary's latents (a CLT: n_layers·d_sae): the length of its latent
         vectors, dead-latent counters and activation parameters."""
         raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("KIND"):
+            DictionaryConfig.variants[cls.KIND] = cls
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -52,6 +53,7 @@ class DictionaryConfig:
     def from_plain(cls, value: Any, where: str) -> DictionaryConfig:
         """The config of plain data (saekit.core.configs calls it for a field of this type):
         a mapping without ``kind`` (or ``kind: sae``) is an SAEConfig, else the kind's class."""
+        variants = DictionaryConfig.variants
         if isinstance(value, DictionaryConfig):
             chosen: type = type(value)
         elif not isinstance(value, dict):
@@ -60,12 +62,12 @@ class DictionaryConfig:
             kind = value.get("kind")
             if kind is None or kind == "sae":
                 chosen = SAEConfig
-            elif isinstance(kind, str) and kind in cls.variants:
-                chosen = cls.variants[kind]
+            elif isinstance(kind, str) and kind in variants:
+                chosen = variants[kind]
             else:
                 raise ValueError(
                     f"{where}.kind: unknown dictionary {kind!r}; choose one of "
-                    f"{['sae', *sorted(DictionaryConfig.variants)]} (none: sae)"
+                    f"{['sae', *sorted(variants)]} (none: sae)"
                 )
         if not issubclass(chosen, cls):
             raise ValueError(f"{where}: a {chosen.__name__} where a {cls.__name__} is expected")

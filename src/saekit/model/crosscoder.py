@@ -25,10 +25,7 @@ a norm near 0 elsewhere (the model-diffing ratios).
 
 from __future__ import annotations
 
-import copy
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,11 +33,10 @@ from torch import Tensor, nn
 
 from saekit.activations import make_activation
 from saekit.activations.base import ActivationConfig
-from saekit.core.atomic import recover_directory
 from saekit.core.encoding import EncoderView, ForwardOutput, SparseCode, as_dense
 from saekit.kernels.sparse import sparse_decode
 from saekit.model.config import DictionaryConfig, check_dtype, check_hook_list, check_positive
-from saekit.model.format import read_dictionary_config, read_weights, write_dictionary
+from saekit.model.format import FoldedSave
 from saekit.model.normalisation import estimate_scale
 from saekit.model.sae import normalize_rows_, remove_parallel_rows_
 from saekit.model.stats import check_activations, check_scale, geometric_median
@@ -51,6 +47,7 @@ class CrosscoderConfig(DictionaryConfig):
     """A crosscoder's architecture (``sae: {kind: crosscoder, ...}``); saved in cfg.json."""
 
     KIND = "crosscoder"
+    count_field, reads_targets = "n_sources", False  # filled from the data's hooks
 
     d_in: int
     """d: width of each source (every source hook has this width)."""
@@ -100,9 +97,12 @@ class CrosscoderConfig(DictionaryConfig):
         check_dtype(self.dtype)
 
 
-class Crosscoder(nn.Module):
+class Crosscoder(FoldedSave, nn.Module):
     """A crosscoder: parameters, forward, decoder norms, save and load (module doc); an SAE's
     surface, so training takes it as it takes an SAE."""
+
+    config_class = CrosscoderConfig
+    scale_buffers = ("scale",)
 
     def __init__(self, cfg: CrosscoderConfig, device: torch.device | str | None = None):
         super().__init__()
@@ -301,30 +301,3 @@ class Crosscoder(nn.Module):
         self.W_dec *= s.view(S, 1, 1)
         self.b_dec *= s.view(S, 1)
         self.scale.fill_(1.0)
-
-    def folded_copy(self) -> Crosscoder:
-        if bool((self.scale == 1).all()):
-            return self
-        folded = type(self)(copy.deepcopy(self.cfg), device="cpu")
-        folded.load_state_dict({k: v.cpu() for k, v in self.state_dict().items()})
-        folded.fold_scale_()
-        return folded
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """``sae.safetensors`` and ``cfg.json`` (kind: crosscoder), scales folded, atomically
-        (saekit.model.format.write_dictionary)."""
-        path = Path(path)
-        recover_directory(path)
-        folded = self.folded_copy()
-        return write_dictionary(path, folded.state_dict(), folded.cfg.to_dict())
-
-    @classmethod
-    def load(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
-    ) -> Crosscoder:
-        path = Path(path)
-        recover_directory(path)
-        cfg = read_dictionary_config(path, verify, CrosscoderConfig)
-        model = cls(cfg, device="cpu")
-        model.load_state_dict(read_weights(path, cfg.to_dict(), model))
-        return model.to(device).eval()

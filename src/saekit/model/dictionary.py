@@ -1,10 +1,10 @@
 """Every dictionary architecture behind one door: build one from its config, load one from its
 directory, whatever it is (an SAE or transcoder, a cross-layer transcoder, a crosscoder).
 
-The configs (saekit.model.config.DictionaryConfig and its variants) register by ``kind``; this
-module imports every variant, so parsing a run config's ``sae:`` (``kind: clt``, ``kind:
-crosscoder``, none for an SAE) knows them all. Training builds its dictionary here
-(saekit.train.member), and evaluation, reports and exports load one here.
+The configs (saekit.model.config.DictionaryConfig and its variants) register by ``kind`` when
+their module is imported; importing this module imports them all, so parsing a run config's
+``sae:`` (``kind: clt``, ``kind: crosscoder``, none for an SAE) knows every kind. Training
+builds its dictionary here (saekit.train.member); evaluation, reports and exports load one here.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ the same in both.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
@@ -212,3 +213,41 @@ def read_dictionary_config(path: Path, verify: bool, expected: type) -> Any:
             "saekit.model.dictionary.load_dictionary)"
         )
     return cfg
+
+
+class FoldedSave:
+    """``folded_copy``, ``save`` and ``load`` of a dictionary whose buffers ``scale_buffers``
+    fold into its weights (``fold_scale_``): the cross-layer transcoder's and the crosscoder's.
+    The directory is an SAE's: ``sae.safetensors`` and ``cfg.json``, whose config names the
+    ``kind``."""
+
+    config_class: ClassVar[type]
+    scale_buffers: ClassVar[tuple[str, ...]]
+
+    def folded_copy(self) -> Any:
+        """The dictionary that takes raw activations (itself when its scales are all 1)."""
+        if all(bool((getattr(self, name) == 1).all()) for name in self.scale_buffers):
+            return self
+        folded = type(self)(copy.deepcopy(self.cfg), device="cpu")
+        folded.load_state_dict({k: v.cpu() for k, v in self.state_dict().items()})
+        folded.fold_scale_()
+        return folded
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the directory ``path`` with the scales folded (this dictionary unchanged),
+        atomically (:func:`write_dictionary`)."""
+        path = Path(path)
+        recover_directory(path)
+        folded = self.folded_copy()
+        return write_dictionary(path, folded.state_dict(), folded.cfg.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", verify=True) -> Any:
+        """Load a directory written by :meth:`save`, in eval mode; a one-line CheckpointError for
+        a missing, corrupt or mismatched one (another kind's included)."""
+        path = Path(path)
+        recover_directory(path)
+        cfg = read_dictionary_config(path, verify, cls.config_class)
+        model = cls(cfg, device="cpu")
+        model.load_state_dict(read_weights(path, cfg.to_dict(), model))
+        return model.to(device).eval()
