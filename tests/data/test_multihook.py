@@ -256,3 +256,30 @@ def test_saekit_train_a_per_layer_transcoder_on_the_multihook_source(tmp_path):
     report = json.loads((out / "topk-k2-M16" / "eval.json").read_text())
     assert report["n_tokens"] > 0 and 0 < report["mcc"] <= 1  # scored on the target's truth
     assert "multihook:" in (out / "config.yaml").read_text()
+
+
+def test_a_clt_run_takes_every_input_then_every_target_and_its_layers_from_the_world():
+    inputs = [f"layers.{l}.mlp:input" for l in range(3)]
+    targets = [f"layers.{l}.mlp" for l in range(3)]
+    data = {"source": "multihook", "multihook": WORLD, "input_hooks": inputs,
+            "target_hooks": targets}  # fmt: skip
+    sae = {"kind": "clt", "d_sae": 8, "activation": {"kind": "topk", "k": 2}}
+    cfg = build_run_config({"data": data, "saes": [{"sae": sae}], "batch_size": 16})
+    clt_cfg = cfg.saes[0].sae
+    assert (clt_cfg.n_layers, clt_cfg.d_in, clt_cfg.d_out) == (3, 6, 5)
+    assert (clt_cfg.hooks, clt_cfg.target_hooks) == (inputs, targets)
+    source = cfg.data.build(stream_settings(cfg))
+    world = MultiHookData(cfg.data.multihook, stream_seed=cfg.seed)
+    assert torch.equal(next(source.batches(start=2)), world.batch(2, 16).x)  # the whole stream
+    assert source.known_features() is None and cfg.data.ground_truth() is None
+
+
+def test_a_crosscoder_run_reads_the_sources_it_names_in_that_order():
+    data = {"source": "multihook", "multihook": {"kind": "crosscoder", "n_sources": 3, "d": 4},
+            "input_hooks": ["c", "a"]}  # fmt: skip
+    sae = {"kind": "crosscoder", "d_sae": 8, "activation": {"kind": "topk", "k": 2}}
+    cfg = build_run_config({"data": data, "saes": [{"sae": sae}], "batch_size": 16})
+    assert (cfg.saes[0].sae.n_sources, cfg.saes[0].sae.d_in) == (2, 4)
+    source = cfg.data.build(stream_settings(cfg))
+    full = MultiHookData(cfg.data.multihook, stream_seed=cfg.seed).batch(0, 16).x
+    assert torch.equal(next(source.batches()), torch.cat([full[:, 8:12], full[:, 0:4]], dim=1))
