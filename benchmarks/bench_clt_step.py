@@ -18,6 +18,9 @@ source yields them). Each CLT layer and each transcoder has M latents and TopK k
   RSS after setup (so it holds the gradients and Adam's moments, as in bench_step.py), and
   "state" the exact bytes of parameters + gradients + Adam's two moments.
 
+One torch thread by default: on the shared 2-core machine, 2 threads spent most of their time
+spinning (a --small run took 2.1 s per CLT step with 2 threads, 52 ms with 1).
+
 Decoding is sparse on both sides: a CLT layer-l latent writes L − l targets, so a token's active
 (latent, target) pairs are k·L(L+1)/2 against the transcoders' k·L; the CLT's decoder has
 L(L+1)/2 · M·d_out weights against L · M·d_out.
@@ -49,16 +52,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _batch(args) -> torch.Tensor:
+def _world(args):
     from saekit.data.synthetic.multihook import CLTWorldConfig, MultiHookData
 
-    world = CLTWorldConfig(n_layers=args.layers, d=args.d, n_features=4 * args.d, mean_l0=8.0)
-    return MultiHookData(world).batch(0, args.batch).x
+    cfg = CLTWorldConfig(n_layers=args.layers, d=args.d, n_features=4 * args.d, mean_l0=8.0)
+    return MultiHookData(cfg)
 
 
-def _members(args, side: str, batch: torch.Tensor):
-    """(members, the batch each steps on): one CLT, or L per-layer transcoders."""
+def _members(args, side: str, world, batch: torch.Tensor):
+    """(members, the batch each steps on): one CLT on the whole batch, or L per-layer
+    transcoders, each on its layer's [input | target] columns as the multihook source cuts
+    them for ``data.hook`` + ``data.target_hook``."""
     from saekit.core.configs import from_dict
+    from saekit.data.synthetic.multihook import HookSelection
     from saekit.train.member import Member
     from saekit.train.member_config import SAETrainConfig
 
@@ -69,10 +75,8 @@ def _members(args, side: str, batch: torch.Tensor):
         batches = [batch]
     else:
         sae = {"d_in": d, "d_out": d, "d_sae": args.M, "activation": activation}
-        batches = [
-            torch.cat([batch[:, l * d : (l + 1) * d], batch[:, (L + l) * d : (L + l + 1) * d]], 1)
-            for l in range(L)
-        ]
+        pairs = [[f"layers.{l}.mlp:input", f"layers.{l}.mlp"] for l in range(L)]
+        batches = [batch[:, HookSelection(world, pair).columns].contiguous() for pair in pairs]
     members = []
     for i, b in enumerate(batches):
         cfg = from_dict(SAETrainConfig, {"sae": sae, "name": f"{side}{i}", "lr": 1e-4}, "bench")
@@ -102,10 +106,11 @@ def _step(members, batches):
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batch = _batch(args)
+    world = _world(args)
+    batch = world.batch(0, args.batch).x
     if args.worker == "ratio":
-        clt, clt_batches = _members(args, "clt", batch)
-        plt, plt_batches = _members(args, "plt", batch)
+        clt, clt_batches = _members(args, "clt", world, batch)
+        plt, plt_batches = _members(args, "plt", world, batch)
         clt_step, plt_step = _step(clt, clt_batches), _step(plt, plt_batches)
         for _ in range(args.warmup):
             clt_step()
@@ -120,7 +125,7 @@ def worker(args) -> None:
             plt_s.append(time.perf_counter() - t1)
         result = {"clt_s": statistics.median(clt_s), "plt_s": statistics.median(plt_s)}
     else:
-        members, batches = _members(args, args.worker, batch)
+        members, batches = _members(args, args.worker, world, batch)
         rss_setup = _rss_mb()
         step = _step(members, batches)
         for _ in range(args.warmup + args.steps):
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--M", type=int, default=4096, help="latents per layer")
     p.add_argument("--k", type=int, default=16, help="TopK k per layer")
     p.add_argument("--batch", type=int, default=2048, help="tokens per step")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see docstring)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--small", action="store_true", help="d=64 M=512 k=8 batch 512")
