@@ -238,10 +238,12 @@ def test_decoder_norms_by_target_and_unit_norm_rows():
     # gradient orthogonal to them
     x, y = data()
     clt(x, y).x_hat_n.pow(3).sum().backward()
+    before = [W.grad.clone() for W in clt.W_dec]
     clt.remove_parallel_grad_()
-    for W in clt.W_dec:
-        dot = (W.grad * W.detach()).sum((1, 2))
-        torch.testing.assert_close(dot, torch.zeros(M, dtype=torch.float64))
+    for W, G in zip(clt.W_dec, before, strict=True):  # G − (G·w / ‖w‖²) w, w concatenated
+        w = W.detach()
+        coef = (G * w).sum((1, 2)) / w.pow(2).sum((1, 2))
+        torch.testing.assert_close(W.grad, G - coef.view(M, 1, 1) * w)
     clt.normalize_decoder_()
     torch.testing.assert_close(clt.decoder_norms().detach(), torch.ones(L * M).double())
 
@@ -423,3 +425,32 @@ def test_build_dictionary_builds_each_kind():
     assert type(build_dictionary(cfg)) is CrossLayerTranscoder
     sae_cfg = SAEConfig(d_in=D_IN, d_sae=M, activation={"kind": "relu"})
     assert type(build_dictionary(sae_cfg)) is SAE
+
+
+def test_preact_revival_pushes_dead_latents_toward_their_layers_kept_value():
+    """revival.dead_preact_loss with TopK per layer: θ of token n and layer l is the smallest
+    kept ReLU value of that (token, layer); mean_n Σ_{dead} ReLU(θ − pre)·‖W_dec[l][i]‖ over
+    n_dead, by loops, with its gradients."""
+    from saekit.objective.config import PreactRevival
+
+    clt = make_clt({"kind": "topk", "k": K})
+    x, y = data()
+    dead = dead_mask("some")
+    objective = build_objective(type(clt.activation), None, PreactRevival())
+    _, parts = objective(TermInputs(clt, clt(x, y), dead, torch.tensor(0.0), None))
+    parts["revival"].backward()
+    P = leaves(clt)
+    _, _, pre = hand_forward(P, x, {"kind": "topk"})
+    norms = concat_norms(P).detach()
+    total = 0.0
+    for n in range(N):
+        for l in range(L):
+            theta = max(0.0, sorted(pre[n, l].tolist(), reverse=True)[K - 1])
+            for i in range(M):
+                if dead[l * M + i]:
+                    total = total + torch.relu(theta - pre[n, l, i]) * norms[l, i]
+    expected = total / N / int(dead.sum())
+    expected.backward()
+    torch.testing.assert_close(parts["revival"].detach(), expected.detach())
+    for name in ("W_enc", "b_enc"):
+        torch.testing.assert_close(dict(clt.named_parameters())[name].grad, P[name].grad)

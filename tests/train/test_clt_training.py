@@ -165,6 +165,12 @@ CLT_ENTRY = {
     "warmup_steps": 2,
     "dead_tokens": 2000,
 }
+BATCHTOPK = {"kind": "batchtopk", "k": 12}  # across all layers: 12 per token on average
+CLT_BATCHTOPK = {
+    **CLT_ENTRY,
+    "name": "clt-batchtopk",
+    "sae": {"kind": "clt", "d_sae": 48, "activation": BATCHTOPK},
+}
 
 
 def run_dict(tmp_path, data, saes, steps=40, **extra):
@@ -194,7 +200,7 @@ def test_a_three_layer_clt_trains_from_a_multi_hook_cache_and_resumes_exactly(
             "input_hooks": INPUTS, "target_hooks": TARGETS}  # fmt: skip
     crosscoder = {"name": "cc", "lr": 1e-2, "sae": {"kind": "crosscoder", "d_sae": 48,
                   "activation": {"kind": "batchtopk", "k": 8}}}  # fmt: skip
-    whole = build_run_config(run_dict(tmp_path / "a", data, [CLT_ENTRY]))
+    whole = build_run_config(run_dict(tmp_path / "a", data, [CLT_ENTRY, CLT_BATCHTOPK]))
     sae = whole.saes[0].sae
     assert isinstance(sae, CLTConfig) and (sae.n_layers, sae.d_in, sae.d_out) == (L, 64, 64)
     assert sae.hooks == INPUTS and sae.target_hooks == TARGETS
@@ -205,9 +211,14 @@ def test_a_three_layer_clt_trains_from_a_multi_hook_cache_and_resumes_exactly(
     assert isinstance(clt, CrossLayerTranscoder) and clt.cfg.hooks == INPUTS
     report = json.loads((tmp_path / "a" / "run" / "clt" / "eval.json").read_text())
     assert 0 < report["fvu"] < 1
+    # BatchTopK across every layer: trained, its θ calibrated on held-out tokens, saved with it
+    batchtopk = json.loads((tmp_path / "a" / "run" / "clt-batchtopk" / "eval.json").read_text())
+    assert 0 < batchtopk["fvu"] < 1 and batchtopk["threshold"] > 0
+    saved = load_dictionary(tmp_path / "a" / "run" / "clt-batchtopk")
+    assert float(saved.activation.threshold) == pytest.approx(batchtopk["threshold"])
 
     # interrupted (SIGINT) at step 20 and resumed: the same state and log as the whole run
-    cut = build_run_config(run_dict(tmp_path / "b", data, [CLT_ENTRY]))
+    cut = build_run_config(run_dict(tmp_path / "b", data, [CLT_ENTRY, CLT_BATCHTOPK]))
     first = Trainer(cut, make_source(cut))
     interrupt_at(first, 20)
     with pytest.raises(TrainingInterrupted, match="resume with"):
@@ -217,10 +228,11 @@ def test_a_three_layer_clt_trains_from_a_multi_hook_cache_and_resumes_exactly(
     assert resumed.step == 20
     resumed.fit()
     assert logged_losses(tmp_path / "b" / "run", "clt") == losses
-    state, again = trainer.members[0].state_tensors(), resumed.members[0].state_tensors()
-    assert state.keys() == again.keys()
-    for key, value in state.items():
-        assert torch.equal(value, again[key]), key
+    for whole_member, resumed_member in zip(trainer.members, resumed.members, strict=True):
+        state, again = whole_member.state_tensors(), resumed_member.state_tensors()
+        assert state.keys() == again.keys()
+        for key, value in state.items():
+            assert torch.equal(value, again[key]), key
 
     # a crosscoder over the three block outputs of the same cache
     cc_data = {**data, "input_hooks": RESID, "target_hooks": None}

@@ -4,8 +4,10 @@ Held out: the **last shard**, when the cache has at least 2 shards; with a singl
 is issued and evaluation reuses training data.
 
 Hooks: a run trains on ``data.hook`` (an SAE) or ``data.hook`` + ``data.target_hook`` (a
-transcoder) of the cache's hooks; a cache of 1 or 2 hooks needs neither, one of 3 or more is
-refused without them (saekit.data.hook_columns.selected_hooks). Batches hold only those columns.
+transcoder) of the cache's hooks, or on ``data.input_hooks`` (+ ``data.target_hooks``: a
+crosscoder's sources, a cross-layer transcoder's inputs and targets); a cache of 1 or 2 hooks
+needs none, one of 3 or more is refused without them (saekit.data.hook_columns.selected_hooks).
+Batches hold only those columns.
 """
 
 from __future__ import annotations

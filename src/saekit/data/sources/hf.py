@@ -6,8 +6,10 @@ context_length`` tokens; ``saekit eval`` on the same dataset reads these same do
 the whole dataset is shorter than that, a warning is issued and evaluation reuses training data.
 
 Hooks: ``data.hooks`` (every hook harvested, in one forward pass stopped after the last), or
-``data.hook`` (+ ``data.target_hook``: a transcoder's target, the 2-hook case); the run trains on
-the selection of saekit.data.hook_columns.selected_hooks, whose columns batches hold.
+``data.hook`` (+ ``data.target_hook``: a transcoder's target, the 2-hook case), or
+``data.input_hooks`` (+ ``data.target_hooks``: a crosscoder's sources, a cross-layer
+transcoder's inputs and targets); the run trains on the selection of
+saekit.data.hook_columns.selected_hooks, whose columns batches hold.
 """
 
 from __future__ import annotations
