@@ -128,6 +128,12 @@ def test_the_clt_and_crosscoder_commands_train_on_a_tiny_llama(tmp_path, tiny_to
         model = load_dictionary(saved)
         inputs = [a for a in command if a.startswith("data.input_hooks=")][0]
         assert model.cfg.kind == kind and model.cfg.hooks == yaml.safe_load(inputs.split("=")[1])
+        if kind == "clt":  # as the README says, circuit-tracer's format takes it
+            exported = tmp_path / "exported-clt"
+            assert (
+                main(["export", str(saved), "--to", "circuit-tracer", "--out", str(exported)]) == 0
+            )
+            assert (exported / "config.yaml").is_file()
 
 
 def test_the_clt_and_crosscoder_config_files_are_the_benchmark_configs():
