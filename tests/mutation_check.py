@@ -1499,6 +1499,35 @@ FAULTS = [
         '    fields: dict[str, Any] = {cls.count_field: len(inputs + targets), "hooks": inputs}',
         ("test_clt_training.py",),
     ),
+    # ------------------------------------- multi-hook ground truth (issue 24: CLT, crosscoder)
+    Fault(
+        "multihook-residual-skips-own-layer",
+        "data/synthetic/multihook.py",
+        "        return layers >= start if self.residual else layers == start",
+        "        return layers > start if self.residual else layers == start",
+        ("test_multihook.py",),
+    ),
+    Fault(
+        "multihook-span-one-too-long",
+        "data/synthetic/multihook.py",
+        "        return (layers >= start) & (layers < start + self.span.unsqueeze(1))",
+        "        return (layers >= start) & (layers <= start + self.span.unsqueeze(1))",
+        ("test_multihook.py",),
+    ),
+    Fault(
+        "multihook-exclusive-written-everywhere",
+        "data/synthetic/multihook.py",
+        "        return (self.owner.unsqueeze(1) == -1) | (self.owner.unsqueeze(1) == sources)",
+        "        return (self.owner.unsqueeze(1) == -1) | (self.owner.unsqueeze(1) >= 0)",
+        ("test_multihook.py",),
+    ),
+    Fault(
+        "multihook-truth-of-the-input-hook",
+        "data/synthetic/multihook.py",
+        "        self.features = torch.nonzero(data.writes(self.names[-1])).flatten()",
+        "        self.features = torch.nonzero(data.writes(self.names[0])).flatten()",
+        ("test_multihook.py",),
+    ),
 ]
 
 # ------------------------------------------------------------------------------ machinery

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from saekit.cli import main
 
@@ -78,3 +80,67 @@ def test_the_benchmark_configs_train(tmp_path):
                      "--no-progress"]) == 0  # fmt: skip
         names = re.findall(r'name: "([^"]+)"', config.read_text())
         assert names and all((out / name / "cfg.json").is_file() for name in names)
+
+
+def _commands(block: str) -> list[list[str]]:
+    """The shell commands of a README block (continuation lines joined, comments dropped)."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    lines = [line for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+    return [shlex.split(line) for line in lines]
+
+
+def test_the_clt_and_crosscoder_commands_train_on_a_tiny_llama(tmp_path, tiny_tokenizer):
+    """The README's two model commands, as written, on a 7-layer tiny Llama and a local text
+    file instead of SmolLM2 and the hub dataset, shortened to 3 steps of 64 tokens."""
+    from conftest import make_tiny_llama
+
+    from saekit.model.dictionary import load_dictionary
+
+    (block,) = [b for b in _blocks("sh") if "saes.0.sae.kind=clt" in b]
+    commands = _commands(block)
+    assert [c[:2] for c in commands] == [["saekit", "train"]] * 2
+    model = tmp_path / "tiny-llama"
+    make_tiny_llama(seed=3, n_layer=7).save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(" ".join(f"w{(7 * i + j) % 50}" for j in range(40))
+                                for i in range(60)))  # fmt: skip
+    local = {"--model": str(model), "--dataset": None, "--batch-size": "64", "--steps": "3"}
+    short = ["--text-file", str(docs), "--local-files-only", "--no-progress"]
+    for key, value in {"data.context_length": 16, "data.model_batch_size": 8,
+                       "data.shuffle_buffer_tokens": 256, "eval_tokens": 128,
+                       "saes.0.sae.d_sae": 16, "saes.0.sae.activation.k": 2}.items():  # fmt: skip
+        short += ["--set", f"{key}={value}"]
+    for command, kind in zip(commands, ("clt", "crosscoder"), strict=True):
+        argv, args = [], iter(command[1:])
+        for arg in args:
+            if arg in local:
+                next(args)
+                if local[arg] is not None:
+                    argv += [arg, local[arg]]
+            elif arg == "--out":
+                argv += [arg, str(tmp_path / next(args))]
+            else:
+                argv.append(arg)
+        assert main([*argv, *short]) == 0, command
+        out = tmp_path / command[command.index("--out") + 1]
+        (saved,) = [p.parent for p in out.glob("*/cfg.json")]
+        model = load_dictionary(saved)
+        inputs = [a for a in command if a.startswith("data.input_hooks=")][0]
+        assert model.cfg.kind == kind and model.cfg.hooks == yaml.safe_load(inputs.split("=")[1])
+        if kind == "clt":  # as the README says, circuit-tracer's format takes it
+            exported = tmp_path / "exported-clt"
+            assert (
+                main(["export", str(saved), "--to", "circuit-tracer", "--out", str(exported)]) == 0
+            )
+            assert (exported / "config.yaml").is_file()
+
+
+def test_the_clt_and_crosscoder_config_files_are_the_benchmark_configs():
+    """The README shows benchmarks/clt.yaml and benchmarks/crosscoder.yaml as they are (each
+    trains in test_the_benchmark_configs_train)."""
+    shown = {b.split(":")[0][2:]: b for b in _blocks("yaml") if b.startswith("# benchmarks/")}
+    assert sorted(shown) == ["benchmarks/clt.yaml", "benchmarks/crosscoder.yaml"]
+    root = Path(__file__).resolve().parents[1]
+    for name, block in shown.items():
+        assert block == (root / name).read_text(), name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from saekit.data.sources import cache, hf, synthbench, synthetic  # noqa: F401  (registers them)
+from saekit.data.sources import cache, hf, multihook, synthbench, synthetic  # noqa: F401  (registers them)
 from saekit.data.sources.config import SourceConfig
 
 

@@ -174,6 +174,25 @@ def batch_seed(seed: int, index: int) -> int:
     return (z + index) & 0xFFFFFFFF
 
 
+def bernoulli_activity(p: Tensor, n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """[n, F] independent activity (feature i fires with probability p_i), a uniform v in [0, 1)
+    for active entries independent of it, and the uniform draw u itself.
+
+    One uniform draw per entry serves both (u < p fires; then u / p is uniform), which halves
+    the cost of a batch.
+    """
+    u = torch.rand(n, p.shape[0], generator=g)
+    return u < p, u / p, u
+
+
+def magnitudes(active: Tensor, v: Tensor, mean: float, std: float) -> Tensor:
+    """Coefficients: 0 where inactive, else uniform on mean ± √3·std (so its standard deviation
+    is ``std``; ``v`` uniform in [0, 1)), clipped at 5% of the mean."""
+    half_width = std * math.sqrt(3.0)
+    values = (mean + half_width * (2 * v - 1)).clamp_min(0.05 * mean)
+    return torch.where(active, values, torch.zeros(()))
+
+
 class SyntheticData:
     """A ground-truth generator: ``batch(i, n)`` is the i-th batch of n tokens."""
 
@@ -234,11 +253,8 @@ class SyntheticData:
         return float(self.probabilities.sum())
 
     def _active(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """[n, F] activity and, for active entries, a uniform v in [0, 1) independent of it.
-
-        One uniform draw per entry serves both (u < p fires; then u / p is uniform), which
-        halves the cost of a batch.
-        """
+        """[n, F] activity and, for active entries, a uniform v in [0, 1) independent of it
+        (one uniform draw per entry serves both: :func:`bernoulli_activity`)."""
         cfg, F = self.cfg, self.cfg.n_features
         p = self.probabilities
         if cfg.kind == "correlated":
@@ -246,9 +262,7 @@ class SyntheticData:
             own = torch.randn(n, F, generator=g) * math.sqrt(1 - cfg.correlation_strength)
             u = 1 - torch.special.ndtr(shared + own)  # uniform; fires when u < p
             return u < p, u / p
-        u = torch.rand(n, F, generator=g)
-        active = u < p
-        v = u / p
+        active, v, u = bernoulli_activity(p, n, g)
         if cfg.kind == "hierarchical":
             P, C = cfg.n_parents, cfg.children_per_parent
             children = slice(P, P + P * C)
@@ -267,11 +281,7 @@ class SyntheticData:
         cfg = self.cfg
         g = torch.Generator().manual_seed(batch_seed(cfg.seed ^ (self.stream_seed << 32), index))
         active, v = self._active(n, g)
-        half_width = cfg.magnitude_std * math.sqrt(3.0)  # uniform on mean ± √3·std
-        magnitudes = (cfg.magnitude_mean + half_width * (2 * v - 1)).clamp_min(
-            0.05 * cfg.magnitude_mean
-        )
-        coefficients = torch.where(active, magnitudes, torch.zeros(()))
+        coefficients = magnitudes(active, v, cfg.magnitude_mean, cfg.magnitude_std)
         noise = cfg.noise_std * torch.randn(n, cfg.d, generator=g)
         x = torch.addmm(self.mean + noise, coefficients, self.input_directions)
         if cfg.d_out is not None:
