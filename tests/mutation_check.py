@@ -903,8 +903,8 @@ FAULTS = [
     Fault(
         "auxk-values-misaligned",
         "objective/revival.py",
-        "        pre_E = preacts.selected(value_Sk.reshape(-1), layout)",
-        "        pre_E = preacts.selected(value_Sk.sort(dim=1).values.reshape(-1), layout)",
+        "    pre_E = preacts.selected(value_Sk.reshape(-1), layout)",
+        "    pre_E = preacts.selected(value_Sk.sort(dim=1).values.reshape(-1), layout)",
         ("test_speed_paths.py", "test_kernels.py", "test_objective.py"),
     ),
     Fault(

@@ -28,6 +28,7 @@ from saekit.objective import losses
 if TYPE_CHECKING:
     from saekit.core.comm import Comm
     from saekit.core.encoding import ForwardOutput
+    from saekit.core.shard import LatentShard
 
 
 class ActivationConfig(KindConfig):
@@ -122,6 +123,15 @@ class Activation(nn.Module):
 
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         raise NotImplementedError
+
+    def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
+        """``encode`` on one part of a latent-sharded dictionary (saekit.train.latent_parallel):
+        ``view`` and this activation hold the part's M/T latents, and the latents returned are
+        the part's (local indices) of exactly what ``encode`` selects over all M (a selection
+        with a global view asks ``shard``'s collectives). An activation that is per-latent
+        (ReLU, JumpReLU) returns ``encode``; one without a sharded form leaves this default, and
+        a latent-parallel run refuses it."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent-sharded form")
 
     def l0_step(self, preacts: Preacts) -> Tensor:
         """H(pre − θ) [N, M] with a straight-through gradient to the thresholds (and, where the
