@@ -34,6 +34,8 @@ class LatentShard(NamedTuple):
     """The latent group: the T processes holding the other latents of the same tokens."""
     world: Comm
     """Every process of the run (D data groups × T): BatchTopK selects over the whole batch."""
+    data: Comm
+    """The data group: the D processes holding this part for the other tokens of the batch."""
     index: int
     """t, this part's latent rank."""
     count: int
@@ -54,7 +56,7 @@ class LatentShard(NamedTuple):
 
 def single_shard(d_sae: int, comm: Comm) -> LatentShard:
     """The whole dictionary on one part (T = 1): ``comm`` is then the identity."""
-    return LatentShard(comm, comm, 0, 1, d_sae)
+    return LatentShard(comm, comm, comm, 0, 1, d_sae)
 
 
 class _SumPartials(torch.autograd.Function):

@@ -133,12 +133,15 @@ def auxk_value(
     k_aux: int,
     alpha: float,
     normalizer: str,
+    variance: Tensor | None = None,
 ) -> Tensor:
     """L_aux = α · min(n_dead / k_aux, 1) · mean_s ‖ê_s − e_s‖² / V (:func:`auxk_loss`), V the
-    variance of the residual over all N tokens ``e_ND`` ("residual") or 1 ("none")."""
+    variance of the residual over all N tokens ``e_ND`` ("residual"; ``variance``: V computed
+    by the caller over a larger batch) or 1 ("none")."""
     mse = reconstruction_loss(e_SD, e_hat_SD)  # mean_s ‖ê_s − e_s‖², one fused kernel
     if normalizer == "residual":
-        variance = torch.var(e_ND, dim=0, correction=0).sum()  # mean_n ‖e_n − ē‖², one pass
+        if variance is None:
+            variance = torch.var(e_ND, dim=0, correction=0).sum()  # mean_n ‖e_n − ē‖², one pass
         mse = mse / variance.clamp_min(torch.finfo(variance.dtype).tiny)
     n_dead = n_dead.to(mse.dtype)
     return alpha * (n_dead / k_aux).clamp(max=1.0) * mse

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from saekit.core.comm import Comm
 from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode
 from saekit.core.shard import LatentShard, sum_partials
 from saekit.kernels.select import auxk_select
@@ -113,6 +114,21 @@ def auxk_part(
     return revival.selected_decode(preacts, latent_Nk, kept_Nk, value_Nk, W_dec_MD)
 
 
+def batch_variance(e_ND: Tensor, data: Comm) -> Tensor | None:
+    """AuxK's normaliser V = mean_n ‖e_n − ē‖² over the WHOLE batch, every data group's tokens
+    (Σ_n e_n and Σ_n ‖e_n‖² summed over the data group in float64: one all-reduce of d + 1
+    numbers), so AuxK's "residual" normaliser is one process's with D > 1 too; None (the
+    group's own tokens are the batch) with one data group."""
+    if data.world_size == 1:
+        return None
+    e64 = e_ND.double()
+    sums = data.all_reduce(torch.cat([e64.sum(0), e64.square().sum().reshape(1)]), "sum",
+                           "AuxK residual variance")  # fmt: skip
+    n_tokens = e_ND.shape[0] * data.world_size
+    mean_D = sums[:-1] / n_tokens
+    return (sums[-1] / n_tokens - mean_D.square().sum()).to(e_ND.dtype)
+
+
 class ShardedObjective:
     """One part's loss (module docstring), built from the same config as the whole
     dictionary's :func:`saekit.objective.terms.build_objective`, whose checks run first."""
@@ -189,8 +205,10 @@ class ShardedObjective:
                 e_ND = revival.input_target(s.target_n, offset)
             else:
                 e_ND = (s.target_n - x_hat_n).detach()
+            cfg = self.auxk
+            variance = batch_variance(e_ND, shard.data) if cfg.normalizer == "residual" else None
             revival_value = revival.auxk_value(
-                e_ND, e_hat_ND, e_ND, n_dead, k_aux, self.auxk.coefficient, self.auxk.normalizer
+                e_ND, e_hat_ND, e_ND, n_dead, k_aux, cfg.coefficient, cfg.normalizer, variance
             )
         # 4. this part's share of the penalty (the quadratic L0 penalty: from the sums)
         penalty = None

@@ -131,7 +131,7 @@ class LatentMember(Member):
         part = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, d_sae=M // T))
         super().__init__(part, total_steps, device, mesh.world)
         self.cfg, self.mesh = cfg, mesh
-        self.shard = LatentShard(mesh.latent, mesh.world, mesh.latent_index, T, M)
+        self.shard = LatentShard(mesh.latent, mesh.world, mesh.data, mesh.latent_index, T, M)
         init_part_(self.sae, cfg.seed, self.shard)
         self.dead_set = GroupDeadSet(cfg.dead_tokens, mesh.latent)
         self.objective = ShardedObjective(type(self.sae.activation), cfg.penalty, cfg.revival)
@@ -145,7 +145,7 @@ class LatentMember(Member):
         if self.mesh.world.world_size == 1:
             return
         tensors = [v for k, v in self.sae.state_dict().items() if k not in self.part_names]
-        for dtype in {t.dtype for t in tensors}:
+        for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every rank
             same = [t for t in tensors if t.dtype == dtype]
             bucket = torch.cat([t.reshape(-1) for t in same])
             self.mesh.world.broadcast(bucket, 0, f"initial {self.cfg.name}")

@@ -128,7 +128,7 @@ class Member:
         if self.comm.world_size == 1:
             return
         tensors = list(self.sae.state_dict().values())
-        for dtype in {t.dtype for t in tensors}:
+        for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every rank
             same = [t for t in tensors if t.dtype == dtype]
             bucket = torch.cat([t.reshape(-1) for t in same])
             self.comm.broadcast(bucket, 0, f"initial {self.cfg.name}")
