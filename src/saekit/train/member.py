@@ -250,7 +250,8 @@ class Member:
         state["prefix_generator"] = self.prefix_generator.get_state()
         if self.controller is not None:
             for key, value in self.controller.state_dict().items():
-                state[f"controller.{key}"] = torch.as_tensor(value)
+                # float64: as float32, rate 0.01 would resume as 0.00999999977
+                state[f"controller.{key}"] = torch.as_tensor(value, dtype=torch.float64)
         return state
 
     def state_meta(self) -> dict:
