@@ -32,13 +32,13 @@ class ParallelMesh:
     """Latent parallelism: every SAE's latents split over ``latent`` processes, each batch over
     ``data`` groups of them (data × latent = the number of processes)."""
 
-    latent: int = 1
-    """T: processes holding one SAE's latents between them (d_sae / T each)."""
     data: int = 0
     """D: groups that split each batch (0: the number of processes / latent)."""
+    latent: int = 1
+    """T: processes holding one SAE's latents between them (d_sae / T each)."""
 
     def validate(self) -> None:
-        for name, low in (("latent", 1), ("data", 0)):
+        for name, low in (("data", 0), ("latent", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"parallel.{name} must be an integer >= {low}, got {value!r}")
