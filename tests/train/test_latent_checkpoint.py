@@ -58,7 +58,9 @@ def test_a_resume_on_another_mesh_continues_the_run_exactly(tmp_path, expected, 
     """Stopped at step 10 on one (D, T), resumed on another: after 20 steps the same states as
     one process that never stopped (weights, Adam moments, dead counters, θ, λ)."""
     run_dir = tmp_path / "run"
-    run_mesh(run_config(run_dir, SAES, {"data": first[0], "latent": first[1]}), *first, stop_at(STOP))
+    run_mesh(
+        run_config(run_dir, SAES, {"data": first[0], "latent": first[1]}), *first, stop_at(STOP)
+    )
     meta = json.loads((checkpoint_dir(run_dir) / "state.json").read_text())
     assert meta["step"] == STOP and meta["latent"]["parts"] == first[1]
     assert sorted(p.name for p in checkpoint_dir(run_dir).iterdir()) == sorted(

@@ -59,8 +59,9 @@ MATRYOSHKA_L1 = sae(
     matryoshka={"kind": "fixed", "groups": [10, 30, 24]},  # prefix ends inside parts
     seed=8,
 )
+HTOPK = sae({"kind": "hierarchical_topk", "k": 3}, seed=9)
 SAES = [TOPK_AUXK, BATCHTOPK, JUMPRELU_L0, MATRYOSHKA, RELU_L1, QUADRATIC, INPUT_BATCHTOPK]
-SAES.append(MATRYOSHKA_L1)
+SAES += [MATRYOSHKA_L1, HTOPK]
 TRANSCODER = copy.deepcopy(TOPK_AUXK)
 TRANSCODER["sae"]["skip"] = True
 
@@ -277,16 +278,14 @@ def assert_same(expected: dict, got: dict) -> None:
 # ----------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize(
-    ("D", "T"), [(1, 2), pytest.param(1, 4, marks=pytest.mark.slow), (2, 2)]
-)
+@pytest.mark.parametrize(("D", "T"), [(1, 2), pytest.param(1, 4, marks=pytest.mark.slow), (2, 2)])
 def test_a_latent_sharded_run_selects_and_trains_as_one_process(
     tmp_path, reference, selections, D, T
 ):
     """Every configuration at once (TopK + AuxK, BatchTopK, JumpReLU with the L0 controller,
     Matryoshka, ReLU + L1, the quadratic L0 penalty, the input revival, Matryoshka prefixes
-    inside a part): the same latents at every one of 20 steps, the same weights, Adam moments
-    and dead counters after them, on every mesh."""
+    inside a part, HierarchicalTopK): the same latents at every one of 20 steps, the same
+    weights, Adam moments and dead counters after them, on every mesh."""
     expected, reference = reference
     trainers = run_mesh(run_config(tmp_path / "mesh", SAES, {"data": D, "latent": T}), D, T)
     got = assemble(selections, D, T)
@@ -382,7 +381,14 @@ def test_sum_partials_sums_forward_and_passes_the_gradient_and_scale_grad_scales
         ({"saes": [sae({"kind": "topk", "k": 3}, revival={"kind": "preact"})]}, "'preact'"),
         ({"saes": [sae({"kind": "topk", "k": 20})]}, "exceeds d_sae = 16 per process"),
         ({"saes": [sae("gated", penalty={"kind": "l1", "coefficient": 0.1})]}, "no latent-sharded"),
-        ({"saes": [sae({"kind": "hierarchical_topk", "k": 3})]}, "reconstruction_loss"),
+        (
+            {
+                "saes": [
+                    sae({"kind": "topk", "k": 3}, revival={"kind": "auxk", "token_fraction": 0.5})
+                ]
+            },
+            "token_fraction < 1 has no latent-sharded form",
+        ),
         ({"parallel": {"latent": 0}}, "parallel.latent must be an integer >= 1"),
         ({"parallel": {"latent": 3}}, "not divisible by parallel.latent = 3"),
     ],

@@ -156,6 +156,16 @@ class Activation(nn.Module):
         overridden (HierarchicalTopK: the mean over every prefix k' ≤ K)."""
         return losses.reconstruction_loss(out.target(), out.x_hat_n)
 
+    def reconstruction_blocks(
+        self, view: EncoderView, latents: Tensor | SparseCode, shard: LatentShard
+    ) -> Tensor:
+        """Where ``reconstruction_loss`` is the mean of the prefix errors of blocks δ_j (each
+        prefix's prediction is b_dec + Σ_{j' ≤ j} δ_j'), this part's share of the blocks
+        [B, N, d_out] of a latent-sharded dictionary (HierarchicalTopK: each token's rank
+        positions); saekit.objective.sharded sums them over the parts. Only an activation that
+        overrides ``reconstruction_loss`` that way implements it."""
+        raise NotImplementedError(f"{type(self).__name__} has no sharded reconstruction blocks")
+
     def penalty_latents(self, enc: Encoding) -> Tensor | SparseCode:
         """What the sparsity penalty is applied to: the latents unless overridden (Gated: the
         gate's ReLU pre-activations)."""

@@ -1,8 +1,8 @@
 """Collectives: what the ranks of a run can do together, and the one-process identity.
 
 A ``Comm`` does collectives and nothing else: all-reduce with an op, all-gather, broadcast,
-gather, barrier and the agreement to stop. Who calls which collective when (the gradient all-reduce of a
-data-parallel step, which rank writes a checkpoint) is the caller's: the training step
+gather, barrier and the agreement to stop. Who calls which collective when (the gradient
+all-reduce of a data-parallel step, which rank writes a checkpoint) is the caller's: the step
 (:mod:`saekit.train.member`), the trainer and :mod:`saekit.train.parallel`. The process-group
 implementation is :class:`saekit.train.comm.ProcessGroupComm`; :class:`LocalComm` is one process,
 where every collective is the identity.

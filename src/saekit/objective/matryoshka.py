@@ -118,9 +118,7 @@ def block_deltas(
         return deltas.view(n_prefixes, n_tokens, -1)
     z_NM = latents.reshape(-1, latents.shape[-1])
     bounds = [min(max(p - first_latent, 0), rows) for p in [0, *ends]]
-    return torch.stack(
-        [z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in itertools.pairwise(bounds)]
-    )
+    return torch.stack([z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in itertools.pairwise(bounds)])
 
 
 def matryoshka_reconstruction_loss(

@@ -152,8 +152,10 @@ class ShardedObjective:
                 "revival.token_fraction < 1 has no latent-sharded form yet (the parts would "
                 "draw their token subsets apart): use 1 with parallel.latent"
             )
-        for hook in ("reconstruction_loss", "auxiliary_loss"):
-            if activation.overrides(hook):
+        self.blocks = activation.overrides("reconstruction_loss")
+        for hook, sharded in (("reconstruction_loss", "reconstruction_blocks"),
+                              ("auxiliary_loss", None)):  # fmt: skip
+            if activation.overrides(hook) and not (sharded and activation.overrides(sharded)):
                 raise ValueError(
                     f"sae.activation.kind {kind!r} has its own {hook}, which has no "
                     "latent-sharded form yet (parallel.latent)"
@@ -168,7 +170,9 @@ class ShardedObjective:
         quadratic = isinstance(self.penalty, QuadraticL0Penalty)
         auxk = self.auxk is not None and s.dead_anywhere
         # 1. the partial sums, in one flat buffer
-        if s.prefixes is None:
+        if self.blocks:  # the activation's own blocks (HierarchicalTopK: rank positions)
+            parts = [s.activation.reconstruction_blocks(view, latents, shard)]
+        elif s.prefixes is None:
             parts = [decode_part(latents, W_dec)]
         else:
             parts = [matryoshka.block_deltas(latents, W_dec, s.prefixes, shard.offset, shard.d_sae)]
@@ -189,11 +193,11 @@ class ShardedObjective:
         ))  # fmt: skip
         # 3. the terms computed from the sums, the same on every part
         offset = view.decoder_offset_n(s.x_n)
-        if s.prefixes is None:
+        if s.prefixes is None and not self.blocks:
             x_hat_n = next(sums).view(n_tokens, d_out) + offset
             rec = losses.reconstruction_loss(s.target_n, x_hat_n)
-        else:
-            delta_PND = next(sums).view(len(s.prefixes), n_tokens, d_out)
+        else:  # the mean of every prefix's error (Matryoshka; the activation's blocks)
+            delta_PND = next(sums).view(-1, n_tokens, d_out)
             rec = matryoshka.prefix_mse(delta_PND, s.target_n - offset).mean()
             x_hat_n = delta_PND.sum(0) + offset
         revival_value = None

@@ -126,7 +126,9 @@ class LatentMember(Member):
     """A Member holding one part of its SAE (``self.sae``: d_sae = M / T; ``self.cfg``: the
     whole SAE's config)."""
 
-    def __init__(self, cfg: SAETrainConfig, total_steps: int, device: torch.device | str, mesh: Mesh):
+    def __init__(
+        self, cfg: SAETrainConfig, total_steps: int, device: torch.device | str, mesh: Mesh
+    ):
         M, T = cfg.sae.d_sae, mesh.T
         part = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, d_sae=M // T))
         super().__init__(part, total_steps, device, mesh.world)
@@ -250,7 +252,9 @@ class LatentMember(Member):
         if mesh.D > 1:
             _bucket_reduce(rows, mesh.data, "avg", f"gradients of {self.cfg.name}", 1)
         if mesh.world.world_size > 1:
-            _bucket_reduce(shared, mesh.world, "sum", f"shared gradients of {self.cfg.name}", mesh.D)
+            _bucket_reduce(
+                shared, mesh.world, "sum", f"shared gradients of {self.cfg.name}", mesh.D
+            )
 
     def clip_gradients(self, max_norm: float) -> None:
         """``clip_grad_norm_`` at the norm of the WHOLE SAE's gradient: Σ over parts of the

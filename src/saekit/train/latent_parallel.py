@@ -95,7 +95,9 @@ class LatentTrainer(Trainer):
             try:
                 member.load_state(tensors, meta)
             except (RuntimeError, KeyError, ValueError) as exc:
-                raise CheckpointError(f"{self.checkpoint_dir}: SAE {member.cfg.name}: {exc}") from exc
+                raise CheckpointError(
+                    f"{self.checkpoint_dir}: SAE {member.cfg.name}: {exc}"
+                ) from exc
         self.step = step
         device = torch.device(self.cfg.device)
         self._sums = [
@@ -172,7 +174,10 @@ def build_latent_trainer(
     main = mesh.world.is_main
     rank_cfg = dataclasses.replace(cfg, device=device, progress=cfg.progress and main)
     source, eval_source = cfg.data.latent_parallel_sources(
-        stream_settings(rank_cfg), mesh.data_index, mesh.D, mesh.latent  # type: ignore[arg-type]
+        stream_settings(rank_cfg),
+        mesh.data_index,
+        mesh.D,
+        mesh.latent,  # type: ignore[arg-type]
     )
     check_source_width(cfg, source)
     return LatentTrainer(rank_cfg, source, mesh), eval_source
