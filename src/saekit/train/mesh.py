@@ -55,6 +55,13 @@ class ParallelMesh:
         return D, T
 
 
+def check_processes(parallel: object, n_processes: int) -> None:
+    """Before a launch: the mesh of ``parallel: {data, latent}`` fits ``n_processes`` (one-line
+    ValueError); nothing to check for data or sweep."""
+    if isinstance(parallel, ParallelMesh):
+        parallel.shape(n_processes)
+
+
 def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
     """Every SAE splits into T parts and has a sharded form, or a ValueError naming it."""
     for i, s in enumerate(saes):
