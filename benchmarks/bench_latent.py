@@ -50,7 +50,7 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _rank(rank: int, port: int, T: int, args: dict, out: str) -> None:
+def _rank(rank: int, port: int, T: int, args: dict, out: str, device: str = "cpu") -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(T),
@@ -75,8 +75,13 @@ def _rank(rank: int, port: int, T: int, args: dict, out: str) -> None:
             tally[f"all_gather {what}"].append(x.numel() * x.element_size())
             return super().all_gather(x, what)
 
-    ctx = init_from_env("cpu")
-    baseline = peak_mib()
+    ctx = init_from_env(device)  # cuda: NCCL, one GPU per rank
+    cuda = ctx.device.type == "cuda"
+
+    def peak() -> float:
+        return torch.cuda.max_memory_allocated(ctx.device) / 2**20 if cuda else peak_mib()
+
+    baseline = peak()
     d, M, k, N = args["d"], args["M"], args["k"], args["batch"]
     cfg = build_run_config(
         {
@@ -95,6 +100,7 @@ def _rank(rank: int, port: int, T: int, args: dict, out: str) -> None:
             "out_dir": out,
             "progress": False,
             "parallel": {"latent": T},
+            "device": str(ctx.device),
         }
     )
     world = Counting(ctx)
@@ -102,7 +108,7 @@ def _rank(rank: int, port: int, T: int, args: dict, out: str) -> None:
     source, _ = cfg.data.latent_parallel_sources(stream_settings(cfg), 0, 1, mesh.latent)
     trainer = LatentTrainer(cfg, source, mesh)
     trainer.save_checkpoint = lambda: None  # measured: the training steps only
-    built = peak_mib()
+    built = peak()
     tally.clear()
     start = time.perf_counter()
     trainer.fit(progress=False)
@@ -111,7 +117,7 @@ def _rank(rank: int, port: int, T: int, args: dict, out: str) -> None:
         "rank": rank,
         "baseline_mib": baseline,
         "built_mib": built,
-        "peak_mib": peak_mib(),
+        "peak_mib": peak(),
         "seconds_per_step": seconds,
         "collectives": {what: sizes for what, sizes in tally.items()},
     }
@@ -119,26 +125,31 @@ def _rank(rank: int, port: int, T: int, args: dict, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def measure(T: int, args: dict) -> list[dict]:
+def measure(T: int, args: dict, device: str = "cpu") -> list[dict]:
+    """Each rank's record (peak memory: RSS on the CPU, allocated bytes on a GPU)."""
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
-            _rank, args=(free_port(), T, args, out), nprocs=T, join=True, start_method="spawn"
-        )
+            _rank, args=(free_port(), T, args, out, device), nprocs=T, join=True,
+            start_method="spawn",
+        )  # fmt: skip
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(T)]
 
 
-def formula_bytes(what: str, T: int, d: int, N: int, k: int) -> str:
-    """The payload per rank each collective should have (float32 = 4 bytes)."""
+def formula_bytes(what: str, T: int, d: int, N: int, k: int) -> tuple[str, str]:
+    """The payload per rank each collective should have (float32 = 4 bytes), and what a ring
+    sends per rank for it: all-reduce 2·(T−1)/T of the payload, all-gather (T−1)× it."""
     table = {
-        "all_gather TopK candidates": (N * k * 4, "N·k·4"),
-        "all_reduce decoder partial sums": (N * d * 4, "N·d·4"),
-        "all_gather AuxK candidates": (N * (d // 2) * 4, "N·(d/2)·4"),
-        "all_reduce shared gradients of wide": (d * 4, "d·4 (b_dec)"),
+        "all_gather TopK candidates": (N * k * 4, "N·k·4", "gather"),
+        # AuxK's ê and dead count ride in the same all-reduce while a latent is dead
+        "all_reduce decoder partial sums": ((2 * N * d + 1) * 4, "(N·d + N·d + 1)·4", "reduce"),
+        "all_gather AuxK candidates": (N * (d // 2) * 4, "N·(d/2)·4", "gather"),
+        "all_reduce shared gradients of wide": (d * 4, "d·4 (b_dec)", "reduce"),
     }
-    if what in table:
-        value, text = table[what]
-        return f"{text} = {value:,}"
-    return "a few scalars"
+    if what not in table:
+        return "a few scalars", ""
+    value, text, kind = table[what]
+    sent = (T - 1) * value if kind == "gather" else 2 * (T - 1) / T * value
+    return f"{text} = {value:,}", f"{sent:,.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,15 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         step_ms = 1e3 * max(r["seconds_per_step"] for r in ranks)
         print(f"| {T} | {peak:,.0f} | {base:,.0f} | {peak - base:,.0f} | {step_ms:,.0f} |")
     print("\nBytes each collective sends per rank per step (measured payload, T = 4, rank 0):\n")
-    print("| collective | calls/step | bytes per call | formula |")
-    print("|---|---|---|---|")
+    print("| collective | calls/step | bytes per call | formula | ring: sent per rank |")
+    print("|---|---|---|---|---|")
     rank0 = per_t[4][0]["collectives"]
     for what, sizes in sorted(rank0.items()):
         calls = len(sizes) / args["steps"]
-        print(
-            f"| {what} | {calls:g} | {max(sizes):,} | "
-            f"{formula_bytes(what, 4, d, opts.batch, 32)} |"
-        )
+        formula, sent = formula_bytes(what, 4, d, opts.batch, 32)
+        print(f"| {what} | {calls:g} | {max(sizes):,} | {formula} | {sent} |")
     return 0
 
 
