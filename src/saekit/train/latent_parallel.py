@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,12 +44,13 @@ from saekit.train.config import RunConfig, check_source_width, stream_settings
 from saekit.train.latent_checkpoint import load_latent_checkpoint, save_latent_checkpoint
 from saekit.train.latent_member import LatentMember
 from saekit.train.launch import DistContext
+from saekit.train.member import Member
 from saekit.train.member_config import SAETrainConfig
 from saekit.train.mesh import Mesh, ParallelMesh, build_mesh, local_mesh
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
 from saekit.train.parallel import PARALLEL_FILE, gather_indexed
 from saekit.train.reports import MemberReport
-from saekit.train.trainer import Trainer
+from saekit.train.trainer import LogRecord, Trainer
 
 
 class LatentTrainer(Trainer):
@@ -184,18 +186,22 @@ def build_latent_trainer(
 
 
 def run_latent(
-    cfg: RunConfig, ctx: DistContext | None, resume: bool = False
+    cfg: RunConfig,
+    ctx: DistContext | None,
+    resume: bool = False,
+    callbacks: list[Callable[[Member, LogRecord], None]] | None = None,
 ) -> tuple[LatentTrainer, list[MemberReport]]:
     """Train, checkpoint, gather, evaluate and save a latent-parallel run on this rank; the
-    reports on rank 0 ([] elsewhere)."""
+    reports on rank 0 ([] elsewhere). ``callbacks``: the trainer's log callbacks (wandb)."""
     trainer, eval_source = build_latent_trainer(cfg, ctx)
+    trainer.log_callbacks.extend(callbacks or [])
     mesh = trainer.mesh
-    if mesh.world.is_main:
-        write_run_config(cfg)
     if resume and _has_checkpoint(trainer.out_dir):
         trainer.load_checkpoint()
     else:
         trainer.trim_metrics()
+    if mesh.world.is_main:  # after the checkpoint loaded: a failed resume leaves it as it was
+        write_run_config(cfg)
     trainer.fit()
     reports: list[MemberReport] = []
     saes: dict[str, SAE] = {}

@@ -41,7 +41,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[Me
         torch.set_num_threads(cfg.threads)
     check_fits(cfg)
     if isinstance(cfg.parallel, ParallelMesh):  # one process of latent parallelism: T = 1
-        return run_latent(cfg, None, resume)
+        return run_latent(cfg, None, resume, [wandb_logger(cfg)] if cfg.wandb_project else [])
     if not resume:
         write_run_config(cfg)
     source = make_source(cfg)
