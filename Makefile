@@ -26,8 +26,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# The other SAE libraries (sae-lens, eai-sparsify, dictionary-learning) and SAEBench (sae-bench:
-# tests/interop/test_saebench.py) in their own venv, torch
+# The other SAE libraries (sae-lens, eai-sparsify, dictionary-learning, circuit-tracer) and
+# SAEBench (sae-bench: tests/interop/test_saebench.py) in their own venv, torch
 # pinned to the same CPU build; tests/interop load saekit's exports with them and import theirs.
 BENCHENV := .benchenv
 BENCHSTAMP := $(BENCHENV)/.interop-installed
@@ -41,10 +41,22 @@ $(BENCHSTAMP): constraints.txt
 	$(BENCHENV)/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(BENCHSTAMP)
 
-interop-env: $(BENCHSTAMP)
+# circuit-tracer (tests/interop/test_circuit_tracer_real.py) with --no-deps: 0.5.0 pins
+# transformers<=4.57.3 and huggingface-hub<1 for its replacement models, which would downgrade
+# transformers, transformer-lens and huggingface-hub under sae-lens and sae-bench; the tests use
+# only its transcoder classes and loaders (torch, safetensors, numpy, already here). Its own
+# stamp, so a venv built before it gets it too.
+CTSTAMP := $(BENCHENV)/.circuit-tracer-installed
+
+$(CTSTAMP): $(BENCHSTAMP)
+	$(BENCHENV)/bin/pip install -q -c constraints.txt --no-deps circuit-tracer==0.5.0
+	$(BENCHENV)/bin/python -c "import circuit_tracer.transcoder.cross_layer_transcoder, circuit_tracer.transcoder.single_layer_transcoder"
+	touch $(CTSTAMP)
+
+interop-env: $(BENCHSTAMP) $(CTSTAMP)
 
 # Round trips with the real libraries (~45 s, most of it importing sae_lens); CI runs them.
-test-interop: $(STAMP) $(BENCHSTAMP)
+test-interop: $(STAMP) $(BENCHSTAMP) $(CTSTAMP)
 	$(PY) -m pytest -q -m interop
 
 # Every named deliberate fault must fail the suite (tests/mutation_check.py); CI runs it.

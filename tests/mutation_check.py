@@ -46,6 +46,7 @@ REAL_LIBRARIES = (
     "test_saebench.py",
     "test_transcoders_real.py",
     "test_saelens_world_real.py",
+    "test_circuit_tracer_real.py",
 )
 
 
@@ -304,9 +305,9 @@ FAULTS = [
     ),
     Fault(
         "nan-weights-loaded",
-        "model/sae.py",
-        "        if nonfinite:  # a diverged run's",
-        "        if False:  # a diverged run's",
+        "model/format.py",
+        "    if nonfinite:  # a diverged run's",
+        "    if False:  # a diverged run's",
         ("test_accepted_nonsense.py",),
     ),
     Fault(
@@ -369,8 +370,8 @@ FAULTS = [
     Fault(
         "penalty-not-decoder-weighted",
         "objective/terms.py",
-        "            inputs.sae.encoder_view().W_dec.norm(dim=-1),\n",
-        "            inputs.sae.encoder_view().W_dec.norm(dim=-1).detach() * 0 + 1,\n",
+        "            inputs.sae.encoder_view().decoder_norms(),\n",
+        "            inputs.sae.encoder_view().decoder_norms().detach() * 0 + 1,\n",
         ("test_objective.py", "test_losses.py"),
     ),
     Fault(
@@ -426,16 +427,16 @@ FAULTS = [
         also=(
             (
                 "activations/topk.py",
-                "        values_Nk, _ = topk_select(enc.preacts.detached, self.cfg.k)",
-                "        values_Nk, _ = topk_select(enc.preacts.dense(), self.cfg.k)",
+                "        values_Nk, _ = self.select(enc.preacts.detached, self.cfg.k)",
+                "        values_Nk, _ = self.select(enc.preacts.dense(), self.cfg.k)",
             ),
         ),
     ),
     Fault(
         "topk-firing-threshold-is-the-largest",
         "activations/topk.py",
-        "        return torch.relu(values_Nk.min(-1, keepdim=True).values)",
-        "        return torch.relu(values_Nk.max(-1, keepdim=True).values)",
+        "        min_NG = values_Nk.reshape(values_Nk.shape[0], self.groups, -1).min(-1).values",
+        "        min_NG = values_Nk.reshape(values_Nk.shape[0], self.groups, -1).max(-1).values",
         ("test_objective.py", "test_activations.py"),
     ),
     Fault(
@@ -490,8 +491,8 @@ FAULTS = [
     Fault(
         "interop-circuit-tracer-threshold-dropped",
         "interop/circuit_tracer.py",
-        "        tensors[THRESHOLD] = p.threshold.to(p.W_enc.dtype)",
-        "        pass",
+        "            tensors[THRESHOLD] = p.threshold.to(p.W_enc.dtype)",
+        "            pass",
         ("test_interop_transcoders.py",),
     ),
     Fault(
@@ -499,6 +500,66 @@ FAULTS = [
         "interop/gemma_scope.py",
         "    p.W_skip = t[SKIP].T.contiguous() if SKIP in t else None",
         "    p.W_skip = t[SKIP].contiguous() if SKIP in t else None",
+        ("test_interop_transcoders.py",),
+    ),
+    # ----------------------------------------------------------------- CLT exchange (issue 24)
+    Fault(
+        "interop-clt-scale-not-folded",
+        "interop/portable_clt.py",
+        "    folded = clt.folded_copy()",
+        "    folded = clt",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-clt-threshold-latent-order",  # θ of latent l·M + i is layer l's latent i
+        "interop/portable_clt.py",
+        "        threshold=None if form.threshold is None else form.threshold.reshape(L, M),",
+        "        threshold=None if form.threshold is None else form.threshold.reshape(M, L).T,",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-clt-threshold-dropped",
+        "interop/circuit_tracer_clt.py",
+        '            enc[f"threshold_{i}"] = pc.threshold[i].to(pc.W_enc.dtype)',
+        "            pass",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-clt-bias-of-layer-0",  # b_dec_i is target i's bias
+        "interop/circuit_tracer_clt.py",
+        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], '
+        'f"b_dec_{i}": pc.b_dec[i]}',
+        '        enc = {f"W_enc_{i}": pc.W_enc[i], f"b_enc_{i}": pc.b_enc[i], '
+        'f"b_dec_{i}": pc.b_dec[0]}',
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-gemma-scope-clt-decoders-not-from-own-layer",  # w_dec[:, l:], not the first L − l
+        "interop/gemma_scope_clt.py",
+        "        [w[:, layer:].contiguous() for layer, w in enumerate(w_dec)],",
+        "        [w[:, : n - layer].contiguous() for layer, w in enumerate(w_dec)],",
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-gemma-scope-clt-threshold-not-clamped",
+        "interop/gemma_scope_clt.py",
+        '        threshold=stack["threshold"].clamp_min(0.0),  # ReLU(pre)·H(pre − θ), see above',
+        '        threshold=stack["threshold"],',
+        ("test_interop_clt.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-import-threshold-ignored",
+        "interop/circuit_tracer.py",
+        '        "jumprelu" if THRESHOLD in t else "relu", t["W_enc"], t["b_enc"], t["W_dec"], '
+        't["b_dec"]',
+        '        "relu", t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]',
+        ("test_interop_transcoders.py",),
+    ),
+    Fault(
+        "interop-circuit-tracer-set-layer-by-position",  # layer_N holds the transcoder of block N
+        "interop/circuit_tracer.py",
+        "    for layer, p in sorted(zip(layers, ps, strict=True), key=lambda pair: pair[0]):",
+        "    for layer, p in zip(sorted(layers), ps, strict=True):",
         ("test_interop_transcoders.py",),
     ),
     Fault(
@@ -696,8 +757,8 @@ FAULTS = [
     Fault(
         "abstopk-relus-kept-values",
         "activations/abstopk.py",
-        "        values_E = pre.attach(values_Nk.reshape(-1), layout)",
-        "        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))",
+        "        return values  # signed: no ReLU",
+        "        return torch.relu(values)  # signed: no ReLU",
         ("test_arch_abstopk.py",),
     ),
     Fault(
@@ -917,8 +978,8 @@ FAULTS = [
     Fault(
         "parallel-grad-unit-rows-assumed",
         "model/sae.py",
-        '        coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M',
-        '        coef_M = torch.einsum("md,md->m", G_w, W_w)',
+        '    coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M',
+        '    coef_M = torch.einsum("md,md->m", G_w, W_w)',
         ("test_sae.py",),
     ),
     Fault(
@@ -959,8 +1020,8 @@ FAULTS = [
     Fault(
         "parallel-grad-coefficients-in-fp16",
         "model/sae.py",
-        "        work = torch.promote_types(W.dtype, torch.float32)",
-        "        work = W.dtype",
+        "    work = torch.promote_types(W_MD.dtype, torch.float32)",
+        "    work = W_MD.dtype",
         ("test_sae.py",),
     ),
     Fault(
@@ -1265,8 +1326,141 @@ FAULTS = [
         "    return kl_weight * kl + (1 - kl_weight) * mse, kl, mse",
         ("test_finetune.py",),
     ),
+    # ------------------------------------------------- cross-layer transcoders, crosscoders
+    Fault(
+        "clt-encoder-reads-layer-0",
+        "kernels/layered.py",
+        "torch.addmm(b_enc_LM[l], x_NLD[:, l], W_enc_LMD[l].T)",
+        "torch.addmm(b_enc_LM[l], x_NLD[:, 0], W_enc_LMD[l].T)",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-sparse-encoder-grad-from-layer-0",
+        "kernels/layered.py",
+        "rows_E = layout.token * n_layers + torch.div(",
+        "rows_E = layout.token * n_layers + 0 * torch.div(",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-sparse-decode-into-earlier-targets",
+        "kernels/layered.py",
+        "        out[:, layer * d_out :] += part.to(dtype)",
+        "        out[:, : (n_layers - layer) * d_out] += part.to(dtype)",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-sparse-decode-layers-out-of-order",
+        "kernels/layered.py",
+        "    order = torch.sort(layer_E, stable=True).indices",
+        "    order = torch.sort(layer_E, stable=True, descending=True).indices",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-dense-decode-into-earlier-targets",
+        "model/clt.py",
+        "            out[:, layer * d_out :] += z @ self.W_dec[layer].view(M, -1)",
+        "            out[:, : (L - layer) * d_out] += z @ self.W_dec[layer].view(M, -1)",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-penalty-weighted-by-own-target-only",
+        "model/clt.py",
+        "        norms = [W.reshape(M, -1).norm(dim=-1) for W in self.W_dec]",
+        "        norms = [W[:, 0].norm(dim=-1) for W in self.W_dec]",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-one-scale-for-every-layer",
+        "model/clt.py",
+        "        s = scale.view(L, 1)",
+        "        s = scale[0]",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-target-scale-is-the-input-scale",
+        "model/clt.py",
+        "            t = estimate_scale(y_l)",
+        "            t = s",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-fold-scales-misaligned",
+        "model/clt.py",
+        "            W *= t[layer:].view(1, L - layer, 1)",
+        "            W *= t[: L - layer].view(1, L - layer, 1)",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-unit-norm-per-target",
+        "model/clt.py",
+        "            normalize_rows_(W.view(self.cfg.d_sae, -1))",
+        "            normalize_rows_(W.view(-1, W.shape[-1]))",
+        ("test_clt.py", "test_clt_training.py"),
+    ),
+    Fault(
+        "clt-topk-across-layers",
+        "activations/topk.py",
+        "    if groups == 1:\n",
+        "    if True:  # FAULT: k per token over all layers\n",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "clt-firing-threshold-groups-interleaved",
+        "activations/topk.py",
+        "min_NG.repeat_interleave(d_sae // groups, dim=1)",
+        "min_NG.repeat(1, d_sae // groups)",
+        ("test_clt.py",),
+    ),
+    Fault(
+        "crosscoder-penalty-norm-of-concatenation",
+        "model/crosscoder.py",
+        "        return self.W_dec.norm(dim=-1).sum(0)",
+        "        return self.W_dec.norm(dim=(0, 2))",
+        ("test_crosscoder.py",),
+    ),
+    Fault(
+        "crosscoder-encoder-uncentred",
+        "model/crosscoder.py",
+        "            self.b_enc,\n            b_dec,\n",
+        "            self.b_enc,\n            torch.zeros_like(b_dec),\n",
+        ("test_crosscoder.py",),
+    ),
+    Fault(
+        "crosscoder-rows-not-per-latent",
+        "model/crosscoder.py",
+        "        return W_SMD.permute(1, 0, 2).reshape(M, S * d)",
+        "        return W_SMD.reshape(M, S * d)",
+        ("test_crosscoder.py",),
+    ),
+    Fault(
+        "crosscoder-one-scale-for-every-source",
+        "model/crosscoder.py",
+        "        s = self.scale.view(S, 1)",
+        "        s = self.scale[0]",
+        ("test_crosscoder.py",),
+    ),
+    Fault(
+        "crosscoder-fold-skips-b_dec",
+        "model/crosscoder.py",
+        "        self.b_dec *= s.view(S, 1)\n",
+        "",
+        ("test_crosscoder.py",),
+    ),
+    Fault(
+        "hook-lists-drop-the-targets",
+        "data/hook_columns.py",
+        "    return inputs + targets",
+        "    return inputs",
+        ("test_clt_training.py",),
+    ),
+    Fault(
+        "clt-layers-counted-with-targets",
+        "train/config.py",
+        '    fields: dict[str, Any] = {cls.count_field: len(inputs), "hooks": inputs}',
+        '    fields: dict[str, Any] = {cls.count_field: len(inputs + targets), "hooks": inputs}',
+        ("test_clt_training.py",),
+    ),
 ]
-
 
 # ------------------------------------------------------------------------------ machinery
 

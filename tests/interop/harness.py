@@ -42,13 +42,13 @@ def require_other_python() -> Path:
     return python
 
 
-def run_bridge(jobs: list[dict], work: Path) -> None:
+def run_bridge(jobs: list[dict], work: Path, bridge: Path = BRIDGE) -> None:
     python = require_other_python()
     path = work / "jobs.json"
     path.write_text(json.dumps(jobs))
     env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(
-        [str(python), str(BRIDGE), str(path)], capture_output=True, text=True, env=env
+        [str(python), str(bridge), str(path)], capture_output=True, text=True, env=env
     )
     if result.returncode != 0:
         raise AssertionError(f"bridge failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -92,6 +92,24 @@ def test_sparsify_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "sparsify serves top-k SAEs only" in error_line(capsys)
 
 
+def test_several_transcoders_make_one_circuit_tracer_set(tmp_path, capsys):
+    from transcoders import random_transcoder
+
+    dirs = []
+    for layer in (1, 0, 2):
+        random_transcoder({"kind": "relu"}, True, d_out=D_IN, layer=layer).save(
+            tmp_path / f"l{layer}"
+        )
+        dirs.append(str(tmp_path / f"l{layer}"))
+    out = tmp_path / "set"
+    assert main(["export", *dirs, "--to", "circuit-tracer", "--out", str(out)]) == 0
+    assert (out / "config.yaml").is_file() and (out / "layer_2.safetensors").is_file()
+    assert main(["export", *dirs[::2], "--to", "circuit-tracer", "--out", str(tmp_path / "g")]) == 0
+    assert "layers [0] are missing" in capsys.readouterr().err
+    assert main(["export", *dirs, "--to", "saelens", "--out", str(tmp_path / "sl")]) == 2
+    assert "several sources make one circuit-tracer transcoder set" in error_line(capsys)
+
+
 def test_a_topk_transcoder_is_refused(tmp_path):
     """SAELens has ReLU and JumpReLU transcoders only (sae_lens/saes/transcoder.py)."""
     cfg = SAEConfig(D_IN, D_SAE, {"kind": "topk", "k": K}, d_out=D_IN + 2, skip=True)

@@ -1,7 +1,7 @@
-"""Transcoder export: SAELens' transcoder cfg.json and tensors, circuit-tracer's per-layer file
-read the way its loader reads it (load_relu_transcoder, circuit_tracer 0.5), and what cannot be
-exported is refused with a one-line error. The load in sae-lens itself:
-tests/interop/test_transcoders_real.py (``make test-interop``)."""
+"""Transcoder export: SAELens' transcoder cfg.json and tensors, circuit-tracer's per-layer files
+and set (the tensors its load_relu_transcoder reads, config.yaml), and what cannot be exported
+is refused with a one-line error. The loads in sae-lens and circuit-tracer themselves:
+tests/interop/test_transcoders_real.py, test_circuit_tracer_real.py (``make test-interop``)."""
 
 from __future__ import annotations
 
@@ -12,30 +12,33 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import D_IN, make_input  # noqa: E402
 from transcoders import IN_HOOK, OUT_HOOK, random_transcoder  # noqa: E402
 
-from saekit.interop import export_sae, import_sae
+from saekit.interop import export_sae, export_transcoder_set, import_sae
+from saekit.interop.circuit_tracer import THRESHOLD
 from saekit.interop.portable import InteropError
 
 
-def circuit_tracer_forward(path: Path, x: torch.Tensor):
-    """circuit-tracer's SingleLayerTranscoder on the file: F.linear(x, W_enc, b_enc); ReLU, or
-    JumpReLU x·1[x > θ] when ``activation_function.threshold`` is present; acts @ W_dec + b_dec
-    + x @ W_skipᵀ."""
-    with safe_open(str(path), framework="pt") as f:
-        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    pre = F.linear(x, t["W_enc"], t["b_enc"])
-    theta = t.get("activation_function.threshold")
-    acts = F.relu(pre) if theta is None else pre * (pre > theta)
-    y_hat = acts @ t["W_dec"] + t["b_dec"]
-    if "W_skip" in t:
-        y_hat = y_hat + x @ t["W_skip"].T
-    return acts, y_hat
+def folded(tc) -> dict[str, torch.Tensor]:
+    """What circuit-tracer's file must hold, from the unfolded weights in float64 (docs/design.md,
+    Transcoders): W_enc/s, b_enc, s_y·W_dec, s_y·b_dec, (s_y/s)·W_skip; θ unchanged (the
+    pre-activations do not change)."""
+    s, s_y = tc.scale.double(), tc.target_scale.double()
+    t = {"W_enc": tc.W_enc.double() / s, "b_enc": tc.b_enc.double()}
+    t |= {"W_dec": s_y * tc.W_dec.double(), "b_dec": s_y * tc.b_dec.double()}
+    if tc.cfg.skip:
+        t["W_skip"] = (s_y / s) * tc.W_skip.double()
+    if tc.cfg.activation.kind == "jumprelu":
+        t[THRESHOLD] = tc.activation.threshold.double()
+    if tc.cfg.activation.kind == "batchtopk":  # its inference: JumpReLU with every θ_i = θ
+        t[THRESHOLD] = tc.activation.threshold.double().expand(tc.cfg.d_sae)
+    return t
 
 
 @pytest.mark.parametrize(
@@ -43,17 +46,55 @@ def circuit_tracer_forward(path: Path, x: torch.Tensor):
     [({"kind": "relu"}, True), ({"kind": "jumprelu"}, True), ({"kind": "relu"}, False)]
     + [({"kind": "batchtopk", "k": 5}, True)],
 )
-def test_circuit_tracer_file_computes_the_transcoder(tmp_path, activation, skip):
+def test_circuit_tracer_file_holds_the_folded_transcoder(tmp_path, activation, skip):
+    """The layout circuit-tracer's load_relu_transcoder reads; that circuit-tracer computes the
+    transcoder from it: tests/interop/test_circuit_tracer_real.py (``make test-interop``)."""
     tc = random_transcoder(activation, skip, d_out=D_IN)
     out = export_sae(tc, "circuit-tracer", tmp_path / "ct")
-    assert (out / "layer_3.safetensors").is_file()  # the block of model.layers.3.mlp
-    x = make_input()
-    acts, y_hat = circuit_tracer_forward(out / "layer_3.safetensors", x)
-    with torch.no_grad():
-        torch.testing.assert_close(acts, tc.encode(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(y_hat, tc(x).x_hat, rtol=1e-5, atol=1e-5)
-    info = json.loads((out / "saekit.json").read_text())
+    found = load_file(out / "layer_3.safetensors")  # the block of model.layers.3.mlp
+    expected = folded(tc)
+    assert set(found) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(found[name].double(), value, rtol=1e-6, atol=1e-7)
+    (info,) = json.loads((out / "saekit.json").read_text())["transcoders"]
     assert (info["hook"], info["target_hook"], info["layer"]) == (IN_HOOK, OUT_HOOK, 3)
+    assert not (out / "config.yaml").exists()  # layers 0-2 missing: no set circuit-tracer loads
+
+
+def test_circuit_tracer_set_from_transcoders_of_layers_0_to_2(tmp_path):
+    tcs = [random_transcoder({"kind": "jumprelu"}, True, D_IN, seed=s, layer=s) for s in (2, 0, 1)]
+    out, missing = export_transcoder_set([(tc, None) for tc in tcs], tmp_path / "set")
+    assert missing == []
+    assert sorted(p.name for p in out.glob("layer_*")) == [
+        f"layer_{n}.safetensors" for n in range(3)
+    ]
+    for tc in tcs:
+        found = load_file(out / f"layer_{tc.cfg.hook.split('.')[2]}.safetensors")
+        torch.testing.assert_close(found["W_dec"].double(), folded(tc)["W_dec"])
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config == {
+        "model_name": "meta-llama/Llama-3.2-1B",
+        "model_kind": "transcoder_set",
+        "feature_input_hook": "ln2.hook_normalized",
+        "feature_output_hook": "hook_mlp_out",
+    }
+    _, missing = export_transcoder_set([(tc, None) for tc in tcs[:1]], tmp_path / "gap")
+    assert missing == [0, 1] and not (tmp_path / "gap" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"layer": 0}, r"one transcoder per layer; layer \[0\]"),
+        ({"skip": False}, "skip path"),
+        ({"activation": {"kind": "topk", "k": 5}}, "ReLU or JumpReLU"),
+    ],
+)
+def test_what_a_circuit_tracer_set_cannot_hold_is_refused(tmp_path, changes, message):
+    base = {"activation": {"kind": "relu"}, "skip": True, "d_out": D_IN}
+    tcs = [random_transcoder(**base, layer=0), random_transcoder(**{**base, "layer": 2, **changes})]
+    with pytest.raises(InteropError, match=message):
+        export_transcoder_set([(tc, None) for tc in tcs], tmp_path / "set")
 
 
 def test_saelens_transcoder_config_names_the_architecture_and_both_hooks(tmp_path):
@@ -160,3 +201,20 @@ def test_saelens_transcoder_round_trip(tmp_path, activation, skip):
     with torch.no_grad():
         torch.testing.assert_close(back.encode(x), tc.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back(x).x_hat, tc(x).x_hat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("activation", "skip"), [({"kind": "relu"}, False), ({"kind": "jumprelu"}, True)]
+)
+def test_circuit_tracer_transcoder_round_trip(tmp_path, activation, skip):
+    """Export then import (one layer's file, or a directory holding one): both scales and the
+    skip path folded once, both hooks kept from saekit.json."""
+    tc = random_transcoder(activation, skip, d_out=D_IN)
+    out = export_sae(tc, "circuit-tracer", tmp_path / "ct")
+    for source in (out, out / "layer_3.safetensors"):
+        back = import_sae(source, "circuit-tracer")
+        assert (back.cfg.hook, back.cfg.target_hook, back.cfg.skip) == (IN_HOOK, OUT_HOOK, skip)
+        x = make_input()
+        with torch.no_grad():
+            torch.testing.assert_close(back.encode(x), tc.encode(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(back(x).x_hat, tc(x).x_hat, rtol=1e-5, atol=1e-5)

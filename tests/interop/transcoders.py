@@ -15,17 +15,25 @@ D_OUT = 12
 IN_HOOK, OUT_HOOK = "model.layers.3.post_attention_layernorm", "model.layers.3.mlp"
 
 
+def hooks(layer: int) -> tuple[str, str]:
+    """A Llama block's MLP input (its norm's output) and output."""
+    return IN_HOOK.replace(".3.", f".{layer}."), OUT_HOOK.replace(".3.", f".{layer}.")
+
+
 @torch.no_grad()
-def random_transcoder(activation: dict, skip: bool, d_out: int = D_OUT, seed: int = 1) -> SAE:
+def random_transcoder(
+    activation: dict, skip: bool, d_out: int = D_OUT, seed: int = 1, layer: int = 3
+) -> SAE:
     g = torch.Generator().manual_seed(seed)
+    hook, target_hook = hooks(layer)
     cfg = SAEConfig(
         D_IN,
         D_SAE,
         activation,
-        hook=IN_HOOK,
+        hook=hook,
         model_name="meta-llama/Llama-3.2-1B",
         d_out=d_out,
-        target_hook=OUT_HOOK,
+        target_hook=target_hook,
         skip=skip,
     )
     tc = SAE(cfg)

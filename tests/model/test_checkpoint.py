@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save_file as write_safetensors
 
-import saekit.model.sae
+import saekit.model.format
 from saekit.activations.batchtopk import BatchTopKConfig
 from saekit.activations.jumprelu import JumpReLUConfig
 from saekit.activations.prolu import ProLUConfig
@@ -168,7 +168,7 @@ def test_cfg_json_records_format_config_and_sha256(tmp_path):
     sae = make_sae("topk")
     sae.save(tmp_path)
     meta = json.loads((tmp_path / "cfg.json").read_text())
-    assert meta["format"] == saekit.model.sae.CHECKPOINT_FORMAT
+    assert meta["format"] == saekit.model.format.CHECKPOINT_FORMAT
     assert meta["config"] == sae.cfg.to_dict()
     assert meta["config"]["hook"] == "blocks.3"
     assert meta["scale_folded"] is True
@@ -283,7 +283,7 @@ def test_a_checkpoint_in_format_1_loads_with_equal_outputs(case, tmp_path):
 
     # saved again, it is written in today's format and loads to the same SAE
     loaded.save(tmp_path / "v2")
-    assert read_meta(tmp_path / "v2")["format"] == saekit.model.sae.CHECKPOINT_FORMAT
+    assert read_meta(tmp_path / "v2")["format"] == saekit.model.format.CHECKPOINT_FORMAT
     again = SAE.load(tmp_path / "v2")
     assert again.cfg == loaded.cfg
     assert_same_state(state(again), state(loaded))
@@ -362,7 +362,7 @@ def rewrite_weights(path: Path, edit) -> None:
     tensor check can catch the change."""
     tensors = load_file(str(path / "sae.safetensors"))
     edit(tensors)
-    metadata = {"format": saekit.model.sae.CHECKPOINT_FORMAT}
+    metadata = {"format": saekit.model.format.CHECKPOINT_FORMAT}
     write_safetensors(tensors, str(path / "sae.safetensors"), metadata=metadata)
     meta = read_meta(path)
     meta["sha256"] = hashlib.sha256((path / "sae.safetensors").read_bytes()).hexdigest()
@@ -467,7 +467,7 @@ def _fail_writing_weights(monkeypatch):
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(saekit.model.sae, "save_file", broken_save_file)
+    monkeypatch.setattr(saekit.model.format, "save_file", broken_save_file)
 
 
 def _fail_writing_config(monkeypatch):

@@ -34,8 +34,10 @@ ACTIVATIONS: dict[str, type[Activation]] = {
 """kind → activation class: the only registry."""
 
 
-def make_activation(cfg: ActivationConfig, d_sae: int) -> Activation:
-    return ACTIVATIONS[cfg.kind](cfg, d_sae)
+def make_activation(cfg: ActivationConfig, d_sae: int, groups: int = 1) -> Activation:
+    """The activation of ``cfg`` over ``d_sae`` latents in ``groups`` equal groups (a cross-layer
+    transcoder's layers; Activation.groups)."""
+    return ACTIVATIONS[cfg.kind](cfg, d_sae, groups)
 
 
 __all__ = [

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from saekit.activations.base import ExportForm
-from saekit.activations.topk import TopK, TopKConfig, fast_preacts
-from saekit.core.encoding import EncoderView, Encoding, SparseCode
-from saekit.kernels.layout import CodeLayout
+from saekit.activations.topk import TopK, TopKConfig, grouped_select, per_group_threshold
+from saekit.core.encoding import Encoding
 from saekit.kernels.select import topk_select
 
 
@@ -41,25 +39,17 @@ class AbsTopK(TopK):
     config_class = AbsTopKConfig
     revival_signals = frozenset({"preact"})
 
-    def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
-        k = self.cfg.k
-        if self.cfg.kernel == "reference":
-            pre = self.preacts(view, x_n_ND)
-            values_Nk, latent_Nk = abs_topk_select(pre.dense(), k)
-            z_NM = torch.zeros_like(pre.dense()).scatter(1, latent_Nk, values_Nk)
-            return Encoding(z_NM, pre)
-        pre = fast_preacts(view, x_n_ND, self)
-        n_tokens, d_sae = pre.detached.shape
-        values_Nk, latent_Nk = abs_topk_select(pre.detached, k)
-        layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
-        values_E = pre.attach(values_Nk.reshape(-1), layout)
-        code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
-        return Encoding(code, pre)
+    def select(self, pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return grouped_select(pre_NM, k, self.groups, abs_topk_select)
+
+    def kept(self, values: Tensor) -> Tensor:
+        return values  # signed: no ReLU
 
     def export_form(self) -> ExportForm:
         return ExportForm("abstopk", k=self.cfg.k)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
-        """Each token's smallest kept |pre|: [N, 1]."""
-        values_Nk, _ = abs_topk_select(enc.preacts.detached, self.cfg.k)
-        return values_Nk.abs().min(-1, keepdim=True).values
+        """Each token's (and group's) smallest kept |pre|: [N, 1] (a CLT's: [N, M])."""
+        values_Nk, _ = self.select(enc.preacts.detached, self.cfg.k)
+        min_NG = values_Nk.abs().reshape(values_Nk.shape[0], self.groups, -1).min(-1).values
+        return per_group_threshold(min_NG, self.d_sae)

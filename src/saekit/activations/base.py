@@ -111,10 +111,15 @@ class Activation(nn.Module):
     uses_encoder_weights: ClassVar[bool] = True
     """False where the decoder encodes (tied, Matching Pursuit): W_enc gets no gradient."""
 
-    def __init__(self, cfg: ActivationConfig, d_sae: int):
+    def __init__(self, cfg: ActivationConfig, d_sae: int, groups: int = 1):
         super().__init__()
+        if not isinstance(groups, int) or groups <= 0 or d_sae % groups:
+            raise ValueError(f"{groups!r} latent groups do not divide d_sae = {d_sae}")
         self.cfg = cfg
         self.d_sae = d_sae
+        self.groups = groups
+        """G: the latents form G equal consecutive groups (a cross-layer transcoder's layers,
+        saekit.model.clt); a per-token selection (TopK) keeps k per token and group."""
 
     def preacts(self, view: EncoderView, x_n_ND: Tensor) -> Preacts:
         """The affine encoder with dense autograd (the reference path)."""
@@ -132,6 +137,14 @@ class Activation(nn.Module):
         (ReLU, JumpReLU) returns ``encode``; one without a sharded form leaves this default, and
         a latent-parallel run refuses it."""
         raise NotImplementedError(f"{type(self).__name__} has no latent-sharded form")
+
+    def encode_preacts(self, pre: Preacts) -> Encoding:
+        """Latents from pre-activations the dictionary computed itself (a cross-layer
+        transcoder's L encoders, each reading its own layer: saekit.kernels.layered), over the
+        ``groups`` of latents. The activations whose encode is a function of the affine encoder's
+        pre alone implement it (``encode`` then calls it); the others (tied, gated, their own
+        bias) do not, and a dictionary that needs it refuses them (``overrides``)."""
+        raise NotImplementedError(f"{type(self).__name__} encodes from x_n, not from given pre")
 
     def l0_step(self, preacts: Preacts) -> Tensor:
         """H(pre − θ) [N, M] with a straight-through gradient to the thresholds (and, where the

@@ -24,7 +24,7 @@ from saekit.activations.base import (
 )
 from saekit.activations.jumprelu import JumpReLUConfig, imported_threshold, jumprelu_export
 from saekit.activations.topk import check_k, fast_preacts
-from saekit.core.encoding import EncoderView, Encoding, SparseCode
+from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode
 from saekit.kernels import select
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import batchtopk_select
@@ -81,24 +81,28 @@ class BatchTopK(Activation):
     revival_signals = frozenset({"auxk", "preact"})
     calibrated_threshold = True
 
-    def __init__(self, cfg: BatchTopKConfig, d_sae: int):
-        super().__init__(cfg, d_sae)
+    def __init__(self, cfg: BatchTopKConfig, d_sae: int, groups: int = 1):
+        super().__init__(cfg, d_sae, groups)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
 
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        if not self.training or self.cfg.kernel == "reference":
+            return self.encode_preacts(self.preacts(view, x_n_ND))
+        return self.encode_preacts(fast_preacts(view, x_n_ND, self))
+
+    def encode_preacts(self, pre: Preacts) -> Encoding:
+        """Across all latents (a cross-layer transcoder's: every layer's at once): the k·N
+        largest of the batch in training, pre·1[pre > θ] outside it."""
         if not self.training:
-            pre = self.preacts(view, x_n_ND)
             pre_NM = pre.dense()
             return Encoding(pre_NM * (pre_NM > self.threshold).to(pre_NM.dtype), pre)
         k = self.cfg.k
         if self.cfg.kernel == "reference":
-            pre = self.preacts(view, x_n_ND)
             values_E, flat_E = batchtopk_select(pre.dense(), k)
             z_flat = torch.zeros_like(pre.dense()).reshape(-1)
             z_NM = z_flat.scatter(0, flat_E, torch.relu(values_E)).view_as(pre.dense())
             return Encoding(z_NM, pre)
-        pre = fast_preacts(view, x_n_ND, self)
         n_tokens, d_sae = pre.detached.shape
         values_E, flat_E = batchtopk_select(pre.detached, k, floor=self._selection_floor())
         self._last_kept_min = values_E.min() if values_E.numel() else None
@@ -106,7 +110,7 @@ class BatchTopK(Activation):
         layout = CodeLayout(
             token_E, flat_E - token_E * d_sae, n_tokens, d_sae, backend=self.cfg.kernel
         )
-        values_E = torch.relu(pre.attach(values_E, layout))
+        values_E = torch.relu(pre.selected(values_E, layout))
         return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
 
     def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:

@@ -47,8 +47,8 @@ class Gated(Activation):
     config_class = GatedConfig
     needs_penalty = True
 
-    def __init__(self, cfg: GatedConfig, d_sae: int):
-        super().__init__(cfg, d_sae)
+    def __init__(self, cfg: GatedConfig, d_sae: int, groups: int = 1):
+        super().__init__(cfg, d_sae, groups)
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
 

@@ -145,8 +145,8 @@ class JumpReLU(Activation):
     config_class = JumpReLUConfig
     revival_signals = frozenset({"preact"})
 
-    def __init__(self, cfg: JumpReLUConfig, d_sae: int):
-        super().__init__(cfg, d_sae)
+    def __init__(self, cfg: JumpReLUConfig, d_sae: int, groups: int = 1):
+        super().__init__(cfg, d_sae, groups)
         init = torch.full((d_sae,), cfg.init_threshold, dtype=torch.float32)
         if cfg.threshold_param == "log":
             self.log_threshold = nn.Parameter(init.log())
@@ -189,7 +189,9 @@ class JumpReLU(Activation):
         return out
 
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
-        pre = self.preacts(view, x_n_ND)
+        return self.encode_preacts(self.preacts(view, x_n_ND))
+
+    def encode_preacts(self, pre: Preacts) -> Encoding:
         z = jumprelu(pre.dense(), self.theta(), self.cfg.bandwidth, self.cfg.ste_to_input)
         return Encoding(z, pre)
 

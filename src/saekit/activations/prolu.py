@@ -60,8 +60,8 @@ class ProLU(Activation):
     needs_penalty = True
     uses_encoder_bias = False
 
-    def __init__(self, cfg: ProLUConfig, d_sae: int):
-        super().__init__(cfg, d_sae)
+    def __init__(self, cfg: ProLUConfig, d_sae: int, groups: int = 1):
+        super().__init__(cfg, d_sae, groups)
         self.bias = nn.Parameter(torch.zeros(d_sae))
 
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:

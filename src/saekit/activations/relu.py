@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig, ExportForm
-from saekit.core.encoding import EncoderView, Encoding
+from saekit.core.encoding import EncoderView, Encoding, Preacts
 
 if TYPE_CHECKING:
     from saekit.core.shard import LatentShard
@@ -25,7 +25,9 @@ class ReLU(Activation):
     needs_penalty = True
 
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
-        pre = self.preacts(view, x_n_ND)
+        return self.encode_preacts(self.preacts(view, x_n_ND))
+
+    def encode_preacts(self, pre: Preacts) -> Encoding:
         return Encoding(torch.relu(pre.dense()), pre)
 
     def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:

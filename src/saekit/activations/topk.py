@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig, ExportForm
-from saekit.core.encoding import EncoderView, Encoding, SparseCode
+from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import topk_select
 from saekit.kernels.sharded_select import chosen_per_row
@@ -76,6 +76,29 @@ def fast_preacts(view: EncoderView, x_n_ND: Tensor, owner: object) -> SparsePrea
     return SparsePreacts(x_n_ND, view.W_enc, view.b_enc, view.input_center, out=out)
 
 
+def grouped_select(
+    pre_NM: Tensor, k: int, groups: int, select=topk_select
+) -> tuple[Tensor, Tensor]:
+    """``select`` (k per row) on each token's ``groups`` equal groups of latents: (values
+    [N, G·k], latent [N, G·k]), token by token, group by group within a token (a cross-layer
+    transcoder's k per layer; G = 1: the plain selection)."""
+    n_tokens, d_sae = pre_NM.shape
+    if groups == 1:
+        return select(pre_NM, k)
+    width = d_sae // groups
+    values_Rk, latent_Rk = select(pre_NM.reshape(n_tokens * groups, width), k)
+    start_R = torch.arange(groups, device=pre_NM.device).repeat(n_tokens) * width
+    latent_Rk = latent_Rk + start_R.unsqueeze(1)
+    return values_Rk.reshape(n_tokens, -1), latent_Rk.reshape(n_tokens, -1)
+
+
+def per_group_threshold(min_NG: Tensor, d_sae: int) -> Tensor:
+    """A per-(token, group) threshold [N, G] as pre broadcasts it: [N, 1] for one group, else
+    each group's value repeated over its latents [N, M]."""
+    groups = min_NG.shape[1]
+    return min_NG if groups == 1 else min_NG.repeat_interleave(d_sae // groups, dim=1)
+
+
 class TopK(Activation):
     config_class = TopKConfig
     unit_norm_decoder = True
@@ -85,18 +108,31 @@ class TopK(Activation):
         """Latents kept per token by ``encode`` (HierarchicalTopK: fewer outside training)."""
         return self.cfg.k
 
+    def select(self, pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Each token's (and group's) k kept entries: (values [N, G·k], latent [N, G·k])."""
+        return grouped_select(pre_NM, k, self.groups)
+
+    def kept(self, values: Tensor) -> Tensor:
+        """A kept entry's latent value: ReLU (AbsTopK: the signed pre itself)."""
+        return torch.relu(values)
+
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
+        if self.cfg.kernel == "reference":
+            return self.encode_preacts(self.preacts(view, x_n_ND))
+        return self.encode_preacts(fast_preacts(view, x_n_ND, self))
+
+    def encode_preacts(self, pre: Preacts) -> Encoding:
+        """``reference``: dense latents through dense autograd; otherwise a SparseCode whose
+        values carry the encoder's sparse backward (``pre.selected``)."""
         k = self.encode_k()
         if self.cfg.kernel == "reference":
-            pre = self.preacts(view, x_n_ND)
-            values_Nk, latent_Nk = topk_select(pre.dense(), k)
-            z_NM = torch.zeros_like(pre.dense()).scatter(1, latent_Nk, torch.relu(values_Nk))
+            values_Nk, latent_Nk = self.select(pre.dense(), k)
+            z_NM = torch.zeros_like(pre.dense()).scatter(1, latent_Nk, self.kept(values_Nk))
             return Encoding(z_NM, pre)
-        pre = fast_preacts(view, x_n_ND, self)
         n_tokens, d_sae = pre.detached.shape
-        values_Nk, latent_Nk = topk_select(pre.detached, k)
+        values_Nk, latent_Nk = self.select(pre.detached, k)
         layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
-        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))
+        values_E = self.kept(pre.selected(values_Nk.reshape(-1), layout))
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
 
@@ -125,6 +161,8 @@ class TopK(Activation):
         return ExportForm("topk", k=self.cfg.k)
 
     def firing_threshold(self, enc: Encoding) -> Tensor:
-        """Each token's smallest kept value, ReLU'd: [N, 1] (0 where a kept entry is ≤ 0)."""
-        values_Nk, _ = topk_select(enc.preacts.detached, self.cfg.k)
-        return torch.relu(values_Nk.min(-1, keepdim=True).values)
+        """Each token's (and group's) smallest kept value, ReLU'd: [N, 1] (a CLT's: [N, M]); 0
+        where a kept entry is ≤ 0."""
+        values_Nk, _ = self.select(enc.preacts.detached, self.cfg.k)
+        min_NG = values_Nk.reshape(values_Nk.shape[0], self.groups, -1).min(-1).values
+        return per_group_threshold(torch.relu(min_NG), self.d_sae)

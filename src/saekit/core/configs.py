@@ -106,6 +106,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         raise ValueError(f"{where}: {value!r} does not fit {tp}")
     if isinstance(tp, type) and issubclass(tp, KindConfig):
         return tp.parse(value, where)
+    if isinstance(tp, type) and hasattr(tp, "from_plain"):  # a family with its own parse
+        return tp.from_plain(value, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -11,6 +11,7 @@ This module imports nothing from saekit: kernels, activations and losses all bui
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -53,6 +54,21 @@ class EncoderView(NamedTuple):
     """[d_out] decoder bias."""
     W_skip: Tensor | None = None
     """[d_out, d] a skip transcoder's linear path, else None."""
+    decoder_norms_fn: Callable[[], Tensor] | None = None
+    """A dictionary whose penalty weight is not ‖W_dec,i‖ computes its own [M] (differentiable,
+    on demand): a crosscoder's Σ_s ‖W_dec^s_i‖, a cross-layer transcoder's norm of a latent's
+    concatenated decoders (saekit.model.crosscoder, saekit.model.clt). None: ‖W_dec,i‖."""
+    decode_code: Callable[[Tensor, Any], Tensor] | None = None
+    """A dictionary whose decoder is not one [M, d_out] matrix (a cross-layer transcoder, whose
+    ``W_dec`` here is None) decodes a sparse code itself: (values [nnz], layout, a
+    saekit.kernels.CodeLayout) -> [N, d_out], without b_dec. None: Σ values·W_dec[latent]."""
+
+    def decoder_norms(self) -> Tensor:
+        """[M] what the sparsity penalty weights each latent by: ‖W_dec,i‖ unless the
+        dictionary says otherwise (``decoder_norms_fn``)."""
+        if self.decoder_norms_fn is not None:
+            return self.decoder_norms_fn()
+        return self.W_dec.norm(dim=-1)
 
     def decoder_offset_n(self, x_n: Tensor) -> Tensor:
         """What the latents' sum is added to: b_dec, plus x_n W_skipᵀ [N, d_out] with a skip."""

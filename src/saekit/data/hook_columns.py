@@ -10,7 +10,11 @@ A run trains on a selection of the hooks a source holds (:func:`selected_hooks`)
 alone picks one (an SAE), ``data.hook`` + ``data.target_hook`` an (input, target) pair (a
 transcoder); with neither, a source of one hook gives an SAE and one of two hooks the transcoder
 from the first to the second (the layout ``--hook H --target-hook T`` writes); a source of three
-or more hooks must be told.
+or more hooks must be told. A dictionary over N hooks names them as lists instead:
+``data.input_hooks`` (a crosscoder's S sources; a cross-layer transcoder's L inputs, layer by
+layer) and ``data.target_hooks`` (the CLT's L targets, in the same order). The batch is then
+[inputs | targets], every input's columns, then every target's (saekit.model.clt,
+saekit.model.crosscoder); a hook may be both an input and a target.
 """
 
 from __future__ import annotations
@@ -63,10 +67,18 @@ def select_columns(segments: Segments, names: Sequence[str]) -> slice | Tensor:
 
 
 def selected_hooks(
-    names: Sequence[str], hook: str | None, target_hook: str | None, where: str
+    names: Sequence[str],
+    hook: str | None,
+    target_hook: str | None,
+    where: str,
+    input_hooks: Sequence[str] | None = None,
+    target_hooks: Sequence[str] | None = None,
 ) -> list[str]:
-    """The hooks a run trains on, ``[input]`` or ``[input, target]``, out of ``names`` (the
-    hooks ``where``, a source's description, holds); see the module docstring for the rule."""
+    """The hooks a run trains on, ``[input]`` or ``[input, target]`` (or ``input_hooks +
+    target_hooks``), out of ``names`` (the hooks ``where``, a source's description, holds); see
+    the module docstring for the rule."""
+    if input_hooks is not None or target_hooks is not None:
+        return _hook_lists(names, hook, target_hook, where, input_hooks, target_hooks)
     if hook is None:
         if target_hook is not None:
             raise ValueError("data.target_hook needs data.hook (the transcoder's input)")
@@ -85,3 +97,47 @@ def selected_hooks(
     if len(chosen) == 2 and chosen[0] == chosen[1]:
         raise ValueError(f"data.hook and data.target_hook are the same hook {chosen[0]!r}")
     return chosen
+
+
+def _hook_lists(
+    names: Sequence[str],
+    hook: str | None,
+    target_hook: str | None,
+    where: str,
+    input_hooks: Sequence[str] | None,
+    target_hooks: Sequence[str] | None,
+) -> list[str]:
+    """``input_hooks + target_hooks``, each checked (module docstring)."""
+    if input_hooks is None:
+        raise ValueError("data.target_hooks needs data.input_hooks (one input per target)")
+    if hook is not None or target_hook is not None:
+        raise ValueError(
+            "set data.input_hooks (+ data.target_hooks) or data.hook (+ data.target_hook), not both"
+        )
+    inputs = [str(HookPoint.parse(h)) for h in input_hooks]
+    targets = [str(HookPoint.parse(h)) for h in target_hooks or []]
+    if not inputs:
+        raise ValueError("data.input_hooks is empty")
+    if target_hooks is not None and len(targets) != len(inputs):
+        raise ValueError(
+            f"data.target_hooks names {len(targets)} hooks and data.input_hooks {len(inputs)}: "
+            "a cross-layer transcoder has one target per input layer"
+        )
+    for field, group in (("input_hooks", inputs), ("target_hooks", targets)):
+        if len(set(group)) != len(group):
+            raise ValueError(f"data.{field} names a hook twice: {group}")
+        for name in group:
+            if name not in names:
+                raise ValueError(
+                    f"data.{field}: {name!r} is not one of the hooks {names} of {where}"
+                )
+    return inputs + targets
+
+
+def hook_groups(
+    selected: Sequence[str], input_hooks: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """(inputs, targets) of a selection: the first ``len(input_hooks)`` hooks and the rest, or
+    (without input_hooks) the first hook and the target after it."""
+    n_inputs = len(input_hooks) if input_hooks else 1
+    return list(selected[:n_inputs]), list(selected[n_inputs:])

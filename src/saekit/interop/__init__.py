@@ -1,17 +1,30 @@
-"""SAEs in and out of SAELens, sparsify and dictionary_learning (docs/design.md, "Interop").
+"""SAEs in and out of SAELens, sparsify and dictionary_learning, transcoders and cross-layer
+transcoders in and out of circuit-tracer and Gemma Scope 2 (docs/design.md, "Interop").
 
-Every format is translated through :class:`~saekit.interop.portable.Portable`: export maps a
-saekit activation to its portable form (its ``export_form``) and a format writes it; import
-reads a format into the portable form and builds the saekit SAE.
+Every format is translated through :class:`~saekit.interop.portable.Portable` (a cross-layer
+transcoder through :class:`~saekit.interop.portable_clt.PortableCLT`): export maps a saekit
+activation to its portable form (its ``export_form``) and a format writes it; import reads a
+format into the portable form and builds the saekit SAE or CLT.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from saekit.interop import circuit_tracer, dictionary_learning, gemma_scope, saelens, sparsify
-from saekit.interop.metadata import export_info
+from saekit.interop import (
+    circuit_tracer,
+    circuit_tracer_clt,
+    dictionary_learning,
+    gemma_scope,
+    gemma_scope_clt,
+    saelens,
+    sparsify,
+)
+from saekit.interop.metadata import clt_export_info, export_info
 from saekit.interop.portable import InteropError, Portable, to_portable, to_sae
+from saekit.interop.portable_clt import to_clt, to_portable_clt
+from saekit.model.clt import CrossLayerTranscoder
+from saekit.model.dictionary import Dictionary
 from saekit.model.format import CONFIG_FILE, WEIGHTS_FILE
 from saekit.model.sae import SAE
 
@@ -26,8 +39,14 @@ READERS = {
     "sparsify": sparsify.read,
     "dictionary_learning": dictionary_learning.read,
     "gemma_scope_2": gemma_scope.read,
+    "circuit-tracer": circuit_tracer.read,
 }
 """Import formats."""
+CLT_READERS = {
+    "circuit-tracer": (circuit_tracer_clt.holds_clt, circuit_tracer_clt.read),
+    "gemma_scope_2": (gemma_scope_clt.holds_clt, gemma_scope_clt.read),
+}
+"""Import formats of cross-layer transcoders: (does this path hold one, its reader)."""
 
 
 def export_sae(sae: SAE, to: str, out: str | Path, sae_dir: str | Path | None = None) -> Path:
@@ -43,6 +62,53 @@ def export_sae(sae: SAE, to: str, out: str | Path, sae_dir: str | Path | None = 
         )
     p.info = export_info(sae, None if sae_dir is None else Path(sae_dir))
     return WRITERS[to](p, Path(out))
+
+
+def export_transcoder_set(
+    saes: list[tuple[SAE, Path | None]], out: str | Path
+) -> tuple[Path, list[int]]:
+    """Per-layer transcoders (each with its saekit directory, or None) as one circuit-tracer
+    transcoder set under ``out``; returns the directory and the layers a loadable set still
+    lacks (circuit-tracer's set covers every layer from 0)."""
+    ps = []
+    for sae, sae_dir in saes:
+        p = to_portable(sae)
+        p.info = export_info(sae, sae_dir)
+        ps.append(p)
+    return circuit_tracer.write_set(ps, Path(out))
+
+
+def export_dictionary(
+    model: Dictionary, to: str, out: str | Path, sae_dir: str | Path | None = None
+) -> Path:
+    """An SAE or transcoder (:func:`export_sae`) or a cross-layer transcoder
+    (:func:`export_clt`) in format ``to``; other dictionaries (crosscoders) are refused."""
+    if isinstance(model, SAE):
+        return export_sae(model, to, out, sae_dir)
+    if isinstance(model, CrossLayerTranscoder):
+        return export_clt(model, to, out)
+    raise InteropError(f"{to} has no format for a {model.cfg.kind} (SAEs, transcoders and CLTs)")
+
+
+def export_clt(clt: CrossLayerTranscoder, to: str, out: str | Path) -> Path:
+    """Write a cross-layer transcoder in format ``to`` (circuit-tracer's CLT) under ``out``."""
+    if to != "circuit-tracer":
+        raise InteropError(
+            f"{to} has no cross-layer transcoder format (export CLTs to circuit-tracer)"
+        )
+    pc = to_portable_clt(clt)
+    pc.info = clt_export_info(clt)
+    return circuit_tracer_clt.write(pc, Path(out))
+
+
+def import_dictionary(path: str | Path, from_: str) -> SAE | CrossLayerTranscoder:
+    """The saekit SAE, transcoder or cross-layer transcoder stored at ``path`` in format
+    ``from_`` (eval mode): a CLT where the format has one and ``path`` holds it."""
+    path = Path(path)
+    holds_clt, read = CLT_READERS.get(from_, (None, None))
+    if holds_clt is not None and path.is_dir() and holds_clt(path):
+        return to_clt(read(path))
+    return import_sae(path, from_)
 
 
 def import_sae(path: str | Path, from_: str) -> SAE:
@@ -75,7 +141,11 @@ __all__ = [
     "WRITERS",
     "InteropError",
     "Portable",
+    "export_clt",
+    "export_dictionary",
     "export_sae",
+    "export_transcoder_set",
+    "import_dictionary",
     "import_sae",
     "saved_saes",
 ]

@@ -23,7 +23,7 @@ TENSORS = {"w_enc", "b_enc", "w_dec", "b_dec", "threshold"}
 SKIP = "affine_skip_connection"
 
 
-def _hook(point: str | None) -> str | None:
+def module_hook(point: str | None) -> str | None:
     """``model.layers.5.pre_feedforward_layernorm.output`` → saekit's module-and-side name."""
     if not point:
         return None
@@ -51,8 +51,8 @@ def read(path: Path) -> Portable:
     cfg = read_json(path / "config.json", where) if (path / "config.json").is_file() else {}
     info = {
         "model_name": cfg.get("model_name"),
-        "hook": _hook(cfg.get("hf_hook_point_in")),
-        "target_hook": _hook(cfg.get("hf_hook_point_out")),
+        "hook": module_hook(cfg.get("hf_hook_point_in")),
+        "target_hook": module_hook(cfg.get("hf_hook_point_out")),
         "imported_from": {"format": "gemma_scope_2", "path": str(path)},
     }
     p = Portable("jumprelu", t["w_enc"].T.contiguous(), t["b_enc"], t["w_dec"], t["b_dec"])

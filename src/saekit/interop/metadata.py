@@ -16,6 +16,7 @@ import yaml
 from saekit.core.configs import to_dict
 from saekit.interop.names import transformer_lens_name
 from saekit.interop.portable import InteropError
+from saekit.model.clt import CrossLayerTranscoder
 from saekit.model.sae import SAE
 
 
@@ -71,3 +72,16 @@ def _read(path: Path, parse: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InteropError(f"{path}: expected a mapping")
     return data
+
+
+def clt_export_info(clt: CrossLayerTranscoder) -> dict[str, Any]:
+    """A cross-layer transcoder's model_name, hooks and target_hooks (one per layer, or None),
+    dataset and training_architecture (its activation config)."""
+    cfg = clt.cfg
+    return {
+        "model_name": cfg.model_name,
+        "hooks": cfg.hooks,
+        "target_hooks": cfg.target_hooks,
+        "dataset": dataset_name(cfg.metadata.get("training_data")),
+        "training_architecture": to_dict(cfg.activation),
+    }

@@ -134,6 +134,20 @@ class _PreactsFn(torch.autograd.Function):
         return None, grad_x, grad_b_dec, grad_W, grad_b_enc, None
 
 
+def attach_encoder_grad(
+    values_E: Tensor,
+    x_in_ND: Tensor,
+    center_D: Tensor | None,
+    W_enc_MD: Tensor,
+    b_enc_M: Tensor | None,
+    layout: CodeLayout,
+) -> Tensor:
+    """Values v_e = (x_in − center)[token_e]·W_enc[latent_e] + b_enc[latent_e] already computed
+    (detached), made differentiable with the encoder's sparse backward (``center`` None: no
+    centring; the layout's tokens index the rows of ``x_in``)."""
+    return _PreactsFn.apply(values_E.detach(), x_in_ND, center_D, W_enc_MD, b_enc_M, layout)
+
+
 class _DensePreFn(torch.autograd.Function):
     """The detached pre, made differentiable the dense way (a safety net, not the fast path).
 
@@ -196,8 +210,8 @@ class SparsePreacts(Preacts):
         """Values already read off the detached matrix, made differentiable (sparse backward)."""
         if not torch.is_grad_enabled():
             return values_E
-        return _PreactsFn.apply(
-            values_E.detach(), self.x_n_ND, self.b_dec_D, self.W_enc_MD, self.b_enc_M, layout
+        return attach_encoder_grad(
+            values_E, self.x_n_ND, self.b_dec_D, self.W_enc_MD, self.b_enc_M, layout
         )
 
     def selected(self, values_E: Tensor, layout: CodeLayout) -> Tensor:

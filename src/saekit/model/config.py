@@ -9,15 +9,76 @@ its own input: ``d_out`` None.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from saekit.activations import ACTIVATIONS
 from saekit.activations.base import ActivationConfig
 from saekit.core.configs import from_dict, to_dict
 from saekit.model.normalisation import WhiteningConfig
 
 
+class DictionaryConfig:
+    """Base of what an ``sae:`` entry of a run describes: :class:`SAEConfig` (an SAE or a
+    transcoder; no ``kind``), or a dictionary over N hooks named by ``kind``: ``clt``
+    (saekit.model.clt.CLTConfig) or ``crosscoder`` (saekit.model.crosscoder.CrosscoderConfig).
+    Those register here when their module is imported (saekit.model.dictionary imports them
+    all; saekit.train.member_config imports it)."""
+
+    KIND: ClassVar[str | None] = None
+    """The ``kind`` naming this architecture in plain data (None: SAEConfig, which has none)."""
+    variants: ClassVar[dict[str, type[DictionaryConfig]]] = {}
+    """``kind`` → config class of the dictionaries over N hooks (no kind: SAEConfig)."""
+    prefixes_apply: ClassVar[bool] = True
+    """Whether Matryoshka prefixes mean something for it (a CLT's flat latents: no)."""
+
+    @property
+    def n_latents(self) -> int:
+        """All the dictionary's latents (a CLT: n_layers·d_sae): the length of its latent
+        vectors, dead-latent counters and activation parameters."""
+        raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("KIND"):
+            DictionaryConfig.variants[cls.KIND] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        return from_dict(cls, data)
+
+    @classmethod
+    def from_plain(cls, value: Any, where: str) -> DictionaryConfig:
+        """The config of plain data (saekit.core.configs calls it for a field of this type):
+        a mapping without ``kind`` (or ``kind: sae``) is an SAEConfig, else the kind's class."""
+        variants = DictionaryConfig.variants
+        if isinstance(value, DictionaryConfig):
+            chosen: type = type(value)
+        elif not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        else:
+            kind = value.get("kind")
+            if kind is None or kind == "sae":
+                chosen = SAEConfig
+            elif isinstance(kind, str) and kind in variants:
+                chosen = variants[kind]
+            else:
+                raise ValueError(
+                    f"{where}.kind: unknown dictionary {kind!r}; choose one of "
+                    f"{['sae', *sorted(variants)]} (none: sae)"
+                )
+        if not issubclass(chosen, cls):
+            raise ValueError(f"{where}: a {chosen.__name__} where a {cls.__name__} is expected")
+        if isinstance(value, DictionaryConfig):
+            return value
+        data = {k: v for k, v in value.items() if not (k == "kind" and chosen is SAEConfig)}
+        return from_dict(chosen, data, where)
+
+
 @dataclass
-class SAEConfig:
+class SAEConfig(DictionaryConfig):
     """An SAE's (or transcoder's) architecture. Every field is saved in cfg.json."""
 
     d_in: int
@@ -53,6 +114,11 @@ class SAEConfig:
         self.validate()
 
     @property
+    def n_latents(self) -> int:
+        """M: d_sae."""
+        return self.d_sae
+
+    @property
     def transcoder(self) -> bool:
         """True when the target is not the input (``d_out`` set)."""
         return self.d_out is not None
@@ -69,10 +135,7 @@ class SAEConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
-        for name in ("d_in", "d_sae") + (("d_out",) if self.transcoder else ()):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive(self, ("d_in", "d_sae") + (("d_out",) if self.transcoder else ()))
         if not self.transcoder:
             for name in ("target_hook", "skip"):
                 if getattr(self, name):
@@ -83,11 +146,7 @@ class SAEConfig:
         elif self.whitening is not None:  # its fold on save is written for y = x
             raise ValueError("whitening applies to SAEs, not transcoders (d_out is set)")
         self.activation.check_d_sae(self.d_sae)
-        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise ValueError(
-                f"dtype must be a floating torch dtype (float32, float64, bfloat16, float16), got"
-                f" {self.dtype!r}"
-            )
+        check_dtype(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -95,3 +154,46 @@ class SAEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
         return from_dict(cls, data)
+
+
+def check_positive(cfg: Any, names: tuple[str, ...]) -> None:
+    """Each field of ``names`` a positive integer, or ValueError naming it."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in ("float32", "float64", "bfloat16", "float16"):
+        raise ValueError(
+            f"dtype must be a floating torch dtype (float32, float64, bfloat16, float16), got"
+            f" {dtype!r}"
+        )
+
+
+def check_hook_list(cfg: Any, name: str, length: int, what: str) -> None:
+    """Field ``name`` None or a list of ``length`` distinct hook names (``what`` says why)."""
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    if len(value) != length or len(set(value)) != len(value):
+        raise ValueError(f"{name} must name {length} distinct hooks ({what}), got {value!r}")
+
+
+def check_per_layer_activation(activation: ActivationConfig, what: str) -> None:
+    """Refuse, in one line, an activation that cannot encode from given pre-activations or has
+    a loss of its own over one [M, d] decoder (saekit.activations.base.Activation)."""
+    cls, kind = ACTIVATIONS[activation.kind], activation.kind
+    reasons = []
+    if not cls.overrides("encode_preacts") or not cls.uses_encoder_weights:
+        reasons.append("it does not encode from the affine encoder's pre-activations alone")
+    if not cls.uses_encoder_bias:
+        reasons.append("it owns its encoder bias")
+    if cls.overrides("reconstruction_loss") or cls.overrides("auxiliary_loss"):
+        reasons.append("its own loss reads a single [M, d] decoder")
+    if reasons:
+        raise ValueError(
+            f"activation.kind {kind!r} does not apply to {what}: {'; '.join(reasons)} (use "
+            "topk, batchtopk, jumprelu, relu or abstopk)"
+        )

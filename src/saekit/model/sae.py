@@ -15,36 +15,47 @@ its own scale s_y: ``W_dec [M, d_out]``, ``b_dec [d_out]``, optional ``W_skip [d
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from saekit._version import __version__
 from saekit.activations import make_activation
-from saekit.core.atomic import recover_directory, replace_directory, sha256_file
+from saekit.core.atomic import recover_directory
 from saekit.core.configs import to_dict
 from saekit.core.encoding import EncoderView, ForwardOutput, SparseCode, as_dense
 from saekit.kernels.sparse import sparse_decode
 from saekit.model import normalisation
 from saekit.model.config import SAEConfig
 from saekit.model.format import (
-    CHECKPOINT_FORMAT,
     CONFIG_FILE,
-    WEIGHTS_FILE,
     CheckpointError,
-    check_state_matches,
-    files_to_carry_over,
     read_config,
-    upgrade_tensors,
+    read_weights,
+    write_dictionary,
 )
 from saekit.model.normalisation import Whitening, estimate_scale
 from saekit.model.stats import check_activations, check_scale, geometric_median
+
+
+@torch.no_grad()
+def remove_parallel_rows_(W_MD: Tensor, G_MD: Tensor) -> None:
+    """G −= (G·w / ‖w‖²) w for every row w of W (in place on G; a crosscoder's and a CLT's
+    concatenated decoders call it too): two reductions and one in-place pass, no [M, d]
+    temporary. The row coefficients in float32 at least: ‖w‖² of a small fp16 row underflows
+    to 0."""
+    work = torch.promote_types(W_MD.dtype, torch.float32)
+    W_w, G_w = W_MD.to(work), G_MD.to(work)
+    sq_norms_M = torch.linalg.vector_norm(W_w, dim=-1).square().clamp_min(1e-24)
+    coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M
+    G_MD.addcmul_(W_MD, coef_M.to(G_MD.dtype).unsqueeze(-1), value=-1.0)
+
+
+@torch.no_grad()
+def normalize_rows_(W_MD: Tensor) -> None:
+    """Every row of W to unit norm, in place."""
+    W_MD /= W_MD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class SAE(nn.Module):
@@ -274,19 +285,12 @@ class SAE(nn.Module):
         """Drop the component of each decoder row's gradient parallel to the row."""
         if self.W_dec.grad is None:
             return
-        W, G = self.W_dec.detach(), self.W_dec.grad
-        # G −= (G·w / ‖w‖²) w per row: two reductions and one in-place pass, no [M, d] temporary.
-        # The row coefficients in float32 at least: ‖w‖² of a small fp16 row underflows to 0.
-        work = torch.promote_types(W.dtype, torch.float32)
-        W_w, G_w = W.to(work), G.to(work)
-        sq_norms_M = torch.linalg.vector_norm(W_w, dim=-1).square().clamp_min(1e-24)
-        coef_M = torch.einsum("md,md->m", G_w, W_w) / sq_norms_M
-        G.addcmul_(W, coef_M.to(G.dtype).unsqueeze(-1), value=-1.0)
+        remove_parallel_rows_(self.W_dec.detach(), self.W_dec.grad)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Renormalise decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        normalize_rows_(self.W_dec)
 
     # ---------------------------------------------------------------- folding, save, load
 
@@ -340,31 +344,8 @@ class SAE(nn.Module):
         """
         path = Path(path)
         recover_directory(path)  # a save killed mid-swap left the old directory aside
-        kept = files_to_carry_over(path)
         folded = self.folded_copy()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in folded.state_dict().items()}
-
-        def fill(tmp: Path) -> None:
-            for entry in kept:
-                try:  # a hard link costs nothing, however long the run's metrics.jsonl
-                    os.link(entry, tmp / entry.name)
-                except OSError:
-                    shutil.copy2(entry, tmp / entry.name)
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
-            meta = {
-                "format": CHECKPOINT_FORMAT,
-                "saekit_version": __version__,
-                "config": folded.cfg.to_dict(),
-                "scale_folded": True,
-                "tensors": {
-                    k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()
-                },
-                "sha256": sha256_file(tmp / WEIGHTS_FILE),
-            }
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-
-        replace_directory(path, fill)
-        return path
+        return write_dictionary(path, folded.state_dict(), folded.cfg.to_dict())
 
     @classmethod
     def load(
@@ -375,22 +356,10 @@ class SAE(nn.Module):
         path = Path(path)
         recover_directory(path)
         data = read_config(path, verify)
-        weights = path / WEIGHTS_FILE
         try:
             cfg = SAEConfig.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: bad config in {CONFIG_FILE}: {exc}") from exc
         sae = cls(cfg, device="cpu")
-        expected = sae.state_dict()
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                found = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"checkpoint {path}: cannot read {WEIGHTS_FILE}: {exc}") from exc
-        found = upgrade_tensors(data, found)
-        check_state_matches(expected, found, where=f"checkpoint {path}")
-        nonfinite = [n for n, _ in sae.named_parameters() if not torch.isfinite(found[n]).all()]
-        if nonfinite:  # a diverged run's weights would evaluate to FVU nan and export silently
-            raise CheckpointError(f"checkpoint {path}: tensor(s) {nonfinite} hold NaN or inf")
-        sae.load_state_dict(found)
+        sae.load_state_dict(read_weights(path, data, sae))
         return sae.to(device).eval()

@@ -9,6 +9,7 @@ CUDA graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ DENSE_COLUMNS_PER_K = 8
 def auxk_loss(
     preacts: Preacts,
     residual_ND: Tensor,
-    W_dec_MD: Tensor,
+    W_dec_MD: Tensor | None,
     dead_mask_M: Tensor,
     *,
     k_aux: int | None = None,
@@ -38,6 +39,7 @@ def auxk_loss(
     normalizer: str = "residual",
     dead_cols: Tensor | None = None,
     token_fraction: float = 1.0,
+    decode: Callable[[Tensor, CodeLayout], Tensor] | None = None,
 ) -> Tensor:
     """AuxK (Gao et al. 2024, appendix A.2/B.1): dead latents learn to explain the residual.
 
@@ -60,6 +62,10 @@ def auxk_loss(
     (without replacement) instead of all N; V still over all N. An unbiased estimate of L_aux
     and of its gradient for the batch, with Var = (α·share/V)² · (1 − S/N) · s²/S, s² the
     variance of the per-token ‖ê_n − e_n‖² over the batch (sampling without replacement).
+
+    ``decode``: a dictionary whose decoder is not one [M, d] matrix (a cross-layer transcoder:
+    ``W_dec_MD`` None) decodes the selected code itself, (values, layout) -> [N, d] without
+    b_dec (saekit.core.encoding.EncoderView.decode_code); the selection is the same.
     """
     if normalizer not in AUXK_NORMALIZERS:
         raise ValueError(f"auxk normalizer must be one of {AUXK_NORMALIZERS}, got {normalizer!r}")
@@ -81,7 +87,8 @@ def auxk_loss(
     index_Sk, keep_Sk, value_Sk = auxk_select(pre_SC, dead_C, k_aux, overwrite=fresh)
     encoder = preacts.encoder_inputs()  # the fast path's: columns of pre recomputed here
     if (
-        dead_cols is not None
+        decode is None
+        and dead_cols is not None
         and encoder is not None
         and dead_cols.numel() <= DENSE_COLUMNS_PER_K * index_Sk.shape[1]
     ):
@@ -92,7 +99,9 @@ def auxk_loss(
         )  # fmt: skip
     else:
         latent_Sk = index_Sk if dead_cols is None else dead_cols[index_Sk]
-        e_hat_SD = selected_decode(preacts, latent_Sk, keep_Sk, value_Sk, W_dec_MD, rows_S)
+        e_hat_SD = selected_decode(
+            preacts, latent_Sk, keep_Sk, value_Sk, W_dec_MD, rows_S, decode
+        )
     n_dead = dead_mask_M.to(device=e_SD.device, dtype=e_SD.dtype).sum()
     return auxk_value(e_SD, e_hat_SD, e_ND, n_dead, k_aux, alpha, normalizer)
 
@@ -107,12 +116,13 @@ def selected_decode(
     latent_Sk: Tensor,
     keep_Sk: Tensor,
     value_Sk: Tensor,
-    W_dec_MD: Tensor,
+    W_dec_MD: Tensor | None,
     rows_S: Tensor | None = None,
+    decode: Callable[[Tensor, CodeLayout], Tensor] | None = None,
 ) -> Tensor:
     """ê = Σ_j keep·pre[token, latent_j] W_dec,latent_j per token [S, d] (no b_dec), through
     the sparse passes: the selected pre-activations carry their gradient to the encoder. Rows
-    [S] of the batch (None: all, S = N)."""
+    [S] of the batch (None: all, S = N); ``decode``: the dictionary's own (:func:`auxk_loss`)."""
     n_tokens, d_sae = preacts.detached.shape
     if rows_S is None:
         layout = CodeLayout.fixed_k(latent_Sk, d_sae)
@@ -121,7 +131,10 @@ def selected_decode(
         layout = CodeLayout(token_E, latent_Sk.reshape(-1), n_tokens, d_sae)
     pre_E = preacts.selected(value_Sk.reshape(-1), layout)
     z_E = torch.where(keep_Sk.reshape(-1), pre_E, torch.zeros_like(pre_E))
-    e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
+    if decode is None:
+        e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
+    else:
+        e_hat_ND = decode(z_E, layout)
     return e_hat_ND if rows_S is None else e_hat_ND.index_select(0, rows_S)
 
 

@@ -134,7 +134,7 @@ class Penalty(Term):
             return inputs.lam * losses.l0_penalty(steps_NM, weights)
         value = losses.sparsity_penalty(
             activation.penalty_latents(inputs.out.encoding),
-            inputs.sae.encoder_view().W_dec.norm(dim=-1),
+            inputs.sae.encoder_view().decoder_norms(),
             cfg,
             latent_weights_M=weights,
         )
@@ -151,17 +151,18 @@ class AuxK(Term):
         return (inputs.out.target() - inputs.out.x_hat_n).detach()
 
     def __call__(self, inputs: TermInputs) -> Tensor:
-        out = inputs.out
+        out, view = inputs.out, inputs.sae.encoder_view()
         return revival.auxk_loss(
             out.encoding.preacts,
             self.target(inputs),
-            inputs.sae.encoder_view().W_dec,
+            view.W_dec,
             inputs.dead_mask,
             k_aux=self.cfg.k_aux,
             alpha=self.cfg.coefficient,
             normalizer=self.cfg.normalizer,
             dead_cols=inputs.dead_cols,
             token_fraction=self.cfg.token_fraction,
+            decode=view.decode_code,  # a cross-layer transcoder's own (ragged) decoders
         )
 
 
@@ -181,7 +182,7 @@ class PreactTerm(Term):
     def __call__(self, inputs: TermInputs) -> Tensor:
         enc = inputs.out.encoding
         theta = inputs.sae.activation.firing_threshold(enc)
-        dec_norms = inputs.sae.encoder_view().W_dec.norm(dim=-1)
+        dec_norms = inputs.sae.encoder_view().decoder_norms()
         return self.cfg.coefficient * revival.dead_preact_loss(
             enc.preacts, inputs.dead_mask, theta, dec_norms
         )

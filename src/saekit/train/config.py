@@ -18,6 +18,7 @@ from saekit.data.sources.config import SourceConfig
 from saekit.data.sources.interface import ActivationSource, StreamSettings
 from saekit.data.sources.registry import source_config
 from saekit.data.sources.synthetic import SyntheticSourceConfig
+from saekit.model.config import DictionaryConfig
 from saekit.train.config_files import apply_overrides, load_config_file
 from saekit.train.member_config import SAETrainConfig
 from saekit.train.mesh import ParallelMesh, check_latent_saes
@@ -176,6 +177,16 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         if isinstance(penalty, dict) and penalty.get("target_l0") is not None:
             # for `saekit eval`'s L0-off-target warning
             sae.setdefault("metadata", {})["target_l0"] = penalty["target_l0"]
+        if sae.get("kind", "sae") != "sae":  # a dictionary over N hooks (clt, crosscoder)
+            fill_from_hooks(f"saes.{i}.sae", sae, stream_cfg, origin)
+            continue
+        groups = stream_cfg.hook_groups()
+        if groups is not None and (len(groups[0]) > 1 or len(groups[1]) > 1):
+            raise ValueError(
+                f"saes.{i}.sae: an SAE or transcoder reads one hook (and predicts one), but the "
+                f"data selects {len(groups[0])} input and {len(groups[1])} target hooks: set "
+                f"saes.{i}.sae.kind to clt or crosscoder"
+            )
         if not sae.get("d_in"):
             if d_data is None:
                 d_data = stream_cfg.model_width()
@@ -202,6 +213,50 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
             s.name = s.default_name()
     cfg.validate()
     return cfg
+
+
+def fill_from_hooks(
+    where: str, sae: dict[str, Any], stream_cfg: SourceConfig, origin: dict
+) -> None:
+    """A dictionary over N hooks (``sae.kind``: clt or crosscoder) takes its count, hooks and
+    widths from the data's selection (data.input_hooks, data.target_hooks): fields left unset
+    are filled, fields set must agree."""
+    cls = DictionaryConfig.variants.get(sae["kind"])
+    if cls is None:
+        return  # parsing refuses the unknown kind, naming the known ones
+    groups = stream_cfg.hook_groups()
+    if groups is None:
+        raise ValueError(
+            f"{where}.kind {cls.KIND!r} reads named hooks of a model: use data.source hf or cache"
+            " with data.input_hooks"
+        )
+    inputs, targets = groups
+    if bool(targets) != cls.reads_targets:
+        need = (
+            "data.target_hooks, one per data.input_hooks"
+            if cls.reads_targets
+            else "data.input_hooks alone (it reconstructs its sources: no data.target_hooks)"
+        )
+        raise ValueError(f"{where}.kind {cls.KIND!r} needs {need}")
+    fields: dict[str, Any] = {cls.count_field: len(inputs), "hooks": inputs}
+    if targets:
+        fields["target_hooks"] = targets
+    for key, group in (("d_in", inputs), ("d_out", targets)):
+        widths = {stream_cfg.hook_width(name) for name in group}
+        if len(widths) > 1:
+            raise ValueError(
+                f"{where}: the hooks {group} have widths {sorted(widths)}; a {cls.KIND} reads "
+                "hooks of one width"
+            )
+        if group and (widths != {None} or not sae.get(key)):  # hf: the model's hidden size
+            fields[key] = widths.pop() if widths != {None} else stream_cfg.model_width()
+    for key, value in fields.items():
+        if sae.get(key) in (None, 0):
+            sae[key] = value
+        elif sae[key] != value:
+            raise ValueError(f"{where}.{key} = {sae[key]!r} but the data gives {value!r}")
+    if sae.get("model_name") is None and origin.get("model_name") is not None:
+        sae["model_name"] = origin["model_name"]
 
 
 def stream_settings(cfg: RunConfig) -> StreamSettings:

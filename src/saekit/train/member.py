@@ -30,7 +30,7 @@ from torch import Tensor
 
 from saekit.core.comm import Comm, LocalComm
 from saekit.eval.metrics import batch_fvu, latent_counts
-from saekit.model.sae import SAE
+from saekit.model.dictionary import build_dictionary
 from saekit.objective import losses, matryoshka
 from saekit.objective.config import FixedPrefixes, RandomPrefixes
 from saekit.objective.revival import DeadSet
@@ -85,7 +85,7 @@ class Member:
         self.comm: Comm = comm if comm is not None else LocalComm()
         self.total_steps = total_steps
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.sae = SAE(cfg.sae, device="cpu")
+        self.sae = build_dictionary(cfg.sae, device="cpu")  # an SAE, a CLT, a crosscoder
         self.sae.reset_parameters(generator=gen)
         self.sae.to(device)
         self.device = torch.device(device)
@@ -95,7 +95,7 @@ class Member:
             betas=cfg.adam_betas,
             fused=True,  # reads its step count on the device: the default Adam calls .item()
         )
-        M = cfg.sae.d_sae
+        M = cfg.sae.n_latents
         self.tokens_since_fired = torch.zeros(M, dtype=torch.int64, device=self.device)
         self.dead_set = DeadSet(cfg.dead_tokens)  # AuxK's candidate columns, host-refreshed
         self.prefix_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -144,7 +144,7 @@ class Member:
         spec = self.cfg.matryoshka
         if isinstance(spec, RandomPrefixes):
             return matryoshka.sample_prefixes(
-                self.cfg.sae.d_sae,
+                self.cfg.sae.n_latents,
                 spec.n_prefixes,
                 min_prefix=spec.min_prefix,
                 generator=self.prefix_generator,

@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 
 from saekit.activations import ACTIVATIONS
-from saekit.core.configs import check_finite, from_dict
-from saekit.model.config import SAEConfig
+from saekit.core.configs import check_finite
+from saekit.model import dictionary  # noqa: F401  (registers every kind ``sae:`` may name)
+from saekit.model.config import DictionaryConfig
 from saekit.objective.config import (
     FixedPrefixes,
     MatryoshkaConfig,
@@ -24,8 +25,11 @@ from saekit.objective.terms import Objective, build_objective
 class SAETrainConfig:
     """One SAE of a run: architecture, objective, optimizer and schedule."""
 
-    sae: SAEConfig
-    """The SAE's architecture (d_in is filled from the data if 0)."""
+    sae: DictionaryConfig
+    """The SAE's architecture (d_in is filled from the data if 0): an SAE or transcoder, or a
+    dictionary over N hooks named by ``kind`` (``clt``: a cross-layer transcoder, saekit.model.clt;
+    ``crosscoder``: saekit.model.crosscoder), whose hooks the data selects (data.input_hooks,
+    data.target_hooks)."""
     name: str = ""
     """Directory name inside the run directory (default: derived from the architecture)."""
     lr: float | None = None
@@ -60,7 +64,7 @@ class SAETrainConfig:
     def __post_init__(self) -> None:
         # Built from Python with plain data ({"kind": ...} or a kind name), as SAEConfig allows.
         if isinstance(self.sae, dict):
-            self.sae = from_dict(SAEConfig, self.sae, "sae")
+            self.sae = DictionaryConfig.from_plain(self.sae, "sae")
         for name, family in (
             ("penalty", PenaltyConfig),
             ("revival", RevivalConfig),
@@ -91,7 +95,12 @@ class SAETrainConfig:
             raise ValueError(
                 f"b_dec_init must be mean or geometric_median, got {self.b_dec_init!r}"
             )
-        d_sae = self.sae.d_sae
+        d_sae = self.sae.n_latents
+        if self.matryoshka is not None and not self.sae.prefixes_apply:
+            raise ValueError(
+                f"matryoshka does not apply to sae.kind {self.sae.kind!r}: prefixes of its flat "
+                "latents would drop whole layers (train it without matryoshka)"
+            )
         if isinstance(self.matryoshka, FixedPrefixes) and sum(self.matryoshka.groups) != d_sae:
             raise ValueError(
                 f"matryoshka.groups sum to {sum(self.matryoshka.groups)}, not sae.d_sae = {d_sae}"

@@ -113,7 +113,7 @@ def _evaluate(
     """Held-out metrics on the tokens after the first ``skip`` (the calibration part)."""
     sae = member.sae
     device = next(sae.parameters()).device
-    acc = MetricAccumulator(sae.cfg.target_width, sae.cfg.d_sae, device=device)
+    acc = MetricAccumulator(sae.cfg.target_width, sae.cfg.n_latents, device=device)
     synthetic = source.known_features()  # the built-in generator, for ground truth
     absorbed = pairs = 0
     hierarchical = synthetic is not None and synthetic.cfg.kind == "hierarchical"

@@ -30,7 +30,7 @@ def estimated_bytes(cfg: RunConfig) -> list[tuple[str, int]]:
         sae = s.sae
         width = sae.d_in + sae.target_width
         params = sae.d_sae // T * (width + 1) + sae.target_width + sae.d_in
-        per_token = 2 * 4 * sae.d_sae // T * (cfg.batch_size // D)
+        per_token = 2 * 4 * sae.n_latents // T * (cfg.batch_size // D)
         out.append((s.name or f"saes.{i}", 4 * _BYTES.get(sae.dtype, 4) * params + per_token))
     return out
 

@@ -4,8 +4,10 @@ Held out: the **last shard**, when the cache has at least 2 shards; with a singl
 is issued and evaluation reuses training data.
 
 Hooks: a run trains on ``data.hook`` (an SAE) or ``data.hook`` + ``data.target_hook`` (a
-transcoder) of the cache's hooks; a cache of 1 or 2 hooks needs neither, one of 3 or more is
-refused without them (saekit.data.hook_columns.selected_hooks). Batches hold only those columns.
+transcoder) of the cache's hooks, or on ``data.input_hooks`` (+ ``data.target_hooks``: a
+crosscoder's sources, a cross-layer transcoder's inputs and targets); a cache of 1 or 2 hooks
+needs none, one of 3 or more is refused without them (saekit.data.hook_columns.selected_hooks).
+Batches hold only those columns.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from saekit.data.cache.reading import ActivationCache, CacheError
 from saekit.data.documents.held_out import cache_documents
-from saekit.data.hook_columns import select_columns, selected_hooks
+from saekit.data.hook_columns import hook_groups, select_columns, selected_hooks
 from saekit.data.sources.config import SourceConfig
 from saekit.data.sources.interface import StreamSettings
 from saekit.data.sources.stream import INIT_TOKENS, StreamSource, full_batches, rebatch_up_to
@@ -157,6 +159,11 @@ class CacheSourceConfig(SourceConfig):
     """Train on this hook of the cache (needed when it holds 3 or more hooks)."""
     target_hook: str | None = None
     """With ``hook``: train transcoders from ``hook`` to this hook of the cache."""
+    input_hooks: list[str] | None = None
+    """A dictionary over N hooks of the cache: a crosscoder's sources, or a cross-layer
+    transcoder's inputs, layer by layer (saekit/data/hook_columns.py)."""
+    target_hooks: list[str] | None = None
+    """A cross-layer transcoder's targets, in the order of ``input_hooks``."""
 
     def validate(self) -> None:
         if self.shuffle_buffer_tokens < 0:
@@ -176,7 +183,14 @@ class CacheSourceConfig(SourceConfig):
     def _hooks(self) -> list[str]:
         """The hooks the run trains on: [input] or [input, target]."""
         names = [name for name, _ in self._cache.hooks]
-        return selected_hooks(names, self.hook, self.target_hook, self.describe())
+        return selected_hooks(
+            names,
+            self.hook,
+            self.target_hook,
+            self.describe(),
+            self.input_hooks,
+            self.target_hooks,
+        )
 
     def describe(self) -> str:
         return f"the activation cache {self.cache_dir}"
@@ -185,15 +199,23 @@ class CacheSourceConfig(SourceConfig):
         return dict(self._cache.hooks)[self._hooks[0]]
 
     def has_target(self) -> bool:  # a transcoder's stream: [input | target]
-        return len(self._hooks) == 2
+        return bool(self.hook_groups()[1])
+
+    def hook_groups(self) -> tuple[list[str], list[str]]:
+        return hook_groups(self._hooks, self.input_hooks)
+
+    def hook_width(self, name: str) -> int | None:
+        return dict(self._cache.hooks)[name]
 
     def target_width(self) -> int | None:
-        return dict(self._cache.hooks)[self._hooks[1]] if self.has_target() else None
+        targets = self.hook_groups()[1]
+        return dict(self._cache.hooks)[targets[0]] if targets else None
 
     def origin(self) -> dict[str, str]:
-        origin = {"model_name": self._cache.model, "hook": self._hooks[0]}
-        if self.has_target():
-            origin["target_hook"] = self._hooks[1]
+        inputs, targets = self.hook_groups()
+        origin = {"model_name": self._cache.model, "hook": inputs[0]}
+        if targets:
+            origin["target_hook"] = targets[0]
         return origin
 
     def context_size(self) -> int | None:

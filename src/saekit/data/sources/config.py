@@ -80,6 +80,16 @@ class SourceConfig(KindConfig):
         """Whether batches are [input | target] (a transcoder's stream)."""
         return False
 
+    def hook_groups(self) -> tuple[list[str], list[str]] | None:
+        """The hooks a run trains on as (inputs, targets), their columns in that order
+        (saekit.data.hook_columns); None for a source without named hooks (synthetic data)."""
+        return None
+
+    def hook_width(self, name: str) -> int | None:
+        """The width of one selected hook when known without a model (a cache's manifest),
+        else None (``model_width`` then)."""
+        return None
+
     def model_width(self) -> int:
         """The width a model's hook has by default (its hidden size; reads its config)."""
         raise NotImplementedError(f"data.source {self.kind!r} runs no model")

@@ -6,8 +6,10 @@ context_length`` tokens; ``saekit eval`` on the same dataset reads these same do
 the whole dataset is shorter than that, a warning is issued and evaluation reuses training data.
 
 Hooks: ``data.hooks`` (every hook harvested, in one forward pass stopped after the last), or
-``data.hook`` (+ ``data.target_hook``: a transcoder's target, the 2-hook case); the run trains on
-the selection of saekit.data.hook_columns.selected_hooks, whose columns batches hold.
+``data.hook`` (+ ``data.target_hook``: a transcoder's target, the 2-hook case), or
+``data.input_hooks`` (+ ``data.target_hooks``: a crosscoder's sources, a cross-layer
+transcoder's inputs and targets); the run trains on the selection of
+saekit.data.hook_columns.selected_hooks, whose columns batches hold.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.documents.reading import documents, leading_document_count, text_source
-from saekit.data.hook_columns import join_hooks, selected_hooks
+from saekit.data.hook_columns import hook_groups, join_hooks, selected_hooks
 from saekit.data.lm.harvest import HarvestStats, harvest
 from saekit.data.lm.harvester import HookPoint
 from saekit.data.lm.models import (
@@ -212,6 +214,13 @@ class HFSourceConfig(SourceConfig):
     """Hook points harvested in one forward pass, e.g. [model.layers.0.mlp:input,
     model.layers.0.mlp, model.layers.1.mlp]; ``hook`` (+ ``target_hook``) pick the ones to
     train on (needed from 3 hooks; saekit/data/hook_columns.py)."""
+    input_hooks: list[str] | None = None
+    """A dictionary over N hooks: a crosscoder's S sources, or a cross-layer transcoder's L
+    inputs, layer by layer, e.g. [model.layers.0.mlp:input, model.layers.1.mlp:input]
+    (harvested with the targets in one pass; with ``hooks``: picked from them)."""
+    target_hooks: list[str] | None = None
+    """A cross-layer transcoder's L targets, in the order of ``input_hooks``, e.g.
+    [model.layers.0.mlp, model.layers.1.mlp]."""
     dataset: str | None = None
     """Documents from a Hugging Face dataset, a hub id or a local path (or use text_file)."""
     dataset_split: str = "train"
@@ -259,8 +268,11 @@ class HFSourceConfig(SourceConfig):
             )
         if not self.model:
             raise ValueError("data.model is required when data.source is 'hf'")
-        if not self.hook and not self.hooks:
-            raise ValueError("data.hook (or data.hooks) is required when data.source is 'hf'")
+        if not self.hook and not self.hooks and not self.input_hooks:
+            raise ValueError(
+                "data.hook (or data.hooks, or data.input_hooks) is required when data.source is "
+                "'hf'"
+            )
         if (self.dataset is None) == (self.text_file is None):
             raise ValueError("data: set exactly one of data.dataset and data.text_file")
         if self.text_file is not None and not Path(self.text_file).is_file():
@@ -282,21 +294,35 @@ class HFSourceConfig(SourceConfig):
         """Every hook the forward pass yields, normalised (``NAME`` or ``NAME:input``)."""
         if self.hooks:
             return [str(HookPoint.parse(h)) for h in self.hooks]
+        if self.input_hooks:  # each hook once, in the order named
+            names = [*self.input_hooks, *(self.target_hooks or [])]
+            return list(dict.fromkeys(str(HookPoint.parse(h)) for h in names))
         names = [self.hook] + ([self.target_hook] if self.target_hook is not None else [])
         return [str(HookPoint.parse(h)) for h in names]
 
     def selected_hooks(self) -> list[str]:
         """The hooks the run trains on: [input] or [input, target]."""
-        if not self.hooks:  # data.hook (+ data.target_hook): all of them
-            return self.harvested_hooks()
-        return selected_hooks(self.harvested_hooks(), self.hook, self.target_hook, "data.hooks")
+        if not self.hooks and self.input_hooks is None and self.target_hooks is None:
+            return self.harvested_hooks()  # data.hook (+ data.target_hook): all of them
+        return selected_hooks(
+            self.harvested_hooks(),
+            self.hook,
+            self.target_hook,
+            "data.hooks",
+            self.input_hooks,
+            self.target_hooks,
+        )
 
     def describe(self) -> str:
-        names = self.harvested_hooks() if self.hooks else [str(HookPoint.parse(self.hook))]
+        several = self.hooks or self.input_hooks
+        names = self.harvested_hooks() if several else [str(HookPoint.parse(self.hook))]
         return f"hook{'s' * (len(names) > 1)} {', '.join(names)} of model {self.model}"
 
     def has_target(self) -> bool:
-        return len(self.selected_hooks()) == 2
+        return bool(self.hook_groups()[1])
+
+    def hook_groups(self) -> tuple[list[str], list[str]]:
+        return hook_groups(self.selected_hooks(), self.input_hooks)
 
     def model_width(self) -> int:
         """The model's hidden size (its config's hidden_size / n_embd / d_model, read without
@@ -305,10 +331,10 @@ class HFSourceConfig(SourceConfig):
         return model_hidden_size(self.model, self.local_files_only)
 
     def origin(self) -> dict[str, str]:
-        selected = self.selected_hooks()
-        origin = {"model_name": self.model, "hook": selected[0]}
-        if len(selected) == 2:
-            origin["target_hook"] = selected[1]
+        inputs, targets = self.hook_groups()
+        origin = {"model_name": self.model, "hook": inputs[0]}
+        if targets:
+            origin["target_hook"] = targets[0]
         return origin
 
     def provenance(self, eval_tokens: int) -> dict[str, Any]:
