@@ -398,3 +398,14 @@ def test_what_latent_parallelism_cannot_do_is_refused_in_one_line(tmp_path, chan
     with pytest.raises(ValueError, match=message) as info:
         run_config(tmp_path, fields.pop("saes"), fields.pop("parallel"))
     assert "\n" not in str(info.value)
+
+
+def test_a_cross_layer_transcoder_is_refused_under_latent_parallelism():
+    """Its per-layer decoders have no sharded form yet (docs/design.md, "Latent parallelism")."""
+    from saekit.model.clt import CLTConfig
+    from saekit.train.member_config import SAETrainConfig
+    from saekit.train.mesh import check_latent_saes
+
+    clt = CLTConfig(d_in=8, d_sae=16, n_layers=2, activation={"kind": "topk", "k": 2})
+    with pytest.raises(ValueError, match="saes.0: a cross-layer transcoder or crosscoder"):
+        check_latent_saes([SAETrainConfig(sae=clt)], 2)

@@ -99,9 +99,7 @@ def auxk_loss(
         )  # fmt: skip
     else:
         latent_Sk = index_Sk if dead_cols is None else dead_cols[index_Sk]
-        e_hat_SD = selected_decode(
-            preacts, latent_Sk, keep_Sk, value_Sk, W_dec_MD, rows_S, decode
-        )
+        e_hat_SD = selected_decode(preacts, latent_Sk, keep_Sk, value_Sk, W_dec_MD, rows_S, decode)
     n_dead = dead_mask_M.to(device=e_SD.device, dtype=e_SD.dtype).sum()
     return auxk_value(e_SD, e_hat_SD, e_ND, n_dead, k_aux, alpha, normalizer)
 
