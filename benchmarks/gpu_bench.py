@@ -252,6 +252,26 @@ def nccl(report: Report, device: torch.device, smoke: bool) -> None:
     )
 
 
+def latent_step(report: Report, device: torch.device, smoke: bool) -> None:
+    """The latent-sharded step (issue 25) on every GPU against one: ms/step and peak memory."""
+    from bench_latent import measure
+
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        report.write(f"skipped: one GPU ({gpus} found; the sharded step needs 2 or more)")
+        return
+    T = min(gpus, 8)
+    d, m, n = (64, 4096, 256) if smoke else (2048, 2**18, 4096)
+    args = {"d": d, "M": m, "k": 32, "batch": n, "steps": 10}
+    report.write(f"TopK k=32 + AuxK, d={d}, M={m:,}, N={n}, float32, NCCL, D=1\n")
+    report.write("| T | ms/step | peak allocated per rank (MiB) |")
+    report.write("|---|---|---|")
+    for parts in (1, T):
+        ranks = measure(parts, args, device="cuda")
+        ms = 1e3 * max(r["seconds_per_step"] for r in ranks)
+        report.write(f"| {parts} | {ms:,.1f} | {max(r['peak_mib'] for r in ranks):,.0f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", default="runs/gpu_report.md")
@@ -269,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     report.section("Training step", step_benchmark, device, args.smoke)
     report.section("Harvesting", harvest, device, args.smoke)
     report.section("Two processes (NCCL)", nccl, device, args.smoke)
+    report.section("Latent-sharded step (several GPUs)", latent_step, device, args.smoke)
     report.write(f"\n{report.failed} section(s) failed; {time.monotonic() - start:.0f} s in all.")
     return 1 if report.failed else 0
 

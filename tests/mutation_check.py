@@ -964,8 +964,8 @@ FAULTS = [
     Fault(
         "auxk-values-misaligned",
         "objective/revival.py",
-        "        pre_E = preacts.selected(value_Sk.reshape(-1), layout)",
-        "        pre_E = preacts.selected(value_Sk.sort(dim=1).values.reshape(-1), layout)",
+        "    pre_E = preacts.selected(value_Sk.reshape(-1), layout)",
+        "    pre_E = preacts.selected(value_Sk.sort(dim=1).values.reshape(-1), layout)",
         ("test_speed_paths.py", "test_kernels.py", "test_objective.py"),
     ),
     Fault(
@@ -1181,6 +1181,94 @@ FAULTS = [
         "            x.div_(self.world_size)",
         "            pass  # FAULT: avg is the sum",
         ("test_distributed.py",),
+    ),
+    # ------------------------------------------------------- latent parallelism (issue 25)
+    Fault(
+        "latent-topk-keeps-every-part-top-k",  # no global selection across the parts
+        "activations/topk.py",
+        '        kept_E = chosen_per_row(values_Nk, k, shard.comm, "TopK candidates").reshape(-1)',
+        "        kept_E = torch.ones_like(values_Nk, dtype=torch.bool).reshape(-1)",
+        ("test_latent_member.py", "test_latent_parallel.py"),
+    ),
+    Fault(
+        "latent-selection-takes-part-0s-winners",
+        "kernels/sharded_select.py",
+        "    return hit[:, comm.rank * c : (comm.rank + 1) * c]",
+        "    return hit[:, :c]",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-batchtopk-keeps-k-per-data-group-token-count",  # k·N_local, not k·N of the batch
+        "activations/batchtopk.py",
+        "        n_keep = self.cfg.k * x_n_ND.shape[0] * (shard.world.world_size // shard.count)",
+        "        n_keep = self.cfg.k * x_n_ND.shape[0]",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-batchtopk-selects-within-the-latent-group",
+        "activations/batchtopk.py",
+        '        kept_E = chosen_overall(values_E, n_keep, shard.world, "BatchTopK candidates")',
+        '        kept_E = chosen_overall(values_E, n_keep, shard.comm, "BatchTopK candidates")',
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-auxk-keeps-every-part-dead-top-k",
+        "objective/sharded.py",
+        '    kept_Nk = chosen_per_row(value_Nk, k_aux, shard.comm, "AuxK candidates")'
+        " & (value_Nk > 0)",
+        "    kept_Nk = value_Nk > 0",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-partial-sums-averaged",  # the decoder's reduction: a mean, not the sum
+        "core/shard.py",
+        '        return comm.all_reduce(total, "sum", what)',
+        '        return comm.all_reduce(total, "avg", what)',
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-replicated-gradient-counted-t-times",  # b_dec's decoder gradient not 1/T
+        "train/latent_member.py",
+        "        sae, f = self.sae, 1.0 / self.mesh.T",
+        "        sae, f = self.sae, 1.0",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-part-gradients-summed-over-data-groups",
+        "train/latent_member.py",
+        '            _bucket_reduce(rows, mesh.data, "avg", f"gradients of {self.cfg.name}", 1)',
+        '            _bucket_reduce(rows, mesh.data, "sum", f"gradients of {self.cfg.name}", 1)',
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-clip-at-the-part-norm",
+        "train/latent_member.py",
+        '        total = self.mesh.latent.all_reduce(parts, "sum", "gradient norm")'
+        " + sum(shared_sq, zero)",
+        "        total = parts + sum(shared_sq, zero)",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-init-draws-the-first-rows",
+        "train/latent_member.py",
+        "    W = normal_rows(gen, M, d_out, shard.offset, shard.width)",
+        "    W = normal_rows(gen, M, d_out, 0, shard.width)",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-htopk-rank-within-the-part",
+        "activations/hierarchical_topk.py",
+        '        every_TNk = shard.comm.all_gather(positive_Nk, "HierarchicalTopK kept values")',
+        "        every_TNk = positive_Nk.unsqueeze(0)",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-checkpoint-reads-part-0-rows",
+        "train/latent_checkpoint.py",
+        "                tensors[key] = reader.rows("
+        'f"{prefix}{key}", M, shard.offset, shard.width)',
+        '                tensors[key] = reader.rows(f"{prefix}{key}", M, 0, shard.width)',
+        ("test_latent_checkpoint.py",),
     ),
     Fault(
         "absorption-main-latents-count-as-absorbers",

@@ -36,3 +36,4 @@ def test_gpu_script_runs_green_on_the_cpu_with_gpu_parts_skipped(tmp_path):
     assert "skipped (no CUDA)" in text  # the Triton kernels and pytest on CUDA
     assert "| topk | on |" in text and "| matryoshka-batchtopk | off |" in text
     assert "(ok)" in text and "TOO LARGE" not in text
+    assert "## Latent-sharded step (several GPUs)\n\nskipped: one GPU" in text

@@ -144,3 +144,21 @@ def test_the_clt_and_crosscoder_config_files_are_the_benchmark_configs():
     root = Path(__file__).resolve().parents[1]
     for name, block in shown.items():
         assert block == (root / name).read_text(), name
+
+
+@pytest.mark.slow  # a real torchrun launch of 2 processes, ~30 s; CI runs it (make test-slow)
+def test_the_wide_sae_command_trains_on_two_cpu_processes(tmp_path):
+    """The README's CPU command for an SAE split over processes, shortened (2 steps)."""
+    import shlex
+
+    (line,) = [ln for b in _blocks("sh") for ln in b.splitlines() if "parallel={latent: 2}" in ln]
+    args = shlex.split(line.split("saekit", 1)[1])  # as the shell splits it
+    assert args[:3] == ["train", "--nproc", "2"]
+    out = tmp_path / "wide"
+    args[args.index("--out") + 1] = str(out)
+    cmd = [sys.executable, "-m", "saekit", *args, "--steps", "2", "--no-progress"]
+    done = subprocess.run(cmd + ["--set", "eval_tokens=256"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "checkpoint" / "latent-1-of-2.safetensors").is_file()
+    assert (out / "topk-k6-M4096" / "cfg.json").is_file()

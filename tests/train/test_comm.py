@@ -134,5 +134,6 @@ def test_local_comm_is_the_identity():
     for op in ("sum", "avg", "min", "max"):
         assert comm.all_reduce(x, op) is x and torch.equal(x, torch.arange(4.0))
     assert comm.broadcast(x) is x
+    assert torch.equal(comm.all_gather(x), x.unsqueeze(0))  # [world_size = 1, *x.shape]
     assert comm.gather(b"abc") == [b"abc"]
     assert comm.agree_stop(15) == 15 and comm.agree_stop(None) is None

@@ -28,6 +28,7 @@ from saekit.objective import losses
 if TYPE_CHECKING:
     from saekit.core.comm import Comm
     from saekit.core.encoding import ForwardOutput
+    from saekit.core.shard import LatentShard
 
 
 class ActivationConfig(KindConfig):
@@ -128,6 +129,15 @@ class Activation(nn.Module):
     def encode(self, view: EncoderView, x_n_ND: Tensor) -> Encoding:
         raise NotImplementedError
 
+    def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
+        """``encode`` on one part of a latent-sharded dictionary (saekit.train.latent_parallel):
+        ``view`` and this activation hold the part's M/T latents, and the latents returned are
+        the part's (local indices) of exactly what ``encode`` selects over all M (a selection
+        with a global view asks ``shard``'s collectives). An activation that is per-latent
+        (ReLU, JumpReLU) returns ``encode``; one without a sharded form leaves this default, and
+        a latent-parallel run refuses it."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent-sharded form")
+
     def encode_preacts(self, pre: Preacts) -> Encoding:
         """Latents from pre-activations the dictionary computed itself (a cross-layer
         transcoder's L encoders, each reading its own layer: saekit.kernels.layered), over the
@@ -158,6 +168,16 @@ class Activation(nn.Module):
         """The objective's reconstruction term: mean_n ‖y_n − ŷ_n‖² (y = x for an SAE) unless
         overridden (HierarchicalTopK: the mean over every prefix k' ≤ K)."""
         return losses.reconstruction_loss(out.target(), out.x_hat_n)
+
+    def reconstruction_blocks(
+        self, view: EncoderView, latents: Tensor | SparseCode, shard: LatentShard
+    ) -> Tensor:
+        """Where ``reconstruction_loss`` is the mean of the prefix errors of blocks δ_j (each
+        prefix's prediction is b_dec + Σ_{j' ≤ j} δ_j'), this part's share of the blocks
+        [B, N, d_out] of a latent-sharded dictionary (HierarchicalTopK: each token's rank
+        positions); saekit.objective.sharded sums them over the parts. Only an activation that
+        overrides ``reconstruction_loss`` that way implements it."""
+        raise NotImplementedError(f"{type(self).__name__} has no sharded reconstruction blocks")
 
     def penalty_latents(self, enc: Encoding) -> Tensor | SparseCode:
         """What the sparsity penalty is applied to: the latents unless overridden (Gated: the

@@ -28,9 +28,11 @@ from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode
 from saekit.kernels import select
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import batchtopk_select
+from saekit.kernels.sharded_select import chosen_overall
 
 if TYPE_CHECKING:
     from saekit.core.comm import Comm
+    from saekit.core.shard import LatentShard
 
 FLOOR_MARGIN = 0.1
 """The next CPU selection looks above the previous k·N-th value minus 10% of its size."""
@@ -109,6 +111,37 @@ class BatchTopK(Activation):
             token_E, flat_E - token_E * d_sae, n_tokens, d_sae, backend=self.cfg.kernel
         )
         values_E = torch.relu(pre.selected(values_E, layout))
+        return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
+
+    def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
+        """Training: the k·N largest over the WHOLE batch (every data group's tokens, every
+        part's latents: N = all ranks' tokens), exact against one process on that batch. Each
+        part proposes its own k·N largest (all its entries if fewer), the largest k·N of every
+        proposal are kept (kernels.sharded_select); the code holds this part's proposals, those
+        not kept at an exact 0. Inference: the threshold, per latent."""
+        if not self.training:
+            return self.encode(view, x_n_ND)
+        n_keep = self.cfg.k * x_n_ND.shape[0] * (shard.world.world_size // shard.count)
+        reference = self.cfg.kernel == "reference"
+        pre = self.preacts(view, x_n_ND) if reference else fast_preacts(view, x_n_ND, self)
+        n_tokens, d_sae = pre.detached.shape
+        if n_keep < n_tokens * d_sae:  # the k·N largest here, sorted by flat index
+            values_E, flat_E = batchtopk_select(pre.detached, n_keep // n_tokens)
+        else:  # the part holds fewer entries than are kept: all are candidates
+            flat_E = torch.arange(n_tokens * d_sae, device=x_n_ND.device)
+            values_E = pre.detached.reshape(-1)
+        kept_E = chosen_overall(values_E, n_keep, shard.world, "BatchTopK candidates")
+        if reference:
+            z_flat = torch.zeros_like(pre.dense()).reshape(-1)
+            dense_E = pre.dense().reshape(-1).index_select(0, flat_E)
+            z_E = torch.where(kept_E, torch.relu(dense_E), torch.zeros_like(dense_E))
+            return Encoding(z_flat.scatter(0, flat_E, z_E).view_as(pre.dense()), pre)
+        token_E = torch.div(flat_E, d_sae, rounding_mode="floor")
+        layout = CodeLayout(
+            token_E, flat_E - token_E * d_sae, n_tokens, d_sae, backend=self.cfg.kernel
+        )
+        values_E = torch.relu(pre.attach(values_E, layout))
+        values_E = torch.where(kept_E, values_E, torch.zeros_like(values_E))
         return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
 
     _last_kept_min: Tensor | None = None

@@ -32,6 +32,7 @@ from saekit.kernels.sparse import sparse_decode
 
 if TYPE_CHECKING:
     from saekit.core.encoding import ForwardOutput
+    from saekit.core.shard import LatentShard
 
 
 def check_inference_k(inference_k: int | None, k: int) -> None:
@@ -98,3 +99,30 @@ class HierarchicalTopK(TopK):
         delta_kND = delta_E_D.view(k, n_tokens, -1)
         # a transcoder predicts its target from b_dec plus its skip path (SAE: x_n from b_dec)
         return prefix_mse(delta_kND, out.target() - view.decoder_offset_n(out.x_n)).mean()
+
+    def reconstruction_blocks(
+        self, view: EncoderView, latents: Tensor | SparseCode, shard: LatentShard
+    ) -> Tensor:
+        """This part's share of the K rank blocks [K, N, d_out]: each of its kept entries goes
+        to the block of its rank among the token's K kept values of EVERY part (one all-gather
+        of [N, K] values). Entries not kept (or a kept 0) contribute nothing wherever they go."""
+        k = self.cfg.k
+        if isinstance(latents, SparseCode):  # k entries per token, token-major
+            values_Nk, latent_Nk = latents.values.view(-1, k), latents.latent.view(-1, k)
+        else:
+            values_Nk, latent_Nk = latents.topk(k, dim=-1)
+        positive_Nk = values_Nk.detach()
+        positive_Nk = torch.where(positive_Nk > 0, positive_Nk, torch.full_like(positive_Nk, -1.0))
+        every_TNk = shard.comm.all_gather(positive_Nk, "HierarchicalTopK kept values")
+        n_tokens = values_Nk.shape[0]
+        ranked = (-every_TNk.permute(1, 0, 2).reshape(n_tokens, -1)).sort(-1).values  # ascending
+        rank_Nk = torch.searchsorted(ranked, -positive_Nk.contiguous())  # values above it
+        rank_Nk = torch.where(positive_Nk > 0, rank_Nk, torch.full_like(rank_Nk, k - 1))
+        tokens_N1 = torch.arange(n_tokens, device=rank_Nk.device).unsqueeze(1)
+        bag_E, order = (rank_Nk * n_tokens + tokens_N1).reshape(-1).sort()
+        latent_E = latent_Nk.reshape(-1)[order]
+        backend = "triton" if self.cfg.kernel == "triton" else "torch"
+        layout = CodeLayout(bag_E, latent_E, k * n_tokens, self.d_sae, backend=backend)
+        values_E = values_Nk.reshape(-1)[order]
+        delta = sparse_decode(values_E, latent_E, bag_E, view.W_dec, k * n_tokens, layout)
+        return delta.view(k, n_tokens, -1)

@@ -37,6 +37,7 @@ from saekit.core.encoding import EncoderView, Encoding, Preacts
 
 if TYPE_CHECKING:
     from saekit.core.comm import Comm
+    from saekit.core.shard import LatentShard
 
 THRESHOLD_PARAMS = ("direct", "log")
 
@@ -193,6 +194,9 @@ class JumpReLU(Activation):
     def encode_preacts(self, pre: Preacts) -> Encoding:
         z = jumprelu(pre.dense(), self.theta(), self.cfg.bandwidth, self.cfg.ste_to_input)
         return Encoding(z, pre)
+
+    def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
+        return self.encode(view, x_n_ND)  # per latent: each part encodes its own
 
     def l0_step(self, preacts: Preacts) -> Tensor:
         # The penalty reaches the encoder only when the estimate goes to the input as well.

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saekit.activations.base import Activation, ActivationConfig, ExportForm
 from saekit.core.encoding import EncoderView, Encoding, Preacts
+
+if TYPE_CHECKING:
+    from saekit.core.shard import LatentShard
 
 
 @dataclass
@@ -25,6 +29,9 @@ class ReLU(Activation):
 
     def encode_preacts(self, pre: Preacts) -> Encoding:
         return Encoding(torch.relu(pre.dense()), pre)
+
+    def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
+        return self.encode(view, x_n_ND)  # per latent: each part encodes its own
 
     def export_form(self) -> ExportForm:
         return ExportForm("relu")

@@ -10,6 +10,7 @@ Two paths with the same selection (:func:`saekit.kernels.topk_select`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,8 +19,12 @@ from saekit.activations.base import Activation, ActivationConfig, ExportForm
 from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import topk_select
+from saekit.kernels.sharded_select import chosen_per_row
 from saekit.kernels.sparse import SparsePreacts
 from saekit.kernels.workspace import free_buffer
+
+if TYPE_CHECKING:
+    from saekit.core.shard import LatentShard
 
 KERNELS = ("torch", "triton", "reference")
 
@@ -128,6 +133,27 @@ class TopK(Activation):
         values_Nk, latent_Nk = self.select(pre.detached, k)
         layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
         values_E = self.kept(pre.selected(values_Nk.reshape(-1), layout))
+        code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
+        return Encoding(code, pre)
+
+    def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
+        """Each part's own top-k per token are the candidates; the k largest of the T·k are
+        kept (kernels.sharded_select). The code holds this part's k candidates per token, those
+        not kept at an exact 0 (a fixed shape: no host sync)."""
+        k = self.encode_k()
+        if self.cfg.kernel == "reference":
+            pre = self.preacts(view, x_n_ND)
+            values_Nk, latent_Nk = topk_select(pre.dense(), k)
+            kept_Nk = chosen_per_row(values_Nk, k, shard.comm, "TopK candidates")
+            z_Nk = torch.where(kept_Nk, torch.relu(values_Nk), torch.zeros_like(values_Nk))
+            return Encoding(torch.zeros_like(pre.dense()).scatter(1, latent_Nk, z_Nk), pre)
+        pre = fast_preacts(view, x_n_ND, self)
+        n_tokens, d_sae = pre.detached.shape
+        values_Nk, latent_Nk = topk_select(pre.detached, k)
+        kept_E = chosen_per_row(values_Nk, k, shard.comm, "TopK candidates").reshape(-1)
+        layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
+        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))
+        values_E = torch.where(kept_E, values_E, torch.zeros_like(values_E))
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
 

@@ -141,6 +141,7 @@ def train_command(args: argparse.Namespace, default: dict[str, Any]) -> int:
     directory, train, print the table. ``default``: the config used without --config."""
     from saekit.train.config import build_run_config
     from saekit.train.launch import DistributedFailure, is_main_process, launch, launched
+    from saekit.train.mesh import check_processes
     from saekit.train.outputs import format_table
     from saekit.train.preflight import check_fits
     from saekit.train.run import (
@@ -160,6 +161,7 @@ def train_command(args: argparse.Namespace, default: dict[str, Any]) -> int:
         if not launched():  # torchrun workers: the launching process checked and cleared it
             prepare_out_dir(cfg, force=args.force)
     if args.nproc > 1 and not launched():  # validated here, run by torchrun workers
+        check_processes(cfg.parallel, args.nproc)
         return launch(args.nproc, args.argv)
     print(
         f"saekit: training {len(cfg.saes)} SAE(s) for {cfg.steps} steps of {cfg.batch_size} "

@@ -1,8 +1,8 @@
 """Collectives: what the ranks of a run can do together, and the one-process identity.
 
-A ``Comm`` does collectives and nothing else: all-reduce with an op, broadcast, gather, barrier
-and the agreement to stop. Who calls which collective when (the gradient all-reduce of a
-data-parallel step, which rank writes a checkpoint) is the caller's: the training step
+A ``Comm`` does collectives and nothing else: all-reduce with an op, all-gather, broadcast,
+gather, barrier and the agreement to stop. Who calls which collective when (the gradient
+all-reduce of a data-parallel step, which rank writes a checkpoint) is the caller's: the step
 (:mod:`saekit.train.member`), the trainer and :mod:`saekit.train.parallel`. The process-group
 implementation is :class:`saekit.train.comm.ProcessGroupComm`; :class:`LocalComm` is one process,
 where every collective is the identity.
@@ -19,7 +19,9 @@ from torch import Tensor
 ReduceOp = Literal["sum", "avg", "min", "max"]
 """How an all-reduce combines the ranks' tensors (avg = sum / world_size)."""
 
-COLLECTIVES = frozenset({"all_reduce", "broadcast", "gather", "barrier", "agree_stop"})
+COLLECTIVES = frozenset(
+    {"all_reduce", "all_gather", "broadcast", "gather", "barrier", "agree_stop"}
+)
 """The public methods of a comm (tests/train/test_comm.py holds every comm class to them)."""
 
 
@@ -33,6 +35,11 @@ class Comm(Protocol):
 
     def all_reduce(self, x: Tensor, op: ReduceOp = "sum", what: str = "tensor") -> Tensor:
         """``x`` combined over ranks with ``op``, in place (``x`` contiguous); returns ``x``."""
+        ...
+
+    def all_gather(self, x: Tensor, what: str = "tensor") -> Tensor:
+        """Every rank's ``x`` (same shape and dtype on each), stacked in rank order: a new
+        tensor [world_size, *x.shape]."""
         ...
 
     def broadcast(self, x: Tensor, src: int = 0, what: str = "tensor") -> Tensor:
@@ -61,6 +68,9 @@ class LocalComm:
 
     def all_reduce(self, x: Tensor, op: ReduceOp = "sum", what: str = "tensor") -> Tensor:
         return x
+
+    def all_gather(self, x: Tensor, what: str = "tensor") -> Tensor:
+        return x.unsqueeze(0)
 
     def broadcast(self, x: Tensor, src: int = 0, what: str = "tensor") -> Tensor:
         return x

@@ -113,7 +113,12 @@ def quadratic_l0_penalty(step_NM: Tensor, target_l0: float) -> Tensor:
     toward T from both sides, where λ·L0 only ever lowers it; its slope in L0_n,
     (4/T)·(L0_n − T), stays within ±4 while 0 ≤ L0_n ≤ 2T, so λ keeps the plain penalty's scale.
     """
-    l0_N = _l0_per_token(step_NM, None)
+    return quadratic_l0_of(_l0_per_token(step_NM, None), target_l0)
+
+
+def quadratic_l0_of(l0_N: Tensor, target_l0: float) -> Tensor:
+    """mean_n (2/T)·(L0_n − T)² from each token's L0_n [N] (:func:`quadratic_l0_penalty`; a
+    latent-sharded dictionary sums L0_n over its parts first)."""
     return (2.0 / target_l0 * (l0_N - target_l0).pow(2)).mean()
 
 

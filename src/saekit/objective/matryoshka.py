@@ -85,29 +85,40 @@ def prefix_weights(prefixes: Sequence[int], d_sae: int, like: Tensor) -> Tensor:
     return counts_M / len(ends)
 
 
-def block_deltas(latents: Tensor | SparseCode, W_dec_MD: Tensor, prefixes: Sequence[int]) -> Tensor:
+def block_deltas(
+    latents: Tensor | SparseCode,
+    W_dec_MD: Tensor,
+    prefixes: Sequence[int],
+    first_latent: int = 0,
+    d_sae: int | None = None,
+) -> Tensor:
     """δ_j = Σ_{p_{j−1} ≤ i < p_j} z_i W_dec,i for every block: [P, N, d].
 
     Dense latents: one matmul per block slice. SparseCode: bucket entries by block, one sort by
     (block, token), one sparse decode into [P·N, d]; never a [P, N, M] or dense [N, M] tensor.
+    ``first_latent``, ``d_sae``: the latents and rows given are latents [first_latent, first_latent
+    + rows) of a dictionary of ``d_sae`` (one part of a latent-sharded one, saekit.core.shard),
+    whose prefixes these are; the blocks then hold this part's share of each δ_j (0 where a block
+    has none of its latents).
     """
-    d_sae = W_dec_MD.shape[0]
-    ends = _check_prefixes(prefixes, d_sae)
+    rows = W_dec_MD.shape[0]
+    ends = _check_prefixes(prefixes, rows if d_sae is None else d_sae)
     n_prefixes = len(ends)
     if isinstance(latents, SparseCode):
         n_tokens = latents.n_tokens
         device = latents.values.device
         boundaries = torch.tensor(ends[:-1], dtype=latents.latent.dtype, device=device)
-        block_E = torch.bucketize(latents.latent, boundaries, right=True)  # p_{j−1} ≤ i < p_j
+        global_E = latents.latent + first_latent if first_latent else latents.latent
+        block_E = torch.bucketize(global_E, boundaries, right=True)  # p_{j−1} ≤ i < p_j
         bag_E, order = (block_E * n_tokens + latents.token).sort()
         latent_E = latents.latent[order]
         n_bags = n_prefixes * n_tokens
-        layout = CodeLayout(bag_E, latent_E, n_bags, d_sae)
+        layout = CodeLayout(bag_E, latent_E, n_bags, rows)
         deltas = sparse_decode(latents.values[order], latent_E, bag_E, W_dec_MD, n_bags, layout)
         return deltas.view(n_prefixes, n_tokens, -1)
     z_NM = latents.reshape(-1, latents.shape[-1])
-    starts = [0] + ends[:-1]
-    return torch.stack([z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in zip(starts, ends, strict=True)])
+    bounds = [min(max(p - first_latent, 0), rows) for p in [0, *ends]]
+    return torch.stack([z_NM[:, a:b] @ W_dec_MD[a:b] for a, b in itertools.pairwise(bounds)])
 
 
 def matryoshka_reconstruction_loss(

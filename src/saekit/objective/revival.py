@@ -72,7 +72,7 @@ def auxk_loss(
     d = residual_ND.shape[-1]
     e_ND = residual_ND.detach().reshape(-1, d)
     n_tokens, d_sae = preacts.detached.shape
-    k_aux = max(1, min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae))
+    k_aux = auxk_k(k_aux, d, d_sae)
     if dead_cols is not None and dead_cols.numel() == 0:
         return e_ND.new_zeros(())  # no latent can be dead: the exact 0, and no work
     rows_S = sample_tokens(n_tokens, token_fraction, e_ND.device)
@@ -99,23 +99,62 @@ def auxk_loss(
         )  # fmt: skip
     else:
         latent_Sk = index_Sk if dead_cols is None else dead_cols[index_Sk]
-        if rows_S is None:
-            layout = CodeLayout.fixed_k(latent_Sk, d_sae)
-        else:
-            token_E = rows_S.repeat_interleave(latent_Sk.shape[1])
-            layout = CodeLayout(token_E, latent_Sk.reshape(-1), n_tokens, d_sae)
-        pre_E = preacts.selected(value_Sk.reshape(-1), layout)
-        z_E = torch.where(keep_Sk.reshape(-1), pre_E, torch.zeros_like(pre_E))
-        if decode is None:
-            e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
-        else:
-            e_hat_ND = decode(z_E, layout)
-        e_hat_SD = e_hat_ND if rows_S is None else e_hat_ND.index_select(0, rows_S)
+        e_hat_SD = selected_decode(preacts, latent_Sk, keep_Sk, value_Sk, W_dec_MD, rows_S, decode)
+    n_dead = dead_mask_M.to(device=e_SD.device, dtype=e_SD.dtype).sum()
+    return auxk_value(e_SD, e_hat_SD, e_ND, n_dead, k_aux, alpha, normalizer)
+
+
+def auxk_k(k_aux: int | None, d: int, d_sae: int) -> int:
+    """k_aux: the configured one (at most M), by default max(1, min(d // 2, M))."""
+    return max(1, min(d // 2, d_sae) if k_aux is None else min(k_aux, d_sae))
+
+
+def selected_decode(
+    preacts: Preacts,
+    latent_Sk: Tensor,
+    keep_Sk: Tensor,
+    value_Sk: Tensor,
+    W_dec_MD: Tensor | None,
+    rows_S: Tensor | None = None,
+    decode: Callable[[Tensor, CodeLayout], Tensor] | None = None,
+) -> Tensor:
+    """ê = Σ_j keep·pre[token, latent_j] W_dec,latent_j per token [S, d] (no b_dec), through
+    the sparse passes: the selected pre-activations carry their gradient to the encoder. Rows
+    [S] of the batch (None: all, S = N); ``decode``: the dictionary's own (:func:`auxk_loss`)."""
+    n_tokens, d_sae = preacts.detached.shape
+    if rows_S is None:
+        layout = CodeLayout.fixed_k(latent_Sk, d_sae)
+    else:
+        token_E = rows_S.repeat_interleave(latent_Sk.shape[1])
+        layout = CodeLayout(token_E, latent_Sk.reshape(-1), n_tokens, d_sae)
+    pre_E = preacts.selected(value_Sk.reshape(-1), layout)
+    z_E = torch.where(keep_Sk.reshape(-1), pre_E, torch.zeros_like(pre_E))
+    if decode is None:
+        e_hat_ND = sparse_decode(z_E, layout.latent, layout.token, W_dec_MD, n_tokens, layout)
+    else:
+        e_hat_ND = decode(z_E, layout)
+    return e_hat_ND if rows_S is None else e_hat_ND.index_select(0, rows_S)
+
+
+def auxk_value(
+    e_SD: Tensor,
+    e_hat_SD: Tensor,
+    e_ND: Tensor,
+    n_dead: Tensor,
+    k_aux: int,
+    alpha: float,
+    normalizer: str,
+    variance: Tensor | None = None,
+) -> Tensor:
+    """L_aux = α · min(n_dead / k_aux, 1) · mean_s ‖ê_s − e_s‖² / V (:func:`auxk_loss`), V the
+    variance of the residual over all N tokens ``e_ND`` ("residual"; ``variance``: V computed
+    by the caller over a larger batch) or 1 ("none")."""
     mse = reconstruction_loss(e_SD, e_hat_SD)  # mean_s ‖ê_s − e_s‖², one fused kernel
     if normalizer == "residual":
-        variance = torch.var(e_ND, dim=0, correction=0).sum()  # mean_n ‖e_n − ē‖², one pass
+        if variance is None:
+            variance = torch.var(e_ND, dim=0, correction=0).sum()  # mean_n ‖e_n − ē‖², one pass
         mse = mse / variance.clamp_min(torch.finfo(variance.dtype).tiny)
-    n_dead = dead_mask_M.to(device=mse.device, dtype=mse.dtype).sum()
+    n_dead = n_dead.to(mse.dtype)
     return alpha * (n_dead / k_aux).clamp(max=1.0) * mse
 
 

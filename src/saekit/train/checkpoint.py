@@ -163,6 +163,11 @@ def read_training_checkpoint(
     SAEs in that order."""
     meta = read_checkpoint_meta(run_dir)
     path = checkpoint_dir(run_dir)
+    if meta.get("latent") is not None:  # its rows are in part files: saekit.train.latent_checkpoint
+        raise CheckpointError(
+            f"{path}: a latent-sharded checkpoint: resume it with parallel: {{latent: T}} (any T "
+            "dividing d_sae; set it in config.yaml)"
+        )
     _check_tensor_hash(path, meta)
     names = [m["name"] for m in meta["members"]]
     if expected_names is not None and names != list(expected_names):

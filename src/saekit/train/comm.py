@@ -31,17 +31,26 @@ _OPS = {
     "max": dist.ReduceOp.MAX,
 }
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class ProcessGroupComm:
     """The collectives of this process's group; ``hint`` ends the message of a failure (what
-    the user can do: the run's resume command)."""
+    the user can do: the run's resume command). ``group``: a sub-group of the run's ranks
+    (``dist.new_group``, e.g. one latent group of :mod:`saekit.train.mesh`), whose own ranks
+    ``rank``, ``src`` and the gather's destination 0 are; None: every rank."""
 
-    def __init__(self, ctx: DistContext, hint: str = ""):
+    def __init__(self, ctx: DistContext, hint: str = "", group: Any = None):
         self.ctx = ctx
-        self.rank = ctx.rank
-        self.world_size = ctx.world_size
-        self.is_main = ctx.is_main
+        self.group = group
+        self.rank = ctx.rank if group is None else dist.get_rank(group)
+        self.world_size = ctx.world_size if group is None else dist.get_world_size(group)
+        self.is_main = self.rank == 0
         self.hint = hint
+        self._where = f"rank {ctx.rank}/{ctx.world_size}" + (
+            "" if group is None else f" (rank {self.rank}/{self.world_size} of its group)"
+        )
 
     def _run(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
         """Run one collective; turn a failure into a :class:`DistributedFailure` naming it."""
@@ -53,19 +62,25 @@ class ProcessGroupComm:
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             hint = f" {self.hint}" if self.hint else ""
             raise DistributedFailure(
-                f"rank {self.rank}/{self.world_size}: {what} failed: another rank died or did "
+                f"{self._where}: {what} failed: another rank died or did "
                 f"not respond within {self.ctx.timeout_s:g} s ({TIMEOUT_ENV}).{hint} "
                 f"Cause: {cause}"
             ) from exc
 
     def all_reduce(self, x: Tensor, op: ReduceOp = "sum", what: str = "tensor") -> Tensor:
-        self._run(f"all_reduce({what})", dist.all_reduce, x.view(-1), _OPS[op])
+        self._run(f"all_reduce({what})", dist.all_reduce, x.view(-1), _OPS[op], self.group)
         if op == "avg":
             x.div_(self.world_size)
         return x
 
+    def all_gather(self, x: Tensor, what: str = "tensor") -> Tensor:
+        """Into one flat buffer (the concatenation form: gloo refuses the stacked one)."""
+        out = x.new_empty(self.world_size * x.numel())
+        self._run(f"all_gather({what})", _ALL_GATHER, out, x.reshape(-1).contiguous(), self.group)
+        return out.view(self.world_size, *x.shape)
+
     def broadcast(self, x: Tensor, src: int = 0, what: str = "tensor") -> Tensor:
-        self._run(f"broadcast({what})", dist.broadcast, x, src)
+        self._run(f"broadcast({what})", dist.broadcast, x, group=self.group, group_src=src)
         return x
 
     def gather(self, payload: bytes, what: str = "bytes") -> list[bytes] | None:
@@ -74,22 +89,22 @@ class ProcessGroupComm:
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
         size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        self._run(f"all_gather(sizes of {what})", dist.all_gather, sizes, size)
+        self._run(f"all_gather(sizes of {what})", dist.all_gather, sizes, size, self.group)
         lengths = [int(s.item()) for s in sizes]
         padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
         if data is not None:
             padded[: len(payload)] = data.to(device)
         bufs = [torch.empty_like(padded) for _ in lengths] if self.is_main else None
-        self._run(f"gather({what})", dist.gather, padded, bufs, dst=0)
+        self._run(f"gather({what})", dist.gather, padded, bufs, group=self.group, group_dst=0)
         if bufs is None:
             return None
         return [bytes(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, lengths, strict=True)]
 
     def barrier(self, what: str = "barrier") -> None:
         if self.ctx.backend == "gloo":  # names the ranks that did not arrive
-            self._run(what, dist.monitored_barrier, wait_all_ranks=True)
+            self._run(what, dist.monitored_barrier, self.group, wait_all_ranks=True)
         else:
-            self._run(what, dist.barrier)
+            self._run(what, dist.barrier, self.group)
 
     def agree_stop(self, signum: int | None) -> int | None:
         """One tiny all-reduce (MAX of the signal numbers, 0 for none)."""

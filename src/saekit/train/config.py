@@ -21,6 +21,7 @@ from saekit.data.sources.synthetic import SyntheticSourceConfig
 from saekit.model.config import DictionaryConfig
 from saekit.train.config_files import apply_overrides, load_config_file
 from saekit.train.member_config import SAETrainConfig
+from saekit.train.mesh import ParallelMesh, check_latent_saes
 
 __all__ = [
     "RunConfig",
@@ -66,16 +67,21 @@ class RunConfig:
     seed: int = 0
     """Seed of the data stream: the batches drawn from synthetic data (data.synthetic.seed fixes
     its true features), the document order and shuffle buffer of model and cache sources."""
-    parallel: str = "data"
+    parallel: str | ParallelMesh = "data"
     """Several processes (torchrun, --nproc): data (every process trains every SAE on its share of
     each batch, gradients averaged) or sweep (the SAEs spread over the processes, each seeing the
-    whole batch). Ignored by a single process."""
+    whole batch), both ignored by a single process; or ``{data: D, latent: T}``: each SAE's
+    latents split over T processes, each batch over D groups of them (saekit.train.mesh)."""
 
     def validate(self) -> None:
         if not self.saes:
             raise ValueError("saes: a run needs at least one SAE")
-        if self.parallel not in ("data", "sweep"):
-            raise ValueError(f"parallel must be data or sweep, got {self.parallel!r}")
+        if isinstance(self.parallel, ParallelMesh):
+            self.parallel.validate()
+        elif self.parallel not in ("data", "sweep"):
+            raise ValueError(
+                f"parallel must be data, sweep or {{data: D, latent: T}}, got {self.parallel!r}"
+            )
         if self.batch_size < 2:
             raise ValueError(
                 f"batch_size must be >= 2 (FVU and AuxK divide by the batch's variance), got "
@@ -109,6 +115,8 @@ class RunConfig:
                 s.validate()
             except ValueError as exc:
                 raise ValueError(f"saes.{i}: {exc}") from exc
+        if isinstance(self.parallel, ParallelMesh):
+            check_latent_saes(self.saes, self.parallel.latent)
 
 
 def check_device(device: str) -> None:

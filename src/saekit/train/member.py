@@ -128,7 +128,7 @@ class Member:
         if self.comm.world_size == 1:
             return
         tensors = list(self.sae.state_dict().values())
-        for dtype in {t.dtype for t in tensors}:
+        for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every rank
             same = [t for t in tensors if t.dtype == dtype]
             bucket = torch.cat([t.reshape(-1) for t in same])
             self.comm.broadcast(bucket, 0, f"initial {self.cfg.name}")
@@ -250,7 +250,8 @@ class Member:
         state["prefix_generator"] = self.prefix_generator.get_state()
         if self.controller is not None:
             for key, value in self.controller.state_dict().items():
-                state[f"controller.{key}"] = torch.as_tensor(value)
+                # float64: as float32, rate 0.01 would resume as 0.00999999977
+                state[f"controller.{key}"] = torch.as_tensor(value, dtype=torch.float64)
         return state
 
     def state_meta(self) -> dict:

@@ -42,6 +42,10 @@ one ordinary checkpoint (resumable on any world size, or by one process). Final 
 gathered to rank 0, which writes them and ``summary.json``; each rank writes ``metrics.jsonl`` of
 its own SAEs (so ``out_dir`` must be on a filesystem every rank shares, as it must for resuming).
 
+**parallel = {data: D, latent: T}**: every SAE's latents split over T processes, each batch over
+D groups of them: its own member, step and sharded checkpoints
+(:mod:`saekit.train.latent_parallel`).
+
 A failed collective raises :class:`saekit.train.launch.DistributedFailure`; the last checkpoint
 stays loadable (it is written atomically). A signal is honoured at the next log interval, where
 the ranks agree to stop together.

@@ -5,6 +5,7 @@ written.
 The estimate is a floor, not a forecast: per SAE, its parameters four times (weights, gradients
 and Adam's two moments) in the parameter dtype, plus one float32 [batch, d_sae] pre-activation
 matrix and its gradient. A run whose floor exceeds the device's whole memory cannot start.
+Under latent parallelism the floor is one process's: d_sae / T latents, batch_size / D tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import torch
 
 from saekit.train.config import RunConfig
+from saekit.train.mesh import ParallelMesh
 
 _BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
@@ -21,11 +23,14 @@ _BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 def estimated_bytes(cfg: RunConfig) -> list[tuple[str, int]]:
     """(SAE name, bytes it needs at least) for every SAE of the run."""
     out = []
+    D, T = 1, 1  # latent parallelism: a process holds d_sae / T latents of batch_size / D tokens
+    if isinstance(cfg.parallel, ParallelMesh):
+        D, T = max(1, cfg.parallel.data), cfg.parallel.latent
     for i, s in enumerate(cfg.saes):
         sae = s.sae
         width = sae.d_in + sae.target_width
-        params = sae.d_sae * (width + 1) + sae.target_width + sae.d_in
-        per_token = 2 * 4 * sae.n_latents * cfg.batch_size
+        params = sae.d_sae // T * (width + 1) + sae.target_width + sae.d_in
+        per_token = 2 * 4 * sae.n_latents // T * (cfg.batch_size // D)
         out.append((s.name or f"saes.{i}", 4 * _BYTES.get(sae.dtype, 4) * params + per_token))
     return out
 

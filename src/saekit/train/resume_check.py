@@ -6,8 +6,8 @@ refuses a difference with one line naming the differing fields and how to procee
 silently training the checkpoint's config and rewriting ``config.yaml`` (a checkpoint copied in
 from another run shows up here too). A missing or garbled ``config.yaml`` is reported, not
 rewritten. ``--force`` continues from the checkpoint's config and rewrites ``config.yaml``.
-``steps`` is the one field a resume may change: an edit of it in ``config.yaml`` is applied like
-``--steps``.
+``steps`` and ``parallel`` are the fields a resume may change: an edit of ``steps`` in
+``config.yaml`` is applied like ``--steps``, one of ``parallel`` resumes on another mesh.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from saekit.train.config import build_run_config
 from saekit.train.config_files import load_config_file
 
 CONFIG_FILE = "config.yaml"
-RESUMABLE_FIELDS = ("out_dir", "steps")
+RESUMABLE_FIELDS = ("out_dir", "steps", "parallel")
 """Fields a resumed run may take from elsewhere than the checkpoint: where the run lives now,
-and how long it trains (``--steps``)."""
+how long it trains (``--steps``), and how its processes split the work (``parallel``: a
+latent-parallel checkpoint resumes on any (D, T), saekit.train.latent_checkpoint)."""
 
 
 def normalised(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -92,4 +93,6 @@ def checked_resume_config(
     data = dict(checkpointed)
     if current.get("steps") != recorded.get("steps"):
         data["steps"] = current.get("steps")
+    if current.get("parallel") != recorded.get("parallel"):
+        data["parallel"] = current.get("parallel")
     return data, None

@@ -23,7 +23,9 @@ from saekit.train.checkpoint import (
 )
 from saekit.train.config import RunConfig, build_run_config, make_source
 from saekit.train.config_files import load_config_file
+from saekit.train.latent_parallel import run_latent
 from saekit.train.launch import launched
+from saekit.train.mesh import ParallelMesh
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
 from saekit.train.preflight import check_fits
 from saekit.train.reports import MemberReport
@@ -38,6 +40,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> tuple[Trainer, list[Me
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_fits(cfg)
+    if isinstance(cfg.parallel, ParallelMesh):  # one process of latent parallelism: T = 1
+        return run_latent(cfg, None, resume, [wandb_logger(cfg)] if cfg.wandb_project else [])
     if not resume:
         write_run_config(cfg)
     source = make_source(cfg)

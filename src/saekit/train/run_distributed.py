@@ -15,7 +15,9 @@ from saekit.model.sae import SAE
 from saekit.train.checkpoint import checkpoint_dir
 from saekit.train.comm import ProcessGroupComm
 from saekit.train.config import RunConfig, check_source_width, stream_settings
+from saekit.train.latent_parallel import run_latent
 from saekit.train.launch import DistContext, destroy_group_quietly, init_from_env
+from saekit.train.mesh import ParallelMesh
 from saekit.train.outputs import evaluate_member, save_outputs, write_run_config
 from saekit.train.parallel import gather_indexed
 from saekit.train.reports import MemberReport
@@ -34,6 +36,8 @@ def run_distributed(
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if isinstance(cfg.parallel, ParallelMesh):  # saekit.train.latent_parallel
+            return run_latent(cfg, ctx, resume)
         trainer, eval_source = build_trainer(ctx, cfg)
         if ctx.is_main:
             write_run_config(cfg)

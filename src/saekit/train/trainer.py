@@ -60,15 +60,18 @@ class Trainer:
         self.indices = parallel.trained_here(cfg.parallel, len(cfg.saes), self.comm)
         self.batch_comm = parallel.batch_comm(cfg.parallel, self.comm)
         self.writes_logs = parallel.writes_logs(cfg.parallel, self.comm)
-        self.members = [
-            Member(cfg.saes[i], cfg.steps, cfg.device, self.batch_comm) for i in self.indices
-        ]
+        self.members = [self.make_member(i) for i in self.indices]
         self.step = 0
         self._sums: list[dict[str, Tensor]] = [{} for _ in self.members]
         self._n_in_interval = 0
         self.out_dir = Path(cfg.out_dir)
         self._stop_signal: int | None = None
         self.log_callbacks: list[Callable[[Member, LogRecord], None]] = []
+
+    def make_member(self, i: int) -> Member:
+        """The member that trains SAE i here (latent parallelism: its part,
+        saekit.train.latent_parallel)."""
+        return Member(self.cfg.saes[i], self.cfg.steps, self.cfg.device, self.batch_comm)
 
     def initialise(self) -> None:
         """Estimate the dataset scale and b_dec from the first batches (not used for training)."""

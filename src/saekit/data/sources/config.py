@@ -19,7 +19,12 @@ import dataclasses
 from typing import Any, ClassVar
 
 from saekit.core.configs import KindConfig, to_dict
-from saekit.data.sources.distributed import BroadcastComm, BroadcastSource, ShardedSource
+from saekit.data.sources.distributed import (
+    BroadcastComm,
+    BroadcastSource,
+    RowSliceSource,
+    ShardedSource,
+)
 from saekit.data.sources.interface import ActivationSource, StreamSettings
 
 
@@ -129,6 +134,20 @@ class SourceConfig(KindConfig):
         source = self.build(run, rank, world_size)
         return source, source
 
+    def latent_parallel_sources(
+        self, run: StreamSettings, part: int, parts: int, group: BroadcastComm
+    ) -> tuple[ActivationSource, ActivationSource | None]:
+        """Latent parallelism (saekit.train.mesh; ``run.batch_size``: the whole batch): data
+        group ``part`` of ``parts`` trains on its share; in its latent group ``group`` (whose
+        ranks need the same batches) rank 0 reads and broadcasts. A stream splits itself by
+        (part, parts), as under data parallelism. (training source, evaluation source: the
+        group's rank 0's own, None elsewhere)."""
+        local = dataclasses.replace(run, batch_size=run.batch_size // parts)
+        source = self.build(local, part, parts) if group.is_main else None
+        if group.world_size == 1:
+            return source, source  # type: ignore[return-value]
+        return BroadcastSource(source, group), source
+
 
 class GeneratedSourceConfig(SourceConfig):
     """A source whose batch i is a pure function of (seed, i): every rank generates what it
@@ -142,6 +161,15 @@ class GeneratedSourceConfig(SourceConfig):
     ) -> tuple[ActivationSource, ActivationSource]:
         evaluation = self.build(run)
         return ShardedSource(evaluation, rank, world_size), evaluation  # type: ignore[arg-type]
+
+    def latent_parallel_sources(
+        self, run: StreamSettings, part: int, parts: int, group: BroadcastComm
+    ) -> tuple[ActivationSource, ActivationSource | None]:
+        """Every rank generates the whole batch and trains on its data group's rows of it, so
+        the batches are one process's whatever the mesh (a resume on another shape reads the
+        same tokens)."""
+        whole = self.build(run)
+        return RowSliceSource(whole, part, parts), whole  # type: ignore[arg-type]
 
 
 def _foreign_fields(

@@ -2,7 +2,9 @@
 
 - :class:`ShardedSource`: data parallel on generated data, each rank generates its own batches.
 - :class:`BroadcastSource`: sweep parallel on a model or cache source, rank 0 reads each batch
-  and broadcasts it to the others.
+  and broadcasts it to the others (latent parallelism: rank 0 of each latent group).
+- :class:`RowSliceSource`: latent parallelism on generated data, each data group its rows of
+  the whole batch.
 
 Model and cache sources split their stream by (rank, world_size) themselves (their ``build``).
 Which a source uses is its config's choice (``SourceConfig.sweep_source`` and
@@ -26,6 +28,8 @@ class GeneratedSource(Protocol):
 
     data: Any
     batch_size: int
+
+    def batches(self, start: int = 0) -> Iterator[Tensor]: ...
 
     def sample_for_init(self) -> Tensor: ...
 
@@ -59,6 +63,29 @@ class ShardedSource(ActivationSource):
         while True:
             yield self.inner.data.batch(index, self.inner.batch_size).x
             index += self.world_size
+
+    def sample_for_init(self) -> Tensor:
+        return self.inner.sample_for_init()
+
+    def eval_batches(
+        self, n_tokens: int, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        return self.inner.eval_batches(n_tokens, batch_size)
+
+
+class RowSliceSource(ActivationSource):
+    """Latent parallelism on generated data: data group ``part`` of ``parts`` trains on rows
+    [part·n, (part + 1)·n) of the whole batch i (n = batch_size / parts), so together the data
+    groups train on exactly one process's batch i, whatever their number."""
+
+    def __init__(self, inner: GeneratedSource, part: int, parts: int):
+        self.inner = inner  # built with the whole batch size
+        self.part, self.parts = part, parts
+
+    def batches(self, start: int = 0) -> Iterator[Tensor]:
+        n = self.inner.batch_size // self.parts
+        for x in self.inner.batches(start):
+            yield x[self.part * n : (self.part + 1) * n]
 
     def sample_for_init(self) -> Tensor:
         return self.inner.sample_for_init()
