@@ -77,13 +77,15 @@ def scaled_protocol() -> Protocol:
     so the trained L0s are scaled with it: published L0 20 → 9, 25 → 11 (the SAE : true L0
     ratio 0.58 / 0.72 becomes 0.61 / 0.74). Orthogonalisation, magnitudes, Zipf and copula
     settings unchanged. The recipes' fixed Matryoshka levels shrink with the width (128, 512,
-    2048 of 4,096 → 16, 64, 256 of 512), and the autotuner's gain K_i grows 30× (3e-4 → 1e-2):
-    the paper's gain moves λ by at most 0.03% a step, which over 977 steps (not 195k) cannot
-    reach a target L0 from the starting λ.
+    2048 of 4,096 → 16, 64, 256 of 512), and the autotuner's gain K_i grows with the step ratio
+    (3e-4 · 195k / 977 ≈ 6e-2): the paper's gain moves λ by at most 0.03% a step (0.0003% while
+    L0 moves toward the target), which over 977 steps cannot reach a target L0 from the
+    starting λ. Even so its L1 and JumpReLU SAEs end off their target (BENCHMARKS.md): rows
+    marked "not matched".
     """
     world = replace(synthsaebench_16k(), n_features=2048, d=96, n_roots=32, depth=2)
     return Protocol("scaled", world, 512, 1_000_000, 1024, 3e-3, {20: 9, 25: 11}, 32_768,
-                    matryoshka_widths=(16, 64, 256), tuner_gain=1e-2)  # fmt: skip
+                    matryoshka_widths=(16, 64, 256), tuner_gain=6e-2)  # fmt: skip
 
 
 def default_threads() -> tuple[int, str]:
