@@ -167,17 +167,26 @@ def eval_set(data: SynthBenchData, n_tokens: int, batch_size: int = EVAL_BATCH) 
 
 
 @torch.no_grad()
+def calibrated(sae, held_out: list):
+    """A context in which ``sae`` encodes as it is scored: BatchTopK at the threshold that gives
+    L0 = k on the held-out tokens (its training threshold is an EMA and may give another L0);
+    every other activation as it is."""
+    sae = sae.eval()
+    threshold = None
+    if sae.activation.calibrated_threshold:
+        n_tokens = sum(x.shape[0] for x, _ in held_out)
+        xs = (x.to(sae.W_dec.device) for x, _ in held_out)
+        threshold = calibrate_batchtopk(sae, xs, n_tokens, apply=False).threshold
+    return threshold_set(sae, threshold)
+
+
+@torch.no_grad()
 def score(sae, data: SynthBenchData, held_out: list) -> SynthScores:
     """The SynthSAEBench metrics on held-out batches (BatchTopK at its calibrated threshold)."""
     sae = sae.eval()
     device = sae.W_dec.device
-    threshold = None
-    if sae.activation.calibrated_threshold:
-        n_tokens = sum(x.shape[0] for x, _ in held_out)
-        xs = (x.to(device) for x, _ in held_out)
-        threshold = calibrate_batchtopk(sae, xs, n_tokens, apply=False).threshold
     acc = SynthMetricAccumulator(sae.W_dec, data.directions)
-    with threshold_set(sae, threshold):
+    with calibrated(sae, held_out):
         for x, coefficients in held_out:
             x = x.to(device)
             z = sae.encode(x)
