@@ -80,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", action="append", choices=ARCHITECTURES, help="default: all")
     p.add_argument("--samples", type=int, help="override the protocol's training samples")
     p.add_argument("--eval-tokens", type=int, help="override the protocol's held-out tokens")
-    p.add_argument("--l0", type=int, action="append", choices=(20, 25),
-                   help="published L0 column(s) to train (default: both)")
+    p.add_argument(
+        "--l0",
+        type=int,
+        action="append",
+        choices=(20, 25),
+        help="published L0 column(s) to train (default: both)",
+    )
     p.add_argument(
         "--threads", type=int, help="torch threads (default: 1 on CPU, torch's own on a GPU)"
     )
@@ -129,15 +134,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.peer:
                 data = SynthBenchData(protocol.world, stream_seed=seed, world=world)
                 out = work / f"peer_{seed}.json"
-                job = {**peer_job(protocol, data, archs, seed), "world": world_path,
-                       "out": str(out), "threads": threads or torch.get_num_threads()}
+                job = {
+                    **peer_job(protocol, data, archs, seed),
+                    "world": world_path,
+                    "out": str(out),
+                    "threads": threads or torch.get_num_threads(),
+                }
                 t0 = time.time()
                 run_peer(python, "train", job, work)
                 walls["SAELens"] += time.time() - t0
                 theirs = json.loads(out.read_text())
                 first_eval = min(EVAL_BATCH, protocol.eval_tokens)
-                ours = (sha256(data.batch(0, protocol.batch_size).x),
-                        sha256(data.batch(SynthBenchSource.EVAL_INDEX, first_eval).x))
+                ours = (
+                    sha256(data.batch(0, protocol.batch_size).x),
+                    sha256(data.batch(SynthBenchSource.EVAL_INDEX, first_eval).x),
+                )
                 if ours != (theirs["first_train_sha256"], theirs["first_eval_sha256"]):
                     raise SystemExit(f"seed {seed}: SAELens trained on other samples than saekit")
                 print(f"seed {seed}: SAELens done after {time.time() - start:.0f} s; same first "

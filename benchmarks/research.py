@@ -39,7 +39,7 @@ def ms(values: list[float], fmt: str = "{:.3f}") -> str:
 
 
 def seeds_of(results: dict, part: str) -> str:
-    """"N (a, b, ...)": the seeds an experiment's rows hold."""
+    """ "N (a, b, ...)": the seeds an experiment's rows hold."""
     seeds = sorted({r["seed"] for r in results[part]})
     return f"{len(seeds)} ({', '.join(map(str, seeds))})"
 

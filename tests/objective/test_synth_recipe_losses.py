@@ -111,8 +111,11 @@ def matryoshka_auxk_case(dead, alpha=0.5):
     if ref.requires_grad:
         ref.backward()
     names = ("W_enc", "b_enc", "W_dec")
-    return loss, all_grads(*(getattr(sae, n) for n in names)), ref, all_grads(
-        *(getattr(twin, n) for n in names)
+    return (
+        loss,
+        all_grads(*(getattr(sae, n) for n in names)),
+        ref,
+        all_grads(*(getattr(twin, n) for n in names)),
     )
 
 
@@ -142,7 +145,8 @@ def test_matryoshka_auxk_refuses_random_prefixes_and_token_sampling():
 
     with pytest.raises(ValueError, match="token_fraction"):
         MatryoshkaAuxKRevival(token_fraction=0.5)
-    entry = {"name": "m", "sae": {"d_in": D, "d_sae": 40, "activation": {"kind": "batchtopk", "k": 4}},
+    sae = {"d_in": D, "d_sae": 40, "activation": {"kind": "batchtopk", "k": 4}}
+    entry = {"name": "m", "sae": sae,
              "revival": {"kind": "matryoshka_auxk"},
              "matryoshka": {"kind": "random", "n_prefixes": 3}}  # fmt: skip
     with pytest.raises(ValueError, match="needs matryoshka.kind 'fixed'"):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_trainer import make_trainer
 
 from saekit.objective.losses import Autotuner, LambdaController
 from saekit.objective.terms import AuxK, MatryoshkaAuxK, Penalty
 from saekit.train import presets
 from saekit.train.config import build_run_config
-from test_trainer import make_trainer  # noqa: I001  (tests/train on the path: conftest)
 
 D_IN, WIDTH, K, STEPS, BATCH, LR = 16, 64, 4, 9, 128, 3e-3
 

@@ -284,7 +284,7 @@ def format_table(
     trainers = [("saekit", rows_of(protocol, runs))]
     if peer is not None:
         trainers.append((peer_name, rows_of(protocol, peer)))
-    for i, row in enumerate(trainers[0][1]):
+    for i in range(len(trainers[0][1])):
         for who, rows in trainers:
             r = rows[i]
             pub, got = PUBLISHED[r["arch"]][r["label"]], r["scores"]

@@ -172,8 +172,15 @@ def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) 
     with λ = 2.0 warmed up linearly over the first third of training, then the autotuner
     (K_i = 3e-4, from a third of training on) moves it toward target L0 = k."""
     third = total_steps // 3
-    penalty = {"kind": "l1", "coefficient": 2.0, "target_l0": float(k), "warmup_steps": third,
-               "controller": "autotune", "controller_rate": 3e-4, "controller_start": third}
+    penalty = {
+        "kind": "l1",
+        "coefficient": 2.0,
+        "target_l0": float(k),
+        "warmup_steps": third,
+        "controller": "autotune",
+        "controller_rate": 3e-4,
+        "controller_start": third,
+    }
     return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": "relu"},
             "penalty": penalty, "revival": "none"}  # fmt: skip
 
@@ -187,8 +194,14 @@ def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: f
     latent counts as dead in a run of at most 1000 steps, so the term is 0 there)."""
     del total_steps
     act = {"kind": "jumprelu", "init_threshold": 0.5, "bandwidth": 2.0}
-    penalty = {"kind": "tanh", "c": 4.0, "coefficient": 0.2, "target_l0": float(k),
-               "controller": "autotune", "controller_rate": 3e-4}
+    penalty = {
+        "kind": "tanh",
+        "c": 4.0,
+        "coefficient": 0.2,
+        "target_l0": float(k),
+        "controller": "autotune",
+        "controller_rate": 3e-4,
+    }
     return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": act},
             "penalty": penalty, "revival": "none"}  # fmt: skip
 
