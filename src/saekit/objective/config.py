@@ -145,8 +145,8 @@ class QuadraticL0Penalty(L0Penalty):
             raise ValueError("penalty.target_l0 must be set for kind 'quadratic_l0' (its T)")
         if (self.controller_rate, self.controller) != (PenaltyConfig.controller_rate, "log"):
             raise ValueError(
-                "penalty.controller_rate and controller mean nothing for kind 'quadratic_l0' "
-                "(λ is fixed; the formula holds L0 at target_l0)"
+                "penalty.controller_rate means nothing for kind 'quadratic_l0', nor does "
+                "penalty.controller (λ is fixed; the formula holds L0 at target_l0)"
             )
 
 
