@@ -7,28 +7,70 @@ published ones. ``--world PATH`` trains and scores on a world SAELens saved
 (``SyntheticModel.save``) instead of the protocol's generated one; the protocol's widths,
 samples and L0s stay. Threads: one per process on CPU unless ``--threads`` says otherwise
 (the choice is printed).
+
+``--peer saelens`` trains the same architectures with SAELens's own trainer (the interop venv:
+``--peer-python``, else $SAEKIT_INTEROP_PYTHON, else .benchenv; benchmarks/saelens_peer.py) on
+the same world and the same samples, and prints both rows. The world is then one SAELens
+builds from the protocol's settings (or ``--world``), and saekit samples it with SAELens's own
+draws (``sampler: saelens``), batch i from the generator seed SAELens is seeded with; the first
+training and held-out batches of both are compared by SHA-256 and the run stops if they
+differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
+from saekit.data.sources.synthbench import SynthBenchSource
 from saekit.data.synthetic.saelens_world import load_saelens_world
+from saekit.data.synthetic.synthbench_sampler import SynthBenchData
 from saekit.data.synthetic.synthbench_world import SynthBenchConfig
 from saekit.synthbench.bench import (
     ARCHITECTURES,
+    EVAL_BATCH,
     default_threads,
     format_table,
     full_protocol,
+    peer_job,
     scaled_protocol,
     train_seed,
 )
+from saekit.synthbench.metrics import SynthScores
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = Path(__file__).with_name("saelens_peer.py")
+
+
+def peer_python(named: str | None) -> str:
+    path = named or os.environ.get("SAEKIT_INTEROP_PYTHON") or str(ROOT / ".benchenv/bin/python")
+    if not Path(path).is_file():
+        raise SystemExit(f"--peer saelens: no interop python at {path} (make interop-env)")
+    return path
+
+
+def run_peer(python: str, what: str, job: dict, work: Path) -> None:
+    path = work / f"{what}.json"
+    path.write_text(json.dumps(job))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    result = subprocess.run([python, str(PEER), what, str(path)], text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"saelens peer ({what}) failed:\n{result.stdout[-4000:]}")
+
+
+def sha256(x) -> str:
+    return hashlib.sha256(x.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,36 +79,97 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (mean ± std)")
     p.add_argument("--arch", action="append", choices=ARCHITECTURES, help="default: all")
     p.add_argument("--samples", type=int, help="override the protocol's training samples")
+    p.add_argument("--eval-tokens", type=int, help="override the protocol's held-out tokens")
+    p.add_argument(
+        "--l0",
+        type=int,
+        action="append",
+        choices=(20, 25),
+        help="published L0 column(s) to train (default: both)",
+    )
     p.add_argument(
         "--threads", type=int, help="torch threads (default: 1 on CPU, torch's own on a GPU)"
     )
     p.add_argument("--world", metavar="PATH", help="a world SAELens saved (SyntheticModel.save)")
     p.add_argument("--json", help="also write the raw scores here")
+    p.add_argument("--peer", choices=("saelens",), help="also train with SAELens's own trainer")
+    p.add_argument("--peer-python", help="the interop venv's python (default: .benchenv)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     protocol = full_protocol() if args.protocol == "full" else scaled_protocol()
     if args.samples:
         protocol.samples = args.samples
-    world = None
-    if args.world:
-        world = load_saelens_world(SynthBenchConfig(world_path=args.world))
-        protocol = replace(protocol, name=f"{protocol.name} on {args.world}", world=world.cfg)
+    if args.eval_tokens:
+        protocol.eval_tokens = args.eval_tokens
+    if args.l0:
+        protocol.l0 = {label: k for label, k in protocol.l0.items() if label in args.l0}
     if args.threads is not None and args.threads < 0:
         p.error("--threads must be >= 0 (0: torch's default)")
     threads, why = (args.threads, "--threads") if args.threads is not None else default_threads()
     print(f"threads: {threads or torch.get_num_threads()} ({why})", file=sys.stderr, flush=True)
     archs = args.arch or list(ARCHITECTURES)
-    runs, start = [], time.time()
-    for seed in range(args.seeds):
-        runs.append(train_seed(protocol, archs, seed, threads=threads, world=world))
-        print(f"seed {seed} done after {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-    print(format_table(protocol, runs))
-    print(f"\nwall time {time.time() - start:.0f} s")
+    with tempfile.TemporaryDirectory(prefix="saekit-peer-") as tmp:
+        work = Path(tmp)
+        world_path, python = args.world, None
+        if args.peer:
+            python = peer_python(args.peer_python)
+            if world_path is None:  # SAELens builds the protocol's world; both read it
+                world_path = str(work / "world")
+                run_peer(python, "world", {"world_config": asdict(protocol.world),
+                                           "world": world_path}, work)  # fmt: skip
+        world = None
+        if world_path:
+            sampler = "saelens" if args.peer else "sparse"
+            world = load_saelens_world(SynthBenchConfig(world_path=world_path, sampler=sampler))
+            label = args.world or f"a SAELens build of its world, sampler {sampler}"
+            protocol = replace(protocol, name=f"{protocol.name} on {label}", world=world.cfg)
+        runs, peers, start, walls = [], [], time.time(), {"saekit": 0.0, "SAELens": 0.0}
+        for seed in range(args.seeds):
+            t0 = time.time()
+            runs.append(train_seed(protocol, archs, seed, threads=threads, world=world))
+            walls["saekit"] += time.time() - t0
+            print(f"seed {seed}: saekit done after {time.time() - start:.0f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            if args.peer:
+                data = SynthBenchData(protocol.world, stream_seed=seed, world=world)
+                out = work / f"peer_{seed}.json"
+                job = {
+                    **peer_job(protocol, data, archs, seed),
+                    "world": world_path,
+                    "out": str(out),
+                    "threads": threads or torch.get_num_threads(),
+                }
+                t0 = time.time()
+                run_peer(python, "train", job, work)
+                walls["SAELens"] += time.time() - t0
+                theirs = json.loads(out.read_text())
+                first_eval = min(EVAL_BATCH, protocol.eval_tokens)
+                ours = (
+                    sha256(data.batch(0, protocol.batch_size).x),
+                    sha256(data.batch(SynthBenchSource.EVAL_INDEX, first_eval).x),
+                )
+                if ours != (theirs["first_train_sha256"], theirs["first_eval_sha256"]):
+                    raise SystemExit(f"seed {seed}: SAELens trained on other samples than saekit")
+                print(f"seed {seed}: SAELens done after {time.time() - start:.0f} s; same first "
+                      f"training and held-out batch (SHA-256 {ours[0][:12]}, {ours[1][:12]})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                by_k = {k: label for label, k in protocol.l0.items()}
+                peers.append({(arch, by_k[k]): SynthScores(**{key: v for key, v in s.items()
+                                                              if key != "wall_s"})
+                              for (arch, k), s in ((tuple(key.rsplit("|", 1)), s)
+                                                   for key, s in theirs["saes"].items())
+                              for k in [int(k)]})  # fmt: skip
+    print(format_table(protocol, runs, peers if args.peer else None))
+    print(f"\nwall time {time.time() - start:.0f} s (" + ", ".join(
+        f"{who} {w:.0f} s" for who, w in walls.items() if w) + ")")  # fmt: skip
     if args.json:
         raw = [{f"{a}|{l0}": s.as_dict() for (a, l0), s in r.items()} for r in runs]
+        dump = {"protocol": protocol.name, "seeds": raw, "wall_s": walls}
+        if args.peer:
+            dump["peer"] = [{f"{a}|{l0}": s.as_dict() for (a, l0), s in r.items()} for r in peers]
         with open(args.json, "w") as f:
-            json.dump({"protocol": protocol.name, "seeds": raw}, f, indent=1)
+            json.dump(dump, f, indent=1)
     return 0
 
 

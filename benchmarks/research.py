@@ -38,6 +38,12 @@ def ms(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {spread}"
 
 
+def seeds_of(results: dict, part: str) -> str:
+    """ "N (a, b, ...)": the seeds an experiment's rows hold."""
+    seeds = sorted({r["seed"] for r in results[part]})
+    return f"{len(seeds)} ({', '.join(map(str, seeds))})"
+
+
 def pick(rows, **where):
     return [r for r in rows if all(r[k] == v for k, v in where.items())]
 
@@ -70,13 +76,19 @@ def q1_section(rows: list[dict], plots: Path) -> list[str]:
 
 
 def q2_section(rows: list[dict], plots: Path) -> list[str]:
-    lines = ["| SAE | absorption | F1 | MCC | FVU |", "|---|---|---|---|---|"]
+    lines = ["| SAE | L0 | absorption | F1 | MCC | FVU |", "|---|---|---|---|---|---|"]
     names = ("topk", "batchtopk", "matryoshka")
     for sae in names:
         r = pick(rows, bos_share=0.0, sae=sae)
-        lines.append(f"| {sae} | {ms([x['absorption'] for x in r], '{:.1%}')} | "
+        lines.append(f"| {sae} | {ms([x['l0'] for x in r], '{:.2f}')} | "
+                     f"{ms([x['absorption'] for x in r], '{:.1%}')} | "
                      f"{ms([x['f1'] for x in r])} | {ms([x['mcc'] for x in r])} | "
                      f"{ms([x['fvu'] for x in r])} |")  # fmt: skip
+    for a, b in (("matryoshka", "batchtopk"), ("batchtopk", "topk")):
+        pairs = zip(pick(rows, bos_share=0.0, sae=a), pick(rows, bos_share=0.0, sae=b),
+                    strict=True)  # fmt: skip
+        diffs = [x["absorption"] - y["absorption"] for x, y in pairs]
+        lines.append(f"| {a} − {b} (per seed) | | {ms(diffs, '{:+.1%}')} | | | |")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for i, sae in enumerate(names):
         vals = [x["absorption"] for x in pick(rows, bos_share=0.0, sae=sae)]
@@ -129,9 +141,10 @@ def write_report(results: dict, out: Path, commentary: Path | None) -> None:
         "(saekit.data.synthetic.synthbench_world: "
         f"{w.n_features} features in d = {w.d}, {w.n_roots} trees of branching {w.branching} and "
         f"depth {w.depth}, mutual exclusion, v2 child scaling, low-rank correlation rank "
-        f"{w.correlation_rank}); {runs.STEPS} steps of batch {runs.BATCH}, lr {runs.LR}, "
-        f"{len(results['seeds'])} seeds ({', '.join(map(str, results['seeds']))}); cells are "
-        "mean ± std over seeds, held-out metrics on "
+        f"{w.correlation_rank}); {runs.STEPS} steps of batch {runs.BATCH}, lr {runs.LR}; "
+        f"seeds: {seeds_of(results, 'q1q2')} for questions 1 and 2, "
+        f"{seeds_of(results, 'q3')} for question 3; cells are "
+        "mean ± std (sample standard deviation) over seeds as measured, held-out metrics on "
         f"{runs.EVAL_TOKENS} tokens. k = the world's true L0 (rounded).",
         "",
         "## 1. Does BatchTopK beat TopK at equal L0, and why?",

@@ -20,7 +20,7 @@ from saekit.data.synthetic.synthbench_sampler import SynthBenchData
 from saekit.data.synthetic.synthbench_world import SynthBenchConfig, synthsaebench_16k
 from saekit.eval import ground_truth
 from saekit.eval.revived import class_shares, classify_revived, error_directions
-from saekit.synthbench.bench import eval_set, score
+from saekit.synthbench.bench import calibrated, eval_set, score
 from saekit.train.config import build_run_config
 from saekit.train.trainer import Trainer
 
@@ -34,7 +34,7 @@ latents (the same ones for every revival) are killed: fresh random decoder rows,
 of the median norm, b_enc = 0, counters set to dead. Each revival signal then has the other
 60% of training to bring them back."""
 EVAL_TOKENS = 8192
-BOS_SHARES = (0.0, 0.5)
+BOS_SHARES = (0.0, 0.25, 0.5, 0.75)
 REVIVALS = {  # label → revival config (TopK, k = the true L0)
     "auxk α=1/32": {"kind": "auxk", "coefficient": 1 / 32},
     "auxk α=1": {"kind": "auxk", "coefficient": 1.0},
@@ -70,14 +70,17 @@ def entry(name: str, kind: str, k: int, seed: int, **extra) -> dict:
 
 @torch.no_grad()
 def absorption(sae, data: SynthBenchData, held_out: list) -> float:
-    """Share of (token, active child) pairs whose parent's latent is absorbed (ground_truth)."""
+    """Share of (token, active child) pairs whose parent's latent is absorbed (ground_truth),
+    with the SAE encoding as it is scored (BatchTopK at the threshold giving L0 = k:
+    bench.calibrated), so every SAE is compared at the same L0."""
     sae = sae.eval()
     absorbed = total = 0
-    for x, coefficients in held_out:
-        a, t = ground_truth.absorption_counts(
-            data.directions, data.parent_of, coefficients, sae.encode(x), sae.W_dec
-        )
-        absorbed, total = absorbed + a, total + t
+    with calibrated(sae, held_out):
+        for x, coefficients in held_out:
+            a, t = ground_truth.absorption_counts(
+                data.directions, data.parent_of, coefficients, sae.encode(x), sae.W_dec
+            )
+            absorbed, total = absorbed + a, total + t
     return absorbed / total if total else math.nan
 
 

@@ -47,6 +47,7 @@ REAL_LIBRARIES = (
     "test_transcoders_real.py",
     "test_saelens_world_real.py",
     "test_circuit_tracer_real.py",
+    "test_synth_peer.py",
 )
 
 
@@ -1615,6 +1616,49 @@ FAULTS = [
         "        self.features = torch.nonzero(data.writes(self.names[-1])).flatten()",
         "        self.features = torch.nonzero(data.writes(self.names[0])).flatten()",
         ("test_multihook.py",),
+    ),
+    # SynthSAEBench recipes (issue 27): the experiments' autotuner, λ warm-up, Matryoshka AuxK
+    Fault(
+        "autotune-convergence-damping-dropped",
+        "objective/losses.py",
+        "            gain = self.CONVERGENCE if error * self.rate < 0 else 1.0",
+        "            gain = 1.0",
+        ("test_synth_recipe_losses.py",),
+    ),
+    Fault(
+        "autotune-ignores-start",
+        "objective/losses.py",
+        "        if self.steps - 1 >= self.start and error != 0:",
+        "        if error != 0:",
+        ("test_synth_recipe_losses.py", "test_synth_recipes.py"),
+    ),
+    Fault(
+        "penalty-warmup-ignored",
+        "train/member.py",
+        "                lam = lam * losses.warmup_factor(step, cfg.penalty.warmup_steps)",
+        "                pass",
+        ("test_synth_recipes.py",),
+    ),
+    Fault(
+        "matryoshka-auxk-full-residual",
+        "objective/terms.py",
+        "        residual_PND = (start - deltas.cumsum(0)).detach()",
+        "        residual_PND = (start - deltas.sum(0)).detach().expand_as(deltas)",
+        ("test_synth_recipe_losses.py",),
+    ),
+    Fault(
+        "matryoshka-auxk-all-levels-dead",
+        "objective/revival.py",
+        "        level_dead[start:end] = dead_M[start:end]",
+        "        level_dead[:] = dead_M",
+        ("test_synth_recipe_losses.py",),
+    ),
+    Fault(
+        "matched-l0-tolerance-ignored",
+        "synthbench/bench.py",
+        "    return all(abs(l0 - target) <= MATCH_TOLERANCE * target for l0 in l0s)",
+        "    return True",
+        ("test_synth_bench.py",),
     ),
 ]
 

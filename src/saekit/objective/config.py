@@ -27,7 +27,15 @@ class PenaltyConfig(KindConfig):
     """If set, a controller moves λ toward this L0 (losses.LambdaController); quadratic_l0:
     the T of its formula (λ then stays fixed)."""
     controller_rate: float = 0.01
-    """Controller step: λ changes by at most a factor exp(rate) per step."""
+    """Controller step: λ changes by at most a factor exp(rate) per step (controller "log"), or
+    the integral gain K_i (controller "autotune")."""
+    controller: str = "log"
+    """log: losses.LambdaController; autotune: the SynthSAEBench experiments' EMA integral
+    controller (losses.Autotuner)."""
+    controller_start: int = 0
+    """Steps before the controller first moves λ (autotune only; it still tracks L0)."""
+    warmup_steps: int = 0
+    """λ is multiplied by min(1, (step + 1) / warmup_steps) (SAELens's coefficient warm-up)."""
 
     def terms(self, a: Tensor) -> Tensor:
         """f(a) elementwise on a_i = |z_i|·‖W_dec,i‖ ≥ 0 (losses.sparsity_penalty sums it): each
@@ -48,6 +56,12 @@ class PenaltyConfig(KindConfig):
         if self.target_l0 is not None:
             check_finite("target_l0", self.target_l0, 0.0, strict=True)
         check_finite("controller_rate", self.controller_rate, 0.0, strict=True)
+        if self.controller not in ("log", "autotune"):
+            raise ValueError(f"penalty.controller must be log or autotune, got {self.controller!r}")
+        if self.controller_start < 0 or self.warmup_steps < 0:
+            raise ValueError("penalty.controller_start and penalty.warmup_steps must be >= 0")
+        if self.controller_start and self.controller != "autotune":
+            raise ValueError("penalty.controller_start applies to controller 'autotune' only")
 
 
 @dataclass
@@ -129,10 +143,10 @@ class QuadraticL0Penalty(L0Penalty):
         super().__post_init__()
         if self.target_l0 is None:
             raise ValueError("penalty.target_l0 must be set for kind 'quadratic_l0' (its T)")
-        if self.controller_rate != PenaltyConfig.controller_rate:
+        if (self.controller_rate, self.controller) != (PenaltyConfig.controller_rate, "log"):
             raise ValueError(
-                "penalty.controller_rate means nothing for kind 'quadratic_l0' (λ is fixed; the "
-                "formula holds L0 at target_l0)"
+                "penalty.controller_rate means nothing for kind 'quadratic_l0', nor does "
+                "penalty.controller (λ is fixed; the formula holds L0 at target_l0)"
             )
 
 
@@ -178,6 +192,21 @@ class InputRevival(AuxKRevival):
     """AuxK with the centred input as its target, not the residual (revival.input_target)."""
 
     kind = "input"
+
+
+@dataclass
+class MatryoshkaAuxKRevival(AuxKRevival):
+    """AuxK per Matryoshka level (revival.matryoshka_auxk_loss; SAELens's
+    ``use_matryoshka_aux_loss``): needs fixed prefixes."""
+
+    kind = "matryoshka_auxk"
+    normalizer: str = "none"
+    """SAELens's: no variance normalisation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.token_fraction != 1.0:
+            raise ValueError("revival.token_fraction is not supported by kind 'matryoshka_auxk'")
 
 
 @dataclass

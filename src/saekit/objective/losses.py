@@ -12,6 +12,7 @@ branch on a tensor's value. Latents come dense ``z [N, M]`` or as a
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -171,3 +172,67 @@ class LambdaController:
         self.rate = float(state["rate"])
         self.min_lam = float(state["min_lam"])
         self.max_lam = float(state["max_lam"])
+
+
+class Autotuner:
+    """λ = coefficient · m, the multiplier m moved toward a target L0 by the SynthSAEBench
+    experiments' controller (decoderesearch/synth-sae-bench-experiments,
+    saes/components/coefficient_autotuner.py, used by the paper's L1 and JumpReLU SAEs).
+
+    Per step, from the batch L0 ℓ: the first call sets s = ℓ; later ones s ← β·s + (1 − β)·ℓ
+    (β = 0.99) and the rate r ← β_r·r + (1 − β_r)·(s − s_prev) (β_r = 0.95). From step
+    ``start`` on, with e = s − T: g = ``convergence`` (0.01) if e·r < 0 (moving toward T) else
+    1, a = K_i · g · tanh(10·|e| / T), m ← m·(1 + a) if e > 0 else m·(1 − a), clamped to
+    [0.01, 100] (e = 0 moves nothing: the source's "e ≤ deadband 0" return). Host floats
+    (the source calls ``.item()`` each step too): the state is a few Python numbers.
+    """
+
+    SMOOTHING, RATE_SMOOTHING, GAIN_SCALE, CONVERGENCE = 0.99, 0.95, 10.0, 0.01
+    MIN_MULTIPLIER, MAX_MULTIPLIER = 1e-2, 100.0
+
+    def __init__(self, coefficient: float, target_l0: float, integral_gain: float = 3e-4,
+                 start: int = 0, dtype: torch.dtype = torch.float32):  # fmt: skip
+        if coefficient <= 0 or target_l0 <= 0 or integral_gain <= 0 or start < 0:
+            raise ValueError("Autotuner: coefficient, target_l0, integral_gain must be > 0")
+        self.coefficient, self.target_l0 = float(coefficient), float(target_l0)
+        self.integral_gain, self.start, self.dtype = float(integral_gain), int(start), dtype
+        self.multiplier, self.smoothed, self.rate, self.steps = 1.0, 0.0, 0.0, 0
+
+    @property
+    def lam(self) -> Tensor:
+        return torch.tensor(self.coefficient * self.multiplier, dtype=self.dtype)
+
+    @torch.no_grad()
+    def step(self, l0: Tensor) -> Tensor:
+        value = float(l0)
+        if self.steps == 0:
+            self.smoothed, self.rate = value, 0.0
+        else:
+            previous = self.smoothed
+            self.smoothed = self.SMOOTHING * self.smoothed + (1 - self.SMOOTHING) * value
+            change = self.smoothed - previous
+            self.rate = self.RATE_SMOOTHING * self.rate + (1 - self.RATE_SMOOTHING) * change
+        self.steps += 1
+        error = self.smoothed - self.target_l0
+        if self.steps - 1 >= self.start and error != 0:
+            gain = self.CONVERGENCE if error * self.rate < 0 else 1.0
+            adjust = self.integral_gain * gain * math.tanh(abs(error / self.target_l0)
+                                                           * self.GAIN_SCALE)  # fmt: skip
+            m = self.multiplier * (1 + adjust if error > 0 else 1 - adjust)
+            self.multiplier = min(self.MAX_MULTIPLIER, max(self.MIN_MULTIPLIER, m))
+        return self.lam
+
+    def state_dict(self) -> dict[str, Tensor | float]:
+        keys = ("coefficient", "target_l0", "integral_gain", "start", "multiplier", "smoothed",
+                "rate", "steps")  # fmt: skip
+        return {key: torch.tensor(float(getattr(self, key)), dtype=torch.float64) for key in keys}
+
+    def load_state_dict(self, state: dict[str, Tensor | float]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value) if key in ("start", "steps") else float(value))
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """min(1, (step + 1) / warmup_steps), 1 without warm-up (SAELens's coefficient warm-up,
+    training/optim.py CoefficientScheduler)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0

@@ -158,6 +158,39 @@ def auxk_value(
     return alpha * (n_dead / k_aux).clamp(max=1.0) * mse
 
 
+def matryoshka_auxk_loss(
+    preacts: Preacts,
+    residual_PND: Tensor,
+    W_dec_MD: Tensor,
+    dead_mask_M: Tensor,
+    prefixes: list[int],
+    *,
+    k_aux: int | None = None,
+    alpha: float = 1 / 32,
+    normalizer: str = "none",
+) -> Tensor:
+    """AuxK per Matryoshka level (SAELens ``MatryoshkaBatchTopKTrainingSAE``'s
+    ``use_matryoshka_aux_loss``, used by the SynthSAEBench paper's Matryoshka SAEs):
+
+        L = Σ_j AuxK(dead latents of level j = [p_{j−1}, p_j), e_j = x − x̂_{p_j})
+
+    with :func:`auxk_loss` for each term (its own min(n_dead_j / k_aux, 1) scale), where x̂_{p_j}
+    is the reconstruction from the latents below p_j (``residual_PND[j]`` = e_j, detached
+    here). A level without dead latents adds exactly 0."""
+    dead_M = dead_mask_M.to(dtype=torch.bool)
+    total = residual_PND.new_zeros(())
+    start = 0
+    for j, end in enumerate(prefixes):
+        level_dead = torch.zeros_like(dead_M)
+        level_dead[start:end] = dead_M[start:end]
+        total = total + auxk_loss(
+            preacts, residual_PND[j], W_dec_MD, level_dead, k_aux=k_aux, alpha=alpha,
+            normalizer=normalizer,
+        )  # fmt: skip
+        start = end
+    return total
+
+
 def sample_tokens(n_tokens: int, fraction: float, device: torch.device) -> Tensor | None:
     """⌈f·N⌉ token indices drawn uniformly without replacement, sorted; None when f ≥ 1 (all).
     Drawn from torch's default generator of ``device`` (no host sync)."""

@@ -26,6 +26,7 @@ from saekit.objective.config import (
     AuxKRevival,
     InputRevival,
     L0Penalty,
+    MatryoshkaAuxKRevival,
     NoRevival,
     PenaltyConfig,
     PreactRevival,
@@ -173,6 +174,25 @@ class InputAuxK(AuxK):  # the "input" revival
         return revival.input_target(out.target(), view.decoder_offset_n(out.x_n))
 
 
+class MatryoshkaAuxK(AuxK):
+    """AuxK per prefix level, each against its own prefix's residual (revival.py)."""
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        if inputs.prefixes is None:
+            raise ValueError("revival.kind 'matryoshka_auxk' needs matryoshka prefixes")
+        out, view = inputs.out, inputs.sae.encoder_view()
+        d = view.W_dec.shape[-1]
+        # e_j = target − offset − Σ_{blocks ≤ j} δ (the prefix reconstructions, running sums)
+        deltas = matryoshka.block_deltas(out.latents, view.W_dec, inputs.prefixes)
+        start = out.target().reshape(-1, d) - view.decoder_offset_n(out.x_n).reshape(-1, d)
+        residual_PND = (start - deltas.cumsum(0)).detach()
+        return revival.matryoshka_auxk_loss(
+            out.encoding.preacts, residual_PND, view.W_dec, inputs.dead_mask,
+            list(inputs.prefixes), k_aux=self.cfg.k_aux, alpha=self.cfg.coefficient,
+            normalizer=self.cfg.normalizer,
+        )  # fmt: skip
+
+
 class PreactTerm(Term):
     name = "revival"
 
@@ -254,7 +274,9 @@ def build_objective(
             f"revival.kind {revival_cfg.kind!r} does not apply to sae.activation.kind {kind!r} "
             f"(it takes revival: {applies})"
         )
-    if isinstance(revival_cfg, InputRevival):
+    if isinstance(revival_cfg, MatryoshkaAuxKRevival):
+        terms.append(MatryoshkaAuxK(revival_cfg))
+    elif isinstance(revival_cfg, InputRevival):
         terms.append(InputAuxK(revival_cfg))
     elif isinstance(revival_cfg, AuxKRevival):
         terms.append(AuxK(revival_cfg))

@@ -21,10 +21,14 @@ from saekit.data.synthetic.synthbench_world import SynthBenchConfig, synthsaeben
 from saekit.eval.calibrate import calibrate_batchtopk, threshold_set
 from saekit.synthbench.metrics import SynthMetricAccumulator, SynthScores
 from saekit.train.config import build_run_config
+from saekit.train.presets import SYNTHSAEBENCH_RECIPES, recipe_matryoshka
 from saekit.train.trainer import Trainer
 
-ARCHITECTURES = ("BatchTopK", "Matryoshka", "Matching Pursuit", "Standard L1", "JumpReLU")
-MATCHING_PURSUIT_KIND = "matching_pursuit"
+ARCHITECTURES = tuple(SYNTHSAEBENCH_RECIPES)
+EVAL_BATCH = 4096
+"""Held-out tokens per evaluation batch."""
+MATCH_TOLERANCE = 0.05
+"""A row is at matched L0 when every seed's L0 is within 5% of its target (issue 27)."""
 
 PUBLISHED: dict[str, dict[int, dict[str, float]]] = {
     # arXiv 2602.14687, SynthSAEBench-16k: F1, MCC, uniqueness (L0 = 25 only), EV
@@ -52,13 +56,16 @@ class Protocol:
     l0: dict[int, int]
     """Published L0 → the k (or target L0) trained here."""
     eval_tokens: int
-    dead_tokens: int
+    matryoshka_widths: tuple[int, ...] = (128, 512, 2048)
+    """The fixed inner Matryoshka levels (the paper's at width 4,096)."""
+    tuner_gain: float = 3e-4
+    """K_i of the L1 and JumpReLU autotuner (the paper's 3e-4 over 195k steps)."""
 
 
 def full_protocol() -> Protocol:
     """The paper's: the 16k world, width 4,096, 200M samples, batch 1,024, lr 3e-4."""
     return Protocol("full", synthsaebench_16k(), 4096, 200_000_000, 1024, 3e-4,
-                    {20: 20, 25: 25}, 500_000, 10_000_000)  # fmt: skip
+                    {20: 20, 25: 25}, 500_000)  # fmt: skip
 
 
 def scaled_protocol() -> Protocol:
@@ -69,10 +76,16 @@ def scaled_protocol() -> Protocol:
     with lr 3e-3 (0.5% of the samples, so a 10× larger step). The true L0 falls from 34.5 to 14.8,
     so the trained L0s are scaled with it: published L0 20 → 9, 25 → 11 (the SAE : true L0
     ratio 0.58 / 0.72 becomes 0.61 / 0.74). Orthogonalisation, magnitudes, Zipf and copula
-    settings unchanged.
+    settings unchanged. The recipes' fixed Matryoshka levels shrink with the width (128, 512,
+    2048 of 4,096 → 16, 64, 256 of 512), and the autotuner's gain K_i grows with the step ratio
+    (3e-4 · 195k / 977 ≈ 6e-2): the paper's gain moves λ by at most 0.03% a step (0.0003% while
+    L0 moves toward the target), which over 977 steps cannot reach a target L0 from the
+    starting λ. Even so its L1 and JumpReLU SAEs end off their target (BENCHMARKS.md): rows
+    marked "not matched".
     """
     world = replace(synthsaebench_16k(), n_features=2048, d=96, n_roots=32, depth=2)
-    return Protocol("scaled", world, 512, 1_000_000, 1024, 3e-3, {20: 9, 25: 11}, 32_768, 200_000)
+    return Protocol("scaled", world, 512, 1_000_000, 1024, 3e-3, {20: 9, 25: 11}, 32_768,
+                    matryoshka_widths=(16, 64, 256), tuner_gain=6e-2)  # fmt: skip
 
 
 def default_threads() -> tuple[int, str]:
@@ -85,34 +98,86 @@ def default_threads() -> tuple[int, str]:
 
 
 def member_entry(arch: str, k: int, protocol: Protocol, seed: int) -> dict[str, Any]:
-    """One ``saes`` entry of a run config for an architecture at L0 ``k``."""
-    base = {"lr": protocol.lr, "seed": seed, "dead_tokens": protocol.dead_tokens,
-            "name": f"{arch.replace(' ', '_')}-L0_{k}"}  # fmt: skip
-    batchtopk = {"d_sae": protocol.d_sae, "activation": {"kind": "batchtopk", "k": k}}
-    if arch == "BatchTopK":
-        return {**base, "sae": batchtopk}
+    """One ``saes`` entry of a run config: the paper's recipe for ``arch`` at L0 ``k``
+    (saekit.train.presets.SYNTHSAEBENCH_RECIPES) at the protocol's width, length and lr."""
+    if arch not in SYNTHSAEBENCH_RECIPES:
+        raise ValueError(f"unknown architecture {arch!r}; one of {ARCHITECTURES}")
+    steps = math.ceil(protocol.samples / protocol.batch_size)
+    args = (protocol.d_sae, k, steps, protocol.batch_size, protocol.lr)
     if arch == "Matryoshka":
-        return {**base, "sae": batchtopk, "matryoshka": {"kind": "random", "n_prefixes": 10}}
-    if arch == "Matching Pursuit":
-        return {**base, "sae": {"d_sae": protocol.d_sae,
-                                "activation": {"kind": MATCHING_PURSUIT_KIND, "k": k}}}  # fmt: skip
-    if arch == "Standard L1":
-        penalty = {"kind": "l1", "coefficient": 0.05, "target_l0": float(k),
-                   "controller_rate": 0.05}  # fmt: skip
-        return {**base, "sae": {"d_sae": protocol.d_sae, "activation": "relu"},
-                "penalty": penalty}  # fmt: skip
-    if arch == "JumpReLU":
-        penalty = {"kind": "l0", "coefficient": 0.3, "target_l0": float(k),
-                   "controller_rate": 0.02}  # fmt: skip
-        act = {"kind": "jumprelu", "init_threshold": 0.5, "bandwidth": 0.1}
-        return {**base, "sae": {"d_sae": protocol.d_sae, "activation": act},
-                "penalty": penalty, "revival": "none"}  # fmt: skip
-    raise ValueError(f"unknown architecture {arch!r}; one of {ARCHITECTURES}")
+        entry = recipe_matryoshka(*args, widths=protocol.matryoshka_widths)
+    else:
+        entry = SYNTHSAEBENCH_RECIPES[arch](*args)
+    if "penalty" in entry and entry["penalty"].get("controller") == "autotune":
+        entry["penalty"]["controller_rate"] = protocol.tuner_gain
+    return {**entry, "seed": seed, "name": f"{arch.replace(' ', '_')}-L0_{k}"}
 
 
-def eval_set(data: SynthBenchData, n_tokens: int, batch_size: int = 4096) -> list:
+def matched(l0s: list[float], target: float) -> bool:
+    """Every seed's measured L0 within MATCH_TOLERANCE (5%) of the target: else the row is
+    "not matched" and left out of the rankings."""
+    return all(abs(l0 - target) <= MATCH_TOLERANCE * target for l0 in l0s)
+
+
+def ranking(values: dict[str, float]) -> list[str]:
+    """Architectures best first."""
+    return sorted(values, key=lambda a: -values[a])
+
+
+def spearman(ours: dict[str, float], theirs: dict[str, float]) -> float:
+    """Rank correlation over the architectures both have (ties: average ranks)."""
+    names = [a for a in ours if a in theirs]
+    if len(names) < 2:
+        return math.nan
+
+    def ranks(v: dict[str, float]) -> list[float]:
+        values = [v[a] for a in names]
+        return [sum(1 for w in values if w > x) + (sum(1 for w in values if w == x) + 1) / 2
+                for x in values]  # fmt: skip
+
+    a, b = ranks(ours), ranks(theirs)
+    ma, mb = statistics.mean(a), statistics.mean(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    sa = math.sqrt(sum((x - ma) ** 2 for x in a))
+    sb = math.sqrt(sum((y - mb) ** 2 for y in b))
+    return cov / (sa * sb) if sa and sb else math.nan
+
+
+def peer_job(protocol: Protocol, data: SynthBenchData, archs: list[str], seed: int) -> dict:
+    """What another trainer needs to train on this seed's samples: the generator seed of every
+    training batch and of every held-out batch with its size (saekit's indices:
+    SyntheticSource), the width, length, lr and the recipes' protocol settings."""
+    steps = math.ceil(protocol.samples / protocol.batch_size)
+    sizes = [min(EVAL_BATCH, protocol.eval_tokens - i) for i in
+             range(0, protocol.eval_tokens, EVAL_BATCH)]  # fmt: skip
+    return {
+        "train_seeds": [data.generator_seed(i) for i in range(steps)],
+        "eval": [[data.generator_seed(SynthBenchSource.EVAL_INDEX + i), n]
+                 for i, n in enumerate(sizes)],
+        "archs": [[a, k] for a in archs for k in protocol.l0.values()],
+        "batch_size": protocol.batch_size, "lr": protocol.lr, "d_sae": protocol.d_sae,
+        "matryoshka_widths": list(protocol.matryoshka_widths),
+        "tuner_gain": protocol.tuner_gain, "init_seed": seed,
+    }  # fmt: skip
+
+
+def eval_set(data: SynthBenchData, n_tokens: int, batch_size: int = EVAL_BATCH) -> list:
     """Held-out (x, coefficients) batches, drawn once and shared by every SAE scored on them."""
     return list(SynthBenchSource(data, batch_size).eval_batches(n_tokens, batch_size))
+
+
+@torch.no_grad()
+def calibrated(sae, held_out: list):
+    """A context in which ``sae`` encodes as it is scored: BatchTopK at the threshold that gives
+    L0 = k on the held-out tokens (its training threshold is an EMA and may give another L0);
+    every other activation as it is."""
+    sae = sae.eval()
+    threshold = None
+    if sae.activation.calibrated_threshold:
+        n_tokens = sum(x.shape[0] for x, _ in held_out)
+        xs = (x.to(sae.W_dec.device) for x, _ in held_out)
+        threshold = calibrate_batchtopk(sae, xs, n_tokens, apply=False).threshold
+    return threshold_set(sae, threshold)
 
 
 @torch.no_grad()
@@ -120,13 +185,8 @@ def score(sae, data: SynthBenchData, held_out: list) -> SynthScores:
     """The SynthSAEBench metrics on held-out batches (BatchTopK at its calibrated threshold)."""
     sae = sae.eval()
     device = sae.W_dec.device
-    threshold = None
-    if sae.activation.calibrated_threshold:
-        n_tokens = sum(x.shape[0] for x, _ in held_out)
-        xs = (x.to(device) for x, _ in held_out)
-        threshold = calibrate_batchtopk(sae, xs, n_tokens, apply=False).threshold
     acc = SynthMetricAccumulator(sae.W_dec, data.directions)
-    with threshold_set(sae, threshold):
+    with calibrated(sae, held_out):
         for x, coefficients in held_out:
             x = x.to(device)
             z = sae.encode(x)
@@ -170,32 +230,79 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def format_table(protocol: Protocol, runs: list[dict[tuple[str, int], SynthScores]]) -> str:
-    """Markdown: saekit's mean ± std over seeds beside the published value, per metric."""
+def rows_of(protocol: Protocol, runs: list[dict[tuple[str, int], SynthScores]]) -> list[dict]:
+    """Per (architecture, published L0) asked for: the seeds' scores and whether L0 matched."""
+    rows = []
+    for arch in ARCHITECTURES:
+        for label in sorted(protocol.l0, reverse=True):
+            if (arch, label) not in runs[0]:  # not asked for (--arch)
+                continue
+            got = [r[arch, label] for r in runs]
+            rows.append({"arch": arch, "label": label, "k": protocol.l0[label], "scores": got,
+                         "matched": matched([s.l0 for s in got], protocol.l0[label])})  # fmt: skip
+    return rows
+
+
+def format_rankings(rows: list[dict], who: str) -> list[str]:
+    """Per published L0: the matched architectures ordered by mean F1 and MCC, and their rank
+    correlation with the published column (rows not at matched L0 are left out)."""
+    lines = []
+    for label in sorted({r["label"] for r in rows}, reverse=True):
+        here = [r for r in rows if r["label"] == label and r["matched"]]
+        left_out = [r["arch"] for r in rows if r["label"] == label and not r["matched"]]
+        for metric, attr in (("f1", "f1"), ("mcc", "mcc")):
+            ours = {r["arch"]: statistics.mean(getattr(s, attr) for s in r["scores"])
+                    for r in here}  # fmt: skip
+            pub = {a: PUBLISHED[a][label][metric] for a in ours}
+            rho = spearman(ours, pub)
+            lines.append(
+                f"- {who}, L0 {label}, {metric.upper()}: {' > '.join(ranking(ours)) or '–'} "
+                f"(published: {' > '.join(ranking(pub)) or '–'}; rank correlation "
+                f"{rho:+.2f})" + (f"; not matched, left out: {', '.join(left_out)}"
+                                  if left_out else "")
+            )  # fmt: skip
+    return lines
+
+
+def format_table(
+    protocol: Protocol,
+    runs: list[dict[tuple[str, int], SynthScores]],
+    peer: list[dict[tuple[str, int], SynthScores]] | None = None,
+    peer_name: str = "SAELens",
+) -> str:
+    """Markdown: mean ± std over seeds beside the published value, per metric; with ``peer``
+    (another trainer's scores on the same world and samples) both rows per architecture. A row
+    whose L0 is not within 5% of its target is marked and left out of the rankings."""
     lines = [
         f"protocol {protocol.name}: {len(runs)} seed(s); published = arXiv 2602.14687 "
         "(SynthSAEBench-16k, width 4096, 200M samples)",
         "",
-        "| SAE | L0 (trained k) | F1 | MCC | uniqueness | EV | shrinkage | L0 measured |",
-        "|---|---|---|---|---|---|---|---|",
+        "| SAE | trainer | L0 (trained k) | F1 | MCC | uniqueness | EV | shrinkage | L0 measured "
+        "| dead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arch in ARCHITECTURES:
-        for label in sorted(protocol.l0, reverse=True):
-            pub = PUBLISHED[arch][label]
-            if (arch, label) not in runs[0]:  # not asked for (--arch)
-                continue
-            got = [r[arch, label] for r in runs]
+    trainers = [("saekit", rows_of(protocol, runs))]
+    if peer is not None:
+        trainers.append((peer_name, rows_of(protocol, peer)))
+    for i in range(len(trainers[0][1])):
+        for who, rows in trainers:
+            r = rows[i]
+            pub, got = PUBLISHED[r["arch"]][r["label"]], r["scores"]
 
             def cell(key, attr, got=got, pub=pub):
                 ours = mean_spread([getattr(s, attr) for s in got])
                 return f"{ours} ({pub[key]:.3f})" if key in pub else ours
 
+            l0 = mean_spread([s.l0 for s in got]) + ("" if r["matched"] else " not matched")
             lines.append(
-                f"| {arch} | {label} ({protocol.l0[label]}) | {cell('f1', 'f1')} | "
+                f"| {r['arch']} | {who} | {r['label']} ({r['k']}) | {cell('f1', 'f1')} | "
                 f"{cell('mcc', 'mcc')} | {cell('uniqueness', 'uniqueness')} | "
                 f"{cell('ev', 'explained_variance')} | {mean_spread([s.shrinkage for s in got])} "
-                f"| {mean_spread([s.l0 for s in got])} |"
+                f"| {l0} | {mean_spread([float(s.dead) for s in got])} |"
             )
-    lines.append("")
-    lines.append("Cells: saekit mean ± std over seeds (published value in brackets).")
+    lines += ["", "Cells: mean ± std over seeds (published value in brackets). Matched L0: every "
+              "seed within 5% of the trained k; rows not matched are left out of the rankings:",
+              ""]  # fmt: skip
+    for who, rows in trainers:
+        lines += format_rankings(rows, who)
     return "\n".join(lines)

@@ -103,16 +103,20 @@ class Member:
         penalty = cfg.penalty
         # λ at least fp32, and float64 for a float64 SAE (0.3 must not become 0.30000001).
         lam_dtype = torch.promote_types(getattr(torch, cfg.sae.dtype), torch.float32)
-        self.controller = (
-            losses.LambdaController(
-                penalty.coefficient,
-                penalty.controller_target,
-                rate=penalty.controller_rate,
-                dtype=lam_dtype,
-            )
-            if penalty is not None and penalty.controller_target is not None
-            else None
-        )
+        self.controller = None
+        if penalty is not None and penalty.controller_target is not None:
+            if penalty.controller == "autotune":  # the SynthSAEBench experiments' controller
+                self.controller = losses.Autotuner(
+                    penalty.coefficient, penalty.controller_target, penalty.controller_rate,
+                    start=penalty.controller_start, dtype=lam_dtype,
+                )  # fmt: skip
+            else:
+                self.controller = losses.LambdaController(
+                    penalty.coefficient,
+                    penalty.controller_target,
+                    rate=penalty.controller_rate,
+                    dtype=lam_dtype,
+                )
         lam = penalty.coefficient if penalty is not None else 0.0
         self.penalty_coefficient = torch.tensor(lam, dtype=lam_dtype, device=self.device)
         self.initialised = False
@@ -171,6 +175,8 @@ class Member:
         with autocast:
             out = sae(*sae.split_stream(batch))
             lam = self.lambda_value()  # the λ this step's penalty uses (logged as such)
+            if cfg.penalty is not None and cfg.penalty.warmup_steps:
+                lam = lam * losses.warmup_factor(step, cfg.penalty.warmup_steps)
             dead_cols = self.dead_set.get(self.tokens_since_fired, batch.shape[0])
             inputs = TermInputs(sae, out, dead, lam, self.prefixes(), dead_cols)
             loss, terms = self.objective(inputs)

@@ -117,6 +117,11 @@ class SAETrainConfig:
                     f"matryoshka: cannot draw n_prefixes - 1 = {n - 1} distinct prefixes of at "
                     f"least min_prefix = {m} below sae.d_sae = {d_sae}"
                 )
+        if self.revival is not None and self.revival.kind == "matryoshka_auxk":
+            if not isinstance(self.matryoshka, FixedPrefixes):
+                raise ValueError(
+                    "revival.kind 'matryoshka_auxk' needs matryoshka.kind 'fixed' (its levels)"
+                )
         k_aux = getattr(self.revival, "k_aux", None)
         if k_aux is not None and k_aux > d_sae:
             raise ValueError(f"revival.k_aux = {k_aux} exceeds sae.d_sae = {d_sae}")

@@ -108,3 +108,109 @@ def sweep_config(k: int = TRUE_L0) -> dict[str, Any]:
         "steps": 1500,
         "out_dir": "runs/sweep",
     }
+
+
+# --------------------------------------------------------------------------------------------
+# SynthSAEBench recipes: each architecture as the SynthSAEBench paper (arXiv 2602.14687) trains
+# it. Source of every number: decoderesearch/synth-sae-bench-experiments,
+# experiments/sweeps/common.py (get_*_config, create_runner_config) and saes/ (its L1 and
+# JumpReLU SAEs and their autotuner); training defaults from SAELens's SyntheticSAERunner
+# (constant lr, no warm-up or decay, grad norm clipped at 1, Adam (0.9, 0.999), a latent dead
+# after dead_feature_window = 1000 steps without firing). What saekit cannot express is said in
+# the recipe's docstring.
+
+MATRYOSHKA_WIDTHS = (128, 512, 2048)
+"""common.get_matryoshka_config: inner widths fixed at 128, 512, 2048 (outer: d_sae)."""
+DEAD_WINDOW_STEPS = 1000
+"""SyntheticSAERunnerConfig.dead_feature_window."""
+
+
+def _paper_base(k: int, batch_size: int, lr: float) -> dict[str, Any]:
+    return {"lr": lr, "warmup_steps": 0, "decay_start": 1.0, "grad_clip": 1.0,
+            "dead_tokens": DEAD_WINDOW_STEPS * batch_size,
+            "name": f"L0_{k}"}  # fmt: skip
+
+
+def matryoshka_groups(d_sae: int, widths: tuple[int, ...] = MATRYOSHKA_WIDTHS) -> list[int]:
+    """Group sizes of the fixed levels: the widths below d_sae, then d_sae (common.py)."""
+    ends = [w for w in widths if w < d_sae] + [d_sae]
+    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+    """BatchTopK (common.get_btk_config): SAELens's BatchTopK, its AuxK α = 1 (TopK's
+    aux_loss_coefficient default) without variance normalisation."""
+    del total_steps
+    return {**_paper_base(k, batch_size, lr),
+            "sae": {"d_sae": d_sae, "activation": {"kind": "batchtopk", "k": k}},
+            "revival": {"kind": "auxk", "coefficient": 1.0, "normalizer": "none"}}  # fmt: skip
+
+
+def recipe_matryoshka(
+    d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
+    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS,
+) -> dict:  # fmt: skip
+    """Matryoshka-BatchTopK (common.get_matryoshka_config): fixed levels at ``widths`` (the
+    paper's 128, 512, 2048 at width 4096) and its Matryoshka aux loss (AuxK per level,
+    use_matryoshka_aux_loss=True, α = 1). SAELens sums the levels' losses; saekit averages
+    them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux."""
+    entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr)
+    return {**entry, "matryoshka": {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)},
+            "revival": {"kind": "matryoshka_auxk", "coefficient": 1.0}}  # fmt: skip
+
+
+def recipe_matching_pursuit(d_sae: int, k: int, total_steps: int, batch_size: int,
+                            lr: float) -> dict:  # fmt: skip
+    """Matching Pursuit (common.get_mp_config): k iterations, residual threshold 0."""
+    del total_steps
+    act = {"kind": "matching_pursuit", "k": k, "residual_threshold": 0.0}
+    return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": act}}
+
+
+def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+    """Standard L1 (common.get_standard_config, saes/standard_sae.py): ReLU, λ·Σ|z_i|‖W_dec,i‖
+    with λ = 2.0 warmed up linearly over the first third of training, then the autotuner
+    (K_i = 3e-4, from a third of training on) moves it toward target L0 = k."""
+    third = total_steps // 3
+    penalty = {
+        "kind": "l1",
+        "coefficient": 2.0,
+        "target_l0": float(k),
+        "warmup_steps": third,
+        "controller": "autotune",
+        "controller_rate": 3e-4,
+        "controller_start": third,
+    }
+    return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": "relu"},
+            "penalty": penalty, "revival": "none"}  # fmt: skip
+
+
+def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+    """JumpReLU (common.get_jumprelu_config, saes/jumprelu_sae.py): threshold 0.5, bandwidth 2,
+    Anthropic's tanh sparsity loss λ·Σ tanh(4·|z_i|‖W_dec,i‖) with λ = 0.2 autotuned from step
+    0 toward L0 = k. Not expressed: its input normalisation ``expected_average_only_in``
+    (saekit scales every SAE's input by its own dataset scale instead) and its TopK aux loss
+    on dead latents (saekit's JumpReLU takes no AuxK; with SAELens's 1000-step dead window no
+    latent counts as dead in a run of at most 1000 steps, so the term is 0 there)."""
+    del total_steps
+    act = {"kind": "jumprelu", "init_threshold": 0.5, "bandwidth": 2.0}
+    penalty = {
+        "kind": "tanh",
+        "c": 4.0,
+        "coefficient": 0.2,
+        "target_l0": float(k),
+        "controller": "autotune",
+        "controller_rate": 3e-4,
+    }
+    return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": act},
+            "penalty": penalty, "revival": "none"}  # fmt: skip
+
+
+SYNTHSAEBENCH_RECIPES = {
+    "BatchTopK": recipe_batchtopk,
+    "Matryoshka": recipe_matryoshka,
+    "Matching Pursuit": recipe_matching_pursuit,
+    "Standard L1": recipe_l1,
+    "JumpReLU": recipe_jumprelu,
+}
+"""The paper's five architectures, by the names of its table."""

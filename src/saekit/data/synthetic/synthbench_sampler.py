@@ -219,10 +219,13 @@ class SynthBenchData:
         firings = SparseFirings(torch.cat(tokens), torch.cat(features), torch.cat(values), n)
         return firings, bos
 
+    def generator_seed(self, index: int) -> int:
+        """The seed of batch ``index``'s generator (with sampler saelens, SAELens's
+        ``torch.manual_seed(s); sample(n)`` makes the same batch: saelens_sampler)."""
+        return batch_seed(self.cfg.seed ^ (self.stream_seed << 32), index)
+
     def batch(self, index: int, n: int) -> SynthBenchBatch:
-        g = torch.Generator().manual_seed(
-            batch_seed(self.cfg.seed ^ (self.stream_seed << 32), index)
-        )
+        g = torch.Generator().manual_seed(self.generator_seed(index))
         if self.cfg.sampler == "saelens":  # SAELens's own draws (saelens_sampler)
             x, acts = saelens_batch(self.world, n, g)
             token, feature = acts.nonzero(as_tuple=True)

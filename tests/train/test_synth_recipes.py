@@ -1,0 +1,76 @@
+"""The SynthSAEBench recipes (saekit.train.presets.SYNTHSAEBENCH_RECIPES) build what their
+docstrings claim: the paper's numbers (decoderesearch/synth-sae-bench-experiments,
+experiments/sweeps/common.py) in the config, and in a short run the terms, controllers and
+schedules they name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import make_trainer
+
+from saekit.objective.losses import Autotuner, LambdaController
+from saekit.objective.terms import AuxK, MatryoshkaAuxK, Penalty
+from saekit.train import presets
+from saekit.train.config import build_run_config
+
+D_IN, WIDTH, K, STEPS, BATCH, LR = 16, 64, 4, 9, 128, 3e-3
+
+
+def entries() -> dict[str, dict]:
+    return {arch: {**recipe(WIDTH, K, STEPS, BATCH, LR), "name": arch.replace(" ", "_")}
+            for arch, recipe in presets.SYNTHSAEBENCH_RECIPES.items()}  # fmt: skip
+
+
+def test_the_recipes_carry_the_papers_numbers():
+    e = entries()
+    assert list(e) == ["BatchTopK", "Matryoshka", "Matching Pursuit", "Standard L1", "JumpReLU"]
+    for entry in e.values():  # SyntheticSAERunner: constant lr, 1000-step dead window
+        assert (entry["warmup_steps"], entry["decay_start"], entry["lr"]) == (0, 1.0, LR)
+        assert entry["dead_tokens"] == 1000 * BATCH
+    assert presets.matryoshka_groups(4096) == [128, 384, 1536, 2048]  # ends 128, 512, 2048, 4096
+    assert presets.matryoshka_groups(512) == [128, 384]  # widths ≥ d_sae dropped
+    assert e["Matryoshka"]["revival"] == {"kind": "matryoshka_auxk", "coefficient": 1.0}
+    assert e["BatchTopK"]["revival"]["coefficient"] == 1.0
+    l1 = e["Standard L1"]["penalty"]
+    assert (l1["coefficient"], l1["warmup_steps"], l1["controller_start"]) == (2.0, 3, 3)
+    assert (l1["controller"], l1["controller_rate"], l1["target_l0"]) == ("autotune", 3e-4, K)
+    jump = e["JumpReLU"]
+    assert (jump["penalty"]["kind"], jump["penalty"]["c"], jump["penalty"]["coefficient"]) == (
+        "tanh", 4.0, 0.2)  # fmt: skip
+    assert jump["sae"]["activation"] == {"kind": "jumprelu", "init_threshold": 0.5,
+                                         "bandwidth": 2.0}  # fmt: skip
+    assert e["Matching Pursuit"]["sae"]["activation"]["residual_threshold"] == 0.0
+
+
+def test_a_short_run_of_every_recipe_uses_the_terms_and_controllers_it_names():
+    cfg = build_run_config({"data": {"synthetic": {"d": D_IN, "n_features": 96, "mean_l0": 4.0}},
+                            "saes": list(entries().values()), "batch_size": BATCH,
+                            "steps": STEPS, "out_dir": "unused", "progress": False,
+                            "checkpoint_every": 0})  # fmt: skip
+    trainer = make_trainer(cfg)
+    members = {m.cfg.name: m for m in trainer.members}
+    lams = {name: [] for name in members}
+    for name, m in members.items():
+        step = m.train_step
+
+        def logged(batch, i, step=step, name=name):
+            out = step(batch, i)
+            lams[name].append(float(out.lam))
+            return out
+
+        m.train_step = logged
+    trainer.fit()
+    terms = {name: [type(t) for t in m.objective.terms] for name, m in members.items()}
+    assert MatryoshkaAuxK in terms["Matryoshka"] and AuxK in terms["BatchTopK"]
+    assert Penalty not in terms["BatchTopK"] and Penalty in terms["JumpReLU"]
+    assert isinstance(members["Standard_L1"].controller, Autotuner)
+    assert isinstance(members["JumpReLU"].controller, Autotuner)
+    assert not isinstance(members["JumpReLU"].controller, LambdaController)
+    # L1: λ warmed up over the first third (steps 0, 1, 2: 2/3, 4/3, 2), the tuner idle till 3
+    assert lams["Standard_L1"][:3] == pytest.approx([2.0 / 3, 4.0 / 3, 2.0])
+    assert members["Standard_L1"].controller.start == 3
+    assert lams["JumpReLU"][0] == pytest.approx(0.2) and lams["JumpReLU"][-1] != 0.2
+    for m in members.values():  # constant lr: no warm-up, no decay
+        assert [g["lr"] for g in m.optimizer.param_groups] == [LR] * len(m.optimizer.param_groups)
+    assert torch.isfinite(members["Matryoshka"].sae.W_dec).all()
