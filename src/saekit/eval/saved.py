@@ -150,13 +150,24 @@ def _on_cache(
     return CacheData(cache=str(args.cache), model=cache.model)
 
 
-def harvest_setup(args: argparse.Namespace, hook: str, **filter_options: bool) -> Any:
-    """``data.models.load_for_harvest`` from the model flags ``cache`` and ``eval`` share."""
-    from saekit.data.lm.models import load_for_harvest
+def harvest_setup(
+    args: argparse.Namespace,
+    hook: str,
+    hooks: list[str] | None = None,
+    **filter_options: bool,
+) -> Any:
+    """``data.models.load_for_harvest`` from the model flags ``cache`` and ``eval`` share; with
+    ``args.models`` (``--models base=ID chat=ID``: several models on the same tokens)
+    ``data.lm.model_set.load_model_set`` of the models ``hooks`` (default ``[hook]``, named
+    ``LABEL/HOOK``) name: the same interface (``harvester``, ``width``, ``tokenizer``, ...)."""
+    from saekit.data.lm.model_set import load_harvest, parse_model_specs
 
-    return load_for_harvest(
+    specs = getattr(args, "models", None)
+    return load_harvest(
         args.model,
-        hook,
+        parse_model_specs(specs) if specs else None,
+        hooks or [hook],
+        where="--models",
         dtype=args.model_dtype or "float32",
         device=args.device,
         local_files_only=args.local_files_only,
