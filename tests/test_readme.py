@@ -52,13 +52,12 @@ def test_the_model_diffing_commands_and_config_train_a_crosscoder(pair, tmp_path
     (block,) = [b for b in _blocks("sh") if b.startswith("# model diffing")]
     joined = re.sub(r"\\\n\s*", " ", block)
     commands = [shlex.split(line, comments=True) for line in joined.splitlines()[1:]]
-    assert [c[:2] for c in commands] == [["saekit", "train"], ["saekit", "cache"]] + [
-        ["saekit", "train"]
-    ]
+    assert [c[1] for c in commands] == ["train", "cache", "train", "eval", "report"]
 
     def local(arg: str) -> str:
         for hub, path in (("google/gemma-2-2b-it", ft), ("google/gemma-2-2b", base)):
             arg = arg.replace(hub, str(path))
+        arg = arg.replace("batchtopk-k100-M16384", "batchtopk-k4-M32")  # the shortened one's
         return arg.replace("model.layers.13", "model.layers.1")
 
     sizes = {"--batch-size": "64", "--steps": "3", "--max-tokens": "1100"}
@@ -68,6 +67,9 @@ def test_the_model_diffing_commands_and_config_train_a_crosscoder(pair, tmp_path
     online += ["--local-files-only"]
     extra = {"train": small, "cache": ["--context-length", "16"]}
     extra["cache"] += ["--batch-size", "8", "--shard-tokens", "256", "--local-files-only"]
+    extra["eval"] = ["--context-length", "16", "--n-batches", "2", "--local-files-only"]
+    extra["report"] = [*extra["eval"][:2], "--max-tokens", "256", "--latents", "2"]
+    extra["report"].append("--local-files-only")
     outs = []
     for command in commands:
         argv, args = [], iter(command[1:])
@@ -75,18 +77,18 @@ def test_the_model_diffing_commands_and_config_train_a_crosscoder(pair, tmp_path
             if arg == "--dataset":
                 argv += ["--text-file", str(docs)]
                 next(args)
-            elif arg in ("--out", "--cache"):
-                argv += [arg, str(tmp_path / next(args))]
             elif arg in sizes and not (command[1] == "cache" and arg == "--batch-size"):
                 argv += [arg, sizes[arg]]
                 next(args)
+            elif arg.startswith(("runs/", "caches/")):  # the directories written and read
+                argv.append(str(tmp_path / local(arg)))
             else:
                 argv.append(local(arg))
-        argv += extra[command[1]] + (
-            online if "--models" in command and command[1] == "train" else []
-        )
-        assert main([*argv, "--no-progress"]) == 0, argv
-        outs.append(tmp_path / command[command.index("--out") + 1])
+        argv += extra[command[1]]
+        argv += online if "--models" in command and command[1] == "train" else []
+        assert main(argv + ["--no-progress"] * (command[1] != "eval")) == 0, argv
+        if "--out" in command:
+            outs.append(tmp_path / command[command.index("--out") + 1])
     (config,) = [b for b in _blocks("yaml") if b.startswith("# model-diff.yaml")]
     run = yaml.safe_load(config)
     run["data"] = yaml.safe_load(local(yaml.safe_dump(run["data"])))
@@ -102,6 +104,7 @@ def test_the_model_diffing_commands_and_config_train_a_crosscoder(pair, tmp_path
         (saved,) = [p.parent for p in run_dir.glob("*/cfg.json")]
         model = load_dictionary(saved)
         assert model.cfg.kind == "crosscoder" and model.cfg.hooks == hooks, run_dir
+    assert (outs[0] / "batchtopk-k4-M32" / "report" / "index.html").is_file()  # saekit report
     assert (outs[1] / "manifest.json").is_file()
 
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from saekit.commands.flags import add_model_args, add_outlier_arg, add_text_args
+from saekit.commands.flags import add_model_args, add_models_arg, add_outlier_arg, add_text_args
 from saekit.core.paths import document_inputs, refuse_output_over_inputs
 
 
@@ -26,13 +26,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--verify", metavar="DIR", help="only verify the cache in DIR")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
-    which.add_argument(
-        "--models",
-        nargs="+",
-        metavar="LABEL=ID",
-        help="several models on the same tokens (same vocabulary), e.g. base=ID chat=ID; name "
-        "hooks LABEL/HOOK",
-    )
+    add_models_arg(which, "name hooks LABEL/HOOK")
     add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
     p.add_argument("--context-length", type=int, default=128, help="tokens per context")
     p.add_argument("--batch-size", type=int, default=32, help="contexts per model forward")

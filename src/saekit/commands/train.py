@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saekit.commands.flags import add_model_args, add_outlier_arg, add_text_args
+from saekit.commands.flags import add_model_args, add_models_arg, add_outlier_arg, add_text_args
 from saekit.train.config_files import apply_overrides, load_config_file
 
 
@@ -72,13 +72,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     where = g.add_mutually_exclusive_group()
     where.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
     where.add_argument("--cache", metavar="DIR", help="activation cache written by `saekit cache`")
-    where.add_argument(
-        "--models",
-        nargs="+",
-        metavar="LABEL=ID",
-        help="model diffing: several models on the same tokens (data.models), e.g. base=ID "
-        "chat=ID; hooks are then named LABEL/HOOK",
-    )
+    add_models_arg(where, "data.models; hooks are then named LABEL/HOOK")
     add_text_args(g, dataset_config_flags=("--dataset-config",))
     g.add_argument("--context-length", type=int, help="tokens per context (default 128)")
     g.add_argument("--model-batch-size", type=int, help="contexts per model forward (default 32)")

@@ -66,6 +66,7 @@ def evaluate_saved(args: argparse.Namespace, sae: SAE | None = None) -> SavedRep
     inputs = [("--sae", args.sae), ("--cache", args.cache), *document_inputs(args)]
     refuse_output_over_inputs(args.json, inputs, flag="--json")
     sae = SAE.load(args.sae, device=args.device) if sae is None else sae
+    model_names(args, reads_several=False)  # --models: refused in one line
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     if not (args.model or args.cache):
         raise ValueError(
@@ -148,6 +149,19 @@ def _on_cache(
         if target is not None:
             acc.add_reconstruction(target, x_hat)
     return CacheData(cache=str(args.cache), model=cache.model)
+
+
+def model_names(args: argparse.Namespace, reads_several: bool) -> str | None:
+    """``--model``, or ``--models`` (several models on the same tokens) as ``base=ID, chat=ID``
+    when the dictionary reads several hooks (a crosscoder of LABEL/HOOK hooks; an SAE,
+    transcoder or --suite reads one model and refuses it in one line); None: neither given."""
+    from saekit.data.lm.model_set import describe_models, parse_model_specs
+
+    if not getattr(args, "models", None):
+        return args.model
+    if not reads_several:
+        raise ValueError("--models: an SAE or transcoder reads one model's hook; give --model")
+    return describe_models(parse_model_specs(args.models))
 
 
 def harvest_setup(
