@@ -1126,6 +1126,35 @@ FAULTS = [
         "        if True:\n            return list(names)",
         ("test_multi_hook.py",),
     ),
+    # model diffing: several models on the same tokens (data/lm/model_set.py)
+    Fault(
+        "model-set-runs-the-first-model-for-every-label",
+        "data/lm/model_set.py",
+        "                self.setups[label].model,",
+        "                self.first.model,",
+        ("test_model_set.py",),
+    ),
+    Fault(
+        "model-set-vocabularies-unchecked",
+        "data/lm/model_set.py",
+        "        if moved:",
+        "        if False:",
+        ("test_model_set.py",),
+    ),
+    Fault(
+        "cache-manifest-models-unchecked",
+        "data/lm/model_set.py",
+        '            split_hook(name, checked, f"hooks.{i}")',
+        "                pass",
+        ("test_model_set.py",),
+    ),
+    Fault(
+        "hf-model-set-provenance-dropped",
+        "data/sources/hf.py",
+        '            record["models"] = dict(self.models)',
+        "            pass",
+        ("test_model_diff_training.py",),
+    ),
     Fault(
         "cache-source-ignores-hook-selection",
         "data/sources/cache.py",

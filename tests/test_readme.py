@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_model_set import pair  # noqa: F401  (fixture: two tiny Llamas)
 
 from saekit.cli import main
 
@@ -39,6 +40,72 @@ def test_the_python_example_runs(tmp_path, monkeypatch):
     sample_activations = torch.randn(512, 768)
     exec(block, {"sample_activations": sample_activations, "x": torch.randn(4, 768)})
     assert (tmp_path / "my_sae" / "cfg.json").is_file()
+
+
+def test_the_model_diffing_commands_and_config_train_a_crosscoder(pair, tmp_path, one_thread):  # noqa: F811
+    """The README's model-diffing commands and config file as written, on two tiny Llamas (one a
+    perturbed copy: tests/data/test_model_set.py) and a local text file instead of Gemma 2 and
+    the hub dataset; block 1 for block 13 (the tiny ones have 3), 3 steps of 64 tokens."""
+    from saekit.model.dictionary import load_dictionary
+
+    base, ft, _, docs = pair
+    (block,) = [b for b in _blocks("sh") if b.startswith("# model diffing")]
+    joined = re.sub(r"\\\n\s*", " ", block)
+    commands = [shlex.split(line, comments=True) for line in joined.splitlines()[1:]]
+    assert [c[1] for c in commands] == ["train", "cache", "train", "eval", "report"]
+
+    def local(arg: str) -> str:
+        for hub, path in (("google/gemma-2-2b-it", ft), ("google/gemma-2-2b", base)):
+            arg = arg.replace(hub, str(path))
+        arg = arg.replace("batchtopk-k100-M16384", "batchtopk-k4-M32")  # the shortened one's
+        return arg.replace("model.layers.13", "model.layers.1")
+
+    sizes = {"--batch-size": "64", "--steps": "3", "--max-tokens": "1100"}
+    small = ["--set", "saes.0.sae.d_sae=32", "--set", "saes.0.sae.activation.k=4"]
+    small += ["--set", "eval_tokens=128", "--set", "data.shuffle_buffer_tokens=256"]
+    online = ["--set", "data.context_length=16", "--set", "data.model_batch_size=8"]
+    online += ["--local-files-only"]
+    extra = {"train": small, "cache": ["--context-length", "16"]}
+    extra["cache"] += ["--batch-size", "8", "--shard-tokens", "256", "--local-files-only"]
+    extra["eval"] = ["--context-length", "16", "--n-batches", "2", "--local-files-only"]
+    extra["report"] = [*extra["eval"][:2], "--max-tokens", "256", "--latents", "2"]
+    extra["report"].append("--local-files-only")
+    outs = []
+    for command in commands:
+        argv, args = [], iter(command[1:])
+        for arg in args:
+            if arg == "--dataset":
+                argv += ["--text-file", str(docs)]
+                next(args)
+            elif arg in sizes and not (command[1] == "cache" and arg == "--batch-size"):
+                argv += [arg, sizes[arg]]
+                next(args)
+            elif arg.startswith(("runs/", "caches/")):  # the directories written and read
+                argv.append(str(tmp_path / local(arg)))
+            else:
+                argv.append(local(arg))
+        argv += extra[command[1]]
+        argv += online if "--models" in command and command[1] == "train" else []
+        assert main(argv + ["--no-progress"] * (command[1] != "eval")) == 0, argv
+        if "--out" in command:
+            outs.append(tmp_path / command[command.index("--out") + 1])
+    (config,) = [b for b in _blocks("yaml") if b.startswith("# model-diff.yaml")]
+    run = yaml.safe_load(config)
+    run["data"] = yaml.safe_load(local(yaml.safe_dump(run["data"])))
+    del run["data"]["dataset"]
+    run["data"].update(text_file=str(docs), local_files_only=True, context_length=16,
+                       model_batch_size=8, shuffle_buffer_tokens=256)  # fmt: skip
+    run["saes"][0]["sae"].update(d_sae=32, activation={"kind": "batchtopk", "k": 4})
+    run.update(steps=3, batch_size=64, eval_tokens=128, out_dir=str(tmp_path / "from-yaml"))
+    (tmp_path / "model-diff.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    assert main(["train", "--config", str(tmp_path / "model-diff.yaml"), "--no-progress"]) == 0
+    hooks = ["base/model.layers.1", "chat/model.layers.1"]
+    for run_dir in (outs[0], outs[2], tmp_path / "from-yaml"):
+        (saved,) = [p.parent for p in run_dir.glob("*/cfg.json")]
+        model = load_dictionary(saved)
+        assert model.cfg.kind == "crosscoder" and model.cfg.hooks == hooks, run_dir
+    assert (outs[0] / "batchtopk-k4-M32" / "report" / "index.html").is_file()  # saekit report
+    assert (outs[1] / "manifest.json").is_file()
 
 
 def test_the_help_answers_without_torch_in_well_under_a_second():

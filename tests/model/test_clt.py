@@ -416,8 +416,11 @@ def test_a_corrupt_or_mismatched_checkpoint_is_refused_in_one_line(tmp_path):
         load_dictionary(tmp_path / "other")
     with pytest.raises(CheckpointError, match="holds a 'clt', not a 'crosscoder'"):
         Crosscoder.load(tmp_path / "clt", verify=False)
-    with pytest.raises(CheckpointError, match="bad config"):
+    with pytest.raises(
+        CheckpointError, match="holds a 'clt', not an SAE or transcoder: load it"
+    ) as info:
         SAE.load(tmp_path / "clt", verify=False)
+    assert str(info.value).endswith("with saekit.model.dictionary.load_dictionary")
 
 
 def test_build_dictionary_builds_each_kind():

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from saekit.commands.flags import add_model_args, add_outlier_arg, add_text_args
+from saekit.commands.flags import add_model_args, add_models_arg, add_outlier_arg, add_text_args
 from saekit.core.paths import document_inputs, refuse_output_over_inputs
 
 
@@ -18,11 +18,15 @@ def add_parser(sub: Any) -> None:
         description="Harvest activations at one hook point (or several, --hooks: one forward "
         "pass, each token's row holds every hook's activation) into sharded safetensors with a "
         "manifest, then verify every shard. `saekit cache verify DIR` only verifies. An "
-        "interrupted run resumes when repeated with the same arguments.",
+        "interrupted run resumes when repeated with the same arguments. Model diffing: --models "
+        "base=ID chat=ID runs every model on the same tokens, hooks named LABEL/HOOK "
+        "(--hooks base/model.layers.13 chat/model.layers.13).",
     )
     p.add_argument("action", nargs="*", metavar="verify DIR", help="verify an existing cache")
     p.add_argument("--verify", metavar="DIR", help="only verify the cache in DIR")
-    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    add_models_arg(which, "name hooks LABEL/HOOK")
     add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
     p.add_argument("--context-length", type=int, default=128, help="tokens per context")
     p.add_argument("--batch-size", type=int, default=32, help="contexts per model forward")
@@ -82,6 +86,7 @@ def cache_command(args: argparse.Namespace) -> None:
     from saekit.data.documents.reading import text_source
     from saekit.data.lm.harvest import HarvestStats, harvest
     from saekit.data.lm.harvester import HookPoint
+    from saekit.data.lm.model_set import describe_models, parse_model_specs, split_hook
     from saekit.data.lm.models import check_hook
     from saekit.data.lm.text import token_batches
     from saekit.eval.saved import harvest_setup, text_documents
@@ -89,29 +94,37 @@ def cache_command(args: argparse.Namespace) -> None:
     if args.hooks and (args.hook or args.target_hook):
         raise ValueError("saekit cache takes --hooks or --hook (and --target-hook), not both")
     hooks = args.hooks or [h for h in (args.hook, args.target_hook) if h is not None]
-    for flag, value in (("--model", args.model), ("--hook", hooks), ("--out", args.out)):
+    model = args.model or args.models
+    for flag, value in (("--model (or --models)", model), ("--hook", hooks), ("--out", args.out)):
         if not value:
             raise ValueError(f"saekit cache needs {flag}")
-    refuse_output_over_inputs(args.out, document_inputs(args))
+    models = parse_model_specs(args.models) if args.models else None
+    inputs = [*document_inputs(args), *((f"--models {k}", v) for k, v in (models or {}).items())]
+    refuse_output_over_inputs(args.out, inputs)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     # The hook names first (meta device, no weights), then the text, then the weights: each
     # mistake is reported before the slow step after it.
-    for point in hooks:
-        check_hook(args.model, point, args.model_class, args.local_files_only)
     hooks = [str(HookPoint.parse(point)) for point in hooks]
+    for point in hooks:
+        label, hook = split_hook(point, models, "--hooks")
+        name = args.model if models is None else models[label]  # type: ignore[index]
+        check_hook(name, hook, args.model_class, args.local_files_only)
     if len(set(hooks)) != len(hooks):
         raise ValueError(f"saekit cache: a hook is named twice in {hooks}")
     docs = text_documents(args)
-    setup = harvest_setup(
-        args,
-        hooks[0],
-        exclude_padding=not args.keep_padding,
-        exclude_bos=not args.keep_bos,
-        exclude_special=args.exclude_special,
-    )
+    filters = {
+        "exclude_padding": not args.keep_padding,
+        "exclude_bos": not args.keep_bos,
+        "exclude_special": args.exclude_special,
+    }
+    # several models (--models): each run on the same tokens (saekit.data.lm.model_set)
+    setup = harvest_setup(args, hooks[0], hooks, **filters)
+    parts = setup.setups if models else {args.model: setup}
+    for label, one in parts.items():
+        _check_positions(one.model, models[label] if models else label, args.context_length)
     tokenizer, kind = setup.tokenizer, setup.kind
-    _check_positions(setup.model, args.model, args.context_length)
+    model_name = args.model if models is None else describe_models(models)
     harvester = setup.harvester(*hooks[1:], device="cpu")  # one pass, stopped after the last
     contexts = token_batches(
         docs,
@@ -144,11 +157,12 @@ def cache_command(args: argparse.Namespace) -> None:
             args.out,
             acts,
             hooks,
-            args.model,
+            model_name,
             args.dtype,
             shard_tokens=args.shard_tokens,
             max_tokens=args.max_tokens,
             metadata=metadata,
+            models=models,
         )
     finally:
         acts.close()  # closes the bar now, not at garbage collection (after "verified")

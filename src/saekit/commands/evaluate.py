@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saekit.commands.flags import add_model_args, add_text_args
+from saekit.commands.flags import add_model_args, add_models_arg, add_text_args
 
 if TYPE_CHECKING:  # torch behind it: not at import
     from saekit.eval.parts import PartsReport
@@ -28,7 +28,9 @@ def add_parser(sub: Any) -> None:
         "With --cache alone: reconstruction metrics on the cache's held-out last shard.",
     )
     p.add_argument("--sae", required=True, metavar="DIR", help="SAE directory (cfg.json)")
-    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    add_models_arg(which, "a crosscoder over LABEL/HOOK hooks reads them from these models")
     p.add_argument(
         "--cache",
         metavar="DIR",
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from saekit.eval.saved_multi import evaluate
 
     if args.suite:
+        if args.models:
+            raise ValueError("--suite evaluates an SAE on one model: give --model, not --models")
         return run_suite_command(args)
     report = evaluate(args)
     print(format_eval(report))

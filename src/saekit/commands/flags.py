@@ -24,6 +24,18 @@ def add_text_args(g: Any, dataset_config_flags: tuple[str, ...]) -> None:
     g.add_argument("--no-streaming", action="store_true", help="download the dataset whole")
 
 
+def add_models_arg(g: Any, what: str) -> None:
+    """``--models LABEL=ID ...``: several models on the same tokens (model diffing; hooks named
+    LABEL/HOOK: saekit.data.lm.model_set), instead of --model; ``what``: the command's use."""
+    g.add_argument(
+        "--models",
+        nargs="+",
+        metavar="LABEL=ID",
+        help=f"model diffing: several models on the same tokens (one vocabulary), e.g. base=ID "
+        f"chat=ID, instead of --model; {what}",
+    )
+
+
 def add_outlier_arg(g: Any) -> None:
     g.add_argument(
         "--outlier-norm",

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from saekit.commands.flags import add_model_args, add_text_args
+from saekit.commands.flags import add_model_args, add_models_arg, add_text_args
 from saekit.core.paths import document_inputs, refuse_output_over_inputs
 
 
@@ -38,7 +38,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=100_000, help="tokens to read (100,000)")
     p.add_argument("--context-length", type=int, default=128, help="tokens per context (128)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per model forward (8)")
-    p.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
+    add_models_arg(which, "a crosscoder over LABEL/HOOK hooks reads them from these models")
     add_text_args(p, dataset_config_flags=("--config", "--dataset-config"))
     add_model_args(p)
     p.add_argument(
@@ -124,7 +126,7 @@ def _collect(args: argparse.Namespace, sae: Any, batches: Any, ids: Any, cfg: An
 
 def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
     from saekit.data.documents.ranges import to_ranges
-    from saekit.data.lm.models import activation_width, check_hook
+    from saekit.data.lm.models import check_hook
     from saekit.eval.dictionaries import is_multi_hook, stream_hooks
     from saekit.eval.saved import (
         HELD_OUT,
@@ -132,6 +134,7 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
         document_contexts,
         eval_documents,
         harvest_setup,
+        model_names,
     )
     from saekit.report.build import report_data
     from saekit.report.collect import lm_batches
@@ -139,13 +142,14 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
 
     multi = is_multi_hook(sae)
     hooks = stream_hooks(sae) if multi else [args.hook or sae.cfg.hook]
-    if not args.model:
+    model = model_names(args, multi)  # --model, or --models of a crosscoder's LABEL/HOOK hooks
+    if not model:
         raise ValueError("give --model with --dataset or --text-file, or --synthetic")
     if not hooks or not hooks[0]:
         what = "no hooks" if multi else "no hook point: pass --hook"
         raise ValueError(f"{args.sae}/cfg.json records {what}")
     hook = hooks[0]
-    for name in hooks:
+    for name in hooks if args.model else []:  # a model set checks its hooks as it loads
         check_hook(args.model, name, args.model_class, args.local_files_only)
     if args.split == HELD_OUT and (args.dataset or args.text_file):
         raise ValueError(
@@ -156,14 +160,14 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
         raise ValueError(
             f"give --model with --dataset or --text-file (or --split {HELD_OUT}), or --synthetic"
         )
-    setup = harvest_setup(args, hook, exclude_bos=not args.keep_bos)
+    setup = harvest_setup(args, hook, hooks, exclude_bos=not args.keep_bos)
     n_inputs = len(sae.cfg.hooks) if multi else 1
     for i, name in enumerate(hooks):
-        width = activation_width(setup.model, name, setup.kind)
+        width = setup.width(name)
         expected = sae.cfg.d_in if i < n_inputs else sae.cfg.d_out
         if width != expected:
             raise ValueError(
-                f"the dictionary's width at {name} is {expected} but model {args.model} has {width}"
+                f"the dictionary's width at {name} is {expected} but model {model} has {width}"
             )
     tokenizer = setup.tokenizer
     # the held-out choice and the training-documents warning of `saekit eval` (issue 28)
@@ -177,7 +181,7 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
     ranges = to_ranges(read)
     seen = check_overlap(sae, tokenizer, text, len(read), ranges, verbs=("read", "report on"))
     shown = ", ".join(hooks[:n_inputs]) if multi else setup.hook
-    meta = {"sae": str(args.sae), "model": args.model, "hook": shown}
+    meta = {"sae": str(args.sae), "model": model, "hook": shown}
     meta["text"] = args.dataset or args.text_file or f"documents {origin}"
     meta.update(documents_from=origin, documents=len(read), document_ranges=ranges)
     if seen is not None:
@@ -187,7 +191,7 @@ def _model_report(args, sae, ids, cfg) -> dict[str, Any]:
         sae,
         lambda i: tokenizer.decode([i]),
         meta,
-        W_U=unembedding(setup.model, sae.cfg.d_in),
+        W_U=None if multi else unembedding(setup.model, sae.cfg.d_in),  # multi: not shown
     )
 
 

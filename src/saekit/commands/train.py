@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saekit.commands.flags import add_model_args, add_outlier_arg, add_text_args
+from saekit.commands.flags import add_model_args, add_models_arg, add_outlier_arg, add_text_args
 from saekit.train.config_files import apply_overrides, load_config_file
 
 
@@ -72,6 +72,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     where = g.add_mutually_exclusive_group()
     where.add_argument("--model", metavar="ID|PATH", help="model hub id or local directory")
     where.add_argument("--cache", metavar="DIR", help="activation cache written by `saekit cache`")
+    add_models_arg(where, "data.models; hooks are then named LABEL/HOOK")
     add_text_args(g, dataset_config_flags=("--dataset-config",))
     g.add_argument("--context-length", type=int, help="tokens per context (default 128)")
     g.add_argument("--model-batch-size", type=int, help="contexts per model forward (default 32)")
@@ -99,12 +100,16 @@ def _data_flags(args: argparse.Namespace) -> dict[str, Any]:
         "outlier_norm": args.outlier_norm,
     }
     flags = {k: v for k, v in fields.items() if v is not None}
+    if getattr(args, "models", None):
+        from saekit.data.lm.model_set import parse_model_specs
+
+        flags["models"] = parse_model_specs(args.models)
     for name in ("local_files_only", "keep_bos"):
         if getattr(args, name):
             flags[name] = True
     if args.no_streaming:
         flags["streaming"] = False
-    if args.model:
+    if args.model or "models" in flags:
         flags["source"] = "hf"
     elif args.cache:
         flags["source"] = "cache"
@@ -132,6 +137,9 @@ def _run_config_dict(args: argparse.Namespace, default: dict[str, Any]) -> dict[
             from saekit.data.sources.registry import switch_source
 
             switch_source(data_section, flags["source"])
+        for given, other in (("model", "models"), ("models", "model")):
+            if given in flags:  # --model replaces the config's data.models, and vice versa
+                data_section.pop(other, None)
         data_section.update(flags)
     return apply_overrides(data, overrides + args.overrides)
 

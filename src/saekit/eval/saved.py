@@ -66,6 +66,7 @@ def evaluate_saved(args: argparse.Namespace, sae: SAE | None = None) -> SavedRep
     inputs = [("--sae", args.sae), ("--cache", args.cache), *document_inputs(args)]
     refuse_output_over_inputs(args.json, inputs, flag="--json")
     sae = SAE.load(args.sae, device=args.device) if sae is None else sae
+    model_names(args, reads_several=False)  # --models: refused in one line
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     if not (args.model or args.cache):
         raise ValueError(
@@ -150,13 +151,37 @@ def _on_cache(
     return CacheData(cache=str(args.cache), model=cache.model)
 
 
-def harvest_setup(args: argparse.Namespace, hook: str, **filter_options: bool) -> Any:
-    """``data.models.load_for_harvest`` from the model flags ``cache`` and ``eval`` share."""
-    from saekit.data.lm.models import load_for_harvest
+def model_names(args: argparse.Namespace, reads_several: bool) -> str | None:
+    """``--model``, or ``--models`` (several models on the same tokens) as ``base=ID, chat=ID``
+    when the dictionary reads several hooks (a crosscoder of LABEL/HOOK hooks; an SAE,
+    transcoder or --suite reads one model and refuses it in one line); None: neither given."""
+    from saekit.data.lm.model_set import describe_models, parse_model_specs
 
-    return load_for_harvest(
+    if not getattr(args, "models", None):
+        return args.model
+    if not reads_several:
+        raise ValueError("--models: an SAE or transcoder reads one model's hook; give --model")
+    return describe_models(parse_model_specs(args.models))
+
+
+def harvest_setup(
+    args: argparse.Namespace,
+    hook: str,
+    hooks: list[str] | None = None,
+    **filter_options: bool,
+) -> Any:
+    """``data.models.load_for_harvest`` from the model flags ``cache`` and ``eval`` share; with
+    ``args.models`` (``--models base=ID chat=ID``: several models on the same tokens)
+    ``data.lm.model_set.load_model_set`` of the models ``hooks`` (default ``[hook]``, named
+    ``LABEL/HOOK``) name: the same interface (``harvester``, ``width``, ``tokenizer``, ...)."""
+    from saekit.data.lm.model_set import load_harvest, parse_model_specs
+
+    specs = getattr(args, "models", None)
+    return load_harvest(
         args.model,
-        hook,
+        parse_model_specs(specs) if specs else None,
+        hooks or [hook],
+        where="--models",
         dtype=args.model_dtype or "float32",
         device=args.device,
         local_files_only=args.local_files_only,

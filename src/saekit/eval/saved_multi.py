@@ -30,7 +30,13 @@ from saekit.eval.dictionaries import (
 )
 from saekit.eval.metrics import EvalResult, ReconstructionMetrics
 from saekit.eval.parts import PartsReport
-from saekit.eval.saved import check_overlap, document_contexts, eval_documents, evaluate_saved
+from saekit.eval.saved import (
+    check_overlap,
+    document_contexts,
+    eval_documents,
+    evaluate_saved,
+    model_names,
+)
 from saekit.eval.saved_report import CacheData, DocumentData, SavedReport, SpliceScores
 from saekit.model.clt import CrossLayerTranscoder
 from saekit.model.dictionary import load_dictionary
@@ -48,7 +54,12 @@ def evaluate(args: argparse.Namespace) -> SavedReport:
     )
     if args.hook:
         raise ValueError(f"--hook: a {kind} reads the hooks its cfg.json names; drop --hook")
-    if not (args.model or args.cache):
+    model = model_names(args, reads_several=True)  # --model, or --models of LABEL/HOOK hooks
+    if getattr(args, "models", None) and isinstance(dictionary, CrossLayerTranscoder):
+        raise ValueError(
+            "--models: a cross-layer transcoder is spliced into one model; give --model"
+        )
+    if not (model or args.cache):
         raise ValueError(
             "give --model with --dataset or --text-file (CE/KL and reconstruction) or --cache"
             " (reconstruction only)"
@@ -56,8 +67,8 @@ def evaluate(args: argparse.Namespace) -> SavedReport:
     hooks = stream_hooks(dictionary)
     if hooks is None:
         raise ValueError(f"{args.sae}/cfg.json names no hooks: this {kind} cannot read a model")
-    if args.model:
-        data, whole, parts = _on_model(args, dictionary, hooks)
+    if model:
+        data, whole, parts = _on_model(args, dictionary, hooks, model)
     else:
         data, whole, parts = _on_cache(args, dictionary, hooks)
     cfg = dictionary.cfg
@@ -103,23 +114,23 @@ def _on_cache(args: argparse.Namespace, dictionary: Any, hooks: list[str]) -> tu
     return CacheData(cache=str(args.cache), model=cache.model), whole, parts_report(dictionary, acc)
 
 
-def _on_model(args: argparse.Namespace, dictionary: Any, hooks: list[str]) -> tuple:
+def _on_model(args: argparse.Namespace, dictionary: Any, hooks: list[str], name: str) -> tuple:
+    """``name``: the model, or the model set (--models: a crosscoder of LABEL/HOOK hooks)."""
     from saekit.data.documents.ranges import to_ranges
     from saekit.data.lm.harvester import unpack_batch
-    from saekit.data.lm.models import activation_width
     from saekit.eval.replacement import LayeredDictionary, replacement_eval
     from saekit.eval.saved import harvest_setup
 
     cfg = dictionary.cfg
-    setup = harvest_setup(args, hooks[0], exclude_bos=not args.keep_bos)
-    model, tokenizer, kind = setup.model, setup.tokenizer, setup.kind
+    setup = harvest_setup(args, hooks[0], hooks, exclude_bos=not args.keep_bos)
+    tokenizer, kind = setup.tokenizer, setup.kind
     n_inputs = len(cfg.hooks)
     for i, hook in enumerate(hooks):
         expected = cfg.d_in if i < n_inputs else cfg.d_out
-        width = activation_width(model, hook, kind)
+        width = setup.width(hook)
         if width != expected:
             raise ValueError(
-                f"the dictionary's width at {hook} is {expected} but model {args.model} has {width}"
+                f"the dictionary's width at {hook} is {expected} but model {name} has {width}"
             )
     text, indices, origin = eval_documents(args, dictionary, tokenizer)
     evaluated: set[int] = set()
@@ -127,7 +138,7 @@ def _on_model(args: argparse.Namespace, dictionary: Any, hooks: list[str]) -> tu
     splice = None
     if isinstance(dictionary, CrossLayerTranscoder) and kind == "causal-lm":
         result = replacement_eval(
-            model, LayeredDictionary.of(dictionary), contexts, token_filter=setup.token_filter
+            setup.model, LayeredDictionary.of(dictionary), contexts, token_filter=setup.token_filter
         )
         whole: EvalResult = result.whole
         splice = SpliceScores.of(result.splice)
@@ -135,7 +146,7 @@ def _on_model(args: argparse.Namespace, dictionary: Any, hooks: list[str]) -> tu
     else:
         if isinstance(dictionary, CrossLayerTranscoder):
             print(
-                f"saekit: note: CE/KL are next-token losses of a causal LM; {args.model} loads as"
+                f"saekit: note: CE/KL are next-token losses of a causal LM; {name} loads as"
                 f" {kind}: reconstruction metrics only",
                 file=sys.stderr,
             )
@@ -152,7 +163,7 @@ def _on_model(args: argparse.Namespace, dictionary: Any, hooks: list[str]) -> tu
         whole, _ = acc.result()
         parts = parts_report(dictionary, acc)
     data = DocumentData(
-        model=args.model,
+        model=name,
         model_class=kind,
         text=text,
         documents_from=origin,

@@ -356,6 +356,12 @@ class SAE(nn.Module):
         path = Path(path)
         recover_directory(path)
         data = read_config(path, verify)
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind != "sae":  # a CLT or crosscoder: not an SAEConfig
+            raise CheckpointError(
+                f"checkpoint {path} holds a {kind!r}, not an SAE or transcoder: load it with"
+                " saekit.model.dictionary.load_dictionary"
+            )
         try:
             cfg = SAEConfig.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:

@@ -46,6 +46,7 @@ from torch import Tensor
 from saekit.core.atomic import sha256_file
 from saekit.data.buffer import ShuffleBuffer
 from saekit.data.documents.ranges import Ranges
+from saekit.data.lm.model_set import manifest_problem
 
 MANIFEST = "manifest.json"
 FORMAT = "saekit-activation-cache"
@@ -131,7 +132,7 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
             or any(not isinstance(s.get(k), kind) for k, kind in shard.items())
         ):
             return f"shards.{i} is malformed (fields {sorted(known)})"
-    return None
+    return manifest_problem(m.get("models"), [h["name"] for h in m.get("hooks") or []])
 
 
 def _upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from saekit.data.cache.reading import (
 )
 from saekit.data.documents.ranges import subtract, to_ranges, union
 from saekit.data.hook_columns import join_hooks
+from saekit.data.lm.model_set import check_models, split_hook
 from saekit.data.lm.text import DOCUMENT_IDS
 
 _UNKNOWN = -2
@@ -54,6 +55,7 @@ def write_cache(
     max_tokens: int | None = None,
     metadata: Mapping[str, Any] | None = None,
     target_hook: str | None = None,
+    models: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``[n, d]`` activation batches (or :class:`Harvester` dicts, read at ``hook``) to
     ``out_dir`` as shards of ``shard_tokens`` tokens (the last may be smaller). Returns the
@@ -63,7 +65,8 @@ def write_cache(
     per shard. ``hook`` may be a list of hooks (dicts only): each token's row is the activation
     at every hook, in that order, and the manifest records each hook's width (``hooks``);
     ``target_hook`` (a transcoder's, as ``saekit cache --target-hook``) is the same as
-    ``hook=[hook, target_hook]``.
+    ``hook=[hook, target_hook]``. ``models``: the model set the hooks name as ``LABEL/HOOK``
+    (several models on the same tokens: saekit.data.lm.model_set), recorded as ``models``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,12 +79,20 @@ def write_cache(
     names += [] if target_hook is None else [target_hook]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"write_cache needs distinct hooks, got {names}")
+    if models is not None:
+        models = check_models(models, "write_cache models")
+    for n in names:  # LABEL/HOOK of a model set, HOOK of one model
+        split_hook(n, models, "write_cache")
     identity = {"model": model_name, "dtype": name, "shard_tokens": shard_tokens}
+    if models is not None:
+        identity["models"] = dict(models)
     manifest = _read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         differing = {k: (manifest.get(k), v) for k, v in identity.items() if manifest.get(k) != v}
         if hook_names(manifest) != names:
             differing["hooks"] = (hook_names(manifest), names)
+        if manifest.get("models") != identity.get("models"):
+            differing["models"] = (manifest.get("models"), identity.get("models"))
         if differing:
             raise CacheError(
                 f"{out / MANIFEST} was written with different settings {differing}"

@@ -139,6 +139,10 @@ class HarvestSetup(NamedTuple):
             **options,
         )
 
+    def width(self, hook: str) -> int:
+        """The width of the activations at ``hook`` (one forward pass on two tokens)."""
+        return activation_width(self.model, hook, self.kind)
+
 
 def load_for_harvest(
     name: str,

@@ -7,7 +7,8 @@ Hooks: a run trains on ``data.hook`` (an SAE) or ``data.hook`` + ``data.target_h
 transcoder) of the cache's hooks, or on ``data.input_hooks`` (+ ``data.target_hooks``: a
 crosscoder's sources, a cross-layer transcoder's inputs and targets); a cache of 1 or 2 hooks
 needs none, one of 3 or more is refused without them (saekit.data.hook_columns.selected_hooks).
-Batches hold only those columns.
+Batches hold only those columns. A cache of several models (``saekit cache --models``) names its
+hooks ``LABEL/HOOK`` (``base/model.layers.13``), and so does the selection.
 """
 
 from __future__ import annotations
@@ -234,7 +235,11 @@ class CacheSourceConfig(SourceConfig):
         """The cache, its text source and the documents of its training shards (exact)."""
         text, training, _ = cache_documents(self._cache)
         cache_dir = str(Path(self.cache_dir).resolve())
-        return {"source": "cache", "cache_dir": cache_dir, "text": text, "documents": training}
+        record = {"source": "cache", "cache_dir": cache_dir, "text": text, "documents": training}
+        models = self._cache.manifest.get("models")
+        if models:  # which model each LABEL/HOOK names (saekit.data.lm.model_set)
+            record["models"] = dict(models)
+        return record
 
     def build(self, run: StreamSettings, rank: int = 0, world_size: int = 1) -> CacheSource:
         return CacheSource(

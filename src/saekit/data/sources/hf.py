@@ -10,6 +10,9 @@ Hooks: ``data.hooks`` (every hook harvested, in one forward pass stopped after t
 ``data.input_hooks`` (+ ``data.target_hooks``: a crosscoder's sources, a cross-layer
 transcoder's inputs and targets); the run trains on the selection of
 saekit.data.hook_columns.selected_hooks, whose columns batches hold.
+
+Model diffing: ``data.models`` runs several models on the same tokens, hooks named
+``LABEL/HOOK`` (saekit.data.lm.model_set); held out: counted with the first model's tokenizer.
 """
 
 from __future__ import annotations
@@ -29,12 +32,8 @@ from saekit.data.documents.reading import documents, leading_document_count, tex
 from saekit.data.hook_columns import hook_groups, join_hooks, selected_hooks
 from saekit.data.lm.harvest import HarvestStats, harvest
 from saekit.data.lm.harvester import HookPoint
-from saekit.data.lm.models import (
-    MODEL_CLASSES,
-    activation_width,
-    load_for_harvest,
-    model_hidden_size,
-)
+from saekit.data.lm.model_set import check_models, describe_models, load_harvest, split_hook
+from saekit.data.lm.models import MODEL_CLASSES, model_hidden_size
 from saekit.data.lm.text import token_batches
 from saekit.data.sources.config import SourceConfig
 from saekit.data.sources.interface import StreamSettings
@@ -79,9 +78,10 @@ class HFSource(StreamSource):
         self.world_size = world_size
         self.init_tokens = init_tokens
         harvested = data.harvested_hooks()
-        setup = load_for_harvest(
+        setup = load_harvest(  # data.models: each model run on the same tokens
             data.model,
-            harvested[0],
+            data.models,
+            harvested,
             dtype=data.model_dtype,
             device=device,
             local_files_only=data.local_files_only,
@@ -90,13 +90,15 @@ class HFSource(StreamSource):
             eos_token=data.eos_token,
             exclude_bos=not data.keep_bos,
         )
-        self.model, self.tokenizer, kind = setup.model, setup.tokenizer, setup.kind
-        self.bos_id = setup.bos_id
+        self.setup = setup
+        """The loaded model(s): a HarvestSetup, or with ``data.models`` a ModelSetSetup."""
+        self.model = None if data.models else setup.model  # type: ignore[union-attr]
+        self.tokenizer, self.bos_id = setup.tokenizer, setup.bos_id
         # every hook in one forward pass, stopped after the last; batches: the selected ones
         self.harvester = setup.harvester(*harvested[1:], dtype=torch.float32)
         self.hooks = data.selected_hooks()
         """The hooks the run trains on: batches are their columns, in this order."""
-        self.d = sum(activation_width(self.model, hook, kind) for hook in self.hooks)
+        self.d = sum(setup.width(hook) for hook in self.hooks)
         self.measured_width = self.d
         self.description = data.describe()
         self._n_eval_docs: int | None = None
@@ -200,6 +202,11 @@ class HFSourceConfig(SourceConfig):
     """Tokens held in the token-level shuffle buffer."""
     model: str | None = None
     """The model, a hub id or a local directory."""
+    models: dict[str, str] | None = None
+    """Model diffing (instead of ``model``): two or more models run on the same tokens, by
+    label, e.g. {base: google/gemma-2-2b, chat: google/gemma-2-2b-it}; they must share a
+    vocabulary. Hooks are then named LABEL/HOOK (base/model.layers.13), e.g. a crosscoder's
+    ``input_hooks: [base/model.layers.13, chat/model.layers.13]``."""
     model_class: str = "auto"
     """How to load the model: causal-lm, masked-lm, encoder (the bare model, AutoModel) or auto
     (from its config; saekit/data/lm/models.py)."""
@@ -266,8 +273,12 @@ class HFSourceConfig(SourceConfig):
             raise ValueError(
                 f"data.outlier_norm must be > 1 (a multiple of the median), got {self.outlier_norm}"
             )
-        if not self.model:
-            raise ValueError("data.model is required when data.source is 'hf'")
+        if self.models is not None:
+            if self.model:
+                raise ValueError("set data.model (one model) or data.models (several), not both")
+            check_models(self.models, "data.models")
+        elif not self.model:
+            raise ValueError("data.model (or data.models) is required when data.source is 'hf'")
         if not self.hook and not self.hooks and not self.input_hooks:
             raise ValueError(
                 "data.hook (or data.hooks, or data.input_hooks) is required when data.source is "
@@ -285,6 +296,10 @@ class HFSourceConfig(SourceConfig):
             raise ValueError(
                 f"data.model_class must be one of {MODEL_CLASSES}, got {self.model_class!r}"
             )
+        for field in ("hook", "target_hook", "hooks", "input_hooks", "target_hooks"):
+            value = getattr(self, field)  # LABEL/HOOK with data.models, HOOK without
+            for name in [value] if isinstance(value, str) else value or []:
+                split_hook(str(HookPoint.parse(name)), self.models, f"data.{field}")
         names = self.harvested_hooks()
         if len(set(names)) != len(names):
             raise ValueError(f"data.hooks names a hook twice: {names}")
@@ -313,10 +328,15 @@ class HFSourceConfig(SourceConfig):
             self.target_hooks,
         )
 
+    def model_name(self) -> str:
+        """The model, or the model set as ``base=ID, chat=ID``."""
+        return describe_models(self.models) if self.models else str(self.model)
+
     def describe(self) -> str:
         several = self.hooks or self.input_hooks
         names = self.harvested_hooks() if several else [str(HookPoint.parse(self.hook))]
-        return f"hook{'s' * (len(names) > 1)} {', '.join(names)} of model {self.model}"
+        models = f"models {self.model_name()}" if self.models else f"model {self.model}"
+        return f"hook{'s' * (len(names) > 1)} {', '.join(names)} of {models}"
 
     def has_target(self) -> bool:
         return bool(self.hook_groups()[1])
@@ -327,12 +347,14 @@ class HFSourceConfig(SourceConfig):
     def model_width(self) -> int:
         """The model's hidden size (its config's hidden_size / n_embd / d_model, read without
         loading weights): right for residual-stream and block-output hooks and an MLP's output;
-        set d_in / d_out for other hooks (the source checks the real width before training)."""
-        return model_hidden_size(self.model, self.local_files_only)
+        set d_in / d_out for other hooks (the source checks the real width before training).
+        With ``models``: the first model's."""
+        model = next(iter(self.models.values())) if self.models else self.model
+        return model_hidden_size(model, self.local_files_only)
 
     def origin(self) -> dict[str, str]:
         inputs, targets = self.hook_groups()
-        origin = {"model_name": self.model, "hook": inputs[0]}
+        origin = {"model_name": self.model_name(), "hook": inputs[0]}
         if targets:
             origin["target_hook"] = targets[0]
         return origin
@@ -344,12 +366,17 @@ class HFSourceConfig(SourceConfig):
             self.dataset, self.text_file, self.dataset_split, self.dataset_config, self.text_field
         )
         leading = eval_tokens + self.context_length
-        return {"source": "hf", "text": text, "held_out_leading_tokens": leading}
+        record = {"source": "hf", "text": text, "held_out_leading_tokens": leading}
+        if self.models:  # which model each LABEL/HOOK names
+            record["models"] = dict(self.models)
+        return record
 
     def input_paths(self) -> list[tuple[str, str | None]]:
+        models = [(f"data.models.{label}", m) for label, m in (self.models or {}).items()]
         return [
             ("data.text_file", self.text_file),
             ("data.model", self.model),
+            *models,
             ("data.dataset", self.dataset),
         ]
 
