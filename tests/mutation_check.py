@@ -1186,8 +1186,9 @@ FAULTS = [
     Fault(
         "latent-topk-keeps-every-part-top-k",  # no global selection across the parts
         "activations/topk.py",
-        '        kept_E = chosen_per_row(values_Nk, k, shard.comm, "TopK candidates").reshape(-1)',
-        "        kept_E = torch.ones_like(values_Nk, dtype=torch.bool).reshape(-1)",
+        "        kept_Nk = chosen_per_row(rows, k, shard.comm, "
+        '"TopK candidates").reshape_as(values_Nk)',
+        "        kept_Nk = torch.ones_like(values_Nk, dtype=torch.bool)",
         ("test_latent_member.py", "test_latent_parallel.py"),
     ),
     Fault(
@@ -1200,8 +1201,8 @@ FAULTS = [
     Fault(
         "latent-batchtopk-keeps-k-per-data-group-token-count",  # k·N_local, not k·N of the batch
         "activations/batchtopk.py",
-        "        n_keep = self.cfg.k * x_n_ND.shape[0] * (shard.world.world_size // shard.count)",
-        "        n_keep = self.cfg.k * x_n_ND.shape[0]",
+        "        n_keep = self.cfg.k * n_tokens * (shard.world.world_size // shard.count)",
+        "        n_keep = self.cfg.k * n_tokens",
         ("test_latent_member.py",),
     ),
     Fault(
@@ -1229,8 +1230,8 @@ FAULTS = [
     Fault(
         "latent-replicated-gradient-counted-t-times",  # b_dec's decoder gradient not 1/T
         "train/latent_member.py",
-        "        sae, f = self.sae, 1.0 / self.mesh.T",
-        "        sae, f = self.sae, 1.0",
+        "        view, f = self.sae.encoder_view(), 1.0 / self.mesh.T",
+        "        view, f = self.sae.encoder_view(), 1.0",
         ("test_latent_member.py",),
     ),
     Fault(
@@ -1250,9 +1251,9 @@ FAULTS = [
     ),
     Fault(
         "latent-init-draws-the-first-rows",
-        "train/latent_member.py",
-        "    W = normal_rows(gen, M, d_out, shard.offset, shard.width)",
-        "    W = normal_rows(gen, M, d_out, 0, shard.width)",
+        "train/latent_parts.py",
+        "    W = _unit(normal_rows(gen, M, d_out, a, n))",
+        "    W = _unit(normal_rows(gen, M, d_out, 0, n))",
         ("test_latent_member.py",),
     ),
     Fault(
@@ -1265,9 +1266,8 @@ FAULTS = [
     Fault(
         "latent-checkpoint-reads-part-0-rows",
         "train/latent_checkpoint.py",
-        "                tensors[key] = reader.rows("
-        'f"{prefix}{key}", M, shard.offset, shard.width)',
-        '                tensors[key] = reader.rows(f"{prefix}{key}", M, 0, shard.width)',
+        '                    f"{prefix}{key}", M, shard.offset, shard.width, axes[key]',
+        '                    f"{prefix}{key}", M, 0, shard.width, axes[key]',
         ("test_latent_checkpoint.py",),
     ),
     Fault(
