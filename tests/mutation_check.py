@@ -1271,6 +1271,57 @@ FAULTS = [
         ("test_latent_checkpoint.py",),
     ),
     Fault(
+        "latent-clt-topk-keeps-k-per-token-not-per-layer",  # the (token, layer) groups merged
+        "activations/topk.py",
+        "        rows = values_Nk.reshape(-1, k)  # one row per (token, group)",
+        "        rows = values_Nk  # one row per (token, group)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-part-proposes-k-over-all-its-layers",
+        "activations/topk.py",
+        "        values_Nk, latent_Nk = grouped_select(pre.detached, k, self.groups)\n"
+        "        rows = values_Nk.reshape(-1, k)",
+        "        values_Nk, latent_Nk = grouped_select(pre.detached, k, 1)\n"
+        "        rows = values_Nk.reshape(-1, k)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-flat-parts-joined-layer-blind",  # θ, dead counters: [L·M/T] parts cat
+        "train/latent_parts.py",
+        "    if groups == 1:\n        return torch.cat(parts, dim)",
+        "    if True:\n        return torch.cat(parts, dim)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-checkpoint-slices-flat-layers-as-one",
+        "train/latent_checkpoint.py",
+        "        n_parts, (dim, groups) = len(self.parts), axis",
+        "        n_parts, (dim, groups) = len(self.parts), (axis[0], 1)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-encoder-rows-from-the-first-layer",  # d_in ≠ d_out: W_enc's draw
+        "train/latent_parts.py",
+        "    wanted = [(g * per_group + start, count) for g in range(groups)]",
+        "    wanted = [(start, count) for g in range(groups)]",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-crosscoder-penalty-weight-of-the-concatenation",  # ‖[W^0|W^1]_i‖, not Σ_s
+        "objective/sharded.py",
+        "s.activation.penalty_latents(enc), view.decoder_norms(), self.penalty, weights",
+        "s.activation.penalty_latents(enc), view.W_dec.norm(dim=-1), self.penalty, weights",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-dense-part-sum-drops-later-layers",  # JumpReLU's dense latents
+        "model/clt.py",
+        "        for layer in range(1, L):  # layer l's latents write targets l..L−1",
+        "        for layer in range(1, 1):  # layer l's latents write targets l..L−1",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
         "absorption-main-latents-count-as-absorbers",
         "eval/absorption.py",
         "    candidate_NM = (cos >= ABSORPTION_FRACTION_PROBE_COS) & ~main & (latent_proj_NM > 0)",

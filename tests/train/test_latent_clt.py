@@ -65,6 +65,15 @@ CROSSCODER = {
 }  # fmt: skip
 
 
+CC_RELU_L1 = {
+    "sae": {"kind": "crosscoder", "d_sae": 32, "activation": "relu", "dtype": "float64"},
+    "penalty": {"kind": "l1", "coefficient": 0.05},  # weighted by Σ_s ‖W_dec^s_i‖
+    "seed": 5,
+    **BASE,
+}
+CROSSCODERS = [CROSSCODER, CC_RELU_L1]
+
+
 def config(out_dir: Path, data: dict, saes: list[dict], parallel="data", **kw):
     fields = {
         "data": copy.deepcopy(data),
@@ -122,7 +131,7 @@ def assemble(seen, D: int, T: int, groups: list[int]) -> list[torch.Tensor]:
 def references(tmp_path_factory):
     """One process: the CLTs' and the crosscoder's states after 20 steps and selections."""
     out = {}
-    for name, data, saes in (("clt", CLT_DATA, CLTS), ("cc", CC_DATA, [CROSSCODER])):
+    for name, data, saes in (("clt", CLT_DATA, CLTS), ("cc", CC_DATA, CROSSCODERS)):
         with pytest.MonkeyPatch.context() as monkeypatch:
             seen = record_selections(monkeypatch)
             states = one_process(config(tmp_path_factory.mktemp(name), data, saes))
@@ -130,7 +139,7 @@ def references(tmp_path_factory):
     return out
 
 
-CASES = {"clt": (CLT_DATA, CLTS, [L] * len(CLTS)), "cc": (CC_DATA, [CROSSCODER], [1])}
+CASES = {"clt": (CLT_DATA, CLTS, [L] * len(CLTS)), "cc": (CC_DATA, CROSSCODERS, [1, 1])}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -139,8 +148,8 @@ def test_a_sharded_clt_and_crosscoder_select_and_train_as_one_process(
     tmp_path, references, name, D, T
 ):
     """CLT: TopK per layer + AuxK, BatchTopK across the layers, JumpReLU + the L0 controller;
-    a crosscoder with TopK + AuxK: the same latents at each of 20 steps, the same weights, Adam
-    moments and dead counters after them."""
+    crosscoders with TopK + AuxK and ReLU + L1 (Σ_s ‖W_dec^s_i‖ weights): the same latents at
+    each of 20 steps, the same weights, Adam moments and dead counters after them."""
     data, saes, groups = CASES[name]
     expected, reference = references[name]
     with pytest.MonkeyPatch.context() as monkeypatch:

@@ -303,10 +303,9 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
                 code.values, code.latent, code.token, W_dec, code.n_tokens, code.layout
             )
         out = latents[:, :M] @ self.W_dec[0].view(M, -1)
-        for layer in range(1, L):
-            out[:, layer * d_out :] += latents[:, layer * M : (layer + 1) * M] @ self.W_dec[
-                layer
-            ].view(M, -1)
+        for layer in range(1, L):  # layer l's latents write targets l..L−1
+            z_l = latents[:, layer * M : (layer + 1) * M]
+            out[:, layer * d_out :] += z_l @ self.W_dec[layer].view(M, -1)
         return out
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> ForwardOutput:
