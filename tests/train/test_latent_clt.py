@@ -250,6 +250,13 @@ def test_what_a_sharded_clt_cannot_do_is_refused_in_one_line(tmp_path):
         with pytest.raises(ValueError, match=message) as info:
             check_latent_saes(cfg.saes, 2)
         assert "\n" not in str(info.value) and str(info.value).startswith("saes.0: ")
+    from saekit.train.member_config import SAETrainConfig
+
+    abstopk = SAETrainConfig(
+        sae={"d_in": 8, "d_sae": 16, "activation": {"kind": "abstopk", "k": 2}}
+    )
+    with pytest.raises(ValueError, match="saes.0: sae.activation.kind 'abstopk' has no latent"):
+        check_latent_saes([abstopk], 2)  # an SAE's too: TopK's sharded selection is not its own
 
 
 # ---------------------------------------------------------------------- gloo
