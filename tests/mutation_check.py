@@ -1216,8 +1216,9 @@ FAULTS = [
     Fault(
         "latent-topk-keeps-every-part-top-k",  # no global selection across the parts
         "activations/topk.py",
-        '        kept_E = chosen_per_row(values_Nk, k, shard.comm, "TopK candidates").reshape(-1)',
-        "        kept_E = torch.ones_like(values_Nk, dtype=torch.bool).reshape(-1)",
+        "        kept_Nk = chosen_per_row(rows, k, shard.comm, "
+        '"TopK candidates").reshape_as(values_Nk)',
+        "        kept_Nk = torch.ones_like(values_Nk, dtype=torch.bool)",
         ("test_latent_member.py", "test_latent_parallel.py"),
     ),
     Fault(
@@ -1230,8 +1231,8 @@ FAULTS = [
     Fault(
         "latent-batchtopk-keeps-k-per-data-group-token-count",  # k·N_local, not k·N of the batch
         "activations/batchtopk.py",
-        "        n_keep = self.cfg.k * x_n_ND.shape[0] * (shard.world.world_size // shard.count)",
-        "        n_keep = self.cfg.k * x_n_ND.shape[0]",
+        "        n_keep = self.cfg.k * n_tokens * (shard.world.world_size // shard.count)",
+        "        n_keep = self.cfg.k * n_tokens",
         ("test_latent_member.py",),
     ),
     Fault(
@@ -1259,8 +1260,8 @@ FAULTS = [
     Fault(
         "latent-replicated-gradient-counted-t-times",  # b_dec's decoder gradient not 1/T
         "train/latent_member.py",
-        "        sae, f = self.sae, 1.0 / self.mesh.T",
-        "        sae, f = self.sae, 1.0",
+        "        view, f = self.sae.encoder_view(), 1.0 / self.mesh.T",
+        "        view, f = self.sae.encoder_view(), 1.0",
         ("test_latent_member.py",),
     ),
     Fault(
@@ -1280,9 +1281,9 @@ FAULTS = [
     ),
     Fault(
         "latent-init-draws-the-first-rows",
-        "train/latent_member.py",
-        "    W = normal_rows(gen, M, d_out, shard.offset, shard.width)",
-        "    W = normal_rows(gen, M, d_out, 0, shard.width)",
+        "train/latent_parts.py",
+        "    W = _unit(normal_rows(gen, M, d_out, a, n))",
+        "    W = _unit(normal_rows(gen, M, d_out, 0, n))",
         ("test_latent_member.py",),
     ),
     Fault(
@@ -1295,10 +1296,60 @@ FAULTS = [
     Fault(
         "latent-checkpoint-reads-part-0-rows",
         "train/latent_checkpoint.py",
-        "                tensors[key] = reader.rows("
-        'f"{prefix}{key}", M, shard.offset, shard.width)',
-        '                tensors[key] = reader.rows(f"{prefix}{key}", M, 0, shard.width)',
+        '                    f"{prefix}{key}", M, shard.offset, shard.width, axes[key]',
+        '                    f"{prefix}{key}", M, 0, shard.width, axes[key]',
         ("test_latent_checkpoint.py",),
+    ),
+    Fault(
+        "latent-clt-topk-keeps-k-per-token-not-per-layer",  # the (token, layer) groups merged
+        "activations/topk.py",
+        "        rows = values_Nk.reshape(-1, k)  # one row per (token, group)",
+        "        rows = values_Nk  # one row per (token, group)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-part-proposes-k-over-all-its-layers",
+        "activations/topk.py",
+        "        values_Nk, latent_Nk = grouped_select(pre.detached, k, self.groups)\n"
+        "        rows = values_Nk.reshape(-1, k)",
+        "        values_Nk, latent_Nk = grouped_select(pre.detached, k, 1)\n"
+        "        rows = values_Nk.reshape(-1, k)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-flat-parts-joined-layer-blind",  # θ, dead counters: [L·M/T] parts cat
+        "train/latent_parts.py",
+        "    if groups == 1:\n        return torch.cat(parts, dim)",
+        "    if True:\n        return torch.cat(parts, dim)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-checkpoint-slices-flat-layers-as-one",
+        "train/latent_checkpoint.py",
+        "        n_parts, (dim, groups) = len(self.parts), axis",
+        "        n_parts, (dim, groups) = len(self.parts), (axis[0], 1)",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-encoder-rows-from-the-first-layer",  # d_in ≠ d_out: W_enc's draw
+        "train/latent_parts.py",
+        "    wanted = [(g * per_group + start, count) for g in range(groups)]",
+        "    wanted = [(start, count) for g in range(groups)]",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-crosscoder-penalty-weight-of-the-concatenation",  # ‖[W^0|W^1]_i‖, not Σ_s
+        "objective/sharded.py",
+        "s.activation.penalty_latents(enc), view.decoder_norms(), self.penalty, weights",
+        "s.activation.penalty_latents(enc), view.W_dec.norm(dim=-1), self.penalty, weights",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "latent-clt-dense-part-sum-drops-later-layers",  # JumpReLU's dense latents
+        "model/clt.py",
+        "        for layer in range(1, L):  # layer l's latents write targets l..L−1",
+        "        for layer in range(1, 1):  # layer l's latents write targets l..L−1",
+        ("test_latent_clt.py",),
     ),
     Fault(
         "absorption-main-latents-count-as-absorbers",

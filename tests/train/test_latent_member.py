@@ -24,8 +24,8 @@ from saekit.kernels.sharded_select import chosen_overall, chosen_per_row
 from saekit.objective import terms
 from saekit.objective.sharded import ShardedObjective
 from saekit.train.config import build_run_config, stream_settings
-from saekit.train.latent_member import normal_rows
 from saekit.train.latent_parallel import LatentTrainer
+from saekit.train.latent_parts import normal_rows
 from saekit.train.mesh import Mesh
 from saekit.train.trainer import Trainer
 
@@ -398,14 +398,3 @@ def test_what_latent_parallelism_cannot_do_is_refused_in_one_line(tmp_path, chan
     with pytest.raises(ValueError, match=message) as info:
         run_config(tmp_path, fields.pop("saes"), fields.pop("parallel"))
     assert "\n" not in str(info.value)
-
-
-def test_a_cross_layer_transcoder_is_refused_under_latent_parallelism():
-    """Its per-layer decoders have no sharded form yet (docs/design.md, "Latent parallelism")."""
-    from saekit.model.clt import CLTConfig
-    from saekit.train.member_config import SAETrainConfig
-    from saekit.train.mesh import check_latent_saes
-
-    clt = CLTConfig(d_in=8, d_sae=16, n_layers=2, activation={"kind": "topk", "k": 2})
-    with pytest.raises(ValueError, match="saes.0: a cross-layer transcoder or crosscoder"):
-        check_latent_saes([SAETrainConfig(sae=clt)], 2)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from saekit.activations.base import ExportForm
+from saekit.activations.base import Activation, ExportForm
 from saekit.activations.topk import TopK, TopKConfig, grouped_select, per_group_threshold
 from saekit.core.encoding import Encoding
 from saekit.kernels.select import topk_select
@@ -38,6 +38,11 @@ def abs_topk_select(pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class AbsTopK(TopK):
     config_class = AbsTopKConfig
     revival_signals = frozenset({"preact"})
+
+    # TopK's sharded selection ranks candidates by signed value and keeps ReLU: not AbsTopK's,
+    # so a latent-parallel run refuses AbsTopK (Activation.overrides) rather than train a TopK
+    encode_sharded = Activation.encode_sharded
+    encode_preacts_sharded = Activation.encode_preacts_sharded
 
     def select(self, pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return grouped_select(pre_NM, k, self.groups, abs_topk_select)

@@ -138,6 +138,13 @@ class Activation(nn.Module):
         a latent-parallel run refuses it."""
         raise NotImplementedError(f"{type(self).__name__} has no latent-sharded form")
 
+    def encode_preacts_sharded(self, pre: Preacts, shard: LatentShard) -> Encoding:
+        """``encode_preacts`` on one part of a latent-sharded dictionary that computes its own
+        pre-activations (a cross-layer transcoder's part: M/T latents of each of its ``groups``
+        layers, [N, G·M/T]): exactly what ``encode_preacts`` selects over the whole one, in
+        this part's local indices. Unimplemented: a latent-parallel CLT refuses it."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent-sharded form")
+
     def encode_preacts(self, pre: Preacts) -> Encoding:
         """Latents from pre-activations the dictionary computed itself (a cross-layer
         transcoder's L encoders, each reading its own layer: saekit.kernels.layered), over the

@@ -114,24 +114,32 @@ class BatchTopK(Activation):
         return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
 
     def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
-        """Training: the k·N largest over the WHOLE batch (every data group's tokens, every
-        part's latents: N = all ranks' tokens), exact against one process on that batch. Each
-        part proposes its own k·N largest (all its entries if fewer), the largest k·N of every
-        proposal are kept (kernels.sharded_select); the code holds this part's proposals, those
-        not kept at an exact 0. Inference: the threshold, per latent."""
+        """``encode_preacts_sharded`` of the affine encoder's pre-activations."""
         if not self.training:
             return self.encode(view, x_n_ND)
-        n_keep = self.cfg.k * x_n_ND.shape[0] * (shard.world.world_size // shard.count)
         reference = self.cfg.kernel == "reference"
         pre = self.preacts(view, x_n_ND) if reference else fast_preacts(view, x_n_ND, self)
+        return self.encode_preacts_sharded(pre, shard)
+
+    def encode_preacts_sharded(self, pre: Preacts, shard: LatentShard) -> Encoding:
+        """Training: the k·N largest over the WHOLE batch (every data group's tokens, every
+        part's latents, a CLT's of every layer: N = all ranks' tokens), exact against one
+        process on that batch. Each part proposes its own k·N largest (all its entries if
+        fewer), the largest k·N of every proposal are kept (kernels.sharded_select); the code
+        holds this part's proposals, those not kept at an exact 0. Inference: the threshold,
+        per latent."""
+        if not self.training:
+            return self.encode_preacts(pre)
         n_tokens, d_sae = pre.detached.shape
+        n_keep = self.cfg.k * n_tokens * (shard.world.world_size // shard.count)
+        device = pre.detached.device
         if n_keep < n_tokens * d_sae:  # the k·N largest here, sorted by flat index
             values_E, flat_E = batchtopk_select(pre.detached, n_keep // n_tokens)
         else:  # the part holds fewer entries than are kept: all are candidates
-            flat_E = torch.arange(n_tokens * d_sae, device=x_n_ND.device)
+            flat_E = torch.arange(n_tokens * d_sae, device=device)
             values_E = pre.detached.reshape(-1)
         kept_E = chosen_overall(values_E, n_keep, shard.world, "BatchTopK candidates")
-        if reference:
+        if self.cfg.kernel == "reference":
             z_flat = torch.zeros_like(pre.dense()).reshape(-1)
             dense_E = pre.dense().reshape(-1).index_select(0, flat_E)
             z_E = torch.where(kept_E, torch.relu(dense_E), torch.zeros_like(dense_E))
@@ -140,7 +148,7 @@ class BatchTopK(Activation):
         layout = CodeLayout(
             token_E, flat_E - token_E * d_sae, n_tokens, d_sae, backend=self.cfg.kernel
         )
-        values_E = torch.relu(pre.attach(values_E, layout))
+        values_E = torch.relu(pre.selected(values_E, layout))
         values_E = torch.where(kept_E, values_E, torch.zeros_like(values_E))
         return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
 

@@ -198,6 +198,9 @@ class JumpReLU(Activation):
     def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
         return self.encode(view, x_n_ND)  # per latent: each part encodes its own
 
+    def encode_preacts_sharded(self, pre: Preacts, shard: LatentShard) -> Encoding:
+        return self.encode_preacts(pre)  # per latent: each part encodes its own
+
     def l0_step(self, preacts: Preacts) -> Tensor:
         # The penalty reaches the encoder only when the estimate goes to the input as well.
         to_input = self.cfg.ste_to_input

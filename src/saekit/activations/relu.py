@@ -33,5 +33,8 @@ class ReLU(Activation):
     def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
         return self.encode(view, x_n_ND)  # per latent: each part encodes its own
 
+    def encode_preacts_sharded(self, pre: Preacts, shard: LatentShard) -> Encoding:
+        return self.encode_preacts(pre)  # per latent: each part encodes its own
+
     def export_form(self) -> ExportForm:
         return ExportForm("relu")

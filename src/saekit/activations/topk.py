@@ -137,23 +137,28 @@ class TopK(Activation):
         return Encoding(code, pre)
 
     def encode_sharded(self, view: EncoderView, x_n_ND: Tensor, shard: LatentShard) -> Encoding:
-        """Each part's own top-k per token are the candidates; the k largest of the T·k are
-        kept (kernels.sharded_select). The code holds this part's k candidates per token, those
-        not kept at an exact 0 (a fixed shape: no host sync)."""
+        """``encode_preacts_sharded`` of the affine encoder's pre-activations."""
+        reference = self.cfg.kernel == "reference"
+        pre = self.preacts(view, x_n_ND) if reference else fast_preacts(view, x_n_ND, self)
+        return self.encode_preacts_sharded(pre, shard)
+
+    def encode_preacts_sharded(self, pre: Preacts, shard: LatentShard) -> Encoding:
+        """Each part's own top-k per token and group (a CLT's layer) are the candidates; the k
+        largest of the T·k of each (token, group) are kept (kernels.sharded_select, one
+        all-gather of [N, G·k]). The code holds this part's G·k candidates per token, those not
+        kept at an exact 0 (a fixed shape: no host sync)."""
         k = self.encode_k()
-        if self.cfg.kernel == "reference":
-            pre = self.preacts(view, x_n_ND)
-            values_Nk, latent_Nk = topk_select(pre.dense(), k)
-            kept_Nk = chosen_per_row(values_Nk, k, shard.comm, "TopK candidates")
-            z_Nk = torch.where(kept_Nk, torch.relu(values_Nk), torch.zeros_like(values_Nk))
-            return Encoding(torch.zeros_like(pre.dense()).scatter(1, latent_Nk, z_Nk), pre)
-        pre = fast_preacts(view, x_n_ND, self)
         n_tokens, d_sae = pre.detached.shape
-        values_Nk, latent_Nk = topk_select(pre.detached, k)
-        kept_E = chosen_per_row(values_Nk, k, shard.comm, "TopK candidates").reshape(-1)
+        values_Nk, latent_Nk = grouped_select(pre.detached, k, self.groups)
+        rows = values_Nk.reshape(-1, k)  # one row per (token, group)
+        kept_Nk = chosen_per_row(rows, k, shard.comm, "TopK candidates").reshape_as(values_Nk)
+        if self.cfg.kernel == "reference":
+            z_Nk = torch.relu(pre.dense().gather(1, latent_Nk))
+            z_Nk = torch.where(kept_Nk, z_Nk, torch.zeros_like(z_Nk))
+            return Encoding(torch.zeros_like(pre.dense()).scatter(1, latent_Nk, z_Nk), pre)
         layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
-        values_E = torch.relu(pre.attach(values_Nk.reshape(-1), layout))
-        values_E = torch.where(kept_E, values_E, torch.zeros_like(values_E))
+        values_E = torch.relu(pre.selected(values_Nk.reshape(-1), layout))
+        values_E = torch.where(kept_Nk.reshape(-1), values_E, torch.zeros_like(values_E))
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
 

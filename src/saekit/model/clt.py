@@ -292,6 +292,22 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
             out[:, layer * d_out :] += z @ self.W_dec[layer].view(M, -1)
         return out
 
+    def latent_sum_n(self, latents: Tensor | SparseCode) -> Tensor:
+        """Σ z W_dec into every target [N, L·d_out], WITHOUT b_dec: a latent-sharded part's
+        share of the prediction (saekit.objective.sharded sums the parts')."""
+        L, M, d_out = self.cfg.n_layers, self.cfg.d_sae, self.cfg.d_out
+        if isinstance(latents, SparseCode):
+            code = latents
+            W_dec = list(self.W_dec)
+            return layered_decode(
+                code.values, code.latent, code.token, W_dec, code.n_tokens, code.layout
+            )
+        out = latents[:, :M] @ self.W_dec[0].view(M, -1)
+        for layer in range(1, L):  # layer l's latents write targets l..L−1
+            z_l = latents[:, layer * M : (layer + 1) * M]
+            out[:, layer * d_out :] += z_l @ self.W_dec[layer].view(M, -1)
+        return out
+
     def forward(self, x: Tensor, target: Tensor | None = None) -> ForwardOutput:
         """Encode the inputs [..., L·d_in] and predict the targets [..., L·d_out] (``target``
         given: the losses read it as ``target_n``)."""

@@ -24,6 +24,7 @@ which have no sharded form yet, and an activation with its own reconstruction or
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor
 from saekit.core.comm import Comm
 from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode
 from saekit.core.shard import LatentShard, sum_partials
+from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import auxk_select
 from saekit.kernels.sharded_select import chosen_per_row
 from saekit.kernels.sparse import sparse_decode
@@ -68,6 +70,9 @@ class ShardedInputs(NamedTuple):
     dead_anywhere: bool
     """Whether some part of the group has a dead candidate (False: AuxK is exactly 0)."""
     shard: LatentShard
+    decode: Callable[[Tensor | SparseCode], Tensor] | None = None
+    """A dictionary whose decoder is not one [M, d_out] matrix (a cross-layer transcoder's
+    part): its Σ z W_dec of this part's latents, [N, d_out] without b_dec; None: W_dec's."""
 
 
 class ShardedResult(NamedTuple):
@@ -94,15 +99,18 @@ def decode_part(latents: Tensor | SparseCode, W_dec_MD: Tensor) -> Tensor:
 
 def auxk_part(
     preacts: Preacts,
-    W_dec_MD: Tensor,
+    W_dec_MD: Tensor | None,
     dead_mask_M: Tensor,
     dead_cols: Tensor | None,
     k_aux: int,
     shard: LatentShard,
+    decode: Callable[[Tensor, CodeLayout], Tensor] | None = None,
 ) -> Tensor:
     """This part's share of AuxK's ê [N, d_out]: its dead latents among each token's k_aux
     largest dead pre-activations of EVERY part (revival.auxk_loss's selection, made across
-    parts: each proposes its own top-k_aux, padded with −∞ where it has fewer columns)."""
+    parts: each proposes its own top-k_aux, padded with −∞ where it has fewer columns; over
+    all of a CLT's layers at once, as one process's). ``decode``: the dictionary's own
+    (revival.auxk_loss)."""
     pre_NM = preacts.detached
     cols = torch.arange(pre_NM.shape[1], device=pre_NM.device) if dead_cols is None else dead_cols
     pre_NC = pre_NM.index_select(1, cols)  # a copy: masked in place below
@@ -111,7 +119,7 @@ def auxk_part(
     latent_Nk = torch.cat([cols[index_Nc], index_Nc.new_zeros(index_Nc.shape[0], pad)], 1)
     value_Nk = torch.cat([value_Nc, value_Nc.new_full((value_Nc.shape[0], pad), -math.inf)], 1)
     kept_Nk = chosen_per_row(value_Nk, k_aux, shard.comm, "AuxK candidates") & (value_Nk > 0)
-    return revival.selected_decode(preacts, latent_Nk, kept_Nk, value_Nk, W_dec_MD)
+    return revival.selected_decode(preacts, latent_Nk, kept_Nk, value_Nk, W_dec_MD, decode=decode)
 
 
 def batch_variance(e_ND: Tensor, data: Comm) -> Tensor | None:
@@ -166,19 +174,21 @@ class ShardedObjective:
     def __call__(self, s: ShardedInputs) -> ShardedResult:
         view, enc, shard = s.view, s.enc, s.shard
         latents, W_dec = enc.latents, view.W_dec
-        n_tokens, d_out = s.x_n.shape[0], W_dec.shape[1]
+        n_tokens, d_out = s.x_n.shape[0], s.target_n.shape[1]
         quadratic = isinstance(self.penalty, QuadraticL0Penalty)
         auxk = self.auxk is not None and s.dead_anywhere
         # 1. the partial sums, in one flat buffer
         if self.blocks:  # the activation's own blocks (HierarchicalTopK: rank positions)
             parts = [s.activation.reconstruction_blocks(view, latents, shard)]
         elif s.prefixes is None:
-            parts = [decode_part(latents, W_dec)]
+            parts = [decode_part(latents, W_dec) if s.decode is None else s.decode(latents)]
         else:
             parts = [matryoshka.block_deltas(latents, W_dec, s.prefixes, shard.offset, shard.d_sae)]
         if auxk:
-            k_aux = revival.auxk_k(self.auxk.k_aux, d_out, shard.d_sae)
-            parts.append(auxk_part(enc.preacts, W_dec, s.dead_mask, s.dead_cols, k_aux, shard))
+            n_latents = enc.preacts.detached.shape[1] * shard.count  # a CLT's: L·M
+            k_aux = revival.auxk_k(self.auxk.k_aux, d_out, n_latents)
+            parts.append(auxk_part(enc.preacts, W_dec, s.dead_mask, s.dead_cols, k_aux, shard,
+                                   view.decode_code))  # fmt: skip
             parts.append(s.dead_mask.sum().reshape(1))  # n_dead, detached
         steps_NM = None
         if isinstance(self.penalty, L0Penalty):
@@ -227,7 +237,7 @@ class ShardedObjective:
                 penalty = s.lam * losses.l0_penalty(steps_NM, weights)
             else:
                 penalty = s.lam * losses.sparsity_penalty(
-                    s.activation.penalty_latents(enc), W_dec.norm(dim=-1), self.penalty, weights
+                    s.activation.penalty_latents(enc), view.decoder_norms(), self.penalty, weights
                 )
         loss = rec + sum(t for t in (penalty, revival_value) if t is not None)
         return ShardedResult(loss, x_hat_n, rec, penalty, not quadratic, revival_value)

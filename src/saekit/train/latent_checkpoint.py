@@ -45,6 +45,7 @@ from saekit.train.checkpoint import (
     read_checkpoint_meta,
 )
 from saekit.train.latent_member import LatentMember
+from saekit.train.latent_parts import Axis
 from saekit.train.mesh import Mesh
 
 STAGING = ".checkpoint-parts"
@@ -79,7 +80,10 @@ def save_latent_checkpoint(
         for key, value in sums.items():
             shared[f"m{i}.log.{key}"] = value.detach().cpu()
         meta = {**member.state_meta(), "log_steps": n_steps}
-        described.append({"name": member.cfg.name, **meta, "part_keys": sorted(keys)})
+        axes = {k: list(v) for k, v in member.part_state_axes().items() if v != (0, 1)}
+        described.append(
+            {"name": member.cfg.name, **meta, "part_keys": sorted(keys), "part_axes": axes}
+        )
     payload = b""
     staging = run_dir / STAGING
     if mesh.data_index == 0 and t > 0:
@@ -148,11 +152,12 @@ class PartReader:
         self.parts = _parts_of(meta, self.path)
         self.checked: set[Path] = set()
 
-    def rows(self, key: str, d_sae: int, start: int, count: int) -> Tensor:
-        """Global rows [start, start + count) of tensor ``key`` ([d_sae, ...] in all)."""
-        n_parts = len(self.parts)
+    def rows(self, key: str, d_sae: int, start: int, count: int, axis: Axis = (0, 1)) -> Tensor:
+        """Global latents [start, start + count) of tensor ``key`` (d_sae of them along the
+        axis (dim, groups) in every group: saekit.train.latent_parts), group by group."""
+        n_parts, (dim, groups) = len(self.parts), axis
         width = d_sae // n_parts
-        pieces = []
+        pieces: list[list[Tensor]] = [[] for _ in range(groups)]
         for j, (file, digest) in enumerate(self.parts):
             lo, hi = max(start, j * width), min(start + count, (j + 1) * width)
             if lo >= hi:
@@ -164,9 +169,11 @@ class PartReader:
             with safe_open(str(file), framework="pt") as f:
                 if key not in f.keys():  # noqa: SIM118
                     raise CheckpointError(f"{file}: no tensor {key!r}")
-                piece = f.get_slice(key)[lo - j * width : hi - j * width]
-            pieces.append(piece)
-        return torch.cat(pieces)
+                stored = f.get_slice(key)
+                for g, group in enumerate(pieces):  # part j holds width latents per group
+                    a, b = g * width + lo - j * width, g * width + hi - j * width
+                    group.append(stored[(slice(None),) * dim + (slice(a, b),)])
+        return torch.cat([torch.cat(group, dim) for group in pieces], dim)
 
 
 def load_latent_checkpoint(
@@ -188,7 +195,8 @@ def load_latent_checkpoint(
         stored = set(f.keys())
         torch.set_rng_state(f.get_tensor("torch_rng"))
         for i, member in enumerate(members):
-            prefix, keys = f"m{i}.", member.part_state_keys()
+            prefix, axes = f"m{i}.", member.part_state_axes()
+            keys = set(axes)
             tensors = {
                 k[len(prefix) :]: f.get_tensor(k)
                 for k in stored
@@ -199,21 +207,26 @@ def load_latent_checkpoint(
             for key in sorted(keys & held):
                 if meta.get("latent") is None and f"{prefix}{key}" not in stored:
                     continue  # e.g. Adam moments before the first step
-                tensors[key] = reader.rows(f"{prefix}{key}", M, shard.offset, shard.width)
-            member_meta = {k: v for k, v in meta["members"][i].items() if k != "part_keys"}
+                tensors[key] = reader.rows(
+                    f"{prefix}{key}", M, shard.offset, shard.width, axes[key]
+                )
+            member_meta = {
+                k: v for k, v in meta["members"][i].items() if k not in ("part_keys", "part_axes")
+            }
             out.append((tensors, member_meta))
     return int(meta["step"]), out
 
 
 def gathered_state(run_dir: Path, index: int = 0) -> dict[str, Tensor]:
-    """SAE ``index``'s whole state dict (what ``SAE.load_state_dict`` takes) from a run's
+    """Dictionary ``index``'s whole state dict (what its ``load_state_dict`` takes) from a run's
     training checkpoint, sharded or not, in one process: the last checkpoint of a run that died
-    as an SAE (``SAE(cfg).load_state_dict(gathered_state(run))``)."""
+    as an SAE, a crosscoder or a CLT (``build_dictionary(cfg).load_state_dict(...)``)."""
     meta = read_checkpoint_meta(run_dir)
     path = checkpoint_dir(run_dir)
     reader = PartReader(run_dir, meta)
     prefix, out = f"m{index}.", {}
     part_keys = set(meta["members"][index].get("part_keys", []))
+    axes = meta["members"][index].get("part_axes", {})
     with safe_open(str(path / STATE_TENSORS), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
             if key.startswith(f"{prefix}sae."):
@@ -221,5 +234,6 @@ def gathered_state(run_dir: Path, index: int = 0) -> dict[str, Tensor]:
     d_sae = int(meta["config"]["saes"][index]["sae"]["d_sae"])
     for key in part_keys:
         if key.startswith("sae."):
-            out[key[4:]] = reader.rows(f"{prefix}{key}", d_sae, 0, d_sae)
+            axis = tuple(axes.get(key, (0, 1)))
+            out[key[4:]] = reader.rows(f"{prefix}{key}", d_sae, 0, d_sae, axis)  # type: ignore[arg-type]
     return out

@@ -28,79 +28,34 @@ the T parts of one batch; data group: the D copies of one part; world: all D·T)
    λ controller (global L0) and the logs.
 
 Initialisation is exact too: a part draws the rows of one process's random decoder
-(:func:`normal_rows`), never the whole matrix.
+(:func:`saekit.train.latent_parts.normal_rows`), never the whole matrix.
+
+A crosscoder's part is a crosscoder of M/T latents (an SAE over the concatenated sources: its
+partial sums are [N, S·d]); a cross-layer transcoder's part holds M/T latents of EVERY layer
+(W_enc [L, M/T, d_in], W_dec[l] [M/T, L − l, d_out]): TopK selects per (token, layer) across
+the parts, BatchTopK the k·N largest across all layers, and its partial sums are the
+concatenated prediction [N, L·d_out] (saekit.train.latent_parts, docs/design.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from saekit.core.comm import Comm
-from saekit.core.encoding import EncoderView
+from saekit.core.encoding import EncoderView, Encoding, SparseCode
 from saekit.core.shard import LatentShard, scale_grad
 from saekit.eval.metrics import batch_fvu, latent_counts
-from saekit.model.sae import SAE
+from saekit.model.clt import CrossLayerTranscoder
 from saekit.objective.revival import DeadSet
 from saekit.objective.sharded import ShardedInputs, ShardedObjective
+from saekit.train.latent_parts import Axis, flat_groups, init_part_, latent_axes
 from saekit.train.member import Member, StepMetrics, lr_factor
 from saekit.train.member_config import SAETrainConfig
 from saekit.train.mesh import Mesh
-
-CHUNK_ELEMENTS = 1 << 20
-"""Rows of the random init are drawn ~1M numbers at a time (memory of one chunk, not [M, d])."""
-
-
-def normal_rows(generator: torch.Generator, rows: int, cols: int, start: int, count: int) -> Tensor:
-    """Rows [start, start + count) of ``torch.randn(rows, cols, generator=generator)``, float32,
-    bit for bit, drawing the whole stream (the generator ends where that call leaves it) in
-    chunks whose sizes are multiples of 16 numbers, the last one at least 16: torch's CPU normal
-    sampler transforms 16 uniforms at a time and redraws the last 16 of a tensor whose size is
-    not a multiple of 16 (aten/src/ATen/native/cpu/DistributionTemplates.h, normal_fill), so
-    such chunks consume and transform the stream exactly as one call does
-    (tests/train/test_latent_member.py checks odd shapes)."""
-    step = 16 // math.gcd(cols, 16)  # rows per 16-aligned block
-    chunk = max(step, CHUNK_ELEMENTS // cols // step * step)
-    bounds = list(range(0, rows, chunk)) + [rows]
-    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * cols < 16:
-        del bounds[-2]  # the tail joins the chunk before it
-    out = torch.empty(count, cols)
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        block = torch.randn(b - a, cols, generator=generator)
-        lo, hi = max(a, start), min(b, start + count)
-        if lo < hi:
-            out[lo - start : hi - start] = block[lo - a : hi - a]
-    return out
-
-
-@torch.no_grad()
-def init_part_(sae: SAE, seed: int, shard: LatentShard) -> None:
-    """This part's rows of ``SAE.reset_parameters(generator=Generator().manual_seed(seed))`` of
-    the whole SAE (random unit decoder rows, W_enc = W_dec, or its own unit rows when the widths
-    differ; zero biases and W_skip)."""
-    gen = torch.Generator().manual_seed(seed)
-    M, (_, d_out), (_, d_in) = shard.d_sae, sae.W_dec.shape, sae.W_enc.shape
-    W = normal_rows(gen, M, d_out, shard.offset, shard.width)
-    W /= W.norm(dim=-1, keepdim=True)
-    sae.W_dec.copy_(W)
-    if d_in != d_out:
-        W = normal_rows(gen, M, d_in, shard.offset, shard.width)
-        W /= W.norm(dim=-1, keepdim=True)
-    sae.W_enc.copy_(W)
-
-
-def part_names(sae: SAE) -> set[str]:
-    """Names (state-dict keys) of the per-latent tensors: W_enc, b_enc, W_dec and the
-    activation's per-latent parameters and buffers; the rest (b_dec, W_skip, the scales, a
-    global threshold) is replicated."""
-    names = {"W_enc", "b_enc", "W_dec"}
-    for name, value in sae.activation.state_dict().items():
-        if value.dim() >= 1:
-            names.add(f"activation.{name}")
-    return names
 
 
 class GroupDeadSet(DeadSet):
@@ -123,8 +78,8 @@ class GroupDeadSet(DeadSet):
 
 
 class LatentMember(Member):
-    """A Member holding one part of its SAE (``self.sae``: d_sae = M / T; ``self.cfg``: the
-    whole SAE's config)."""
+    """A Member holding one part of its dictionary (``self.sae``: d_sae = M / T, a CLT's per
+    layer; ``self.cfg``: the whole dictionary's config; saekit.train.latent_parts)."""
 
     def __init__(
         self, cfg: SAETrainConfig, total_steps: int, device: torch.device | str, mesh: Mesh
@@ -137,7 +92,8 @@ class LatentMember(Member):
         init_part_(self.sae, cfg.seed, self.shard)
         self.dead_set = GroupDeadSet(cfg.dead_tokens, mesh.latent)
         self.objective = ShardedObjective(type(self.sae.activation), cfg.penalty, cfg.revival)
-        self.part_names = part_names(self.sae)
+        self.axes = latent_axes(self.sae)
+        self.part_names = set(self.axes)
 
     # ------------------------------------------------------------------ state
 
@@ -156,26 +112,47 @@ class LatentMember(Member):
                 t.copy_(bucket[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-    def part_state_keys(self) -> set[str]:
-        """Keys of :meth:`state_tensors` holding one row per latent of this part (the SAE's
-        per-latent tensors, their Adam moments, the dead counters); the rest is replicated."""
-        keys = {f"sae.{n}" for n in self.part_names} | {"tokens_since_fired"}
+    def part_state_axes(self) -> dict[str, Axis]:
+        """Keys of :meth:`state_tensors` holding this part's latents (the dictionary's
+        per-latent tensors, their Adam moments, the dead counters) and the axis they lie along
+        (saekit.train.latent_parts); the rest is replicated."""
+        axes = {f"sae.{n}": axis for n, axis in self.axes.items()}
+        axes["tokens_since_fired"] = (0, flat_groups(self.sae))
         names = [n for n, p in self.sae.named_parameters() if p.requires_grad]
         for idx, name in enumerate(names):
-            if name in self.part_names:
-                keys |= {f"opt.{idx}.exp_avg", f"opt.{idx}.exp_avg_sq"}
-        return keys
+            if name in self.axes:
+                axes |= {
+                    f"opt.{idx}.exp_avg": self.axes[name],
+                    f"opt.{idx}.exp_avg_sq": self.axes[name],
+                }
+        return axes
+
+    def part_state_keys(self) -> set[str]:
+        return set(self.part_state_axes())
 
     # ------------------------------------------------------------------ the step
 
     def encoder_view(self) -> EncoderView:
-        """This part's view: its rows, and the replicated b_dec and W_skip whose uses after the
-        all-reduce (the decoder offset) carry 1/T of their gradient (core.shard.scale_grad)."""
-        sae, f = self.sae, 1.0 / self.mesh.T
-        W_skip = scale_grad(sae.W_skip, f) if sae.cfg.skip else None
-        return EncoderView(
-            sae.W_enc, sae.b_enc, sae.input_center, sae.W_dec, scale_grad(sae.b_dec, f), W_skip
-        )
+        """This part's view (its dictionary's: its rows), with the replicated b_dec and W_skip
+        whose uses after the all-reduce (the decoder offset) carry 1/T of their gradient
+        (core.shard.scale_grad); an encoder's centre (b_dec of an SAE, a crosscoder) keeps its
+        own gradient, this part's share."""
+        view, f = self.sae.encoder_view(), 1.0 / self.mesh.T
+        W_skip = None if view.W_skip is None else scale_grad(view.W_skip, f)
+        return view._replace(b_dec=scale_grad(view.b_dec, f), W_skip=W_skip)
+
+    def encode(self, view: EncoderView, x_n: Tensor) -> Encoding:
+        """This part's sharded selection: a CLT's from its L encoders' pre-activations
+        (per layer; Activation.encode_preacts_sharded), the others' from the affine view."""
+        activation = self.sae.activation
+        if isinstance(self.sae, CrossLayerTranscoder):
+            return activation.encode_preacts_sharded(self.sae.preacts(x_n), self.shard)
+        return activation.encode_sharded(view, x_n, self.shard)
+
+    def part_sum(self) -> Callable[[Tensor | SparseCode], Tensor] | None:
+        """A CLT part's Σ z W_dec into every target (its ragged decoders), else None (the
+        objective's one-matrix decode)."""
+        return self.sae.latent_sum_n if isinstance(self.sae, CrossLayerTranscoder) else None
 
     def train_step(self, batch: Tensor, step: int) -> StepMetrics:
         """One step on this data group's rows ``batch`` [N, d] (module docstring)."""
@@ -191,13 +168,13 @@ class LatentMember(Member):
             x_n = sae.normalise(x)
             target_n = x_n if target is None else sae.normalise_target(target)
             view = self.encoder_view()
-            enc = sae.activation.encode_sharded(view, x_n, self.shard)
+            enc = self.encode(view, x_n)
             lam = self.lambda_value()
             dead_cols = self.dead_set.get(self.tokens_since_fired, batch.shape[0])
             result = self.objective(
                 ShardedInputs(
                     sae.activation, view, enc, x_n, target_n, dead, lam, self.prefixes(),
-                    dead_cols, self.dead_set.anywhere, self.shard,
+                    dead_cols, self.dead_set.anywhere, self.shard, self.part_sum(),
                 )
             )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
@@ -219,7 +196,7 @@ class LatentMember(Member):
             self.update_counters(fired, batch.shape[0] * mesh.D)
             sae.activation.after_step(enc, mesh.world)
             penalty = result.penalty
-            shares = [per_token.double().mean(), dead.double().sum() / cfg.sae.d_sae]
+            shares = [per_token.double().mean(), dead.double().sum() / cfg.sae.n_latents]
             if penalty is not None:  # a share, or the same on every part (the quadratic one)
                 shares.append(penalty.detach().double() / (1 if result.penalty_is_part else mesh.T))
             totals = mesh.world.all_reduce(torch.stack(shares), "sum", "L0 and penalty") / mesh.D

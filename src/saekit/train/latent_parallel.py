@@ -37,12 +37,13 @@ import torch
 from saekit.core.atomic import atomic_write_text
 from saekit.core.configs import to_dict
 from saekit.data.sources.interface import ActivationSource
-from saekit.model.sae import SAE
+from saekit.model.dictionary import Dictionary, build_dictionary
 from saekit.train.checkpoint import NoCheckpoint, checkpoint_dir, read_checkpoint_meta
 from saekit.train.comm import ProcessGroupComm
 from saekit.train.config import RunConfig, check_source_width, stream_settings
 from saekit.train.latent_checkpoint import load_latent_checkpoint, save_latent_checkpoint
 from saekit.train.latent_member import LatentMember
+from saekit.train.latent_parts import join_parts
 from saekit.train.launch import DistContext
 from saekit.train.member import Member
 from saekit.train.member_config import SAETrainConfig
@@ -124,16 +125,17 @@ class LatentTrainer(Trainer):
 
 
 class Gathered(NamedTuple):
-    """A whole SAE on rank 0 with its training config: what evaluate_member reads."""
+    """A whole dictionary on rank 0 with its training config: what evaluate_member reads."""
 
     cfg: SAETrainConfig
-    sae: SAE
+    sae: Dictionary
 
 
-def gather_sae(mesh: Mesh, member: LatentMember) -> SAE | None:
-    """The whole SAE on world rank 0 (CPU; None elsewhere): each latent rank of data group 0
-    sends its part (one payload at a time), rank 0 concatenates the per-latent tensors in latent
-    order and keeps its replicated ones."""
+def gather_sae(mesh: Mesh, member: LatentMember) -> Dictionary | None:
+    """The whole dictionary on world rank 0 (CPU; None elsewhere): each latent rank of data
+    group 0 sends its part (one payload at a time), rank 0 joins the per-latent tensors in
+    latent order along their axes (saekit.train.latent_parts: a CLT's every layer) and keeps
+    its replicated ones."""
     if mesh.data_index != 0:
         return None
     own = {k: v for k, v in member.sae.state_dict().items() if k in member.part_names}
@@ -143,9 +145,9 @@ def gather_sae(mesh: Mesh, member: LatentMember) -> SAE | None:
         return None
     parts, _ = gathered
     state = {k: v.cpu() for k, v in member.sae.state_dict().items()}
-    for key in member.part_names:
-        state[key] = torch.cat([parts[t][key] for t in range(mesh.T)])
-    sae = SAE(member.cfg.sae, device="cpu")
+    for key, axis in member.axes.items():
+        state[key] = join_parts([parts[t][key] for t in range(mesh.T)], axis)
+    sae = build_dictionary(member.cfg.sae, device="cpu")
     sae.load_state_dict(state)
     return sae
 
@@ -204,7 +206,7 @@ def run_latent(
         write_run_config(cfg)
     trainer.fit()
     reports: list[MemberReport] = []
-    saes: dict[str, SAE] = {}
+    saes: dict[str, Dictionary] = {}
     for member in trainer.members:
         sae = gather_sae(mesh, member)  # type: ignore[arg-type]
         if sae is not None:

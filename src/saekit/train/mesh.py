@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from saekit.activations import ACTIVATIONS
 from saekit.core.comm import Comm, LocalComm
-from saekit.model.config import SAEConfig
+from saekit.model.clt import CLTConfig
 from saekit.objective.sharded import ShardedObjective
 from saekit.train.comm import ProcessGroupComm
 from saekit.train.launch import DistContext
@@ -64,18 +64,16 @@ def check_processes(parallel: object, n_processes: int) -> None:
 
 
 def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
-    """Every SAE splits into T parts and has a sharded form, or a ValueError naming it."""
+    """Every SAE (transcoder, crosscoder, CLT: its M per layer) splits into T parts and has a
+    sharded form, or a ValueError naming it."""
     for i, s in enumerate(saes):
         try:
-            if not isinstance(s.sae, SAEConfig):  # its per-layer decoders: docs/design.md
-                raise ValueError(
-                    "a cross-layer transcoder or crosscoder (sae.kind) has no latent-sharded form "
-                    "yet (parallel.latent): SAEs and transcoders only"
-                )
-            kind, M = s.sae.activation.kind, s.sae.d_sae
+            kind, M = s.sae.activation.kind, s.sae.d_sae  # a CLT's M: per layer
             if M % T:
                 raise ValueError(f"sae.d_sae = {M} is not divisible by parallel.latent = {T}")
-            if not ACTIVATIONS[kind].overrides("encode_sharded"):
+            # a CLT's part selects from its own L encoders' pre-activations
+            hook = "encode_preacts_sharded" if isinstance(s.sae, CLTConfig) else "encode_sharded"
+            if not ACTIVATIONS[kind].overrides(hook):
                 raise ValueError(
                     f"sae.activation.kind {kind!r} has no latent-sharded form (parallel.latent)"
                 )
