@@ -39,8 +39,9 @@ class AbsTopK(TopK):
     config_class = AbsTopKConfig
     revival_signals = frozenset({"preact"})
 
-    def select(self, pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return grouped_select(pre_NM, k, self.groups, abs_topk_select)
+    def select(self, pre_NM: Tensor, k: int, groups: int | None = None) -> tuple[Tensor, Tensor]:
+        groups = self.groups if groups is None else groups
+        return grouped_select(pre_NM, k, groups, abs_topk_select)
 
     def kept(self, values: Tensor) -> Tensor:
         return values  # signed: no ReLU

@@ -26,5 +26,8 @@ class ReLU(Activation):
     def encode_preacts(self, pre: Preacts) -> Encoding:
         return Encoding(torch.relu(pre.dense()), pre)
 
+    def encode_group(self, pre: Preacts, group: int) -> Encoding:
+        return self.encode_preacts(pre)  # per latent
+
     def export_form(self) -> ExportForm:
         return ExportForm("relu")
