@@ -1424,14 +1424,14 @@ FAULTS = [
     ),
     Fault(
         "clt-layer-by-layer-bias-of-layer-0",
-        "model/clt.py",
+        "model/clt_layers.py",
         "+ self.clt.b_dec[target]",
         "+ self.clt.b_dec[0]",
         ("test_clt.py", "test_replacement.py"),
     ),
     Fault(
         "clt-layer-by-layer-decodes-into-earlier-targets",
-        "model/clt.py",
+        "model/clt_layers.py",
         "        self._sums_n[:, layer * d_out :] += part",
         "        self._sums_n[:, : part.shape[1]] += part",
         ("test_clt.py", "test_replacement.py"),

@@ -285,25 +285,25 @@ def test_the_spliced_pass_encodes_each_layer_once(model, monkeypatch):
     target took L + L·L. The scores are those of the L runs (a dictionary given only as
     ``run`` still takes that way)."""
     import saekit.kernels.layered as layered
-    from saekit.model.clt import CrossLayerTranscoder
+    import saekit.model.clt_layers as clt_layers
 
     clt, batches = Weights(), make_batches()
     rerun = dataclasses.replace(clt.layered(), layer_by_layer=None)
     slow = replacement_eval(model, rerun, batches, token_filter=FILTER)
 
     encoders, layers_read = [], []
-    init, encode_layer = layered.LayerPreacts.__init__, CrossLayerTranscoder.encode_layer
+    init, encode_layer = layered.LayerPreacts.__init__, clt_layers.encode_layer
 
     def counting_init(self, x, W_enc, b_enc, owner=None):
         encoders.append(W_enc.shape[0])  # the layers whose encoders this pre-activation runs
         init(self, x, W_enc, b_enc, owner)
 
-    def counting_encode_layer(self, layer, x):
+    def counting_encode_layer(clt, layer, x):
         layers_read.append(layer)
-        return encode_layer(self, layer, x)
+        return encode_layer(clt, layer, x)
 
     monkeypatch.setattr(layered.LayerPreacts, "__init__", counting_init)
-    monkeypatch.setattr(CrossLayerTranscoder, "encode_layer", counting_encode_layer)
+    monkeypatch.setattr(clt_layers, "encode_layer", counting_encode_layer)
     got = replacement_eval(model, clt.layered(), batches, token_filter=FILTER)
     assert layers_read == list(range(L)) * len(batches)
     assert sum(encoders) == 2 * L * len(batches)

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from saekit.activations.jumprelu import jumprelu, step
-from saekit.model.clt import CLTConfig, CrossLayerTranscoder, LayerByLayer
+from saekit.model.clt import CLTConfig, CrossLayerTranscoder
+from saekit.model.clt_layers import LayerByLayer, encode_layer
 from saekit.model.config import DictionaryConfig, SAEConfig
 from saekit.model.crosscoder import Crosscoder
 from saekit.model.dictionary import build_dictionary, load_dictionary
@@ -496,9 +497,9 @@ def test_layer_by_layer_refuses_what_it_cannot_answer():
     with pytest.raises(ValueError, match=r"target 0 needs layers 0..0 read, only 0 are"):
         reader.predict(0)
     with pytest.raises(ValueError, match=r"layer must be in \[0, 3\), got 3"):
-        clt.encode_layer(3, x0)
+        encode_layer(clt, 3, x0)
     with pytest.raises(ValueError, match="but this SAE has d_in = 4"):
-        clt.encode_layer(0, x.reshape(N, L * D_IN))
+        encode_layer(clt, 0, x.reshape(N, L * D_IN))
     batch = make_clt({"kind": "batchtopk", "k": K_BATCH}).train()
     with pytest.raises(ValueError, match="BatchTopK selects across every latent group in training"):
-        batch.encode_layer(0, x0)
+        encode_layer(batch, 0, x0)

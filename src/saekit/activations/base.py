@@ -139,7 +139,7 @@ class Activation(nn.Module):
     def encode_group(self, pre: Preacts, group: int) -> Encoding:
         """Group ``group``'s latents alone from their pre-activations [N, d_sae/G]: the
         latents :meth:`encode_preacts` over all groups gives them (a cross-layer transcoder's
-        one layer, encoded as a model reaches it: saekit.model.clt.LayerByLayer). Only where the
+        one layer, encoded as a model reaches it: saekit.model.clt_layers). Only where the
         groups are separable: TopK per group, any per-latent rule; not a selection across
         groups (BatchTopK in training)."""
         raise NotImplementedError(f"{type(self).__name__} does not encode one latent group alone")

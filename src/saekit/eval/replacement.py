@@ -37,14 +37,16 @@ from saekit.data.lm.harvester import HookPoint, TokenFilter, capture
 from saekit.eval.metrics import EvalResult
 from saekit.eval.parts import PartAccumulator, PartScores
 from saekit.eval.splice import SpliceResult, patch_activation, run_passes, zero_kept
-from saekit.model.clt import CrossLayerTranscoder, LayerByLayer
+from saekit.model.clt import CrossLayerTranscoder
+from saekit.model.clt_layers import LayerByLayer
 
 Code = Tensor | SparseCode
 
 
 class LayerReader(Protocol):
-    """A CLT's forward one layer at a time (saekit.model.clt.LayerByLayer): ``read(l, x^l)``
-    [n, d_in] in layer order, then ``predict(t)`` [n, d_out_t] once layers 0..t are read."""
+    """A CLT's forward one layer at a time (saekit.model.clt_layers.LayerByLayer):
+    ``read(l, x^l)`` [n, d_in] in layer order, ``predict(t)`` [n, d_out_t] once layers 0..t are
+    read."""
 
     def read(self, layer: int, x: Tensor) -> Any: ...
 

@@ -4,17 +4,21 @@ Latents are flat: latent j = l·M + i is latent i of layer l (L layers of M late
 
 Encoder: ``pre[n, l·M + i] = x_n^l · W_enc[l, i] + b_enc[l, i]``, L encoders each reading its
 own layer (block-diagonal, never an [L·M, L·d] matrix). :class:`LayerPreacts` computes it with
-one GEMM per layer and answers the questions every :class:`~saekit.core.encoding.Preacts`
-answers. Its sparse backward is the SAE's (:func:`saekit.kernels.sparse.attach_encoder_grad`)
-on (token, layer) rows: x_n [N, L·d] viewed as [N·L, d] has row n·L + l = x_n^l, so the entry
-(n, l·M + i) is the SAE entry (row n·L + l, latent l·M + i) of W_enc viewed as [L·M, d].
+one GEMM per layer, each written into its own column block of one [N, L·M] buffer (reused from
+step to step on a CPU, as the SAE's: saekit.kernels.workspace; no join), and answers the
+questions every :class:`~saekit.core.encoding.Preacts` answers. Its sparse backward is the
+SAE's (:func:`saekit.kernels.sparse.attach_encoder_grad`) on (token, layer) rows: x_n [N, L·d]
+viewed as [N·L, d] has row n·L + l = x_n^l, so the entry (n, l·M + i) is the SAE entry
+(row n·L + l, latent l·M + i) of W_enc viewed as [L·M, d].
 
 Decoder: ``ŷ^{l'} = Σ_{l ≤ l'} z^l W_dec^{l→l'}``. W_dec[l] [M, L − l, d_out] viewed as
 [M, (L − l)·d_out] is one decoder from layer l's latents into targets l..L−1 side by side, so
-:func:`layered_decode` sorts a code's entries by layer (stable: tokens stay in order), reads the
-L counts on the host (the one transfer of a CLT step; on a CPU it costs nothing), and runs one
-sparse decode per layer that has entries, into its targets' columns. Its cost is
-Σ_e (L − l_e)·d_out: the active (latent, target) pairs, never L·M dense products.
+:func:`layered_decode` cuts a code's entries by layer (tokens stay in order) and runs one
+sparse decode per layer that has entries, into its targets' columns, all in one autograd node.
+Its cost is Σ_e (L − l_e)·d_out: the active (latent, target) pairs, never L·M dense products.
+Host reads: none for TopK per layer (each layer's N·k entries sit at known positions); for any
+other code (BatchTopK, JumpReLU, ReLU, AuxK's) the entries are sorted by layer and the L counts
+read on the host, a device sync on a GPU (:func:`_segments` says why).
 """
 
 from __future__ import annotations

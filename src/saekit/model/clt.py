@@ -42,7 +42,6 @@ from saekit.activations.base import ActivationConfig
 from saekit.core.encoding import EncoderView, ForwardOutput, SparseCode, as_dense
 from saekit.kernels.layered import LayerPreacts, layered_decode
 from saekit.kernels.layout import CodeLayout
-from saekit.kernels.sparse import sparse_decode
 from saekit.model.config import (
     DictionaryConfig,
     check_dtype,
@@ -322,39 +321,21 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
         x_hat_n = self.decode_n(z.reshape(-1, self.cfg.n_latents).to(self.b_dec.dtype))
         return self.denormalise(x_hat_n).reshape(*z.shape[:-1], self.cfg.target_width)
 
-    # ---------------------------------------------------------------- one layer at a time
+    # ------------------------------------------- one layer at a time (saekit.model.clt_layers)
 
-    def _check_layer(self, layer: int) -> None:
+    def check_layer(self, layer: int) -> None:
+        """ValueError unless ``layer`` is one of this CLT's layers."""
         if not isinstance(layer, int) or not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"layer must be in [0, {self.cfg.n_layers}), got {layer!r}")
 
-    @torch.no_grad()
-    def encode_layer(self, layer: int, x: Tensor) -> Tensor | SparseCode:
-        """Layer ``layer``'s raw input [n, d_in] -> its code over its own M latents (latent i is
-        latent layer·M + i of :meth:`forward`'s code), for inference: z^l reads x^l alone
-        (Activation.encode_group; BatchTopK only outside training)."""
-        self._check_layer(layer)
-        check_activations(x, self.cfg.d_in, "d_in")
-        x_n = self._per_layer(x, self.cfg.d_in, "d_in", self.scale[layer : layer + 1], True)
-        pre = LayerPreacts(x_n, self.W_enc[layer : layer + 1], self.b_enc[layer : layer + 1])
-        return self.activation.encode_group(pre, layer).latents
-
-    @torch.no_grad()
-    def decode_layer(self, layer: int, code: Tensor | SparseCode) -> Tensor:
-        """Layer ``layer``'s code [n, M] (:meth:`encode_layer`) -> its part of the normalised
-        predictions of targets layer..L−1 side by side [n, (L − layer)·d_out], no b_dec:
-        z^l W_dec[l] (sparse: the active (latent, target) pairs only)."""
-        self._check_layer(layer)
-        W = self.W_dec[layer].view(self.cfg.d_sae, -1)  # [M, (L − l)·d_out]
-        if isinstance(code, SparseCode):
-            return sparse_decode(
-                code.values, code.latent, code.token, W, code.n_tokens, code.layout
-            )
-        return code.to(W.dtype) @ W
+    def normalise_layer(self, layer: int, x: Tensor) -> Tensor:
+        """Layer ``layer``'s raw input [n, d_in] -> x^l / s_l (as :meth:`normalise` does)."""
+        self.check_layer(layer)
+        return self._per_layer(x, self.cfg.d_in, "d_in", self.scale[layer : layer + 1], True)
 
     def denormalise_target(self, target: int, y_n: Tensor) -> Tensor:
         """Target ``target``'s normalised prediction [n, d_out] -> its units (times t_target)."""
-        self._check_layer(target)
+        self.check_layer(target)
         scale = self.target_scale[target : target + 1]
         return self._per_layer(y_n, self.cfg.d_out, "d_out", scale, False)
 
@@ -409,43 +390,3 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
         self.b_dec *= t.view(L, 1)
         self.scale.fill_(1.0)
         self.target_scale.fill_(1.0)
-
-
-class LayerByLayer:
-    """A CLT's inference forward one layer at a time, in the order a model reaches its layers
-    (the spliced forward of saekit.eval.replacement): ``read(l, x^l)`` encodes layer l once
-    and adds its decode into the running sums of targets l..L−1; ``predict(t)``, once layers
-    0..t are read, is ŷ^t in the target's units. Exact, as z^l reads x^l alone and ŷ^t sums
-    layers ≤ t: the layers' parts in layer order, then b_dec, then t_t, as the forward's sparse
-    decode adds them (its dense decode starts from b_dec: equal up to rounding). Each layer is
-    encoded once, where running the whole CLT for each target would encode L layers L times."""
-
-    def __init__(self, clt: CrossLayerTranscoder):
-        self.clt = clt
-        self.n_read = 0
-        self._sums_n: Tensor | None = None  # [n, L·d_out]: Σ_{l read} z^l W_dec[l], normalised
-
-    @torch.no_grad()
-    def read(self, layer: int, x: Tensor) -> Tensor | SparseCode:
-        """Encode layer ``layer`` (the next unread one) from its raw input [n, d_in]."""
-        if layer != self.n_read:
-            raise ValueError(f"layers are read in order: layer {self.n_read} next, not {layer}")
-        code = self.clt.encode_layer(layer, x)
-        part = self.clt.decode_layer(layer, code)
-        if self._sums_n is None:
-            self._sums_n = part.new_zeros(part.shape[0], self.clt.cfg.target_width)
-        d_out = self.clt.cfg.d_out
-        self._sums_n[:, layer * d_out :] += part
-        self.n_read += 1
-        return code
-
-    @torch.no_grad()
-    def predict(self, target: int) -> Tensor:
-        """ŷ^target [n, d_out] from the layers read so far (0..target at least)."""
-        if target >= self.n_read:
-            raise ValueError(
-                f"target {target} needs layers 0..{target} read, only {self.n_read} are"
-            )
-        d_out = self.clt.cfg.d_out
-        y_n = self._sums_n[:, target * d_out : (target + 1) * d_out] + self.clt.b_dec[target]
-        return self.clt.denormalise_target(target, y_n)
