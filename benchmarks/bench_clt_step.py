@@ -3,6 +3,8 @@ tokens; prints a markdown table.
 
     python benchmarks/bench_clt_step.py            # L=4, d=256, M=4096 per layer, k=16, 2048 tokens
     python benchmarks/bench_clt_step.py --small    # L=4, d=64, M=512, k=8, 512 tokens (quick)
+    python benchmarks/bench_clt_step.py --compare /tmp/base   # this checkout's steps against
+                                                              # those of the tree at /tmp/base
 
 Both sides run the trainer's own step (saekit.train.member.Member.train_step: forward, loss,
 backward, removal of the decoder-parallel gradient, Adam, decoder renormalisation, dead-latent
@@ -17,6 +19,11 @@ source yields them). Each CLT layer and each transcoder has M latents and TopK k
 - Memory: each side in its own subprocess: "step peak" is the peak RSS over its steps minus the
   RSS after setup (so it holds the gradients and Adam's moments, as in bench_step.py), and
   "state" the exact bytes of parameters + gradients + Adam's two moments.
+
+- Before/after (``--compare ROOT``): the same steps of two source trees side by side, each in
+  its own process (PYTHONPATH=ROOT/src and this checkout's src), in lockstep: each round one
+  process steps (CLT, then the L transcoders) while the other waits, then the other, the order
+  alternating between rounds, so both see the same machine load; medians per tree.
 
 One torch thread by default: on the shared 2-core machine, 2 threads spent most of their time
 spinning (a --small run took 2.1 s per CLT step with 2 threads, 52 ms with 1).
@@ -108,6 +115,9 @@ def worker(args) -> None:
     torch.manual_seed(0)
     world = _world(args)
     batch = world.batch(0, args.batch).x
+    if args.worker == "lockstep":
+        lockstep(args, world, batch)
+        return
     if args.worker == "ratio":
         clt, clt_batches = _members(args, "clt", world, batch)
         plt, plt_batches = _members(args, "plt", world, batch)
@@ -138,11 +148,80 @@ def worker(args) -> None:
     print(json.dumps(result))
 
 
+def lockstep(args, world, batch) -> None:
+    """The --compare worker: set up both sides, print "ready", then one timed CLT step and one
+    timed round of the L transcoder steps per "step" line read, as a JSON line."""
+    clt, clt_batches = _members(args, "clt", world, batch)
+    plt, plt_batches = _members(args, "plt", world, batch)
+    clt_step, plt_step = _step(clt, clt_batches), _step(plt, plt_batches)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t0 = time.perf_counter()
+        clt_step()
+        t1 = time.perf_counter()
+        plt_step()
+        print(json.dumps({"clt_s": t1 - t0, "plt_s": time.perf_counter() - t1}), flush=True)
+
+
+def compare(args) -> None:
+    """Before/after: lockstep workers on ``args.compare``'s src and this checkout's."""
+    trees = {"before": Path(args.compare).resolve() / "src", "after": ROOT / "src"}
+    for name, src in trees.items():
+        if not (src / "saekit" / "__init__.py").is_file():
+            raise SystemExit(f"--compare: no saekit package under {src} ({name})")
+    procs = {}
+    for name, src in trees.items():
+        cmd = [sys.executable, __file__, "--worker", "lockstep", *_flags(args)]
+        procs[name] = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(args, src)
+        )
+    for name, proc in procs.items():
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"{name} worker failed during setup (exit {proc.wait()})")
+    times: dict[str, list[dict]] = {name: [] for name in procs}
+    for i in range(args.warmup + args.steps):
+        order = list(procs) if i % 2 == 0 else list(procs)[::-1]
+        for name in order:
+            procs[name].stdin.write("step\n")
+            procs[name].stdin.flush()
+            line = procs[name].stdout.readline()
+            if not line:
+                raise SystemExit(f"{name} worker died (exit {procs[name].wait()})")
+            if i >= args.warmup:
+                times[name].append(json.loads(line))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    print(
+        f"L={args.layers} layers, d_in=d_out={args.d}, M={args.M} latents per layer, TopK "
+        f"k={args.k} per layer, {args.batch} tokens per step, {args.threads} threads, fp32, "
+        f"median of {args.steps} lockstep rounds; before: {trees['before']}\n"
+    )
+    print("| code | CLT ms per step | 4 transcoders ms per step | CLT / transcoders |")
+    print("|---|---:|---:|---:|")
+    medians = {}
+    for name in procs:
+        clt_s = statistics.median(t["clt_s"] for t in times[name])
+        plt_s = statistics.median(t["plt_s"] for t in times[name])
+        medians[name] = clt_s
+        print(f"| {name} | {1000 * clt_s:,.0f} | {1000 * plt_s:,.0f} | {clt_s / plt_s:.2f} |")
+    print(f"\nCLT step after / before = {medians['after'] / medians['before']:.2f}")
+
+
+def _flags(args) -> list[str]:
+    return [f"--{k}={getattr(args, k)}" for k in ("layers", "d", "M", "k", "batch", "threads",
+                                                   "steps", "warmup")]  # fmt: skip
+
+
+def _env(args, src: Path) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(src))
+
+
 def _run_worker(args, name: str) -> dict:
-    flags = [f"--{k}={getattr(args, k)}" for k in ("layers", "d", "M", "k", "batch", "threads",
-                                                    "steps", "warmup")]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT / "src"))
-    cmd = [sys.executable, __file__, "--worker", name, *flags]
+    env = _env(args, ROOT / "src")
+    cmd = [sys.executable, __file__, "--worker", name, *_flags(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{name} worker failed: {proc.stderr.strip()[-2000:]}")
@@ -160,12 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--small", action="store_true", help="d=64 M=512 k=8 batch 512")
+    p.add_argument("--compare", metavar="ROOT", help="time against the source tree at ROOT")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.small:
         args.d, args.M, args.k, args.batch = 64, 512, 8, 512
     if args.worker:
         worker(args)
+        return
+    if args.compare:
+        compare(args)
         return
     L = args.layers
     ratio = _run_worker(args, "ratio")

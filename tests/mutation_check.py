@@ -450,8 +450,8 @@ FAULTS = [
     Fault(
         "sparse-decode-dW-unpermuted",
         "kernels/sparse.py",
-        "                values_E.index_select(0, order),",
-        "                values_E,",
+        "            values_E.index_select(0, order),",
+        "            values_E,",
         ("test_objective.py", "test_kernels.py"),
     ),
     Fault(
@@ -1347,8 +1347,8 @@ FAULTS = [
     Fault(
         "latent-clt-dense-part-sum-drops-later-layers",  # JumpReLU's dense latents
         "model/clt.py",
-        "        for layer in range(1, L):  # layer l's latents write targets l..L−1",
-        "        for layer in range(1, 1):  # layer l's latents write targets l..L−1",
+        "        for layer in range(1, L):\n            z_l = latents[:, layer * M",
+        "        for layer in range(1, 1):\n            z_l = latents[:, layer * M",
         ("test_latent_clt.py",),
     ),
     Fault(
@@ -1425,15 +1425,15 @@ FAULTS = [
     Fault(
         "replacement-reads-clean-residuals",  # the spliced pass runs on the clean pass's inputs
         "eval/replacement.py",
-        "            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))\n",
+        "            code, y_hat = clt.run(stacked(acts, keep_BT))\n",
         "            clean_acts.update(acts)\n"
-        "            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))\n",
+        "            code, y_hat = clt.run(stacked(acts, keep_BT))\n",
         ("test_replacement.py",),
         also=(
             (
                 "eval/replacement.py",
-                "                        clt.run(stacked(acts, keep_BT, t))[1], t",
-                "                        clt.run(stacked(clean_acts, keep_BT, t))[1], t",
+                "reader.read(layer, layer_input(acts, keep_BT, layer, t))",
+                "reader.read(layer, layer_input(clean_acts, keep_BT, layer, t))",
             ),
             (
                 "eval/replacement.py",
@@ -1538,8 +1538,8 @@ FAULTS = [
     Fault(
         "clt-encoder-reads-layer-0",
         "kernels/layered.py",
-        "torch.addmm(b_enc_LM[l], x_NLD[:, l], W_enc_LMD[l].T)",
-        "torch.addmm(b_enc_LM[l], x_NLD[:, 0], W_enc_LMD[l].T)",
+        "torch.addmm(b_enc_LM[l], x_NLD[:, l], W_enc_LMD[l].T, out=block)",
+        "torch.addmm(b_enc_LM[l], x_NLD[:, 0], W_enc_LMD[l].T, out=block)",
         ("test_clt.py",),
     ),
     Fault(
@@ -1552,8 +1552,8 @@ FAULTS = [
     Fault(
         "clt-sparse-decode-into-earlier-targets",
         "kernels/layered.py",
-        "        out[:, layer * d_out :] += part.to(dtype)",
-        "        out[:, : (n_layers - layer) * d_out] += part.to(dtype)",
+        "            out[:, layer * d_out :] += part.to(dtype)",
+        "            out[:, : (len(W_dec) - layer) * d_out] += part.to(dtype)",
         ("test_clt.py",),
     ),
     Fault(
@@ -1564,10 +1564,59 @@ FAULTS = [
         ("test_clt.py",),
     ),
     Fault(
+        "clt-topk-decode-takes-layer-0-entries",  # TopK per layer: layer l's entries by position
+        "kernels/layered.py",
+        "take = (first_N1 + (layer * k + torch.arange(k, device=device))).reshape(-1)",
+        "take = (first_N1 + (0 * k + torch.arange(k, device=device))).reshape(-1)",
+        ("test_clt.py", "test_layered.py"),
+    ),
+    Fault(
+        "clt-topk-decode-reads-counts",  # the sync-free cut skipped: a host read per step
+        "kernels/layered.py",
+        "if layout is not None and layout.per_group is not None and layout.groups == n_layers:",
+        "if False:",
+        ("test_layered.py",),
+    ),
+    Fault(
+        "clt-sparse-decode-grad-from-target-0",  # each layer's gradient from its own columns
+        "kernels/layered.py",
+        "grad_ND[:, layer * ctx.d_out :], values, W, layout",
+        "grad_ND[:, : grad_ND.shape[1] - layer * ctx.d_out], values, W, layout",
+        ("test_clt.py", "test_layered.py"),
+    ),
+    Fault(
+        "clt-dense-encoder-grad-from-layer-0",
+        "kernels/layered.py",
+        "torch.mm(grad_NLM[:, l].T, x_NLD[:, l].to(W_enc_LMD.dtype), out=grad_W[l])",
+        "torch.mm(grad_NLM[:, l].T, x_NLD[:, 0].to(W_enc_LMD.dtype), out=grad_W[l])",
+        ("test_clt.py", "test_layered.py"),
+    ),
+    Fault(
+        "clt-layer-by-layer-bias-of-layer-0",
+        "model/clt_layers.py",
+        "+ self.clt.b_dec[target]",
+        "+ self.clt.b_dec[0]",
+        ("test_clt.py", "test_replacement.py"),
+    ),
+    Fault(
+        "clt-layer-by-layer-decodes-into-earlier-targets",
+        "model/clt_layers.py",
+        "        self._sums_n[:, layer * d_out :] += part",
+        "        self._sums_n[:, : part.shape[1]] += part",
+        ("test_clt.py", "test_replacement.py"),
+    ),
+    Fault(
+        "clt-jumprelu-layer-thresholds-of-layer-0",
+        "activations/jumprelu.py",
+        "theta = self.theta()[group * width : (group + 1) * width]",
+        "theta = self.theta()[:width]",
+        ("test_clt.py",),
+    ),
+    Fault(
         "clt-dense-decode-into-earlier-targets",
         "model/clt.py",
-        "            out[:, layer * d_out :] += z @ self.W_dec[layer].view(M, -1)",
-        "            out[:, : (L - layer) * d_out] += z @ self.W_dec[layer].view(M, -1)",
+        "            out[:, layer * d_out :] += z_l @ self.W_dec[layer].view(M, -1)",
+        "            out[:, : (L - layer) * d_out] += z_l @ self.W_dec[layer].view(M, -1)",
         ("test_clt.py",),
     ),
     Fault(

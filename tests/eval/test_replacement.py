@@ -4,6 +4,8 @@ the residual the replacement model itself computes (the spliced forward)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import TINY_BOS, TINY_PAD, make_tiny_llama
@@ -275,3 +277,37 @@ def test_every_clt_activation_is_layer_separable_at_inference(activation):
         padded = x.clone()
         padded[:, (t + 1) * D :] = 0
         assert torch.allclose(clt.target(clt.run(padded)[1], t), clt.target(full, t), atol=1e-6)
+
+
+def test_the_spliced_pass_encodes_each_layer_once(model, monkeypatch):
+    """Per batch the clean pass runs the CLT once (its L encoders) and the spliced pass encodes
+    each layer once, in layer order: 2·L layer encodings, where running the whole CLT for each
+    target took L + L·L. The scores are those of the L runs (a dictionary given only as
+    ``run`` still takes that way)."""
+    import saekit.kernels.layered as layered
+    import saekit.model.clt_layers as clt_layers
+
+    clt, batches = Weights(), make_batches()
+    rerun = dataclasses.replace(clt.layered(), layer_by_layer=None)
+    slow = replacement_eval(model, rerun, batches, token_filter=FILTER)
+
+    encoders, layers_read = [], []
+    init, encode_layer = layered.LayerPreacts.__init__, clt_layers.encode_layer
+
+    def counting_init(self, x, W_enc, b_enc, owner=None):
+        encoders.append(W_enc.shape[0])  # the layers whose encoders this pre-activation runs
+        init(self, x, W_enc, b_enc, owner)
+
+    def counting_encode_layer(clt, layer, x):
+        layers_read.append(layer)
+        return encode_layer(clt, layer, x)
+
+    monkeypatch.setattr(layered.LayerPreacts, "__init__", counting_init)
+    monkeypatch.setattr(clt_layers, "encode_layer", counting_encode_layer)
+    got = replacement_eval(model, clt.layered(), batches, token_filter=FILTER)
+    assert layers_read == list(range(L)) * len(batches)
+    assert sum(encoders) == 2 * L * len(batches)
+    for key in ("ce_sae", "kl_sae", "ce_score", "fvu"):
+        assert getattr(got.splice, key) == pytest.approx(getattr(slow.splice, key), rel=1e-5)
+    for ours, theirs in zip(got.layers, slow.layers, strict=True):
+        assert ours.spliced_fvu == pytest.approx(theirs.spliced_fvu, rel=1e-5)

@@ -21,6 +21,7 @@ import torch
 
 from saekit.activations.jumprelu import jumprelu, step
 from saekit.model.clt import CLTConfig, CrossLayerTranscoder
+from saekit.model.clt_layers import LayerByLayer, encode_layer
 from saekit.model.config import DictionaryConfig, SAEConfig
 from saekit.model.crosscoder import Crosscoder
 from saekit.model.dictionary import build_dictionary, load_dictionary
@@ -457,3 +458,51 @@ def test_preact_revival_pushes_dead_latents_toward_their_layers_kept_value():
     torch.testing.assert_close(parts["revival"].detach(), expected.detach())
     for name in ("W_enc", "b_enc"):
         torch.testing.assert_close(dict(clt.named_parameters())[name].grad, P[name].grad)
+
+
+# ------------------------------------------------------------------------ one layer at a time
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_layer_by_layer_is_the_forward_one_layer_at_a_time(name):
+    """Each layer encoded from its own input alone, its decode added into the later targets as
+    it comes: the same codes and predictions as the whole forward (inference; BatchTopK by
+    its threshold), and target t complete once layers 0..t are read."""
+    act, _ = ACTIVATIONS[name]
+    clt = make_clt(act)
+    if name.startswith("batchtopk"):  # a calibrated θ that keeps some entries, not all
+        with torch.no_grad():
+            clt.activation.threshold.fill_(0.3)
+    clt.eval()
+    x, _ = data()
+    x = x.reshape(N, L * D_IN)
+    out = clt(x)
+    z = out.latents.to_dense() if hasattr(out.latents, "to_dense") else out.latents
+    reader = LayerByLayer(clt)
+    for t in range(L):
+        code = reader.read(t, x[:, t * D_IN : (t + 1) * D_IN])
+        dense = code.to_dense() if hasattr(code, "to_dense") else code
+        torch.testing.assert_close(dense, z[:, t * M : (t + 1) * M])
+        torch.testing.assert_close(reader.predict(t), out.x_hat[:, t * D_OUT : (t + 1) * D_OUT])
+        if t > 0:  # an earlier target's prediction does not change as later layers come
+            expected = out.x_hat[:, (t - 1) * D_OUT : t * D_OUT]
+            torch.testing.assert_close(reader.predict(t - 1), expected)
+    assert int(z.ne(0).sum()) > 0
+
+
+def test_layer_by_layer_refuses_what_it_cannot_answer():
+    clt = make_clt({"kind": "topk", "k": K}).eval()
+    x, _ = data()
+    x0 = x.reshape(N, L * D_IN)[:, :D_IN]
+    reader = LayerByLayer(clt)
+    with pytest.raises(ValueError, match="layers are read in order: layer 0 next, not 1"):
+        reader.read(1, x0)
+    with pytest.raises(ValueError, match=r"target 0 needs layers 0..0 read, only 0 are"):
+        reader.predict(0)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 3\), got 3"):
+        encode_layer(clt, 3, x0)
+    with pytest.raises(ValueError, match="but this SAE has d_in = 4"):
+        encode_layer(clt, 0, x.reshape(N, L * D_IN))
+    batch = make_clt({"kind": "batchtopk", "k": K_BATCH}).train()
+    with pytest.raises(ValueError, match="BatchTopK selects across every latent group in training"):
+        encode_layer(batch, 0, x0)

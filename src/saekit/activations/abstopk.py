@@ -44,8 +44,9 @@ class AbsTopK(TopK):
     encode_sharded = Activation.encode_sharded
     encode_preacts_sharded = Activation.encode_preacts_sharded
 
-    def select(self, pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return grouped_select(pre_NM, k, self.groups, abs_topk_select)
+    def select(self, pre_NM: Tensor, k: int, groups: int | None = None) -> tuple[Tensor, Tensor]:
+        groups = self.groups if groups is None else groups
+        return grouped_select(pre_NM, k, groups, abs_topk_select)
 
     def kept(self, values: Tensor) -> Tensor:
         return values  # signed: no ReLU

@@ -153,6 +153,14 @@ class Activation(nn.Module):
         bias) do not, and a dictionary that needs it refuses them (``overrides``)."""
         raise NotImplementedError(f"{type(self).__name__} encodes from x_n, not from given pre")
 
+    def encode_group(self, pre: Preacts, group: int) -> Encoding:
+        """Group ``group``'s latents alone from their pre-activations [N, d_sae/G]: the
+        latents :meth:`encode_preacts` over all groups gives them (a cross-layer transcoder's
+        one layer, encoded as a model reaches it: saekit.model.clt_layers). Only where the
+        groups are separable: TopK per group, any per-latent rule; not a selection across
+        groups (BatchTopK in training)."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode one latent group alone")
+
     def l0_step(self, preacts: Preacts) -> Tensor:
         """H(pre − θ) [N, M] with a straight-through gradient to the thresholds (and, where the
         activation says so, to the pre-activations), for the L0 penalties. Only activations

@@ -152,6 +152,16 @@ class BatchTopK(Activation):
         values_E = torch.where(kept_E, values_E, torch.zeros_like(values_E))
         return Encoding(SparseCode(values_E, layout.latent, token_E, n_tokens, d_sae, layout), pre)
 
+    def encode_group(self, pre: Preacts, group: int) -> Encoding:
+        """Outside training only: θ is per latent there; the training selection spans every
+        group's latents."""
+        if self.training:
+            raise ValueError(
+                "BatchTopK selects across every latent group in training: encode one group only"
+                " at inference (eval mode)"
+            )
+        return self.encode_preacts(pre)
+
     _last_kept_min: Tensor | None = None
     """The previous training batch's k·N-th pre-activation (not saved: a hint for the next
     selection's cost, never for what it selects)."""

@@ -201,6 +201,13 @@ class JumpReLU(Activation):
     def encode_preacts_sharded(self, pre: Preacts, shard: LatentShard) -> Encoding:
         return self.encode_preacts(pre)  # per latent: each part encodes its own
 
+    def encode_group(self, pre: Preacts, group: int) -> Encoding:
+        """Per latent, with the group's own thresholds."""
+        width = self.d_sae // self.groups
+        theta = self.theta()[group * width : (group + 1) * width]
+        z = jumprelu(pre.dense(), theta, self.cfg.bandwidth, self.cfg.ste_to_input)
+        return Encoding(z, pre)
+
     def l0_step(self, preacts: Preacts) -> Tensor:
         # The penalty reaches the encoder only when the estimate goes to the input as well.
         to_input = self.cfg.ste_to_input

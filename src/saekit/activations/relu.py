@@ -36,5 +36,8 @@ class ReLU(Activation):
     def encode_preacts_sharded(self, pre: Preacts, shard: LatentShard) -> Encoding:
         return self.encode_preacts(pre)  # per latent: each part encodes its own
 
+    def encode_group(self, pre: Preacts, group: int) -> Encoding:
+        return self.encode_preacts(pre)  # per latent
+
     def export_form(self) -> ExportForm:
         return ExportForm("relu")

@@ -108,9 +108,10 @@ class TopK(Activation):
         """Latents kept per token by ``encode`` (HierarchicalTopK: fewer outside training)."""
         return self.cfg.k
 
-    def select(self, pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Each token's (and group's) k kept entries: (values [N, G·k], latent [N, G·k])."""
-        return grouped_select(pre_NM, k, self.groups)
+    def select(self, pre_NM: Tensor, k: int, groups: int | None = None) -> tuple[Tensor, Tensor]:
+        """Each token's (and group's) k kept entries: (values [N, G·k], latent [N, G·k]);
+        ``groups``: G, else the activation's own."""
+        return grouped_select(pre_NM, k, self.groups if groups is None else groups)
 
     def kept(self, values: Tensor) -> Tensor:
         """A kept entry's latent value: ReLU (AbsTopK: the signed pre itself)."""
@@ -124,14 +125,23 @@ class TopK(Activation):
     def encode_preacts(self, pre: Preacts) -> Encoding:
         """``reference``: dense latents through dense autograd; otherwise a SparseCode whose
         values carry the encoder's sparse backward (``pre.selected``)."""
+        return self._encode(pre, self.groups)
+
+    def encode_group(self, pre: Preacts, group: int) -> Encoding:
+        """k per token among the group's latents: what :meth:`encode_preacts` keeps there."""
+        return self._encode(pre, 1)
+
+    def _encode(self, pre: Preacts, groups: int) -> Encoding:
         k = self.encode_k()
         if self.cfg.kernel == "reference":
-            values_Nk, latent_Nk = self.select(pre.dense(), k)
+            values_Nk, latent_Nk = self.select(pre.dense(), k, groups)
             z_NM = torch.zeros_like(pre.dense()).scatter(1, latent_Nk, self.kept(values_Nk))
             return Encoding(z_NM, pre)
         n_tokens, d_sae = pre.detached.shape
-        values_Nk, latent_Nk = self.select(pre.detached, k)
-        layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel)
+        values_Nk, latent_Nk = self.select(pre.detached, k, groups)
+        # groups > 1: the layout says so, and a cross-layer decode cuts the code by layer
+        # without reading it (saekit.kernels.layered)
+        layout = CodeLayout.fixed_k(latent_Nk, d_sae, self.cfg.kernel, groups)
         values_E = self.kept(pre.selected(values_Nk.reshape(-1), layout))
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)

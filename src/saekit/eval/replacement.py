@@ -26,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,19 @@ from saekit.eval.metrics import EvalResult
 from saekit.eval.parts import PartAccumulator, PartScores
 from saekit.eval.splice import SpliceResult, patch_activation, run_passes, zero_kept
 from saekit.model.clt import CrossLayerTranscoder
+from saekit.model.clt_layers import LayerByLayer
 
 Code = Tensor | SparseCode
+
+
+class LayerReader(Protocol):
+    """A CLT's forward one layer at a time (saekit.model.clt_layers.LayerByLayer):
+    ``read(l, x^l)`` [n, d_in] in layer order, ``predict(t)`` [n, d_out_t] once layers 0..t are
+    read."""
+
+    def read(self, layer: int, x: Tensor) -> Any: ...
+
+    def predict(self, target: int) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,10 @@ class LayeredDictionary:
     """x [n, L·d_in] (the L inputs side by side) -> (the code [n, L·M], latent l·M + i being
     latent i of layer l; the L predictions side by side [n, Σ d_out], in the targets' units).
     Layer-separable: layer l's code reads only x^l, so ŷ^t reads only x^0..x^t."""
+    layer_by_layer: Callable[[], LayerReader] | None = None
+    """A fresh reader of the same forward one layer at a time (the spliced pass encodes each
+    layer once); None: the spliced pass runs ``run`` once per target, on the inputs so far and
+    zeros after (L runs of every layer's encoder per batch)."""
 
     def __post_init__(self) -> None:
         n = len(self.input_hooks)
@@ -86,9 +102,14 @@ class LayeredDictionary:
             out = clt(x)
             return out.latents, out.x_hat
 
+        widths = [cfg.d_out] * cfg.n_layers
         return cls(
-            cfg.hooks, cfg.target_hooks, cfg.d_in, [cfg.d_out] * cfg.n_layers, cfg.d_sae, run
+            cfg.hooks, cfg.target_hooks, cfg.d_in, widths, cfg.d_sae, run, lambda: LayerByLayer(clt)
         )
+
+    def reader(self) -> LayerReader:
+        """A fresh one-layer-at-a-time forward: the dictionary's own, else :class:`_Rerun`."""
+        return self.layer_by_layer() if self.layer_by_layer is not None else _Rerun(self)
 
     def target(self, y_hat: Tensor, t: int) -> Tensor:
         """Target t's columns of the predictions [n, Σ d_out]."""
@@ -123,10 +144,10 @@ def replacement_eval(
     """CE/KL, per-target FVU and per-layer L0 of ``clt`` spliced into ``model`` (module
     docstring). ``batches`` as :func:`saekit.eval.splice.splice_eval` takes them.
 
-    In the spliced pass target t's prediction comes from one run of the CLT on the inputs
-    captured so far, the inputs of later layers (not computed yet) set to zero: layer
-    separability makes ŷ^t exact whatever they are. That is L runs per batch, each over every
-    layer's encoder; the clean pass is one."""
+    In the spliced pass each layer's input is encoded once, when the first target that needs it
+    fires (its own: a layer's input comes before its MLP's output), and its decode added into
+    the running predictions of its targets (``clt.reader()``): ŷ^t is complete once layers
+    0..t are read. Every layer's encoder runs once per pass, as in the clean pass."""
     inputs = [HookPoint.parse(h) for h in clt.input_hooks]
     targets = [HookPoint.parse(h) for h in clt.target_hooks]
     L = len(inputs)
@@ -139,25 +160,26 @@ def replacement_eval(
         input_hooks=[str(p) for p in inputs],
     )
 
-    def stacked(acts: dict[HookPoint, Tensor], keep_BT: Tensor, t: int) -> Tensor:
-        """[n, L·d_in]: the inputs of layers 0..t at the kept positions, zeros after."""
-        xs = []
-        for layer, point in enumerate(inputs[: t + 1]):
-            if point not in acts:
-                raise ValueError(
-                    f"the input hook {point} of layer {layer} had not fired when target"
-                    f" {targets[t]} did: a layer's input must come before its target's output"
-                )
-            xs.append(acts[point][keep_BT])
-        n = xs[0].shape[0]
-        return torch.cat([*xs, xs[0].new_zeros(n, (L - t - 1) * clt.d_in)], dim=-1)
+    def layer_input(acts: dict[HookPoint, Tensor], keep_BT: Tensor, layer: int, t: int) -> Tensor:
+        """[n, d_in]: layer ``layer``'s input at the kept positions, read when target t fires."""
+        point = inputs[layer]
+        if point not in acts:
+            raise ValueError(
+                f"the input hook {point} of layer {layer} had not fired when target"
+                f" {targets[t]} did: a layer's input must come before its target's output"
+            )
+        return acts[point][keep_BT]
+
+    def stacked(acts: dict[HookPoint, Tensor], keep_BT: Tensor) -> Tensor:
+        """[n, L·d_in]: every layer's input at the kept positions."""
+        return torch.cat([layer_input(acts, keep_BT, layer, L - 1) for layer in range(L)], -1)
 
     @contextmanager
     def patch(name: str, keep_BT: Tensor) -> Iterator[None]:
         if name == "clean":  # read every input and target; score the offline prediction
             with capture(model, [*inputs, *targets], stop_after_last=False) as acts:
                 yield
-            code, y_hat = clt.run(stacked(acts, keep_BT, L - 1))
+            code, y_hat = clt.run(stacked(acts, keep_BT))
             acc.add_latents(code)
             for t in range(L):
                 acc.add(t, acts[targets[t]][keep_BT], clt.target(y_hat, t))
@@ -168,11 +190,17 @@ def replacement_eval(
                     stack.enter_context(patch_activation(model, target, zero_kept(keep_BT)))
             else:
                 acts = stack.enter_context(capture(model, inputs, stop_after_last=False))
+                reader, n_read = clt.reader(), 0
+
+                def predict(t: int) -> Tensor:
+                    nonlocal n_read
+                    for layer in range(n_read, t + 1):  # each layer once, in order
+                        reader.read(layer, layer_input(acts, keep_BT, layer, t))
+                    n_read = max(n_read, t + 1)
+                    return reader.predict(t)
+
                 for t, target in enumerate(targets):
-                    predict = lambda t=t, acts=acts: clt.target(  # noqa: E731
-                        clt.run(stacked(acts, keep_BT, t))[1], t
-                    )
-                    edit = _replace_edit(t, keep_BT, predict, clt, acc)
+                    edit = _replace_edit(t, keep_BT, partial(predict, t), clt, acc)
                     stack.enter_context(patch_activation(model, target, edit))
             yield
 
@@ -205,3 +233,25 @@ def _replace_edit(
         return out
 
     return edit
+
+
+class _Rerun:
+    """The one-layer-at-a-time reader of a dictionary given only as ``run``: ``predict(t)`` runs
+    it on the inputs read so far, zeros after (layer separability makes ŷ^t exact whatever
+    they are), so each target costs a run of every layer's encoder."""
+
+    def __init__(self, clt: LayeredDictionary):
+        self.clt = clt
+        self.xs: list[Tensor] = []
+
+    def read(self, layer: int, x: Tensor) -> None:
+        if layer != len(self.xs):
+            raise ValueError(f"layers are read in order: layer {len(self.xs)} next, not {layer}")
+        self.xs.append(x)
+
+    def predict(self, target: int) -> Tensor:
+        later = len(self.clt.input_hooks) - len(self.xs)
+        x = torch.cat(
+            [*self.xs, self.xs[0].new_zeros(self.xs[0].shape[0], later * self.clt.d_in)], -1
+        )
+        return self.clt.target(self.clt.run(x)[1], target)

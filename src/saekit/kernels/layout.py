@@ -16,6 +16,9 @@ class CodeLayout:
     ``token_by_latent [nnz]`` = token[order]; ``latent_offsets [M]``: start of each latent's
     entries in that order. Only the backward needs the by-latent half. ``backend``: "torch"
     (embedding_bag, CPU and GPU) or "triton" (saekit.kernels.triton_kernels, CUDA only).
+    ``per_group`` (:meth:`fixed_k` with groups): each token's entries are ``groups`` runs of
+    ``per_group``, run g holding latents of group g (a cross-layer transcoder's TopK per layer),
+    so a code's entries of one group are known without reading it.
     """
 
     def __init__(
@@ -35,15 +38,24 @@ class CodeLayout:
         self._token_offsets = token_offsets
         self._by_latent: tuple[Tensor, Tensor, Tensor] | None = None
         self.per_token: int | None = None  # k when every token has k entries (fixed_k)
+        self.groups, self.per_group = 1, None  # fixed_k's k/G per group, in group order
 
     @classmethod
-    def fixed_k(cls, latent_Nk: Tensor, d_sae: int, backend: str = "torch") -> CodeLayout:
-        """k entries per token in token order (TopK, AuxK): offsets are n·k, no search needed."""
+    def fixed_k(
+        cls, latent_Nk: Tensor, d_sae: int, backend: str = "torch", groups: int = 1
+    ) -> CodeLayout:
+        """k entries per token in token order (TopK, AuxK): offsets are n·k, no search needed.
+        ``groups`` G > 1: each token's k are G runs of k/G, run g from latent group g (the d_sae/G
+        latents g·d_sae/G …; TopK per group, saekit.activations.topk.grouped_select)."""
         n_tokens, k = latent_Nk.shape
+        if k % groups or d_sae % groups:
+            raise ValueError(f"{groups} latent groups must divide both k = {k} and d_sae = {d_sae}")
         offsets_N = torch.arange(0, n_tokens * k, k, device=latent_Nk.device)
         token_E = torch.arange(n_tokens, device=latent_Nk.device).repeat_interleave(k)
         layout = cls(token_E, latent_Nk.reshape(-1), n_tokens, d_sae, offsets_N, backend)
         layout.per_token = k
+        if groups > 1:
+            layout.groups, layout.per_group = groups, k // groups
         return layout
 
     @property

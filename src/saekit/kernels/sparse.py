@@ -44,23 +44,38 @@ class _SparseDecodeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND: Tensor):
         values_E, W_dec_MD = ctx.saved_tensors
-        layout: CodeLayout = ctx.layout
-        grad_ND = grad_ND.contiguous()
-        grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:
-            grad_values = row_dot(
-                grad_ND, W_dec_MD, layout.token, layout.latent, layout.token_offsets, layout.backend
-            ).to(values_E.dtype)
-        if ctx.needs_input_grad[1]:
-            order, token_by_latent, latent_offsets = layout.by_latent()
-            grad_W = bag_sum(
-                values_E.index_select(0, order),
-                token_by_latent,
-                latent_offsets,
-                grad_ND,
-                layout.backend,
-            )
+        grad_values, grad_W = sparse_decode_backward(
+            grad_ND, values_E, W_dec_MD, ctx.layout, *ctx.needs_input_grad[:2]
+        )
         return grad_values, grad_W, None
+
+
+def sparse_decode_backward(
+    grad_ND: Tensor,
+    values_E: Tensor,
+    W_dec_MD: Tensor,
+    layout: CodeLayout,
+    need_values: bool = True,
+    need_W: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The sparse decode's gradients (grad values_E, grad W_dec) from the output's ``grad_ND``:
+    a row dot and a bag sum by latent (class above; saekit.kernels.layered runs it per layer)."""
+    grad_ND = grad_ND.contiguous()
+    grad_values = grad_W = None
+    if need_values:
+        grad_values = row_dot(
+            grad_ND, W_dec_MD, layout.token, layout.latent, layout.token_offsets, layout.backend
+        ).to(values_E.dtype)
+    if need_W:
+        order, token_by_latent, latent_offsets = layout.by_latent()
+        grad_W = bag_sum(
+            values_E.index_select(0, order),
+            token_by_latent,
+            latent_offsets,
+            grad_ND,
+            layout.backend,
+        )
+    return grad_values, grad_W
 
 
 def sparse_decode(

@@ -219,7 +219,7 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
     # ---------------------------------------------------------------- forward
 
     def _per_layer(self, x: Tensor, width: int, name: str, scale: Tensor, div: bool) -> Tensor:
-        L = self.cfg.n_layers
+        L = scale.numel()  # every layer, or one (encode_layer, LayerByLayer)
         if x.shape[-1:] != (L * width,):
             check_activations(x, L * width, name)
         dtype = self.W_enc.dtype
@@ -263,8 +263,9 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
         )
 
     def preacts(self, x_n: Tensor) -> LayerPreacts:
-        """The L encoders' pre-activations [N, L·M] (saekit.kernels.layered)."""
-        return LayerPreacts(x_n, self.W_enc, self.b_enc)
+        """The L encoders' pre-activations [N, L·M] (saekit.kernels.layered), computed into
+        this CLT's reused buffer where nothing holds the last one (saekit.kernels.workspace)."""
+        return LayerPreacts(x_n, self.W_enc, self.b_enc, owner=self)
 
     def pre_acts(self, x_n: Tensor) -> Tensor:
         """[N, L·d_in] normalised inputs -> [N, L·M] differentiable pre-activations."""
@@ -277,33 +278,24 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
 
     def decode_n(self, latents: Tensor | SparseCode) -> Tensor:
         """Latents [N, L·M] -> [N, L·d_out] in the normalised space, b_dec included."""
-        L, M, d_out = self.cfg.n_layers, self.cfg.d_sae, self.cfg.d_out
-        b_dec = self.b_dec.view(-1)
-        if isinstance(latents, SparseCode):
-            code = latents
-            W_dec = list(self.W_dec)
-            n_tokens, layout = code.n_tokens, code.layout
-            out = layered_decode(code.values, code.latent, code.token, W_dec, n_tokens, layout)
-            return out + b_dec
-        # dense latents: layer 0 writes every target (one addmm with b_dec), later layers add
-        out = torch.addmm(b_dec, latents[:, :M], self.W_dec[0].view(M, -1))
-        for layer in range(1, L):
-            z = latents[:, layer * M : (layer + 1) * M]
-            out[:, layer * d_out :] += z @ self.W_dec[layer].view(M, -1)
-        return out
+        return self._decode(latents, self.b_dec.view(-1))
 
     def latent_sum_n(self, latents: Tensor | SparseCode) -> Tensor:
         """Σ z W_dec into every target [N, L·d_out], WITHOUT b_dec: a latent-sharded part's
         share of the prediction (saekit.objective.sharded sums the parts')."""
+        return self._decode(latents, None)
+
+    def _decode(self, latents: Tensor | SparseCode, b_dec: Tensor | None) -> Tensor:
         L, M, d_out = self.cfg.n_layers, self.cfg.d_sae, self.cfg.d_out
         if isinstance(latents, SparseCode):
-            code = latents
-            W_dec = list(self.W_dec)
-            return layered_decode(
-                code.values, code.latent, code.token, W_dec, code.n_tokens, code.layout
-            )
-        out = latents[:, :M] @ self.W_dec[0].view(M, -1)
-        for layer in range(1, L):  # layer l's latents write targets l..L−1
+            c, W_dec = latents, list(self.W_dec)
+            out = layered_decode(c.values, c.latent, c.token, W_dec, c.n_tokens, c.layout)
+            return out if b_dec is None else out + b_dec
+        # dense latents: layer 0 writes every target (with b_dec, one addmm, as a transcoder
+        # does: a 1-layer CLT equals it bit for bit), later layers add into targets l..L−1
+        z_0, W_0 = latents[:, :M], self.W_dec[0].view(M, -1)
+        out = z_0 @ W_0 if b_dec is None else torch.addmm(b_dec, z_0, W_0)
+        for layer in range(1, L):
             z_l = latents[:, layer * M : (layer + 1) * M]
             out[:, layer * d_out :] += z_l @ self.W_dec[layer].view(M, -1)
         return out
@@ -335,6 +327,24 @@ class CrossLayerTranscoder(FoldedSave, nn.Module):
             )
         x_hat_n = self.decode_n(z.reshape(-1, self.cfg.n_latents).to(self.b_dec.dtype))
         return self.denormalise(x_hat_n).reshape(*z.shape[:-1], self.cfg.target_width)
+
+    # ------------------------------------------- one layer at a time (saekit.model.clt_layers)
+
+    def check_layer(self, layer: int) -> None:
+        """ValueError unless ``layer`` is one of this CLT's layers."""
+        if not isinstance(layer, int) or not 0 <= layer < self.cfg.n_layers:
+            raise ValueError(f"layer must be in [0, {self.cfg.n_layers}), got {layer!r}")
+
+    def normalise_layer(self, layer: int, x: Tensor) -> Tensor:
+        """Layer ``layer``'s raw input [n, d_in] -> x^l / s_l (as :meth:`normalise` does)."""
+        self.check_layer(layer)
+        return self._per_layer(x, self.cfg.d_in, "d_in", self.scale[layer : layer + 1], True)
+
+    def denormalise_target(self, target: int, y_n: Tensor) -> Tensor:
+        """Target ``target``'s normalised prediction [n, d_out] -> its units (times t_target)."""
+        self.check_layer(target)
+        scale = self.target_scale[target : target + 1]
+        return self._per_layer(y_n, self.cfg.d_out, "d_out", scale, False)
 
     # ---------------------------------------------------------------- decoder norms
 
