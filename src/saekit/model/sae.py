@@ -356,6 +356,11 @@ class SAE(nn.Module):
         path = Path(path)
         recover_directory(path)
         data = read_config(path, verify)
+        if data.get("kind", "sae") != "sae":  # a CLT's or crosscoder's: say so, not its fields
+            raise CheckpointError(
+                f"checkpoint {path} holds a {data['kind']!r}, not an SAE (load any with "
+                "saekit.model.dictionary.load_dictionary)"
+            )
         try:
             cfg = SAEConfig.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
