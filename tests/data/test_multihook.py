@@ -212,6 +212,23 @@ def test_an_sae_run_on_one_source_of_a_crosscoder_world():
     assert truth.features.tolist() == torch.nonzero(owner != 0).flatten().tolist()
 
 
+CLT_HOOKS = {
+    "multihook": {"n_layers": 3, "n_features": 12},
+    "input_hooks": ["layers.0.mlp:input", "layers.1.mlp:input"],
+    "target_hooks": ["layers.0.mlp", "layers.1.mlp"],
+}
+ORDER = "input i and target i must be one layer's, the layers in increasing order"
+
+
+def test_a_clt_over_some_layers_of_the_world_in_order_is_accepted():
+    skip = {"input_hooks": ["layers.0.mlp:input", "layers.2.mlp:input"],
+            "target_hooks": ["layers.0.mlp", "layers.2.mlp"]}  # fmt: skip
+    assert source_config({"source": "multihook", **CLT_HOOKS | skip}).hook_groups() == (
+        skip["input_hooks"],
+        skip["target_hooks"],
+    )
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -232,6 +249,11 @@ def test_an_sae_run_on_one_source_of_a_crosscoder_world():
         ({"multihook": {"mean_l0": 0}}, "CLTWorldConfig.mean_l0 must be in (0, n_features"),
         ({"multihook": {"noise_std": -1.0}}, "CLTWorldConfig.noise_std must be a finite"),
         ({"model": "gpt2"}, "data.model means nothing for data.source 'multihook'"),
+        # a CLT's layers out of order, or input i and target i of different layers: its
+        # latents would write into earlier layers of the world
+        (CLT_HOOKS | {"input_hooks": ["layers.1.mlp:input", "layers.0.mlp:input"]}, ORDER),
+        (CLT_HOOKS | {"target_hooks": ["layers.1.mlp", "layers.0.mlp"]}, ORDER),
+        (CLT_HOOKS | {"target_hooks": ["layers.0.mlp", "layers.2.mlp"]}, ORDER),
     ],
 )
 def test_bad_settings_are_refused_in_one_line_naming_the_field(data, message):

@@ -200,3 +200,20 @@ def test_the_runs_eval_json_has_the_per_layer_scores_of_saekit_eval(root, traine
         norms_run["mean_own_layer_share"], norms_saved["mean_own_layer_share"], strict=True
     ):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_the_core_suite_of_a_clt_is_saekit_eval_and_the_judged_suites_refuse_it(root, capsys):
+    """``--suite core`` of a CLT (it once loaded the directory as an SAE: a config error) gives
+    saekit eval's numbers; absorption and sparse probing read one hook's latents: refused."""
+    plain = run_eval(root, "clt", "--cache", str(root / "cache"))
+    argv = ["eval", "--sae", str(root / "clt"), "--cache", str(root / "cache"),
+            "--batch-size", "2", "--context-length", "16", "--n-batches", "3"]  # fmt: skip
+    out = root / "suite-clt"
+    assert main([*argv, "--suite", "core", "--suite-out", str(out)]) == 0
+    (report,) = (json.loads(p.read_text()) for p in out.glob("*.json"))
+    assert report["core"]["fvu"] == pytest.approx(plain["fvu"])
+    assert report["core"]["l0"] == pytest.approx(plain["l0"])
+    capsys.readouterr()
+    assert main([*argv, "--suite", "core,absorption", "--model", str(root / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "absorption: an SAE's or transcoder's suites" in err[-1] and "holds a clt" in err[-1]

@@ -78,6 +78,34 @@ def run_config(out_dir: Path, saes: list[dict], steps: int, parallel: str = "dat
     )
 
 
+def clt_sweep_config(out_dir: Path):
+    """Two cross-layer transcoders on the multihook source (the gathered weights are a CLT's)."""
+    train = {"lr": 1e-2, "warmup_steps": 1, "decay_start": 1.0}
+    saes = [
+        {"name": kind, "sae": {"kind": "clt", "d_sae": 8, "activation": {"kind": kind, "k": k}}}
+        | train
+        for kind, k in (("topk", 2), ("batchtopk", 3))
+    ]
+    hooks = [f"layers.{i}.mlp" for i in range(3)]
+    return build_run_config(
+        {
+            "data": {
+                "source": "multihook",
+                "multihook": {"kind": "clt", "n_layers": 3, "d": 8, "n_features": 16},
+                "input_hooks": [f"{h}:input" for h in hooks],
+                "target_hooks": hooks,
+            },
+            "saes": saes,
+            "batch_size": BATCH,
+            "steps": 3,
+            "eval_tokens": 128,
+            "out_dir": str(out_dir),
+            "progress": False,
+            "parallel": "sweep",
+        }
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,6 +192,7 @@ def _parallel_runs_worker(rank: int, port: int, out_dir: str) -> None:
         Path(out_dir) / "sweep", [TOPK, BATCHTOPK, RELU_L1], steps=4, parallel="sweep"
     )
     run_distributed(sweep)
+    run_distributed(clt_sweep_config(Path(out_dir) / "clt-sweep"))
     stop_on_a_signal_to_rank_1(rank, Path(out_dir) / "signal")
     for parallel in ("sweep", "data"):  # a model source: broadcast (sweep), split by rank (data)
         cache_cfg = cache_run_config(Path(out_dir), parallel)
@@ -355,6 +384,25 @@ def test_sweep_parallel_gives_each_sae_the_result_of_training_it_alone(parallel_
     for s in cfg.saes:
         assert (run_dir / s.name / "sae.safetensors").is_file()
         assert (run_dir / s.name / "metrics.jsonl").is_file()
+
+
+def test_sweep_parallel_of_cross_layer_transcoders_saves_each_as_one_process_does(
+    parallel_runs, tmp_path
+):
+    """Two CLTs over 2 ranks: rank 0 rebuilds each gathered CLT (once built as an SAE: an
+    AttributeError after training) and saves what one process saves, exactly."""
+    from saekit.model.clt import CrossLayerTranscoder
+    from saekit.model.dictionary import load_dictionary
+    from saekit.train.run import run_training
+
+    cfg = clt_sweep_config(tmp_path / "single")
+    run_training(cfg)
+    for s in cfg.saes:
+        got = load_dictionary(parallel_runs / "clt-sweep" / s.name)
+        expected = load_dictionary(tmp_path / "single" / s.name)
+        assert isinstance(got, CrossLayerTranscoder)
+        for key, value in expected.state_dict().items():
+            assert torch.equal(got.state_dict()[key], value), (s.name, key)
 
 
 @pytest.mark.slow  # waits out a process-group timeout; CI runs it (make test-slow)

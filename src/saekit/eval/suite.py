@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from saekit.eval.absorption import LetterAbsorption, absorption_eval
+from saekit.eval.dictionaries import is_multi_hook
 from saekit.eval.saved_report import DocumentData, SavedReport
 from saekit.eval.sparse_probing import (
     BUILTIN_TASKS,
@@ -26,7 +27,7 @@ from saekit.eval.sparse_probing import (
     read_labelled,
     sparse_probing_eval,
 )
-from saekit.model.sae import SAE
+from saekit.model.dictionary import load_dictionary
 
 SUITES = ("core", "absorption", "sparse_probing")
 N_BOOTSTRAP = 1000
@@ -171,8 +172,17 @@ def run_suite(
 
     results, setups = [], {}
     for path in paths:
-        sae = SAE.load(path, device=options.device)
-        hook = sae.cfg.hook or ""
+        sae = load_dictionary(path, device=options.device)  # a CLT's or crosscoder's core too
+        judged = [s for s in options.suites if s != "core"]
+        if is_multi_hook(sae):
+            if judged:  # they read one hook's latents and one decoder
+                raise ValueError(
+                    f"{', '.join(judged)}: an SAE's or transcoder's suites; {path} holds a"
+                    f" {sae.cfg.kind} (use --suite core)"
+                )
+            hook = ", ".join(sae.cfg.hooks or [])
+        else:
+            hook = sae.cfg.hook or ""
         out = SuiteResult(str(path), hook)
         if "core" in options.suites:
             if core is None:
@@ -188,7 +198,6 @@ def run_suite(
                 ce_sae=None if splice is None else splice.ce_sae,
                 kl_sae=None if splice is None else splice.kl_sae,
             ))  # fmt: skip
-        judged = [s for s in options.suites if s != "core"]
         if judged:
             if not options.model or not hook:
                 raise ValueError(f"{', '.join(judged)}: give --model (and an SAE with a hook)")

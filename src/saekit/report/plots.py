@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from saekit.data.sources.registry import source_config  # noqa: E402
 from saekit.data.synthetic.generator import SyntheticData  # noqa: E402
 from saekit.eval.ground_truth import cosine_matrix  # noqa: E402
+from saekit.model.dictionary import load_dictionary  # noqa: E402
 from saekit.model.sae import SAE  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def plot_cos_heatmaps(run_dir: Path, names: list[str], truth: SyntheticData, pat
 def plot_bias_histograms(run_dir: Path, names: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
-        sae = SAE.load(run_dir / name)
+        sae = load_dictionary(run_dir / name)  # any kind: a sweep of CLTs or crosscoders too
         bias = sae.activation.plot_bias(sae.encoder_view())  # b_enc, or ProLU's own b
         ax.hist(bias.detach().numpy(), bins=60, histtype="step", label=name)
     ax.set_xlabel("encoder bias")

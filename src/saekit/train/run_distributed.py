@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from saekit.data.sources.interface import ActivationSource
-from saekit.model.sae import SAE
+from saekit.model.dictionary import Dictionary, build_dictionary
 from saekit.train.checkpoint import checkpoint_dir
 from saekit.train.comm import ProcessGroupComm
 from saekit.train.config import RunConfig, check_source_width, stream_settings
@@ -123,9 +123,9 @@ def _finish_sweep(
     reports: list[MemberReport] = []
     if gathered is not None:
         tensors, by_index = gathered
-        saes: dict[str, SAE] = {}
+        saes: dict[str, Dictionary] = {}
         for i, sae_cfg in enumerate(cfg.saes):
-            sae = SAE(sae_cfg.sae, device="cpu")
+            sae = build_dictionary(sae_cfg.sae, device="cpu")  # a CLT's or crosscoder's too
             sae.load_state_dict(tensors[i])
             saes[sae_cfg.name] = sae
         reports = [MemberReport.from_json(by_index[i]) for i in range(len(cfg.saes))]

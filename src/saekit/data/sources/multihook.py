@@ -49,6 +49,26 @@ class MultiHookSourceConfig(GeneratedSourceConfig):
 
     def validate(self) -> None:
         self._hooks()
+        if isinstance(self.multihook, CLTWorldConfig) and self.target_hooks:
+            self._check_layer_order()
+
+    def _check_layer_order(self) -> None:
+        """A CLT's layer i reads input i and writes target i and every later target: on the CLT
+        world, input i and target i must be one layer's, the layers increasing (else latents
+        would write into earlier layers of the world, silently)."""
+        names = [name for name, _ in self.multihook.hooks()]
+        L = self.multihook.n_layers
+        layers = [
+            (names.index(i), names.index(t) - L)
+            for i, t in zip(self.input_hooks or [], self.target_hooks or [], strict=True)
+        ]
+        ins = [a for a, _ in layers]
+        if any(a != b for a, b in layers) or ins != sorted(set(ins)):
+            raise ValueError(
+                f"data.input_hooks {self.input_hooks} and data.target_hooks {self.target_hooks}:"
+                " a cross-layer transcoder's input i and target i must be one layer's, the"
+                " layers in increasing order"
+            )
 
     def _hooks(self) -> list[str]:
         """The hooks the run trains on, inputs then targets."""
