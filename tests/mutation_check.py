@@ -1368,6 +1368,13 @@ FAULTS = [
         ("test_latent_member.py",),
     ),
     Fault(
+        "latent-batchtopk-firing-threshold-of-the-part",  # no MIN over the world
+        "activations/batchtopk.py",
+        '        theta = shard.world.all_reduce(local, "min", "BatchTopK firing threshold")',
+        "        theta = local",
+        ("test_latent_member.py",),
+    ),
+    Fault(
         "absorption-main-latents-count-as-absorbers",
         "eval/absorption.py",
         "    candidate_NM = (cos >= ABSORPTION_FRACTION_PROBE_COS) & ~main & (latent_proj_NM > 0)",

@@ -9,6 +9,7 @@ fast enough for every mesh shape and every configuration, and for the mutation c
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from pathlib import Path
 
@@ -266,12 +267,13 @@ def selections(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[dict, list[torch.Tensor]]:
+def reference(tmp_path_factory) -> tuple[dict, list[torch.Tensor], Path]:
     """One process on SAES: its states after 20 steps and its selection at every call."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         seen = record_selections(monkeypatch)
-        states = one_process(run_config(tmp_path_factory.mktemp("one"), SAES))
-    return states, seen["MainThread"]
+        out_dir = tmp_path_factory.mktemp("one")
+        states = one_process(run_config(out_dir, SAES))
+    return states, seen["MainThread"], out_dir
 
 
 def assemble(seen: dict[str, list[torch.Tensor]], D: int, T: int) -> list[torch.Tensor]:
@@ -281,6 +283,10 @@ def assemble(seen: dict[str, list[torch.Tensor]], D: int, T: int) -> list[torch.
         rows = [torch.cat([seen[f"rank{d * T + t}"][j] for t in range(T)], 1) for d in range(D)]
         calls.append(torch.cat(rows, 0))
     return calls
+
+
+def logged_revival(path: Path) -> list[float]:
+    return [json.loads(line)["revival"] for line in path.read_text().splitlines()]
 
 
 def assert_same(expected: dict, got: dict) -> None:
@@ -301,7 +307,7 @@ def test_a_latent_sharded_run_selects_and_trains_as_one_process(
     inside a part, HierarchicalTopK, the "preact" revival of TopK, JumpReLU and BatchTopK):
     the same latents at every one of 20 steps, the same weights, Adam moments and dead
     counters after them, on every mesh."""
-    expected, reference = reference
+    expected, reference, one_dir = reference
     trainers = run_mesh(run_config(tmp_path / "mesh", SAES, {"data": D, "latent": T}), D, T)
     got = assemble(selections, D, T)
     assert len(got) == len(reference) == STEPS * len(SAES)
@@ -311,6 +317,12 @@ def test_a_latent_sharded_run_selects_and_trains_as_one_process(
     for i in (0, SAES.index(TOPK_PREACT), SAES.index(JUMPRELU_PREACT)):
         dead = expected[f"{trainers[0].members[i].cfg.name}.tokens_since_fired"]
         assert (dead >= BATCH).any() and (dead == 0).any(), i  # a revival had latents to revive
+    for cfg in (TOPK_PREACT, JUMPRELU_PREACT, BATCHTOPK_PREACT):  # the logged value: θ's too
+        logged = [
+            logged_revival(d / cfg["name"] / "metrics.jsonl") for d in (one_dir, tmp_path / "mesh")
+        ]
+        assert any(v > 0 for v in logged[0]), cfg["name"]
+        torch.testing.assert_close(logged[1], logged[0], rtol=1e-9, atol=1e-12, msg=cfg["name"])
 
 
 def test_a_latent_sharded_transcoder_trains_as_one_process(tmp_path, selections):
