@@ -1352,6 +1352,29 @@ FAULTS = [
         ("test_latent_clt.py",),
     ),
     Fault(
+        "latent-preact-dead-count-of-the-part",  # n_dead not summed over the latent group
+        "objective/sharded.py",
+        "            whole, n_dead = next(sums)[0], next(sums)[0].clamp_min(1.0)",
+        "            whole, n_dead = next(sums)[0], (next(sums)[0] * 0 + s.dead_mask.sum())"
+        ".clamp_min(1.0)",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-topk-firing-threshold-of-the-part",  # each part's own k-th value, not global
+        "activations/topk.py",
+        '        kth_R = kth_per_row(values_Nk.reshape(-1, k), k, shard.comm, "TopK firing '
+        'threshold")',
+        "        kth_R = values_Nk.reshape(-1, k).min(-1).values",
+        ("test_latent_member.py",),
+    ),
+    Fault(
+        "latent-batchtopk-firing-threshold-of-the-part",  # no MIN over the world
+        "activations/batchtopk.py",
+        '        theta = shard.world.all_reduce(local, "min", "BatchTopK firing threshold")',
+        "        theta = local",
+        ("test_latent_member.py",),
+    ),
+    Fault(
         "absorption-main-latents-count-as-absorbers",
         "eval/absorption.py",
         "    candidate_NM = (cos >= ABSORPTION_FRACTION_PROBE_COS) & ~main & (latent_proj_NM > 0)",

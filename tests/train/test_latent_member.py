@@ -9,12 +9,14 @@ fast enough for every mesh shape and every configuration, and for the mutation c
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from saekit.activations.abstopk import AbsTopK
 from saekit.core.comm import LocalComm
 from saekit.core.encoding import as_dense
 from saekit.core.shard import LatentShard, scale_grad, sum_partials
@@ -22,6 +24,7 @@ from saekit.data.sources.synthetic import SyntheticSource
 from saekit.data.synthetic.generator import SyntheticData
 from saekit.kernels.sharded_select import chosen_overall, chosen_per_row
 from saekit.objective import terms
+from saekit.objective.config import PreactRevival
 from saekit.objective.sharded import ShardedObjective
 from saekit.train.config import build_run_config, stream_settings
 from saekit.train.latent_parallel import LatentTrainer
@@ -60,8 +63,20 @@ MATRYOSHKA_L1 = sae(
     seed=8,
 )
 HTOPK = sae({"kind": "hierarchical_topk", "k": 3}, seed=9)
+# the "preact" revival at each kind of firing threshold: per token, per latent, per batch
+TOPK_PREACT = sae({"kind": "topk", "k": 3}, revival={"kind": "preact"}, seed=10, name="topk-preact")
+JUMPRELU_PREACT = sae(
+    {"kind": "jumprelu", "init_threshold": 1.0},  # high: some latents never fire at first
+    penalty={"kind": "l0", "coefficient": 0.05},
+    revival={"kind": "preact"},
+    seed=11,
+    name="jumprelu-preact",
+)
+BATCHTOPK_PREACT = sae(
+    {"kind": "batchtopk", "k": 2}, revival={"kind": "preact"}, seed=12, name="btopk-preact"
+)
 SAES = [TOPK_AUXK, BATCHTOPK, JUMPRELU_L0, MATRYOSHKA, RELU_L1, QUADRATIC, INPUT_BATCHTOPK]
-SAES += [MATRYOSHKA_L1, HTOPK]
+SAES += [MATRYOSHKA_L1, HTOPK, TOPK_PREACT, JUMPRELU_PREACT, BATCHTOPK_PREACT]
 TRANSCODER = copy.deepcopy(TOPK_AUXK)
 TRANSCODER["sae"]["skip"] = True
 
@@ -252,12 +267,13 @@ def selections(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[dict, list[torch.Tensor]]:
+def reference(tmp_path_factory) -> tuple[dict, list[torch.Tensor], Path]:
     """One process on SAES: its states after 20 steps and its selection at every call."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         seen = record_selections(monkeypatch)
-        states = one_process(run_config(tmp_path_factory.mktemp("one"), SAES))
-    return states, seen["MainThread"]
+        out_dir = tmp_path_factory.mktemp("one")
+        states = one_process(run_config(out_dir, SAES))
+    return states, seen["MainThread"], out_dir
 
 
 def assemble(seen: dict[str, list[torch.Tensor]], D: int, T: int) -> list[torch.Tensor]:
@@ -267,6 +283,10 @@ def assemble(seen: dict[str, list[torch.Tensor]], D: int, T: int) -> list[torch.
         rows = [torch.cat([seen[f"rank{d * T + t}"][j] for t in range(T)], 1) for d in range(D)]
         calls.append(torch.cat(rows, 0))
     return calls
+
+
+def logged_revival(path: Path) -> list[float]:
+    return [json.loads(line)["revival"] for line in path.read_text().splitlines()]
 
 
 def assert_same(expected: dict, got: dict) -> None:
@@ -284,17 +304,25 @@ def test_a_latent_sharded_run_selects_and_trains_as_one_process(
 ):
     """Every configuration at once (TopK + AuxK, BatchTopK, JumpReLU with the L0 controller,
     Matryoshka, ReLU + L1, the quadratic L0 penalty, the input revival, Matryoshka prefixes
-    inside a part, HierarchicalTopK): the same latents at every one of 20 steps, the same
-    weights, Adam moments and dead counters after them, on every mesh."""
-    expected, reference = reference
+    inside a part, HierarchicalTopK, the "preact" revival of TopK, JumpReLU and BatchTopK):
+    the same latents at every one of 20 steps, the same weights, Adam moments and dead
+    counters after them, on every mesh."""
+    expected, reference, one_dir = reference
     trainers = run_mesh(run_config(tmp_path / "mesh", SAES, {"data": D, "latent": T}), D, T)
     got = assemble(selections, D, T)
     assert len(got) == len(reference) == STEPS * len(SAES)
     for j, (a, b) in enumerate(zip(reference, got, strict=True)):
         assert torch.equal(a, b), f"step {j // len(SAES)}, SAE {j % len(SAES)}"
     assert_same(expected, whole_states(trainers))
-    dead = expected[f"{trainers[0].members[0].cfg.name}.tokens_since_fired"]
-    assert (dead >= BATCH).any() and (dead == 0).any()  # AuxK had dead latents to revive
+    for i in (0, SAES.index(TOPK_PREACT), SAES.index(JUMPRELU_PREACT)):
+        dead = expected[f"{trainers[0].members[i].cfg.name}.tokens_since_fired"]
+        assert (dead >= BATCH).any() and (dead == 0).any(), i  # a revival had latents to revive
+    for cfg in (TOPK_PREACT, JUMPRELU_PREACT, BATCHTOPK_PREACT):  # the logged value: θ's too
+        logged = [
+            logged_revival(d / cfg["name"] / "metrics.jsonl") for d in (one_dir, tmp_path / "mesh")
+        ]
+        assert any(v > 0 for v in logged[0]), cfg["name"]
+        torch.testing.assert_close(logged[1], logged[0], rtol=1e-9, atol=1e-12, msg=cfg["name"])
 
 
 def test_a_latent_sharded_transcoder_trains_as_one_process(tmp_path, selections):
@@ -378,7 +406,6 @@ def test_sum_partials_sums_forward_and_passes_the_gradient_and_scale_grad_scales
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"saes": [sae({"kind": "topk", "k": 3}, revival={"kind": "preact"})]}, "'preact'"),
         ({"saes": [sae({"kind": "topk", "k": 20})]}, "exceeds d_sae = 16 per process"),
         ({"saes": [sae("gated", penalty={"kind": "l1", "coefficient": 0.1})]}, "no latent-sharded"),
         (
@@ -397,4 +424,10 @@ def test_what_latent_parallelism_cannot_do_is_refused_in_one_line(tmp_path, chan
     fields = {"saes": [TOPK_AUXK], "parallel": {"latent": 4}, **change}
     with pytest.raises(ValueError, match=message) as info:
         run_config(tmp_path, fields.pop("saes"), fields.pop("parallel"))
+    assert "\n" not in str(info.value)
+
+
+def test_the_preact_revival_of_an_activation_without_a_sharded_threshold_is_refused():
+    with pytest.raises(ValueError, match="'preact' has no latent-sharded form for") as info:
+        ShardedObjective(AbsTopK, None, PreactRevival())
     assert "\n" not in str(info.value)

@@ -43,6 +43,7 @@ class AbsTopK(TopK):
     # so a latent-parallel run refuses AbsTopK (Activation.overrides) rather than train a TopK
     encode_sharded = Activation.encode_sharded
     encode_preacts_sharded = Activation.encode_preacts_sharded
+    firing_threshold_sharded = Activation.firing_threshold_sharded
 
     def select(self, pre_NM: Tensor, k: int, groups: int | None = None) -> tuple[Tensor, Tensor]:
         groups = self.groups if groups is None else groups

@@ -171,6 +171,13 @@ class Activation(nn.Module):
         """θ the pre-activation revival pushes dead latents toward: [N, 1], 0-d or [M]."""
         raise NotImplementedError(f"{type(self).__name__} has no firing threshold")
 
+    def firing_threshold_sharded(self, enc: Encoding, shard: LatentShard) -> Tensor:
+        """``firing_threshold`` on one part of a latent-sharded dictionary: the WHOLE
+        dictionary's θ (per token or per batch: every part's value; per latent: this part's
+        [M/T]), for the sharded "preact" revival (saekit.objective.sharded). Unimplemented: a
+        latent-parallel run refuses that revival."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent-sharded firing threshold")
+
     @torch.no_grad()
     def after_step(self, enc: Encoding, comm: Comm) -> None:
         """Update state that follows the training batches (BatchTopK's θ EMA); default none.

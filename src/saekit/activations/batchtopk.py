@@ -201,6 +201,13 @@ class BatchTopK(Activation):
         theta = batch_min_positive(enc.latents)
         return torch.where(torch.isfinite(theta), theta, torch.zeros_like(theta))
 
+    def firing_threshold_sharded(self, enc: Encoding, shard: LatentShard) -> Tensor:
+        """The whole batch's smallest positive kept value (every part's, every data group's:
+        one MIN over the world, as ``after_step``'s), 0-d (0 if none is positive)."""
+        local = batch_min_positive(enc.latents)
+        theta = shard.world.all_reduce(local, "min", "BatchTopK firing threshold")
+        return torch.where(torch.isfinite(theta), theta, torch.zeros_like(theta))
+
     @torch.no_grad()
     def after_step(self, enc: Encoding, comm: Comm) -> None:
         if self.training:

@@ -217,6 +217,9 @@ class JumpReLU(Activation):
     def firing_threshold(self, enc: Encoding) -> Tensor:
         return self.theta().detach()
 
+    def firing_threshold_sharded(self, enc: Encoding, shard: LatentShard) -> Tensor:
+        return self.firing_threshold(enc)  # per latent: this part's [M/T]
+
     @torch.no_grad()
     def after_step(self, enc: Encoding, comm: Comm) -> None:
         if self.cfg.threshold_param == "direct":

@@ -19,7 +19,7 @@ from saekit.activations.base import Activation, ActivationConfig, ExportForm
 from saekit.core.encoding import EncoderView, Encoding, Preacts, SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import topk_select
-from saekit.kernels.sharded_select import chosen_per_row
+from saekit.kernels.sharded_select import chosen_per_row, kth_per_row
 from saekit.kernels.sparse import SparsePreacts
 from saekit.kernels.workspace import free_buffer
 
@@ -181,3 +181,12 @@ class TopK(Activation):
         values_Nk, _ = self.select(enc.preacts.detached, self.cfg.k)
         min_NG = values_Nk.reshape(values_Nk.shape[0], self.groups, -1).min(-1).values
         return per_group_threshold(torch.relu(min_NG), self.d_sae)
+
+    def firing_threshold_sharded(self, enc: Encoding, shard: LatentShard) -> Tensor:
+        """``firing_threshold`` of the whole dictionary: each (token, group)'s k-th largest pre
+        of every part (the smallest kept), ReLU'd: this part's k candidates per (token, group)
+        gathered once more (kernels.sharded_select, one all-gather of [N, G·k])."""
+        k = self.cfg.k
+        values_Nk, _ = grouped_select(enc.preacts.detached, k, self.groups)
+        kth_R = kth_per_row(values_Nk.reshape(-1, k), k, shard.comm, "TopK firing threshold")
+        return per_group_threshold(torch.relu(kth_R.view(values_Nk.shape[0], -1)), self.d_sae)

@@ -29,6 +29,15 @@ def chosen_per_row(values_Nc: Tensor, k: int, comm: Comm, what: str) -> Tensor:
     return hit[:, comm.rank * c : (comm.rank + 1) * c]
 
 
+def kth_per_row(values_Nc: Tensor, k: int, comm: Comm, what: str) -> Tensor:
+    """Each row's k-th largest value among every part's candidates [N, c] (the same on every
+    part; −inf if fewer than k are finite): [N]. One all-gather of [N, c] values."""
+    every_PNc = comm.all_gather(values_Nc.detach().contiguous(), what)
+    parts, n_rows, c = every_PNc.shape
+    candidates = every_PNc.permute(1, 0, 2).reshape(n_rows, parts * c)
+    return candidates.topk(k, dim=-1, sorted=False).values.min(-1).values
+
+
 def chosen_overall(values_C: Tensor, n_keep: int, comm: Comm, what: str) -> Tensor:
     """Which of this part's C candidates are among the ``n_keep`` largest of every part's
     (each part proposes C): bool [C]. One all-gather of [C] values."""

@@ -278,8 +278,17 @@ def dead_preact_loss(
     θ: the activation's ``firing_threshold``: [N, 1] per token (TopK), 0-d per batch
     (BatchTopK), or [M] per latent (JumpReLU).
     """
+    total = dead_preact_sum(preacts, dead_mask_M, theta, dec_norms_M)
+    return total / dead_mask_M.to(total.dtype).sum().clamp_min(1.0)
+
+
+def dead_preact_sum(
+    preacts: Preacts, dead_mask_M: Tensor, theta: Tensor, dec_norms_M: Tensor
+) -> Tensor:
+    """mean_n Σ_{i dead} ReLU(θ − pre_ni) · ‖W_dec,i‖, :func:`dead_preact_loss` before its
+    1/max(n_dead, 1): a sum over latents, so a latent-sharded part computes its own latents'
+    share (saekit.objective.sharded)."""
     pre_NM = preacts.dense()
     weight_M = dead_mask_M.to(pre_NM.dtype) * dec_norms_M.detach()
     gap_NM = torch.relu(theta.detach() - pre_NM)
-    n_dead = dead_mask_M.to(pre_NM.dtype).sum().clamp_min(1.0)
-    return (gap_NM * weight_M).sum(-1).mean() / n_dead
+    return (gap_NM * weight_M).sum(-1).mean()

@@ -5,20 +5,25 @@ Every part computes, in order:
 
 1. its partial sums, the terms that add over latents and that a loss needs whole: the decoder's
    Σ_{i here} z_i W_dec,i (Matryoshka: per block, [P, N, d]), AuxK's ê from the dead latents it
-   keeps and its dead count, the quadratic L0 penalty's per-token L0_n;
+   keeps and its dead count, the "preact" revival's sum over its dead latents (at the WHOLE
+   dictionary's firing threshold θ, ``Activation.firing_threshold_sharded``: TopK's per token
+   takes one all-gather of [N, k] candidates, BatchTopK's one scalar MIN, JumpReLU's [M/T] is
+   local) and its dead count, the quadratic L0 penalty's per-token L0_n;
 2. ONE all-reduce (SUM over the latent group) of all of them at once
    (:func:`saekit.core.shard.sum_partials`), the step's only [N, d]-sized collective;
 3. from the sums, the terms that are not additive over latents, identically on every part:
    the reconstruction (x̂ = Σ + b_dec, or every prefix's), AuxK (whose selection over the dead
    latents of every part takes one all-gather of [N, k_aux] candidates, before step 2), the
    quadratic L0 penalty;
-4. its own share of the terms that add over latents (the penalties λ·mean_n Σ_i w_i f(·)).
+4. its own share of the terms that add over latents (the penalties λ·mean_n Σ_i w_i f(·); the
+   "preact" revival's Σ_{i dead here} / max(n_dead, 1), n_dead the group's, from the sums).
 
 This part backpropagates (3) + (4): the gradient of (3) reaches its latents through the
 all-reduce, whose backward is the identity; (4) concerns its latents only. The replicated
 parameters' gradients are summed over the group by the step (saekit.train.latent_parallel).
-Refused here, in one line: the "preact" revival and AuxK on a token subset (token_fraction < 1),
-which have no sharded form yet, and an activation with its own reconstruction or auxiliary loss.
+Refused here, in one line: AuxK on a token subset (token_fraction < 1), the "preact" revival of
+an activation without ``firing_threshold_sharded``, which have no sharded form yet, and an
+activation with its own reconstruction or auxiliary loss.
 """
 
 from __future__ import annotations
@@ -150,10 +155,12 @@ class ShardedObjective:
         build_objective(activation, penalty, revival_cfg)  # what one process refuses
         kind = activation.config_class.kind
         revival_cfg = resolve_revival(revival_cfg, activation)
-        if isinstance(revival_cfg, PreactRevival):
+        if isinstance(revival_cfg, PreactRevival) and not activation.overrides(
+            "firing_threshold_sharded"
+        ):
             raise ValueError(
-                "revival.kind 'preact' has no latent-sharded form yet (parallel.latent > 1): "
-                "use auxk or input"
+                f"revival.kind 'preact' has no latent-sharded form for sae.activation.kind "
+                f"{kind!r} yet (parallel.latent > 1): use auxk or input"
             )
         if isinstance(revival_cfg, AuxKRevival) and revival_cfg.token_fraction < 1:
             raise ValueError(
@@ -170,6 +177,7 @@ class ShardedObjective:
                 )
         self.penalty = penalty
         self.auxk = revival_cfg if isinstance(revival_cfg, AuxKRevival) else None
+        self.preact = revival_cfg if isinstance(revival_cfg, PreactRevival) else None
 
     def __call__(self, s: ShardedInputs) -> ShardedResult:
         view, enc, shard = s.view, s.enc, s.shard
@@ -190,6 +198,14 @@ class ShardedObjective:
             parts.append(auxk_part(enc.preacts, W_dec, s.dead_mask, s.dead_cols, k_aux, shard,
                                    view.decode_code))  # fmt: skip
             parts.append(s.dead_mask.sum().reshape(1))  # n_dead, detached
+        preact_share = None
+        if self.preact is not None:  # this part's dead latents, at the whole dictionary's θ
+            theta = s.activation.firing_threshold_sharded(enc, shard)
+            preact_share = revival.dead_preact_sum(
+                enc.preacts, s.dead_mask, theta, view.decoder_norms()
+            )
+            parts.append(preact_share.detach().reshape(1))  # for the logged whole
+            parts.append(s.dead_mask.sum().reshape(1))  # n_dead
         steps_NM = None
         if isinstance(self.penalty, L0Penalty):
             steps_NM = s.activation.l0_step(enc.preacts)
@@ -224,6 +240,11 @@ class ShardedObjective:
             revival_value = revival.auxk_value(
                 e_ND, e_hat_ND, e_ND, n_dead, k_aux, cfg.coefficient, cfg.normalizer, variance
             )
+        revival_loss = revival_value
+        if preact_share is not None:  # L = Σ_t share_t / max(n_dead, 1): this part's term
+            whole, n_dead = next(sums)[0], next(sums)[0].clamp_min(1.0)
+            revival_loss = self.preact.coefficient * preact_share / n_dead
+            revival_value = self.preact.coefficient * whole / n_dead
         # 4. this part's share of the penalty (the quadratic L0 penalty: from the sums)
         penalty = None
         if self.penalty is not None:
@@ -239,5 +260,5 @@ class ShardedObjective:
                 penalty = s.lam * losses.sparsity_penalty(
                     s.activation.penalty_latents(enc), view.decoder_norms(), self.penalty, weights
                 )
-        loss = rec + sum(t for t in (penalty, revival_value) if t is not None)
+        loss = rec + sum(t for t in (penalty, revival_loss) if t is not None)
         return ShardedResult(loss, x_hat_n, rec, penalty, not quadratic, revival_value)

@@ -36,6 +36,7 @@ from saekit.objective.config import (
 
 if TYPE_CHECKING:
     from saekit.core.encoding import EncoderView, Encoding, ForwardOutput, Preacts, SparseCode
+    from saekit.core.shard import LatentShard
 
 
 class ObjectiveActivation(Protocol):
@@ -55,6 +56,8 @@ class ObjectiveActivation(Protocol):
     def l0_step(self, preacts: Preacts) -> Tensor: ...
 
     def firing_threshold(self, enc: Encoding) -> Tensor: ...
+
+    def firing_threshold_sharded(self, enc: Encoding, shard: LatentShard) -> Tensor: ...
 
     def auxiliary_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor: ...
 

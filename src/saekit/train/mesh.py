@@ -82,6 +82,16 @@ def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
             except ValueError as exc:
                 raise ValueError(f"{exc} per process (d_sae / parallel.latent)") from None
             ShardedObjective(ACTIVATIONS[kind], s.penalty, s.revival)
+            if (
+                isinstance(s.sae, CLTConfig)
+                and s.revival is not None
+                and s.revival.kind == "preact"
+            ):
+                # untested on a CLT part's [N, L·M/T] per-layer thresholds: refused until it is
+                raise ValueError(
+                    "revival.kind 'preact' has no latent-sharded form for a cross-layer "
+                    "transcoder yet (parallel.latent)"
+                )
         except ValueError as exc:
             raise ValueError(f"saes.{i}: {exc}") from None
 
