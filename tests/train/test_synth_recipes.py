@@ -43,10 +43,10 @@ def test_the_recipes_carry_the_papers_numbers():
     assert e["Matching Pursuit"]["sae"]["activation"]["residual_threshold"] == 0.0
 
 
-def test_a_short_run_of_every_recipe_uses_the_terms_and_controllers_it_names():
+def test_a_short_run_of_every_recipe_uses_the_terms_and_controllers_it_names(tmp_path):
     cfg = build_run_config({"data": {"synthetic": {"d": D_IN, "n_features": 96, "mean_l0": 4.0}},
                             "saes": list(entries().values()), "batch_size": BATCH,
-                            "steps": STEPS, "out_dir": "unused", "progress": False,
+                            "steps": STEPS, "out_dir": str(tmp_path / "run"), "progress": False,
                             "checkpoint_every": 0})  # fmt: skip
     trainer = make_trainer(cfg)
     members = {m.cfg.name: m for m in trainer.members}
