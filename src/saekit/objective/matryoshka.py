@@ -21,6 +21,7 @@ from saekit.core.encoding import SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.prefix import prefix_mse
 from saekit.kernels.sparse import sparse_decode
+from saekit.objective.losses import tilted_mean, token_squared_errors
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,11 +128,29 @@ def matryoshka_reconstruction_loss(
     W_dec_MD: Tensor,
     b_dec_D: Tensor,
     prefixes: Sequence[int],
+    tilt: float = 0.0,
 ) -> Tensor:
     """(1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖², every prefix from one pass (block deltas and the
     running sums of :func:`saekit.kernels.prefix.prefix_mse`). ``x_n``: the target;
     ``b_dec_D``: what every prefix starts from, b_dec [d] or a per-token offset [N, d]
-    (b_dec + x_n W_skipᵀ of a skip transcoder)."""
+    (b_dec + x_n W_skipᵀ of a skip transcoder).
+
+    ``tilt`` t ≠ 0 (``reconstruction_tilt``): (1/P) Σ_j R_j(t), each level's per-token errors
+    tilted on their own (:func:`saekit.objective.losses.tilted_mean`, its own m_j), by a plain
+    running sum over the levels (prefix_mse only sums each level's errors)."""
     d = W_dec_MD.shape[-1]
     delta_PND = block_deltas(latents, W_dec_MD, prefixes)
+    if tilt:
+        return tilted_levels(delta_PND, x_n.reshape(-1, d) - b_dec_D, tilt)
     return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()
+
+
+def tilted_levels(delta_PND: Tensor, r_ND: Tensor, tilt: float) -> Tensor:
+    """(1/P) Σ_j R_j(t), R_j the tilted mean (losses.tilted_mean) of level j's per-token errors
+    ‖r_n − Σ_{j' ≤ j} δ_j',n‖², r = target − offset: the levels' running sum, one level at a
+    time (prefix_mse's kernel keeps only each level's total, not its tokens')."""
+    levels, sum_ND = [], torch.zeros_like(r_ND)
+    for delta_ND in delta_PND:
+        sum_ND = sum_ND + delta_ND
+        levels.append(tilted_mean(token_squared_errors(r_ND, sum_ND), tilt))
+    return torch.stack(levels).mean()

@@ -151,9 +151,12 @@ class ShardedObjective:
         activation: type[ObjectiveActivation],
         penalty: PenaltyConfig | None,
         revival_cfg: RevivalConfig | None,
+        reconstruction_tilt: float = 0.0,
     ):
-        build_objective(activation, penalty, revival_cfg)  # what one process refuses
+        build_objective(activation, penalty, revival_cfg, reconstruction_tilt)  # one process's
         kind = activation.config_class.kind
+        if reconstruction_tilt:  # each token's error needs the parts' summed reconstruction
+            raise ValueError("reconstruction_tilt has no latent-sharded form yet (parallel.latent)")
         revival_cfg = resolve_revival(revival_cfg, activation)
         if isinstance(revival_cfg, PreactRevival) and not activation.overrides(
             "firing_threshold_sharded"

@@ -100,16 +100,24 @@ class Term:
 
 
 class Reconstruction(Term):
+    """mean_n ‖y_n − ŷ_n‖² (the activation's own where it has one), Matryoshka's mean over
+    prefixes, or with ``tilt`` t ≠ 0 their tilted forms (losses.tilted_mean; logged as such)."""
+
     name = "reconstruction"
+
+    def __init__(self, tilt: float = 0.0):
+        self.tilt = tilt
 
     def __call__(self, inputs: TermInputs) -> Tensor:
         out, view = inputs.out, inputs.sae.encoder_view()
         if inputs.prefixes is None:
+            if self.tilt:  # build_objective refused an activation with its own loss
+                return losses.tilted_reconstruction_loss(out.target(), out.x_hat_n, self.tilt)
             return inputs.sae.activation.reconstruction_loss(view, out)
         # each prefix's prediction starts from b_dec (+ a transcoder's skip path x_n W_skipᵀ)
         offset = view.decoder_offset_n(out.x_n)
         return matryoshka.matryoshka_reconstruction_loss(
-            out.target(), out.latents, view.W_dec, offset, inputs.prefixes
+            out.target(), out.latents, view.W_dec, offset, inputs.prefixes, self.tilt
         )
 
 
@@ -251,13 +259,19 @@ def build_objective(
     activation: type[ObjectiveActivation],
     penalty: PenaltyConfig | None,
     revival_cfg: RevivalConfig | None,
+    reconstruction_tilt: float = 0.0,
 ) -> Objective:
     """The terms for one SAE, or a ValueError naming the fields that do not fit together.
 
     Field names are as in an ``saes`` entry of a run config (``sae.activation.kind``, ...).
     """
     kind = activation.config_class.kind
-    terms: list[Term] = [Reconstruction()]
+    if reconstruction_tilt and activation.overrides("reconstruction_loss"):
+        raise ValueError(
+            f"reconstruction_tilt does not apply to sae.activation.kind {kind!r}: it has its own "
+            "reconstruction loss"
+        )
+    terms: list[Term] = [Reconstruction(reconstruction_tilt)]
     if penalty is None and activation.needs_penalty:
         raise ValueError(
             f"sae.activation.kind {kind!r} is sparse only through a penalty: set penalty "

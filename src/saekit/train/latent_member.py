@@ -91,7 +91,9 @@ class LatentMember(Member):
         self.shard = LatentShard(mesh.latent, mesh.world, mesh.data, mesh.latent_index, T, M)
         init_part_(self.sae, cfg.seed, self.shard)
         self.dead_set = GroupDeadSet(cfg.dead_tokens, mesh.latent)
-        self.objective = ShardedObjective(type(self.sae.activation), cfg.penalty, cfg.revival)
+        self.objective = ShardedObjective(
+            type(self.sae.activation), cfg.penalty, cfg.revival, cfg.reconstruction_tilt
+        )
         self.axes = latent_axes(self.sae)
         self.part_names = set(self.axes)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from saekit.activations import ACTIVATIONS
 from saekit.core.configs import check_finite
 from saekit.model import dictionary  # noqa: F401  (registers every kind ``sae:`` may name)
-from saekit.model.config import DictionaryConfig
+from saekit.model.config import DictionaryConfig, SAEConfig
 from saekit.objective.config import (
     FixedPrefixes,
     MatryoshkaConfig,
@@ -52,6 +52,12 @@ class SAETrainConfig:
     matryoshka: MatryoshkaConfig | None = None
     """Matryoshka prefixes: ``{kind: random, n_prefixes: 10, min_prefix: 1}`` or
     ``{kind: fixed, groups: [...]}``; unset for a plain SAE."""
+    reconstruction_tilt: float = 0.0
+    """t of the tilted reconstruction loss (TERM, arXiv 2007.01162; losses.tilted_mean):
+    R(t) = m·(1/t)·log mean_n exp(t·ℓ_n/m), ℓ_n a token's squared error, m its batch mean
+    (detached); under Matryoshka each level's tokens are tilted, then the levels averaged.
+    t > 0 weights the worst-reconstructed tokens up, t < 0 down; 0 (default): the plain mean.
+    The logged "reconstruction" is R(t); FVU is unchanged. An SAE or transcoder only."""
     dead_tokens: int = 200_000
     """A latent is dead after this many tokens without firing (real LMs: ~10M)."""
     b_dec_init: str = "mean"
@@ -94,6 +100,12 @@ class SAETrainConfig:
         if self.b_dec_init not in ("mean", "geometric_median"):
             raise ValueError(
                 f"b_dec_init must be mean or geometric_median, got {self.b_dec_init!r}"
+            )
+        check_finite("reconstruction_tilt", self.reconstruction_tilt)
+        if self.reconstruction_tilt and not isinstance(self.sae, SAEConfig):
+            raise ValueError(
+                f"reconstruction_tilt does not apply to sae.kind {self.sae.kind!r} (an SAE or "
+                "transcoder only)"
             )
         d_sae = self.sae.n_latents
         if self.matryoshka is not None and not self.sae.prefixes_apply:
@@ -141,7 +153,10 @@ class SAETrainConfig:
 
     def objective(self) -> Objective:
         """This SAE's loss terms (raises ValueError for a combination that does not fit)."""
-        return build_objective(ACTIVATIONS[self.sae.activation.kind], self.penalty, self.revival)
+        return build_objective(
+            ACTIVATIONS[self.sae.activation.kind], self.penalty, self.revival,
+            self.reconstruction_tilt,
+        )  # fmt: skip
 
     @property
     def learning_rate(self) -> float:

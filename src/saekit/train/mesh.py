@@ -81,7 +81,7 @@ def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
                 s.sae.activation.check_d_sae(M // T)
             except ValueError as exc:
                 raise ValueError(f"{exc} per process (d_sae / parallel.latent)") from None
-            ShardedObjective(ACTIVATIONS[kind], s.penalty, s.revival)
+            ShardedObjective(ACTIVATIONS[kind], s.penalty, s.revival, s.reconstruction_tilt)
             if (
                 isinstance(s.sae, CLTConfig)
                 and s.revival is not None

@@ -28,6 +28,9 @@ rounding; see tests/train/test_distributed.py):
 - Per-batch statistics inside a loss are per rank: AuxK's normaliser V (``auxk_normalizer:
   residual``) and the BatchTopK threshold of the pre-activation revival loss. With
   ``auxk_normalizer: none`` AuxK matches exactly.
+- ``reconstruction_tilt`` t ≠ 0 tilts each rank's own tokens (its own m and logsumexp): the
+  gradient is the mean over ranks of each rank's tilted gradient, not the tilt of the whole
+  batch (t = 0, the mean, matches exactly).
 - Logged FVU is the mean over ranks of each rank's batch FVU (as it is already a mean over steps).
 - Resuming on a different world size continues at the same step with the same global batch, but
   reads other tokens (rank r reads index ``step·world' + r``, of ``batch_size / world'`` tokens):

@@ -137,24 +137,34 @@ def matryoshka_groups(d_sae: int, widths: tuple[int, ...] = MATRYOSHKA_WIDTHS) -
     return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
-def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+def _tilted(entry: dict[str, Any], tilt: float) -> dict[str, Any]:
+    """``reconstruction_tilt: tilt`` added where nonzero (saekit's option, not the paper's: 0
+    leaves the recipe's entry as it was)."""
+    return {**entry, "reconstruction_tilt": float(tilt)} if tilt else entry
+
+
+def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
+                     tilt: float = 0.0) -> dict:  # fmt: skip
     """BatchTopK (common.get_btk_config): SAELens's BatchTopK, its AuxK α = 1 (TopK's
-    aux_loss_coefficient default) without variance normalisation."""
+    aux_loss_coefficient default) without variance normalisation. ``tilt``: saekit's
+    reconstruction_tilt (TERM, losses.tilted_mean), 0 for the paper's."""
     del total_steps
-    return {**_paper_base(k, batch_size, lr),
-            "sae": {"d_sae": d_sae, "activation": {"kind": "batchtopk", "k": k}},
-            "revival": {"kind": "auxk", "coefficient": 1.0, "normalizer": "none"}}  # fmt: skip
+    return _tilted({**_paper_base(k, batch_size, lr),
+                    "sae": {"d_sae": d_sae, "activation": {"kind": "batchtopk", "k": k}},
+                    "revival": {"kind": "auxk", "coefficient": 1.0, "normalizer": "none"}},
+                   tilt)  # fmt: skip
 
 
 def recipe_matryoshka(
     d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
-    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS,
+    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS, tilt: float = 0.0,
 ) -> dict:  # fmt: skip
     """Matryoshka-BatchTopK (common.get_matryoshka_config): fixed levels at ``widths`` (the
     paper's 128, 512, 2048 at width 4096) and its Matryoshka aux loss (AuxK per level,
     use_matryoshka_aux_loss=True, α = 1). SAELens sums the levels' losses; saekit averages
-    them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux."""
-    entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr)
+    them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux.
+    ``tilt``: saekit's reconstruction_tilt, every level tilted (0 for the paper's)."""
+    entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr, tilt=tilt)
     return {**entry, "matryoshka": {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)},
             "revival": {"kind": "matryoshka_auxk", "coefficient": 1.0}}  # fmt: skip
 
