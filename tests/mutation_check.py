@@ -1812,6 +1812,89 @@ FAULTS = [
         "    return True",
         ("test_synth_bench.py",),
     ),
+    # reconstruction_tilt (TERM, losses.tilted_mean)
+    Fault(
+        "tilt-m-not-detached",
+        "objective/losses.py",
+        "    m = loss_N.detach().mean().clamp_min(",
+        "    m = loss_N.mean().clamp_min(",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-not-unit-free",
+        "objective/losses.py",
+        "torch.logsumexp(loss_N * (tilt / m), 0)",
+        "torch.logsumexp(loss_N * tilt, 0)",
+        ("test_tilted_loss.py",),
+        also=(
+            ("objective/losses.py", "    return m / tilt * log_mean", "    return log_mean / tilt"),
+        ),
+    ),
+    Fault(
+        "tilt-sum-not-mean",
+        "objective/losses.py",
+        " - math.log(loss_N.numel())",
+        "",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-ignored-plain",
+        "objective/terms.py",
+        "            if self.tilt:  # build_objective refused",
+        "            if False:  # build_objective refused",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-ignored-matryoshka",
+        "objective/terms.py",
+        "inputs.prefixes, self.tilt",
+        "inputs.prefixes",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-matryoshka-levels-pooled",
+        "objective/matryoshka.py",
+        "        levels.append(tilted_mean(token_squared_errors(r_ND, sum_ND), tilt))\n"
+        "    return torch.stack(levels).mean()",
+        "        levels.append(token_squared_errors(r_ND, sum_ND))\n"
+        "    return tilted_mean(torch.cat(levels), tilt)",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-matryoshka-level-is-its-block",
+        "objective/matryoshka.py",
+        "        sum_ND = sum_ND + delta_ND",
+        "        sum_ND = delta_ND",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-hierarchical-accepted",
+        "objective/terms.py",
+        '    if reconstruction_tilt and activation.overrides("reconstruction_loss"):',
+        "    if False:",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-clt-accepted",
+        "train/member_config.py",
+        "        if self.reconstruction_tilt and not isinstance(self.sae, SAEConfig):",
+        "        if False:",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-latent-parallel-accepted",
+        "objective/sharded.py",
+        "        if reconstruction_tilt:  # each token's error",
+        "        if False:  # each token's error",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "tilt-recipe-dropped",
+        "train/presets.py",
+        '    return {**entry, "reconstruction_tilt": float(tilt)} if tilt else entry',
+        "    return entry",
+        ("test_tilted_loss.py",),
+    ),
 ]
 
 # ------------------------------------------------------------------------------ machinery

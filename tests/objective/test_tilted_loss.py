@@ -202,6 +202,8 @@ def test_small_tilt_tends_to_the_mean_and_large_to_the_max():
         assert abs(gap - expected) <= 2e-3 * abs(expected), (t, gap, expected)
     for t in (1e-9, -1e-9):  # the limit (rounding: m·ε/|t| at most)
         assert float(tilted_mean(ell, t)) == pytest.approx(mean, rel=1e-6)
+    for t in (-2.0, 3.0):  # unit-free: R(t) of c·ℓ is c·R(t) of ℓ (t needs no rescaling)
+        torch.testing.assert_close(tilted_mean(ell * 49, t), 49 * tilted_mean(ell, t))
     # R is increasing in t, bounded by the min and the max; logsumexp keeps t = 1e4 finite
     values = [float(tilted_mean(ell, t)) for t in (-1e4, -5.0, -0.5, 0.5, 5.0, 1e4)]
     assert values == sorted(values)
