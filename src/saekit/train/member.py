@@ -43,7 +43,8 @@ class StepMetrics(NamedTuple):
 
     loss: Tensor
     reconstruction: Tensor
-    """The reconstruction term (Matryoshka: the mean over prefixes)."""
+    """The reconstruction term (Matryoshka: the mean over prefixes; reconstruction_tilt t ≠ 0:
+    the tilted R(t), losses.tilted_mean; FVU stays untilted)."""
     penalty: Tensor | None
     """The penalty's contribution λ·S."""
     revival: Tensor | None
