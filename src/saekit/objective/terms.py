@@ -24,9 +24,11 @@ from torch import Tensor
 from saekit.objective import losses, matryoshka, revival
 from saekit.objective.config import (
     AuxKRevival,
+    FixedPrefixes,
     InputRevival,
     L0Penalty,
     MatryoshkaAuxKRevival,
+    MatryoshkaConfig,
     NoRevival,
     PenaltyConfig,
     PreactRevival,
@@ -58,6 +60,8 @@ class ObjectiveActivation(Protocol):
     def firing_threshold(self, enc: Encoding) -> Tensor: ...
 
     def firing_threshold_sharded(self, enc: Encoding, shard: LatentShard) -> Tensor: ...
+
+    def level_code(self, latents: Tensor | SparseCode, end: int, k: int) -> Tensor | SparseCode: ...
 
     def auxiliary_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor: ...
 
@@ -100,7 +104,13 @@ class Term:
 
 
 class Reconstruction(Term):
+    """Plain, or Matryoshka over this step's prefixes; fixed levels may detach the inner levels
+    and give each level its own K (FixedPrefixes.detach_inner, .level_k)."""
+
     name = "reconstruction"
+
+    def __init__(self, detach_inner: bool = False, level_k: list[int] | None = None):
+        self.detach_inner, self.level_k = detach_inner, level_k
 
     def __call__(self, inputs: TermInputs) -> Tensor:
         out, view = inputs.out, inputs.sae.encoder_view()
@@ -108,9 +118,21 @@ class Reconstruction(Term):
             return inputs.sae.activation.reconstruction_loss(view, out)
         # each prefix's prediction starts from b_dec (+ a transcoder's skip path x_n W_skipᵀ)
         offset = view.decoder_offset_n(out.x_n)
-        return matryoshka.matryoshka_reconstruction_loss(
-            out.target(), out.latents, view.W_dec, offset, inputs.prefixes
-        )
+        if self.level_k is None:
+            return matryoshka.matryoshka_reconstruction_loss(
+                out.target(), out.latents, view.W_dec, offset, inputs.prefixes, self.detach_inner
+            )
+        if len(self.level_k) != len(inputs.prefixes):
+            raise ValueError(f"matryoshka.level_k has {len(self.level_k)} entries for "
+                             f"{len(inputs.prefixes)} levels")  # fmt: skip
+        # the last level (k_P = k, the whole dictionary) decodes the full code itself
+        activation = inputs.sae.activation
+        codes = [activation.level_code(out.latents, end, k)
+                 for end, k in zip(inputs.prefixes[:-1], self.level_k[:-1])]  # fmt: skip
+        return matryoshka.level_reconstruction_loss(
+            out.target(), [*codes, out.latents], view.W_dec, offset, inputs.prefixes,
+            self.detach_inner,
+        )  # fmt: skip
 
 
 def _latent_weights(inputs: TermInputs) -> Tensor | None:
@@ -251,13 +273,23 @@ def build_objective(
     activation: type[ObjectiveActivation],
     penalty: PenaltyConfig | None,
     revival_cfg: RevivalConfig | None,
+    matryoshka_cfg: MatryoshkaConfig | None = None,
 ) -> Objective:
     """The terms for one SAE, or a ValueError naming the fields that do not fit together.
 
     Field names are as in an ``saes`` entry of a run config (``sae.activation.kind``, ...).
+    ``matryoshka_cfg``: read for the fixed levels' options (the prefixes come each step).
     """
     kind = activation.config_class.kind
-    terms: list[Term] = [Reconstruction()]
+    detach_inner, level_k = False, None
+    if isinstance(matryoshka_cfg, FixedPrefixes):
+        detach_inner, level_k = matryoshka_cfg.detach_inner, matryoshka_cfg.level_k
+    if level_k is not None and not activation.overrides("level_code"):
+        raise ValueError(
+            f"matryoshka.level_k needs an activation that keeps its k largest latents (topk, "
+            f"abstopk, batchtopk); sae.activation.kind {kind!r} does not"
+        )
+    terms: list[Term] = [Reconstruction(detach_inner, level_k)]
     if penalty is None and activation.needs_penalty:
         raise ValueError(
             f"sae.activation.kind {kind!r} is sparse only through a penalty: set penalty "
