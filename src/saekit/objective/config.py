@@ -5,6 +5,7 @@ configure, and the checks of which combinations fit, are in :mod:`saekit.objecti
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -274,7 +275,7 @@ class FixedPrefixes(MatryoshkaConfig):
         if level_k is not None and (
             len(level_k) != len(self.groups)
             or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 for k in level_k)
-            or any(b < a for a, b in zip(level_k, level_k[1:]))
+            or any(b < a for a, b in itertools.pairwise(level_k))
         ):
             raise ValueError(
                 f"matryoshka.level_k must be {len(self.groups)} positive integers (one per group), "

@@ -203,7 +203,7 @@ def level_reconstruction_loss(
     """(1/P) Σ_j mean_n ‖x_n − x̂_j‖² with level j's own code S_j (decreasing K across levels:
     :func:`level_code` of the k_j largest below p_j; the last level's is the full code):
 
-        x̂_j = b_dec + Σ_{i ∈ S_j, i < p_{j−1}} z_i W_dec,i + Σ_{i ∈ S_j, p_{j−1} ≤ i < p_j} z_i W_dec,i
+        x̂_j = b_dec + Σ_{i ∈ S_j, i < p_{j−1}} z_i W_dec,i + Σ_{i ∈ S_j, i ≥ p_{j−1}} z_i W_dec,i
 
     ``detach_inner``: the first sum (the inner blocks' latents that level j keeps) under sg, so
     a latent's reconstruction gradient comes from the first level that contains its block, as

@@ -126,9 +126,8 @@ class Reconstruction(Term):
             raise ValueError(f"matryoshka.level_k has {len(self.level_k)} entries for "
                              f"{len(inputs.prefixes)} levels")  # fmt: skip
         # the last level (k_P = k, the whole dictionary) decodes the full code itself
-        activation = inputs.sae.activation
-        codes = [activation.level_code(out.latents, end, k)
-                 for end, k in zip(inputs.prefixes[:-1], self.level_k[:-1])]  # fmt: skip
+        activation, inner = inputs.sae.activation, zip(inputs.prefixes, self.level_k, strict=True)
+        codes = [activation.level_code(out.latents, end, k) for end, k in list(inner)[:-1]]
         return matryoshka.level_reconstruction_loss(
             out.target(), [*codes, out.latents], view.W_dec, offset, inputs.prefixes,
             self.detach_inner,
