@@ -38,6 +38,7 @@ CASES = {  # activation, kernel, per-token selection
     "batchtopk sparse": ("batchtopk", "torch", False),
     "batchtopk dense": ("batchtopk", "reference", False),
     "abstopk sparse": ("abstopk", "torch", True),
+    "abstopk dense": ("abstopk", "reference", True),
 }
 
 
