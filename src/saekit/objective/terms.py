@@ -199,7 +199,10 @@ class InputAuxK(AuxK):  # the "input" revival
 
 
 class MatryoshkaAuxK(AuxK):
-    """AuxK per prefix level, each against its own prefix's residual (revival.py)."""
+    """AuxK per prefix level, each against its own prefix's residual (revival.py): the full
+    code's below p_j, whatever matryoshka.level_k and detach_inner (docs/design.md, "Matryoshka
+    levels": dead latents fit what the prefix's latents cannot explain, not the live latents a
+    level's k_j drops; the residual is detached, so detach_inner changes nothing here)."""
 
     def __call__(self, inputs: TermInputs) -> Tensor:
         if inputs.prefixes is None:
