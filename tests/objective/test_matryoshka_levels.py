@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_losses import B, D, K, M, T, all_grads, float64_twin, make_sae, plain_pre
+from test_losses import (
+    B,
+    D,
+    K,
+    M,
+    T,
+    all_grads,
+    float64_twin,
+    make_sae,
+    no_host_sync,
+    plain_pre,
+)
 
 from saekit.core.encoding import as_dense
 from saekit.kernels.prefix import prefix_mse
@@ -270,3 +281,15 @@ def test_level_k_is_refused_for_an_activation_without_its_k_largest(activation):
     )
     with pytest.raises(ValueError, match="level_k needs an activation"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("name", ["topk sparse", "batchtopk sparse"])
+def test_the_level_options_do_not_sync_with_the_host(name):
+    sae, x, _ = case(name)
+    cfg = FixedPrefixes(groups=GROUPS, detach_inner=True, level_k=LEVEL_K)
+    objective = build_objective(type(sae.activation), None, NoRevival(), cfg)
+    out = sae(x)
+    inputs = TermInputs(sae, out, torch.zeros(M, dtype=torch.bool), torch.tensor(0.0), PREFIXES)
+    with no_host_sync():
+        loss = objective.terms[0](inputs)
+        loss.backward()
