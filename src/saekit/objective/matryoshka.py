@@ -7,8 +7,9 @@ x̂_{p_j} = b_dec + Σ_{j' ≤ j} δ_j'. Reconstruction L = (1/P) Σ_j mean_n �
 A penalty averaged over prefixes, (1/P) Σ_j S_{p_j}, equals the plain penalty with per-latent
 weights w_i = #{j : i < p_j} / P (:func:`prefix_weights`), so the penalties need no block code.
 
-Two options of fixed levels (``matryoshka: {kind: fixed, detach_inner, level_k}``, issue 27
-item 5, the 2026 Matryoshka results on SynthSAEBench-16k, arXiv 2602.14687):
+Two options of fixed levels (``matryoshka: {kind: fixed, detach_inner, level_k}``; issue 27
+item 5: 2026 Matryoshka results on SynthSAEBench-16k, the benchmark of arXiv 2602.14687; the
+formulas below are saekit's statement of them, no source text is in docs/references):
 - detached inner levels: x̂_{p_j} = b_dec + sg(Σ_{j' < j} δ_j') + δ_j, so a block is trained for
   reconstruction by the first level that contains it alone (:func:`matryoshka_reconstruction_loss`);
 - decreasing K across levels: level j decodes only the k_j largest latents below p_j
