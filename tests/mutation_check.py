@@ -131,8 +131,8 @@ FAULTS = [
     Fault(
         "matryoshka-last-prefix-dropped",
         "objective/matryoshka.py",
-        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()",
-        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D)[:-1].mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D, detach_inner).mean()",
+        "    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D, detach_inner)[:-1].mean()",
         ("test_objective.py", "test_matryoshka.py"),
     ),
     Fault(
@@ -1804,6 +1804,71 @@ FAULTS = [
         "        level_dead[start:end] = dead_M[start:end]",
         "        level_dead[:] = dead_M",
         ("test_synth_recipe_losses.py",),
+    ),
+    # ------------------------------- Matryoshka fixed-level options (issue 27 item 5)
+    Fault(
+        "matryoshka-detach-inner-full-suffix-gradient",
+        "kernels/prefix.py",
+        "                torch.mul(err_ND, grad_P[j] * (-2.0 / n_tokens), out=grad_delta_PND[j])",
+        "                torch.mul(acc_ND, -2.0 / n_tokens, out=grad_delta_PND[j])",
+        ("test_matryoshka_levels.py",),
+    ),
+    Fault(
+        "matryoshka-detach-inner-level-weight-dropped",
+        "kernels/prefix.py",
+        "                torch.mul(err_ND, grad_P[j] * (-2.0 / n_tokens), out=grad_delta_PND[j])",
+        "                torch.mul(err_ND, -2.0 / n_tokens, out=grad_delta_PND[j])",
+        ("test_matryoshka_levels.py",),
+    ),
+    Fault(
+        "matryoshka-detach-inner-ignored",
+        "objective/terms.py",
+        "                out.target(), out.latents, view.W_dec, offset, inputs.prefixes, "
+        "self.detach_inner",
+        "                out.target(), out.latents, view.W_dec, offset, inputs.prefixes",
+        ("test_matryoshka_levels.py", "test_matryoshka_levels_training.py"),
+    ),
+    Fault(
+        "matryoshka-level-k-inner-not-detached",
+        "objective/matryoshka.py",
+        "        inner_ND = halves[0].detach() if detach_inner else halves[0]",
+        "        inner_ND = halves[0]",
+        ("test_matryoshka_levels.py",),
+    ),
+    Fault(
+        "matryoshka-level-k-ignored",
+        "objective/terms.py",
+        "        if self.level_k is None:",
+        "        if True:",
+        ("test_matryoshka_levels.py", "test_matryoshka_levels_training.py"),
+    ),
+    Fault(
+        "matryoshka-level-k-batch-selected-per-token",
+        "activations/batchtopk.py",
+        "        return matryoshka.level_code(latents, end, k, per_token=False)",
+        "        return matryoshka.level_code(latents, end, k, per_token=True)",
+        ("test_matryoshka_levels.py",),
+    ),
+    Fault(
+        "matryoshka-level-k-ranked-past-the-prefix",
+        "objective/matryoshka.py",
+        "        key_E = values_E.detach().abs().masked_fill(latents.latent >= end, -math.inf)",
+        "        key_E = values_E.detach().abs()",
+        ("test_matryoshka_levels.py",),
+    ),
+    Fault(
+        "matryoshka-level-k-rank-within-token-off-by-one",
+        "objective/matryoshka.py",
+        "            keep_E = rank_E < k",
+        "            keep_E = rank_E <= k",
+        ("test_matryoshka_levels.py",),
+    ),
+    Fault(
+        "matryoshka-level-k-signed-ranking",
+        "objective/matryoshka.py",
+        "    key_NM = z_NM.detach().abs().masked_fill(~inside_M, -math.inf)",
+        "    key_NM = z_NM.detach().masked_fill(~inside_M, -math.inf)",
+        ("test_matryoshka_levels.py",),
     ),
     Fault(
         "matched-l0-tolerance-ignored",

@@ -201,6 +201,14 @@ class Activation(nn.Module):
         overrides ``reconstruction_loss`` that way implements it."""
         raise NotImplementedError(f"{type(self).__name__} has no sharded reconstruction blocks")
 
+    def level_code(self, latents: Tensor | SparseCode, end: int, k: int) -> Tensor | SparseCode:
+        """The code a Matryoshka level with its own K reconstructs from (``matryoshka.level_k``):
+        the latents restricted to their ``k`` largest below ``end``, by this activation's own
+        selection — per token (TopK) or the k·N largest of the batch (BatchTopK), the formula
+        in saekit.objective.matryoshka.level_code. Only activations whose config has a field
+        ``k`` implement it; the others refuse ``level_k``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no k largest latents")
+
     def penalty_latents(self, enc: Encoding) -> Tensor | SparseCode:
         """What the sparsity penalty is applied to: the latents unless overridden (Gated: the
         gate's ReLU pre-activations)."""

@@ -29,6 +29,7 @@ from saekit.kernels import select
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.select import batchtopk_select
 from saekit.kernels.sharded_select import chosen_overall
+from saekit.objective import matryoshka
 
 if TYPE_CHECKING:
     from saekit.core.comm import Comm
@@ -161,6 +162,10 @@ class BatchTopK(Activation):
                 " at inference (eval mode)"
             )
         return self.encode_preacts(pre)
+
+    def level_code(self, latents: Tensor | SparseCode, end: int, k: int) -> Tensor | SparseCode:
+        """The k·N largest entries below ``end`` of the whole batch (its selection's rule)."""
+        return matryoshka.level_code(latents, end, k, per_token=False)
 
     _last_kept_min: Tensor | None = None
     """The previous training batch's k·N-th pre-activation (not saved: a hint for the next

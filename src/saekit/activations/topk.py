@@ -22,6 +22,7 @@ from saekit.kernels.select import topk_select
 from saekit.kernels.sharded_select import chosen_per_row, kth_per_row
 from saekit.kernels.sparse import SparsePreacts
 from saekit.kernels.workspace import free_buffer
+from saekit.objective import matryoshka
 
 if TYPE_CHECKING:
     from saekit.core.shard import LatentShard
@@ -171,6 +172,10 @@ class TopK(Activation):
         values_E = torch.where(kept_Nk.reshape(-1), values_E, torch.zeros_like(values_E))
         code = SparseCode(values_E, layout.latent, layout.token, n_tokens, d_sae, layout)
         return Encoding(code, pre)
+
+    def level_code(self, latents: Tensor | SparseCode, end: int, k: int) -> Tensor | SparseCode:
+        """Each token's k largest |z| below ``end`` (AbsTopK: signed values, by magnitude)."""
+        return matryoshka.level_code(latents, end, k, per_token=True)
 
     def export_form(self) -> ExportForm:
         return ExportForm("topk", k=self.cfg.k)

@@ -5,6 +5,7 @@ configure, and the checks of which combinations fit, are in :mod:`saekit.objecti
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -257,10 +258,29 @@ class FixedPrefixes(MatryoshkaConfig):
     kind = "fixed"
     groups: list[int] = field(default_factory=list)
     """Group sizes, summing to d_sae."""
+    detach_inner: bool = False
+    """Detached inner levels: level j predicts b_dec + sg(inner blocks' sum) + its own block's,
+    so each block is trained for reconstruction by the first level that contains it only
+    (saekit.objective.matryoshka). The loss values are unchanged; only gradients differ."""
+    level_k: list[int] | None = None
+    """Decreasing K across levels: level j reconstructs from the k_j largest latents of its
+    prefix (per token for TopK, the k_j·N largest of the batch for BatchTopK), one per group,
+    k_1 ≤ … ≤ k_P = the activation's k. The full code (inference, L0, last level) is
+    unchanged; None: every level uses the full code."""
 
     def __post_init__(self) -> None:
         if not self.groups or any(g <= 0 for g in self.groups):
             raise ValueError(f"groups must be positive sizes, got {self.groups}")
+        level_k = self.level_k
+        if level_k is not None and (
+            len(level_k) != len(self.groups)
+            or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 for k in level_k)
+            or any(b < a for a, b in itertools.pairwise(level_k))
+        ):
+            raise ValueError(
+                f"matryoshka.level_k must be {len(self.groups)} positive integers (one per group), "
+                f"non-decreasing, got {level_k}"
+            )
 
 
 # ----------------------------------------------------------------------------- terms

@@ -6,12 +6,21 @@ Prefixes p_1 < … < p_P = M. Per block j, δ_j = Σ_{p_{j−1} ≤ i < p_j} z_i
 x̂_{p_j} = b_dec + Σ_{j' ≤ j} δ_j'. Reconstruction L = (1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖².
 A penalty averaged over prefixes, (1/P) Σ_j S_{p_j}, equals the plain penalty with per-latent
 weights w_i = #{j : i < p_j} / P (:func:`prefix_weights`), so the penalties need no block code.
+
+Two options of fixed levels (``matryoshka: {kind: fixed, detach_inner, level_k}``; issue 27
+item 5: 2026 Matryoshka results on SynthSAEBench-16k, the benchmark of arXiv 2602.14687; the
+formulas below are saekit's statement of them, no source text is in docs/references):
+- detached inner levels: x̂_{p_j} = b_dec + sg(Σ_{j' < j} δ_j') + δ_j, so a block is trained for
+  reconstruction by the first level that contains it alone (:func:`matryoshka_reconstruction_loss`);
+- decreasing K across levels: level j decodes only the k_j largest latents below p_j
+  (:func:`level_code`, :func:`level_reconstruction_loss`).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +30,11 @@ from saekit.core.encoding import SparseCode
 from saekit.kernels.layout import CodeLayout
 from saekit.kernels.prefix import prefix_mse
 from saekit.kernels.sparse import sparse_decode
-from saekit.objective.losses import tilted_mean, token_squared_errors
+from saekit.objective.losses import (
+    tilted_mean,
+    tilted_reconstruction_loss,
+    token_squared_errors,
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,7 +141,9 @@ def matryoshka_reconstruction_loss(
     W_dec_MD: Tensor,
     b_dec_D: Tensor,
     prefixes: Sequence[int],
+    *,
     tilt: float = 0.0,
+    detach_inner: bool = False,
 ) -> Tensor:
     """(1/P) Σ_j mean_n ‖x_n − x̂_{p_j}‖², every prefix from one pass (block deltas and the
     running sums of :func:`saekit.kernels.prefix.prefix_mse`). ``x_n``: the target;
@@ -137,20 +152,106 @@ def matryoshka_reconstruction_loss(
 
     ``tilt`` t ≠ 0 (``reconstruction_tilt``): (1/P) Σ_j R_j(t), each level's per-token errors
     tilted on their own (:func:`saekit.objective.losses.tilted_mean`, its own m_j), by a plain
-    running sum over the levels (prefix_mse only sums each level's errors)."""
+    running sum over the levels (prefix_mse only sums each level's errors).
+
+    ``detach_inner`` (detached inner levels): x̂_{p_j} = b_dec + sg(Σ_{j' < j} δ_j') + δ_j. The
+    value is the same; the outer levels' errors no longer pull the inner latents (and their
+    decoder rows) toward fixing what the outer latents miss — inner latents absorbing outer
+    features is the failure mode it targets. b_dec stays live in every level."""
     d = W_dec_MD.shape[-1]
     delta_PND = block_deltas(latents, W_dec_MD, prefixes)
     if tilt:
-        return tilted_levels(delta_PND, x_n.reshape(-1, d) - b_dec_D, tilt)
-    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()
+        return tilted_levels(delta_PND, x_n.reshape(-1, d) - b_dec_D, tilt, detach_inner)
+    return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D, detach_inner).mean()
 
 
-def tilted_levels(delta_PND: Tensor, r_ND: Tensor, tilt: float) -> Tensor:
+def tilted_levels(
+    delta_PND: Tensor, r_ND: Tensor, tilt: float, detach_inner: bool = False
+) -> Tensor:
     """(1/P) Σ_j R_j(t), R_j the tilted mean (losses.tilted_mean) of level j's per-token errors
     ‖r_n − Σ_{j' ≤ j} δ_j',n‖², r = target − offset: the levels' running sum, one level at a
-    time (prefix_mse's kernel keeps only each level's total, not its tokens')."""
+    time (prefix_mse's kernel keeps only each level's total, not its tokens'); ``detach_inner``:
+    the inner levels' sum under sg, as in :func:`matryoshka_reconstruction_loss`."""
     levels, sum_ND = [], torch.zeros_like(r_ND)
     for delta_ND in delta_PND:
+        pred_ND = (sum_ND.detach() if detach_inner else sum_ND) + delta_ND
+        levels.append(tilted_mean(token_squared_errors(r_ND, pred_ND), tilt))
         sum_ND = sum_ND + delta_ND
-        levels.append(tilted_mean(token_squared_errors(r_ND, sum_ND), tilt))
     return torch.stack(levels).mean()
+
+
+def level_code(
+    latents: Tensor | SparseCode, end: int, k: int, per_token: bool
+) -> Tensor | SparseCode:
+    """The code of a level with its own K (decreasing K across levels): the latents restricted
+    to the k largest |z_i| with i < ``end``, per token (``per_token``; a TopK's) or the k·N
+    largest of the whole batch (a BatchTopK's); every other entry an exact 0. The same form and
+    shape as given (a SparseCode keeps its entries and layout: only values change), so nothing
+    syncs with the host. The activation says which selection is its own
+    (``Activation.level_code``). Ties: any of the tied entries (torch.topk / a stable sort)."""
+    if isinstance(latents, SparseCode):
+        values_E = latents.values
+        key_E = values_E.detach().abs().masked_fill(latents.latent >= end, -math.inf)
+        n_entries = key_E.numel()
+        if per_token:  # rank within the token: sort by key (descending), then stably by token
+            by_key = key_E.argsort(descending=True, stable=True)
+            order = by_key[latents.token[by_key].argsort(stable=True)]
+            token_sorted = latents.token[order]
+            first = torch.searchsorted(token_sorted, token_sorted, right=False)
+            rank_sorted = torch.arange(n_entries, device=key_E.device) - first
+            rank_E = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+            keep_E = rank_E < k
+        else:
+            keep_E = torch.zeros(n_entries, dtype=torch.bool, device=key_E.device)
+            n_keep = min(k * latents.n_tokens, n_entries)
+            keep_E[key_E.topk(n_keep, sorted=False).indices] = True
+        keep_E &= latents.latent < end
+        kept = torch.where(keep_E, values_E, torch.zeros_like(values_E))
+        return latents._replace(values=kept)
+    z_NM = latents.reshape(-1, latents.shape[-1])
+    inside_M = torch.arange(z_NM.shape[1], device=z_NM.device) < end
+    key_NM = z_NM.detach().abs().masked_fill(~inside_M, -math.inf)
+    keep_NM = torch.zeros_like(key_NM, dtype=torch.bool)
+    if per_token:
+        keep_NM.scatter_(1, key_NM.topk(min(k, key_NM.shape[1]), dim=1).indices, True)
+    else:
+        n_keep = min(k * z_NM.shape[0], key_NM.numel())
+        keep_NM.view(-1)[key_NM.reshape(-1).topk(n_keep, sorted=False).indices] = True
+    return torch.where(keep_NM & inside_M, z_NM, torch.zeros_like(z_NM))
+
+
+def level_reconstruction_loss(
+    x_n: Tensor,
+    level_latents: Sequence[Tensor | SparseCode],
+    W_dec_MD: Tensor,
+    b_dec_D: Tensor,
+    prefixes: Sequence[int],
+    detach_inner: bool = False,
+    *,
+    tilt: float = 0.0,
+) -> Tensor:
+    """(1/P) Σ_j mean_n ‖x_n − x̂_j‖² (with ``tilt`` t ≠ 0: each level's tilted mean,
+    losses.tilted_reconstruction_loss) with level j's own code S_j (decreasing K across levels:
+    :func:`level_code` of the k_j largest below p_j; the last level's is the full code):
+
+        x̂_j = b_dec + Σ_{i ∈ S_j, i < p_{j−1}} z_i W_dec,i + Σ_{i ∈ S_j, i ≥ p_{j−1}} z_i W_dec,i
+
+    ``detach_inner``: the first sum (the inner blocks' latents that level j keeps) under sg, so
+    a latent's reconstruction gradient comes from the first level that contains its block, as
+    in :func:`matryoshka_reconstruction_loss` (whose numbers this gives when every S_j is the
+    full code below p_j). The levels are not nested sums (S_{j−1} ⊄ S_j: a block-j latent can
+    outrank an inner one), so each level is decoded on its own (two blocks, one decode)."""
+    ends = _check_prefixes(prefixes, W_dec_MD.shape[0])
+    if len(level_latents) != len(ends):
+        raise ValueError(f"{len(level_latents)} level codes for {len(ends)} prefixes")
+    d = W_dec_MD.shape[-1]
+    r_ND = x_n.reshape(-1, d) - b_dec_D
+    total = r_ND.new_zeros(())
+    for start, latents in zip([0, *ends[:-1]], level_latents, strict=True):
+        # [inner (i < start), own (i ≥ start)]; the code holds nothing at or past p_j
+        halves = block_deltas(latents, W_dec_MD, [start, ends[-1]] if start else [ends[-1]])
+        own_ND = halves[-1]
+        inner_ND = halves[0].detach() if detach_inner else halves[0]
+        pred_ND = own_ND + inner_ND if start else own_ND
+        total = total + tilted_reconstruction_loss(r_ND, pred_ND, tilt)
+    return total / len(ends)

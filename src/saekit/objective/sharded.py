@@ -153,7 +153,9 @@ class ShardedObjective:
         revival_cfg: RevivalConfig | None,
         reconstruction_tilt: float = 0.0,
     ):
-        build_objective(activation, penalty, revival_cfg, reconstruction_tilt)  # one process's
+        build_objective(
+            activation, penalty, revival_cfg, reconstruction_tilt=reconstruction_tilt
+        )  # one process's
         kind = activation.config_class.kind
         if reconstruction_tilt:  # each token's error needs the parts' summed reconstruction
             raise ValueError("reconstruction_tilt has no latent-sharded form yet (parallel.latent)")

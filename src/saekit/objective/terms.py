@@ -24,9 +24,11 @@ from torch import Tensor
 from saekit.objective import losses, matryoshka, revival
 from saekit.objective.config import (
     AuxKRevival,
+    FixedPrefixes,
     InputRevival,
     L0Penalty,
     MatryoshkaAuxKRevival,
+    MatryoshkaConfig,
     NoRevival,
     PenaltyConfig,
     PreactRevival,
@@ -58,6 +60,8 @@ class ObjectiveActivation(Protocol):
     def firing_threshold(self, enc: Encoding) -> Tensor: ...
 
     def firing_threshold_sharded(self, enc: Encoding, shard: LatentShard) -> Tensor: ...
+
+    def level_code(self, latents: Tensor | SparseCode, end: int, k: int) -> Tensor | SparseCode: ...
 
     def auxiliary_loss(self, view: EncoderView, out: ForwardOutput) -> Tensor: ...
 
@@ -101,12 +105,16 @@ class Term:
 
 class Reconstruction(Term):
     """mean_n ‖y_n − ŷ_n‖² (the activation's own where it has one), Matryoshka's mean over
-    prefixes, or with ``tilt`` t ≠ 0 their tilted forms (losses.tilted_mean; logged as such)."""
+    prefixes, or with ``tilt`` t ≠ 0 their tilted forms (losses.tilted_mean; logged as such);
+    fixed levels may detach the inner levels and give each level its own K
+    (FixedPrefixes.detach_inner, .level_k)."""
 
     name = "reconstruction"
 
-    def __init__(self, tilt: float = 0.0):
-        self.tilt = tilt
+    def __init__(
+        self, tilt: float = 0.0, detach_inner: bool = False, level_k: list[int] | None = None
+    ):
+        self.tilt, self.detach_inner, self.level_k = tilt, detach_inner, level_k
 
     def __call__(self, inputs: TermInputs) -> Tensor:
         out, view = inputs.out, inputs.sae.encoder_view()
@@ -116,9 +124,21 @@ class Reconstruction(Term):
             return inputs.sae.activation.reconstruction_loss(view, out)
         # each prefix's prediction starts from b_dec (+ a transcoder's skip path x_n W_skipᵀ)
         offset = view.decoder_offset_n(out.x_n)
-        return matryoshka.matryoshka_reconstruction_loss(
-            out.target(), out.latents, view.W_dec, offset, inputs.prefixes, self.tilt
-        )
+        if self.level_k is None:
+            return matryoshka.matryoshka_reconstruction_loss(
+                out.target(), out.latents, view.W_dec, offset, inputs.prefixes,
+                tilt=self.tilt, detach_inner=self.detach_inner,
+            )  # fmt: skip
+        if len(self.level_k) != len(inputs.prefixes):
+            raise ValueError(f"matryoshka.level_k has {len(self.level_k)} entries for "
+                             f"{len(inputs.prefixes)} levels")  # fmt: skip
+        # the last level (k_P = k, the whole dictionary) decodes the full code itself
+        activation, inner = inputs.sae.activation, zip(inputs.prefixes, self.level_k, strict=True)
+        codes = [activation.level_code(out.latents, end, k) for end, k in list(inner)[:-1]]
+        return matryoshka.level_reconstruction_loss(
+            out.target(), [*codes, out.latents], view.W_dec, offset, inputs.prefixes,
+            self.detach_inner, tilt=self.tilt,
+        )  # fmt: skip
 
 
 def _latent_weights(inputs: TermInputs) -> Tensor | None:
@@ -186,7 +206,10 @@ class InputAuxK(AuxK):  # the "input" revival
 
 
 class MatryoshkaAuxK(AuxK):
-    """AuxK per prefix level, each against its own prefix's residual (revival.py)."""
+    """AuxK per prefix level, each against its own prefix's residual (revival.py): the full
+    code's below p_j, whatever matryoshka.level_k and detach_inner (docs/design.md, "Matryoshka
+    levels": dead latents fit what the prefix's latents cannot explain, not the live latents a
+    level's k_j drops; the residual is detached, so detach_inner changes nothing here)."""
 
     def __call__(self, inputs: TermInputs) -> Tensor:
         if inputs.prefixes is None:
@@ -259,11 +282,14 @@ def build_objective(
     activation: type[ObjectiveActivation],
     penalty: PenaltyConfig | None,
     revival_cfg: RevivalConfig | None,
+    *,
     reconstruction_tilt: float = 0.0,
+    matryoshka_cfg: MatryoshkaConfig | None = None,
 ) -> Objective:
     """The terms for one SAE, or a ValueError naming the fields that do not fit together.
 
     Field names are as in an ``saes`` entry of a run config (``sae.activation.kind``, ...).
+    ``matryoshka_cfg``: read for the fixed levels' options (the prefixes come each step).
     """
     kind = activation.config_class.kind
     if reconstruction_tilt and activation.overrides("reconstruction_loss"):
@@ -271,7 +297,15 @@ def build_objective(
             f"reconstruction_tilt does not apply to sae.activation.kind {kind!r}: it has its own "
             "reconstruction loss"
         )
-    terms: list[Term] = [Reconstruction(reconstruction_tilt)]
+    detach_inner, level_k = False, None
+    if isinstance(matryoshka_cfg, FixedPrefixes):
+        detach_inner, level_k = matryoshka_cfg.detach_inner, matryoshka_cfg.level_k
+    if level_k is not None and not activation.overrides("level_code"):
+        raise ValueError(
+            f"matryoshka.level_k needs an activation that keeps its k largest latents (topk, "
+            f"abstopk, batchtopk); sae.activation.kind {kind!r} does not"
+        )
+    terms: list[Term] = [Reconstruction(reconstruction_tilt, detach_inner, level_k)]
     if penalty is None and activation.needs_penalty:
         raise ValueError(
             f"sae.activation.kind {kind!r} is sparse only through a penalty: set penalty "

@@ -138,6 +138,14 @@ class SAETrainConfig:
         if k_aux is not None and k_aux > d_sae:
             raise ValueError(f"revival.k_aux = {k_aux} exceeds sae.d_sae = {d_sae}")
         kind = self.sae.activation.kind
+        level_k = getattr(self.matryoshka, "level_k", None)
+        if level_k is not None and ACTIVATIONS[kind].overrides("level_code"):
+            k = self.sae.activation.k  # level_code's activations have a k (Activation.level_code)
+            if level_k[-1] != k:
+                raise ValueError(
+                    f"matryoshka.level_k must end with sae.activation.k = {k} (the last level is "
+                    f"the full code), got {level_k}"
+                )
         if self.matryoshka is not None and ACTIVATIONS[kind].overrides("reconstruction_loss"):
             raise ValueError(
                 f"matryoshka does not apply to sae.activation.kind {kind!r}: it has its own "
@@ -155,7 +163,7 @@ class SAETrainConfig:
         """This SAE's loss terms (raises ValueError for a combination that does not fit)."""
         return build_objective(
             ACTIVATIONS[self.sae.activation.kind], self.penalty, self.revival,
-            self.reconstruction_tilt,
+            reconstruction_tilt=self.reconstruction_tilt, matryoshka_cfg=self.matryoshka,
         )  # fmt: skip
 
     @property

@@ -82,6 +82,13 @@ def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
             except ValueError as exc:
                 raise ValueError(f"{exc} per process (d_sae / parallel.latent)") from None
             ShardedObjective(ACTIVATIONS[kind], s.penalty, s.revival, s.reconstruction_tilt)
+            if getattr(s.matryoshka, "detach_inner", False) or getattr(
+                s.matryoshka, "level_k", None
+            ):
+                raise ValueError(
+                    "matryoshka.detach_inner and matryoshka.level_k have no latent-sharded form "
+                    "yet (parallel.latent)"
+                )
             if (
                 isinstance(s.sae, CLTConfig)
                 and s.revival is not None

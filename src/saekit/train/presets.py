@@ -157,15 +157,27 @@ def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: 
 
 def recipe_matryoshka(
     d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
-    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS, tilt: float = 0.0,
+    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS,
+    tilt: float = 0.0,
+    detach_inner: bool = False,
+    level_k: list[int] | None = None,
 ) -> dict:  # fmt: skip
     """Matryoshka-BatchTopK (common.get_matryoshka_config): fixed levels at ``widths`` (the
     paper's 128, 512, 2048 at width 4096) and its Matryoshka aux loss (AuxK per level,
     use_matryoshka_aux_loss=True, α = 1). SAELens sums the levels' losses; saekit averages
     them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux.
-    ``tilt``: saekit's reconstruction_tilt, every level tilted (0 for the paper's)."""
+
+    Options beyond the paper (off by default, the entry then unchanged): ``tilt`` (saekit's
+    reconstruction_tilt, every level tilted), ``detach_inner`` (detached inner levels) and
+    ``level_k`` (decreasing K across levels: one k per level, non-decreasing, ending with
+    ``k``), saekit.objective.config.FixedPrefixes."""
     entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr, tilt=tilt)
-    return {**entry, "matryoshka": {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)},
+    levels: dict = {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)}
+    if detach_inner:
+        levels["detach_inner"] = True
+    if level_k is not None:
+        levels["level_k"] = list(level_k)
+    return {**entry, "matryoshka": levels,
             "revival": {"kind": "matryoshka_auxk", "coefficient": 1.0}}  # fmt: skip
 
 
