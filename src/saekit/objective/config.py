@@ -234,6 +234,13 @@ class MatryoshkaConfig(KindConfig):
 
     family = "matryoshka"
 
+    def check_sort_every(self) -> None:
+        """``sort_every`` (every kind has it): every this many steps the latents are reordered
+        by how often they fired since the last reorder, most frequent first, so the frequent
+        features sit in the inner levels (saekit.train.member.Member.sort_latents_); 0: never."""
+        if self.sort_every < 0:
+            raise ValueError(f"matryoshka.sort_every must be >= 0, got {self.sort_every}")
+
 
 @dataclass
 class RandomPrefixes(MatryoshkaConfig):
@@ -244,10 +251,13 @@ class RandomPrefixes(MatryoshkaConfig):
     """P, including the full width."""
     min_prefix: int = 1
     """Smallest prefix length m."""
+    sort_every: int = 0
+    """Frequency-sorted levels every this many steps (MatryoshkaConfig.sort_every); 0: off."""
 
     def __post_init__(self) -> None:
         if self.n_prefixes < 1 or self.min_prefix < 1:
             raise ValueError("n_prefixes and min_prefix must be >= 1")
+        self.check_sort_every()
 
 
 @dataclass
@@ -257,10 +267,13 @@ class FixedPrefixes(MatryoshkaConfig):
     kind = "fixed"
     groups: list[int] = field(default_factory=list)
     """Group sizes, summing to d_sae."""
+    sort_every: int = 0
+    """Frequency-sorted levels every this many steps (MatryoshkaConfig.sort_every); 0: off."""
 
     def __post_init__(self) -> None:
         if not self.groups or any(g <= 0 for g in self.groups):
             raise ValueError(f"groups must be positive sizes, got {self.groups}")
+        self.check_sort_every()
 
 
 # ----------------------------------------------------------------------------- terms

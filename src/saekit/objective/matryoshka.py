@@ -135,3 +135,16 @@ def matryoshka_reconstruction_loss(
     d = W_dec_MD.shape[-1]
     delta_PND = block_deltas(latents, W_dec_MD, prefixes)
     return prefix_mse(delta_PND, x_n.reshape(-1, d) - b_dec_D).mean()
+
+
+def frequency_order(counts_M: Tensor) -> Tensor:
+    """Frequency-sorted levels (``matryoshka.sort_every``; issue 27 item 5): the permutation
+    [M] (int64) that puts the latents that fired most often first, ties in their current order
+    (a stable sort), so new latent j is old latent perm[j].
+
+    Why: a Matryoshka level's latents should hold the general, frequent features (Bussmann et
+    al. 2025, arXiv 2503.17547: the inner dictionaries learn general concepts); a frequent
+    feature learnt by an outer latent otherwise stays there, since nothing moves a feature
+    between latents. Reordering is free: the SAE computes the same function
+    (saekit.model.sae.SAE.permute_latents_)."""
+    return torch.sort(counts_M, descending=True, stable=True).indices

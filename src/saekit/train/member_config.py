@@ -101,6 +101,11 @@ class SAETrainConfig:
                 f"matryoshka does not apply to sae.kind {self.sae.kind!r}: prefixes of its flat "
                 "latents would drop whole layers (train it without matryoshka)"
             )
+        if self.matryoshka is not None and self.matryoshka.sort_every and self.sae.KIND:
+            raise ValueError(
+                f"matryoshka.sort_every does not apply to sae.kind {self.sae.KIND!r} yet (it "
+                "reorders an SAE's or transcoder's latents only)"
+            )
         if isinstance(self.matryoshka, FixedPrefixes) and sum(self.matryoshka.groups) != d_sae:
             raise ValueError(
                 f"matryoshka.groups sum to {sum(self.matryoshka.groups)}, not sae.d_sae = {d_sae}"

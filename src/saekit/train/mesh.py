@@ -82,6 +82,10 @@ def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
             except ValueError as exc:
                 raise ValueError(f"{exc} per process (d_sae / parallel.latent)") from None
             ShardedObjective(ACTIVATIONS[kind], s.penalty, s.revival)
+            if s.matryoshka is not None and s.matryoshka.sort_every:
+                raise ValueError(
+                    "matryoshka.sort_every has no latent-sharded form (parallel.latent)"
+                )
             if (
                 isinstance(s.sae, CLTConfig)
                 and s.revival is not None

@@ -148,14 +148,19 @@ def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: 
 
 def recipe_matryoshka(
     d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
-    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS,
+    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS, sort_every: int = 0,
 ) -> dict:  # fmt: skip
     """Matryoshka-BatchTopK (common.get_matryoshka_config): fixed levels at ``widths`` (the
     paper's 128, 512, 2048 at width 4096) and its Matryoshka aux loss (AuxK per level,
     use_matryoshka_aux_loss=True, α = 1). SAELens sums the levels' losses; saekit averages
-    them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux."""
+    them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux.
+    ``sort_every`` > 0: saekit's frequency-sorted levels (matryoshka.sort_every), not the
+    paper's."""
     entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr)
-    return {**entry, "matryoshka": {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)},
+    levels: dict[str, Any] = {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)}
+    if sort_every:  # unset when off: the paper's recipe, unchanged
+        levels["sort_every"] = sort_every
+    return {**entry, "matryoshka": levels,
             "revival": {"kind": "matryoshka_auxk", "coefficient": 1.0}}  # fmt: skip
 
 
