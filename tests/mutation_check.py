@@ -1812,6 +1812,70 @@ FAULTS = [
         "    return True",
         ("test_synth_bench.py",),
     ),
+    # ------------------------------------- frequency-sorted Matryoshka levels (issue 27 item 5)
+    Fault(
+        "sort-ascending",
+        "objective/matryoshka.py",
+        "    return torch.sort(counts_M, descending=True, stable=True).indices",
+        "    return torch.sort(counts_M, descending=False, stable=True).indices",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-after-the-wrong-step",
+        "train/member.py",
+        "        if (step + 1) % self.sort_every == 0:",
+        "        if step % self.sort_every == 0:",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-counts-kept-across-sorts",
+        "train/member.py",
+        "            self.fire_counts.zero_()\n",
+        "",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-counts-of-one-rank",
+        "train/member.py",
+        'self.comm.all_reduce(per_latent.contiguous(), "sum", "firing counts")',
+        "per_latent",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-activation-tensors-left",
+        "model/sae.py",
+        ' + [f"activation.{k}" for k, v in act.items() if v.dim()]',
+        "",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-adam-moments-left",
+        "train/member.py",
+        "                    value.copy_(value.index_select(0, perm))",
+        "                    pass",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-dead-counters-left",
+        "train/member.py",
+        "        self.tokens_since_fired = before.index_select(0, perm)",
+        "        self.tokens_since_fired = before.clone()",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-dead-columns-not-renamed",
+        "objective/revival.py",
+        "        self.columns = inverse_M[self.columns].sort().values",
+        "        pass",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-counts-not-resumed",
+        "train/member.py",
+        '            self.fire_counts = tensors["fire_counts"].to(self.device)',
+        "            self.fire_counts.zero_()",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
 ]
 
 # ------------------------------------------------------------------------------ machinery
