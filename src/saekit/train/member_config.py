@@ -51,7 +51,8 @@ class SAETrainConfig:
     Unset: auxk where the activation takes it (TopK family), none otherwise."""
     matryoshka: MatryoshkaConfig | None = None
     """Matryoshka prefixes: ``{kind: random, n_prefixes: 10, min_prefix: 1}`` or
-    ``{kind: fixed, groups: [...]}``; unset for a plain SAE."""
+    ``{kind: fixed, groups: [...]}``, either with ``sort_every: N`` (frequency-sorted levels);
+    unset for a plain SAE."""
     dead_tokens: int = 200_000
     """A latent is dead after this many tokens without firing (real LMs: ~10M)."""
     b_dec_init: str = "mean"
