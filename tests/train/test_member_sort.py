@@ -19,6 +19,7 @@ from test_trainer import run_config as trainer_run_config
 
 from saekit.core.comm import LocalComm
 from saekit.core.encoding import as_dense
+from saekit.kernels import select as kernel_select
 from saekit.objective.revival import DeadSet
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.member import Member
@@ -137,6 +138,16 @@ def test_the_dead_columns_are_renamed_on_the_same_refresh_schedule():
     dead_set.permute_(perm, counters, edited)  # counters it does not follow: refresh stays due
     dead_set.get(edited, batch_tokens=100)
     assert dead_set.counted == 0
+
+
+def test_a_step_that_sorts_never_syncs_with_the_host(request, monkeypatch):
+    monkeypatch.setattr(kernel_select, "reads_free", lambda tensor: False)  # a GPU's path
+    m = member(1)  # sorts after every step
+    data = batches(3)
+    m.train_step(data[0], 0)  # refreshes AuxK's dead columns: its one host transfer
+    request.getfixturevalue("host_sync_raises")
+    for step, x in enumerate(data[1:], start=1):
+        m.train_step(x, step)
 
 
 class TwoRanks(LocalComm):
