@@ -18,6 +18,7 @@ from test_trainer import (
 from test_trainer import run_config as trainer_run_config
 
 from saekit.core.comm import LocalComm
+from saekit.core.configs import from_dict
 from saekit.core.encoding import as_dense
 from saekit.kernels import select as kernel_select
 from saekit.objective.revival import DeadSet
@@ -238,6 +239,12 @@ def test_what_sorting_does_not_fit_is_refused_in_one_line(change, message):
     entry = {"sae": {"d_in": 4, "d_sae": 16, "activation": BATCHTOPK}, "name": "s", **change}
     with pytest.raises(ValueError, match=message):
         SAETrainConfig(**entry).validate()
+
+
+def test_sort_every_outside_matryoshka_is_an_unknown_field():
+    entry = {"sae": {"d_in": 4, "d_sae": 16, "activation": BATCHTOPK}, "sort_every": 5}
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['sort_every'\]"):
+        from_dict(SAETrainConfig, entry)
 
 
 def test_latent_parallelism_refuses_sorting(tmp_path):
