@@ -1823,9 +1823,8 @@ FAULTS = [
     Fault(
         "matryoshka-detach-inner-ignored",
         "objective/terms.py",
-        "                out.target(), out.latents, view.W_dec, offset, inputs.prefixes, "
-        "self.detach_inner",
-        "                out.target(), out.latents, view.W_dec, offset, inputs.prefixes",
+        "                tilt=self.tilt, detach_inner=self.detach_inner,",
+        "                tilt=self.tilt,",
         ("test_matryoshka_levels.py", "test_matryoshka_levels_training.py"),
     ),
     Fault(
@@ -1912,16 +1911,18 @@ FAULTS = [
     Fault(
         "tilt-ignored-matryoshka",
         "objective/terms.py",
-        "inputs.prefixes, self.tilt",
-        "inputs.prefixes",
+        "                tilt=self.tilt, detach_inner=self.detach_inner,",
+        "                detach_inner=self.detach_inner,",
         ("test_tilted_loss.py",),
     ),
     Fault(
         "tilt-matryoshka-levels-pooled",
         "objective/matryoshka.py",
-        "        levels.append(tilted_mean(token_squared_errors(r_ND, sum_ND), tilt))\n"
+        "        levels.append(tilted_mean(token_squared_errors(r_ND, pred_ND), tilt))\n"
+        "        sum_ND = sum_ND + delta_ND\n"
         "    return torch.stack(levels).mean()",
-        "        levels.append(token_squared_errors(r_ND, sum_ND))\n"
+        "        levels.append(token_squared_errors(r_ND, pred_ND))\n"
+        "        sum_ND = sum_ND + delta_ND\n"
         "    return tilted_mean(torch.cat(levels), tilt)",
         ("test_tilted_loss.py",),
     ),
@@ -1959,6 +1960,70 @@ FAULTS = [
         '    return {**entry, "reconstruction_tilt": float(tilt)} if tilt else entry',
         "    return entry",
         ("test_tilted_loss.py",),
+    ),
+    # ------------------------------------- frequency-sorted Matryoshka levels (issue 27 item 5)
+    Fault(
+        "sort-ascending",
+        "objective/matryoshka.py",
+        "    return torch.sort(counts_M, descending=True, stable=True).indices",
+        "    return torch.sort(counts_M, descending=False, stable=True).indices",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-after-the-wrong-step",
+        "train/member.py",
+        "        if (step + 1) % self.sort_every == 0:",
+        "        if step % self.sort_every == 0:",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-counts-kept-across-sorts",
+        "train/member.py",
+        "            self.fire_counts.zero_()\n",
+        "",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-counts-of-one-rank",
+        "train/member.py",
+        'self.comm.all_reduce(per_latent.contiguous(), "sum", "firing counts")',
+        "per_latent",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-activation-tensors-left",
+        "model/sae.py",
+        ' + [f"activation.{k}" for k, v in act.items() if v.dim()]',
+        "",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-adam-moments-left",
+        "train/member.py",
+        "                    value.copy_(value.index_select(0, perm))",
+        "                    pass",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-dead-counters-left",
+        "train/member.py",
+        "        self.tokens_since_fired = before.index_select(0, perm)",
+        "        self.tokens_since_fired = before.clone()",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-dead-columns-not-renamed",
+        "objective/revival.py",
+        "        self.columns = inverse_M[self.columns].sort().values",
+        "        pass",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
+    ),
+    Fault(
+        "sort-counts-not-resumed",
+        "train/member.py",
+        '            self.fire_counts = tensors["fire_counts"].to(self.device)',
+        "            self.fire_counts.zero_()",
+        ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
     ),
 ]
 

@@ -22,6 +22,7 @@ from saekit.objective.losses import l0_penalty, reconstruction_loss, sparsity_pe
 from saekit.objective.matryoshka import (
     block_deltas,
     fixed_prefixes,
+    frequency_order,
     matryoshka_reconstruction_loss,
     prefix_length_probs,
     prefix_weights,
@@ -261,3 +262,19 @@ def test_fixed_prefixes_are_cumulative_group_sizes():
     assert fixed_prefixes([4, 8, 16]) == [4, 12, 28]
     with pytest.raises(ValueError):
         fixed_prefixes([4, 0])
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [3, 0, 7, 7, 1, 0, 3, 9, 0, 7],  # ties at the top, the middle and zero
+        [0] * 6,  # none fired: the order stays
+        [5] * 6,  # all equal: the order stays
+        [0, 0, 0, 0, 0, 1],  # one fired: it comes first
+        list(range(12)),  # ascending: reversed
+    ],
+)
+def test_frequency_order_is_a_stable_sort_by_descending_counts(counts):
+    expected = sorted(range(len(counts)), key=lambda i: -counts[i])  # Python's sort is stable
+    perm = frequency_order(torch.tensor(counts, dtype=torch.int64))
+    assert perm.dtype == torch.int64 and perm.tolist() == expected

@@ -31,6 +31,9 @@ def test_the_recipes_carry_the_papers_numbers():
     assert presets.matryoshka_groups(4096) == [128, 384, 1536, 2048]  # ends 128, 512, 2048, 4096
     assert presets.matryoshka_groups(512) == [128, 384]  # widths ≥ d_sae dropped
     assert e["Matryoshka"]["revival"] == {"kind": "matryoshka_auxk", "coefficient": 1.0}
+    assert "sort_every" not in e["Matryoshka"]["matryoshka"]  # the paper's: off, key unset
+    sorted_levels = presets.recipe_matryoshka(WIDTH, K, STEPS, BATCH, LR, sort_every=50)
+    assert sorted_levels["matryoshka"] == {**e["Matryoshka"]["matryoshka"], "sort_every": 50}
     assert e["BatchTopK"]["revival"]["coefficient"] == 1.0
     l1 = e["Standard L1"]["penalty"]
     assert (l1["coefficient"], l1["warmup_steps"], l1["controller_start"]) == (2.0, 3, 3)

@@ -235,6 +235,13 @@ class MatryoshkaConfig(KindConfig):
 
     family = "matryoshka"
 
+    def check_sort_every(self) -> None:
+        """``sort_every`` (every kind has it): every this many steps the latents are reordered
+        by how often they fired since the last reorder, most frequent first, so the frequent
+        features sit in the inner levels (saekit.train.member.Member.sort_latents_); 0: never."""
+        if self.sort_every < 0:
+            raise ValueError(f"matryoshka.sort_every must be >= 0, got {self.sort_every}")
+
 
 @dataclass
 class RandomPrefixes(MatryoshkaConfig):
@@ -245,10 +252,13 @@ class RandomPrefixes(MatryoshkaConfig):
     """P, including the full width."""
     min_prefix: int = 1
     """Smallest prefix length m."""
+    sort_every: int = 0
+    """Frequency-sorted levels every this many steps (MatryoshkaConfig.sort_every); 0: off."""
 
     def __post_init__(self) -> None:
         if self.n_prefixes < 1 or self.min_prefix < 1:
             raise ValueError("n_prefixes and min_prefix must be >= 1")
+        self.check_sort_every()
 
 
 @dataclass
@@ -267,6 +277,8 @@ class FixedPrefixes(MatryoshkaConfig):
     prefix (per token for TopK, the k_j·N largest of the batch for BatchTopK), one per group,
     k_1 ≤ … ≤ k_P = the activation's k. The full code (inference, L0, last level) is
     unchanged; None: every level uses the full code."""
+    sort_every: int = 0
+    """Frequency-sorted levels every this many steps (MatryoshkaConfig.sort_every); 0: off."""
 
     def __post_init__(self) -> None:
         if not self.groups or any(g <= 0 for g in self.groups):
@@ -281,6 +293,7 @@ class FixedPrefixes(MatryoshkaConfig):
                 f"matryoshka.level_k must be {len(self.groups)} positive integers (one per group), "
                 f"non-decreasing, got {level_k}"
             )
+        self.check_sort_every()
 
 
 # ----------------------------------------------------------------------------- terms

@@ -255,3 +255,16 @@ def level_reconstruction_loss(
         pred_ND = own_ND + inner_ND if start else own_ND
         total = total + tilted_reconstruction_loss(r_ND, pred_ND, tilt)
     return total / len(ends)
+
+
+def frequency_order(counts_M: Tensor) -> Tensor:
+    """Frequency-sorted levels (``matryoshka.sort_every``; issue 27 item 5): the permutation
+    [M] (int64) that puts the latents that fired most often first, ties in their current order
+    (a stable sort), so new latent j is old latent perm[j].
+
+    Why: a Matryoshka level's latents should hold the general, frequent features (Bussmann et
+    al. 2025, arXiv 2503.17547: the inner dictionaries learn general concepts); a frequent
+    feature learnt by an outer latent otherwise stays there, since nothing moves a feature
+    between latents. Reordering is free: the SAE computes the same function
+    (saekit.model.sae.SAE.permute_latents_)."""
+    return torch.sort(counts_M, descending=True, stable=True).indices

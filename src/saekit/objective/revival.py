@@ -226,6 +226,20 @@ class DeadSet:
         self.counted += n_tokens
         self._counters = (counters_M, counters_M._version)
 
+    def permute_(self, perm_M: Tensor, before_M: Tensor, after_M: Tensor) -> None:
+        """The latents were reordered (new latent j is old latent perm[j]), the counters
+        ``before_M`` becoming ``after_M``: the same columns, renamed, on the same refresh
+        schedule (a refresh already due stays due: counters it did not follow, or edited)."""
+        old = self._counters
+        if old is None or old[0] is not before_M or before_M._version != old[1]:
+            return
+        if self.columns is None:  # never refreshed: the next get refreshes
+            return
+        inverse_M = torch.empty_like(perm_M)
+        inverse_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
+        self.columns = inverse_M[self.columns].sort().values
+        self._counters = (after_M, after_M._version)
+
     def get(self, counters_M: Tensor, batch_tokens: int) -> Tensor:
         """The current superset [C] (int64, sorted), refreshed when due, or when the counters
         were replaced or edited other than by :meth:`count` (a resume, a test)."""

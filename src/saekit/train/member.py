@@ -13,7 +13,9 @@ calls it for every SAE on every batch:
    counters add the global batch);
 7. the activation's own state (``after_step``: BatchTopK's θ, its batch minimum combined with
    ``comm.all_reduce`` min);
-8. the λ controller (data parallel: on L0 averaged with ``comm.all_reduce`` avg).
+8. the λ controller (data parallel: on L0 averaged with ``comm.all_reduce`` avg);
+9. (``matryoshka.sort_every``) firing counts (data parallel: ``comm.all_reduce`` sum), and
+   every N steps the latents sorted by them (:meth:`Member.count_and_sort`).
 
 ``comm`` is the member's, given in the constructor: the collectives of the ranks that share this
 SAE's batches (:func:`saekit.train.parallel.batch_comm`); one process, or a sweep: the identity
@@ -100,6 +102,9 @@ class Member:
         self.tokens_since_fired = torch.zeros(M, dtype=torch.int64, device=self.device)
         self.dead_set = DeadSet(cfg.dead_tokens)  # AuxK's candidate columns, host-refreshed
         self.prefix_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        # frequency-sorted levels: each latent's firing tokens since the last sort
+        self.sort_every = getattr(cfg.matryoshka, "sort_every", 0)
+        self.fire_counts = torch.zeros(M, dtype=torch.int64, device=self.device)
         self.objective = cfg.objective()
         penalty = cfg.penalty
         # λ at least fp32, and float64 for a float64 SAE (0.3 must not become 0.30000001).
@@ -201,6 +206,8 @@ class Member:
                 n_tokens *= comm.world_size
             self.update_counters(fired, n_tokens)
             sae.activation.after_step(out.encoding, comm)
+            if self.sort_every:
+                self.count_and_sort(per_latent, step)
             l0 = per_token.double().mean()
             if self.controller is not None:
                 self.controller.step(comm.all_reduce(l0.clone(), "avg", "L0"))
@@ -244,6 +251,32 @@ class Member:
         )
         self.dead_set.count(n_tokens, self.tokens_since_fired)
 
+    def count_and_sort(self, per_latent: Tensor, step: int) -> None:
+        """Frequency-sorted levels (``matryoshka.sort_every``): add the step's firing counts
+        (data parallel: the global batch's, one sum over ranks, so every rank sorts alike), and
+        after every ``sort_every``-th step sort the latents by them."""
+        if self.comm.world_size > 1:
+            per_latent = self.comm.all_reduce(per_latent.contiguous(), "sum", "firing counts")
+        self.fire_counts += per_latent
+        if (step + 1) % self.sort_every == 0:
+            self.permute_latents_(matryoshka.frequency_order(self.fire_counts))
+            self.fire_counts.zero_()
+
+    @torch.no_grad()
+    def permute_latents_(self, perm: Tensor) -> None:
+        """Reorder the latents (new latent j is old latent perm[j]) in everything per-latent:
+        the SAE's tensors (SAE.permute_latents_), their optimizer state of their own shape
+        (Adam's exp_avg and exp_avg_sq), the dead counters, AuxK's dead columns and the firing
+        counts. The SAE's function and its next step are the same, permuted."""
+        for p in self.sae.permute_latents_(perm):
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.dim() and value.shape == p.shape:
+                    value.copy_(value.index_select(0, perm))
+        before = self.tokens_since_fired
+        self.tokens_since_fired = before.index_select(0, perm)
+        self.dead_set.permute_(perm, before, self.tokens_since_fired)
+        self.fire_counts = self.fire_counts.index_select(0, perm)
+
     # ------------------------------------------------------------------ state
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -254,6 +287,8 @@ class Member:
             for key, value in pstate.items():
                 state[f"opt.{idx}.{key}"] = torch.as_tensor(value)
         state["tokens_since_fired"] = self.tokens_since_fired
+        if self.sort_every:
+            state["fire_counts"] = self.fire_counts
         state["prefix_generator"] = self.prefix_generator.get_state()
         if self.controller is not None:
             for key, value in self.controller.state_dict().items():
@@ -275,6 +310,8 @@ class Member:
                 opt_state.setdefault(int(idx), {})[name] = value.to(self.device)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
+        if self.sort_every:
+            self.fire_counts = tensors["fire_counts"].to(self.device)
         self.prefix_generator.set_state(tensors["prefix_generator"])
         if self.controller is not None:
             self.controller.load_state_dict(

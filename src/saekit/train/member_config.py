@@ -51,7 +51,8 @@ class SAETrainConfig:
     Unset: auxk where the activation takes it (TopK family), none otherwise."""
     matryoshka: MatryoshkaConfig | None = None
     """Matryoshka prefixes: ``{kind: random, n_prefixes: 10, min_prefix: 1}`` or
-    ``{kind: fixed, groups: [...]}``; unset for a plain SAE."""
+    ``{kind: fixed, groups: [...]}``, either with ``sort_every: N`` (frequency-sorted levels);
+    unset for a plain SAE."""
     reconstruction_tilt: float = 0.0
     """t of the tilted reconstruction loss (TERM, arXiv 2007.01162; losses.tilted_mean):
     R(t) = m·(1/t)·log mean_n exp(t·ℓ_n/m), ℓ_n a token's squared error, m its batch mean
@@ -112,6 +113,11 @@ class SAETrainConfig:
             raise ValueError(
                 f"matryoshka does not apply to sae.kind {self.sae.kind!r}: prefixes of its flat "
                 "latents would drop whole layers (train it without matryoshka)"
+            )
+        if self.matryoshka is not None and self.matryoshka.sort_every and self.sae.KIND:
+            raise ValueError(
+                f"matryoshka.sort_every does not apply to sae.kind {self.sae.KIND!r} yet (it "
+                "reorders an SAE's or transcoder's latents only)"
             )
         if isinstance(self.matryoshka, FixedPrefixes) and sum(self.matryoshka.groups) != d_sae:
             raise ValueError(

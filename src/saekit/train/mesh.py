@@ -89,6 +89,10 @@ def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
                     "matryoshka.detach_inner and matryoshka.level_k have no latent-sharded form "
                     "yet (parallel.latent)"
                 )
+            if s.matryoshka is not None and s.matryoshka.sort_every:
+                raise ValueError(
+                    "matryoshka.sort_every has no latent-sharded form (parallel.latent)"
+                )
             if (
                 isinstance(s.sae, CLTConfig)
                 and s.revival is not None

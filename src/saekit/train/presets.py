@@ -161,6 +161,7 @@ def recipe_matryoshka(
     tilt: float = 0.0,
     detach_inner: bool = False,
     level_k: list[int] | None = None,
+    sort_every: int = 0,
 ) -> dict:  # fmt: skip
     """Matryoshka-BatchTopK (common.get_matryoshka_config): fixed levels at ``widths`` (the
     paper's 128, 512, 2048 at width 4096) and its Matryoshka aux loss (AuxK per level,
@@ -170,13 +171,16 @@ def recipe_matryoshka(
     Options beyond the paper (off by default, the entry then unchanged): ``tilt`` (saekit's
     reconstruction_tilt, every level tilted), ``detach_inner`` (detached inner levels) and
     ``level_k`` (decreasing K across levels: one k per level, non-decreasing, ending with
-    ``k``), saekit.objective.config.FixedPrefixes."""
+    ``k``), saekit.objective.config.FixedPrefixes; ``sort_every`` > 0: frequency-sorted
+    levels (matryoshka.sort_every)."""
     entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr, tilt=tilt)
-    levels: dict = {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)}
+    levels: dict[str, Any] = {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)}
     if detach_inner:
         levels["detach_inner"] = True
     if level_k is not None:
         levels["level_k"] = list(level_k)
+    if sort_every:
+        levels["sort_every"] = sort_every
     return {**entry, "matryoshka": levels,
             "revival": {"kind": "matryoshka_auxk", "coefficient": 1.0}}  # fmt: skip
 
