@@ -137,24 +137,34 @@ def matryoshka_groups(d_sae: int, widths: tuple[int, ...] = MATRYOSHKA_WIDTHS) -
     return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
-def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+def encoder_steps_entry(encoder_steps: int) -> dict[str, int]:
+    """The ``sae:`` fields of ``encoder_steps`` LISTA steps (saekit.model.lista): none for 1,
+    so a recipe's default entry is the paper's unchanged."""
+    return {} if encoder_steps == 1 else {"encoder_steps": encoder_steps}
+
+
+def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
+                     encoder_steps: int = 1) -> dict:  # fmt: skip
     """BatchTopK (common.get_btk_config): SAELens's BatchTopK, its AuxK α = 1 (TopK's
-    aux_loss_coefficient default) without variance normalisation."""
+    aux_loss_coefficient default) without variance normalisation. ``encoder_steps`` > 1: a
+    LISTA encoder (not the paper's; saekit.model.lista)."""
     del total_steps
+    act = {"kind": "batchtopk", "k": k}
     return {**_paper_base(k, batch_size, lr),
-            "sae": {"d_sae": d_sae, "activation": {"kind": "batchtopk", "k": k}},
+            "sae": {"d_sae": d_sae, "activation": act, **encoder_steps_entry(encoder_steps)},
             "revival": {"kind": "auxk", "coefficient": 1.0, "normalizer": "none"}}  # fmt: skip
 
 
 def recipe_matryoshka(
     d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
-    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS,
+    widths: tuple[int, ...] = MATRYOSHKA_WIDTHS, encoder_steps: int = 1,
 ) -> dict:  # fmt: skip
     """Matryoshka-BatchTopK (common.get_matryoshka_config): fixed levels at ``widths`` (the
     paper's 128, 512, 2048 at width 4096) and its Matryoshka aux loss (AuxK per level,
     use_matryoshka_aux_loss=True, α = 1). SAELens sums the levels' losses; saekit averages
-    them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux."""
-    entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr)
+    them (1/P): the same direction under Adam, a P× smaller reconstruction against the aux.
+    ``encoder_steps`` > 1: a LISTA encoder (not the paper's; saekit.model.lista)."""
+    entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr, encoder_steps)
     return {**entry, "matryoshka": {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)},
             "revival": {"kind": "matryoshka_auxk", "coefficient": 1.0}}  # fmt: skip
 
@@ -167,10 +177,12 @@ def recipe_matching_pursuit(d_sae: int, k: int, total_steps: int, batch_size: in
     return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": act}}
 
 
-def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
+              encoder_steps: int = 1) -> dict:  # fmt: skip
     """Standard L1 (common.get_standard_config, saes/standard_sae.py): ReLU, λ·Σ|z_i|‖W_dec,i‖
     with λ = 2.0 warmed up linearly over the first third of training, then the autotuner
-    (K_i = 3e-4, from a third of training on) moves it toward target L0 = k."""
+    (K_i = 3e-4, from a third of training on) moves it toward target L0 = k.
+    ``encoder_steps`` > 1: a LISTA encoder (not the paper's; saekit.model.lista)."""
     third = total_steps // 3
     penalty = {
         "kind": "l1",
@@ -181,17 +193,20 @@ def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) 
         "controller_rate": 3e-4,
         "controller_start": third,
     }
-    return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": "relu"},
+    sae = {"d_sae": d_sae, "activation": "relu", **encoder_steps_entry(encoder_steps)}
+    return {**_paper_base(k, batch_size, lr), "sae": sae,
             "penalty": penalty, "revival": "none"}  # fmt: skip
 
 
-def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
+                    encoder_steps: int = 1) -> dict:  # fmt: skip
     """JumpReLU (common.get_jumprelu_config, saes/jumprelu_sae.py): threshold 0.5, bandwidth 2,
     Anthropic's tanh sparsity loss λ·Σ tanh(4·|z_i|‖W_dec,i‖) with λ = 0.2 autotuned from step
     0 toward L0 = k. Not expressed: its input normalisation ``expected_average_only_in``
     (saekit scales every SAE's input by its own dataset scale instead) and its TopK aux loss
     on dead latents (saekit's JumpReLU takes no AuxK; with SAELens's 1000-step dead window no
-    latent counts as dead in a run of at most 1000 steps, so the term is 0 there)."""
+    latent counts as dead in a run of at most 1000 steps, so the term is 0 there).
+    ``encoder_steps`` > 1: a LISTA encoder (not the paper's; saekit.model.lista)."""
     del total_steps
     act = {"kind": "jumprelu", "init_threshold": 0.5, "bandwidth": 2.0}
     penalty = {
@@ -202,7 +217,8 @@ def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: f
         "controller": "autotune",
         "controller_rate": 3e-4,
     }
-    return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": act},
+    sae = {"d_sae": d_sae, "activation": act, **encoder_steps_entry(encoder_steps)}
+    return {**_paper_base(k, batch_size, lr), "sae": sae,
             "penalty": penalty, "revival": "none"}  # fmt: skip
 
 
