@@ -18,6 +18,7 @@ from saekit.eval.calibrate import (
     off_target,
     pre_activations,
     threshold_set,
+    to_jumprelu,
 )
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
@@ -88,6 +89,10 @@ def test_with_encoder_steps_theta_is_the_fixed_point_that_gives_l0_k():
     assert result.threshold_ema == 0.0  # the EMA's θ as training left it, not a round's
     with torch.no_grad(), threshold_set(sae, pre_at_one_pass(sae, x)):
         assert abs(float((sae.encode(x) != 0).sum()) / 400 - 3.0) > 0.05  # one pass is off
+    with threshold_set(sae, result.threshold):  # the JumpReLU of it keeps the steps
+        converted = to_jumprelu(sae)
+        assert converted.cfg.encoder_steps == 3
+        torch.testing.assert_close(converted.encode(x), sae.encode(x))
 
 
 def pre_at_one_pass(sae, x):
