@@ -2025,6 +2025,70 @@ FAULTS = [
         "            self.fire_counts.zero_()",
         ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),
     ),
+    # LISTA encoder steps (saekit.model.lista, sae.encoder_steps)
+    Fault(
+        "lista-no-carry",
+        "model/lista.py",
+        "        pre_NM = as_dense(c) + encoder_preacts(",
+        "        pre_NM = 0 * as_dense(c) + encoder_preacts(",
+        ("test_lista.py",),
+    ),
+    Fault(
+        "lista-residual-without-bdec",
+        "model/lista.py",
+        "view.W_enc, view.b_enc, reconstruct(c))",
+        "view.W_enc, view.b_enc, reconstruct(c) - view.b_dec)",
+        ("test_lista.py",),
+    ),
+    Fault(
+        "lista-one-step-fewer",
+        "model/lista.py",
+        "    for _ in range(steps - 1):",
+        "    for _ in range(steps - 2):",
+        ("test_lista.py",),
+    ),
+    Fault(
+        "lista-steps-detached",
+        "model/lista.py",
+        "        c = enc.latents",
+        "        c = as_dense(enc.latents).detach()",
+        ("test_lista.py",),
+    ),
+    Fault(
+        "lista-exported",
+        "interop/portable.py",
+        "    if sae.cfg.encoder_steps > 1:",
+        "    if False:",
+        ("test_lista.py",),
+    ),
+    Fault(
+        "lista-transcoder-accepted",
+        "model/config.py",
+        "            if self.transcoder:  # the residual x − x̂",
+        "            if False:  # the residual x − x̂",
+        ("test_lista.py",),
+    ),
+    Fault(
+        "lista-latent-parallel-accepted",
+        "train/mesh.py",
+        "            if isinstance(s.sae, SAEConfig) and s.sae.encoder_steps > 1:",
+        "            if False:",
+        ("test_latent_clt.py",),
+    ),
+    Fault(
+        "lista-calibration-one-pass",
+        "eval/calibrate.py",
+        "    calibration = first if steps == 1 else _search(sae, fresh, max_tokens, first)",
+        "    calibration = first",
+        ("test_calibrate.py",),
+    ),
+    Fault(
+        "lista-calibration-unbracketed",
+        "eval/calibrate.py",
+        "        if not low < theta < high:",
+        "        if False:",
+        ("test_calibrate.py",),
+    ),
 ]
 
 # ------------------------------------------------------------------------------ machinery

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -11,7 +12,14 @@ import torch
 
 from saekit.cli import main
 from saekit.data.synthetic.generator import SyntheticData
-from saekit.eval.calibrate import calibrate_batchtopk, l0_target, off_target, pre_activations
+from saekit.eval.calibrate import (
+    calibrate_batchtopk,
+    l0_target,
+    off_target,
+    pre_activations,
+    threshold_set,
+    to_jumprelu,
+)
 from saekit.model.config import SAEConfig
 from saekit.model.sae import SAE
 from saekit.train import presets
@@ -56,6 +64,41 @@ def test_theta_stays_at_zero_when_too_few_pre_activations_are_positive():
         sae.b_enc.fill_(-1e3)  # every pre-activation negative
     result = calibrate_batchtopk(sae, iter([torch.randn(64, 8)]), max_tokens=64)
     assert result.threshold == 0.0 and result.l0 == 0.0
+
+
+def test_with_encoder_steps_theta_is_the_fixed_point_that_gives_l0_k():
+    """LISTA steps (saekit.model.lista) apply θ at every step: calibration iterates
+    θ ← v_{kN+1}(last step's pre at θ) until it settles, where the inference L0 is k."""
+    one = batchtopk_sae()
+    sae = SAE(dataclasses.replace(one.cfg, encoder_steps=3))
+    sae.load_state_dict(one.state_dict())
+    with torch.no_grad():
+        sae.W_enc.mul_(0.5)  # a stable step: ‖W_dec W_encᵀ‖ near 1
+    sae.eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 8, generator=g) + 3.0
+    batches = [x[:150], x[150:]]
+    with pytest.raises(ValueError, match="encoder_steps = 3 reads the tokens once per round"):
+        calibrate_batchtopk(sae, iter(batches), max_tokens=400)
+    result = calibrate_batchtopk(sae, batches, max_tokens=400, apply=False)
+    with torch.no_grad(), threshold_set(sae, result.threshold):
+        l0 = float((sae.encode(x) != 0).sum()) / 400
+        again = calibrate_batchtopk(sae, batches, max_tokens=400, apply=False)
+    assert l0 == pytest.approx(3.0, rel=0.01)
+    assert again.threshold == pytest.approx(result.threshold, rel=2e-3)  # a fixed point
+    assert result.threshold_ema == 0.0  # the EMA's θ as training left it, not a round's
+    with torch.no_grad(), threshold_set(sae, pre_at_one_pass(sae, x)):
+        assert abs(float((sae.encode(x) != 0).sum()) / 400 - 3.0) > 0.05  # one pass is off
+    with threshold_set(sae, result.threshold):  # the JumpReLU of it keeps the steps
+        converted = to_jumprelu(sae)
+        assert converted.cfg.encoder_steps == 3
+        torch.testing.assert_close(converted.encode(x), sae.encode(x))
+
+
+def pre_at_one_pass(sae, x):
+    """θ of a single calibration pass with the intermediate steps at θ = 0."""
+    values = pre_activations(sae, x).flatten().sort(descending=True).values
+    return float(values[3 * len(x)])
 
 
 def short_batchtopk_run(tmp_path, steps=30):

@@ -257,6 +257,11 @@ def test_what_a_sharded_clt_cannot_do_is_refused_in_one_line(tmp_path):
     )
     with pytest.raises(ValueError, match="saes.0: sae.activation.kind 'abstopk' has no latent"):
         check_latent_saes([abstopk], 2)  # an SAE's too: TopK's sharded selection is not its own
+    lista = SAETrainConfig(
+        sae={"d_in": 8, "d_sae": 16, "activation": {"kind": "topk", "k": 2}, "encoder_steps": 2}
+    )
+    with pytest.raises(ValueError, match="saes.0: sae.encoder_steps > 1 has no latent-sharded"):
+        check_latent_saes([lista], 2)  # LISTA steps (saekit.model.lista): one process only
 
 
 # ---------------------------------------------------------------------- gloo

@@ -77,3 +77,44 @@ def test_a_short_run_of_every_recipe_uses_the_terms_and_controllers_it_names(tmp
     for m in members.values():  # constant lr: no warm-up, no decay
         assert [g["lr"] for g in m.optimizer.param_groups] == [LR] * len(m.optimizer.param_groups)
     assert torch.isfinite(members["Matryoshka"].sae.W_dec).all()
+
+
+def test_encoder_steps_reach_the_sae_entry_and_the_default_is_the_papers():
+    assert "encoder_steps" not in presets.recipe_batchtopk(WIDTH, K, STEPS, BATCH, LR)["sae"]
+    for recipe in (presets.recipe_batchtopk, presets.recipe_matryoshka, presets.recipe_l1,
+                   presets.recipe_jumprelu):  # fmt: skip
+        assert recipe(WIDTH, K, STEPS, BATCH, LR, encoder_steps=3)["sae"]["encoder_steps"] == 3
+
+
+def test_a_short_lista_matryoshka_run_trains_and_differs_from_one_step(tmp_path):
+    """Matryoshka-BatchTopK with 2 encoder steps: finite losses, the end-of-run calibration,
+    evaluation and save run through the steps, the saved SAE reloads with them, and the weights
+    differ from the one-step run on the same data (the option is active)."""
+    from saekit.model.sae import SAE
+    from saekit.train.outputs import evaluate_member, save_outputs
+
+    runs = {}
+    for steps in (1, 2):
+        entry = presets.recipe_matryoshka(
+            WIDTH, K, STEPS, BATCH, LR, widths=(16,), encoder_steps=steps
+        )
+        out_dir = tmp_path / f"s{steps}"
+        cfg = build_run_config({"data": {"synthetic": {"d": D_IN, "n_features": 96,
+                                                       "mean_l0": 4.0}},
+                                "saes": [{**entry, "name": "m"}], "batch_size": BATCH,
+                                "steps": STEPS, "out_dir": str(out_dir), "progress": False,
+                                "checkpoint_every": 0, "log_every": 1})  # fmt: skip
+        trainer = make_trainer(cfg)
+        losses: list[float] = []
+        trainer.log_callbacks.append(
+            lambda m, record, out=losses: out.append(record.values["loss"])
+        )
+        trainer.fit()
+        assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+        member = trainer.members[0]
+        report = evaluate_member(member, trainer.source, 512, BATCH)
+        assert report.threshold is not None and report.metrics.l0 > 0
+        save_outputs(out_dir, {"m": member.sae}, [report])
+        runs[steps] = member.sae
+        assert SAE.load(out_dir / "m").cfg.encoder_steps == steps
+    assert not torch.allclose(runs[1].W_enc, runs[2].W_enc)

@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"SAE d_in = {sae.cfg.d_in} but the cache {args.data} has width {cache.d}"
             )
-        batches = held_out_batches(cache, args.max_tokens, args.batch_size)
+
+        def batches():  # fresh each call: an SAE with encoder steps calibrates in rounds
+            return held_out_batches(cache, args.max_tokens, args.batch_size)
+
         cal = calibrate_batchtopk(sae, batches, args.max_tokens)
         note = f"calibrated on {cal.n_tokens} tokens of {args.data}: L0 {cal.l0:.2f}"
     else:

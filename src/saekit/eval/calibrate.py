@@ -21,6 +21,17 @@ the rest (:func:`tokens_after`), so the reported L0 says how θ carries to token
 on instead of being k by construction (issue 28: 32.00 for k = 32 on the calibration tokens,
 51.5 on other text).
 
+An SAE with LISTA encoder steps (``sae.encoder_steps`` n > 1, saekit.model.lista) applies the
+same θ at every step, so the last step's pre-activations depend on θ itself and no single sort
+gives it. Calibration then searches θ in rounds, each reading the calibration tokens once at a
+trial θ_j: it measures the inference L0 at θ_j and proposes θ_{j+1} = v_{kN+1} of the last step's
+pre-activations computed at θ_j (a fixed point of that rule has L0 = k exactly). θs whose L0 was
+above or below k bracket the answer (the L0 falls as θ rises); a proposal outside the bracket is
+replaced by its midpoint, because the rule alone can cycle (it did, between L0 0.8 and 3.7 for
+k = 3, on a 3-step SAE in tests/eval/test_calibrate.py). It stops when the L0 is within
+:data:`ROUND_TOLERANCE` of k or after :data:`MAX_ROUNDS` rounds, keeping the θ whose L0 was
+closest to k. One-step SAEs calibrate in one pass, as above.
+
 The top kN + 1 values are kept while streaming (at most k·max_tokens + 1 floats), so the
 held-out set is read once and never held in memory whole.
 
@@ -37,7 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -47,6 +59,10 @@ from saekit.model.sae import SAE
 
 TOLERANCE = 0.10
 """How far (relative) the inference L0 may be from its target before a warning."""
+MAX_ROUNDS = 20
+"""At most this many calibration rounds for an SAE with encoder steps (module docstring)."""
+ROUND_TOLERANCE = 0.005
+"""The rounds stop when the inference L0 is within this fraction of k."""
 
 
 def calibration_tokens(n_tokens: int) -> int:
@@ -91,10 +107,64 @@ def pre_activations(sae: Any, x_ND: Tensor) -> Tensor:
 
 @torch.no_grad()
 def calibrate_batchtopk(
-    sae: Any, batches: Iterable[Tensor], max_tokens: int, *, apply: bool = True
+    sae: Any,
+    batches: Iterable[Tensor] | Callable[[], Iterable[Tensor]],
+    max_tokens: int,
+    *,
+    apply: bool = True,
 ) -> Calibration:
     """Choose θ on up to ``max_tokens`` tokens of ``batches`` ([n, d] raw activations) and, with
-    ``apply``, write it into ``sae.activation.threshold`` (a 0-d buffer)."""
+    ``apply``, write it into ``sae.activation.threshold`` (a 0-d buffer). ``batches``: an
+    iterable, or a function giving a fresh one per call, which an SAE with encoder steps needs
+    (a list or tuple serves as its own: the fixed point of the module docstring)."""
+    fresh = batches if callable(batches) else None
+    if fresh is None and isinstance(batches, (list, tuple)):
+        fresh = lambda: batches  # noqa: E731 (a list is read again as it is)
+    steps = getattr(sae.cfg, "encoder_steps", 1)
+    if steps > 1 and fresh is None:
+        raise ValueError(
+            f"calibrating an SAE with encoder_steps = {steps} reads the tokens once per round:"
+            " pass a list of batches or a function giving fresh ones"
+        )
+    first = _calibrate_once(sae, fresh() if fresh is not None else batches, max_tokens)
+    calibration = first if steps == 1 else _search(sae, fresh, max_tokens, first)
+    if apply:
+        sae.activation.threshold.fill_(calibration.threshold)
+    return calibration
+
+
+def _search(
+    sae: Any, fresh: Callable[[], Iterable[Tensor]], max_tokens: int, first: Calibration
+) -> Calibration:
+    """θ of an SAE with encoder steps, in rounds (module docstring); ``first``: the pass at
+    the SAE's own θ, whose proposal starts the search."""
+    k = float(sae.activation.cfg.k)
+    low, high = 0.0, math.inf  # L0 ≥ k at θ ≤ low, ≤ k at θ ≥ high
+    best = None  # (|L0 − k|, θ, L0)
+    theta = first.threshold
+    for _ in range(MAX_ROUNDS):
+        with threshold_set(sae, theta):
+            trial = _calibrate_once(sae, fresh(), max_tokens)  # l0_ema: the L0 at θ itself
+        if best is None or abs(trial.l0_ema - k) < best[0]:
+            best = (abs(trial.l0_ema - k), theta, trial.l0_ema)
+        if abs(trial.l0_ema - k) <= ROUND_TOLERANCE * k:
+            break
+        if trial.l0_ema > k:
+            low = max(low, theta)
+        else:
+            high = min(high, theta)
+        if high <= low:  # θ = 0 fires fewer than k: nothing lower exists
+            break
+        theta = trial.threshold
+        if not low < theta < high:
+            theta = (low + high) / 2 if math.isfinite(high) else 2 * low + 1e-6
+    _, theta, l0 = best
+    return first._replace(threshold=theta, l0=l0)
+
+
+@torch.no_grad()
+def _calibrate_once(sae: Any, batches: Iterable[Tensor], max_tokens: int) -> Calibration:
+    """One pass of :func:`calibrate_batchtopk` at the SAE's current θ (nothing written)."""
     k = sae.activation.cfg.k
     threshold_ema = sae.activation.threshold.detach().clone()
     keep = k * max_tokens + 1  # v_1 .. v_{k·max_tokens+1} contain v_{kN+1} for any N ≤ max
@@ -120,8 +190,6 @@ def calibrate_batchtopk(
     rank = k * n_tokens  # θ = v_{rank+1}: index `rank` of the decreasing values
     theta = top[rank] if rank < len(top) else top.new_zeros(())
     theta = theta.clamp_min(0)
-    if apply:
-        sae.activation.threshold.copy_(theta.to(sae.activation.threshold.dtype))
     return Calibration(
         threshold=float(theta),
         threshold_ema=float(threshold_ema),

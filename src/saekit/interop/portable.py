@@ -87,6 +87,11 @@ def _affine(sae: SAE) -> dict[str, Tensor]:
 def to_portable(sae: SAE) -> Portable:
     """The portable form of a saekit SAE (its activation's ``export_form``), or InteropError
     naming the activation."""
+    if sae.cfg.encoder_steps > 1:
+        raise InteropError(
+            f"sae.encoder_steps = {sae.cfg.encoder_steps} (LISTA steps) has no equivalent in "
+            "SAELens, sparsify, dictionary_learning or circuit-tracer: they encode in one step"
+        )
     try:
         form = sae.activation.export_form()
     except ValueError as exc:  # e.g. a negative JumpReLU threshold

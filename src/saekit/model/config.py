@@ -106,6 +106,11 @@ class SAEConfig(DictionaryConfig):
     """Transcoders: hook point of the target (the splice evaluation replaces its output)."""
     skip: bool = False
     """Transcoders: an affine skip path, ŷ = z W_dec + x W_skipᵀ + b_dec (W_skip [d_out, d_in])."""
+    encoder_steps: int = 1
+    """n ≥ 1 encoder steps: 1 is the affine encoder σ((x − b_dec) W_encᵀ + b_enc); each further
+    step c ← σ(c + (x − c W_dec − b_dec) W_encᵀ + b_enc) is a LISTA step (Gregor & LeCun 2010;
+    saekit.model.lista). SAEs only, with an activation of pre-activations alone (topk,
+    batchtopk, jumprelu, relu, abstopk); no format but saekit's expresses n > 1."""
 
     def __post_init__(self) -> None:
         self.activation = ActivationConfig.parse(self.activation, "activation")
@@ -147,6 +152,14 @@ class SAEConfig(DictionaryConfig):
             raise ValueError("whitening applies to SAEs, not transcoders (d_out is set)")
         self.activation.check_d_sae(self.d_sae)
         check_dtype(self.dtype)
+        check_positive(self, ("encoder_steps",))
+        if self.encoder_steps > 1:
+            if self.transcoder:  # the residual x − x̂ would mix the input's and target's spaces
+                raise ValueError(
+                    "encoder_steps > 1 applies to SAEs, not transcoders (d_out is set): the "
+                    "residual x − x̂ is undefined when x̂ predicts another hook"
+                )
+            check_per_layer_activation(self.activation, "encoder_steps > 1 (LISTA steps)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from saekit.activations import make_activation
 from saekit.core.atomic import recover_directory
 from saekit.core.configs import to_dict
-from saekit.core.encoding import EncoderView, ForwardOutput, SparseCode, as_dense
+from saekit.core.encoding import EncoderView, Encoding, ForwardOutput, SparseCode, as_dense
 from saekit.kernels.sparse import sparse_decode
 from saekit.model import normalisation
 from saekit.model.config import SAEConfig
@@ -35,6 +35,7 @@ from saekit.model.format import (
     read_weights,
     write_dictionary,
 )
+from saekit.model.lista import encode_steps
 from saekit.model.normalisation import Whitening, estimate_scale
 from saekit.model.stats import check_activations, check_scale, geometric_median
 
@@ -224,8 +225,17 @@ class SAE(nn.Module):
         return self.encoder_view().decoder_offset_n(x_n)
 
     def pre_acts(self, x_n: Tensor) -> Tensor:
-        """[N, d] normalised input -> [N, M] differentiable pre-activations."""
+        """[N, d] normalised input -> [N, M] differentiable pre-activations (encoder_steps > 1:
+        the last step's, saekit.model.lista)."""
+        if self.cfg.encoder_steps > 1:
+            return self.encode_n(x_n).preacts.dense()
         return self.activation.preacts(self.encoder_view(), x_n).dense()
+
+    def encode_n(self, x_n: Tensor) -> Encoding:
+        """[N, d] normalised input -> the encoding: the activation's encode, then
+        ``cfg.encoder_steps`` − 1 LISTA steps (saekit.model.lista)."""
+        steps = self.cfg.encoder_steps
+        return encode_steps(self.activation, self.encoder_view(), x_n, steps, self.decode_n)
 
     def decode_n(self, latents: Tensor | SparseCode, x_n: Tensor | None = None) -> Tensor:
         """Latents -> [N, d_out] reconstruction in the normalised space (b_dec included; the
@@ -252,7 +262,7 @@ class SAE(nn.Module):
             check_activations(x, self.cfg.d_in)
         lead = x.shape[:-1]
         x_n = self.normalise(x)
-        encoding = self.activation.encode(self.encoder_view(), x_n)
+        encoding = self.encode_n(x_n)
         x_hat_n = self.decode_n(encoding.latents, x_n)
         x_hat = self.denormalise(x_hat_n).reshape(*lead, self.cfg.target_width)
         if self.cfg.transcoder:
@@ -266,7 +276,7 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations [..., d] -> dense latents [..., M]."""
         check_activations(x, self.cfg.d_in)
-        z = as_dense(self.activation.encode(self.encoder_view(), self.normalise(x)).latents)
+        z = as_dense(self.encode_n(self.normalise(x)).latents)
         return z.reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:

@@ -175,7 +175,10 @@ def calibrated(sae, held_out: list):
     threshold = None
     if sae.activation.calibrated_threshold:
         n_tokens = sum(x.shape[0] for x, _ in held_out)
-        xs = (x.to(sae.W_dec.device) for x, _ in held_out)
+
+        def xs():  # fresh each call: an SAE with encoder steps calibrates in rounds
+            return (x.to(sae.W_dec.device) for x, _ in held_out)
+
         threshold = calibrate_batchtopk(sae, xs, n_tokens, apply=False).threshold
     return threshold_set(sae, threshold)
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from saekit.activations import ACTIVATIONS
 from saekit.core.comm import Comm, LocalComm
 from saekit.model.clt import CLTConfig
+from saekit.model.config import SAEConfig
 from saekit.objective.sharded import ShardedObjective
 from saekit.train.comm import ProcessGroupComm
 from saekit.train.launch import DistContext
@@ -71,6 +72,10 @@ def check_latent_saes(saes: list[SAETrainConfig], T: int) -> None:
             kind, M = s.sae.activation.kind, s.sae.d_sae  # a CLT's M: per layer
             if M % T:
                 raise ValueError(f"sae.d_sae = {M} is not divisible by parallel.latent = {T}")
+            if isinstance(s.sae, SAEConfig) and s.sae.encoder_steps > 1:
+                raise ValueError(
+                    "sae.encoder_steps > 1 has no latent-sharded form (parallel.latent)"
+                )
             # a CLT's part selects from its own L encoders' pre-activations
             hook = "encode_preacts_sharded" if isinstance(s.sae, CLTConfig) else "encode_sharded"
             if not ACTIVATIONS[kind].overrides(hook):

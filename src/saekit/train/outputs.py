@@ -99,12 +99,12 @@ def _calibrate(sae: SAE, source: ActivationSource, n_tokens: int, batch_size: in
     def held_out() -> Iterator[Tensor]:
         return (sae.split_stream(x)[0] for x, _ in source.eval_batches(n_tokens, batch_size))
 
-    calibration = calibrate_batchtopk(sae, held_out(), calibration_tokens(n_tokens), apply=False)
+    calibration = calibrate_batchtopk(sae, held_out, calibration_tokens(n_tokens), apply=False)
     if calibration.n_tokens < calibration_tokens(n_tokens):  # the source ran out: all were read
         half = calibration_tokens(calibration.n_tokens)
         if half == 0:
             raise ValueError("BatchTopK calibration needs at least 2 held-out tokens, got 1")
-        calibration = calibrate_batchtopk(sae, held_out(), half, apply=False)
+        calibration = calibrate_batchtopk(sae, held_out, half, apply=False)
     return calibration
 
 

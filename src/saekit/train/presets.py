@@ -143,14 +143,23 @@ def _tilted(entry: dict[str, Any], tilt: float) -> dict[str, Any]:
     return {**entry, "reconstruction_tilt": float(tilt)} if tilt else entry
 
 
+def encoder_steps_entry(encoder_steps: int) -> dict[str, int]:
+    """The ``sae:`` fields of ``encoder_steps`` LISTA steps (saekit.model.lista): none for 1,
+    so a recipe's default entry is the paper's unchanged."""
+    return {} if encoder_steps == 1 else {"encoder_steps": encoder_steps}
+
+
 def recipe_batchtopk(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
-                     tilt: float = 0.0) -> dict:  # fmt: skip
+                     tilt: float = 0.0, encoder_steps: int = 1) -> dict:  # fmt: skip
     """BatchTopK (common.get_btk_config): SAELens's BatchTopK, its AuxK α = 1 (TopK's
-    aux_loss_coefficient default) without variance normalisation. ``tilt``: saekit's
-    reconstruction_tilt (TERM, losses.tilted_mean), 0 for the paper's."""
+    aux_loss_coefficient default) without variance normalisation. Not the paper's (0 and 1
+    leave its entry unchanged): ``tilt``, saekit's reconstruction_tilt (TERM,
+    losses.tilted_mean); ``encoder_steps`` > 1, a LISTA encoder (saekit.model.lista)."""
     del total_steps
+    act = {"kind": "batchtopk", "k": k}
     return _tilted({**_paper_base(k, batch_size, lr),
-                    "sae": {"d_sae": d_sae, "activation": {"kind": "batchtopk", "k": k}},
+                    "sae": {"d_sae": d_sae, "activation": act,
+                            **encoder_steps_entry(encoder_steps)},
                     "revival": {"kind": "auxk", "coefficient": 1.0, "normalizer": "none"}},
                    tilt)  # fmt: skip
 
@@ -162,6 +171,7 @@ def recipe_matryoshka(
     detach_inner: bool = False,
     level_k: list[int] | None = None,
     sort_every: int = 0,
+    encoder_steps: int = 1,
 ) -> dict:  # fmt: skip
     """Matryoshka-BatchTopK (common.get_matryoshka_config): fixed levels at ``widths`` (the
     paper's 128, 512, 2048 at width 4096) and its Matryoshka aux loss (AuxK per level,
@@ -172,8 +182,9 @@ def recipe_matryoshka(
     reconstruction_tilt, every level tilted), ``detach_inner`` (detached inner levels) and
     ``level_k`` (decreasing K across levels: one k per level, non-decreasing, ending with
     ``k``), saekit.objective.config.FixedPrefixes; ``sort_every`` > 0: frequency-sorted
-    levels (matryoshka.sort_every)."""
-    entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr, tilt=tilt)
+    levels (matryoshka.sort_every); ``encoder_steps`` > 1: a LISTA encoder (saekit.model.lista)."""
+    entry = recipe_batchtopk(d_sae, k, total_steps, batch_size, lr, tilt=tilt,
+                             encoder_steps=encoder_steps)  # fmt: skip
     levels: dict[str, Any] = {"kind": "fixed", "groups": matryoshka_groups(d_sae, widths)}
     if detach_inner:
         levels["detach_inner"] = True
@@ -193,10 +204,12 @@ def recipe_matching_pursuit(d_sae: int, k: int, total_steps: int, batch_size: in
     return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": act}}
 
 
-def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
+              encoder_steps: int = 1) -> dict:  # fmt: skip
     """Standard L1 (common.get_standard_config, saes/standard_sae.py): ReLU, λ·Σ|z_i|‖W_dec,i‖
     with λ = 2.0 warmed up linearly over the first third of training, then the autotuner
-    (K_i = 3e-4, from a third of training on) moves it toward target L0 = k."""
+    (K_i = 3e-4, from a third of training on) moves it toward target L0 = k.
+    ``encoder_steps`` > 1: a LISTA encoder (not the paper's; saekit.model.lista)."""
     third = total_steps // 3
     penalty = {
         "kind": "l1",
@@ -207,17 +220,20 @@ def recipe_l1(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) 
         "controller_rate": 3e-4,
         "controller_start": third,
     }
-    return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": "relu"},
+    sae = {"d_sae": d_sae, "activation": "relu", **encoder_steps_entry(encoder_steps)}
+    return {**_paper_base(k, batch_size, lr), "sae": sae,
             "penalty": penalty, "revival": "none"}  # fmt: skip
 
 
-def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float) -> dict:
+def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: float,
+                    encoder_steps: int = 1) -> dict:  # fmt: skip
     """JumpReLU (common.get_jumprelu_config, saes/jumprelu_sae.py): threshold 0.5, bandwidth 2,
     Anthropic's tanh sparsity loss λ·Σ tanh(4·|z_i|‖W_dec,i‖) with λ = 0.2 autotuned from step
     0 toward L0 = k. Not expressed: its input normalisation ``expected_average_only_in``
     (saekit scales every SAE's input by its own dataset scale instead) and its TopK aux loss
     on dead latents (saekit's JumpReLU takes no AuxK; with SAELens's 1000-step dead window no
-    latent counts as dead in a run of at most 1000 steps, so the term is 0 there)."""
+    latent counts as dead in a run of at most 1000 steps, so the term is 0 there).
+    ``encoder_steps`` > 1: a LISTA encoder (not the paper's; saekit.model.lista)."""
     del total_steps
     act = {"kind": "jumprelu", "init_threshold": 0.5, "bandwidth": 2.0}
     penalty = {
@@ -228,7 +244,8 @@ def recipe_jumprelu(d_sae: int, k: int, total_steps: int, batch_size: int, lr: f
         "controller": "autotune",
         "controller_rate": 3e-4,
     }
-    return {**_paper_base(k, batch_size, lr), "sae": {"d_sae": d_sae, "activation": act},
+    sae = {"d_sae": d_sae, "activation": act, **encoder_steps_entry(encoder_steps)}
+    return {**_paper_base(k, batch_size, lr), "sae": sae,
             "penalty": penalty, "revival": "none"}  # fmt: skip
 
 
