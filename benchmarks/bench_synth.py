@@ -47,6 +47,7 @@ from saekit.synthbench.bench import (
     train_seed,
 )
 from saekit.synthbench.metrics import SynthScores
+from saekit.synthbench.options import OPTIONS, label
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).with_name("saelens_peer.py")
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=("full", "scaled"), default="scaled")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (mean ± std)")
     p.add_argument("--arch", action="append", choices=ARCHITECTURES, help="default: all")
+    p.add_argument(
+        "--option",
+        action="append",
+        choices=sorted(OPTIONS),
+        help="also train the Matryoshka recipe with this option on (issue 27 item 5; repeat)",
+    )
     p.add_argument("--samples", type=int, help="override the protocol's training samples")
     p.add_argument("--eval-tokens", type=int, help="override the protocol's held-out tokens")
     p.add_argument(
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     threads, why = (args.threads, "--threads") if args.threads is not None else default_threads()
     print(f"threads: {threads or torch.get_num_threads()} ({why})", file=sys.stderr, flush=True)
     archs = args.arch or list(ARCHITECTURES)
+    options = [label(name) for name in args.option or []]
     with tempfile.TemporaryDirectory(prefix="saekit-peer-") as tmp:
         work = Path(tmp)
         world_path, python = args.world, None
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, peers, start, walls = [], [], time.time(), {"saekit": 0.0, "SAELens": 0.0}
         for seed in range(args.seeds):
             t0 = time.time()
-            runs.append(train_seed(protocol, archs, seed, threads=threads, world=world))
+            runs.append(train_seed(protocol, archs + options, seed, threads=threads, world=world))
             walls["saekit"] += time.time() - t0
             print(f"seed {seed}: saekit done after {time.time() - start:.0f} s", file=sys.stderr,
                   flush=True)  # fmt: skip

@@ -20,6 +20,7 @@ from saekit.data.synthetic.synthbench_sampler import SynthBenchData
 from saekit.data.synthetic.synthbench_world import SynthBenchConfig, synthsaebench_16k
 from saekit.eval.calibrate import calibrate_batchtopk, threshold_set
 from saekit.synthbench.metrics import SynthMetricAccumulator, SynthScores
+from saekit.synthbench.options import apply_option, option_lines, option_of
 from saekit.train.config import build_run_config
 from saekit.train.presets import SYNTHSAEBENCH_RECIPES, recipe_matryoshka
 from saekit.train.trainer import Trainer
@@ -99,7 +100,12 @@ def default_threads() -> tuple[int, str]:
 
 def member_entry(arch: str, k: int, protocol: Protocol, seed: int) -> dict[str, Any]:
     """One ``saes`` entry of a run config: the paper's recipe for ``arch`` at L0 ``k``
-    (saekit.train.presets.SYNTHSAEBENCH_RECIPES) at the protocol's width, length and lr."""
+    (saekit.train.presets.SYNTHSAEBENCH_RECIPES) at the protocol's width, length and lr; for
+    "Matryoshka + NAME", the Matryoshka recipe with option NAME on (saekit.synthbench.options)."""
+    option = option_of(arch)
+    if option is not None:
+        base = member_entry("Matryoshka", k, protocol, seed)
+        return {**apply_option(option, base, k), "name": f"{arch.replace(' ', '_')}-L0_{k}"}
     if arch not in SYNTHSAEBENCH_RECIPES:
         raise ValueError(f"unknown architecture {arch!r}; one of {ARCHITECTURES}")
     steps = math.ceil(protocol.samples / protocol.batch_size)
@@ -236,7 +242,8 @@ def mean_spread(values: list[float]) -> str:
 def rows_of(protocol: Protocol, runs: list[dict[tuple[str, int], SynthScores]]) -> list[dict]:
     """Per (architecture, published L0) asked for: the seeds' scores and whether L0 matched."""
     rows = []
-    for arch in ARCHITECTURES:
+    options = sorted({a for a, _ in runs[0] if option_of(a) is not None})
+    for arch in [*ARCHITECTURES, *options]:
         for label in sorted(protocol.l0, reverse=True):
             if (arch, label) not in runs[0]:  # not asked for (--arch)
                 continue
@@ -251,8 +258,9 @@ def format_rankings(rows: list[dict], who: str) -> list[str]:
     correlation with the published column (rows not at matched L0 are left out)."""
     lines = []
     for label in sorted({r["label"] for r in rows}, reverse=True):
-        here = [r for r in rows if r["label"] == label and r["matched"]]
-        left_out = [r["arch"] for r in rows if r["label"] == label and not r["matched"]]
+        published = [r for r in rows if r["label"] == label and option_of(r["arch"]) is None]
+        here = [r for r in published if r["matched"]]
+        left_out = [r["arch"] for r in published if not r["matched"]]
         for metric, attr in (("f1", "f1"), ("mcc", "mcc")):
             ours = {r["arch"]: statistics.mean(getattr(s, attr) for s in r["scores"])
                     for r in here}  # fmt: skip
@@ -287,10 +295,15 @@ def format_table(
     trainers = [("saekit", rows_of(protocol, runs))]
     if peer is not None:
         trainers.append((peer_name, rows_of(protocol, peer)))
-    for i in range(len(trainers[0][1])):
+    for first in trainers[0][1]:  # each row, then its peer's on the same (arch, L0)
         for who, rows in trainers:
-            r = rows[i]
-            pub, got = PUBLISHED[r["arch"]][r["label"]], r["scores"]
+            r = next(
+                (r for r in rows if (r["arch"], r["label"]) == (first["arch"], first["label"])),
+                None,
+            )
+            if r is None:  # an option row: saekit's only
+                continue
+            pub, got = PUBLISHED.get(r["arch"], {}).get(r["label"], {}), r["scores"]
 
             def cell(key, attr, got=got, pub=pub):
                 ours = mean_spread([getattr(s, attr) for s in got])
@@ -308,4 +321,7 @@ def format_table(
               ""]  # fmt: skip
     for who, rows in trainers:
         lines += format_rankings(rows, who)
+    options = option_lines(trainers[0][1])
+    if options:
+        lines += ["", "Options (item 5; differences paired by seed, mean ± std):", "", *options]
     return "\n".join(lines)
