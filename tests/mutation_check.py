@@ -1992,7 +1992,7 @@ FAULTS = [
     ),
     Fault(
         "sort-activation-tensors-left",
-        "model/sae.py",
+        "model/latent_order.py",
         ' + [f"activation.{k}" for k, v in act.items() if v.dim()]',
         "",
         ("test_member_sort.py", "test_sae_latent_order.py", "test_matryoshka.py"),

@@ -11,6 +11,7 @@ from test_synth_bench import scores, tiny_protocol
 
 from saekit.synthbench import bench as sb
 from saekit.synthbench import options as so
+from saekit.train.config import build_run_config
 
 
 def test_decreasing_k_is_the_ceiling_of_k_times_the_level_share():
@@ -30,6 +31,9 @@ def test_an_option_row_is_the_matryoshka_recipe_with_one_change():
         changed = {key for key in {*entry, *base} if entry.get(key) != base.get(key)}
         assert changed - {"name"}, f"option {name} changed nothing"
         assert changed <= {"name", "sae", "matryoshka", "reconstruction_tilt"}
+    entries = [sb.member_entry(so.label(name), 4, protocol, seed=1) for name in so.OPTIONS]
+    cfg = build_run_config({"data": {"synthetic": {"d": 12}}, "saes": entries, "out_dir": "x"})
+    assert [s.name for s in cfg.saes] == [e["name"] for e in entries]  # every option is a key
     levels = sb.member_entry(so.label("decreasing-k"), 4, protocol, seed=1)["matryoshka"]
     assert levels["level_k"] == so.decreasing_k(4, len(base["matryoshka"]["groups"]))
     with pytest.raises(ValueError, match="unknown option row"):

@@ -21,6 +21,7 @@ from saekit.core.comm import LocalComm
 from saekit.core.configs import from_dict
 from saekit.core.encoding import as_dense
 from saekit.kernels import select as kernel_select
+from saekit.model.latent_order import latent_state_keys
 from saekit.objective.revival import DeadSet
 from saekit.train.checkpoint import read_checkpoint_meta
 from saekit.train.member import Member
@@ -81,7 +82,7 @@ def test_a_sort_follows_the_plain_reference_of_the_steps_counts():
         on.train_step(x, step)
     perm = torch.tensor(reference_order(counts.tolist()))
     assert not perm.equal(torch.arange(M)) and counts.unique().numel() < M  # moved, with ties
-    keys = on.sae.latent_state_keys()
+    keys = latent_state_keys(on.sae)
     expected = permuted({k: v.clone() for k, v in off.sae.state_dict().items()}, keys, perm)
     assert_same_state({k: v for k, v in on.sae.state_dict().items()}, expected)
     assert_same_state(moments(on), permuted(moments(off), keys, perm))
@@ -111,7 +112,7 @@ def test_one_step_after_a_permutation_is_the_unpermuted_step_permuted(levels):
     for field in ("loss", "reconstruction", "revival", "l0", "fvu", "dead_fraction"):
         torch.testing.assert_close(getattr(mb, field), getattr(ma, field), rtol=1e-12, atol=0)
     assert float(ma.revival) > 0  # AuxK acted on the dead latents
-    keys = b.sae.latent_state_keys()
+    keys = latent_state_keys(b.sae)
     close = dict(rtol=1e-10, atol=1e-12)
     expected = permuted(dict(a.sae.state_dict()), keys, perm)
     for key, value in b.sae.state_dict().items():

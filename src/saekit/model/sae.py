@@ -302,29 +302,6 @@ class SAE(nn.Module):
         """Renormalise decoder rows to unit norm."""
         normalize_rows_(self.W_dec)
 
-    # ---------------------------------------------------------------- latent order
-
-    def latent_state_keys(self) -> list[str]:
-        """State-dict keys of the per-latent tensors (latents on dim 0): W_enc, b_enc, W_dec and
-        the activation's tensors of dim ≥ 1 (a 0-d one, BatchTopK's θ, is global): the rule of
-        saekit.train.latent_parts.latent_axes (a test keeps the two equal)."""
-        act = self.activation.state_dict()
-        return ["W_enc", "b_enc", "W_dec"] + [f"activation.{k}" for k, v in act.items() if v.dim()]
-
-    @torch.no_grad()
-    def permute_latents_(self, perm: Tensor) -> list[Tensor]:
-        """New latent j := old latent perm[j] in every per-latent tensor, in place (the same
-        objects, which an optimizer holds): the same function. Returns those tensors."""
-        M, tensors = self.cfg.d_sae, self.state_dict(keep_vars=True)
-        if perm.shape != (M,) or perm.dtype != torch.int64:
-            raise ValueError(f"permute_latents_ takes an int64 permutation of shape ({M},)")
-        moved = [tensors[key] for key in self.latent_state_keys()]
-        for key, t in zip(self.latent_state_keys(), moved, strict=True):
-            if t.shape[0] != M:  # an activation tensor of dim ≥ 1 that is not per-latent
-                raise ValueError(f"{key} of shape {tuple(t.shape)} is not per-latent (d_sae {M})")
-            t.copy_(t.index_select(0, perm.to(t.device)))
-        return moved
-
     # ---------------------------------------------------------------- folding, save, load
 
     @torch.no_grad()

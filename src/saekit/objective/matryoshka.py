@@ -266,5 +266,5 @@ def frequency_order(counts_M: Tensor) -> Tensor:
     al. 2025, arXiv 2503.17547: the inner dictionaries learn general concepts); a frequent
     feature learnt by an outer latent otherwise stays there, since nothing moves a feature
     between latents. Reordering is free: the SAE computes the same function
-    (saekit.model.sae.SAE.permute_latents_)."""
+    (saekit.model.latent_order.permute_latents_)."""
     return torch.sort(counts_M, descending=True, stable=True).indices

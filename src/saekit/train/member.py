@@ -33,6 +33,7 @@ from torch import Tensor
 from saekit.core.comm import Comm, LocalComm
 from saekit.eval.metrics import batch_fvu, latent_counts
 from saekit.model.dictionary import build_dictionary
+from saekit.model.latent_order import permute_latents_
 from saekit.objective import losses, matryoshka
 from saekit.objective.config import FixedPrefixes, RandomPrefixes
 from saekit.objective.revival import DeadSet
@@ -265,10 +266,10 @@ class Member:
     @torch.no_grad()
     def permute_latents_(self, perm: Tensor) -> None:
         """Reorder the latents (new latent j is old latent perm[j]) in everything per-latent:
-        the SAE's tensors (SAE.permute_latents_), their optimizer state of their own shape
-        (Adam's exp_avg and exp_avg_sq), the dead counters, AuxK's dead columns and the firing
-        counts. The SAE's function and its next step are the same, permuted."""
-        for p in self.sae.permute_latents_(perm):
+        the SAE's tensors (model.latent_order.permute_latents_), their optimizer state of
+        their own shape (Adam's exp_avg and exp_avg_sq), the dead counters, AuxK's dead columns and
+        the firing counts. The SAE's function and its next step are the same, permuted."""
+        for p in permute_latents_(self.sae, perm):
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.dim() and value.shape == p.shape:
                     value.copy_(value.index_select(0, perm))
