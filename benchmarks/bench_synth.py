@@ -39,15 +39,15 @@ from saekit.data.synthetic.synthbench_world import SynthBenchConfig
 from saekit.synthbench.bench import (
     ARCHITECTURES,
     EVAL_BATCH,
+    PROTOCOLS,
     default_threads,
     format_table,
-    full_protocol,
     peer_job,
-    scaled_protocol,
     train_seed,
 )
 from saekit.synthbench.metrics import SynthScores
-from saekit.synthbench.options import OPTIONS, label
+from saekit.synthbench.options import OPTIONS
+from saekit.synthbench.options import label as option_label
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).with_name("saelens_peer.py")
@@ -74,10 +74,35 @@ def sha256(x) -> str:
     return hashlib.sha256(x.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
+def scores_of(dump: list[dict]) -> list[dict]:
+    """--json's seeds back to {(arch, L0): SynthScores}."""
+    return [{(key.rsplit("|", 1)[0], int(key.rsplit("|", 1)[1])): SynthScores(**s)
+             for key, s in seed.items()} for seed in dump]  # fmt: skip
+
+
+def from_json(paths: list[str]) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """The seeds (and the peer's) of several --json files, in order, and their summed wall."""
+    runs, peers, walls = [], [], {"saekit": 0.0, "SAELens": 0.0}
+    for path in paths:
+        dump = json.loads(Path(path).read_text())
+        runs += scores_of(dump["seeds"])
+        peers += scores_of(dump.get("peer", []))
+        for who, wall in dump["wall_s"].items():
+            walls[who] += wall
+    return runs, peers, walls
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="saekit bench synth", description=__doc__)
-    p.add_argument("--protocol", choices=("full", "scaled"), default="scaled")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (mean ± std)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="scaled")
+    p.add_argument("--seeds", type=int, default=1, help="N seeds (mean ± std)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1")
+    p.add_argument(
+        "--from-json",
+        action="append",
+        metavar="PATH",
+        help="print one table from the --json files of earlier runs (seeds run side by side)",
+    )
     p.add_argument("--arch", action="append", choices=ARCHITECTURES, help="default: all")
     p.add_argument(
         "--option",
@@ -104,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
-    protocol = full_protocol() if args.protocol == "full" else scaled_protocol()
+    protocol = PROTOCOLS[args.protocol]()
     if args.samples:
         protocol.samples = args.samples
     if args.eval_tokens:
@@ -116,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     threads, why = (args.threads, "--threads") if args.threads is not None else default_threads()
     print(f"threads: {threads or torch.get_num_threads()} ({why})", file=sys.stderr, flush=True)
     archs = args.arch or list(ARCHITECTURES)
-    options = [label(name) for name in args.option or []]
+    options = [option_label(name) for name in args.option or []]
     with tempfile.TemporaryDirectory(prefix="saekit-peer-") as tmp:
         work = Path(tmp)
         world_path, python = args.world, None
@@ -133,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             label = args.world or f"a SAELens build of its world, sampler {sampler}"
             protocol = replace(protocol, name=f"{protocol.name} on {label}", world=world.cfg)
         runs, peers, start, walls = [], [], time.time(), {"saekit": 0.0, "SAELens": 0.0}
-        for seed in range(args.seeds):
+        for seed in [] if args.from_json else range(args.first_seed,
+                                                    args.first_seed + args.seeds):  # fmt: skip
             t0 = time.time()
             runs.append(train_seed(protocol, archs + options, seed, threads=threads, world=world))
             walls["saekit"] += time.time() - t0
@@ -168,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                               for (arch, k), s in ((tuple(key.rsplit("|", 1)), s)
                                                    for key, s in theirs["saes"].items())
                               for k in [int(k)]})  # fmt: skip
-    print(format_table(protocol, runs, peers if args.peer else None))
+    if args.from_json:
+        runs, peers, walls = from_json(args.from_json)
+    print(format_table(protocol, runs, peers or None))
     print(f"\nwall time {time.time() - start:.0f} s (" + ", ".join(
         f"{who} {w:.0f} s" for who, w in walls.items() if w) + ")")  # fmt: skip
     if args.json:
