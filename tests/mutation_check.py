@@ -1961,6 +1961,21 @@ FAULTS = [
         "    return entry",
         ("test_tilted_loss.py",),
     ),
+    # the level options composed with the tilt (test_matryoshka_levels.py)
+    Fault(
+        "tilt-path-ignores-detach-inner",
+        "objective/matryoshka.py",
+        "        pred_ND = (sum_ND.detach() if detach_inner else sum_ND) + delta_ND",
+        "        pred_ND = sum_ND + delta_ND",
+        ("test_matryoshka_levels.py",),
+    ),
+    Fault(
+        "level-k-path-ignores-tilt",
+        "objective/matryoshka.py",
+        "        total = total + tilted_reconstruction_loss(r_ND, pred_ND, tilt)",
+        "        total = total + tilted_reconstruction_loss(r_ND, pred_ND, 0.0)",
+        ("test_matryoshka_levels.py",),
+    ),
     # ------------------------------------- frequency-sorted Matryoshka levels (issue 27 item 5)
     Fault(
         "sort-ascending",

@@ -76,9 +76,19 @@ def reference_selection(z_NM: torch.Tensor, end: int, k: int, per_token: bool) -
     return keep
 
 
-def reference_loss(twin, x, level_k, detach_inner, per_token):
+def tilted_reference(errors_N: torch.Tensor, tilt: float) -> torch.Tensor:
+    """TERM written out (arXiv 2007.01162, saekit's unit-free form): m/t · log((1/N) Σ_n
+    exp(t·ℓ_n/m)), m the mean error as a Python float (detached); the plain mean at t = 0."""
+    if tilt == 0:
+        return errors_N.mean()
+    m = float(errors_N.detach().mean())
+    return m / tilt * torch.log(torch.exp(tilt * errors_N / m).mean())
+
+
+def reference_loss(twin, x, level_k, detach_inner, per_token, tilt=0.0):
     """(1/P) Σ_j mean_n ‖x_n − b_dec − [sg](Σ_{S_j, i<p_{j−1}} z_i W_i) − Σ_{S_j, i≥p_{j−1}}‖²,
-    in float64 on the twin, z = pre on the code's entries (the activation's selection)."""
+    in float64 on the twin, z = pre on the code's entries (the activation's selection); with
+    ``tilt``, each level's mean over tokens is its tilted mean."""
     pre = plain_pre(twin, x)
     code = as_dense(twin(x.double()).latents).detach().reshape(N, M)
     z = pre * (code != 0)
@@ -91,25 +101,28 @@ def reference_loss(twin, x, level_k, detach_inner, per_token):
         own = (z * (keep & (torch.arange(M) >= start))) @ twin.W_dec
         if detach_inner:
             inner = inner.detach()
-        total = total + (x_n - twin.b_dec - inner - own).pow(2).sum(-1).mean()
+        errors_N = (x_n - twin.b_dec - inner - own).pow(2).sum(-1)
+        total = total + tilted_reference(errors_N, tilt)
     return total / len(PREFIXES)
 
 
-def term_loss(sae, x, cfg: FixedPrefixes):
-    objective = build_objective(type(sae.activation), None, NoRevival(), matryoshka_cfg=cfg)
+def term_loss(sae, x, cfg: FixedPrefixes, tilt: float = 0.0):
+    objective = build_objective(
+        type(sae.activation), None, NoRevival(), reconstruction_tilt=tilt, matryoshka_cfg=cfg
+    )
     out = sae(x)
     dead = torch.zeros(M, dtype=torch.bool)
     return objective.terms[0](TermInputs(sae, out, dead, torch.tensor(0.0), PREFIXES))
 
 
-def check_against_reference(name, level_k, detach_inner):
+def check_against_reference(name, level_k, detach_inner, tilt=0.0):
     sae, x, per_token = case(name)
     twin = float64_twin(sae)
     twin.train()
     cfg = FixedPrefixes(groups=GROUPS, detach_inner=detach_inner, level_k=level_k)
-    loss = term_loss(sae, x, cfg)
+    loss = term_loss(sae, x, cfg, tilt)
     loss.backward()
-    ref = reference_loss(twin, x, level_k or [K] * len(GROUPS), detach_inner, per_token)
+    ref = reference_loss(twin, x, level_k or [K] * len(GROUPS), detach_inner, per_token, tilt)
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     got = all_grads(*(getattr(sae, n) for n in NAMES))
@@ -126,6 +139,19 @@ def test_level_options_equal_the_float64_reference_in_value_and_gradient(
     name, detach_inner, level_k
 ):
     check_against_reference(name, level_k, detach_inner)
+
+
+@pytest.mark.parametrize("name", ["topk sparse", "batchtopk dense"])
+@pytest.mark.parametrize("detach_inner", [False, True])
+@pytest.mark.parametrize("level_k", [None, LEVEL_K], ids=["full", "level_k"])
+def test_the_level_options_compose_with_a_tilted_reconstruction(name, detach_inner, level_k):
+    """reconstruction_tilt with detach_inner and/or level_k: each level's tokens tilted on
+    their own, the stop-gradient and the selection as without the tilt (both saekit paths: the
+    tilted running sum, and the per-level decode of level_k)."""
+    tilted, got = check_against_reference(name, level_k, detach_inner, tilt=1.5)
+    plain, want = check_against_reference(name, level_k, detach_inner)
+    assert tilted.item() > plain.item()  # t > 0: above the mean (the levels' errors vary)
+    assert any(not torch.allclose(g, w) for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("name", ["topk sparse", "batchtopk sparse"])
