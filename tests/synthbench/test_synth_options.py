@@ -3,11 +3,15 @@ entries, and the paired differences the table prints."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from dataclasses import replace
 
 import pytest
-from test_synth_bench import scores, tiny_protocol
+import torch
+from test_saelens_world import node, write_world
+from test_synth_bench import BENCH_SYNTH, scores, tiny_protocol
 
 from saekit.synthbench import bench as sb
 from saekit.synthbench import options as so
@@ -63,3 +67,33 @@ def test_option_rows_print_paired_differences_and_stay_out_of_the_rankings():
     assert "F1 +0.070 ± 0.028 vs Matryoshka" in line
     assert "MCC +0.015 ± 0.021 vs Matryoshka" in line
     assert "vs the best published recipe (BatchTopK) 0.710" in line and "F1 0.690" in line
+
+
+def test_seeds_run_apart_print_as_one_table(tmp_path, capsys):
+    """--first-seed S --json F per process, then --from-json F... prints one table over all
+    their seeds (the seeds read back as written), with an option row."""
+    write_world(tmp_path / "w", [node(0, node(2), node(3)), node(1, node(4), node(5))], 40)
+    spec = importlib.util.spec_from_file_location("bench_synth", BENCH_SYNTH)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    common = ["--samples", "512", "--eval-tokens", "1024", "--l0", "25", "--arch", "Matryoshka",
+              "--option", "detached", "--world", str(tmp_path / "w")]  # fmt: skip
+    try:
+        for seed in (0, 1):
+            path = tmp_path / f"seed{seed}.json"
+            assert script.main([*common, "--first-seed", str(seed), "--json", str(path)]) == 0
+        dumps = [json.loads((tmp_path / f"seed{s}.json").read_text()) for s in (0, 1)]
+        capsys.readouterr()
+        reads = ["--from-json", str(tmp_path / "seed0.json"), "--from-json",
+                 str(tmp_path / "seed1.json")]  # fmt: skip
+        assert script.main(["--l0", "25", *reads]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "2 seed(s)" in out and "| Matryoshka + detached | saekit | 25 (11) |" in out
+    f1s = [d["seeds"][0]["Matryoshka|25"]["f1"] for d in dumps]
+    assert f1s[0] != f1s[1]  # two seeds, not one twice
+    mean = (f1s[0] + f1s[1]) / 2
+    row = next(line for line in out.splitlines() if line.startswith("| Matryoshka | saekit"))
+    assert f"| {mean:.3f} ± " in row
