@@ -1887,7 +1887,7 @@ FAULTS = [
     Fault(
         "tilt-not-unit-free",
         "objective/losses.py",
-        "torch.logsumexp(loss_N * (tilt / m), 0)",
+        "torch.logsumexp(loss_N / m * tilt, 0)",
         "torch.logsumexp(loss_N * tilt, 0)",
         ("test_tilted_loss.py",),
         also=(
