@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     threads, why = (args.threads, "--threads") if args.threads is not None else default_threads()
     print(f"threads: {threads or torch.get_num_threads()} ({why})", file=sys.stderr, flush=True)
     archs = args.arch or list(ARCHITECTURES)
+    if args.option and "Matryoshka" not in archs:  # an option row is read against that row
+        p.error("--option trains the Matryoshka recipe with one change and reports its paired "
+                "difference to the Matryoshka row: add --arch Matryoshka")  # fmt: skip
     options = [option_label(name) for name in args.option or []]
     with tempfile.TemporaryDirectory(prefix="saekit-peer-") as tmp:
         work = Path(tmp)

@@ -1,7 +1,8 @@
 """`saekit bench synth --from-json` (benchmarks/bench_synth.py): one table from the --json files
 of runs made side by side. The files' protocol gives the trained k and the matched-L0 test (not
 --protocol's default), files whose seeds hold other rows, a seed in two files and training flags
-are refused in one line, and a peer of fewer seeds says so in the header."""
+are refused in one line (as is --option without the Matryoshka row), and a peer of fewer seeds
+says so in the header."""
 
 from __future__ import annotations
 
@@ -102,3 +103,11 @@ def test_a_peer_of_fewer_seeds_is_counted_in_the_header_and_kept_in_a_merged_dum
     assert out.startswith("protocol mid: 2 seed(s) (SAELens: 1);")
     dump = json.loads(merged.read_text())
     assert (dump["protocol"], dump["seed_ids"], len(dump["peer"])) == ("mid", [0, 1], 1)
+
+
+def test_an_option_without_the_matryoshka_row_is_refused(script, capsys):
+    """An option row's result is its paired difference to the Matryoshka row: without that row
+    the table would print the option alone, with nothing to read it against."""
+    with pytest.raises(SystemExit):
+        script.main(["--arch", "BatchTopK", "--option", "lista", "--samples", "1"])
+    assert "add --arch Matryoshka" in capsys.readouterr().err
