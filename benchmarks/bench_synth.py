@@ -15,6 +15,10 @@ builds from the protocol's settings (or ``--world``), and saekit samples it with
 draws (``sampler: saelens``), batch i from the generator seed SAELens is seeded with; the first
 training and held-out batches of both are compared by SHA-256 and the run stops if they
 differ.
+
+``--json PATH`` writes the scores with the protocol and the seed numbers; ``--from-json A
+--from-json B`` prints one table of runs made side by side (``--first-seed``), with the files'
+protocol, and refuses files of other protocols or rows, a seed in two files, and training flags.
 """
 
 from __future__ import annotations
@@ -80,21 +84,50 @@ def scores_of(dump: list[dict]) -> list[dict]:
              for key, s in seed.items()} for seed in dump]  # fmt: skip
 
 
-def from_json(paths: list[str]) -> tuple[list[dict], list[dict], dict[str, float]]:
-    """The seeds (and the peer's) of several --json files, in order, and their summed wall."""
+def from_json(paths: list[str]) -> tuple[str, list[dict], list[dict], dict, list[int]]:
+    """The protocol, the seeds (and the peer's) of several --json files, in order, their summed
+    wall and the seed numbers (none when a file does not record them). Refused in one line:
+    files of different protocols, a seed whose rows (architectures, options, L0s) differ from
+    the first's (the table and the paired option differences need every row in every seed),
+    and a seed number in two files."""
     runs, peers, walls = [], [], {"saekit": 0.0, "SAELens": 0.0}
+    protocols, seen, unnumbered = {}, {}, False
     for path in paths:
         dump = json.loads(Path(path).read_text())
-        runs += scores_of(dump["seeds"])
+        protocols.setdefault(dump["protocol"], path)
+        unnumbered |= "seed_ids" not in dump
+        for seed in dump.get("seed_ids", []):  # files written before seed_ids: unchecked
+            if seed in seen:
+                raise SystemExit(f"--from-json: seed {seed} is in both {seen[seed]} and {path}")
+            seen[seed] = path
+        for i, seed in enumerate(scores_of(dump["seeds"])):
+            if runs and set(seed) != set(runs[0]):
+                rows = sorted(f"{a} L0 {l0}" for a, l0 in set(seed) ^ set(runs[0]))
+                raise SystemExit(f"--from-json: {path} seed #{i + 1} and {paths[0]} seed #1 do "
+                                 f"not have the same rows ({', '.join(rows)})")  # fmt: skip
+            runs.append(seed)
         peers += scores_of(dump.get("peer", []))
         for who, wall in dump["wall_s"].items():
             walls[who] += wall
-    return runs, peers, walls
+    if len(protocols) > 1:
+        raise SystemExit(f"--from-json: the files ran different protocols: {protocols}")
+    return next(iter(protocols)), runs, peers, walls, [] if unnumbered else list(seen)
+
+
+def protocol_of_json(name: str, asked: str | None):
+    """The Protocol a --json file's ``protocol`` names ("mid", or "scaled on WORLD"), which
+    gives the table its trained k per L0 and the matched-L0 test; --protocol must agree."""
+    base = name.split(" on ", 1)[0]
+    if base not in PROTOCOLS:
+        raise SystemExit(f"--from-json: unknown protocol {name!r} in the files")
+    if asked is not None and asked != base:
+        raise SystemExit(f"--from-json: the files ran protocol {name!r}, not --protocol {asked}")
+    return replace(PROTOCOLS[base](), name=name)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="saekit bench synth", description=__doc__)
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="scaled")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: scaled")
     p.add_argument("--seeds", type=int, default=1, help="N seeds (mean ± std)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1")
     p.add_argument(
@@ -129,7 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
-    protocol = PROTOCOLS[args.protocol]()
+    if args.from_json:  # a table of earlier runs: nothing to train, so no training option
+        given = [flag for flag, value in (
+            ("--seeds", args.seeds != 1), ("--first-seed", args.first_seed), ("--arch", args.arch),
+            ("--option", args.option), ("--samples", args.samples),
+            ("--eval-tokens", args.eval_tokens), ("--world", args.world), ("--peer", args.peer),
+        ) if value]  # fmt: skip
+        if given:
+            p.error(f"--from-json prints earlier runs; it trains nothing: drop {', '.join(given)}")
+        name, runs, peers, walls, seed_ids = from_json(args.from_json)
+        protocol = protocol_of_json(name, args.protocol)
+    else:
+        protocol = PROTOCOLS[args.protocol or "scaled"]()
     if args.samples:
         protocol.samples = args.samples
     if args.eval_tokens:
@@ -141,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     threads, why = (args.threads, "--threads") if args.threads is not None else default_threads()
     print(f"threads: {threads or torch.get_num_threads()} ({why})", file=sys.stderr, flush=True)
     archs = args.arch or list(ARCHITECTURES)
+    if args.option and "Matryoshka" not in archs:  # an option row is read against that row
+        p.error("--option trains the Matryoshka recipe with one change and reports its paired "
+                "difference to the Matryoshka row: add --arch Matryoshka")  # fmt: skip
     options = [option_label(name) for name in args.option or []]
     with tempfile.TemporaryDirectory(prefix="saekit-peer-") as tmp:
         work = Path(tmp)
@@ -157,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             world = load_saelens_world(SynthBenchConfig(world_path=world_path, sampler=sampler))
             label = args.world or f"a SAELens build of its world, sampler {sampler}"
             protocol = replace(protocol, name=f"{protocol.name} on {label}", world=world.cfg)
-        runs, peers, start, walls = [], [], time.time(), {"saekit": 0.0, "SAELens": 0.0}
+        start = time.time()
+        if not args.from_json:
+            runs, peers, walls = [], [], {"saekit": 0.0, "SAELens": 0.0}
         for seed in [] if args.from_json else range(args.first_seed,
                                                     args.first_seed + args.seeds):  # fmt: skip
             t0 = time.time()
@@ -194,15 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                               for (arch, k), s in ((tuple(key.rsplit("|", 1)), s)
                                                    for key, s in theirs["saes"].items())
                               for k in [int(k)]})  # fmt: skip
-    if args.from_json:
-        runs, peers, walls = from_json(args.from_json)
     print(format_table(protocol, runs, peers or None))
     print(f"\nwall time {time.time() - start:.0f} s (" + ", ".join(
         f"{who} {w:.0f} s" for who, w in walls.items() if w) + ")")  # fmt: skip
     if args.json:
         raw = [{f"{a}|{l0}": s.as_dict() for (a, l0), s in r.items()} for r in runs]
-        dump = {"protocol": protocol.name, "seeds": raw, "wall_s": walls}
-        if args.peer:
+        if not args.from_json:
+            seed_ids = list(range(args.first_seed, args.first_seed + args.seeds))
+        dump = {"protocol": protocol.name, "seeds": raw, "seed_ids": seed_ids, "wall_s": walls}
+        if peers:  # trained now, or read back by --from-json
             dump["peer"] = [{f"{a}|{l0}": s.as_dict() for (a, l0), s in r.items()} for r in peers]
         with open(args.json, "w") as f:
             json.dump(dump, f, indent=1)

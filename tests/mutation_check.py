@@ -1887,7 +1887,7 @@ FAULTS = [
     Fault(
         "tilt-not-unit-free",
         "objective/losses.py",
-        "torch.logsumexp(loss_N * (tilt / m), 0)",
+        "torch.logsumexp(loss_N / m * tilt, 0)",
         "torch.logsumexp(loss_N * tilt, 0)",
         ("test_tilted_loss.py",),
         also=(
@@ -2103,6 +2103,35 @@ FAULTS = [
         "        if not low < theta < high:",
         "        if False:",
         ("test_calibrate.py",),
+    ),
+    Fault(
+        "lista-calibration-in-training-mode",
+        "eval/calibrate.py",
+        "    was_training = sae.training\n    sae.eval()\n",
+        "    was_training = sae.training\n",
+        ("test_calibrate.py",),
+    ),
+    # review of item 5's options (the numerical trap, the bench's option rows)
+    Fault(
+        "tilt-t-over-m-overflows",
+        "objective/losses.py",
+        "torch.logsumexp(loss_N / m * tilt, 0)",
+        "torch.logsumexp(loss_N * (tilt / m), 0)",
+        ("test_tilted_loss.py",),
+    ),
+    Fault(
+        "bench-option-difference-unpaired",
+        "synthbench/options.py",
+        "    diffs = [a - b for a, b in zip(option, base, strict=True)]",
+        "    diffs = [a - statistics.mean(base) for a in option]",
+        ("test_synth_options.py",),
+    ),
+    Fault(
+        "bench-decreasing-k-floored",
+        "synthbench/options.py",
+        "    return [max(1, -(-k * j // n_levels)) for j in range(1, n_levels + 1)]",
+        "    return [max(1, k * j // n_levels) for j in range(1, n_levels + 1)]",
+        ("test_synth_options.py",),
     ),
 ]
 

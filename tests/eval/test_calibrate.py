@@ -95,6 +95,24 @@ def test_with_encoder_steps_theta_is_the_fixed_point_that_gives_l0_k():
         torch.testing.assert_close(converted.encode(x), sae.encode(x))
 
 
+def test_an_sae_in_training_mode_calibrates_as_at_inference_and_stays_in_training_mode():
+    """A member's SAE is left in training mode, where BatchTopK keeps the k·N largest of the
+    batch: with encoder steps, calibrating it so gave another θ (the intermediate steps were
+    training's); calibration encodes as at inference, then restores the mode."""
+    one = batchtopk_sae()
+    sae = SAE(dataclasses.replace(one.cfg, encoder_steps=3))
+    sae.load_state_dict(one.state_dict())
+    with torch.no_grad():
+        sae.W_enc.mul_(0.5)
+        sae.activation.threshold.fill_(0.5)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(3)) + 3.0
+    batches = [x[:128], x[128:]]
+    want = calibrate_batchtopk(sae.eval(), batches, max_tokens=256, apply=False)
+    got = calibrate_batchtopk(sae.train(), batches, max_tokens=256, apply=False)
+    assert sae.training
+    assert got == want
+
+
 def pre_at_one_pass(sae, x):
     """θ of a single calibration pass with the intermediate steps at θ = 0."""
     values = pre_activations(sae, x).flatten().sort(descending=True).values

@@ -216,6 +216,24 @@ def test_small_tilt_tends_to_the_mean_and_large_to_the_max():
     assert float(value.detach()) == 0.0 and torch.equal(zero.grad, torch.full_like(zero, 1 / 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t", [5.0, 100.0, -10.0])
+def test_an_exact_or_near_exact_reconstruction_is_finite_at_any_tilt(dtype, t):
+    # m clamps to the dtype's smallest normal; t/m overflowed there for |t| > 4, and
+    # 0·inf gave nan (value and gradient) where the reconstruction was exact
+    zero = torch.zeros(8, dtype=dtype, requires_grad=True)
+    value = tilted_mean(zero, t)
+    value.backward()
+    assert float(value.detach()) == 0.0
+    torch.testing.assert_close(zero.grad, torch.full_like(zero, 1 / 8), rtol=1e-3, atol=0)
+    # one token's error just above the smallest normal, the rest exact: between min and max
+    tiny = torch.finfo(dtype).tiny
+    ell = torch.zeros(8, dtype=dtype)
+    ell[0] = 4 * tiny
+    got = float(tilted_mean(ell, t))
+    assert math.isfinite(got) and 0.0 <= got <= 4 * tiny
+
+
 # ----------------------------------------------------------------------------- through saekit
 
 

@@ -126,8 +126,9 @@ def calibrate_batchtopk(
             f"calibrating an SAE with encoder_steps = {steps} reads the tokens once per round:"
             " pass a list of batches or a function giving fresh ones"
         )
-    first = _calibrate_once(sae, fresh() if fresh is not None else batches, max_tokens)
-    calibration = first if steps == 1 else _search(sae, fresh, max_tokens, first)
+    with inference_mode(sae):
+        first = _calibrate_once(sae, fresh() if fresh is not None else batches, max_tokens)
+        calibration = first if steps == 1 else _search(sae, fresh, max_tokens, first)
     if apply:
         sae.activation.threshold.fill_(calibration.threshold)
     return calibration
@@ -197,6 +198,20 @@ def _calibrate_once(sae: Any, batches: Iterable[Tensor], max_tokens: int) -> Cal
         l0_ema=fired_ema / n_tokens,
         n_tokens=n_tokens,
     )
+
+
+@contextlib.contextmanager
+def inference_mode(sae: Any):
+    """While active, ``sae`` encodes as at inference (``eval()``), then its mode is restored: a
+    BatchTopK SAE in training mode keeps the k·N largest of the batch instead of applying θ, so
+    with encoder steps the intermediate steps, hence the last step's pre-activations and the θ
+    calibrated from them, would be training's (a member's SAE stays in training mode)."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        yield
+    finally:
+        sae.train(was_training)
 
 
 @contextlib.contextmanager

@@ -67,12 +67,13 @@ def tilted_mean(loss_N: Tensor, tilt: float) -> Tensor:
     tilted weights). t > 0 weights the worst-reconstructed tokens up (t → ∞: the max), t < 0
     down (t → −∞: the min); R(t) → mean_n ℓ_n as t → 0. logsumexp keeps exp(t·ℓ/m) finite;
     m is clamped to the dtype's smallest normal so an exact reconstruction (every ℓ_n = 0)
-    gives 0, not nan. No host sync (t is a Python float).
+    gives 0, not nan, and ℓ/m (≤ N) is formed before t multiplies it: t/m first overflows to
+    inf at m = tiny for |t| > 4 and gave 0·inf = nan. No host sync (t is a Python float).
     """
     if tilt == 0:
         return loss_N.mean()
     m = loss_N.detach().mean().clamp_min(torch.finfo(loss_N.dtype).tiny)
-    log_mean = torch.logsumexp(loss_N * (tilt / m), 0) - math.log(loss_N.numel())
+    log_mean = torch.logsumexp(loss_N / m * tilt, 0) - math.log(loss_N.numel())
     return m / tilt * log_mean
 
 

@@ -302,8 +302,11 @@ def format_table(
     """Markdown: mean ± std over seeds beside the published value, per metric; with ``peer``
     (another trainer's scores on the same world and samples) both rows per architecture. A row
     whose L0 is not within 5% of its target is marked and left out of the rankings."""
+    seeds = f"{len(runs)} seed(s)"
+    if peer is not None and len(peer) != len(runs):  # --from-json: a file without the peer
+        seeds += f" ({peer_name}: {len(peer)})"
     lines = [
-        f"protocol {protocol.name}: {len(runs)} seed(s); published = arXiv 2602.14687 "
+        f"protocol {protocol.name}: {seeds}; published = arXiv 2602.14687 "
         "(SynthSAEBench-16k, width 4096, 200M samples)",
         "",
         "| SAE | trainer | L0 (trained k) | F1 | MCC | uniqueness | EV | shrinkage | L0 measured "
