@@ -37,3 +37,4 @@ def test_gpu_script_runs_green_on_the_cpu_with_gpu_parts_skipped(tmp_path):
     assert "| topk | on |" in text and "| matryoshka-batchtopk | off |" in text
     assert "(ok)" in text and "TOO LARGE" not in text
     assert "## Latent-sharded step (several GPUs)\n\nskipped: one GPU" in text
+    assert "## SynthSAEBench-16k" in text and "| BatchTopK | saekit | 25 (11) |" in text
