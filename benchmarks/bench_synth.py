@@ -244,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    for key, s in theirs["saes"].items())
                               for k in [int(k)]})  # fmt: skip
     print(format_table(protocol, runs, peers or None))
-    print(f"\nwall time {time.time() - start:.0f} s (" + ", ".join(
-        f"{who} {w:.0f} s" for who, w in walls.items() if w) + ")")  # fmt: skip
+    spent = ", ".join(f"{who} {w:.0f} s" for who, w in walls.items() if w)
+    if args.from_json:  # the runs' own training time, summed over the files
+        print(f"\ntraining time of the runs read: {spent}")
+    else:
+        print(f"\nwall time {time.time() - start:.0f} s ({spent})")
     if args.json:
         raw = [{f"{a}|{l0}": s.as_dict() for (a, l0), s in r.items()} for r in runs]
         if not args.from_json:
